@@ -1,0 +1,125 @@
+//! The agent's TOML configuration (`agent.toml`), parsed with unknown keys refused.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use quictun_proto::Token;
+use serde::Deserialize;
+
+/// The whole agent configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfigFile {
+    /// Connection and identity.
+    #[serde(default)]
+    pub agent: AgentSection,
+    /// Upstreams declared by the agent itself; they take precedence over pushed ones.
+    #[serde(default)]
+    pub upstreams: Vec<LocalUpstream>,
+}
+
+/// The `[agent]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSection {
+    /// The relay's `HOST:PORT` (UDP).
+    pub relay: String,
+    /// The relay certificate's pin, `sha256:<hex>`.
+    pub pin: Option<String>,
+    /// A CA bundle to verify the relay with, instead of a pin.
+    pub ca: Option<PathBuf>,
+    /// The TLS server name to verify (defaults to the host of `relay`).
+    pub server_name: Option<String>,
+    /// The agent's identity.
+    pub client_id: String,
+    /// The group to serve (empty: the one configured on the relay).
+    pub group: String,
+    /// The token, inline.
+    pub token: Option<Token>,
+    /// The name of an environment variable holding the token.
+    pub token_env: Option<String>,
+    /// The local UDP address to dial from (a wildcard of the relay's address family by default).
+    pub bind: Option<SocketAddr>,
+    /// When set, targets pushed by the relay are used only if their `host:port` is listed here
+    /// (`"127.0.0.1:3000"`, or `"app.internal:*"` for any port). Local upstreams are always allowed.
+    pub allowed_targets: Option<Vec<String>>,
+    /// Seconds to connect to an upstream.
+    pub upstream_connect_timeout_secs: u64,
+    /// Seconds to wait for an upstream's response head.
+    pub upstream_response_timeout_secs: u64,
+    /// Streams the relay may have open on this agent at once.
+    pub max_concurrent_streams: u32,
+    /// Seconds in-flight requests get to finish on shutdown.
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        Self {
+            relay: String::new(),
+            pin: None,
+            ca: None,
+            server_name: None,
+            client_id: String::new(),
+            group: String::new(),
+            token: None,
+            token_env: None,
+            bind: None,
+            allowed_targets: None,
+            upstream_connect_timeout_secs: 5,
+            upstream_response_timeout_secs: 60,
+            max_concurrent_streams: 1024,
+            drain_timeout_secs: 30,
+        }
+    }
+}
+
+/// An `[[upstreams]]` entry of the agent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalUpstream {
+    /// The name routes refer to.
+    pub name: String,
+    /// Base URLs, tried in rotation.
+    pub targets: Vec<String>,
+}
+
+/// A configuration error naming the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: {source}")]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or had unknown or mistyped keys.
+    #[error("{file}: {message}")]
+    Parse {
+        /// The file.
+        file: PathBuf,
+        /// toml's message (names the key and line).
+        message: String,
+    },
+    /// A required value is missing or inconsistent.
+    #[error("{file}: {key}: {message}")]
+    Invalid {
+        /// The file, or `command line`.
+        file: PathBuf,
+        /// The key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl AgentConfigFile {
+    /// Reads and parses a configuration file (validation happens once flags are merged).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { file: path.to_owned(), message: e.to_string() })
+    }
+}

@@ -1,0 +1,211 @@
+//! The quictun agent.
+//!
+//! Dials the relay over QUIC, verifies it (pin or CA), registers on the control stream, and serves
+//! every stream the relay opens by forwarding it to a local upstream. When the connection is lost
+//! it reconnects with exponential backoff and full jitter; a wrong pin or a permanent rejection
+//! (bad token) stops it with a clear error instead.
+//!
+//! - [`config`]: the `agent.toml` file.
+//! - [`options`]: validated options (file and flags merged).
+//! - [`upstreams`]: the upstream table (pushed by the relay, merged with local ones).
+//! - [`forward`]: one data stream → one upstream request.
+//! - [`session`]: one connection's life: register, heartbeats, config_sync, drain.
+
+pub mod config;
+pub mod forward;
+pub mod options;
+pub mod session;
+pub mod upstreams;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quictun_core::backoff::Backoff;
+use quictun_core::endpoint::{ClientSetup, EndpointError};
+use quictun_core::tls::PinMismatch;
+use quictun_proto::RejectCode;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+pub use options::AgentOptions;
+
+use crate::forward::Forwarder;
+use crate::session::{Attempt, Outcome};
+
+/// Why the agent stopped for good.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AgentError {
+    /// The relay refused the registration permanently (bad token, wrong group, old version).
+    #[error("relay rejected registration ({code:?}): {message}")]
+    Rejected {
+        /// The relay's code.
+        code: RejectCode,
+        /// The relay's reason.
+        message: String,
+    },
+    /// The relay's certificate does not match the pin.
+    #[error(transparent)]
+    PinMismatch(#[from] PinMismatch),
+    /// The relay's certificate could not be verified (CA mode), or TLS failed for good.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The local endpoint could not be set up.
+    #[error("{0}")]
+    Endpoint(String),
+}
+
+impl From<EndpointError> for AgentError {
+    fn from(e: EndpointError) -> Self {
+        Self::Endpoint(e.to_string())
+    }
+}
+
+/// What the agent is doing now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentState {
+    /// Dialing or registering.
+    Connecting,
+    /// Registered and serving.
+    Connected {
+        /// The session id the relay assigned.
+        session_id: Uuid,
+        /// The relay's address.
+        relay: SocketAddr,
+    },
+    /// Waiting before the next attempt.
+    Reconnecting {
+        /// Why the last attempt or session ended.
+        reason: String,
+    },
+    /// Stopped (shutdown or fatal error).
+    Stopped,
+}
+
+/// A running agent.
+pub struct Agent {
+    state: watch::Receiver<AgentState>,
+    shutdown: CancellationToken,
+    endpoint: quinn::Endpoint,
+    task: JoinHandle<Result<(), AgentError>>,
+}
+
+impl Agent {
+    /// Binds the local endpoint and starts connecting in the background.
+    pub async fn start(options: AgentOptions) -> Result<Self, AgentError> {
+        let bind = match options.bind {
+            Some(bind) => bind,
+            None => options::default_bind(&options.relay).await,
+        };
+        let (endpoint, setup) = quictun_core::endpoint::client_endpoint(bind, &options.trust, &options.tuning)?;
+        let forwarder = Arc::new(Forwarder::new(options.connect_timeout, options.response_timeout, options.limits));
+        let (state_tx, state) = watch::channel(AgentState::Connecting);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(Arc::new(options), endpoint.clone(), setup, forwarder, state_tx, shutdown.clone()));
+        Ok(Self { state, shutdown, endpoint, task })
+    }
+
+    /// The local UDP address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// Watches the agent's state.
+    pub fn state(&self) -> watch::Receiver<AgentState> {
+        self.state.clone()
+    }
+
+    /// Waits until the agent is registered (a new session different from `previous`, when given);
+    /// returns the session id, or `None` on timeout or when the agent stopped.
+    pub async fn wait_connected(&self, previous: Option<Uuid>, timeout: Duration) -> Option<Uuid> {
+        let mut state = self.state.clone();
+        let connected = tokio::time::timeout(
+            timeout,
+            state.wait_for(|s| match s {
+                AgentState::Connected { session_id, .. } => Some(*session_id) != previous,
+                AgentState::Stopped => true,
+                _ => false,
+            }),
+        )
+        .await
+        .ok()?
+        .ok()?
+        .clone();
+        match connected {
+            AgentState::Connected { session_id, .. } => Some(session_id),
+            _ => None,
+        }
+    }
+
+    /// Graceful stop: go-away to the relay, in-flight streams finish (up to the drain timeout).
+    pub async fn shutdown(self) -> Result<(), AgentError> {
+        self.shutdown.cancel();
+        let result = match self.task.await {
+            Ok(result) => result,
+            Err(join) => Err(AgentError::Endpoint(format!("agent task failed: {join}"))),
+        };
+        self.endpoint.wait_idle().await;
+        result
+    }
+
+    /// Waits until the agent stops by itself (only a fatal error stops it).
+    pub async fn wait(self) -> Result<(), AgentError> {
+        match self.task.await {
+            Ok(result) => result,
+            Err(join) => Err(AgentError::Endpoint(format!("agent task failed: {join}"))),
+        }
+    }
+
+    /// Stops at once: the connection is closed without a drain.
+    pub fn abort(&self) {
+        self.shutdown.cancel();
+        quictun_core::close_endpoint(&self.endpoint, quictun_proto::CloseCode::GoingAway);
+        self.task.abort();
+    }
+
+    /// Cancelled when the agent is asked to stop (for callers that select on it).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+async fn run(
+    options: Arc<AgentOptions>,
+    endpoint: quinn::Endpoint,
+    setup: ClientSetup,
+    forwarder: Arc<Forwarder>,
+    state: watch::Sender<AgentState>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let mut backoff = Backoff::new(options.backoff_base, options.backoff_cap);
+    let result = loop {
+        state.send_replace(AgentState::Connecting);
+        let reason = match session::run_once(&options, &endpoint, &setup, &forwarder, &state, &shutdown).await {
+            Ok(Outcome::Shutdown) => break Ok(()),
+            Ok(Outcome::Lost { registered, reason }) => {
+                if registered {
+                    backoff.reset();
+                }
+                info!(%reason, "connection to relay ended");
+                reason
+            }
+            Err(Attempt::Fatal(err)) => break Err(err),
+            Err(Attempt::Retry(reason)) => {
+                warn!(%reason, "could not connect to relay");
+                reason
+            }
+        };
+        let delay = backoff.next_delay();
+        info!(?delay, "reconnecting");
+        state.send_replace(AgentState::Reconnecting { reason });
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => break Ok(()),
+        }
+    };
+    state.send_replace(AgentState::Stopped);
+    result
+}

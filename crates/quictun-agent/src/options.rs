@@ -1,0 +1,157 @@
+//! Validated agent options, built from `agent.toml` and command-line flags.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use quictun_core::{Trust, Tuning};
+use quictun_proto::{Limits, Token};
+
+use crate::config::{AgentConfigFile, ConfigError, LocalUpstream};
+
+/// The environment variable consulted for the token when none is configured.
+pub const TOKEN_ENV: &str = "QUICTUN_TOKEN";
+
+/// Everything the agent needs to run.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The relay's `HOST:PORT`.
+    pub relay: String,
+    /// How the relay is verified.
+    pub trust: Trust,
+    /// TLS server name (host of `relay` by default).
+    pub server_name: String,
+    /// Identity.
+    pub client_id: String,
+    /// Group (empty: the relay's configured one).
+    pub group: String,
+    /// Secret.
+    pub token: Token,
+    /// Local UDP address (chosen from the relay's address family when `None`).
+    pub bind: Option<SocketAddr>,
+    /// The agent's own upstreams.
+    pub local_upstreams: Vec<LocalUpstream>,
+    /// Allow list for pushed targets.
+    pub allowed_targets: Option<Vec<String>>,
+    /// Upstream connect timeout.
+    pub connect_timeout: Duration,
+    /// Upstream response-head timeout.
+    pub response_timeout: Duration,
+    /// Drain timeout on shutdown.
+    pub drain_timeout: Duration,
+    /// QUIC transport tuning.
+    pub tuning: Tuning,
+    /// Frame limits.
+    pub limits: Limits,
+    /// First reconnect delay ceiling.
+    pub backoff_base: Duration,
+    /// Largest reconnect delay.
+    pub backoff_cap: Duration,
+}
+
+impl AgentOptions {
+    /// Validates a merged configuration; `file` names the source in errors.
+    pub fn from_config(config: AgentConfigFile, file: &Path) -> Result<Self, ConfigError> {
+        let invalid =
+            |key: &str, message: String| ConfigError::Invalid { file: file.to_owned(), key: key.to_owned(), message };
+        let a = config.agent;
+        if a.relay.trim().is_empty() {
+            return Err(invalid("agent.relay", "missing relay address (HOST:PORT)".into()));
+        }
+        if !a.relay.contains(':') {
+            return Err(invalid("agent.relay", format!("{:?} has no port (HOST:PORT)", a.relay)));
+        }
+        if a.client_id.trim().is_empty() {
+            return Err(invalid("agent.client_id", "missing client id".into()));
+        }
+        let trust = match (a.pin, a.ca) {
+            (Some(pin), None) => {
+                Trust::Pin(pin.parse().map_err(|e: quictun_core::tls::TlsError| invalid("agent.pin", e.to_string()))?)
+            }
+            (None, Some(ca)) => Trust::CaFile(ca),
+            (Some(_), Some(_)) => return Err(invalid("agent.pin", "set pin or ca, not both".into())),
+            (None, None) => return Err(invalid("agent.pin", "missing pin (sha256:…) or ca file".into())),
+        };
+        let token = match (a.token, a.token_env) {
+            (Some(token), _) if !token.is_empty() => token,
+            (_, Some(var)) => match std::env::var(&var) {
+                Ok(value) if !value.is_empty() => Token::new(value),
+                _ => return Err(invalid("agent.token_env", format!("environment variable {var} is not set"))),
+            },
+            _ => match std::env::var(TOKEN_ENV) {
+                Ok(value) if !value.is_empty() => Token::new(value),
+                _ => return Err(invalid("agent.token", format!("missing token (or token_env, or {TOKEN_ENV})"))),
+            },
+        };
+        for (i, upstream) in config.upstreams.iter().enumerate() {
+            for target in &upstream.targets {
+                crate::upstreams::Target::parse(target)
+                    .map_err(|e| invalid(&format!("upstreams[{i}].targets"), e.to_string()))?;
+            }
+        }
+        let server_name = a.server_name.unwrap_or_else(|| relay_host(&a.relay).to_owned());
+        Ok(Self {
+            relay: a.relay,
+            trust,
+            server_name,
+            client_id: a.client_id,
+            group: a.group,
+            token,
+            bind: a.bind,
+            local_upstreams: config.upstreams,
+            allowed_targets: a.allowed_targets,
+            connect_timeout: Duration::from_secs(a.upstream_connect_timeout_secs.max(1)),
+            response_timeout: Duration::from_secs(a.upstream_response_timeout_secs.max(1)),
+            drain_timeout: Duration::from_secs(a.drain_timeout_secs),
+            tuning: Tuning { max_concurrent_streams: a.max_concurrent_streams.max(1), ..Tuning::default() },
+            limits: Limits::default(),
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(30),
+        })
+    }
+}
+
+/// The host part of `HOST:PORT` (brackets of an IPv6 literal removed).
+pub fn relay_host(relay: &str) -> &str {
+    let host = relay.rsplit_once(':').map_or(relay, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// A wildcard bind address in the relay's address family (IPv4 when it cannot be resolved yet).
+pub async fn default_bind(relay: &str) -> SocketAddr {
+    let v6 = matches!(tokio::net::lookup_host(relay).await.map(|mut a| a.next()), Ok(Some(SocketAddr::V6(_))));
+    if v6 { SocketAddr::from(([0u16; 8], 0)) } else { SocketAddr::from(([0, 0, 0, 0], 0)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses_and_validates() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/agent.toml"));
+        let mut file = AgentConfigFile::load(path).unwrap();
+        // The pin is given on the command line (it is known once the relay has a certificate).
+        file.agent.pin = Some(quictun_core::Pin::of(b"relay").to_string());
+        let options = AgentOptions::from_config(file, path).unwrap();
+        assert_eq!(options.server_name, "127.0.0.1");
+    }
+
+    #[test]
+    fn missing_and_bad_values_name_the_key() {
+        let parse = |text: &str| {
+            let file: AgentConfigFile = toml::from_str(text).unwrap();
+            AgentOptions::from_config(file, Path::new("a.toml")).unwrap_err().to_string()
+        };
+        let base = "relay = \"h:1\"\nclient_id = \"c\"\ntoken = \"t\"\n";
+        assert!(parse(&format!("[agent]\n{base}")).contains("agent.pin"));
+        assert!(parse(&format!("[agent]\n{base}pin = \"sha256:12\"\n")).contains("agent.pin"));
+        assert!(parse("[agent]\nclient_id = \"c\"\n").contains("agent.relay"));
+    }
+
+    #[test]
+    fn relay_host_strips_port_and_brackets() {
+        assert_eq!(relay_host("relay.example.com:4433"), "relay.example.com");
+        assert_eq!(relay_host("[::1]:4433"), "::1");
+    }
+}

@@ -1,0 +1,260 @@
+//! One connection to the relay: dial, verify, register, then serve until the connection ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quictun_core::endpoint::ClientSetup;
+use quictun_core::framed::ControlChannel;
+use quictun_proto::{CloseCode, ControlMessage, GoAway, Heartbeat, Register};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::forward::Forwarder;
+use crate::upstreams::UpstreamTable;
+use crate::{AgentError, AgentOptions, AgentState};
+
+/// Longest a QUIC handshake may take before the attempt is retried.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the relay may take to answer the register message.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Heartbeat intervals of silence after which the relay is considered gone.
+const HEARTBEAT_MISSES: u32 = 3;
+
+/// How a connected session ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The agent was asked to stop and drained.
+    Shutdown,
+    /// The connection ended; reconnect.
+    Lost {
+        /// Whether registration had succeeded (resets the backoff).
+        registered: bool,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Why an attempt failed before a session was established.
+#[derive(Debug)]
+pub enum Attempt {
+    /// Try again after a backoff.
+    Retry(String),
+    /// Stop the agent.
+    Fatal(AgentError),
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+async fn resolve(relay: &str) -> Result<SocketAddr, Attempt> {
+    let mut addrs =
+        tokio::net::lookup_host(relay).await.map_err(|e| Attempt::Retry(format!("resolving {relay}: {e}")))?;
+    addrs.next().ok_or_else(|| Attempt::Retry(format!("{relay} resolved to no address")))
+}
+
+async fn dial(
+    options: &AgentOptions,
+    endpoint: &quinn::Endpoint,
+    setup: &ClientSetup,
+) -> Result<quinn::Connection, Attempt> {
+    let addr = resolve(&options.relay).await?;
+    let connecting = endpoint
+        .connect_with(setup.config.clone(), addr, &options.server_name)
+        .map_err(|e| Attempt::Fatal(AgentError::Endpoint(format!("cannot dial {addr}: {e}"))))?;
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(err)) => {
+            if let Some(mismatch) = setup.pin_verifier.as_ref().and_then(|v| v.last_mismatch()) {
+                return Err(Attempt::Fatal(AgentError::PinMismatch(mismatch)));
+            }
+            let text = err.to_string();
+            if text.contains("certificate") {
+                return Err(Attempt::Fatal(AgentError::Tls(text)));
+            }
+            Err(Attempt::Retry(format!("QUIC handshake with {addr}: {text}")))
+        }
+        Err(_) => Err(Attempt::Retry(format!("QUIC handshake with {addr} timed out after {HANDSHAKE_TIMEOUT:?}"))),
+    }
+}
+
+/// Dials, registers and serves one connection.
+pub async fn run_once(
+    options: &AgentOptions,
+    endpoint: &quinn::Endpoint,
+    setup: &ClientSetup,
+    forwarder: &Arc<Forwarder>,
+    state: &watch::Sender<AgentState>,
+    shutdown: &CancellationToken,
+) -> Result<Outcome, Attempt> {
+    let conn = tokio::select! {
+        conn = dial(options, endpoint, setup) => conn?,
+        _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
+    };
+    let retry = |what: &str, e: &dyn std::fmt::Display| Attempt::Retry(format!("{what}: {e}"));
+    let (send, recv) = conn.open_bi().await.map_err(|e| retry("opening the control stream", &e))?;
+    let mut control = ControlChannel::new(send, recv, options.limits.max_control_frame);
+    let register = Register {
+        protocol_version: quictun_proto::PROTOCOL_VERSION,
+        client_id: options.client_id.clone(),
+        group: options.group.clone(),
+        token: options.token.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    control.send(ControlMessage::Register(register)).await.map_err(|e| retry("sending register", &e))?;
+    let accepted = match control.recv_within(REGISTER_TIMEOUT).await {
+        Ok(ControlMessage::Accepted(accepted)) => accepted,
+        Ok(ControlMessage::Rejected(rejected)) => {
+            quictun_core::close(&conn, CloseCode::Rejected);
+            if rejected.code.is_permanent() {
+                return Err(Attempt::Fatal(AgentError::Rejected { code: rejected.code, message: rejected.message }));
+            }
+            return Err(Attempt::Retry(format!("relay refused the session: {}", rejected.message)));
+        }
+        Ok(_) => {
+            quictun_core::close(&conn, CloseCode::Protocol);
+            return Err(Attempt::Retry("relay answered register with an unexpected message".into()));
+        }
+        Err(err) => {
+            let reason = conn.close_reason().map_or_else(|| err.to_string(), |r| r.to_string());
+            return Err(Attempt::Retry(format!("registering: {reason}")));
+        }
+    };
+    forwarder.install_fresh(UpstreamTable::build(
+        &accepted.config,
+        &options.local_upstreams,
+        options.allowed_targets.as_deref(),
+    ));
+    let span = info_span!("session", client_id = %options.client_id, session_id = %accepted.session_id);
+    span.in_scope(|| {
+        let upstreams: Vec<String> = forwarder.upstreams().names().map(str::to_owned).collect();
+        info!(relay = %conn.remote_address(), config_version = accepted.config.version, ?upstreams, "registered with relay");
+    });
+    state.send_replace(AgentState::Connected { session_id: accepted.session_id, relay: conn.remote_address() });
+    let interval = Duration::from_millis(u64::from(accepted.heartbeat_interval_ms.max(50)));
+    let serve = Serve { options, conn: &conn, forwarder, interval };
+    Ok(serve.run(&mut control, shutdown).instrument(span).await)
+}
+
+struct Serve<'a> {
+    options: &'a AgentOptions,
+    conn: &'a quinn::Connection,
+    forwarder: &'a Arc<Forwarder>,
+    interval: Duration,
+}
+
+impl Serve<'_> {
+    async fn run(self, control: &mut ControlChannel, shutdown: &CancellationToken) -> Outcome {
+        let streams = TaskTracker::new();
+        let cancel_streams = CancellationToken::new();
+        let outcome = self.serve(control, shutdown, &streams, &cancel_streams).await;
+        streams.close();
+        if matches!(outcome, Outcome::Shutdown) {
+            info!(in_flight = streams.len(), drain = ?self.options.drain_timeout, "draining");
+            if tokio::time::timeout(self.options.drain_timeout, streams.wait()).await.is_err() {
+                warn!(in_flight = streams.len(), "drain timeout: cancelling remaining streams");
+            }
+            quictun_core::close(self.conn, CloseCode::GoingAway);
+        }
+        cancel_streams.cancel();
+        outcome
+    }
+
+    async fn serve(
+        &self,
+        control: &mut ControlChannel,
+        shutdown: &CancellationToken,
+        streams: &TaskTracker,
+        cancel_streams: &CancellationToken,
+    ) -> Outcome {
+        let lost = |reason: String| Outcome::Lost { registered: true, reason };
+        let silence_limit = self.interval * HEARTBEAT_MISSES;
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let epoch = Instant::now();
+        let mut last_heard = Instant::now();
+        let mut seq = 0u64;
+        let mut rtt_us = None;
+        loop {
+            let outgoing = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let drain_ms = u32::try_from(self.options.drain_timeout.as_millis()).unwrap_or(u32::MAX);
+                    let go_away = ControlMessage::GoAway(GoAway { drain_ms, reason: "agent shutting down".into() });
+                    if let Err(err) = tokio::time::timeout(self.interval, control.send(go_away)).await {
+                        debug!(%err, "could not send go-away");
+                    }
+                    return Outcome::Shutdown;
+                }
+                msg = control.recv() => match msg {
+                    Ok(ControlMessage::Heartbeat(hb)) => {
+                        last_heard = Instant::now();
+                        Some(ControlMessage::HeartbeatAck(hb))
+                    }
+                    Ok(ControlMessage::HeartbeatAck(hb)) => {
+                        last_heard = Instant::now();
+                        rtt_us = Some(micros(epoch.elapsed()).saturating_sub(hb.sent_at_us));
+                        None
+                    }
+                    Ok(ControlMessage::ConfigSync(config)) => {
+                        last_heard = Instant::now();
+                        let version = config.version;
+                        let table = UpstreamTable::build(&config, &self.options.local_upstreams, self.options.allowed_targets.as_deref());
+                        if self.forwarder.install(table) {
+                            info!(version, "applied config_sync");
+                        } else {
+                            debug!(version, "ignored stale config_sync");
+                        }
+                        None
+                    }
+                    Ok(ControlMessage::GoAway(go)) => {
+                        info!(reason = %go.reason, drain_ms = go.drain_ms, "relay going away");
+                        last_heard = Instant::now();
+                        None
+                    }
+                    Ok(_) => {
+                        quictun_core::close(self.conn, CloseCode::Protocol);
+                        return lost("relay sent an unexpected control message".into());
+                    }
+                    Err(err) => {
+                        return lost(self.conn.close_reason().map_or_else(|| err.to_string(), |r| r.to_string()));
+                    }
+                },
+                _ = ticker.tick() => {
+                    if last_heard.elapsed() > silence_limit {
+                        quictun_core::close(self.conn, CloseCode::HeartbeatTimeout);
+                        return lost(format!("relay silent for {:?}", last_heard.elapsed()));
+                    }
+                    seq += 1;
+                    Some(ControlMessage::Heartbeat(Heartbeat { seq, sent_at_us: micros(epoch.elapsed()), rtt_us }))
+                }
+                stream = self.conn.accept_bi() => match stream {
+                    Ok((send, recv)) => {
+                        let forwarder = self.forwarder.clone();
+                        let cancel = cancel_streams.clone();
+                        streams.spawn(async move {
+                            tokio::select! {
+                                _ = forwarder.serve_stream(send, recv) => {}
+                                _ = cancel.cancelled() => {}
+                            }
+                        }.in_current_span());
+                        None
+                    }
+                    Err(err) => return lost(err.to_string()),
+                },
+            };
+            if let Some(msg) = outgoing {
+                match tokio::time::timeout(silence_limit, control.send(msg)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => return lost(format!("control stream write failed: {err}")),
+                    Err(_) => {
+                        quictun_core::close(self.conn, CloseCode::HeartbeatTimeout);
+                        return lost("control stream blocked: relay is not reading".into());
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The agent's upstream table: pushed upstreams merged with local ones, filtered by the allow list.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use http::Uri;
+use http::uri::{Authority, Scheme};
+use quictun_proto::AgentConfig;
+use tracing::warn;
+
+use crate::config::LocalUpstream;
+
+/// One target: scheme, authority and an optional base path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    scheme: Scheme,
+    authority: Authority,
+    base_path: String,
+}
+
+/// Why a target string is unusable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid upstream target {target:?}: {reason}")]
+pub struct InvalidTarget {
+    /// The target as given.
+    pub target: String,
+    /// Why.
+    pub reason: &'static str,
+}
+
+impl Target {
+    /// Parses `http://host:port[/base]`.
+    pub fn parse(target: &str) -> Result<Self, InvalidTarget> {
+        let invalid = |reason| InvalidTarget { target: target.to_owned(), reason };
+        let uri: Uri = target.parse().map_err(|_| invalid("not a URL"))?;
+        let scheme = uri.scheme().cloned().ok_or_else(|| invalid("missing scheme"))?;
+        if scheme != Scheme::HTTP {
+            return Err(invalid("only http:// targets are supported"));
+        }
+        let authority = uri.authority().cloned().ok_or_else(|| invalid("missing host"))?;
+        let base_path = uri.path().trim_end_matches('/').to_owned();
+        Ok(Self { scheme, authority, base_path })
+    }
+
+    /// The full URI for a request path (origin form, starting with `/`).
+    pub fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(format!("{}{}", self.base_path, path_and_query))
+            .build()
+    }
+
+    /// `host:port` (port defaulted from the scheme).
+    pub fn host_port(&self) -> String {
+        format!("{}:{}", self.authority.host(), self.authority.port_u16().unwrap_or(80))
+    }
+}
+
+/// Checks a target against allow-list entries (`host:port` or `host:*`).
+fn allowed(target: &Target, allow: &[String]) -> bool {
+    let host_port = target.host_port();
+    let host = target.authority.host();
+    allow.iter().any(|entry| match entry.strip_suffix(":*") {
+        Some(entry_host) => entry_host.eq_ignore_ascii_case(host),
+        None => entry.eq_ignore_ascii_case(&host_port),
+    })
+}
+
+#[derive(Debug)]
+struct Upstream {
+    targets: Vec<Target>,
+    cursor: AtomicUsize,
+}
+
+/// Named upstreams the agent serves, at one configuration version.
+#[derive(Debug, Default)]
+pub struct UpstreamTable {
+    version: u64,
+    upstreams: HashMap<String, Upstream>,
+}
+
+impl UpstreamTable {
+    /// Merges the relay's `pushed` configuration with the agent's `local` upstreams (which win on
+    /// a name clash). Pushed targets that do not parse, or are not in `allow` when it is set, are
+    /// dropped with a warning.
+    pub fn build(pushed: &AgentConfig, local: &[LocalUpstream], allow: Option<&[String]>) -> Self {
+        let mut upstreams = HashMap::new();
+        for spec in &pushed.upstreams {
+            let targets: Vec<Target> = spec
+                .targets
+                .iter()
+                .filter_map(|t| match Target::parse(t) {
+                    Ok(target) if allow.is_none_or(|a| allowed(&target, a)) => Some(target),
+                    Ok(_) => {
+                        warn!(upstream = %spec.name, target = %t, "refusing pushed target not in allowed_targets");
+                        None
+                    }
+                    Err(err) => {
+                        warn!(upstream = %spec.name, %err, "ignoring pushed target");
+                        None
+                    }
+                })
+                .collect();
+            if !targets.is_empty() {
+                upstreams.insert(spec.name.clone(), Upstream { targets, cursor: AtomicUsize::new(0) });
+            }
+        }
+        for spec in local {
+            let targets: Vec<Target> = spec.targets.iter().filter_map(|t| Target::parse(t).ok()).collect();
+            upstreams.insert(spec.name.clone(), Upstream { targets, cursor: AtomicUsize::new(0) });
+        }
+        Self { version: pushed.version, upstreams }
+    }
+
+    /// The configuration version this table was built from.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The next target of `name` in rotation.
+    pub fn pick(&self, name: &str) -> Option<&Target> {
+        let upstream = self.upstreams.get(name)?;
+        let n = upstream.targets.len();
+        if n == 0 {
+            return None;
+        }
+        Some(&upstream.targets[upstream.cursor.fetch_add(1, Ordering::Relaxed) % n])
+    }
+
+    /// Names of the upstreams served.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.upstreams.keys().map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quictun_proto::UpstreamSpec;
+
+    fn pushed(targets: &[&str]) -> AgentConfig {
+        AgentConfig {
+            version: 3,
+            upstreams: vec![UpstreamSpec {
+                name: "app".into(),
+                targets: targets.iter().map(|s| s.to_string()).collect(),
+            }],
+        }
+    }
+
+    #[test]
+    fn targets_parse_and_build_uris() {
+        let t = Target::parse("http://127.0.0.1:3000/base/").unwrap();
+        assert_eq!(t.uri_for("/x?y=1").unwrap().to_string(), "http://127.0.0.1:3000/base/x?y=1");
+        assert!(Target::parse("ftp://x").is_err());
+        assert!(Target::parse("not a url").is_err());
+        assert_eq!(Target::parse("http://h").unwrap().host_port(), "h:80");
+    }
+
+    #[test]
+    fn rotation_and_local_precedence() {
+        let table = UpstreamTable::build(&pushed(&["http://a:1", "http://b:2"]), &[], None);
+        assert_eq!(table.version(), 3);
+        let first = table.pick("app").unwrap().host_port();
+        let second = table.pick("app").unwrap().host_port();
+        assert_ne!(first, second);
+        let local = [LocalUpstream { name: "app".into(), targets: vec!["http://local:9".into()] }];
+        let table = UpstreamTable::build(&pushed(&["http://a:1"]), &local, None);
+        assert_eq!(table.pick("app").unwrap().host_port(), "local:9");
+        assert!(table.pick("other").is_none());
+    }
+
+    #[test]
+    fn allow_list_refuses_pushed_targets() {
+        let allow = vec!["127.0.0.1:3000".to_owned(), "svc:*".to_owned()];
+        let table = UpstreamTable::build(
+            &pushed(&["http://10.0.0.5:22", "http://svc:8080", "http://127.0.0.1:3000"]),
+            &[],
+            Some(&allow),
+        );
+        let picked: Vec<String> = (0..4).map(|_| table.pick("app").unwrap().host_port()).collect();
+        assert!(!picked.iter().any(|p| p.starts_with("10.")), "{picked:?}");
+        let none = UpstreamTable::build(&pushed(&["http://10.0.0.5:22"]), &[], Some(&allow));
+        assert!(none.pick("app").is_none());
+    }
+}

@@ -1,0 +1,187 @@
+//! QUIC endpoints: the UDP socket (with large buffers), transport tuning, server and client setup.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+
+use crate::tls::{self, CertKey, PinVerifier, TlsError, Trust};
+
+/// Errors while setting up an endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// Binding or configuring the UDP socket failed.
+    #[error("UDP socket {addr}: {source}")]
+    Socket {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TLS configuration failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// quinn refused the TLS configuration (for example: no TLS 1.3 cipher suite).
+    #[error("QUIC crypto configuration: {0}")]
+    Crypto(String),
+}
+
+/// Congestion controller choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Congestion {
+    /// CUBIC, quinn's default.
+    #[default]
+    Cubic,
+    /// BBR: keeps throughput up on lossy long-RTT paths.
+    Bbr,
+}
+
+/// QUIC transport settings shared by relay and agent.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Concurrent bidirectional streams the *peer* may open towards us.
+    pub max_concurrent_streams: u32,
+    /// Flow-control window of one stream.
+    pub stream_window: u32,
+    /// Flow-control window of the whole connection.
+    pub connection_window: u32,
+    /// Unacknowledged bytes we may have in flight.
+    pub send_window: u64,
+    /// A connection with no traffic for this long is closed.
+    pub idle_timeout: Duration,
+    /// Send a keep-alive PING when idle this long (must be under `idle_timeout`).
+    pub keep_alive: Duration,
+    /// Requested UDP receive and send buffer size.
+    pub udp_buffer: usize,
+    /// Congestion controller.
+    pub congestion: Congestion,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 1024,
+            stream_window: 4 << 20,
+            connection_window: 16 << 20,
+            send_window: 16 << 20,
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(5),
+            udp_buffer: 4 << 20,
+            congestion: Congestion::Cubic,
+        }
+    }
+}
+
+impl Tuning {
+    /// The quinn transport configuration for these settings.
+    pub fn transport_config(&self) -> TransportConfig {
+        let mut t = TransportConfig::default();
+        t.max_concurrent_bidi_streams(VarInt::from_u32(self.max_concurrent_streams))
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .stream_receive_window(VarInt::from_u32(self.stream_window))
+            .receive_window(VarInt::from_u32(self.connection_window))
+            .send_window(self.send_window)
+            .keep_alive_interval(Some(self.keep_alive))
+            .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok());
+        if self.congestion == Congestion::Bbr {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        }
+        t
+    }
+}
+
+/// Binds a UDP socket with the requested buffer sizes and logs what the kernel granted (Linux caps
+/// them at `net.core.rmem_max` / `wmem_max`).
+pub fn bind_udp(addr: SocketAddr, buffer: usize) -> Result<UdpSocket, EndpointError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let err = |source| EndpointError::Socket { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
+    if addr.is_ipv6() {
+        // Accept IPv4-mapped addresses too on a `[::]` bind; failure only means v6-only.
+        if let Err(e) = socket.set_only_v6(false) {
+            tracing::debug!(%e, "could not clear IPV6_V6ONLY");
+        }
+    }
+    if let Err(e) = socket.set_recv_buffer_size(buffer) {
+        tracing::warn!(%e, buffer, "could not set UDP receive buffer");
+    }
+    if let Err(e) = socket.set_send_buffer_size(buffer) {
+        tracing::warn!(%e, buffer, "could not set UDP send buffer");
+    }
+    socket.set_nonblocking(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    let granted_recv = socket.recv_buffer_size().unwrap_or(0);
+    let granted_send = socket.send_buffer_size().unwrap_or(0);
+    // Linux reports twice the usable size.
+    if granted_recv < buffer {
+        tracing::warn!(
+            requested = buffer,
+            granted_recv,
+            "UDP receive buffer smaller than requested; raise net.core.rmem_max for bulk throughput"
+        );
+    } else {
+        tracing::debug!(granted_recv, granted_send, "UDP socket buffers");
+    }
+    Ok(socket.into())
+}
+
+/// A QUIC server endpoint on `addr` with the relay's certificate.
+pub fn server_endpoint(addr: SocketAddr, cert: CertKey, tuning: &Tuning) -> Result<quinn::Endpoint, EndpointError> {
+    let crypto =
+        QuicServerConfig::try_from(tls::server_config(cert)?).map_err(|e| EndpointError::Crypto(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(tuning.transport_config()));
+    let socket = bind_udp(addr, tuning.udp_buffer)?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), socket, runtime::default_runtime_or_err()?)
+        .map_err(|source| EndpointError::Socket { addr, source })
+}
+
+/// A QUIC client endpoint bound to `bind`, and the client configuration to dial the relay with.
+pub fn client_endpoint(
+    bind: SocketAddr,
+    trust: &Trust,
+    tuning: &Tuning,
+) -> Result<(quinn::Endpoint, ClientSetup), EndpointError> {
+    let setup = ClientSetup::new(trust, tuning)?;
+    let socket = bind_udp(bind, tuning.udp_buffer)?;
+    let mut endpoint =
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime::default_runtime_or_err()?)
+            .map_err(|source| EndpointError::Socket { addr: bind, source })?;
+    endpoint.set_default_client_config(setup.config.clone());
+    Ok((endpoint, setup))
+}
+
+/// What a client needs to dial: the quinn configuration and, when pinning, the verifier that can
+/// explain a mismatch.
+#[derive(Clone)]
+pub struct ClientSetup {
+    /// The quinn client configuration.
+    pub config: quinn::ClientConfig,
+    /// The pin verifier, when trust is by pin.
+    pub pin_verifier: Option<Arc<PinVerifier>>,
+}
+
+impl ClientSetup {
+    /// Builds the client configuration for `trust`.
+    pub fn new(trust: &Trust, tuning: &Tuning) -> Result<Self, EndpointError> {
+        let (rustls_config, pin_verifier) = tls::client_config(trust)?;
+        let crypto = QuicClientConfig::try_from(rustls_config).map_err(|e| EndpointError::Crypto(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(Arc::new(tuning.transport_config()));
+        Ok(Self { config, pin_verifier })
+    }
+}
+
+mod runtime {
+    use super::*;
+
+    /// quinn's tokio runtime, or an error when called outside one.
+    pub fn default_runtime_or_err() -> Result<Arc<dyn quinn::Runtime>, EndpointError> {
+        quinn::default_runtime().ok_or_else(|| EndpointError::Socket {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source: std::io::Error::other("no async runtime found (call from within tokio)"),
+        })
+    }
+}

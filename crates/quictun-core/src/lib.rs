@@ -1,0 +1,37 @@
+//! quictun core: what the relay and the agent share.
+//!
+//! - [`tls`]: certificates (generate, load, pin) and rustls configurations (TLS 1.3, ALPN
+//!   `quictun/1`, pinning verifier).
+//! - [`endpoint`]: UDP sockets with large buffers and the QUIC transport tuning.
+//! - [`framed`]: head frames on data streams and the control channel codec.
+//! - [`http_stream`]: the HTTP-over-stream codec: header conversion, streaming bodies.
+//! - [`backoff`]: exponential backoff with full jitter.
+
+pub mod backoff;
+pub mod endpoint;
+pub mod framed;
+pub mod http_stream;
+pub mod tls;
+
+pub use endpoint::{Congestion, Tuning};
+pub use tls::{Pin, Trust};
+
+/// Closes `conn` with a quictun close code.
+pub fn close(conn: &quinn::Connection, code: quictun_proto::CloseCode) {
+    conn.close(quinn::VarInt::from_u32(code.to_u32()), code.reason());
+}
+
+/// The quictun close code a connection was closed with by its peer, if any.
+pub fn peer_close_code(err: &quinn::ConnectionError) -> Option<quictun_proto::CloseCode> {
+    match err {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            quictun_proto::CloseCode::from_u64(close.error_code.into_inner())
+        }
+        _ => None,
+    }
+}
+
+/// Closes every connection of `endpoint` with a quictun close code.
+pub fn close_endpoint(endpoint: &quinn::Endpoint, code: quictun_proto::CloseCode) {
+    endpoint.close(quinn::VarInt::from_u32(code.to_u32()), code.reason());
+}

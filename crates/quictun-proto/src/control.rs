@@ -1,0 +1,127 @@
+//! Messages of the control stream: the first bidirectional stream, opened by the agent.
+//!
+//! Order: the agent sends [`ControlMessage::Register`]; the relay answers
+//! [`ControlMessage::Accepted`] or [`ControlMessage::Rejected`] (and closes). After that either side
+//! may send heartbeats (answered by an ack that echoes the timestamp), the relay pushes
+//! [`ControlMessage::ConfigSync`] when the agent's configuration changes, and either side announces a
+//! shutdown with [`ControlMessage::GoAway`].
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::secret::Token;
+
+/// One message on the control stream. The bincode variant index is the message number: never
+/// reorder, only append.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlMessage {
+    /// 0: agent → relay, first message.
+    Register(Register),
+    /// 1: relay → agent, registration succeeded.
+    Accepted(Accepted),
+    /// 2: relay → agent, registration failed; the relay then closes the connection.
+    Rejected(Rejected),
+    /// 3: relay → agent, a new version of the agent's configuration.
+    ConfigSync(AgentConfig),
+    /// 4: either way, liveness probe.
+    Heartbeat(Heartbeat),
+    /// 5: either way, answer to a heartbeat (echoes `seq` and `sent_at_us`).
+    HeartbeatAck(Heartbeat),
+    /// 6: either way, the sender is shutting down and takes no new streams.
+    GoAway(GoAway),
+}
+
+/// The agent introduces itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    /// Must equal [`crate::PROTOCOL_VERSION`].
+    pub protocol_version: u16,
+    /// The agent's identity; the relay's session manager is keyed by it.
+    pub client_id: String,
+    /// The group whose routes the agent serves.
+    pub group: String,
+    /// The shared secret for `client_id`.
+    pub token: Token,
+    /// The agent's software version, for logs.
+    pub agent_version: String,
+}
+
+/// Registration succeeded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    /// Identifies this session in logs on both sides.
+    pub session_id: Uuid,
+    /// How often each side sends a heartbeat; a peer silent for several intervals is dropped.
+    pub heartbeat_interval_ms: u32,
+    /// The agent's configuration at the time of registration.
+    pub config: AgentConfig,
+}
+
+/// Registration failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    /// Why, as a number the agent can act on.
+    pub code: RejectCode,
+    /// Why, for a person.
+    pub message: String,
+}
+
+/// Why a registration was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectCode {
+    /// 0: no client with this id, or the token does not match (one code, so ids cannot be probed).
+    BadToken,
+    /// 1: the agent speaks another protocol version.
+    VersionMismatch,
+    /// 2: the client is configured for another group.
+    GroupMismatch,
+    /// 3: the relay is shutting down.
+    ShuttingDown,
+    /// 4: the relay could not take the session (for example: at its session limit).
+    Unavailable,
+}
+
+impl RejectCode {
+    /// True when retrying with the same credentials cannot help (the agent exits instead).
+    pub fn is_permanent(self) -> bool {
+        matches!(self, Self::BadToken | Self::VersionMismatch | Self::GroupMismatch)
+    }
+}
+
+/// The configuration a relay pushes to an agent: the upstreams of the agent's group.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentConfig {
+    /// Increases with every change; an agent ignores a version older than the one it has.
+    pub version: u64,
+    /// The upstreams the agent may be asked to serve.
+    pub upstreams: Vec<UpstreamSpec>,
+}
+
+/// One named upstream and its targets, as the agent sees them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamSpec {
+    /// The name data streams refer to.
+    pub name: String,
+    /// Base URLs such as `http://127.0.0.1:3000`, tried in rotation.
+    pub targets: Vec<String>,
+}
+
+/// A heartbeat or its ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Sequence number chosen by the sender of the heartbeat.
+    pub seq: u64,
+    /// The heartbeat sender's clock, in microseconds since its session started; echoed in the ack.
+    pub sent_at_us: u64,
+    /// The sender's latest measured round-trip time, so both sides know it.
+    pub rtt_us: Option<u64>,
+}
+
+/// The sender is shutting down.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GoAway {
+    /// How long in-flight streams have before the connection is closed.
+    pub drain_ms: u32,
+    /// Why, for logs.
+    pub reason: String,
+}

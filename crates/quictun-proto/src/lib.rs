@@ -1,0 +1,36 @@
+//! The quictun wire protocol, with no networking in it.
+//!
+//! Everything that crosses the QUIC connection between a relay and an agent is defined here:
+//!
+//! - [`frame`]: length-prefixed bincode framing. A length from the wire is checked against its limit
+//!   before anything is allocated, and decoders tell "need more bytes" from "invalid".
+//! - [`control`]: the messages of the control stream (register, accepted/rejected, config_sync,
+//!   heartbeat, go-away).
+//! - [`stream`]: the head frames of a data stream (one QUIC stream per proxied request).
+//! - [`codes`]: the numbered application error codes used to reset streams and close connections.
+//! - [`limits`]: the bounds every decoder enforces.
+//! - [`secret`]: a token type whose `Debug` never shows the secret.
+//!
+//! The relay and the agent drive these types; this crate only encodes, decodes and validates.
+
+pub mod codes;
+pub mod control;
+pub mod frame;
+pub mod limits;
+pub mod secret;
+pub mod stream;
+
+pub use codes::{CloseCode, StreamCode};
+pub use control::{
+    Accepted, AgentConfig, ControlMessage, GoAway, Heartbeat, Register, RejectCode, Rejected, UpstreamSpec,
+};
+pub use frame::FrameError;
+pub use limits::Limits;
+pub use secret::Token;
+pub use stream::{HeadError, Header, RequestHead, ResponseHead, StreamKind};
+
+/// The ALPN protocol identifier both sides must negotiate.
+pub const ALPN: &[u8] = b"quictun/1";
+
+/// The protocol version an agent announces in [`Register`]. The relay rejects any other.
+pub const PROTOCOL_VERSION: u16 = 1;

@@ -1,0 +1,112 @@
+//! Property tests: every message survives encode → decode, and no input makes a decoder panic.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use proptest::prelude::*;
+use quictun_proto::frame::{self, FrameError};
+use quictun_proto::*;
+use uuid::Uuid;
+
+fn text() -> impl Strategy<Value = String> {
+    "[a-zA-Z0-9 ._/:-]{0,40}"
+}
+
+fn upstream() -> impl Strategy<Value = UpstreamSpec> {
+    (text(), prop::collection::vec(text(), 0..4)).prop_map(|(name, targets)| UpstreamSpec { name, targets })
+}
+
+fn agent_config() -> impl Strategy<Value = AgentConfig> {
+    (any::<u64>(), prop::collection::vec(upstream(), 0..4))
+        .prop_map(|(version, upstreams)| AgentConfig { version, upstreams })
+}
+
+fn reject_code() -> impl Strategy<Value = RejectCode> {
+    prop_oneof![
+        Just(RejectCode::BadToken),
+        Just(RejectCode::VersionMismatch),
+        Just(RejectCode::GroupMismatch),
+        Just(RejectCode::ShuttingDown),
+        Just(RejectCode::Unavailable),
+    ]
+}
+
+fn heartbeat() -> impl Strategy<Value = Heartbeat> {
+    (any::<u64>(), any::<u64>(), any::<Option<u64>>()).prop_map(|(seq, sent_at_us, rtt_us)| Heartbeat {
+        seq,
+        sent_at_us,
+        rtt_us,
+    })
+}
+
+fn control() -> impl Strategy<Value = ControlMessage> {
+    prop_oneof![
+        (any::<u16>(), text(), text(), text(), text()).prop_map(|(v, c, g, t, a)| {
+            ControlMessage::Register(Register {
+                protocol_version: v,
+                client_id: c,
+                group: g,
+                token: Token::new(t),
+                agent_version: a,
+            })
+        }),
+        (any::<u128>(), any::<u32>(), agent_config()).prop_map(|(id, hb, config)| {
+            ControlMessage::Accepted(Accepted { session_id: Uuid::from_u128(id), heartbeat_interval_ms: hb, config })
+        }),
+        (reject_code(), text()).prop_map(|(code, message)| ControlMessage::Rejected(Rejected { code, message })),
+        agent_config().prop_map(ControlMessage::ConfigSync),
+        heartbeat().prop_map(ControlMessage::Heartbeat),
+        heartbeat().prop_map(ControlMessage::HeartbeatAck),
+        (any::<u32>(), text()).prop_map(|(drain_ms, reason)| ControlMessage::GoAway(GoAway { drain_ms, reason })),
+    ]
+}
+
+fn headers() -> impl Strategy<Value = Vec<Header>> {
+    prop::collection::vec(
+        (text(), prop::collection::vec(any::<u8>(), 0..32)).prop_map(|(name, value)| Header { name, value }),
+        0..8,
+    )
+}
+
+fn kind() -> impl Strategy<Value = StreamKind> {
+    prop_oneof![Just(StreamKind::Http), Just(StreamKind::Tcp), Just(StreamKind::Upgrade)]
+}
+
+proptest! {
+    #[test]
+    fn control_messages_round_trip(msg in control()) {
+        let bytes = frame::encode(&msg, Limits::default().max_control_frame).unwrap();
+        let (back, used) = frame::decode::<ControlMessage>(&bytes, Limits::default().max_control_frame).unwrap().unwrap();
+        prop_assert_eq!(back, msg);
+        prop_assert_eq!(used, bytes.len());
+    }
+
+    #[test]
+    fn request_heads_round_trip(kind in kind(), id in any::<u128>(), upstream in text(), method in text(), uri in text(), headers in headers(), has_body in any::<bool>()) {
+        let head = RequestHead { kind, request_id: Uuid::from_u128(id), upstream, method, uri, headers, has_body };
+        let bytes = frame::encode(&head, Limits::default().max_head_frame).unwrap();
+        let (back, _) = frame::decode::<RequestHead>(&bytes, Limits::default().max_head_frame).unwrap().unwrap();
+        prop_assert_eq!(back, head);
+    }
+
+    #[test]
+    fn response_heads_round_trip(status in any::<u16>(), headers in headers()) {
+        let head = ResponseHead { status, headers };
+        let bytes = frame::encode(&head, 4096).unwrap();
+        let (back, _) = frame::decode::<ResponseHead>(&bytes, 4096).unwrap().unwrap();
+        prop_assert_eq!(back, head);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = frame::decode::<ControlMessage>(&bytes, 1024);
+        let _ = frame::decode::<RequestHead>(&bytes, 1024);
+        let _ = frame::decode::<ResponseHead>(&bytes, 1024);
+    }
+
+    #[test]
+    fn lengths_over_the_limit_are_refused(len in 1025u32..) {
+        let mut buf = len.to_be_bytes().to_vec();
+        buf.extend_from_slice(&[0; 8]);
+        let refused = matches!(frame::check(&buf, 1024), Err(FrameError::TooLarge { .. }));
+        prop_assert!(refused);
+    }
+}

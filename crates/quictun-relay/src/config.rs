@@ -1,0 +1,270 @@
+//! The relay's TOML configuration (`relay.toml`), parsed with unknown keys refused.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use quictun_proto::Token;
+use serde::Deserialize;
+
+/// The whole relay configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Listeners, certificate and tuning.
+    #[serde(default)]
+    pub relay: RelaySection,
+    /// Who may connect.
+    #[serde(default)]
+    pub clients: Vec<ClientEntry>,
+    /// Named upstreams served by the agents of a group.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamEntry>,
+    /// Host/path routes to upstreams; first match wins.
+    #[serde(default)]
+    pub routes: Vec<RouteEntry>,
+}
+
+/// The `[relay]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelaySection {
+    /// UDP address for QUIC.
+    pub quic_listen: SocketAddr,
+    /// TCP address of the HTTP ingress.
+    pub http_listen: SocketAddr,
+    /// TCP address of the admin endpoint.
+    pub admin_listen: SocketAddr,
+    /// PEM certificate; generated when missing.
+    pub cert: PathBuf,
+    /// PEM private key; generated when missing.
+    pub key: PathBuf,
+    /// Heartbeat interval sent to agents, in milliseconds.
+    pub heartbeat_interval_ms: u32,
+    /// A peer silent for this many heartbeat intervals is dropped.
+    pub heartbeat_misses: u32,
+    /// Concurrent streams (in-flight requests) per agent connection.
+    pub max_streams_per_agent: u32,
+    /// Seconds to wait for an agent's response head before answering 504.
+    pub response_timeout_secs: u64,
+    /// Seconds to wait for a new agent's register message.
+    pub register_timeout_secs: u64,
+    /// Largest request head accepted on the ingress, in bytes.
+    pub max_header_bytes: usize,
+    /// Most request headers accepted on the ingress.
+    pub max_header_count: usize,
+    /// Seconds in-flight requests get to finish on shutdown.
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for RelaySection {
+    fn default() -> Self {
+        Self {
+            quic_listen: SocketAddr::from(([0, 0, 0, 0], 4433)),
+            http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            cert: PathBuf::from("certs/relay.crt"),
+            key: PathBuf::from("certs/relay.key"),
+            heartbeat_interval_ms: 5_000,
+            heartbeat_misses: 3,
+            max_streams_per_agent: 1024,
+            response_timeout_secs: 60,
+            register_timeout_secs: 10,
+            max_header_bytes: 64 * 1024,
+            max_header_count: 128,
+            drain_timeout_secs: 30,
+        }
+    }
+}
+
+impl RelaySection {
+    /// The heartbeat interval.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(u64::from(self.heartbeat_interval_ms))
+    }
+
+    /// How long a peer may stay silent before it is dropped.
+    pub fn heartbeat_timeout(&self) -> Duration {
+        self.heartbeat_interval() * self.heartbeat_misses.max(1)
+    }
+}
+
+/// A `[[clients]]` entry: an agent identity allowed to connect.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientEntry {
+    /// The agent's client_id.
+    pub id: String,
+    /// The token, inline.
+    #[serde(default)]
+    pub token: Option<Token>,
+    /// The name of an environment variable holding the token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// The group the client serves.
+    pub group: String,
+}
+
+/// An `[[upstreams]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamEntry {
+    /// Name used by routes and data streams.
+    pub name: String,
+    /// The group whose agents serve it.
+    pub group: String,
+    /// Base URLs as the agent sees them.
+    pub targets: Vec<String>,
+}
+
+/// A `[[routes]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteEntry {
+    /// Exact host, `*.example.com`, or `*` for any host.
+    pub host: String,
+    /// Path prefix; `/` matches everything.
+    #[serde(default = "default_prefix")]
+    pub path_prefix: String,
+    /// The upstream name.
+    pub upstream: String,
+}
+
+fn default_prefix() -> String {
+    "/".to_owned()
+}
+
+/// A configuration error that names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: {source}")]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or had unknown or mistyped keys.
+    #[error("{file}: {message}")]
+    Parse {
+        /// The file.
+        file: PathBuf,
+        /// toml's message, which names the key and line.
+        message: String,
+    },
+    /// The configuration parsed but is inconsistent.
+    #[error("{file}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// The offending key, such as `routes[2].upstream`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl RelayConfig {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text; `file` names it in errors.
+    pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
+        let config: Self =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { file: file.to_owned(), message: e.to_string() })?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    /// Checks cross references: every route's upstream exists, ids and names are unique, every
+    /// client has exactly one token source, tokens from the environment are set.
+    pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid { file: file.to_owned(), key, message };
+        let r = &self.relay;
+        if r.heartbeat_interval_ms < 50 {
+            return Err(invalid("relay.heartbeat_interval_ms".into(), "must be at least 50".into()));
+        }
+        if r.max_streams_per_agent == 0 {
+            return Err(invalid("relay.max_streams_per_agent".into(), "must be at least 1".into()));
+        }
+        for (i, client) in self.clients.iter().enumerate() {
+            if self.clients[..i].iter().any(|c| c.id == client.id) {
+                return Err(invalid(format!("clients[{i}].id"), format!("duplicate client id {:?}", client.id)));
+            }
+            match (&client.token, &client.token_env) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(format!("clients[{i}]"), "set token or token_env, not both".into()));
+                }
+                (None, None) => {
+                    return Err(invalid(format!("clients[{i}].token"), "missing token or token_env".into()));
+                }
+                (None, Some(var)) if std::env::var(var).map(|v| v.is_empty()).unwrap_or(true) => {
+                    return Err(invalid(
+                        format!("clients[{i}].token_env"),
+                        format!("environment variable {var} is not set"),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        for (i, upstream) in self.upstreams.iter().enumerate() {
+            if self.upstreams[..i].iter().any(|u| u.name == upstream.name) {
+                return Err(invalid(format!("upstreams[{i}].name"), format!("duplicate upstream {:?}", upstream.name)));
+            }
+            if upstream.targets.is_empty() {
+                return Err(invalid(format!("upstreams[{i}].targets"), "needs at least one target".into()));
+            }
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            if !self.upstreams.iter().any(|u| u.name == route.upstream) {
+                return Err(invalid(
+                    format!("routes[{i}].upstream"),
+                    format!("no upstream named {:?}", route.upstream),
+                ));
+            }
+            if !route.path_prefix.starts_with('/') {
+                return Err(invalid(format!("routes[{i}].path_prefix"), "must start with /".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The token of a client: inline, or read from its environment variable.
+    pub fn client_token(client: &ClientEntry) -> Option<Token> {
+        client
+            .token
+            .clone()
+            .or_else(|| client.token_env.as_ref().and_then(|var| std::env::var(var).ok()).map(Token::new))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/relay.toml"));
+        let config = RelayConfig::load(path).unwrap();
+        assert!(!config.routes.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = RelayConfig::parse("[relay]\nquic_listn = \"0.0.0.0:1\"\n", Path::new("r.toml")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("r.toml") && text.contains("quic_listn"), "{text}");
+    }
+
+    #[test]
+    fn dangling_route_is_named() {
+        let text = "[[routes]]\nhost = \"a\"\nupstream = \"nope\"\n";
+        let err = RelayConfig::parse(text, Path::new("r.toml")).unwrap_err().to_string();
+        assert!(err.contains("routes[0].upstream"), "{err}");
+    }
+}

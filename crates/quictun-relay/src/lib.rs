@@ -1,0 +1,135 @@
+//! The quictun relay.
+//!
+//! Listens for agents on QUIC, keeps a session per registered agent, and proxies HTTP requests
+//! from its ingress to agents, one QUIC stream per request.
+//!
+//! - [`config`]: the `relay.toml` file.
+//! - [`state`]: the live configuration (routes, clients, agent configs) and shared plumbing.
+//! - [`sessions`]: client_id → session, group → sessions.
+//! - [`agents`]: QUIC accept loop, registration, heartbeats.
+//! - [`router`]: host and path routing.
+//! - [`ingress`] and [`proxy`]: the HTTP server and the per-request forwarding.
+//!
+//! [`Relay::start`] binds everything and returns a [`Relay`] handle; [`Relay::shutdown`] drains.
+
+pub mod agents;
+pub mod config;
+pub mod ingress;
+pub mod proxy;
+pub mod router;
+pub mod sessions;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quictun_core::tls::CertKey;
+use quictun_core::{Pin, Tuning};
+use tracing::info;
+
+pub use config::{ConfigError, RelayConfig};
+pub use sessions::SessionManager;
+
+use crate::state::Shared;
+
+/// Errors starting the relay.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The QUIC endpoint could not be set up.
+    #[error("QUIC listener: {0}")]
+    Quic(#[from] quictun_core::endpoint::EndpointError),
+    /// A TCP listener could not be bound.
+    #[error("{what} listener on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Its address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// A running relay.
+pub struct Relay {
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    quic_addr: SocketAddr,
+    http_addr: SocketAddr,
+    pin: Option<Pin>,
+}
+
+impl Relay {
+    /// Binds the QUIC endpoint and the HTTP ingress and starts serving.
+    pub async fn start(config: RelayConfig, cert: CertKey) -> Result<Self, RelayError> {
+        let pin = cert.pin();
+        let shared = Arc::new(Shared::new(&config));
+        let settings = &shared.settings;
+        let tuning = Tuning {
+            max_concurrent_streams: settings.max_streams_per_agent.max(16),
+            idle_timeout: Duration::from_secs(30).max(settings.heartbeat_timeout() * 2),
+            keep_alive: settings.heartbeat_interval().min(Duration::from_secs(5)),
+            ..Tuning::default()
+        };
+        let endpoint = quictun_core::endpoint::server_endpoint(settings.quic_listen, cert, &tuning)?;
+        let quic_addr = endpoint.local_addr().map_err(|source| RelayError::Bind {
+            what: "QUIC",
+            addr: settings.quic_listen,
+            source,
+        })?;
+        let http_listener = tokio::net::TcpListener::bind(settings.http_listen)
+            .await
+            .map_err(|source| RelayError::Bind { what: "HTTP", addr: settings.http_listen, source })?;
+        let http_addr = http_listener.local_addr().map_err(|source| RelayError::Bind {
+            what: "HTTP",
+            addr: settings.http_listen,
+            source,
+        })?;
+        shared.tasks.spawn(agents::accept_loop(endpoint.clone(), shared.clone()));
+        shared.tasks.spawn(ingress::serve(http_listener, shared.clone()));
+        info!(%quic_addr, %http_addr, "relay listening");
+        Ok(Self { shared, endpoint, quic_addr, http_addr, pin })
+    }
+
+    /// The bound QUIC (UDP) address.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    /// The bound HTTP ingress address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The pin of the relay's certificate.
+    pub fn pin(&self) -> Option<Pin> {
+        self.pin
+    }
+
+    /// The session manager (live agents).
+    pub fn sessions(&self) -> &Arc<SessionManager> {
+        &self.shared.sessions
+    }
+
+    /// Graceful shutdown: stop accepting, send go-away to agents, let in-flight requests finish up
+    /// to the drain timeout, then close every connection.
+    pub async fn shutdown(self) {
+        info!("relay shutting down");
+        self.shared.shutdown.cancel();
+        self.shared.tasks.close();
+        let drain = Duration::from_secs(self.shared.settings.drain_timeout_secs);
+        // The ingress task finishes once its connections drained (or the drain timeout passed).
+        let _drained = tokio::time::timeout(drain + Duration::from_secs(1), self.shared.tasks.wait()).await;
+        quictun_core::close_endpoint(&self.endpoint, quictun_proto::CloseCode::GoingAway);
+        let _closed = tokio::time::timeout(Duration::from_secs(2), self.shared.tasks.wait()).await;
+        self.endpoint.wait_idle().await;
+        info!("relay stopped");
+    }
+
+    /// Stops at once: every connection is closed without a drain (for tests and fatal errors).
+    pub fn abort(&self) {
+        self.shared.shutdown.cancel();
+        quictun_core::close_endpoint(&self.endpoint, quictun_proto::CloseCode::GoingAway);
+    }
+}

@@ -1,0 +1,275 @@
+//! One proxied request: route it, pick an agent, open a QUIC stream, stream the bodies.
+//!
+//! The relay opens the stream itself (no extra round trip), writes the request head, streams the
+//! request body in a task owned by the response, and waits for the response head under a deadline.
+//! Every failure maps to the error table of the contract (404, 502, 503, 504).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use quictun_core::framed::{ReadFrameError, read_frame, write_frame};
+use quictun_core::http_stream::{
+    BodyError, RecvBody, headers_from_wire, headers_to_wire, pump_body, stop, strip_hop_by_hop,
+};
+use quictun_proto::{RequestHead, ResponseHead, StreamCode, StreamKind};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::{Instrument, debug, field, info_span, warn};
+use uuid::Uuid;
+
+use crate::state::Shared;
+
+/// The header carrying the relay's request id, on every response.
+pub const REQUEST_ID_HEADER: &str = "x-quictun-request-id";
+/// Longest wait for a free stream slot on the agent's connection.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a request could not be proxied, and so which status it gets.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request itself is unusable (no host).
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    /// No route matches.
+    #[error("no route for host {host:?} and path {path:?}")]
+    NoRoute {
+        /// The request host.
+        host: String,
+        /// The request path.
+        path: String,
+    },
+    /// The route's group has no connected agent.
+    #[error("no agent of group {0:?} is connected")]
+    NoAgent(Arc<str>),
+    /// The agent's connection is at its stream limit (safe to retry).
+    #[error("agent at its concurrency limit")]
+    AgentBusy,
+    /// The agent's connection went away before the response started.
+    #[error("agent connection lost")]
+    AgentLost,
+    /// The agent reset the stream with a code.
+    #[error("agent: {}", .0.describe())]
+    Agent(StreamCode),
+    /// The agent sent an unusable response head.
+    #[error("invalid response from agent: {0}")]
+    BadResponse(String),
+    /// No response head within the deadline.
+    #[error("no response from the agent within {0:?}")]
+    Timeout(Duration),
+}
+
+impl ProxyError {
+    /// The status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::NoRoute { .. } => StatusCode::NOT_FOUND,
+            Self::AgentBusy => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Agent(code) => StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::BAD_GATEWAY),
+            Self::NoAgent(_) | Self::AgentLost | Self::BadResponse(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    fn into_response(self) -> Response<IngressBody> {
+        let status = self.status();
+        let mut response = Response::new(IngressBody::Full(Some(Bytes::from(format!("{self}\n")))));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+
+    fn from_read(err: ReadFrameError) -> Self {
+        match err {
+            ReadFrameError::Reset(code) => StreamCode::from_u64(code).map_or(Self::AgentLost, Self::Agent),
+            ReadFrameError::ConnectionLost(_) | ReadFrameError::Closed => Self::AgentLost,
+            ReadFrameError::Timeout(d) => Self::Timeout(d),
+            other => Self::BadResponse(other.to_string()),
+        }
+    }
+}
+
+/// Aborts a task when dropped: the request-body upload lives exactly as long as the response.
+#[derive(Debug)]
+pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The body of an ingress response: a short error text, or the agent's stream.
+pub enum IngressBody {
+    /// A complete body (errors).
+    Full(Option<Bytes>),
+    /// The response body streamed from the agent.
+    Tunnel {
+        /// The stream's receive side.
+        body: RecvBody,
+        /// The request-body upload, if still running.
+        upload: Option<AbortOnDrop>,
+        /// The stream slot on the agent's connection, held until the body ends.
+        permit: OwnedSemaphorePermit,
+    },
+}
+
+impl Body for IngressBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Tunnel { body, .. } => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Full(bytes) => bytes.is_none(),
+            Self::Tunnel { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            Self::Full(None) => SizeHint::with_exact(0),
+            Self::Tunnel { .. } => SizeHint::default(),
+        }
+    }
+}
+
+/// Answers one ingress request; never fails (errors become responses).
+pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Response<IngressBody> {
+    let request_id = Uuid::new_v4();
+    let span =
+        info_span!("request", %request_id, method = %req.method(), path = %req.uri().path(), client_id = field::Empty);
+    let mut response = match forward(&shared, req, peer, request_id).instrument(span.clone()).await {
+        Ok(response) => response,
+        Err(err) => {
+            span.in_scope(|| match &err {
+                ProxyError::NoRoute { .. } | ProxyError::BadRequest(_) => debug!(%err, "request refused"),
+                _ => warn!(%err, status = err.status().as_u16(), "request failed"),
+            });
+            err.into_response()
+        }
+    };
+    if let Ok(value) = HeaderValue::from_str(&request_id.to_string()) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
+/// The host a request is for: the URI authority (HTTP/2, absolute form) or the Host header.
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    if let Some(authority) = req.uri().authority() {
+        return Some(authority.as_str().to_owned());
+    }
+    req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned)
+}
+
+/// The headers sent to the agent: hop-by-hop removed, `Host` kept, `x-forwarded-*` set.
+fn forwarded_headers(req: &Request<Incoming>, host: &str, peer: SocketAddr, request_id: Uuid) -> HeaderMap {
+    let mut headers = req.headers().clone();
+    strip_hop_by_hop(&mut headers);
+    let client_ip = peer.ip().to_string();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(previous) => format!("{previous}, {client_ip}"),
+        None => client_ip,
+    };
+    let mut set = |name: &'static str, value: &str| {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(name, value);
+        }
+    };
+    set("x-forwarded-for", &xff);
+    set("x-forwarded-proto", "http");
+    set("x-forwarded-host", host);
+    set(REQUEST_ID_HEADER, &request_id.to_string());
+    if !req.headers().contains_key(header::HOST) {
+        set("host", host);
+    }
+    headers
+}
+
+async fn forward(
+    shared: &Shared,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    request_id: Uuid,
+) -> Result<Response<IngressBody>, ProxyError> {
+    let host = request_host(&req).ok_or(ProxyError::BadRequest("no Host header"))?;
+    let path = req.uri().path();
+    let live = shared.live();
+    let route = live
+        .router
+        .route(&host, path)
+        .ok_or_else(|| ProxyError::NoRoute { host: host.clone(), path: path.to_owned() })?;
+    let session = shared.sessions.pick(&route.group).ok_or_else(|| ProxyError::NoAgent(route.group.clone()))?;
+    tracing::Span::current().record("client_id", &*session.client_id);
+    let permit = session.try_stream_permit().ok_or(ProxyError::AgentBusy)?;
+    let head = RequestHead {
+        kind: StreamKind::Http,
+        request_id,
+        upstream: route.upstream.to_string(),
+        method: req.method().as_str().to_owned(),
+        uri: req.uri().path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
+        headers: headers_to_wire(&forwarded_headers(&req, &host, peer, request_id)),
+        has_body: !req.body().is_end_stream(),
+    };
+    drop(live);
+    let (mut send, mut recv) = match tokio::time::timeout(OPEN_TIMEOUT, session.conn.open_bi()).await {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(_)) => return Err(ProxyError::AgentLost),
+        Err(_) => return Err(ProxyError::AgentBusy),
+    };
+    write_frame(&mut send, &head, shared.limits.max_head_frame).await.map_err(|err| match err {
+        quictun_core::framed::WriteFrameError::Frame(e) => ProxyError::BadResponse(format!("request head: {e}")),
+        quictun_core::framed::WriteFrameError::Write(_) => ProxyError::AgentLost,
+    })?;
+    let body = req.into_body();
+    let upload = if body.is_end_stream() {
+        // Finishing right after the head saves a task and lets the agent see the end at once.
+        let _already_closed = send.finish();
+        None
+    } else {
+        let task = tokio::spawn(
+            async move {
+                if let Err(err) = pump_body(body, &mut send, StreamCode::Cancelled).await {
+                    debug!(%err, "request body upload ended early");
+                }
+            }
+            .in_current_span(),
+        );
+        Some(AbortOnDrop(task))
+    };
+    let deadline = Duration::from_secs(shared.settings.response_timeout_secs);
+    let response_head: ResponseHead =
+        match tokio::time::timeout(deadline, read_frame(&mut recv, shared.limits.max_head_frame)).await {
+            Ok(Ok(head)) => head,
+            Ok(Err(err)) => return Err(ProxyError::from_read(err)),
+            Err(_) => {
+                stop(&mut recv, StreamCode::Cancelled);
+                return Err(ProxyError::Timeout(deadline));
+            }
+        };
+    response_head.validate(&shared.limits).map_err(|e| ProxyError::BadResponse(e.to_string()))?;
+    let status = StatusCode::from_u16(response_head.status).map_err(|e| ProxyError::BadResponse(e.to_string()))?;
+    let headers = headers_from_wire(response_head.headers).map_err(|e| ProxyError::BadResponse(e.to_string()))?;
+    let mut response = Response::new(IngressBody::Tunnel { body: RecvBody::new(recv), upload, permit });
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    Ok(response)
+}

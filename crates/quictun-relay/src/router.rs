@@ -1,0 +1,146 @@
+//! Host and path routing: the first route whose host and path prefix match wins.
+//!
+//! Hosts match case-insensitively without the port. `*.example.com` matches any name ending in
+//! `.example.com` (at any depth) but not `example.com` itself; `*` matches every host. A path
+//! prefix matches on segment boundaries: `/api` matches `/api` and `/api/x`, not `/apix`; a prefix
+//! ending in `/` matches any path under it.
+
+use std::sync::Arc;
+
+use crate::config::RelayConfig;
+
+/// How a route matches the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HostMatch {
+    Any,
+    Exact(String),
+    /// The suffix, including its leading dot.
+    Wildcard(String),
+}
+
+impl HostMatch {
+    fn parse(pattern: &str) -> Self {
+        let pattern = pattern.trim().to_ascii_lowercase();
+        if pattern == "*" {
+            Self::Any
+        } else if let Some(suffix) = pattern.strip_prefix('*') {
+            Self::Wildcard(suffix.to_owned())
+        } else {
+            Self::Exact(pattern)
+        }
+    }
+
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Exact(name) => name == host,
+            Self::Wildcard(suffix) => host.len() > suffix.len() && host.ends_with(suffix.as_str()),
+        }
+    }
+}
+
+/// One compiled route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    host: HostMatch,
+    path_prefix: String,
+    /// The upstream name carried in the stream head.
+    pub upstream: Arc<str>,
+    /// The group whose agents serve the upstream.
+    pub group: Arc<str>,
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        None => false,
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+    }
+}
+
+/// The routing table built from a validated configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Router {
+    routes: Vec<Route>,
+}
+
+impl Router {
+    /// Compiles the routes of `config` (which must have passed validation).
+    pub fn new(config: &RelayConfig) -> Self {
+        let routes = config
+            .routes
+            .iter()
+            .filter_map(|r| {
+                let upstream = config.upstreams.iter().find(|u| u.name == r.upstream)?;
+                Some(Route {
+                    host: HostMatch::parse(&r.host),
+                    path_prefix: r.path_prefix.clone(),
+                    upstream: Arc::from(upstream.name.as_str()),
+                    group: Arc::from(upstream.group.as_str()),
+                })
+            })
+            .collect();
+        Self { routes }
+    }
+
+    /// The first route matching `host` (any case, port ignored) and `path`.
+    pub fn route(&self, host: &str, path: &str) -> Option<&Route> {
+        let host = normalize_host(host);
+        self.routes.iter().find(|r| r.host.matches(&host) && prefix_matches(&r.path_prefix, path))
+    }
+}
+
+/// Lower-cases a host and strips its port (keeping IPv6 brackets intact).
+pub fn normalize_host(host: &str) -> String {
+    let host = host.trim();
+    let without_port = if let Some(end) = host.strip_prefix('[').and_then(|h| h.find(']')) {
+        &host[..end + 2]
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, port)| if port.bytes().all(|b| b.is_ascii_digit()) { h } else { host })
+    };
+    without_port.trim_end_matches('.').to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn router(routes: &str) -> Router {
+        let text = format!(
+            "[[upstreams]]\nname = \"a\"\ngroup = \"ga\"\ntargets = [\"http://x\"]\n\
+             [[upstreams]]\nname = \"b\"\ngroup = \"gb\"\ntargets = [\"http://y\"]\n{routes}"
+        );
+        Router::new(&RelayConfig::parse(&text, Path::new("t.toml")).unwrap())
+    }
+
+    fn upstream<'a>(r: &'a Router, host: &str, path: &str) -> Option<&'a str> {
+        r.route(host, path).map(|r| &*r.upstream)
+    }
+
+    #[test]
+    fn exact_wildcard_and_first_match() {
+        let r = router(
+            "[[routes]]\nhost = \"app.example.com\"\npath_prefix = \"/api\"\nupstream = \"b\"\n\
+             [[routes]]\nhost = \"*.example.com\"\nupstream = \"a\"\n",
+        );
+        assert_eq!(upstream(&r, "app.example.com", "/api/v1"), Some("b"));
+        assert_eq!(upstream(&r, "APP.example.com:8080", "/api"), Some("b"));
+        assert_eq!(upstream(&r, "app.example.com", "/apix"), Some("a"));
+        assert_eq!(upstream(&r, "x.y.example.com", "/"), Some("a"));
+        assert_eq!(upstream(&r, "example.com", "/"), None);
+        assert_eq!(upstream(&r, "other.org", "/"), None);
+    }
+
+    #[test]
+    fn star_matches_any_host() {
+        let r = router("[[routes]]\nhost = \"*\"\nupstream = \"a\"\n");
+        assert_eq!(upstream(&r, "anything", "/x"), Some("a"));
+    }
+
+    #[test]
+    fn host_normalization() {
+        assert_eq!(normalize_host("Example.COM:80"), "example.com");
+        assert_eq!(normalize_host("[::1]:8080"), "[::1]");
+        assert_eq!(normalize_host("example.com."), "example.com");
+    }
+}

@@ -1,0 +1,218 @@
+//! The session manager: client_id → live agent session, group → connected agents.
+//!
+//! A new session with a client_id already present replaces (and closes) the old one. Removal is
+//! keyed by session id, so a replaced session's late cleanup never removes its successor.
+//! Nothing is held across an `.await`, and the two maps are never locked at the same time.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use dashmap::DashMap;
+use quictun_proto::{AgentConfig, CloseCode};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use uuid::Uuid;
+
+/// A command for a session's control task.
+#[derive(Debug, Clone)]
+pub enum SessionCommand {
+    /// Push a new configuration.
+    ConfigSync(AgentConfig),
+}
+
+/// One registered agent connection.
+#[derive(Debug)]
+pub struct Session {
+    /// The agent's identity.
+    pub client_id: Arc<str>,
+    /// The group it serves.
+    pub group: Arc<str>,
+    /// Unique per connection.
+    pub session_id: Uuid,
+    /// The QUIC connection.
+    pub conn: quinn::Connection,
+    /// When the session registered.
+    pub connected_at: SystemTime,
+    streams: Arc<Semaphore>,
+    max_streams: u32,
+    rtt_us: AtomicU64,
+    draining: AtomicBool,
+    commands: mpsc::Sender<SessionCommand>,
+}
+
+impl Session {
+    /// A session for a registered connection; `commands` reaches its control task.
+    pub fn new(
+        client_id: &str,
+        group: &str,
+        conn: quinn::Connection,
+        max_streams: u32,
+        commands: mpsc::Sender<SessionCommand>,
+    ) -> Self {
+        Self {
+            client_id: Arc::from(client_id),
+            group: Arc::from(group),
+            session_id: Uuid::new_v4(),
+            conn,
+            connected_at: SystemTime::now(),
+            streams: Arc::new(Semaphore::new(max_streams as usize)),
+            max_streams,
+            rtt_us: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            commands,
+        }
+    }
+
+    /// The agent's address as the relay sees it.
+    pub fn remote(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+
+    /// A slot for one more in-flight stream, or `None` at the limit (answer 503 at once).
+    pub fn try_stream_permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.streams.clone().try_acquire_owned().ok()
+    }
+
+    /// Streams in flight now.
+    pub fn in_flight(&self) -> u32 {
+        self.max_streams.saturating_sub(self.streams.available_permits() as u32)
+    }
+
+    /// The last heartbeat round-trip time.
+    pub fn rtt(&self) -> Option<Duration> {
+        match self.rtt_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// Records a heartbeat round-trip time.
+    pub fn set_rtt(&self, rtt: Duration) {
+        self.rtt_us.store(u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX).max(1), Ordering::Relaxed);
+    }
+
+    /// Marks the session as draining: it takes no new requests.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// True when the session can take new requests.
+    pub fn is_available(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed) && self.conn.close_reason().is_none()
+    }
+
+    /// Queues a command for the control task; false when its queue is full or it has ended.
+    pub fn command(&self, cmd: SessionCommand) -> bool {
+        self.commands.try_send(cmd).is_ok()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Group {
+    members: Vec<Arc<Session>>,
+    cursor: AtomicUsize,
+}
+
+/// All live sessions, by client and by group.
+#[derive(Debug)]
+pub struct SessionManager {
+    by_client: DashMap<Arc<str>, Arc<Session>>,
+    by_group: DashMap<Arc<str>, Group>,
+    generation: watch::Sender<u64>,
+}
+
+impl Default for SessionManager {
+    fn default() -> Self {
+        Self { by_client: DashMap::new(), by_group: DashMap::new(), generation: watch::Sender::new(0) }
+    }
+}
+
+impl SessionManager {
+    /// An empty manager.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a session. A previous session with the same client_id is removed and its connection
+    /// closed with [`CloseCode::Replaced`]; it is returned.
+    pub fn insert(&self, session: Arc<Session>) -> Option<Arc<Session>> {
+        let old = self.by_client.insert(session.client_id.clone(), session.clone());
+        if let Some(old) = &old {
+            self.remove_from_group(old);
+            quictun_core::close(&old.conn, CloseCode::Replaced);
+        }
+        self.by_group.entry(session.group.clone()).or_default().members.push(session);
+        self.bump();
+        old
+    }
+
+    /// Removes `session` if it is still the current one for its client. Returns whether it was.
+    pub fn remove(&self, session: &Session) -> bool {
+        let removed = self.by_client.remove_if(&session.client_id, |_, s| s.session_id == session.session_id).is_some();
+        self.remove_from_group(session);
+        self.bump();
+        removed
+    }
+
+    fn remove_from_group(&self, session: &Session) {
+        if let Some(mut group) = self.by_group.get_mut(&session.group) {
+            group.members.retain(|s| s.session_id != session.session_id);
+        }
+        self.by_group.remove_if(&session.group, |_, g| g.members.is_empty());
+    }
+
+    fn bump(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// The next available session of `group`, rotating over its members.
+    pub fn pick(&self, group: &str) -> Option<Arc<Session>> {
+        let group = self.by_group.get(group)?;
+        let n = group.members.len();
+        let start = group.cursor.fetch_add(1, Ordering::Relaxed);
+        (0..n).map(|i| &group.members[(start + i) % n]).find(|s| s.is_available()).cloned()
+    }
+
+    /// The current session of a client.
+    pub fn get(&self, client_id: &str) -> Option<Arc<Session>> {
+        self.by_client.get(client_id).map(|s| s.clone())
+    }
+
+    /// Number of live sessions.
+    pub fn len(&self) -> usize {
+        self.by_client.len()
+    }
+
+    /// True when no agent is connected.
+    pub fn is_empty(&self) -> bool {
+        self.by_client.is_empty()
+    }
+
+    /// Every live session (a snapshot).
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.by_client.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// The sessions of a group (a snapshot).
+    pub fn group(&self, group: &str) -> Vec<Arc<Session>> {
+        self.by_group.get(group).map(|g| g.members.clone()).unwrap_or_default()
+    }
+
+    /// Waits until `pred` holds, re-checking after every change; false on timeout.
+    pub async fn wait_until(&self, timeout: Duration, pred: impl Fn(&Self) -> bool) -> bool {
+        let mut changes = self.generation.subscribe();
+        tokio::time::timeout(timeout, async {
+            loop {
+                if pred(self) {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+}

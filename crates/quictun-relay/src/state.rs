@@ -1,0 +1,181 @@
+//! State shared by the relay's tasks: the live configuration, sessions, shutdown plumbing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use quictun_proto::{AgentConfig, Limits, Register, RejectCode, Rejected, UpstreamSpec};
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{RelayConfig, RelaySection};
+use crate::router::Router;
+use crate::sessions::SessionManager;
+
+/// A client allowed to connect, with its token kept only as a SHA-256 digest.
+#[derive(Debug, Clone)]
+pub struct ClientAuth {
+    group: String,
+    token_digest: [u8; 32],
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// The parts of the configuration that may change at run time, swapped as a whole.
+#[derive(Debug)]
+pub struct Live {
+    /// The routing table.
+    pub router: Router,
+    clients: HashMap<String, ClientAuth>,
+    configs: HashMap<String, AgentConfig>,
+}
+
+impl Live {
+    /// Builds the live view of a validated configuration; `version` numbers the agent configs.
+    pub fn new(config: &RelayConfig, version: u64) -> Self {
+        let clients = config
+            .clients
+            .iter()
+            .filter_map(|c| {
+                let token = RelayConfig::client_token(c)?;
+                Some((c.id.clone(), ClientAuth { group: c.group.clone(), token_digest: digest(token.expose()) }))
+            })
+            .collect();
+        let mut configs: HashMap<String, AgentConfig> = HashMap::new();
+        for u in &config.upstreams {
+            let entry = configs.entry(u.group.clone()).or_insert_with(|| AgentConfig { version, upstreams: vec![] });
+            entry.upstreams.push(UpstreamSpec { name: u.name.clone(), targets: u.targets.clone() });
+        }
+        Self { router: Router::new(config), clients, configs }
+    }
+
+    /// Checks a registration: known client, right token (constant time), right group and protocol
+    /// version. Returns the group the session serves.
+    pub fn authenticate(&self, register: &Register) -> Result<String, Rejected> {
+        let reject = |code, message: &str| Rejected { code, message: message.to_owned() };
+        if register.protocol_version != quictun_proto::PROTOCOL_VERSION {
+            return Err(reject(
+                RejectCode::VersionMismatch,
+                &format!(
+                    "protocol version {} not supported (relay speaks {})",
+                    register.protocol_version,
+                    quictun_proto::PROTOCOL_VERSION
+                ),
+            ));
+        }
+        let offered = digest(register.token.expose());
+        // Compare against a dummy for unknown ids so timing does not tell which ids exist.
+        let (client, expected) = match self.clients.get(&register.client_id) {
+            Some(c) => (Some(c), c.token_digest),
+            None => (None, digest("\0unknown-client")),
+        };
+        let token_ok: bool = offered.ct_eq(&expected).into();
+        let Some(client) = client.filter(|_| token_ok) else {
+            return Err(reject(RejectCode::BadToken, "unknown client_id or wrong token"));
+        };
+        if !register.group.is_empty() && register.group != client.group {
+            return Err(reject(
+                RejectCode::GroupMismatch,
+                &format!("client {} belongs to group {:?}, not {:?}", register.client_id, client.group, register.group),
+            ));
+        }
+        Ok(client.group.clone())
+    }
+
+    /// The configuration pushed to agents of `group`.
+    pub fn agent_config(&self, group: &str) -> AgentConfig {
+        self.configs.get(group).cloned().unwrap_or_default()
+    }
+}
+
+/// Everything the relay's tasks share.
+#[derive(Debug)]
+pub struct Shared {
+    /// Static settings (listeners, timeouts, limits).
+    pub settings: RelaySection,
+    /// Frame limits.
+    pub limits: Limits,
+    /// Live sessions.
+    pub sessions: Arc<SessionManager>,
+    /// Cancelled when the relay starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Owns every task the relay spawns.
+    pub tasks: TaskTracker,
+    live: RwLock<Arc<Live>>,
+}
+
+impl Shared {
+    /// Shared state for a validated configuration.
+    pub fn new(config: &RelayConfig) -> Self {
+        let limits = Limits {
+            max_head_frame: config.relay.max_header_bytes.max(1024),
+            max_header_count: config.relay.max_header_count,
+            ..Limits::default()
+        };
+        Self {
+            settings: config.relay.clone(),
+            limits,
+            sessions: Arc::new(SessionManager::new()),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            live: RwLock::new(Arc::new(Live::new(config, 1))),
+        }
+    }
+
+    /// The current live configuration.
+    pub fn live(&self) -> Arc<Live> {
+        match self.live.read() {
+            Ok(live) => live.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quictun_proto::Token;
+    use std::path::Path;
+
+    fn live() -> Live {
+        let text = "[[clients]]\nid = \"a\"\ntoken = \"secret\"\ngroup = \"web\"\n\
+                    [[upstreams]]\nname = \"app\"\ngroup = \"web\"\ntargets = [\"http://127.0.0.1:1\"]\n";
+        Live::new(&RelayConfig::parse(text, Path::new("t.toml")).unwrap(), 1)
+    }
+
+    fn register(id: &str, token: &str, group: &str) -> Register {
+        Register {
+            protocol_version: quictun_proto::PROTOCOL_VERSION,
+            client_id: id.into(),
+            group: group.into(),
+            token: Token::new(token),
+            agent_version: "test".into(),
+        }
+    }
+
+    #[test]
+    fn authentication_outcomes() {
+        let live = live();
+        assert_eq!(live.authenticate(&register("a", "secret", "web")).unwrap(), "web");
+        assert_eq!(live.authenticate(&register("a", "secret", "")).unwrap(), "web");
+        assert_eq!(live.authenticate(&register("a", "wrong", "web")).unwrap_err().code, RejectCode::BadToken);
+        assert_eq!(live.authenticate(&register("b", "secret", "web")).unwrap_err().code, RejectCode::BadToken);
+        assert_eq!(live.authenticate(&register("a", "secret", "other")).unwrap_err().code, RejectCode::GroupMismatch);
+        let mut old = register("a", "secret", "web");
+        old.protocol_version = 0;
+        assert_eq!(live.authenticate(&old).unwrap_err().code, RejectCode::VersionMismatch);
+    }
+
+    #[test]
+    fn agent_config_holds_the_groups_upstreams() {
+        let config = live().agent_config("web");
+        assert_eq!(config.version, 1);
+        assert_eq!(config.upstreams[0].name, "app");
+        assert!(live().agent_config("none").upstreams.is_empty());
+    }
+}

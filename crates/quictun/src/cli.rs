@@ -1,0 +1,130 @@
+//! Command-line definitions (clap).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// quictun: a QUIC-native reverse tunnel. Publish a private web service through a public relay;
+/// every proxied request gets its own QUIC stream.
+#[derive(Debug, Parser)]
+#[command(name = "quictun", version, propagate_version = true)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay: QUIC listener for agents, HTTP ingress for the public.
+    Relay(RelayArgs),
+    /// Run an agent next to a private service; it dials the relay and serves its requests.
+    Agent(AgentArgs),
+    /// Generate certificates or print their pins.
+    Cert {
+        /// The certificate command.
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+    /// Relay, agent and a small upstream on loopback in one process; prints a curl line that works.
+    Demo(DemoArgs),
+}
+
+/// Flags of `quictun relay`; they override the configuration file.
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    /// Configuration file (TOML, see config/relay.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// UDP address for QUIC [default: 0.0.0.0:4433].
+    #[arg(long, value_name = "ADDR")]
+    pub quic_listen: Option<SocketAddr>,
+    /// TCP address of the HTTP ingress [default: 0.0.0.0:8080].
+    #[arg(long, value_name = "ADDR")]
+    pub http_listen: Option<SocketAddr>,
+    /// TCP address of the admin endpoint [default: 127.0.0.1:9090].
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+    /// PEM certificate [default: certs/relay.crt]; generated with the key when both are missing.
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key [default: certs/relay.key].
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+}
+
+/// Flags of `quictun agent`; they override the configuration file.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Configuration file (TOML, see config/agent.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The relay's HOST:PORT (UDP).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub relay: Option<String>,
+    /// The relay certificate's pin: sha256:<64 hex digits>.
+    #[arg(long, value_name = "sha256:HEX", conflicts_with = "ca")]
+    pub pin: Option<String>,
+    /// Trust the relay by this CA bundle (PEM) instead of a pin.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// This agent's client id.
+    #[arg(long, value_name = "ID")]
+    pub client_id: Option<String>,
+    /// The group whose routes this agent serves.
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
+    /// The client's token (prefer the QUICTUN_TOKEN environment variable: flags show in `ps`).
+    #[arg(long, value_name = "TOKEN", env = "QUICTUN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// Certificate commands.
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Write DIR/NAME.crt and DIR/NAME.key (self-signed) and print the pin.
+    Gen(CertGenArgs),
+    /// Print the pin of a PEM certificate.
+    Pin(CertPinArgs),
+}
+
+/// Flags of `quictun cert gen`.
+#[derive(Debug, Args)]
+pub struct CertGenArgs {
+    /// Output directory.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// File name stem.
+    #[arg(long, value_name = "NAME", default_value = "relay")]
+    pub name: String,
+    /// Subject alternative name (DNS name or IP); repeatable [default: localhost, 127.0.0.1].
+    #[arg(long = "san", value_name = "HOST")]
+    pub sans: Vec<String>,
+    /// Overwrite existing files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Flags of `quictun cert pin`.
+#[derive(Debug, Args)]
+pub struct CertPinArgs {
+    /// The PEM certificate.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+}
+
+/// Flags of `quictun demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// TCP address of the demo's HTTP ingress (another free port is used if this one is taken).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
+    /// UDP address of the demo relay's QUIC listener.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub quic_listen: SocketAddr,
+    /// TCP address of the built-in upstream.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub upstream_listen: SocketAddr,
+}

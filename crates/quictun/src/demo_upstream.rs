@@ -1,0 +1,107 @@
+//! The demo's built-in upstream: a tiny HTTP server.
+//!
+//! - `GET /` — a greeting naming the method, path and forwarded headers.
+//! - `GET /bytes/N` — N bytes (streamed in 64 KiB chunks, with Content-Length).
+//! - `POST /echo` — the request body, streamed back.
+//! - `POST /sink` — reads the body and answers with its length.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Either, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+type DemoBody = Either<Full<Bytes>, Either<StreamBody<BytesStream>, Incoming>>;
+type BytesStream = futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>;
+
+const CHUNK: usize = 64 * 1024;
+
+fn text(status: StatusCode, body: String) -> Response<DemoBody> {
+    let mut response = Response::new(Either::Left(Full::new(Bytes::from(body))));
+    *response.status_mut() = status;
+    response
+}
+
+fn bytes_body(n: u64) -> Response<DemoBody> {
+    let chunk = Bytes::from(vec![b'q'; CHUNK]);
+    let mut frames = Vec::new();
+    let mut left = n;
+    while left > 0 {
+        let take = left.min(CHUNK as u64) as usize;
+        frames.push(Ok(Frame::data(chunk.slice(..take))));
+        left -= take as u64;
+    }
+    let mut response = Response::new(Either::Right(Either::Left(StreamBody::new(futures_util::stream::iter(frames)))));
+    response.headers_mut().insert(http::header::CONTENT_LENGTH, n.into());
+    response
+}
+
+async fn handle(req: Request<Incoming>) -> Response<DemoBody> {
+    let path = req.uri().path().to_owned();
+    match (req.method().as_str(), path.as_str()) {
+        ("POST", "/echo") => Response::new(Either::Right(Either::Right(req.into_body()))),
+        ("POST", "/sink") => {
+            let mut body = req.into_body();
+            let mut n = 0u64;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(frame) => n += frame.data_ref().map_or(0, |d| d.len() as u64),
+                    Err(err) => return text(StatusCode::BAD_REQUEST, format!("body error: {err}\n")),
+                }
+            }
+            text(StatusCode::OK, format!("{n}\n"))
+        }
+        ("GET", p) if p.starts_with("/bytes/") => match p["/bytes/".len()..].parse::<u64>() {
+            Ok(n) if n <= 1 << 40 => bytes_body(n),
+            _ => text(StatusCode::BAD_REQUEST, "usage: /bytes/N\n".into()),
+        },
+        (method, _) => {
+            let forwarded = req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()).unwrap_or("-");
+            text(
+                StatusCode::OK,
+                format!("Hello from the quictun demo upstream: {method} {path} (x-forwarded-for: {forwarded})\n"),
+            )
+        }
+    }
+}
+
+/// Serves the demo upstream on `listener` until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, stop: CancellationToken) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(%err, "demo upstream accept failed");
+                    continue;
+                }
+            },
+        };
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service_fn(|req| async { Ok::<_, Infallible>(handle(req).await) }))
+            .into_owned();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                result = conn => if let Err(err) = result {
+                    tracing::debug!(%err, "demo upstream connection error");
+                },
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// Binds the demo upstream.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

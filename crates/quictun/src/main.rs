@@ -1,0 +1,78 @@
+//! `quictun`: the command-line front end of the quictun reverse tunnel.
+//!
+//! One binary: `relay`, `agent`, `cert gen`, `cert pin`, `demo`. Exit status: 0 success,
+//! 2 usage or configuration error, 1 runtime failure. Logs go to stderr through `tracing`
+//! (level from `RUST_LOG`, `info` by default); stdout carries only the command's own output.
+
+mod agent_cmd;
+mod cert_cmd;
+mod cli;
+mod demo;
+mod demo_upstream;
+mod relay_cmd;
+mod signal;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{CertCommand, Cli, Command};
+
+/// How a command failed, which decides the exit status.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad flags or configuration: exit 2.
+    Usage(anyhow::Error),
+    /// Anything else: exit 1.
+    Runtime(anyhow::Error),
+}
+
+impl Failure {
+    /// A usage error from anything displayable.
+    pub fn usage(err: impl Into<anyhow::Error>) -> Self {
+        Self::Usage(err.into())
+    }
+
+    /// A runtime error from anything displayable.
+    pub fn runtime(err: impl Into<anyhow::Error>) -> Self {
+        Self::Runtime(err.into())
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Relay(args) => relay_cmd::run(args).await,
+            Command::Agent(args) => agent_cmd::run(args).await,
+            Command::Cert { command: CertCommand::Gen(args) } => cert_cmd::generate(args),
+            Command::Cert { command: CertCommand::Pin(args) } => cert_cmd::pin(args),
+            Command::Demo(args) => demo::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(err)) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(err)) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
