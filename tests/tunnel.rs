@@ -1,1 +1,313 @@
-//! t
+//! End to end over real sockets: a real relay, real agents, a real upstream and a real HTTP client,
+//! all on 127.0.0.1 with ports from port 0, real QUIC and real TLS.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
+use quictun_agent::{Agent, AgentError, AgentState};
+use quictun_proto::RejectCode;
+use quictun_tests::client::{body, chunked, empty};
+use quictun_tests::{Harness, HarnessConfig, pattern, sha256_hex};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_and_post_through_the_tunnel() {
+    let h = Harness::start().await;
+    let _agent = h.agent("agent-1").await;
+
+    let reply = h.client.get("app.test", "/hello").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.text(), "hello");
+    let request_id = reply.headers.get("x-quictun-request-id").expect("request id header");
+    assert_eq!(request_id.len(), 36);
+
+    let reply = h.client.request(Method::POST, "app.test", "/echo", body("ping through quic")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.text(), "ping through quic");
+
+    // A wildcard route, any case, with a port in the Host header.
+    let reply = h.client.get("Deep.Sub.WILD.test:8080", "/hello").await;
+    assert_eq!(reply.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_mib_bodies_both_ways_keep_their_checksum() {
+    let h = Harness::start().await;
+    let _agent = h.agent("agent-1").await;
+    let size = 8 << 20;
+    let expected = sha256_hex(&pattern(size));
+
+    let download = h.client.get("app.test", &format!("/bytes/{size}")).await;
+    assert_eq!(download.status, StatusCode::OK);
+    assert_eq!(download.body.len(), size);
+    assert_eq!(sha256_hex(&download.body), expected);
+
+    // Upload without Content-Length (chunked), hashed by the upstream as it streams in.
+    let upload = h.client.request(Method::POST, "app.test", "/sha256", chunked(pattern(size))).await;
+    assert_eq!(upload.status, StatusCode::OK);
+    assert_eq!(upload.text(), expected);
+
+    // Both directions at once: the upstream echoes while the client is still sending.
+    let echo = h.client.request(Method::POST, "app.test", "/echo", body(pattern(size))).await;
+    assert_eq!(echo.status, StatusCode::OK);
+    assert_eq!(sha256_hex(&echo.body), expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_requests_complete_while_one_hangs() {
+    let h = Harness::start().await;
+    let _agent = h.agent("agent-1").await;
+
+    let client = h.client.clone();
+    let hanging = tokio::spawn(async move { client.get("app.test", "/hang").await });
+    h.upstream.wait_hanging(1).await;
+
+    let requests: Vec<_> = (0..50)
+        .map(|i| {
+            let client = h.client.clone();
+            tokio::spawn(async move {
+                let reply = client.request(Method::POST, "app.test", "/echo", body(format!("request {i}"))).await;
+                (i, reply)
+            })
+        })
+        .collect();
+    for request in requests {
+        let (i, reply) = tokio::time::timeout(WAIT, request).await.expect("a request was blocked").unwrap();
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.text(), format!("request {i}"));
+    }
+    assert!(!hanging.is_finished(), "the hanging request must still be pending");
+    h.upstream.release();
+    let reply = tokio::time::timeout(WAIT, hanging).await.unwrap().unwrap();
+    assert_eq!(reply.text(), "released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_responses_are_forwarded_as_they_arrive() {
+    let h = Harness::start().await;
+    let _agent = h.agent("agent-1").await;
+    let response = h.client.send(Method::GET, "app.test", "/chunks", empty()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(WAIT, body.frame()).await.expect("first chunk was held back").unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap(), "first");
+    h.upstream.release();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "second");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_are_set_and_hop_by_hop_headers_stripped() {
+    let h = Harness::start().await;
+    let _agent = h.agent("agent-1").await;
+    let req = http::Request::builder()
+        .uri(format!("http://{}/headers", h.relay().http_addr()))
+        .header("host", "app.test")
+        .header("connection", "x-private")
+        .header("x-private", "must not cross")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-kept", "yes")
+        .body(empty())
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let response = client.request(req).await.unwrap();
+    let request_id = response.headers().get("x-quictun-request-id").unwrap().to_str().unwrap().to_owned();
+    let seen = String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(seen.contains("x-forwarded-for: 203.0.113.7, 127.0.0.1\n"), "{seen}");
+    assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
+    assert!(seen.contains("x-forwarded-host: app.test\n"), "{seen}");
+    assert!(seen.contains("host: app.test\n"), "{seen}");
+    assert!(seen.contains("x-kept: yes\n"), "{seen}");
+    assert!(seen.contains(&format!("x-quictun-request-id: {request_id}\n")), "{seen}");
+    assert!(!seen.contains("x-private"), "{seen}");
+    assert!(!seen.contains("connection:"), "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_keeps_http1_connections_alive() {
+    let h = Harness::start().await;
+    let _agent = h.agent("agent-1").await;
+    let stream = tokio::net::TcpStream::connect(h.relay().http_addr()).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    for i in 0..3 {
+        sender.ready().await.unwrap_or_else(|e| panic!("connection closed before request {i}: {e}"));
+        let req = http::Request::builder().uri("/hello").header("host", "app.test").body(empty()).unwrap();
+        let response =
+            sender.send_request(req).await.unwrap_or_else(|e| panic!("request {i} on the same connection: {e}"));
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "hello");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_table_no_route_no_agent_and_upstream_refused() {
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let h =
+        Harness::start_with(HarnessConfig { app_target: Some(format!("http://{closed_port}")), ..Default::default() })
+            .await;
+
+    let reply = h.client.get("unknown.test", "/some/path").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert!(reply.text().contains("unknown.test") && reply.text().contains("/some/path"), "{}", reply.text());
+    assert!(reply.headers.contains_key("x-quictun-request-id"));
+
+    let reply = h.client.get("nobody.test", "/").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert!(reply.text().contains("no agent"), "{}", reply.text());
+
+    let _agent = h.agent("agent-1").await;
+    let reply = h.client.get("app.test", "/hello").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+    assert!(reply.text().contains("upstream unreachable"), "{}", reply.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_answers_503_at_once_and_slow_agents_504() {
+    let h =
+        Harness::start_with(HarnessConfig { max_streams_per_agent: 2, response_timeout_secs: 2, ..Default::default() })
+            .await;
+    let _agent = h.agent("agent-1").await;
+    let hangs: Vec<_> = (0..2)
+        .map(|_| {
+            let client = h.client.clone();
+            tokio::spawn(async move { client.get("app.test", "/hang").await })
+        })
+        .collect();
+    h.upstream.wait_hanging(2).await;
+    let started = std::time::Instant::now();
+    let reply = h.client.get("app.test", "/hello").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.headers.get("retry-after").unwrap(), "1");
+    assert!(started.elapsed() < Duration::from_secs(1), "503 must not queue: {:?}", started.elapsed());
+    // The two hanging requests time out at the relay.
+    for hang in hangs {
+        let reply = tokio::time::timeout(WAIT, hang).await.unwrap().unwrap();
+        assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    }
+    // Their slots are free again.
+    h.upstream.release();
+    assert_eq!(h.client.get("app.test", "/hello").await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_is_rejected_and_the_agent_stops() {
+    let h = Harness::start().await;
+    let agent = Agent::start(h.agent_options_with("agent-1", "not-the-token", &h.cert.pin.to_string())).await.unwrap();
+    let result = tokio::time::timeout(WAIT, agent.wait()).await.expect("agent kept retrying a bad token");
+    match result {
+        Err(AgentError::Rejected { code: RejectCode::BadToken, message }) => {
+            assert!(message.contains("token"), "{message}")
+        }
+        other => panic!("expected a bad-token rejection, got {other:?}"),
+    }
+    let unknown = Agent::start(h.agent_options_with("nobody", "x", &h.cert.pin.to_string())).await.unwrap();
+    assert!(matches!(tokio::time::timeout(WAIT, unknown.wait()).await.unwrap(), Err(AgentError::Rejected { .. })));
+    assert!(h.relay().sessions().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_pin_is_refused_naming_both_fingerprints() {
+    let h = Harness::start().await;
+    let wrong = quictun_core::Pin::of(b"some other certificate");
+    let agent = Agent::start(h.agent_options_with("agent-1", "secret-1", &wrong.to_string())).await.unwrap();
+    let result = tokio::time::timeout(WAIT, agent.wait()).await.expect("agent kept retrying a wrong pin");
+    let err = result.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains(&wrong.to_string()) && text.contains(&h.cert.pin.to_string()), "{text}");
+    assert!(matches!(err, AgentError::PinMismatch(ref m) if m.actual == h.cert.pin && m.expected == wrong));
+    assert!(h.relay().sessions().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_request_gives_502_and_others_go_on() {
+    let h = Harness::start().await;
+    let web = h.agent("agent-1").await;
+    let _api = h.agent("agent-2").await;
+
+    let client = h.client.clone();
+    let hanging = tokio::spawn(async move { client.get("app.test", "/hang").await });
+    h.upstream.wait_hanging(1).await;
+    // A large download through the other agent is in flight while the first one dies.
+    let client = h.client.clone();
+    let download = tokio::spawn(async move { client.get("api.test", &format!("/bytes/{}", 4 << 20)).await });
+
+    web.abort();
+    let reply = tokio::time::timeout(WAIT, hanging).await.expect("request hung after the agent died").unwrap();
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+
+    let download = tokio::time::timeout(WAIT, download).await.unwrap().unwrap();
+    assert_eq!(download.status, StatusCode::OK);
+    assert_eq!(sha256_hex(&download.body), sha256_hex(&pattern(4 << 20)));
+    assert!(h.relay().sessions().wait_until(WAIT, |s| s.get("agent-1").is_none()).await, "dead session left behind");
+    assert_eq!(h.client.get("api.test", "/hello").await.status, StatusCode::OK);
+    assert_eq!(h.client.get("app.test", "/hello").await.status, StatusCode::BAD_GATEWAY);
+    h.upstream.release();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_comes_back_after_a_relay_restart() {
+    let mut h = Harness::start().await;
+    let agent = h.agent("agent-1").await;
+    let first = agent.wait_connected(None, WAIT).await.unwrap();
+    assert_eq!(h.client.get("app.test", "/hello").await.status, StatusCode::OK);
+
+    h.restart_relay().await;
+    let second = agent.wait_connected(Some(first), Duration::from_secs(40)).await.expect("agent did not come back");
+    assert_ne!(first, second);
+    assert!(h.relay().sessions().wait_until(WAIT, |s| s.get("agent-1").is_some()).await);
+    let reply = h.client.get("app.test", "/hello").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.text(), "hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_with_the_same_client_id_replaces_the_first() {
+    let h = Harness::start().await;
+    let first = h.agent("agent-1").await;
+    let first_session = h.relay().sessions().get("agent-1").unwrap().session_id;
+
+    let second = Agent::start(h.agent_options("agent-1")).await.unwrap();
+    let second_session = second.wait_connected(None, WAIT).await.unwrap();
+    assert!(
+        h.relay()
+            .sessions()
+            .wait_until(WAIT, |s| s.get("agent-1").is_some_and(|x| x.session_id == second_session))
+            .await
+    );
+    assert_ne!(first_session, second_session);
+
+    // The replaced agent stops instead of fighting back.
+    let result = tokio::time::timeout(WAIT, first.wait()).await.expect("replaced agent kept running");
+    assert!(matches!(result, Err(AgentError::Replaced(_))), "{result:?}");
+    assert_eq!(h.relay().sessions().len(), 1);
+    assert_eq!(h.relay().sessions().group("web").len(), 1);
+    assert_eq!(h.client.get("app.test", "/hello").await.status, StatusCode::OK);
+    assert!(
+        matches!(*second.state().borrow(), AgentState::Connected { session_id, .. } if session_id == second_session)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_rotate_over_the_agents_of_a_group_and_sessions_leave_nothing_behind() {
+    let h = Harness::start().await;
+    let a = h.agent("agent-1").await;
+    let b = h.agent("agent-3").await;
+    assert_eq!(h.relay().sessions().group("web").len(), 2);
+    for _ in 0..10 {
+        assert_eq!(h.client.get("app.test", "/hello").await.status, StatusCode::OK);
+    }
+    let in_flight: u32 = h.relay().sessions().group("web").iter().map(|s| s.in_flight()).sum();
+    assert_eq!(in_flight, 0);
+    a.shutdown().await.unwrap();
+    assert_eq!(h.client.get("app.test", "/hello").await.status, StatusCode::OK);
+    b.shutdown().await.unwrap();
+    assert!(h.relay().sessions().wait_until(WAIT, |s| s.is_empty()).await);
+    assert!(h.relay().sessions().group("web").is_empty());
+}

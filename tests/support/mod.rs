@@ -1,1 +1,33 @@
-//! support
+//! Test support for quictun's end-to-end suites: a scriptable upstream, a harness that starts a
+//! real relay and real agents on 127.0.0.1 (ports from port 0), and an HTTP client.
+//!
+//! Nothing here sleeps to wait for readiness: waits are on signals (session manager changes, agent
+//! state, the upstream's own counters), each under a timeout.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+pub mod client;
+pub mod harness;
+pub mod upstream;
+
+pub use client::{HttpClient, Reply};
+pub use harness::{Harness, HarnessConfig};
+pub use upstream::Upstream;
+
+/// Deterministic test bytes: byte `i` is `i % 251`.
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// Lower-case hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Logs from the code under test, when `RUST_LOG` is set.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}

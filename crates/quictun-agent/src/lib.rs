@@ -53,6 +53,9 @@ pub enum AgentError {
     /// The relay's certificate could not be verified (CA mode), or TLS failed for good.
     #[error("TLS: {0}")]
     Tls(String),
+    /// Another agent registered with the same client_id and took over this one's session.
+    #[error("another agent registered with client_id {0:?} and replaced this one")]
+    Replaced(String),
     /// The local endpoint could not be set up.
     #[error("{0}")]
     Endpoint(String),
@@ -185,6 +188,7 @@ async fn run(
         state.send_replace(AgentState::Connecting);
         let reason = match session::run_once(&options, &endpoint, &setup, &forwarder, &state, &shutdown).await {
             Ok(Outcome::Shutdown) => break Ok(()),
+            Ok(Outcome::Replaced) => break Err(AgentError::Replaced(options.client_id.clone())),
             Ok(Outcome::Lost { registered, reason }) => {
                 if registered {
                     backoff.reset();

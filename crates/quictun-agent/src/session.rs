@@ -28,6 +28,8 @@ const HEARTBEAT_MISSES: u32 = 3;
 pub enum Outcome {
     /// The agent was asked to stop and drained.
     Shutdown,
+    /// The relay closed the session because another agent registered with the same client_id.
+    Replaced,
     /// The connection ended; reconnect.
     Lost {
         /// Whether registration had succeeded (resets the backoff).
@@ -170,7 +172,10 @@ impl Serve<'_> {
         streams: &TaskTracker,
         cancel_streams: &CancellationToken,
     ) -> Outcome {
-        let lost = |reason: String| Outcome::Lost { registered: true, reason };
+        let lost = |reason: String| match self.conn.close_reason() {
+            Some(err) if quictun_core::peer_close_code(&err) == Some(CloseCode::Replaced) => Outcome::Replaced,
+            _ => Outcome::Lost { registered: true, reason },
+        };
         let silence_limit = self.interval * HEARTBEAT_MISSES;
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -1,0 +1,110 @@
+//! A real HTTP client (hyper) for the ingress.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// A request body.
+pub type ClientBody = BoxBody<Bytes, std::io::Error>;
+
+/// A complete answer.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A pooled HTTP/1.1 client aimed at one ingress address.
+#[derive(Clone)]
+pub struct HttpClient {
+    base: String,
+    client: Client<HttpConnector, ClientBody>,
+}
+
+/// A body from bytes.
+pub fn body(bytes: impl Into<Bytes>) -> ClientBody {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+}
+
+/// No body.
+pub fn empty() -> ClientBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// A body streamed in 64 KiB chunks without a Content-Length (chunked encoding).
+pub fn chunked(bytes: Vec<u8>) -> ClientBody {
+    let bytes = Bytes::from(bytes);
+    let chunks: Vec<Result<Frame<Bytes>, std::io::Error>> = (0..bytes.len())
+        .step_by(64 * 1024)
+        .map(|i| Ok(Frame::data(bytes.slice(i..(i + 64 * 1024).min(bytes.len())))))
+        .collect();
+    StreamBody::new(futures_util::stream::iter(chunks)).boxed()
+}
+
+impl HttpClient {
+    /// A client for `http://{addr}`.
+    pub fn new(addr: std::net::SocketAddr) -> Self {
+        let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(64).build_http();
+        Self { base: format!("http://{addr}"), client }
+    }
+
+    /// Sends a request with an explicit Host header; returns the head and a streaming body.
+    pub async fn send(
+        &self,
+        method: Method,
+        host: &str,
+        path: &str,
+        body: ClientBody,
+    ) -> hyper::Response<hyper::body::Incoming> {
+        self.try_send(method, host, path, body).await.expect("request failed at the HTTP level")
+    }
+
+    /// Like [`Self::send`], returning transport errors.
+    pub async fn try_send(
+        &self,
+        method: Method,
+        host: &str,
+        path: &str,
+        body: ClientBody,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("host", host)
+            .body(body)
+            .unwrap();
+        self.client.request(req).await
+    }
+
+    /// Sends a request and reads the whole answer (under a 60 s deadline).
+    pub async fn request(&self, method: Method, host: &str, path: &str, body: ClientBody) -> Reply {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            let response = self.send(method, host, path, body).await;
+            let (parts, body) = response.into_parts();
+            let body = body.collect().await.expect("response body failed").to_bytes();
+            Reply { status: parts.status, headers: parts.headers, body }
+        })
+        .await
+        .expect("request timed out")
+    }
+
+    /// `GET host path`.
+    pub async fn get(&self, host: &str, path: &str) -> Reply {
+        self.request(Method::GET, host, path, empty()).await
+    }
+}

@@ -1,0 +1,155 @@
+//! Starts a real relay (QUIC on 127.0.0.1:0, ingress on 127.0.0.1:0) with generated certificates,
+//! and real agents that connect to it.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use quictun_agent::config::{AgentConfigFile, AgentSection};
+use quictun_agent::{Agent, AgentOptions};
+use quictun_core::tls::GeneratedCert;
+use quictun_proto::Token;
+use quictun_relay::{Relay, RelayConfig};
+
+use crate::client::HttpClient;
+use crate::upstream::Upstream;
+
+/// Clients known to the harness relay: `(client_id, token, group)`.
+pub const CLIENTS: [(&str, &str, &str); 3] =
+    [("agent-1", "secret-1", "web"), ("agent-2", "secret-2", "api"), ("agent-3", "secret-3", "web")];
+
+/// Knobs of the harness relay.
+#[derive(Debug, Clone)]
+pub struct HarnessConfig {
+    pub max_streams_per_agent: u32,
+    pub response_timeout_secs: u64,
+    pub heartbeat_interval_ms: u32,
+    /// Overrides the target of the `app` upstream (for example: a closed port).
+    pub app_target: Option<String>,
+}
+
+impl Default for HarnessConfig {
+    fn default() -> Self {
+        Self { max_streams_per_agent: 1024, response_timeout_secs: 30, heartbeat_interval_ms: 200, app_target: None }
+    }
+}
+
+/// A relay, an upstream, and helpers to start agents.
+pub struct Harness {
+    relay: Option<Relay>,
+    pub upstream: Upstream,
+    pub cert: GeneratedCert,
+    pub client: HttpClient,
+    pub config: HarnessConfig,
+}
+
+/// The relay configuration: routes `app.test` and `*.wild.test` → `app` (group web), `api.test` →
+/// `api` (group api), `nobody.test` → `ghost` (group with no agents).
+pub fn relay_config(quic: SocketAddr, upstream: &str, cfg: &HarnessConfig) -> RelayConfig {
+    let app = cfg.app_target.clone().unwrap_or_else(|| upstream.to_owned());
+    let mut text = format!(
+        "[relay]\nquic_listen = \"{quic}\"\nhttp_listen = \"127.0.0.1:0\"\n\
+         heartbeat_interval_ms = {hb}\nmax_streams_per_agent = {ms}\nresponse_timeout_secs = {rt}\ndrain_timeout_secs = 5\n",
+        hb = cfg.heartbeat_interval_ms,
+        ms = cfg.max_streams_per_agent,
+        rt = cfg.response_timeout_secs,
+    );
+    for (id, token, group) in CLIENTS {
+        text.push_str(&format!("[[clients]]\nid = \"{id}\"\ntoken = \"{token}\"\ngroup = \"{group}\"\n"));
+    }
+    text.push_str(&format!(
+        "[[upstreams]]\nname = \"app\"\ngroup = \"web\"\ntargets = [\"{app}\"]\n\
+         [[upstreams]]\nname = \"api\"\ngroup = \"api\"\ntargets = [\"{upstream}\"]\n\
+         [[upstreams]]\nname = \"ghost\"\ngroup = \"nobody\"\ntargets = [\"{upstream}\"]\n\
+         [[routes]]\nhost = \"app.test\"\nupstream = \"app\"\n\
+         [[routes]]\nhost = \"*.wild.test\"\npath_prefix = \"/\"\nupstream = \"app\"\n\
+         [[routes]]\nhost = \"api.test\"\nupstream = \"api\"\n\
+         [[routes]]\nhost = \"nobody.test\"\nupstream = \"ghost\"\n"
+    ));
+    RelayConfig::parse(&text, Path::new("<test>")).unwrap()
+}
+
+impl Harness {
+    /// A relay with default knobs and no agents.
+    pub async fn start() -> Self {
+        Self::start_with(HarnessConfig::default()).await
+    }
+
+    /// A relay with the given knobs and no agents.
+    pub async fn start_with(config: HarnessConfig) -> Self {
+        crate::init_logging();
+        let upstream = Upstream::start().await;
+        let cert = GeneratedCert::self_signed(&[]).unwrap();
+        let relay = Self::start_relay(&cert, &upstream, &config, SocketAddr::from(([127, 0, 0, 1], 0))).await;
+        let client = HttpClient::new(relay.http_addr());
+        Self { relay: Some(relay), upstream, cert, client, config }
+    }
+
+    async fn start_relay(cert: &GeneratedCert, upstream: &Upstream, config: &HarnessConfig, quic: SocketAddr) -> Relay {
+        Relay::start(relay_config(quic, &upstream.url(), config), cert.cert_key().unwrap()).await.unwrap()
+    }
+
+    /// The running relay.
+    pub fn relay(&self) -> &Relay {
+        self.relay.as_ref().expect("relay is running")
+    }
+
+    /// Stops the relay (graceful drain) and starts a new one on the same QUIC port with the same
+    /// certificate; the ingress gets a new port, which the client follows.
+    pub async fn restart_relay(&mut self) {
+        let old = self.relay.take().expect("relay is running");
+        let quic = old.quic_addr();
+        old.shutdown().await;
+        // quinn releases the UDP socket when its endpoint driver task next runs, just after the
+        // last handle is dropped: give the runtime turns until the port is free (bounded).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let relay = loop {
+            match Relay::start(relay_config(quic, &self.upstream.url(), &self.config), self.cert.cert_key().unwrap())
+                .await
+            {
+                Ok(relay) => break relay,
+                Err(err) if std::time::Instant::now() < deadline && err.to_string().contains("in use") => {
+                    tokio::task::yield_now().await;
+                }
+                Err(err) => panic!("relay restart on {quic}: {err}"),
+            }
+        };
+        self.client = HttpClient::new(relay.http_addr());
+        self.relay = Some(relay);
+    }
+
+    /// Options for an agent of [`CLIENTS`] with the right pin.
+    pub fn agent_options(&self, client_id: &str) -> AgentOptions {
+        let token = CLIENTS.iter().find(|c| c.0 == client_id).map_or("unknown", |c| c.1);
+        self.agent_options_with(client_id, token, &self.cert.pin.to_string())
+    }
+
+    /// Options for any identity, token and pin.
+    pub fn agent_options_with(&self, client_id: &str, token: &str, pin: &str) -> AgentOptions {
+        let file = AgentConfigFile {
+            agent: AgentSection {
+                relay: self.relay().quic_addr().to_string(),
+                pin: Some(pin.to_owned()),
+                client_id: client_id.to_owned(),
+                token: Some(Token::new(token)),
+                ..AgentSection::default()
+            },
+            upstreams: vec![],
+        };
+        let mut options = AgentOptions::from_config(file, Path::new("<test>")).unwrap();
+        options.drain_timeout = Duration::from_secs(5);
+        options
+    }
+
+    /// Starts an agent and waits until the relay has registered it.
+    pub async fn agent(&self, client_id: &str) -> Agent {
+        let agent = Agent::start(self.agent_options(client_id)).await.unwrap();
+        agent.wait_connected(None, Duration::from_secs(20)).await.expect("agent did not connect");
+        let id = client_id.to_owned();
+        assert!(
+            self.relay().sessions().wait_until(Duration::from_secs(20), |s| s.get(&id).is_some()).await,
+            "relay never registered {client_id}"
+        );
+        agent
+    }
+}
