@@ -311,3 +311,53 @@ async fn requests_rotate_over_the_agents_of_a_group_and_sessions_leave_nothing_b
     assert!(h.relay().sessions().wait_until(WAIT, |s| s.is_empty()).await);
     assert!(h.relay().sessions().group("web").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_can_trust_the_relay_by_a_ca_file() {
+    use quictun_core::tls::CertKey;
+    use quictun_relay::Relay;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    let h = Harness::start().await;
+    // A CA, and a relay certificate for "localhost" signed by it.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf =
+        rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().signed_by(&leaf_key, &issuer).unwrap();
+    let cert = CertKey {
+        chain: vec![CertificateDer::from(leaf.der().to_vec())],
+        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+    };
+    let config = quictun_tests::harness::relay_config(
+        "127.0.0.1:0".parse().unwrap(),
+        &h.upstream.url(),
+        &HarnessConfig::default(),
+    );
+    let relay = Relay::start(config, cert).await.unwrap();
+
+    let dir = std::env::temp_dir().join(format!("quictun-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = dir.join("ca.crt");
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+
+    let mut options = Harness::options_for(relay.quic_addr(), "agent-1", "secret-1", &h.cert.pin.to_string());
+    options.trust = quictun_core::Trust::CaFile(ca_file.clone());
+    options.server_name = "localhost".into();
+    let agent = Agent::start(options.clone()).await.unwrap();
+    assert!(agent.wait_connected(None, WAIT).await.is_some(), "CA-verified agent did not connect");
+    let client = quictun_tests::HttpClient::new(relay.http_addr());
+    assert_eq!(client.get("app.test", "/hello").await.text(), "hello");
+    agent.shutdown().await.unwrap();
+
+    // A name the certificate does not cover is a TLS error, not a retry loop.
+    options.server_name = "other.example".into();
+    let agent = Agent::start(options).await.unwrap();
+    let err = tokio::time::timeout(WAIT, agent.wait()).await.unwrap().unwrap_err();
+    assert!(matches!(err, AgentError::Tls(_)), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+    relay.shutdown().await;
+}

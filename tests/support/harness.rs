@@ -126,9 +126,14 @@ impl Harness {
 
     /// Options for any identity, token and pin.
     pub fn agent_options_with(&self, client_id: &str, token: &str, pin: &str) -> AgentOptions {
+        Self::options_for(self.relay().quic_addr(), client_id, token, pin)
+    }
+
+    /// Options for an agent dialing `relay`.
+    pub fn options_for(relay: SocketAddr, client_id: &str, token: &str, pin: &str) -> AgentOptions {
         let file = AgentConfigFile {
             agent: AgentSection {
-                relay: self.relay().quic_addr().to_string(),
+                relay: relay.to_string(),
                 pin: Some(pin.to_owned()),
                 client_id: client_id.to_owned(),
                 token: Some(Token::new(token)),

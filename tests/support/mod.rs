@@ -7,10 +7,12 @@
 
 pub mod client;
 pub mod harness;
+pub mod udp_proxy;
 pub mod upstream;
 
 pub use client::{HttpClient, Reply};
 pub use harness::{Harness, HarnessConfig};
+pub use udp_proxy::UdpProxy;
 pub use upstream::Upstream;
 
 /// Deterministic test bytes: byte `i` is `i % 251`.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use quictun_core::framed::{ControlChannel, ControlError, read_frame_within};
 use quictun_core::http_stream::{reset, stop};
-use quictun_proto::{Accepted, CloseCode, ControlMessage, GoAway, Heartbeat, RequestHead, StreamCode};
+use quictun_proto::{Accepted, CloseCode, ControlMessage, GoAway, Heartbeat, Limits, RequestHead, StreamCode};
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -206,7 +206,7 @@ async fn run_session(
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
                     let limits = shared.limits;
-                    shared.tasks.spawn(refuse_agent_stream(send, recv, limits.max_head_frame).in_current_span());
+                    shared.tasks.spawn(refuse_agent_stream(send, recv, limits).in_current_span());
                     None
                 }
                 Err(err) => return err.to_string(),
@@ -228,12 +228,18 @@ async fn run_session(
 /// Streams opened by the agent: the head is read and checked (a malformed or oversized head is
 /// reset with its own code); this relay serves no agent-initiated kind yet, so valid heads are
 /// refused with [`StreamCode::KindUnsupported`]. Other streams are unaffected either way.
-async fn refuse_agent_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, max_head: usize) {
-    let code = match read_frame_within::<RequestHead>(&mut recv, max_head, HEAD_TIMEOUT).await {
-        Ok(head) => {
-            debug!(request_id = %head.request_id, kind = ?head.kind, "refusing agent-initiated stream");
-            StreamCode::KindUnsupported
-        }
+async fn refuse_agent_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, limits: Limits) {
+    let code = match read_frame_within::<RequestHead>(&mut recv, limits.max_head_frame, HEAD_TIMEOUT).await {
+        Ok(head) => match head.validate(&limits) {
+            Ok(()) => {
+                debug!(request_id = %head.request_id, kind = ?head.kind, "refusing agent-initiated stream");
+                StreamCode::KindUnsupported
+            }
+            Err(err) => {
+                warn!(%err, "invalid head on a stream from the agent");
+                StreamCode::Malformed
+            }
+        },
         Err(err) => {
             warn!(%err, "bad stream from agent");
             err.stream_code()

@@ -1,0 +1,251 @@
+//! The `quictun` binary as a user runs it: help, exit codes, configuration errors, certificates,
+//! and relay, agent and demo as real processes talking over real sockets.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_quictun");
+const WAIT: Duration = Duration::from_secs(30);
+
+fn quictun(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).env_remove("QUICTUN_TOKEN").output().unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A child process whose stdout lines arrive on a channel; killed on drop.
+struct Proc {
+    child: Option<Child>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(args: &[&str], dir: &Path) -> Self {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .current_dir(dir)
+            .env_remove("QUICTUN_TOKEN")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child: Some(child), lines }
+    }
+
+    /// The first stdout line containing `needle`.
+    fn line_with(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => continue,
+                Err(_) => panic!("no output line containing {needle:?}"),
+            }
+        }
+    }
+
+    /// Waits for exit (bounded: the process is killed after [`WAIT`]) and returns the status code
+    /// and stderr.
+    fn wait_exit(mut self) -> (i32, String) {
+        let mut child = self.child.take().unwrap();
+        let pid = child.id();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut err = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            let _ = tx.send((child.wait().map(|s| s.code().unwrap_or(-1)), err));
+        });
+        match rx.recv_timeout(WAIT) {
+            Ok((status, err)) => (status.unwrap(), err),
+            Err(_) => {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                panic!("process {pid} did not exit within {WAIT:?}");
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("quictun-cli-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+#[test]
+fn every_command_has_help() {
+    for args in [
+        &["--help"][..],
+        &["relay", "--help"],
+        &["agent", "--help"],
+        &["cert", "gen", "--help"],
+        &["cert", "pin", "--help"],
+        &["demo", "--help"],
+    ] {
+        let out = quictun(args);
+        assert!(out.status.success(), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"), "{args:?}");
+    }
+}
+
+#[test]
+fn usage_and_configuration_errors_exit_2_naming_file_and_key() {
+    let out = quictun(&["relay", "--no-such-flag"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    let dir = TempDir::new();
+    let missing = dir.join("missing.toml");
+    let out = quictun(&["relay", "--config", missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("missing.toml"), "{}", stderr(&out));
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[relay]\nquic_listn = \"0.0.0.0:1\"\n").unwrap();
+    let out = quictun(&["relay", "--config", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("bad.toml") && stderr(&out).contains("quic_listn"), "{}", stderr(&out));
+
+    let dangling = dir.join("dangling.toml");
+    std::fs::write(&dangling, "[[routes]]\nhost = \"a\"\nupstream = \"nope\"\n").unwrap();
+    let out = quictun(&["relay", "--config", dangling.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("routes[0].upstream"), "{}", stderr(&out));
+
+    let out = quictun(&["agent", "--client-id", "x", "--token", "t", "--pin", "sha256:00"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("agent.relay"), "{}", stderr(&out));
+
+    let out = quictun(&["agent", "--relay", "h:1", "--client-id", "x", "--token", "t", "--pin", "sha256:zz"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("agent.pin"), "{}", stderr(&out));
+
+    let out = quictun(&["agent", "--relay", "h:1", "--client-id", "x", "--pin", &format!("sha256:{}", "0".repeat(64))]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("QUICTUN_TOKEN"), "{}", stderr(&out));
+}
+
+#[test]
+fn cert_gen_writes_a_private_key_and_cert_pin_agrees() {
+    let dir = TempDir::new();
+    let out = quictun(&["cert", "gen", "--out", dir.to_str().unwrap(), "--san", "relay.example.com"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let pin = stdout.lines().find_map(|l| l.strip_prefix("pin:")).unwrap().trim().to_owned();
+    assert!(pin.starts_with("sha256:") && pin.len() == 71);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("relay.key")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "key readable by others: {mode:o}");
+    }
+    let out = quictun(&["cert", "pin", dir.join("relay.crt").to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), pin);
+    // No silent overwrite.
+    let again = quictun(&["cert", "gen", "--out", dir.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(2));
+    let not_a_cert = quictun(&["cert", "pin", "/etc/hostname"]);
+    assert_eq!(not_a_cert.status.code(), Some(2));
+}
+
+#[test]
+fn relay_generates_a_cert_and_real_agents_are_refused_for_a_wrong_pin_or_token() {
+    let dir = TempDir::new();
+    let config = dir.join("relay.toml");
+    std::fs::write(
+        &config,
+        "[relay]\nquic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n\
+         [[clients]]\nid = \"office-1\"\ntoken = \"right\"\ngroup = \"web\"\n",
+    )
+    .unwrap();
+    let relay = Proc::spawn(&["relay", "--config", config.to_str().unwrap()], &dir);
+    let quic = relay.line_with("udp://").rsplit("udp://").next().unwrap().trim().to_owned();
+    let pin = relay.line_with("pin").split_whitespace().last().unwrap().to_owned();
+    let command = relay.line_with("agent command");
+    assert!(command.contains(&pin) && command.contains("--client-id office-1"), "{command}");
+    assert!(dir.join("certs/relay.crt").exists() && dir.join("certs/relay.key").exists());
+
+    let wrong_pin = format!("sha256:{}", "ab".repeat(32));
+    let agent = Proc::spawn(
+        &["agent", "--relay", &quic, "--pin", &wrong_pin, "--client-id", "office-1", "--token", "right"],
+        &dir,
+    );
+    let (code, err) = agent.wait_exit();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&wrong_pin) && err.contains(&pin), "{err}");
+
+    let agent = Proc::spawn(
+        &["agent", "--relay", &quic, "--pin", &pin, "--client-id", "office-1", "--token", "hunter2-bad"],
+        &dir,
+    );
+    let (code, err) = agent.wait_exit();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("rejected") && !err.contains("hunter2"), "token must not be echoed: {err}");
+}
+
+#[test]
+fn demo_prints_a_curl_line_that_works() {
+    let dir = TempDir::new();
+    let demo = Proc::spawn(&["demo", "--http-listen", "127.0.0.1:0"], &dir);
+    let line = demo.line_with("curl -i");
+    let url = line.split_whitespace().last().unwrap();
+    let addr = url.trim_start_matches("http://").trim_end_matches('/');
+    let response = http_get(addr, "/");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("Hello from the quictun demo upstream"), "{response}");
+    assert!(response.to_ascii_lowercase().contains("x-quictun-request-id"), "{response}");
+    let big = http_get(addr, "/bytes/1048576");
+    assert!(big.ends_with(&"q".repeat(1000)), "download truncated");
+}

@@ -1,0 +1,231 @@
+//! Bad streams and vanished peers: a malformed head frame resets one stream and nothing else; a
+//! peer that goes silent is dropped within the heartbeat timeout.
+//!
+//! One side is always the real relay or the real agent; the other side is scripted with the same
+//! wire crate, over real QUIC on 127.0.0.1.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::time::Duration;
+
+use http::StatusCode;
+use quictun_agent::Agent;
+use quictun_core::framed::{ControlChannel, read_frame, write_frame};
+use quictun_core::tls::GeneratedCert;
+use quictun_core::{Trust, Tuning};
+use quictun_proto::frame;
+use quictun_proto::*;
+use quictun_tests::{Harness, UdpProxy, Upstream};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn head(path: &str) -> RequestHead {
+    RequestHead {
+        kind: StreamKind::Http,
+        request_id: Uuid::new_v4(),
+        upstream: "app".into(),
+        method: "GET".into(),
+        uri: path.into(),
+        headers: vec![Header { name: "host".into(), value: b"app.test".to_vec() }],
+        has_body: false,
+    }
+}
+
+/// Opens a stream, writes `bytes`, finishes, and returns the reset code the peer answered with.
+async fn reset_code_for(conn: &quinn::Connection, bytes: &[u8]) -> Option<StreamCode> {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    let _ = send.finish();
+    match tokio::time::timeout(WAIT, recv.read_to_end(1 << 20)).await.expect("peer never answered") {
+        Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => StreamCode::from_u64(code.into_inner()),
+        other => panic!("expected a reset, got {other:?}"),
+    }
+}
+
+/// Frames that must each be reset with the given code.
+fn bad_frames() -> Vec<(&'static str, Vec<u8>, StreamCode)> {
+    let mut unknown_kind = frame::encode(&head("/hello"), 65536).unwrap();
+    unknown_kind[frame::LEN_PREFIX] = 7; // the StreamKind variant index
+    let mut truncated = 100u32.to_be_bytes().to_vec();
+    truncated.extend_from_slice(&[0; 10]);
+    let mut too_many_headers = head("/hello");
+    too_many_headers.headers = (0..1000).map(|i| Header { name: format!("x-{i}"), value: vec![] }).collect();
+    vec![
+        ("garbage payload", vec![0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff], StreamCode::Malformed),
+        ("length over the limit", vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3], StreamCode::HeadTooLarge),
+        ("unknown stream kind", unknown_kind, StreamCode::Malformed),
+        ("truncated frame", truncated, StreamCode::Malformed),
+        ("too many headers", frame::encode(&too_many_headers, 1 << 20).unwrap(), StreamCode::Malformed),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_resets_malformed_streams_and_keeps_serving_the_others() {
+    quictun_tests::init_logging();
+    let upstream = Upstream::start().await;
+    let cert = GeneratedCert::self_signed(&[]).unwrap();
+    let endpoint = quictun_core::endpoint::server_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        cert.cert_key().unwrap(),
+        &Tuning::default(),
+    )
+    .unwrap();
+
+    // The real agent, pointed at a scripted relay.
+    let mut options = Harness::options_for(endpoint.local_addr().unwrap(), "agent-1", "t", &cert.pin.to_string());
+    options.tuning = Tuning::default();
+    let agent = Agent::start(options).await.unwrap();
+
+    let conn = endpoint.accept().await.unwrap().await.unwrap();
+    let (send, recv) = conn.accept_bi().await.unwrap();
+    let mut control = ControlChannel::new(send, recv, 1 << 20);
+    assert!(matches!(control.recv().await.unwrap(), ControlMessage::Register(r) if r.client_id == "agent-1"));
+    let config =
+        AgentConfig { version: 1, upstreams: vec![UpstreamSpec { name: "app".into(), targets: vec![upstream.url()] }] };
+    control
+        .send(ControlMessage::Accepted(Accepted { session_id: Uuid::new_v4(), heartbeat_interval_ms: 1000, config }))
+        .await
+        .unwrap();
+    let session = agent.wait_connected(None, WAIT).await.unwrap();
+    // Answer the agent's heartbeats like a relay would.
+    tokio::spawn(async move {
+        while let Ok(msg) = control.recv().await {
+            if let ControlMessage::Heartbeat(hb) = msg {
+                let _ = control.send(ControlMessage::HeartbeatAck(hb)).await;
+            }
+        }
+    });
+
+    // A request in flight before the bad streams arrive.
+    let (mut long_send, mut long_recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut long_send, &head("/hang"), 65536).await.unwrap();
+    long_send.finish().unwrap();
+    upstream.wait_hanging(1).await;
+
+    for (what, bytes, code) in bad_frames() {
+        assert_eq!(reset_code_for(&conn, &bytes).await, Some(code), "{what}");
+    }
+    // A stream for an upstream the agent does not know.
+    let mut unknown = head("/hello");
+    unknown.upstream = "nope".into();
+    assert_eq!(
+        reset_code_for(&conn, &frame::encode(&unknown, 65536).unwrap()).await,
+        Some(StreamCode::UnknownUpstream)
+    );
+
+    // A good stream is served next to them.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut send, &head("/hello"), 65536).await.unwrap();
+    send.finish().unwrap();
+    let response: ResponseHead = read_frame(&mut recv, 65536).await.unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(recv.read_to_end(1024).await.unwrap(), b"hello");
+
+    // The in-flight request was never disturbed.
+    upstream.release();
+    let response: ResponseHead = tokio::time::timeout(WAIT, read_frame(&mut long_recv, 65536)).await.unwrap().unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(long_recv.read_to_end(1024).await.unwrap(), b"released");
+
+    assert!(conn.close_reason().is_none(), "the connection must survive bad streams");
+    assert_eq!(agent.wait_connected(None, WAIT).await, Some(session));
+    agent.shutdown().await.unwrap();
+}
+
+/// A scripted agent: registers with real credentials and answers heartbeats.
+async fn scripted_agent(h: &Harness, client_id: &str, token: &str) -> (quinn::Endpoint, quinn::Connection, Uuid) {
+    let (endpoint, setup) = quictun_core::endpoint::client_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &Trust::Pin(h.cert.pin),
+        &Tuning::default(),
+    )
+    .unwrap();
+    let conn = endpoint.connect_with(setup.config, h.relay().quic_addr(), "localhost").unwrap().await.unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut control = ControlChannel::new(send, recv, 1 << 20);
+    control
+        .send(ControlMessage::Register(Register {
+            protocol_version: PROTOCOL_VERSION,
+            client_id: client_id.into(),
+            group: String::new(),
+            token: Token::new(token),
+            agent_version: "scripted".into(),
+        }))
+        .await
+        .unwrap();
+    let ControlMessage::Accepted(accepted) = control.recv().await.unwrap() else { panic!("not accepted") };
+    tokio::spawn(async move {
+        while let Ok(msg) = control.recv().await {
+            if let ControlMessage::Heartbeat(hb) = msg {
+                let _ = control.send(ControlMessage::HeartbeatAck(hb)).await;
+            }
+        }
+    });
+    (endpoint, conn, accepted.session_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_resets_malformed_agent_streams_and_keeps_the_session() {
+    let h = Harness::start().await;
+    let _api = h.agent("agent-2").await;
+    let (_endpoint, conn, session_id) = scripted_agent(&h, "agent-1", "secret-1").await;
+    assert!(h.relay().sessions().wait_until(WAIT, |s| s.get("agent-1").is_some()).await);
+
+    for (what, bytes, code) in bad_frames() {
+        assert_eq!(reset_code_for(&conn, &bytes).await, Some(code), "{what}");
+    }
+    // A well-formed stream of a kind the relay does not take from agents.
+    assert_eq!(
+        reset_code_for(&conn, &frame::encode(&head("/x"), 65536).unwrap()).await,
+        Some(StreamCode::KindUnsupported)
+    );
+
+    assert!(conn.close_reason().is_none());
+    assert_eq!(h.relay().sessions().get("agent-1").unwrap().session_id, session_id);
+    assert_eq!(h.client.get("api.test", "/hello").await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_control_frame_closes_only_that_connection() {
+    let h = Harness::start().await;
+    let _api = h.agent("agent-2").await;
+    let (endpoint, setup) = quictun_core::endpoint::client_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &Trust::Pin(h.cert.pin),
+        &Tuning::default(),
+    )
+    .unwrap();
+    for bytes in [vec![0xff, 0xff, 0xff, 0xff], vec![0, 0, 0, 3, 9, 9, 9]] {
+        let conn =
+            endpoint.connect_with(setup.config.clone(), h.relay().quic_addr(), "localhost").unwrap().await.unwrap();
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        send.write_all(&bytes).await.unwrap();
+        let reason = tokio::time::timeout(WAIT, conn.closed()).await.expect("relay kept a bad connection");
+        assert_eq!(quictun_core::peer_close_code(&reason), Some(CloseCode::Protocol), "{reason}");
+    }
+    assert_eq!(h.relay().sessions().len(), 1);
+    assert_eq!(h.client.get("api.test", "/hello").await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_vanished_agent_is_dropped_within_the_heartbeat_timeout() {
+    let h = Harness::start().await;
+    let proxy = UdpProxy::start(h.relay().quic_addr()).await;
+    let agent =
+        Agent::start(Harness::options_for(proxy.addr, "agent-1", "secret-1", &h.cert.pin.to_string())).await.unwrap();
+    agent.wait_connected(None, WAIT).await.unwrap();
+    assert!(h.relay().sessions().wait_until(WAIT, |s| s.get("agent-1").is_some()).await);
+
+    let client = h.client.clone();
+    let hanging = tokio::spawn(async move { client.get("app.test", "/hang").await });
+    h.upstream.wait_hanging(1).await;
+    proxy.blackhole();
+    agent.abort(); // its close frame is lost in the black hole: the relay hears nothing
+    let started = std::time::Instant::now();
+    let reply = tokio::time::timeout(WAIT, hanging).await.expect("request hung on a dead agent").unwrap();
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    // Heartbeat every 200 ms, dropped after 3 silent intervals.
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(h.relay().sessions().wait_until(WAIT, |s| s.is_empty()).await);
+    h.upstream.release();
+}
