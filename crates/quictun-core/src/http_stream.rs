@@ -29,14 +29,7 @@ pub const HOP_BY_HOP: [&str; 9] = [
 
 /// Removes hop-by-hop headers, including any named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
+    for name in connection_listed(headers) {
         headers.remove(name);
     }
     for name in HOP_BY_HOP {
@@ -46,10 +39,28 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Converts headers to their wire form (hop-by-hop headers must already be gone).
 pub fn headers_to_wire(headers: &HeaderMap) -> Vec<Header> {
+    headers.iter().map(|(name, value)| wire_header(name, value)).collect()
+}
+
+/// One header in wire form.
+pub fn wire_header(name: &HeaderName, value: &HeaderValue) -> Header {
+    Header { name: name.as_str().to_owned(), value: value.as_bytes().to_vec() }
+}
+
+/// The names a `Connection` header lists (hop-by-hop for this request only), lower-cased.
+pub fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
     headers
+        .get_all(http::header::CONNECTION)
         .iter()
-        .map(|(name, value)| Header { name: name.as_str().to_owned(), value: value.as_bytes().to_vec() })
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect()
+}
+
+/// True for a hop-by-hop header name (the fixed list; see [`connection_listed`] for the rest).
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
 }
 
 /// A header from the wire that is not valid HTTP.

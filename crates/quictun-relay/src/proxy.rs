@@ -11,14 +11,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use quictun_core::framed::{ReadFrameError, read_frame, write_frame};
 use quictun_core::http_stream::{
-    BodyError, RecvBody, headers_from_wire, headers_to_wire, pump_body, stop, strip_hop_by_hop,
+    BodyError, RecvBody, connection_listed, headers_from_wire, is_hop_by_hop, pump_body, stop, wire_header,
 };
-use quictun_proto::{RequestHead, ResponseHead, StreamCode, StreamKind};
+use quictun_proto::{Header, RequestHead, ResponseHead, StreamCode, StreamKind};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{Instrument, debug, field, info_span, warn};
 use uuid::Uuid;
@@ -180,28 +180,39 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
     req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned)
 }
 
-/// The headers sent to the agent: hop-by-hop removed, `Host` kept, `x-forwarded-*` set.
-fn forwarded_headers(req: &Request<Incoming>, host: &str, peer: SocketAddr, request_id: Uuid) -> HeaderMap {
-    let mut headers = req.headers().clone();
-    strip_hop_by_hop(&mut headers);
+/// The headers sent to the agent, built in one pass: hop-by-hop headers (and those the
+/// `Connection` header names) dropped, `Host` kept (taken from the authority for HTTP/2),
+/// `x-forwarded-*` and the request id set.
+fn forwarded_headers(req: &Request<Incoming>, host: &str, peer: SocketAddr, request_id: Uuid) -> Vec<Header> {
+    let headers = req.headers();
+    let listed = connection_listed(headers);
+    let mut wire = Vec::with_capacity(headers.len() + 5);
+    let mut previous_xff = None;
+    for (name, value) in headers {
+        if is_hop_by_hop(name) || listed.contains(name) {
+            continue;
+        }
+        match name.as_str() {
+            "x-forwarded-for" => previous_xff = value.to_str().ok(),
+            "x-forwarded-proto" | "x-forwarded-host" | REQUEST_ID_HEADER => {}
+            _ => wire.push(wire_header(name, value)),
+        }
+    }
     let client_ip = peer.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let xff = match previous_xff {
         Some(previous) => format!("{previous}, {client_ip}"),
         None => client_ip,
     };
-    let mut set = |name: &'static str, value: &str| {
-        if let Ok(value) = HeaderValue::from_str(value) {
-            headers.insert(name, value);
-        }
-    };
+    let mut set =
+        |name: &str, value: &str| wire.push(Header { name: name.to_owned(), value: value.as_bytes().to_vec() });
     set("x-forwarded-for", &xff);
     set("x-forwarded-proto", "http");
     set("x-forwarded-host", host);
     set(REQUEST_ID_HEADER, &request_id.to_string());
-    if !req.headers().contains_key(header::HOST) {
+    if !headers.contains_key(header::HOST) {
         set("host", host);
     }
-    headers
+    wire
 }
 
 async fn forward(
@@ -226,7 +237,7 @@ async fn forward(
         upstream: route.upstream.to_string(),
         method: req.method().as_str().to_owned(),
         uri: req.uri().path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
-        headers: headers_to_wire(&forwarded_headers(&req, &host, peer, request_id)),
+        headers: forwarded_headers(&req, &host, peer, request_id),
         has_body: !req.body().is_end_stream(),
     };
     drop(live);

@@ -30,6 +30,16 @@ pub enum Command {
     },
     /// Relay, agent and a small upstream on loopback in one process; prints a curl line that works.
     Demo(DemoArgs),
+    /// Serve the demo's upstream alone (for benchmarks): GET /, GET /bytes/N, POST /echo, POST /sink.
+    Upstream(UpstreamArgs),
+}
+
+/// Flags of `quictun upstream`.
+#[derive(Debug, Args)]
+pub struct UpstreamArgs {
+    /// TCP address to serve on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:3000")]
+    pub listen: SocketAddr,
 }
 
 /// Flags of `quictun relay`; they override the configuration file.

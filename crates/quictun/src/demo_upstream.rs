@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Either, Full, StreamBody};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -18,10 +18,40 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-type DemoBody = Either<Full<Bytes>, Either<StreamBody<BytesStream>, Incoming>>;
-type BytesStream = futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>;
+type DemoBody = Either<Full<Bytes>, Either<RepeatBody, Incoming>>;
 
 const CHUNK: usize = 64 * 1024;
+
+/// `left` bytes of one repeated chunk, produced as they are polled (nothing is pre-built).
+pub struct RepeatBody {
+    chunk: Bytes,
+    left: u64,
+}
+
+impl hyper::body::Body for RepeatBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let take = self.left.min(self.chunk.len() as u64) as usize;
+        self.left -= take as u64;
+        std::task::Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..take)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.left)
+    }
+}
 
 fn text(status: StatusCode, body: String) -> Response<DemoBody> {
     let mut response = Response::new(Either::Left(Full::new(Bytes::from(body))));
@@ -30,15 +60,8 @@ fn text(status: StatusCode, body: String) -> Response<DemoBody> {
 }
 
 fn bytes_body(n: u64) -> Response<DemoBody> {
-    let chunk = Bytes::from(vec![b'q'; CHUNK]);
-    let mut frames = Vec::new();
-    let mut left = n;
-    while left > 0 {
-        let take = left.min(CHUNK as u64) as usize;
-        frames.push(Ok(Frame::data(chunk.slice(..take))));
-        left -= take as u64;
-    }
-    let mut response = Response::new(Either::Right(Either::Left(StreamBody::new(futures_util::stream::iter(frames)))));
+    let body = RepeatBody { chunk: Bytes::from(vec![b'q'; CHUNK]), left: n };
+    let mut response = Response::new(Either::Right(Either::Left(body)));
     response.headers_mut().insert(http::header::CONTENT_LENGTH, n.into());
     response
 }
@@ -104,4 +127,20 @@ pub async fn serve(listener: TcpListener, stop: CancellationToken) {
 /// Binds the demo upstream.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
+}
+
+/// `quictun upstream`: serves until Ctrl-C or SIGTERM.
+pub async fn run(args: crate::cli::UpstreamArgs) -> Result<(), crate::Failure> {
+    let listener =
+        bind(args.listen).await.map_err(|e| crate::Failure::runtime(anyhow::anyhow!("{}: {e}", args.listen)))?;
+    let addr = listener.local_addr().map_err(crate::Failure::runtime)?;
+    println!("quictun upstream listening on http://{addr}");
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(serve(listener, stop.clone()));
+    crate::signal::shutdown().await;
+    stop.cancel();
+    if let Err(err) = server.await {
+        tracing::warn!(%err, "upstream server task failed");
+    }
+    Ok(())
 }

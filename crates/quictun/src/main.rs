@@ -62,6 +62,7 @@ fn main() -> ExitCode {
             Command::Cert { command: CertCommand::Gen(args) } => cert_cmd::generate(args),
             Command::Cert { command: CertCommand::Pin(args) } => cert_cmd::pin(args),
             Command::Demo(args) => demo::run(args).await,
+            Command::Upstream(args) => demo_upstream::run(args).await,
         }
     });
     match result {
