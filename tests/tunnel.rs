@@ -361,3 +361,34 @@ async fn an_agent_can_trust_the_relay_by_a_ca_file() {
     let _ = std::fs::remove_dir_all(dir);
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_reports_health_and_live_sessions() {
+    let h = Harness::start().await;
+    let admin = quictun_tests::HttpClient::new(h.relay().admin_addr());
+    assert_eq!(admin.get("admin", "/healthz").await.status, StatusCode::OK);
+    assert_eq!(admin.get("admin", "/readyz").await.status, StatusCode::OK);
+    let sessions: serde_json::Value = serde_json::from_slice(&admin.get("admin", "/api/sessions").await.body).unwrap();
+    assert_eq!(sessions, serde_json::json!([]));
+
+    let agent = h.agent("agent-1").await;
+    let _api = h.agent("agent-2").await;
+    let session_id = agent.wait_connected(None, WAIT).await.unwrap().to_string();
+    let reply = admin.get("admin", "/api/sessions").await;
+    assert_eq!(reply.headers.get("content-type").unwrap(), "application/json");
+    let sessions: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    let list = sessions.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0]["client_id"], "agent-1");
+    assert_eq!(list[0]["group"], "web");
+    assert_eq!(list[0]["session_id"], session_id.as_str());
+    assert_eq!(list[0]["in_flight"], 0);
+    assert!(list[0]["remote_addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert_eq!(list[1]["client_id"], "agent-2");
+
+    agent.shutdown().await.unwrap();
+    assert!(h.relay().sessions().wait_until(WAIT, |s| s.len() == 1).await);
+    let sessions: serde_json::Value = serde_json::from_slice(&admin.get("admin", "/api/sessions").await.body).unwrap();
+    assert_eq!(sessions.as_array().unwrap().len(), 1);
+    assert_eq!(admin.get("admin", "/nope").await.status, StatusCode::NOT_FOUND);
+}

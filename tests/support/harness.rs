@@ -48,7 +48,7 @@ pub struct Harness {
 pub fn relay_config(quic: SocketAddr, upstream: &str, cfg: &HarnessConfig) -> RelayConfig {
     let app = cfg.app_target.clone().unwrap_or_else(|| upstream.to_owned());
     let mut text = format!(
-        "[relay]\nquic_listen = \"{quic}\"\nhttp_listen = \"127.0.0.1:0\"\n\
+        "[relay]\nquic_listen = \"{quic}\"\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          heartbeat_interval_ms = {hb}\nmax_streams_per_agent = {ms}\nresponse_timeout_secs = {rt}\ndrain_timeout_secs = 5\n",
         hb = cfg.heartbeat_interval_ms,
         ms = cfg.max_streams_per_agent,

@@ -12,6 +12,7 @@
 //!
 //! [`Relay::start`] binds everything and returns a [`Relay`] handle; [`Relay::shutdown`] drains.
 
+pub mod admin;
 pub mod agents;
 pub mod config;
 pub mod ingress;
@@ -55,9 +56,18 @@ pub enum RelayError {
 pub struct Relay {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
+    ingress: tokio::task::JoinHandle<()>,
     quic_addr: SocketAddr,
     http_addr: SocketAddr,
+    admin_addr: SocketAddr,
     pin: Option<Pin>,
+}
+
+async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), RelayError> {
+    let err = |source| RelayError::Bind { what, addr, source };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
+    let bound = listener.local_addr().map_err(err)?;
+    Ok((listener, bound))
 }
 
 impl Relay {
@@ -78,18 +88,13 @@ impl Relay {
             addr: settings.quic_listen,
             source,
         })?;
-        let http_listener = tokio::net::TcpListener::bind(settings.http_listen)
-            .await
-            .map_err(|source| RelayError::Bind { what: "HTTP", addr: settings.http_listen, source })?;
-        let http_addr = http_listener.local_addr().map_err(|source| RelayError::Bind {
-            what: "HTTP",
-            addr: settings.http_listen,
-            source,
-        })?;
+        let (http_listener, http_addr) = bind_tcp("HTTP", settings.http_listen).await?;
+        let (admin_listener, admin_addr) = bind_tcp("admin", settings.admin_listen).await?;
         shared.tasks.spawn(agents::accept_loop(endpoint.clone(), shared.clone()));
-        shared.tasks.spawn(ingress::serve(http_listener, shared.clone()));
-        info!(%quic_addr, %http_addr, "relay listening");
-        Ok(Self { shared, endpoint, quic_addr, http_addr, pin })
+        let ingress = shared.tasks.spawn(ingress::serve(http_listener, shared.clone()));
+        shared.tasks.spawn(admin::serve(admin_listener, shared.clone()));
+        info!(%quic_addr, %http_addr, %admin_addr, "relay listening");
+        Ok(Self { shared, endpoint, ingress, quic_addr, http_addr, admin_addr, pin })
     }
 
     /// The bound QUIC (UDP) address.
@@ -100,6 +105,11 @@ impl Relay {
     /// The bound HTTP ingress address.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The bound admin endpoint address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
     }
 
     /// The pin of the relay's certificate.
@@ -118,11 +128,16 @@ impl Relay {
         info!("relay shutting down");
         self.shared.shutdown.cancel();
         self.shared.tasks.close();
+        // The ingress task ends once its connections drained, or at the drain timeout.
         let drain = Duration::from_secs(self.shared.settings.drain_timeout_secs);
-        // The ingress task finishes once its connections drained (or the drain timeout passed).
-        let _drained = tokio::time::timeout(drain + Duration::from_secs(1), self.shared.tasks.wait()).await;
+        if tokio::time::timeout(drain + Duration::from_secs(1), self.ingress).await.is_err() {
+            tracing::warn!("ingress did not stop after the drain timeout");
+        }
         quictun_core::close_endpoint(&self.endpoint, quictun_proto::CloseCode::GoingAway);
-        let _closed = tokio::time::timeout(Duration::from_secs(2), self.shared.tasks.wait()).await;
+        self.shared.stopped.cancel();
+        if tokio::time::timeout(Duration::from_secs(2), self.shared.tasks.wait()).await.is_err() {
+            tracing::warn!(tasks = self.shared.tasks.len(), "tasks still running after shutdown");
+        }
         self.endpoint.wait_idle().await;
         info!("relay stopped");
     }
@@ -130,6 +145,7 @@ impl Relay {
     /// Stops at once: every connection is closed without a drain (for tests and fatal errors).
     pub fn abort(&self) {
         self.shared.shutdown.cancel();
+        self.shared.stopped.cancel();
         quictun_core::close_endpoint(&self.endpoint, quictun_proto::CloseCode::GoingAway);
     }
 }

@@ -102,8 +102,10 @@ pub struct Shared {
     pub limits: Limits,
     /// Live sessions.
     pub sessions: Arc<SessionManager>,
-    /// Cancelled when the relay starts shutting down.
+    /// Cancelled when the relay starts shutting down (stop accepting, go-away, drain).
     pub shutdown: CancellationToken,
+    /// Cancelled when the drain is over: everything still running stops.
+    pub stopped: CancellationToken,
     /// Owns every task the relay spawns.
     pub tasks: TaskTracker,
     live: RwLock<Arc<Live>>,
@@ -122,6 +124,7 @@ impl Shared {
             limits,
             sessions: Arc::new(SessionManager::new()),
             shutdown: CancellationToken::new(),
+            stopped: CancellationToken::new(),
             tasks: TaskTracker::new(),
             live: RwLock::new(Arc::new(Live::new(config, 1))),
         }

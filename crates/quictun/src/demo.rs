@@ -23,7 +23,7 @@ fn relay_config(
     token: &str,
 ) -> Result<RelayConfig, Failure> {
     let text = format!(
-        "[relay]\nquic_listen = \"{quic}\"\nhttp_listen = \"{http_listen}\"\ndrain_timeout_secs = 2\n\
+        "[relay]\nquic_listen = \"{quic}\"\nhttp_listen = \"{http_listen}\"\nadmin_listen = \"127.0.0.1:0\"\ndrain_timeout_secs = 2\n\
          [[clients]]\nid = \"demo\"\ntoken = \"{token}\"\ngroup = \"demo\"\n\
          [[upstreams]]\nname = \"demo\"\ngroup = \"demo\"\ntargets = [\"http://{upstream}\"]\n\
          [[routes]]\nhost = \"*\"\npath_prefix = \"/\"\nupstream = \"demo\"\n",
@@ -71,6 +71,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     let http = relay.http_addr();
     println!("quictun demo: relay, agent and upstream are running on loopback.");
     println!("  relay   QUIC udp://{}  HTTP http://{http}  pin {}", relay.quic_addr(), cert.pin);
+    println!("  admin   http://{}/api/sessions", relay.admin_addr());
     println!("  agent   connected over QUIC, serving group \"demo\"");
     println!("  upstream http://{upstream_addr} (the agent's side of the tunnel)");
     println!();

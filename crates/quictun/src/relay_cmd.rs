@@ -72,6 +72,7 @@ pub async fn run(args: RelayArgs) -> Result<(), Failure> {
     println!("quictun relay");
     println!("  QUIC (agents)  udp://{}", relay.quic_addr());
     println!("  HTTP ingress   http://{}", relay.http_addr());
+    println!("  admin          http://{}/api/sessions", relay.admin_addr());
     println!("  certificate    {}{}", cert_path.display(), if generated { " (generated)" } else { "" });
     println!("  pin            {pin}");
     println!(

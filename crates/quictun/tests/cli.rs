@@ -206,7 +206,7 @@ fn relay_generates_a_cert_and_real_agents_are_refused_for_a_wrong_pin_or_token()
     let config = dir.join("relay.toml");
     std::fs::write(
         &config,
-        "[relay]\nquic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n\
+        "[relay]\nquic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [[clients]]\nid = \"office-1\"\ntoken = \"right\"\ngroup = \"web\"\n",
     )
     .unwrap();
