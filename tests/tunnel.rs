@@ -392,3 +392,31 @@ async fn the_admin_endpoint_reports_health_and_live_sessions() {
     assert_eq!(sessions.as_array().unwrap().len(), 1);
     assert_eq!(admin.get("admin", "/nope").await.status, StatusCode::NOT_FOUND);
 }
+
+/// Sends raw bytes to the ingress and returns the status line of the answer.
+async fn raw_status_line(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(WAIT, stream.read(&mut buf)).await.unwrap().unwrap();
+    String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_heads_get_431_and_the_ingress_goes_on() {
+    let h = Harness::start().await;
+    let _agent = h.agent("agent-1").await;
+    let addr = h.relay().http_addr();
+    let mut big = b"GET /hello HTTP/1.1\r\nHost: app.test\r\nX-Big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 70_000));
+    big.extend_from_slice(b"\r\n\r\n");
+    assert_eq!(raw_status_line(addr, &big).await, "HTTP/1.1 431 Request Header Fields Too Large");
+    let mut many = b"GET /hello HTTP/1.1\r\nHost: app.test\r\n".to_vec();
+    for i in 0..200 {
+        many.extend_from_slice(format!("X-{i}: 1\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    assert_eq!(raw_status_line(addr, &many).await, "HTTP/1.1 431 Request Header Fields Too Large");
+    assert_eq!(raw_status_line(addr, b"GET /hello HTTP/1.1\r\nHost: app.test\r\n\r\n").await, "HTTP/1.1 200 OK");
+}
