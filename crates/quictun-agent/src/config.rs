@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+pub use quictun_core::config::ConfigError;
+
 use quictun_proto::Token;
 use serde::Deserialize;
 
@@ -82,37 +84,6 @@ pub struct LocalUpstream {
     pub name: String,
     /// Base URLs, tried in rotation.
     pub targets: Vec<String>,
-}
-
-/// A configuration error naming the file and the key.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{file}: {source}")]
-    Read {
-        /// The file.
-        file: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The TOML did not parse or had unknown or mistyped keys.
-    #[error("{file}: {message}")]
-    Parse {
-        /// The file.
-        file: PathBuf,
-        /// toml's message (names the key and line).
-        message: String,
-    },
-    /// A required value is missing or inconsistent.
-    #[error("{file}: {key}: {message}")]
-    Invalid {
-        /// The file, or `command line`.
-        file: PathBuf,
-        /// The key.
-        key: String,
-        /// What is wrong.
-        message: String,
-    },
 }
 
 impl AgentConfigFile {

@@ -2,11 +2,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use quictun_core::endpoint::ClientSetup;
 use quictun_core::framed::ControlChannel;
-use quictun_proto::{CloseCode, ControlMessage, GoAway, Heartbeat, Register};
+use quictun_core::heartbeat::Heartbeats;
+use quictun_proto::{CloseCode, ControlMessage, GoAway, Register};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -46,10 +47,6 @@ pub enum Attempt {
     Retry(String),
     /// Stop the agent.
     Fatal(AgentError),
-}
-
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 async fn resolve(relay: &str) -> Result<SocketAddr, Attempt> {
@@ -176,13 +173,7 @@ impl Serve<'_> {
             Some(err) if quictun_core::peer_close_code(&err) == Some(CloseCode::Replaced) => Outcome::Replaced,
             _ => Outcome::Lost { registered: true, reason },
         };
-        let silence_limit = self.interval * HEARTBEAT_MISSES;
-        let mut ticker = tokio::time::interval(self.interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let epoch = Instant::now();
-        let mut last_heard = Instant::now();
-        let mut seq = 0u64;
-        let mut rtt_us = None;
+        let mut heartbeats = Heartbeats::new(self.interval, HEARTBEAT_MISSES);
         loop {
             let outgoing = tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -194,17 +185,14 @@ impl Serve<'_> {
                     return Outcome::Shutdown;
                 }
                 msg = control.recv() => match msg {
-                    Ok(ControlMessage::Heartbeat(hb)) => {
-                        last_heard = Instant::now();
-                        Some(ControlMessage::HeartbeatAck(hb))
-                    }
+                    Ok(ControlMessage::Heartbeat(hb)) => Some(heartbeats.on_heartbeat(hb)),
                     Ok(ControlMessage::HeartbeatAck(hb)) => {
-                        last_heard = Instant::now();
-                        rtt_us = Some(micros(epoch.elapsed()).saturating_sub(hb.sent_at_us));
+                        let rtt = heartbeats.on_ack(hb);
+                        debug!(?rtt, "heartbeat");
                         None
                     }
                     Ok(ControlMessage::ConfigSync(config)) => {
-                        last_heard = Instant::now();
+                        heartbeats.heard();
                         let version = config.version;
                         let table = UpstreamTable::build(&config, &self.options.local_upstreams, self.options.allowed_targets.as_deref());
                         if self.forwarder.install(table) {
@@ -216,7 +204,7 @@ impl Serve<'_> {
                     }
                     Ok(ControlMessage::GoAway(go)) => {
                         info!(reason = %go.reason, drain_ms = go.drain_ms, "relay going away");
-                        last_heard = Instant::now();
+                        heartbeats.heard();
                         None
                     }
                     Ok(_) => {
@@ -227,14 +215,13 @@ impl Serve<'_> {
                         return lost(self.conn.close_reason().map_or_else(|| err.to_string(), |r| r.to_string()));
                     }
                 },
-                _ = ticker.tick() => {
-                    if last_heard.elapsed() > silence_limit {
+                tick = heartbeats.tick() => match tick {
+                    Ok(heartbeat) => Some(heartbeat),
+                    Err(silent) => {
                         quictun_core::close(self.conn, CloseCode::HeartbeatTimeout);
-                        return lost(format!("relay silent for {:?}", last_heard.elapsed()));
+                        return lost(format!("relay {silent}"));
                     }
-                    seq += 1;
-                    Some(ControlMessage::Heartbeat(Heartbeat { seq, sent_at_us: micros(epoch.elapsed()), rtt_us }))
-                }
+                },
                 stream = self.conn.accept_bi() => match stream {
                     Ok((send, recv)) => {
                         let forwarder = self.forwarder.clone();
@@ -251,7 +238,7 @@ impl Serve<'_> {
                 },
             };
             if let Some(msg) = outgoing {
-                match tokio::time::timeout(silence_limit, control.send(msg)).await {
+                match tokio::time::timeout(heartbeats.silence_limit(), control.send(msg)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(err)) => return lost(format!("control stream write failed: {err}")),
                     Err(_) => {

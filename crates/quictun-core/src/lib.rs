@@ -6,10 +6,14 @@
 //! - [`framed`]: head frames on data streams and the control channel codec.
 //! - [`http_stream`]: the HTTP-over-stream codec: header conversion, streaming bodies.
 //! - [`backoff`]: exponential backoff with full jitter.
+//! - [`heartbeat`]: heartbeat timing, silence detection and RTT.
+//! - [`config`]: TOML loading with errors that name the file and the key.
 
 pub mod backoff;
+pub mod config;
 pub mod endpoint;
 pub mod framed;
+pub mod heartbeat;
 pub mod http_stream;
 pub mod tls;
 

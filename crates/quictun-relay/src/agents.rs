@@ -5,11 +5,12 @@
 //! task, never in the accept loop, so a slow or hostile client cannot stall other agents.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use quictun_core::framed::{ControlChannel, ControlError, read_frame_within};
+use quictun_core::heartbeat::Heartbeats;
 use quictun_core::http_stream::{reset, stop};
-use quictun_proto::{Accepted, CloseCode, ControlMessage, GoAway, Heartbeat, Limits, RequestHead, StreamCode};
+use quictun_proto::{Accepted, CloseCode, ControlMessage, GoAway, Limits, RequestHead, StreamCode};
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -136,10 +137,6 @@ fn kind(msg: &ControlMessage) -> &'static str {
     }
 }
 
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
 /// Runs a registered session until its connection ends; returns why it ended.
 async fn run_session(
     control: &mut ControlChannel,
@@ -148,13 +145,7 @@ async fn run_session(
     shared: &Arc<Shared>,
 ) -> String {
     let conn = &session.conn;
-    let interval = shared.settings.heartbeat_interval();
-    let silence_limit = shared.settings.heartbeat_timeout();
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let epoch = Instant::now();
-    let mut last_heard = Instant::now();
-    let mut seq = 0u64;
+    let mut heartbeats = Heartbeats::new(shared.settings.heartbeat_interval(), shared.settings.heartbeat_misses);
     let mut going_away = false;
     loop {
         let outgoing = tokio::select! {
@@ -165,20 +156,16 @@ async fn run_session(
                 Some(ControlMessage::GoAway(GoAway { drain_ms, reason: "relay shutting down".into() }))
             }
             msg = control.recv() => match msg {
-                Ok(ControlMessage::Heartbeat(hb)) => {
-                    last_heard = Instant::now();
-                    Some(ControlMessage::HeartbeatAck(hb))
-                }
+                Ok(ControlMessage::Heartbeat(hb)) => Some(heartbeats.on_heartbeat(hb)),
                 Ok(ControlMessage::HeartbeatAck(hb)) => {
-                    last_heard = Instant::now();
-                    session.set_rtt(Duration::from_micros(micros(epoch.elapsed()).saturating_sub(hb.sent_at_us)));
+                    session.set_rtt(heartbeats.on_ack(hb));
                     None
                 }
                 Ok(ControlMessage::GoAway(go)) => {
                     info!(reason = %go.reason, drain_ms = go.drain_ms, "agent going away");
+                    heartbeats.heard();
                     session.set_draining();
                     shared.sessions.remove(session);
-                    last_heard = Instant::now();
                     None
                 }
                 Ok(other) => {
@@ -191,15 +178,13 @@ async fn run_session(
                 }
                 Err(err) => return conn.close_reason().map_or_else(|| err.to_string(), |r| r.to_string()),
             },
-            _ = ticker.tick() => {
-                if last_heard.elapsed() > silence_limit {
+            tick = heartbeats.tick() => match tick {
+                Ok(heartbeat) => Some(heartbeat),
+                Err(silent) => {
                     quictun_core::close(conn, CloseCode::HeartbeatTimeout);
-                    return format!("no heartbeat for {:?}", last_heard.elapsed());
+                    return silent.to_string();
                 }
-                seq += 1;
-                let rtt_us = session.rtt().map(micros);
-                Some(ControlMessage::Heartbeat(Heartbeat { seq, sent_at_us: micros(epoch.elapsed()), rtt_us }))
-            }
+            },
             Some(cmd) = commands.recv() => match cmd {
                 SessionCommand::ConfigSync(config) => Some(ControlMessage::ConfigSync(config)),
             },
@@ -213,7 +198,7 @@ async fn run_session(
             },
         };
         if let Some(msg) = outgoing {
-            match tokio::time::timeout(silence_limit, control.send(msg)).await {
+            match tokio::time::timeout(heartbeats.silence_limit(), control.send(msg)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(err)) => return format!("control stream write failed: {err}"),
                 Err(_) => {

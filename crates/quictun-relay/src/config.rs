@@ -2,6 +2,9 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
+pub use quictun_core::config::ConfigError;
+use quictun_core::config::{load_toml, parse_toml};
 use std::time::Duration;
 
 use quictun_proto::Token;
@@ -134,49 +137,17 @@ fn default_prefix() -> String {
     "/".to_owned()
 }
 
-/// A configuration error that names the file and the key.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{file}: {source}")]
-    Read {
-        /// The file.
-        file: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The TOML did not parse or had unknown or mistyped keys.
-    #[error("{file}: {message}")]
-    Parse {
-        /// The file.
-        file: PathBuf,
-        /// toml's message, which names the key and line.
-        message: String,
-    },
-    /// The configuration parsed but is inconsistent.
-    #[error("{file}: {key}: {message}")]
-    Invalid {
-        /// The file.
-        file: PathBuf,
-        /// The offending key, such as `routes[2].upstream`.
-        key: String,
-        /// What is wrong.
-        message: String,
-    },
-}
-
 impl RelayConfig {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
-        Self::parse(&text, path)
+        let config: Self = load_toml(path)?;
+        config.validate(path)?;
+        Ok(config)
     }
 
     /// Parses and validates configuration text; `file` names it in errors.
     pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
-        let config: Self =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { file: file.to_owned(), message: e.to_string() })?;
+        let config: Self = parse_toml(text, file)?;
         config.validate(file)?;
         Ok(config)
     }
@@ -184,7 +155,7 @@ impl RelayConfig {
     /// Checks cross references: every route's upstream exists, ids and names are unique, every
     /// client has exactly one token source, tokens from the environment are set.
     pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
-        let invalid = |key: String, message: String| ConfigError::Invalid { file: file.to_owned(), key, message };
+        let invalid = |key: String, message: String| ConfigError::invalid(file, key, message);
         let r = &self.relay;
         if r.heartbeat_interval_ms < 50 {
             return Err(invalid("relay.heartbeat_interval_ms".into(), "must be at least 50".into()));
