@@ -10,6 +10,7 @@ use std::time::Duration;
 use http::StatusCode;
 use quictun_agent::Agent;
 use quictun_core::framed::{ControlChannel, read_frame, write_frame};
+use quictun_core::link::ControlIo;
 use quictun_core::tls::GeneratedCert;
 use quictun_core::{Trust, Tuning};
 use quictun_proto::frame;

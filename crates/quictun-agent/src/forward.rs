@@ -1,35 +1,27 @@
-//! Serving one data stream: read the request head, forward to the upstream with a pooled hyper
-//! client, stream the response back. Failures reset the stream with a code the relay maps to a
-//! status; a bad stream never affects the others.
+//! Forwarding one request to a local upstream with a pooled hyper client, whatever transport
+//! brought it. Failures are stream codes the relay maps to a status; a bad request never affects
+//! the others.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Method, Request};
-use http_body_util::{Either, Empty};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use quictun_core::framed::{read_frame_within, write_frame};
-use quictun_core::http_stream::{
-    RecvBody, headers_from_wire, headers_to_wire, pump_body, reset, stop, strip_hop_by_hop,
-};
-use quictun_proto::{Limits, RequestHead, ResponseHead, StreamCode, StreamKind};
-use tracing::{Instrument, debug, info_span, warn};
+use quictun_core::http_stream::{headers_from_wire, headers_to_wire, strip_hop_by_hop};
+use quictun_core::link::TunnelBody;
+use quictun_proto::{Limits, RequestHead, ResponseHead, StreamCode};
+use tracing::warn;
 
 use crate::upstreams::UpstreamTable;
-
-/// Deadline for the head frame of a stream the relay opened.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The body sent to an upstream: nothing, or the stream's remaining bytes.
-pub type UpstreamBody = Either<Empty<Bytes>, RecvBody>;
 
 /// What every stream handler of one agent shares.
 #[derive(Debug)]
 pub struct Forwarder {
-    client: Client<HttpConnector, UpstreamBody>,
+    client: Client<HttpConnector, TunnelBody>,
     upstreams: RwLock<Arc<UpstreamTable>>,
     limits: Limits,
     response_timeout: Duration,
@@ -73,45 +65,10 @@ impl Forwarder {
         *self.upstreams.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(table);
     }
 
-    /// Serves one stream opened by the relay.
-    pub async fn serve_stream(self: Arc<Self>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-        let head: RequestHead = match read_frame_within(&mut recv, self.limits.max_head_frame, HEAD_TIMEOUT).await {
-            Ok(head) => head,
-            Err(err) => {
-                let code = err.stream_code();
-                warn!(%err, ?code, "bad stream from relay");
-                reset(&mut send, code);
-                stop(&mut recv, code);
-                return;
-            }
-        };
-        let span = info_span!("stream", request_id = %head.request_id, upstream = %head.upstream);
-        if let Err(err) = head.validate(&self.limits) {
-            span.in_scope(|| warn!(%err, "invalid request head"));
-            reset(&mut send, StreamCode::Malformed);
-            stop(&mut recv, StreamCode::Malformed);
-            return;
-        }
-        match head.kind {
-            StreamKind::Http => {
-                if let Err(code) = self.forward_http(head, &mut send, recv).instrument(span.clone()).await {
-                    reset(&mut send, code);
-                }
-            }
-            StreamKind::Tcp | StreamKind::Upgrade => {
-                span.in_scope(|| debug!(kind = ?head.kind, "stream kind not served"));
-                reset(&mut send, StreamCode::KindUnsupported);
-                stop(&mut recv, StreamCode::KindUnsupported);
-            }
-        }
-    }
-
-    async fn forward_http(
-        &self,
-        head: RequestHead,
-        send: &mut quinn::SendStream,
-        mut recv: quinn::RecvStream,
-    ) -> Result<(), StreamCode> {
+    /// Forwards one request to its upstream and returns the upstream's response head and body.
+    /// The request head must already be validated. Failures are the code to reset the exchange
+    /// with.
+    pub async fn handle(&self, head: RequestHead, body: TunnelBody) -> Result<(ResponseHead, Incoming), StreamCode> {
         let upstreams = self.upstreams();
         let target = upstreams.pick(&head.upstream).ok_or_else(|| {
             warn!("request for an unknown upstream");
@@ -120,12 +77,6 @@ impl Forwarder {
         let uri = target.uri_for(&head.uri).map_err(|_| StreamCode::Malformed)?;
         let method = Method::from_bytes(head.method.as_bytes()).map_err(|_| StreamCode::Malformed)?;
         let headers = headers_from_wire(head.headers).map_err(|_| StreamCode::Malformed)?;
-        let body = if head.has_body {
-            Either::Right(RecvBody::new(recv))
-        } else {
-            stop(&mut recv, StreamCode::NoError);
-            Either::Left(Empty::new())
-        };
         let mut request = Request::new(body);
         *request.method_mut() = method;
         *request.uri_mut() = uri;
@@ -144,16 +95,18 @@ impl Forwarder {
         };
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let head = ResponseHead { status: parts.status.as_u16(), headers: headers_to_wire(&parts.headers) };
-        if write_frame(send, &head, self.limits.max_head_frame).await.is_err() {
-            return Err(StreamCode::Cancelled);
-        }
-        match pump_body(body, send, StreamCode::UpstreamFailed).await {
-            Ok(bytes) => debug!(status = head.status, bytes, "response sent"),
-            Err(err) => debug!(%err, "response body ended early"),
-        }
-        Ok(())
+        Ok((ResponseHead { status: parts.status.as_u16(), headers: headers_to_wire(&parts.headers) }, body))
     }
+
+    /// Frame limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+}
+
+/// An empty request body.
+pub fn empty_body() -> TunnelBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
 /// An error and its causes, one line.

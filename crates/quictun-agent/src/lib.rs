@@ -9,11 +9,13 @@
 //! - [`options`]: validated options (file and flags merged).
 //! - [`upstreams`]: the upstream table (pushed by the relay, merged with local ones).
 //! - [`forward`]: one data stream → one upstream request.
-//! - [`session`]: one connection's life: register, heartbeats, config_sync, drain.
+//! - [`session`]: one connection's life for any transport: register, heartbeats, config_sync, drain.
+//! - [`quic`]: the QUIC transport: dial, verify, one stream per request.
 
 pub mod config;
 pub mod forward;
 pub mod options;
+pub mod quic;
 pub mod session;
 pub mod upstreams;
 
@@ -186,13 +188,18 @@ async fn run(
     let mut backoff = Backoff::new(options.backoff_base, options.backoff_cap);
     let result = loop {
         state.send_replace(AgentState::Connecting);
-        let reason = match session::run_once(&options, &endpoint, &setup, &forwarder, &state, &shutdown).await {
+        let attempt = async {
+            let (control, conn) = tokio::select! {
+                dialed = quic::dial(&options, &endpoint, &setup) => dialed?,
+                _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
+            };
+            session::register_and_serve(&options, control, conn, &forwarder, &state, &shutdown).await
+        };
+        let reason = match attempt.await {
             Ok(Outcome::Shutdown) => break Ok(()),
             Ok(Outcome::Replaced) => break Err(AgentError::Replaced(options.client_id.clone())),
-            Ok(Outcome::Lost { registered, reason }) => {
-                if registered {
-                    backoff.reset();
-                }
+            Ok(Outcome::Lost { reason }) => {
+                backoff.reset();
                 info!(%reason, "connection to relay ended");
                 reason
             }

@@ -1,12 +1,12 @@
-//! One connection to the relay: dial, verify, register, then serve until the connection ends.
+//! One connection to the relay, for any transport: register, then serve until the connection ends
+//! (heartbeats, config_sync, go-away, and the transport's own request serving).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use quictun_core::endpoint::ClientSetup;
-use quictun_core::framed::ControlChannel;
 use quictun_core::heartbeat::Heartbeats;
+use quictun_core::link::{BoxFuture, ControlIo};
 use quictun_proto::{CloseCode, ControlMessage, GoAway, Register};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -17,8 +17,6 @@ use crate::forward::Forwarder;
 use crate::upstreams::UpstreamTable;
 use crate::{AgentError, AgentOptions, AgentState};
 
-/// Longest a QUIC handshake may take before the attempt is retried.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest the relay may take to answer the register message.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Heartbeat intervals of silence after which the relay is considered gone.
@@ -33,8 +31,6 @@ pub enum Outcome {
     Replaced,
     /// The connection ended; reconnect.
     Lost {
-        /// Whether registration had succeeded (resets the backoff).
-        registered: bool,
         /// Why.
         reason: String,
     },
@@ -49,53 +45,37 @@ pub enum Attempt {
     Fatal(AgentError),
 }
 
-async fn resolve(relay: &str) -> Result<SocketAddr, Attempt> {
-    let mut addrs =
-        tokio::net::lookup_host(relay).await.map_err(|e| Attempt::Retry(format!("resolving {relay}: {e}")))?;
-    addrs.next().ok_or_else(|| Attempt::Retry(format!("{relay} resolved to no address")))
+/// What the session loop needs from a transport's connection to the relay.
+pub trait RelayConnection: Send + Sync {
+    /// Serves requests from the relay until the connection ends (returning why). Each request
+    /// runs in a task on `tasks` and stops when `cancel` fires.
+    fn serve_requests(
+        &self,
+        forwarder: Arc<Forwarder>,
+        tasks: TaskTracker,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'_, String>;
+
+    /// Closes the connection with a close code.
+    fn close(&self, code: CloseCode);
+
+    /// The code the relay closed the connection with, if it did.
+    fn peer_close_code(&self) -> Option<CloseCode>;
+
+    /// The relay's address.
+    fn remote_addr(&self) -> SocketAddr;
 }
 
-async fn dial(
+/// Registers on `control` and serves `conn` until it ends or the agent is asked to stop.
+pub async fn register_and_serve<C: ControlIo, R: RelayConnection>(
     options: &AgentOptions,
-    endpoint: &quinn::Endpoint,
-    setup: &ClientSetup,
-) -> Result<quinn::Connection, Attempt> {
-    let addr = resolve(&options.relay).await?;
-    let connecting = endpoint
-        .connect_with(setup.config.clone(), addr, &options.server_name)
-        .map_err(|e| Attempt::Fatal(AgentError::Endpoint(format!("cannot dial {addr}: {e}"))))?;
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(err)) => {
-            if let Some(mismatch) = setup.pin_verifier.as_ref().and_then(|v| v.last_mismatch()) {
-                return Err(Attempt::Fatal(AgentError::PinMismatch(mismatch)));
-            }
-            let text = err.to_string();
-            if text.contains("certificate") {
-                return Err(Attempt::Fatal(AgentError::Tls(text)));
-            }
-            Err(Attempt::Retry(format!("QUIC handshake with {addr}: {text}")))
-        }
-        Err(_) => Err(Attempt::Retry(format!("QUIC handshake with {addr} timed out after {HANDSHAKE_TIMEOUT:?}"))),
-    }
-}
-
-/// Dials, registers and serves one connection.
-pub async fn run_once(
-    options: &AgentOptions,
-    endpoint: &quinn::Endpoint,
-    setup: &ClientSetup,
+    mut control: C,
+    conn: R,
     forwarder: &Arc<Forwarder>,
     state: &watch::Sender<AgentState>,
     shutdown: &CancellationToken,
 ) -> Result<Outcome, Attempt> {
-    let conn = tokio::select! {
-        conn = dial(options, endpoint, setup) => conn?,
-        _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
-    };
     let retry = |what: &str, e: &dyn std::fmt::Display| Attempt::Retry(format!("{what}: {e}"));
-    let (send, recv) = conn.open_bi().await.map_err(|e| retry("opening the control stream", &e))?;
-    let mut control = ControlChannel::new(send, recv, options.limits.max_control_frame);
     let register = Register {
         protocol_version: quictun_proto::PROTOCOL_VERSION,
         client_id: options.client_id.clone(),
@@ -107,20 +87,17 @@ pub async fn run_once(
     let accepted = match control.recv_within(REGISTER_TIMEOUT).await {
         Ok(ControlMessage::Accepted(accepted)) => accepted,
         Ok(ControlMessage::Rejected(rejected)) => {
-            quictun_core::close(&conn, CloseCode::Rejected);
+            conn.close(CloseCode::Rejected);
             if rejected.code.is_permanent() {
                 return Err(Attempt::Fatal(AgentError::Rejected { code: rejected.code, message: rejected.message }));
             }
             return Err(Attempt::Retry(format!("relay refused the session: {}", rejected.message)));
         }
         Ok(_) => {
-            quictun_core::close(&conn, CloseCode::Protocol);
+            conn.close(CloseCode::Protocol);
             return Err(Attempt::Retry("relay answered register with an unexpected message".into()));
         }
-        Err(err) => {
-            let reason = conn.close_reason().map_or_else(|| err.to_string(), |r| r.to_string());
-            return Err(Attempt::Retry(format!("registering: {reason}")));
-        }
+        Err(err) => return Err(retry("registering", &err)),
     };
     forwarder.install_fresh(UpstreamTable::build(
         &accepted.config,
@@ -130,23 +107,23 @@ pub async fn run_once(
     let span = info_span!("session", client_id = %options.client_id, session_id = %accepted.session_id);
     span.in_scope(|| {
         let upstreams: Vec<String> = forwarder.upstreams().names().map(str::to_owned).collect();
-        info!(relay = %conn.remote_address(), config_version = accepted.config.version, ?upstreams, "registered with relay");
+        info!(relay = %conn.remote_addr(), config_version = accepted.config.version, ?upstreams, "registered with relay");
     });
-    state.send_replace(AgentState::Connected { session_id: accepted.session_id, relay: conn.remote_address() });
+    state.send_replace(AgentState::Connected { session_id: accepted.session_id, relay: conn.remote_addr() });
     let interval = Duration::from_millis(u64::from(accepted.heartbeat_interval_ms.max(50)));
     let serve = Serve { options, conn: &conn, forwarder, interval };
     Ok(serve.run(&mut control, shutdown).instrument(span).await)
 }
 
-struct Serve<'a> {
+struct Serve<'a, R> {
     options: &'a AgentOptions,
-    conn: &'a quinn::Connection,
+    conn: &'a R,
     forwarder: &'a Arc<Forwarder>,
     interval: Duration,
 }
 
-impl Serve<'_> {
-    async fn run(self, control: &mut ControlChannel, shutdown: &CancellationToken) -> Outcome {
+impl<R: RelayConnection> Serve<'_, R> {
+    async fn run<C: ControlIo>(self, control: &mut C, shutdown: &CancellationToken) -> Outcome {
         let streams = TaskTracker::new();
         let cancel_streams = CancellationToken::new();
         let outcome = self.serve(control, shutdown, &streams, &cancel_streams).await;
@@ -156,24 +133,29 @@ impl Serve<'_> {
             if tokio::time::timeout(self.options.drain_timeout, streams.wait()).await.is_err() {
                 warn!(in_flight = streams.len(), "drain timeout: cancelling remaining streams");
             }
-            quictun_core::close(self.conn, CloseCode::GoingAway);
+            self.conn.close(CloseCode::GoingAway);
         }
         cancel_streams.cancel();
         outcome
     }
 
-    async fn serve(
+    fn lost(&self, reason: String) -> Outcome {
+        match self.conn.peer_close_code() {
+            Some(CloseCode::Replaced) => Outcome::Replaced,
+            _ => Outcome::Lost { reason },
+        }
+    }
+
+    async fn serve<C: ControlIo>(
         &self,
-        control: &mut ControlChannel,
+        control: &mut C,
         shutdown: &CancellationToken,
         streams: &TaskTracker,
         cancel_streams: &CancellationToken,
     ) -> Outcome {
-        let lost = |reason: String| match self.conn.close_reason() {
-            Some(err) if quictun_core::peer_close_code(&err) == Some(CloseCode::Replaced) => Outcome::Replaced,
-            _ => Outcome::Lost { registered: true, reason },
-        };
         let mut heartbeats = Heartbeats::new(self.interval, HEARTBEAT_MISSES);
+        let requests = self.conn.serve_requests(self.forwarder.clone(), streams.clone(), cancel_streams.clone());
+        tokio::pin!(requests);
         loop {
             let outgoing = tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -184,6 +166,7 @@ impl Serve<'_> {
                     }
                     return Outcome::Shutdown;
                 }
+                reason = &mut requests => return self.lost(reason),
                 msg = control.recv() => match msg {
                     Ok(ControlMessage::Heartbeat(hb)) => Some(heartbeats.on_heartbeat(hb)),
                     Ok(ControlMessage::HeartbeatAck(hb)) => {
@@ -208,42 +191,26 @@ impl Serve<'_> {
                         None
                     }
                     Ok(_) => {
-                        quictun_core::close(self.conn, CloseCode::Protocol);
-                        return lost("relay sent an unexpected control message".into());
+                        self.conn.close(CloseCode::Protocol);
+                        return self.lost("relay sent an unexpected control message".into());
                     }
-                    Err(err) => {
-                        return lost(self.conn.close_reason().map_or_else(|| err.to_string(), |r| r.to_string()));
-                    }
+                    Err(err) => return self.lost(err.to_string()),
                 },
                 tick = heartbeats.tick() => match tick {
                     Ok(heartbeat) => Some(heartbeat),
                     Err(silent) => {
-                        quictun_core::close(self.conn, CloseCode::HeartbeatTimeout);
-                        return lost(format!("relay {silent}"));
+                        self.conn.close(CloseCode::HeartbeatTimeout);
+                        return self.lost(format!("relay {silent}"));
                     }
-                },
-                stream = self.conn.accept_bi() => match stream {
-                    Ok((send, recv)) => {
-                        let forwarder = self.forwarder.clone();
-                        let cancel = cancel_streams.clone();
-                        streams.spawn(async move {
-                            tokio::select! {
-                                _ = forwarder.serve_stream(send, recv) => {}
-                                _ = cancel.cancelled() => {}
-                            }
-                        }.in_current_span());
-                        None
-                    }
-                    Err(err) => return lost(err.to_string()),
                 },
             };
             if let Some(msg) = outgoing {
                 match tokio::time::timeout(heartbeats.silence_limit(), control.send(msg)).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(err)) => return lost(format!("control stream write failed: {err}")),
+                    Ok(Err(err)) => return self.lost(format!("control stream write failed: {err}")),
                     Err(_) => {
-                        quictun_core::close(self.conn, CloseCode::HeartbeatTimeout);
-                        return lost("control stream blocked: relay is not reading".into());
+                        self.conn.close(CloseCode::HeartbeatTimeout);
+                        return self.lost("control stream blocked: relay is not reading".into());
                     }
                 }
             }

@@ -9,6 +9,8 @@ use quictun_proto::{ControlMessage, StreamCode};
 use serde::{Serialize, de::DeserializeOwned};
 use tokio_util::codec::{Decoder, Encoder, FramedRead, FramedWrite};
 
+use crate::link::ControlIo;
+
 /// Why a frame could not be read from a stream.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadFrameError {
@@ -177,27 +179,24 @@ impl ControlChannel {
         let codec = ControlCodec::new(max_frame);
         Self { reader: FramedRead::new(recv, codec), writer: FramedWrite::new(send, codec) }
     }
+}
 
+impl ControlIo for ControlChannel {
     /// The next message; `Err(Closed)` when the peer finished the stream. Cancel-safe.
-    pub async fn recv(&mut self) -> Result<ControlMessage, ControlError> {
+    async fn recv(&mut self) -> Result<ControlMessage, ControlError> {
         match self.reader.next().await {
             Some(result) => result,
             None => Err(ControlError::Closed),
         }
     }
 
-    /// [`Self::recv`] with a deadline.
-    pub async fn recv_within(&mut self, deadline: Duration) -> Result<ControlMessage, ControlError> {
-        tokio::time::timeout(deadline, self.recv()).await.map_err(|_| ControlError::Timeout(deadline))?
-    }
-
     /// Sends one message and flushes it.
-    pub async fn send(&mut self, msg: ControlMessage) -> Result<(), ControlError> {
+    async fn send(&mut self, msg: ControlMessage) -> Result<(), ControlError> {
         self.writer.send(msg).await
     }
 
     /// Finishes our side of the stream (after a go-away or a rejection).
-    pub fn finish(&mut self) {
+    fn finish(&mut self) {
         // Already finished or reset: nothing left to do.
         let _already_closed = self.writer.get_mut().finish();
     }

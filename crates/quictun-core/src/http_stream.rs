@@ -9,6 +9,8 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use quictun_proto::{Header, StreamCode};
+
+pub use crate::link::BodyError;
 use quinn::VarInt;
 
 /// Largest chunk handed out by [`RecvBody`] at a time.
@@ -83,33 +85,12 @@ pub fn headers_from_wire(headers: Vec<Header>) -> Result<HeaderMap, InvalidHeade
     Ok(map)
 }
 
-/// Why a body read from a QUIC stream ended early.
-#[derive(Debug, thiserror::Error)]
-pub enum BodyError {
-    /// The peer reset the stream.
-    #[error("stream reset by peer: {}", describe_code(*.0))]
-    Reset(u64),
-    /// The connection is gone.
-    #[error("tunnel connection lost: {0}")]
-    ConnectionLost(quinn::ConnectionError),
-    /// The stream was closed locally.
-    #[error("stream closed")]
-    Closed,
-}
-
-fn describe_code(code: u64) -> String {
-    match StreamCode::from_u64(code) {
-        Some(c) => format!("{} ({code})", c.describe()),
-        None => format!("code {code}"),
-    }
-}
-
 impl From<quinn::ReadError> for BodyError {
     fn from(e: quinn::ReadError) -> Self {
         match e {
             quinn::ReadError::Reset(code) => Self::Reset(code.into_inner()),
-            quinn::ReadError::ConnectionLost(c) => Self::ConnectionLost(c),
-            _ => Self::Closed,
+            quinn::ReadError::ConnectionLost(c) => Self::ConnectionLost(c.to_string()),
+            other => Self::Closed(other.to_string()),
         }
     }
 }

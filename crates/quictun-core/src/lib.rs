@@ -5,6 +5,8 @@
 //! - [`endpoint`]: UDP sockets with large buffers and the QUIC transport tuning.
 //! - [`framed`]: head frames on data streams and the control channel codec.
 //! - [`http_stream`]: the HTTP-over-stream codec: header conversion, streaming bodies.
+//! - [`link`]: what a transport provides (control channel, agent link, tunnel bodies).
+//! - [`quic_link`]: the QUIC transport's agent link (one stream per exchange).
 //! - [`backoff`]: exponential backoff with full jitter.
 //! - [`heartbeat`]: heartbeat timing, silence detection and RTT.
 //! - [`config`]: TOML loading with errors that name the file and the key.
@@ -15,6 +17,8 @@ pub mod endpoint;
 pub mod framed;
 pub mod heartbeat;
 pub mod http_stream;
+pub mod link;
+pub mod quic_link;
 pub mod tls;
 
 pub use endpoint::{Congestion, Tuning};

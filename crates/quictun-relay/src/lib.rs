@@ -6,17 +6,20 @@
 //! - [`config`]: the `relay.toml` file.
 //! - [`state`]: the live configuration (routes, clients, agent configs) and shared plumbing.
 //! - [`sessions`]: client_id → session, group → sessions.
-//! - [`agents`]: QUIC accept loop, registration, heartbeats.
+//! - [`registration`]: registration and the session loop (heartbeats, config_sync, go-away), for
+//!   any transport.
+//! - [`quic`]: the QUIC transport: accept loop, handshake, control stream.
 //! - [`router`]: host and path routing.
 //! - [`ingress`] and [`proxy`]: the HTTP server and the per-request forwarding.
 //!
 //! [`Relay::start`] binds everything and returns a [`Relay`] handle; [`Relay::shutdown`] drains.
 
 pub mod admin;
-pub mod agents;
 pub mod config;
 pub mod ingress;
 pub mod proxy;
+pub mod quic;
+pub mod registration;
 pub mod router;
 pub mod sessions;
 pub mod state;
@@ -90,7 +93,7 @@ impl Relay {
         })?;
         let (http_listener, http_addr) = bind_tcp("HTTP", settings.http_listen).await?;
         let (admin_listener, admin_addr) = bind_tcp("admin", settings.admin_listen).await?;
-        shared.tasks.spawn(agents::accept_loop(endpoint.clone(), shared.clone()));
+        shared.tasks.spawn(quic::accept_loop(endpoint.clone(), shared.clone()));
         let ingress = shared.tasks.spawn(ingress::serve(http_listener, shared.clone()));
         shared.tasks.spawn(admin::serve(admin_listener, shared.clone()));
         info!(%quic_addr, %http_addr, %admin_addr, "relay listening");

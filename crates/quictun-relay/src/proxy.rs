@@ -13,12 +13,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use quictun_core::framed::{ReadFrameError, read_frame, write_frame};
-use quictun_core::http_stream::{
-    BodyError, RecvBody, connection_listed, headers_from_wire, is_hop_by_hop, pump_body, stop, wire_header,
-};
-use quictun_proto::{Header, RequestHead, ResponseHead, StreamCode, StreamKind};
+use quictun_core::http_stream::{connection_listed, headers_from_wire, is_hop_by_hop, wire_header};
+use quictun_core::link::{BodyError, LinkError, TunnelBody};
+use quictun_proto::{Header, RequestHead, StreamKind};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{Instrument, debug, field, info_span, warn};
 use uuid::Uuid;
@@ -27,8 +26,6 @@ use crate::state::Shared;
 
 /// The header carrying the relay's request id, on every response.
 pub const REQUEST_ID_HEADER: &str = "x-quictun-request-id";
-/// Longest wait for a free stream slot on the agent's connection.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a request could not be proxied, and so which status it gets.
 #[derive(Debug, thiserror::Error)]
@@ -47,15 +44,9 @@ pub enum ProxyError {
     /// The route's group has no connected agent.
     #[error("no agent of group {0:?} is connected")]
     NoAgent(Arc<str>),
-    /// The agent's connection is at its stream limit (safe to retry).
-    #[error("agent at its concurrency limit")]
-    AgentBusy,
-    /// The agent's connection went away before the response started.
-    #[error("agent connection lost")]
-    AgentLost,
-    /// The agent reset the stream with a code.
-    #[error("agent: {}", .0.describe())]
-    Agent(StreamCode),
+    /// The exchange with the agent failed before a response head arrived.
+    #[error(transparent)]
+    Link(#[from] LinkError),
     /// The agent sent an unusable response head.
     #[error("invalid response from agent: {0}")]
     BadResponse(String),
@@ -70,10 +61,12 @@ impl ProxyError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
-            Self::AgentBusy => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::Agent(code) => StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::BAD_GATEWAY),
-            Self::NoAgent(_) | Self::AgentLost | Self::BadResponse(_) => StatusCode::BAD_GATEWAY,
+            Self::Link(LinkError::Busy) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Link(LinkError::Reset(code)) => {
+                StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::BAD_GATEWAY)
+            }
+            Self::NoAgent(_) | Self::Link(_) | Self::BadResponse(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -88,25 +81,6 @@ impl ProxyError {
         }
         response
     }
-
-    fn from_read(err: ReadFrameError) -> Self {
-        match err {
-            ReadFrameError::Reset(code) => StreamCode::from_u64(code).map_or(Self::AgentLost, Self::Agent),
-            ReadFrameError::ConnectionLost(_) | ReadFrameError::Closed => Self::AgentLost,
-            ReadFrameError::Timeout(d) => Self::Timeout(d),
-            other => Self::BadResponse(other.to_string()),
-        }
-    }
-}
-
-/// Aborts a task when dropped: the request-body upload lives exactly as long as the response.
-#[derive(Debug)]
-pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// The body of an ingress response: a short error text, or the agent's stream.
@@ -115,10 +89,8 @@ pub enum IngressBody {
     Full(Option<Bytes>),
     /// The response body streamed from the agent.
     Tunnel {
-        /// The stream's receive side.
-        body: RecvBody,
-        /// The request-body upload, if still running.
-        upload: Option<AbortOnDrop>,
+        /// The body, from whichever transport.
+        body: TunnelBody,
         /// The stream slot on the agent's connection, held until the body ends.
         permit: OwnedSemaphorePermit,
     },
@@ -230,7 +202,7 @@ async fn forward(
         .ok_or_else(|| ProxyError::NoRoute { host: host.clone(), path: path.to_owned() })?;
     let session = shared.sessions.pick(&route.group).ok_or_else(|| ProxyError::NoAgent(route.group.clone()))?;
     tracing::Span::current().record("client_id", &*session.client_id);
-    let permit = session.try_stream_permit().ok_or(ProxyError::AgentBusy)?;
+    let permit = session.try_stream_permit().ok_or(ProxyError::Link(LinkError::Busy))?;
     let head = RequestHead {
         kind: StreamKind::Http,
         request_id,
@@ -241,45 +213,15 @@ async fn forward(
         has_body: !req.body().is_end_stream(),
     };
     drop(live);
-    let (mut send, mut recv) = match tokio::time::timeout(OPEN_TIMEOUT, session.conn.open_bi()).await {
-        Ok(Ok(streams)) => streams,
-        Ok(Err(_)) => return Err(ProxyError::AgentLost),
-        Err(_) => return Err(ProxyError::AgentBusy),
-    };
-    write_frame(&mut send, &head, shared.limits.max_head_frame).await.map_err(|err| match err {
-        quictun_core::framed::WriteFrameError::Frame(e) => ProxyError::BadResponse(format!("request head: {e}")),
-        quictun_core::framed::WriteFrameError::Write(_) => ProxyError::AgentLost,
-    })?;
-    let body = req.into_body();
-    let upload = if body.is_end_stream() {
-        // Finishing right after the head saves a task and lets the agent see the end at once.
-        let _already_closed = send.finish();
-        None
-    } else {
-        let task = tokio::spawn(
-            async move {
-                if let Err(err) = pump_body(body, &mut send, StreamCode::Cancelled).await {
-                    debug!(%err, "request body upload ended early");
-                }
-            }
-            .in_current_span(),
-        );
-        Some(AbortOnDrop(task))
-    };
+    let body = req.into_body().map_err(|e| BodyError::Closed(e.to_string())).boxed_unsync();
     let deadline = Duration::from_secs(shared.settings.response_timeout_secs);
-    let response_head: ResponseHead =
-        match tokio::time::timeout(deadline, read_frame(&mut recv, shared.limits.max_head_frame)).await {
-            Ok(Ok(head)) => head,
-            Ok(Err(err)) => return Err(ProxyError::from_read(err)),
-            Err(_) => {
-                stop(&mut recv, StreamCode::Cancelled);
-                return Err(ProxyError::Timeout(deadline));
-            }
-        };
-    response_head.validate(&shared.limits).map_err(|e| ProxyError::BadResponse(e.to_string()))?;
+    let (response_head, body) = match tokio::time::timeout(deadline, session.link.exchange(head, body)).await {
+        Ok(result) => result?,
+        Err(_) => return Err(ProxyError::Timeout(deadline)),
+    };
     let status = StatusCode::from_u16(response_head.status).map_err(|e| ProxyError::BadResponse(e.to_string()))?;
     let headers = headers_from_wire(response_head.headers).map_err(|e| ProxyError::BadResponse(e.to_string()))?;
-    let mut response = Response::new(IngressBody::Tunnel { body: RecvBody::new(recv), upload, permit });
+    let mut response = Response::new(IngressBody::Tunnel { body, permit });
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     Ok(response)

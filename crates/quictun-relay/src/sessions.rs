@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
+use quictun_core::link::AgentLink;
 use quictun_proto::{AgentConfig, CloseCode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use uuid::Uuid;
@@ -30,8 +31,8 @@ pub struct Session {
     pub group: Arc<str>,
     /// Unique per connection.
     pub session_id: Uuid,
-    /// The QUIC connection.
-    pub conn: quinn::Connection,
+    /// The transport's handle on the agent.
+    pub link: Arc<dyn AgentLink>,
     /// When the session registered.
     pub connected_at: SystemTime,
     streams: Arc<Semaphore>,
@@ -46,7 +47,7 @@ impl Session {
     pub fn new(
         client_id: &str,
         group: &str,
-        conn: quinn::Connection,
+        link: Arc<dyn AgentLink>,
         max_streams: u32,
         commands: mpsc::Sender<SessionCommand>,
     ) -> Self {
@@ -54,7 +55,7 @@ impl Session {
             client_id: Arc::from(client_id),
             group: Arc::from(group),
             session_id: Uuid::new_v4(),
-            conn,
+            link,
             connected_at: SystemTime::now(),
             streams: Arc::new(Semaphore::new(max_streams as usize)),
             max_streams,
@@ -66,7 +67,7 @@ impl Session {
 
     /// The agent's address as the relay sees it.
     pub fn remote(&self) -> SocketAddr {
-        self.conn.remote_address()
+        self.link.remote_addr()
     }
 
     /// A slot for one more in-flight stream, or `None` at the limit (answer 503 at once).
@@ -99,7 +100,7 @@ impl Session {
 
     /// True when the session can take new requests.
     pub fn is_available(&self) -> bool {
-        !self.draining.load(Ordering::Relaxed) && self.conn.close_reason().is_none()
+        !self.draining.load(Ordering::Relaxed) && !self.link.is_closed()
     }
 
     /// Queues a command for the control task; false when its queue is full or it has ended.
@@ -140,7 +141,7 @@ impl SessionManager {
         let old = self.by_client.insert(session.client_id.clone(), session.clone());
         if let Some(old) = &old {
             self.remove_from_group(old);
-            quictun_core::close(&old.conn, CloseCode::Replaced);
+            old.link.close(CloseCode::Replaced);
         }
         self.by_group.entry(session.group.clone()).or_default().members.push(session);
         self.bump();

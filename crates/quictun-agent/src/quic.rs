@@ -1,0 +1,159 @@
+//! The QUIC transport on the agent: dial and verify the relay, and serve each stream the relay
+//! opens (head frame, forward, response head, streamed body).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use quictun_core::endpoint::ClientSetup;
+use quictun_core::framed::{ControlChannel, read_frame_within, write_frame};
+use quictun_core::http_stream::{RecvBody, pump_body, reset, stop};
+use quictun_core::link::BoxFuture;
+use quictun_proto::{CloseCode, RequestHead, StreamCode, StreamKind};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::forward::{Forwarder, empty_body};
+use crate::session::{Attempt, RelayConnection};
+use crate::{AgentError, AgentOptions};
+
+/// Longest a QUIC handshake may take before the attempt is retried.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline for the head frame of a stream the relay opened.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn resolve(relay: &str) -> Result<SocketAddr, Attempt> {
+    let mut addrs =
+        tokio::net::lookup_host(relay).await.map_err(|e| Attempt::Retry(format!("resolving {relay}: {e}")))?;
+    addrs.next().ok_or_else(|| Attempt::Retry(format!("{relay} resolved to no address")))
+}
+
+/// Dials the relay, verifies it, and opens the control stream.
+pub async fn dial(
+    options: &AgentOptions,
+    endpoint: &quinn::Endpoint,
+    setup: &ClientSetup,
+) -> Result<(ControlChannel, QuicRelay), Attempt> {
+    let addr = resolve(&options.relay).await?;
+    let connecting = endpoint
+        .connect_with(setup.config.clone(), addr, &options.server_name)
+        .map_err(|e| Attempt::Fatal(AgentError::Endpoint(format!("cannot dial {addr}: {e}"))))?;
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(err)) => {
+            if let Some(mismatch) = setup.pin_verifier.as_ref().and_then(|v| v.last_mismatch()) {
+                return Err(Attempt::Fatal(AgentError::PinMismatch(mismatch)));
+            }
+            let text = err.to_string();
+            if text.contains("certificate") {
+                return Err(Attempt::Fatal(AgentError::Tls(text)));
+            }
+            return Err(Attempt::Retry(format!("QUIC handshake with {addr}: {text}")));
+        }
+        Err(_) => {
+            return Err(Attempt::Retry(format!("QUIC handshake with {addr} timed out after {HANDSHAKE_TIMEOUT:?}")));
+        }
+    };
+    let (send, recv) = conn.open_bi().await.map_err(|e| Attempt::Retry(format!("opening the control stream: {e}")))?;
+    Ok((ControlChannel::new(send, recv, options.limits.max_control_frame), QuicRelay { conn }))
+}
+
+/// A connection to the relay over QUIC.
+#[derive(Debug)]
+pub struct QuicRelay {
+    conn: quinn::Connection,
+}
+
+impl RelayConnection for QuicRelay {
+    fn serve_requests(
+        &self,
+        forwarder: Arc<Forwarder>,
+        tasks: TaskTracker,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'_, String> {
+        Box::pin(async move {
+            loop {
+                match self.conn.accept_bi().await {
+                    Ok((send, recv)) => {
+                        let forwarder = forwarder.clone();
+                        let cancel = cancel.clone();
+                        tasks.spawn(
+                            async move {
+                                tokio::select! {
+                                    _ = serve_stream(&forwarder, send, recv) => {}
+                                    _ = cancel.cancelled() => {}
+                                }
+                            }
+                            .in_current_span(),
+                        );
+                    }
+                    Err(err) => return err.to_string(),
+                }
+            }
+        })
+    }
+
+    fn close(&self, code: CloseCode) {
+        quictun_core::close(&self.conn, code);
+    }
+
+    fn peer_close_code(&self) -> Option<CloseCode> {
+        self.conn.close_reason().and_then(|err| quictun_core::peer_close_code(&err))
+    }
+
+    fn remote_addr(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+}
+
+/// Serves one stream opened by the relay.
+async fn serve_stream(forwarder: &Forwarder, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let limits = *forwarder.limits();
+    let head: RequestHead = match read_frame_within(&mut recv, limits.max_head_frame, HEAD_TIMEOUT).await {
+        Ok(head) => head,
+        Err(err) => {
+            let code = err.stream_code();
+            warn!(%err, ?code, "bad stream from relay");
+            reset(&mut send, code);
+            stop(&mut recv, code);
+            return;
+        }
+    };
+    let span = info_span!("stream", request_id = %head.request_id, upstream = %head.upstream);
+    if let Err(err) = head.validate(&limits) {
+        span.in_scope(|| warn!(%err, "invalid request head"));
+        reset(&mut send, StreamCode::Malformed);
+        stop(&mut recv, StreamCode::Malformed);
+        return;
+    }
+    if head.kind != StreamKind::Http {
+        span.in_scope(|| debug!(kind = ?head.kind, "stream kind not served"));
+        reset(&mut send, StreamCode::KindUnsupported);
+        stop(&mut recv, StreamCode::KindUnsupported);
+        return;
+    }
+    let body = if head.has_body {
+        RecvBody::new(recv).boxed_unsync()
+    } else {
+        stop(&mut recv, StreamCode::NoError);
+        empty_body()
+    };
+    async {
+        match forwarder.handle(head, body).await {
+            Ok((response_head, body)) => {
+                if write_frame(&mut send, &response_head, limits.max_head_frame).await.is_err() {
+                    return reset(&mut send, StreamCode::Cancelled);
+                }
+                match pump_body(body, &mut send, StreamCode::UpstreamFailed).await {
+                    Ok(bytes) => debug!(status = response_head.status, bytes, "response sent"),
+                    Err(err) => debug!(%err, "response body ended early"),
+                }
+            }
+            Err(code) => reset(&mut send, code),
+        }
+    }
+    .instrument(span)
+    .await;
+}

@@ -1,0 +1,107 @@
+//! What a transport must provide, so that routing, sessions, registration and the agent's upstream
+//! side are shared by every transport (QUIC, gRPC).
+//!
+//! - [`ControlIo`]: the control-message channel (register, config_sync, heartbeats, go-away).
+//! - [`AgentLink`]: the relay's handle on one registered agent: send a request, get a response
+//!   head and a streaming body back.
+//! - [`TunnelBody`]: a streaming body crossing the tunnel, in either direction.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use quictun_proto::{CloseCode, ControlMessage, RequestHead, ResponseHead, StreamCode};
+
+use crate::framed::ControlError;
+
+/// Why a body crossing the tunnel ended early.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BodyError {
+    /// The peer reset the exchange with a code.
+    #[error("reset by peer: {}", describe_code(*.0))]
+    Reset(u64),
+    /// The tunnel connection is gone.
+    #[error("tunnel connection lost: {0}")]
+    ConnectionLost(String),
+    /// The local side closed the exchange, or a source body failed.
+    #[error("{0}")]
+    Closed(String),
+}
+
+fn describe_code(code: u64) -> String {
+    match StreamCode::from_u64(code) {
+        Some(c) => format!("{} ({code})", c.describe()),
+        None => format!("code {code}"),
+    }
+}
+
+/// A streaming body crossing the tunnel.
+pub type TunnelBody = UnsyncBoxBody<Bytes, BodyError>;
+
+/// A boxed future, as trait objects need.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why an exchange with an agent failed before a response head arrived.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LinkError {
+    /// The agent is at its concurrency limit; retrying later is safe (nothing was sent).
+    #[error("agent at its concurrency limit")]
+    Busy,
+    /// The connection went away.
+    #[error("agent connection lost")]
+    Lost,
+    /// The agent reset the exchange with a code.
+    #[error("agent: {}", .0.describe())]
+    Reset(StreamCode),
+    /// The agent answered something unusable.
+    #[error("invalid response from agent: {0}")]
+    Protocol(String),
+}
+
+/// The relay's handle on one agent connection.
+pub trait AgentLink: Send + Sync + std::fmt::Debug + 'static {
+    /// Sends one request (head and streaming body) and resolves with the response head and its
+    /// streaming body. Dropping the future or the body cancels the exchange.
+    fn exchange(
+        &self,
+        head: RequestHead,
+        body: TunnelBody,
+    ) -> BoxFuture<'_, Result<(ResponseHead, TunnelBody), LinkError>>;
+
+    /// Closes the connection with a quictun close code.
+    fn close(&self, code: CloseCode);
+
+    /// True once the connection is closed (by either side).
+    fn is_closed(&self) -> bool;
+
+    /// Resolves when the connection is closed, with the reason.
+    fn closed(&self) -> BoxFuture<'_, String>;
+
+    /// The agent's address as the relay sees it.
+    fn remote_addr(&self) -> SocketAddr;
+
+    /// The transport's name, for logs and the admin endpoint.
+    fn transport(&self) -> &'static str;
+}
+
+/// A control-message channel. `recv` must be cancel-safe (it is used in `select!`).
+pub trait ControlIo: Send {
+    /// The next message; `Err(ControlError::Closed)` when the peer ended the channel.
+    fn recv(&mut self) -> impl Future<Output = Result<ControlMessage, ControlError>> + Send;
+
+    /// Sends one message.
+    fn send(&mut self, msg: ControlMessage) -> impl Future<Output = Result<(), ControlError>> + Send;
+
+    /// Ends our side of the channel.
+    fn finish(&mut self);
+
+    /// [`ControlIo::recv`] with a deadline.
+    fn recv_within(
+        &mut self,
+        deadline: std::time::Duration,
+    ) -> impl Future<Output = Result<ControlMessage, ControlError>> + Send {
+        async move { tokio::time::timeout(deadline, self.recv()).await.map_err(|_| ControlError::Timeout(deadline))? }
+    }
+}

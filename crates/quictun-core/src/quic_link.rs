@@ -1,0 +1,139 @@
+//! The QUIC transport's [`AgentLink`]: one bidirectional stream per exchange.
+//!
+//! The relay opens the stream itself (no extra round trip), writes the request head, streams the
+//! request body from a task that lives exactly as long as the response, and reads the response
+//! head; the response body is then read from the stream chunk by chunk.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use quictun_proto::{CloseCode, Limits, RequestHead, ResponseHead, StreamCode};
+use tracing::{Instrument, debug};
+
+use crate::framed::{ReadFrameError, WriteFrameError, read_frame, write_frame};
+use crate::http_stream::{RecvBody, pump_body};
+use crate::link::{AgentLink, BodyError, BoxFuture, LinkError, TunnelBody};
+
+/// Longest wait for a free stream slot on the connection.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Aborts a task when dropped.
+#[derive(Debug)]
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// An agent reached over one QUIC connection.
+#[derive(Debug, Clone)]
+pub struct QuicLink {
+    conn: quinn::Connection,
+    limits: Limits,
+}
+
+impl QuicLink {
+    /// Wraps a registered agent's connection.
+    pub fn new(conn: quinn::Connection, limits: Limits) -> Self {
+        Self { conn, limits }
+    }
+
+    /// The underlying connection.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    async fn run_exchange(&self, head: RequestHead, body: TunnelBody) -> Result<(ResponseHead, TunnelBody), LinkError> {
+        let (mut send, mut recv) = match tokio::time::timeout(OPEN_TIMEOUT, self.conn.open_bi()).await {
+            Ok(Ok(streams)) => streams,
+            Ok(Err(_)) => return Err(LinkError::Lost),
+            Err(_) => return Err(LinkError::Busy),
+        };
+        write_frame(&mut send, &head, self.limits.max_head_frame).await.map_err(|err| match err {
+            WriteFrameError::Frame(e) => LinkError::Protocol(format!("request head: {e}")),
+            WriteFrameError::Write(_) => LinkError::Lost,
+        })?;
+        let upload = if head.has_body {
+            let task = tokio::spawn(
+                async move {
+                    if let Err(err) = pump_body(body, &mut send, StreamCode::Cancelled).await {
+                        debug!(%err, "request body upload ended early");
+                    }
+                }
+                .in_current_span(),
+            );
+            Some(AbortOnDrop(task))
+        } else {
+            // Finishing right after the head lets the agent see the end at once.
+            let _already_closed = send.finish();
+            None
+        };
+        let response: ResponseHead = read_frame(&mut recv, self.limits.max_head_frame).await.map_err(from_read)?;
+        response.validate(&self.limits).map_err(|e| LinkError::Protocol(e.to_string()))?;
+        Ok((response, QuicResponseBody { body: RecvBody::new(recv), _upload: upload }.boxed_unsync()))
+    }
+}
+
+fn from_read(err: ReadFrameError) -> LinkError {
+    match err {
+        ReadFrameError::Reset(code) => StreamCode::from_u64(code).map_or(LinkError::Lost, LinkError::Reset),
+        ReadFrameError::ConnectionLost(_) | ReadFrameError::Closed => LinkError::Lost,
+        other => LinkError::Protocol(other.to_string()),
+    }
+}
+
+/// The response body, holding the request-body upload for as long as the response lives.
+struct QuicResponseBody {
+    body: RecvBody,
+    _upload: Option<AbortOnDrop>,
+}
+
+impl Body for QuicResponseBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+}
+
+impl AgentLink for QuicLink {
+    fn exchange(
+        &self,
+        head: RequestHead,
+        body: TunnelBody,
+    ) -> BoxFuture<'_, Result<(ResponseHead, TunnelBody), LinkError>> {
+        Box::pin(self.run_exchange(head, body))
+    }
+
+    fn close(&self, code: CloseCode) {
+        crate::close(&self.conn, code);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
+    }
+
+    fn closed(&self) -> BoxFuture<'_, String> {
+        Box::pin(async { self.conn.closed().await.to_string() })
+    }
+
+    fn remote_addr(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+
+    fn transport(&self) -> &'static str {
+        "quic"
+    }
+}

@@ -1,0 +1,91 @@
+//! The QUIC transport on the relay: accept loop, handshake, the control stream, and refusal of
+//! streams the agent opens (no agent-initiated kind is served yet).
+//!
+//! The handshake and the control stream each have a deadline and run in the connection's own
+//! task, never in the accept loop, so a slow or hostile client cannot stall other agents.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quictun_core::framed::{ControlChannel, read_frame_within};
+use quictun_core::http_stream::{reset, stop};
+use quictun_core::quic_link::QuicLink;
+use quictun_proto::{CloseCode, Limits, RequestHead, StreamCode};
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::registration::serve_agent;
+use crate::state::Shared;
+
+/// Longest a QUIC handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline for the head frame of a stream the agent opens.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts QUIC connections until shutdown; each is served in its own tracked task.
+pub async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        let shared2 = shared.clone();
+        shared.tasks.spawn(async move {
+            let remote = incoming.remote_address();
+            serve_connection(incoming, shared2).instrument(info_span!("agent", %remote)).await;
+        });
+    }
+    debug!("QUIC accept loop stopped");
+}
+
+async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(err)) => return debug!(%err, "QUIC handshake failed"),
+        Err(_) => return debug!("QUIC handshake timed out"),
+    };
+    let register_timeout = Duration::from_secs(shared.settings.register_timeout_secs);
+    let (send, recv) = match tokio::time::timeout(register_timeout, conn.accept_bi()).await {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(err)) => return debug!(%err, "connection closed before the control stream"),
+        Err(_) => {
+            quictun_core::close(&conn, CloseCode::HandshakeTimeout);
+            return debug!("no control stream in time");
+        }
+    };
+    let control = ControlChannel::new(send, recv, shared.limits.max_control_frame);
+    shared.tasks.spawn(refuse_agent_streams(conn.clone(), shared.limits).in_current_span());
+    serve_agent(control, Arc::new(QuicLink::new(conn, shared.limits)), shared).await;
+}
+
+/// Streams opened by the agent, until the connection ends: the head is read and checked (a
+/// malformed or oversized head is reset with its own code); no agent-initiated kind is served yet,
+/// so valid heads are refused with [`StreamCode::KindUnsupported`]. Other streams are unaffected.
+async fn refuse_agent_streams(conn: quinn::Connection, limits: Limits) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tokio::spawn(refuse_agent_stream(send, recv, limits).in_current_span());
+    }
+}
+
+async fn refuse_agent_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, limits: Limits) {
+    let code = match read_frame_within::<RequestHead>(&mut recv, limits.max_head_frame, HEAD_TIMEOUT).await {
+        Ok(head) => match head.validate(&limits) {
+            Ok(()) => {
+                debug!(request_id = %head.request_id, kind = ?head.kind, "refusing agent-initiated stream");
+                StreamCode::KindUnsupported
+            }
+            Err(err) => {
+                warn!(%err, "invalid head on a stream from the agent");
+                StreamCode::Malformed
+            }
+        },
+        Err(err) => {
+            warn!(%err, "bad stream from agent");
+            err.stream_code()
+        }
+    };
+    reset(&mut send, code);
+    stop(&mut recv, code);
+}
