@@ -6,16 +6,15 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
-use quictun_agent::{Agent, AgentError, AgentState};
+use quictun_agent::{Agent, AgentError, AgentState, Transport};
 use quictun_proto::RejectCode;
 use quictun_tests::client::{body, chunked, empty};
 use quictun_tests::{Harness, HarnessConfig, pattern, sha256_hex};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn get_and_post_through_the_tunnel() {
-    let h = Harness::start().await;
+async fn get_and_post_through_the_tunnel(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let _agent = h.agent("agent-1").await;
 
     let reply = h.client.get("app.test", "/hello").await;
@@ -33,9 +32,8 @@ async fn get_and_post_through_the_tunnel() {
     assert_eq!(reply.status, StatusCode::OK);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn eight_mib_bodies_both_ways_keep_their_checksum() {
-    let h = Harness::start().await;
+async fn eight_mib_bodies_both_ways_keep_their_checksum(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let _agent = h.agent("agent-1").await;
     let size = 8 << 20;
     let expected = sha256_hex(&pattern(size));
@@ -56,9 +54,8 @@ async fn eight_mib_bodies_both_ways_keep_their_checksum() {
     assert_eq!(sha256_hex(&echo.body), expected);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_requests_complete_while_one_hangs() {
-    let h = Harness::start().await;
+async fn fifty_requests_complete_while_one_hangs(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let _agent = h.agent("agent-1").await;
 
     let client = h.client.clone();
@@ -85,9 +82,8 @@ async fn fifty_requests_complete_while_one_hangs() {
     assert_eq!(reply.text(), "released");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chunked_responses_are_forwarded_as_they_arrive() {
-    let h = Harness::start().await;
+async fn chunked_responses_are_forwarded_as_they_arrive(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let _agent = h.agent("agent-1").await;
     let response = h.client.send(Method::GET, "app.test", "/chunks", empty()).await;
     assert_eq!(response.status(), StatusCode::OK);
@@ -99,9 +95,8 @@ async fn chunked_responses_are_forwarded_as_they_arrive() {
     assert_eq!(rest, "second");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forwarding_headers_are_set_and_hop_by_hop_headers_stripped() {
-    let h = Harness::start().await;
+async fn forwarding_headers_are_set_and_hop_by_hop_headers_stripped(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let _agent = h.agent("agent-1").await;
     let req = http::Request::builder()
         .uri(format!("http://{}/headers", h.relay().http_addr()))
@@ -126,9 +121,8 @@ async fn forwarding_headers_are_set_and_hop_by_hop_headers_stripped() {
     assert!(!seen.contains("connection:"), "{seen}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ingress_keeps_http1_connections_alive() {
-    let h = Harness::start().await;
+async fn ingress_keeps_http1_connections_alive(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let _agent = h.agent("agent-1").await;
     let stream = tokio::net::TcpStream::connect(h.relay().http_addr()).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
@@ -143,15 +137,17 @@ async fn ingress_keeps_http1_connections_alive() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn error_table_no_route_no_agent_and_upstream_refused() {
+async fn error_table_no_route_no_agent_and_upstream_refused(transport: Transport) {
     let closed_port = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap()
     };
-    let h =
-        Harness::start_with(HarnessConfig { app_target: Some(format!("http://{closed_port}")), ..Default::default() })
-            .await;
+    let h = Harness::start_with(HarnessConfig {
+        app_target: Some(format!("http://{closed_port}")),
+        transport,
+        ..Default::default()
+    })
+    .await;
 
     let reply = h.client.get("unknown.test", "/some/path").await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
@@ -168,11 +164,14 @@ async fn error_table_no_route_no_agent_and_upstream_refused() {
     assert!(reply.text().contains("upstream unreachable"), "{}", reply.text());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn overload_answers_503_at_once_and_slow_agents_504() {
-    let h =
-        Harness::start_with(HarnessConfig { max_streams_per_agent: 2, response_timeout_secs: 2, ..Default::default() })
-            .await;
+async fn overload_answers_503_at_once_and_slow_agents_504(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig {
+        max_streams_per_agent: 2,
+        response_timeout_secs: 2,
+        transport,
+        ..Default::default()
+    })
+    .await;
     let _agent = h.agent("agent-1").await;
     let hangs: Vec<_> = (0..2)
         .map(|_| {
@@ -196,9 +195,8 @@ async fn overload_answers_503_at_once_and_slow_agents_504() {
     assert_eq!(h.client.get("app.test", "/hello").await.status, StatusCode::OK);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wrong_token_is_rejected_and_the_agent_stops() {
-    let h = Harness::start().await;
+async fn a_wrong_token_is_rejected_and_the_agent_stops(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let agent = Agent::start(h.agent_options_with("agent-1", "not-the-token", &h.cert.pin.to_string())).await.unwrap();
     let result = tokio::time::timeout(WAIT, agent.wait()).await.expect("agent kept retrying a bad token");
     match result {
@@ -212,9 +210,8 @@ async fn a_wrong_token_is_rejected_and_the_agent_stops() {
     assert!(h.relay().sessions().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wrong_pin_is_refused_naming_both_fingerprints() {
-    let h = Harness::start().await;
+async fn a_wrong_pin_is_refused_naming_both_fingerprints(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let wrong = quictun_core::Pin::of(b"some other certificate");
     let agent = Agent::start(h.agent_options_with("agent-1", "secret-1", &wrong.to_string())).await.unwrap();
     let result = tokio::time::timeout(WAIT, agent.wait()).await.expect("agent kept retrying a wrong pin");
@@ -225,9 +222,8 @@ async fn a_wrong_pin_is_refused_naming_both_fingerprints() {
     assert!(h.relay().sessions().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_killed_mid_request_gives_502_and_others_go_on() {
-    let h = Harness::start().await;
+async fn an_agent_killed_mid_request_gives_502_and_others_go_on(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let web = h.agent("agent-1").await;
     let _api = h.agent("agent-2").await;
 
@@ -251,9 +247,8 @@ async fn an_agent_killed_mid_request_gives_502_and_others_go_on() {
     h.upstream.release();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_agent_comes_back_after_a_relay_restart() {
-    let mut h = Harness::start().await;
+async fn the_agent_comes_back_after_a_relay_restart(transport: Transport) {
+    let mut h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let agent = h.agent("agent-1").await;
     let first = agent.wait_connected(None, WAIT).await.unwrap();
     assert_eq!(h.client.get("app.test", "/hello").await.status, StatusCode::OK);
@@ -267,9 +262,8 @@ async fn the_agent_comes_back_after_a_relay_restart() {
     assert_eq!(reply.text(), "hello");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_agent_with_the_same_client_id_replaces_the_first() {
-    let h = Harness::start().await;
+async fn a_second_agent_with_the_same_client_id_replaces_the_first(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let first = h.agent("agent-1").await;
     let first_session = h.relay().sessions().get("agent-1").unwrap().session_id;
 
@@ -294,9 +288,8 @@ async fn a_second_agent_with_the_same_client_id_replaces_the_first() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_rotate_over_the_agents_of_a_group_and_sessions_leave_nothing_behind() {
-    let h = Harness::start().await;
+async fn requests_rotate_over_the_agents_of_a_group_and_sessions_leave_nothing_behind(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let a = h.agent("agent-1").await;
     let b = h.agent("agent-3").await;
     assert_eq!(h.relay().sessions().group("web").len(), 2);
@@ -306,19 +299,19 @@ async fn requests_rotate_over_the_agents_of_a_group_and_sessions_leave_nothing_b
     let in_flight: u32 = h.relay().sessions().group("web").iter().map(|s| s.in_flight()).sum();
     assert_eq!(in_flight, 0);
     a.shutdown().await.unwrap();
+    assert!(h.relay().sessions().wait_until(WAIT, |s| s.group("web").len() == 1).await);
     assert_eq!(h.client.get("app.test", "/hello").await.status, StatusCode::OK);
     b.shutdown().await.unwrap();
     assert!(h.relay().sessions().wait_until(WAIT, |s| s.is_empty()).await);
     assert!(h.relay().sessions().group("web").is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_can_trust_the_relay_by_a_ca_file() {
+async fn an_agent_can_trust_the_relay_by_a_ca_file(transport: Transport) {
     use quictun_core::tls::CertKey;
     use quictun_relay::Relay;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-    let h = Harness::start().await;
+    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     // A CA, and a relay certificate for "localhost" signed by it.
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -347,6 +340,8 @@ async fn an_agent_can_trust_the_relay_by_a_ca_file() {
     let mut options = Harness::options_for(relay.quic_addr(), "agent-1", "secret-1", &h.cert.pin.to_string());
     options.trust = quictun_core::Trust::CaFile(ca_file.clone());
     options.server_name = "localhost".into();
+    options.transport = transport;
+    options.grpc_relay = relay.grpc_addr().unwrap().to_string();
     let agent = Agent::start(options.clone()).await.unwrap();
     assert!(agent.wait_connected(None, WAIT).await.is_some(), "CA-verified agent did not connect");
     let client = quictun_tests::HttpClient::new(relay.http_addr());
@@ -362,9 +357,8 @@ async fn an_agent_can_trust_the_relay_by_a_ca_file() {
     relay.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_admin_endpoint_reports_health_and_live_sessions() {
-    let h = Harness::start().await;
+async fn the_admin_endpoint_reports_health_and_live_sessions(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let admin = quictun_tests::HttpClient::new(h.relay().admin_addr());
     assert_eq!(admin.get("admin", "/healthz").await.status, StatusCode::OK);
     assert_eq!(admin.get("admin", "/readyz").await.status, StatusCode::OK);
@@ -403,9 +397,8 @@ async fn raw_status_line(addr: std::net::SocketAddr, request: &[u8]) -> String {
     String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or_default().to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversized_request_heads_get_431_and_the_ingress_goes_on() {
-    let h = Harness::start().await;
+async fn oversized_request_heads_get_431_and_the_ingress_goes_on(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let _agent = h.agent("agent-1").await;
     let addr = h.relay().http_addr();
     let mut big = b"GET /hello HTTP/1.1\r\nHost: app.test\r\nX-Big: ".to_vec();
@@ -420,3 +413,45 @@ async fn oversized_request_heads_get_431_and_the_ingress_goes_on() {
     assert_eq!(raw_status_line(addr, &many).await, "HTTP/1.1 431 Request Header Fields Too Large");
     assert_eq!(raw_status_line(addr, b"GET /hello HTTP/1.1\r\nHost: app.test\r\n\r\n").await, "HTTP/1.1 200 OK");
 }
+
+/// Every scenario runs against both transports.
+macro_rules! on_both_transports {
+    ($($name:ident),* $(,)?) => {
+        mod quic {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Transport::Quic).await
+                }
+            )*
+        }
+        mod grpc {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Transport::Grpc).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_transports!(
+    get_and_post_through_the_tunnel,
+    eight_mib_bodies_both_ways_keep_their_checksum,
+    fifty_requests_complete_while_one_hangs,
+    chunked_responses_are_forwarded_as_they_arrive,
+    forwarding_headers_are_set_and_hop_by_hop_headers_stripped,
+    ingress_keeps_http1_connections_alive,
+    error_table_no_route_no_agent_and_upstream_refused,
+    overload_answers_503_at_once_and_slow_agents_504,
+    a_wrong_token_is_rejected_and_the_agent_stops,
+    a_wrong_pin_is_refused_naming_both_fingerprints,
+    an_agent_killed_mid_request_gives_502_and_others_go_on,
+    the_agent_comes_back_after_a_relay_restart,
+    a_second_agent_with_the_same_client_id_replaces_the_first,
+    requests_rotate_over_the_agents_of_a_group_and_sessions_leave_nothing_behind,
+    an_agent_can_trust_the_relay_by_a_ca_file,
+    the_admin_endpoint_reports_health_and_live_sessions,
+    oversized_request_heads_get_431_and_the_ingress_goes_on,
+);

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use quictun_agent::config::{AgentConfigFile, AgentSection};
-use quictun_agent::{Agent, AgentOptions};
+use quictun_agent::{Agent, AgentOptions, Transport};
 use quictun_core::tls::GeneratedCert;
 use quictun_proto::Token;
 use quictun_relay::{Relay, RelayConfig};
@@ -26,11 +26,19 @@ pub struct HarnessConfig {
     pub heartbeat_interval_ms: u32,
     /// Overrides the target of the `app` upstream (for example: a closed port).
     pub app_target: Option<String>,
+    /// The transport the harness's agents use.
+    pub transport: Transport,
 }
 
 impl Default for HarnessConfig {
     fn default() -> Self {
-        Self { max_streams_per_agent: 1024, response_timeout_secs: 30, heartbeat_interval_ms: 200, app_target: None }
+        Self {
+            max_streams_per_agent: 1024,
+            response_timeout_secs: 30,
+            heartbeat_interval_ms: 200,
+            app_target: None,
+            transport: Transport::Quic,
+        }
     }
 }
 
@@ -46,9 +54,14 @@ pub struct Harness {
 /// The relay configuration: routes `app.test` and `*.wild.test` → `app` (group web), `api.test` →
 /// `api` (group api), `nobody.test` → `ghost` (group with no agents).
 pub fn relay_config(quic: SocketAddr, upstream: &str, cfg: &HarnessConfig) -> RelayConfig {
+    relay_config_with_grpc(quic, SocketAddr::from(([127, 0, 0, 1], 0)), upstream, cfg)
+}
+
+/// [`relay_config`] with the gRPC listener on `grpc`.
+pub fn relay_config_with_grpc(quic: SocketAddr, grpc: SocketAddr, upstream: &str, cfg: &HarnessConfig) -> RelayConfig {
     let app = cfg.app_target.clone().unwrap_or_else(|| upstream.to_owned());
     let mut text = format!(
-        "[relay]\nquic_listen = \"{quic}\"\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+        "[relay]\nquic_listen = \"{quic}\"\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ngrpc_listen = \"{grpc}\"\n\
          heartbeat_interval_ms = {hb}\nmax_streams_per_agent = {ms}\nresponse_timeout_secs = {rt}\ndrain_timeout_secs = 5\n",
         hb = cfg.heartbeat_interval_ms,
         ms = cfg.max_streams_per_agent,
@@ -89,6 +102,14 @@ impl Harness {
         Relay::start(relay_config(quic, &upstream.url(), config), cert.cert_key().unwrap()).await.unwrap()
     }
 
+    /// The address agents of the harness's transport dial.
+    pub fn agent_target(&self) -> SocketAddr {
+        match self.config.transport {
+            Transport::Grpc => self.relay().grpc_addr().expect("gRPC listener"),
+            _ => self.relay().quic_addr(),
+        }
+    }
+
     /// The running relay.
     pub fn relay(&self) -> &Relay {
         self.relay.as_ref().expect("relay is running")
@@ -99,14 +120,14 @@ impl Harness {
     pub async fn restart_relay(&mut self) {
         let old = self.relay.take().expect("relay is running");
         let quic = old.quic_addr();
+        let grpc = old.grpc_addr().expect("gRPC listener");
         old.shutdown().await;
         // quinn releases the UDP socket when its endpoint driver task next runs, just after the
         // last handle is dropped: give the runtime turns until the port is free (bounded).
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let relay = loop {
-            match Relay::start(relay_config(quic, &self.upstream.url(), &self.config), self.cert.cert_key().unwrap())
-                .await
-            {
+            let config = relay_config_with_grpc(quic, grpc, &self.upstream.url(), &self.config);
+            match Relay::start(config, self.cert.cert_key().unwrap()).await {
                 Ok(relay) => break relay,
                 Err(err) if std::time::Instant::now() < deadline && err.to_string().contains("in use") => {
                     tokio::task::yield_now().await;
@@ -124,16 +145,22 @@ impl Harness {
         self.agent_options_with(client_id, token, &self.cert.pin.to_string())
     }
 
-    /// Options for any identity, token and pin.
+    /// Options for any identity, token and pin, on the harness's transport.
     pub fn agent_options_with(&self, client_id: &str, token: &str, pin: &str) -> AgentOptions {
-        Self::options_for(self.relay().quic_addr(), client_id, token, pin)
+        let mut options = Self::options_for(self.relay().quic_addr(), client_id, token, pin);
+        options.transport = self.config.transport;
+        if let Some(grpc) = self.relay().grpc_addr() {
+            options.grpc_relay = grpc.to_string();
+        }
+        options
     }
 
-    /// Options for an agent dialing `relay`.
+    /// Options for a QUIC agent dialing `relay`.
     pub fn options_for(relay: SocketAddr, client_id: &str, token: &str, pin: &str) -> AgentOptions {
         let file = AgentConfigFile {
             agent: AgentSection {
                 relay: relay.to_string(),
+                transport: Transport::Quic,
                 pin: Some(pin.to_owned()),
                 client_id: client_id.to_owned(),
                 token: Some(Token::new(token)),

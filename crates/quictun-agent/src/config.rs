@@ -26,6 +26,10 @@ pub struct AgentConfigFile {
 pub struct AgentSection {
     /// The relay's `HOST:PORT` (UDP).
     pub relay: String,
+    /// `auto` (QUIC, falling back to gRPC over TCP), `quic` or `grpc`.
+    pub transport: Transport,
+    /// The relay's gRPC `HOST:PORT` (TCP); by default the relay's host, port 4434.
+    pub grpc_relay: Option<String>,
     /// The relay certificate's pin, `sha256:<hex>`.
     pub pin: Option<String>,
     /// A CA bundle to verify the relay with, instead of a pin.
@@ -59,6 +63,8 @@ impl Default for AgentSection {
     fn default() -> Self {
         Self {
             relay: String::new(),
+            transport: Transport::Auto,
+            grpc_relay: None,
             pin: None,
             ca: None,
             server_name: None,
@@ -72,6 +78,32 @@ impl Default for AgentSection {
             upstream_response_timeout_secs: 60,
             max_concurrent_streams: 1024,
             drain_timeout_secs: 30,
+        }
+    }
+}
+
+/// How the agent reaches the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// QUIC; when its handshake does not complete in a few seconds, gRPC over TCP, re-probing QUIC
+    /// in the background and moving back when it works.
+    Auto,
+    /// QUIC only.
+    Quic,
+    /// gRPC over TCP only.
+    Grpc,
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "quic" => Ok(Self::Quic),
+            "grpc" => Ok(Self::Grpc),
+            other => Err(format!("unknown transport {other:?} (auto, quic, grpc)")),
         }
     }
 }

@@ -12,7 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use quictun_core::http_stream::{headers_from_wire, headers_to_wire, strip_hop_by_hop};
-use quictun_core::link::TunnelBody;
+use quictun_core::link::{BodyError, BoxFuture, RequestHandler, TunnelBody};
 use quictun_proto::{Limits, RequestHead, ResponseHead, StreamCode};
 use tracing::warn;
 
@@ -68,7 +68,7 @@ impl Forwarder {
     /// Forwards one request to its upstream and returns the upstream's response head and body.
     /// The request head must already be validated. Failures are the code to reset the exchange
     /// with.
-    pub async fn handle(&self, head: RequestHead, body: TunnelBody) -> Result<(ResponseHead, Incoming), StreamCode> {
+    pub async fn forward(&self, head: RequestHead, body: TunnelBody) -> Result<(ResponseHead, Incoming), StreamCode> {
         let upstreams = self.upstreams();
         let target = upstreams.pick(&head.upstream).ok_or_else(|| {
             warn!("request for an unknown upstream");
@@ -97,10 +97,22 @@ impl Forwarder {
         strip_hop_by_hop(&mut parts.headers);
         Ok((ResponseHead { status: parts.status.as_u16(), headers: headers_to_wire(&parts.headers) }, body))
     }
+}
 
-    /// Frame limits in force.
-    pub fn limits(&self) -> &Limits {
-        &self.limits
+impl RequestHandler for Forwarder {
+    fn handle(
+        &self,
+        head: RequestHead,
+        body: TunnelBody,
+    ) -> BoxFuture<'_, Result<(ResponseHead, TunnelBody), StreamCode>> {
+        Box::pin(async move {
+            let (head, body) = self.forward(head, body).await?;
+            Ok((head, body.map_err(|e| BodyError::Closed(format!("upstream body: {e}"))).boxed_unsync()))
+        })
+    }
+
+    fn limits(&self) -> Limits {
+        self.limits
     }
 }
 

@@ -11,9 +11,11 @@
 //! - [`forward`]: one data stream → one upstream request.
 //! - [`session`]: one connection's life for any transport: register, heartbeats, config_sync, drain.
 //! - [`quic`]: the QUIC transport: dial, verify, one stream per request.
+//! - [`grpc`]: the gRPC transport (fallback where UDP is blocked).
 
 pub mod config;
 pub mod forward;
+pub mod grpc;
 pub mod options;
 pub mod quic;
 pub mod session;
@@ -33,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+pub use config::Transport;
 pub use options::AgentOptions;
 
 use crate::forward::Forwarder;
@@ -105,11 +108,13 @@ impl Agent {
             Some(bind) => bind,
             None => options::default_bind(&options.relay).await,
         };
-        let (endpoint, setup) = quictun_core::endpoint::client_endpoint(bind, &options.trust, &options.tuning)?;
+        let (endpoint, quic) = quictun_core::endpoint::client_endpoint(bind, &options.trust, &options.tuning)?;
+        let grpc = grpc::GrpcSetup::new(&options)?;
         let forwarder = Arc::new(Forwarder::new(options.connect_timeout, options.response_timeout, options.limits));
         let (state_tx, state) = watch::channel(AgentState::Connecting);
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run(Arc::new(options), endpoint.clone(), setup, forwarder, state_tx, shutdown.clone()));
+        let dialer = Dialer { options: Arc::new(options), endpoint: endpoint.clone(), quic, grpc };
+        let task = tokio::spawn(run(dialer, forwarder, state_tx, shutdown.clone()));
         Ok(Self { state, shutdown, endpoint, task })
     }
 
@@ -177,26 +182,98 @@ impl Agent {
     }
 }
 
-async fn run(
+/// Everything needed to reach the relay over either transport.
+struct Dialer {
     options: Arc<AgentOptions>,
     endpoint: quinn::Endpoint,
-    setup: ClientSetup,
+    quic: ClientSetup,
+    grpc: grpc::GrpcSetup,
+}
+
+impl Dialer {
+    async fn over_quic(
+        &self,
+        forwarder: &Arc<Forwarder>,
+        state: &watch::Sender<AgentState>,
+        stop: &session::Stop,
+    ) -> Result<Outcome, Attempt> {
+        let (control, conn) = tokio::select! {
+            dialed = quic::dial(&self.options, &self.endpoint, &self.quic) => dialed?,
+            _ = stop.shutdown.cancelled() => return Ok(Outcome::Shutdown),
+        };
+        session::register_and_serve(&self.options, control, conn, forwarder, state, stop).await
+    }
+
+    async fn over_grpc(
+        &self,
+        forwarder: &Arc<Forwarder>,
+        state: &watch::Sender<AgentState>,
+        stop: &session::Stop,
+    ) -> Result<Outcome, Attempt> {
+        let (control, conn) = tokio::select! {
+            dialed = grpc::dial(&self.options, &self.grpc) => dialed?,
+            _ = stop.shutdown.cancelled() => return Ok(Outcome::Shutdown),
+        };
+        session::register_and_serve(&self.options, control, conn, forwarder, state, stop).await
+    }
+
+    /// gRPC while QUIC is probed in the background; a successful probe drains the gRPC session
+    /// and ends it with [`Outcome::Switched`].
+    async fn over_grpc_probing_quic(
+        &self,
+        forwarder: &Arc<Forwarder>,
+        state: &watch::Sender<AgentState>,
+        shutdown: &CancellationToken,
+    ) -> Result<Outcome, Attempt> {
+        let stop = session::Stop { shutdown: shutdown.clone(), switch: CancellationToken::new() };
+        let probe = async {
+            loop {
+                tokio::time::sleep(self.options.quic_probe_interval).await;
+                if quic::probe(&self.options, &self.endpoint, &self.quic).await {
+                    info!("QUIC reachable again: moving back from gRPC");
+                    stop.switch.cancel();
+                    return std::future::pending::<()>().await;
+                }
+                tracing::debug!("QUIC still unreachable");
+            }
+        };
+        tokio::select! {
+            outcome = self.over_grpc(forwarder, state, &stop) => outcome,
+            _ = probe => unreachable_outcome(),
+        }
+    }
+}
+
+/// The probe never completes (it parks after switching); kept total for the type checker.
+fn unreachable_outcome() -> Result<Outcome, Attempt> {
+    Ok(Outcome::Lost { reason: "probe ended".into() })
+}
+
+async fn run(
+    dialer: Dialer,
     forwarder: Arc<Forwarder>,
     state: watch::Sender<AgentState>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
+    let options = dialer.options.clone();
     let mut backoff = Backoff::new(options.backoff_base, options.backoff_cap);
+    let stop = session::Stop { shutdown: shutdown.clone(), switch: CancellationToken::new() };
     let result = loop {
         state.send_replace(AgentState::Connecting);
-        let attempt = async {
-            let (control, conn) = tokio::select! {
-                dialed = quic::dial(&options, &endpoint, &setup) => dialed?,
-                _ = shutdown.cancelled() => return Ok(Outcome::Shutdown),
-            };
-            session::register_and_serve(&options, control, conn, &forwarder, &state, &shutdown).await
+        let attempt = match options.transport {
+            Transport::Quic => dialer.over_quic(&forwarder, &state, &stop).await,
+            Transport::Grpc => dialer.over_grpc(&forwarder, &state, &stop).await,
+            Transport::Auto => match dialer.over_quic(&forwarder, &state, &stop).await {
+                Err(Attempt::Retry(reason)) => {
+                    warn!(%reason, grpc_relay = %options.grpc_relay, "QUIC unavailable: falling back to gRPC over TCP");
+                    dialer.over_grpc_probing_quic(&forwarder, &state, &shutdown).await
+                }
+                other => other,
+            },
         };
-        let reason = match attempt.await {
+        let reason = match attempt {
             Ok(Outcome::Shutdown) => break Ok(()),
+            Ok(Outcome::Switched) => continue,
             Ok(Outcome::Replaced) => break Err(AgentError::Replaced(options.client_id.clone())),
             Ok(Outcome::Lost { reason }) => {
                 backoff.reset();

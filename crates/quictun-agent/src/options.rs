@@ -7,7 +7,7 @@ use std::time::Duration;
 use quictun_core::{Trust, Tuning};
 use quictun_proto::{Limits, Token};
 
-use crate::config::{AgentConfigFile, ConfigError, LocalUpstream};
+use crate::config::{AgentConfigFile, ConfigError, LocalUpstream, Transport};
 
 /// The environment variable consulted for the token when none is configured.
 pub const TOKEN_ENV: &str = "QUICTUN_TOKEN";
@@ -15,8 +15,16 @@ pub const TOKEN_ENV: &str = "QUICTUN_TOKEN";
 /// Everything the agent needs to run.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
-    /// The relay's `HOST:PORT`.
+    /// The relay's `HOST:PORT` (QUIC, UDP).
     pub relay: String,
+    /// How to reach the relay.
+    pub transport: Transport,
+    /// The relay's gRPC `HOST:PORT` (TCP).
+    pub grpc_relay: String,
+    /// Longest a QUIC handshake may take (shorter in `auto` mode, to fall back quickly).
+    pub quic_handshake_timeout: Duration,
+    /// How often `auto` mode re-probes QUIC while on gRPC.
+    pub quic_probe_interval: Duration,
     /// How the relay is verified.
     pub trust: Trust,
     /// TLS server name (host of `relay` by default).
@@ -90,8 +98,19 @@ impl AgentOptions {
             }
         }
         let server_name = a.server_name.unwrap_or_else(|| relay_host(&a.relay).to_owned());
+        let grpc_relay = a.grpc_relay.unwrap_or_else(|| {
+            let host = relay_host(&a.relay);
+            if host.contains(':') { format!("[{host}]:4434") } else { format!("{host}:4434") }
+        });
         Ok(Self {
             relay: a.relay,
+            transport: a.transport,
+            grpc_relay,
+            quic_handshake_timeout: match a.transport {
+                Transport::Auto => Duration::from_secs(3),
+                _ => Duration::from_secs(10),
+            },
+            quic_probe_interval: Duration::from_secs(30),
             trust,
             server_name,
             client_id: a.client_id,

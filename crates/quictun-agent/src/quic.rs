@@ -9,18 +9,16 @@ use http_body_util::BodyExt;
 use quictun_core::endpoint::ClientSetup;
 use quictun_core::framed::{ControlChannel, read_frame_within, write_frame};
 use quictun_core::http_stream::{RecvBody, pump_body, reset, stop};
-use quictun_core::link::BoxFuture;
+use quictun_core::link::{BoxFuture, RelayConnection, RequestHandler};
 use quictun_proto::{CloseCode, RequestHead, StreamCode, StreamKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::forward::{Forwarder, empty_body};
-use crate::session::{Attempt, RelayConnection};
+use crate::forward::empty_body;
+use crate::session::Attempt;
 use crate::{AgentError, AgentOptions};
 
-/// Longest a QUIC handshake may take before the attempt is retried.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline for the head frame of a stream the relay opened.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -40,7 +38,8 @@ pub async fn dial(
     let connecting = endpoint
         .connect_with(setup.config.clone(), addr, &options.server_name)
         .map_err(|e| Attempt::Fatal(AgentError::Endpoint(format!("cannot dial {addr}: {e}"))))?;
-    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+    let handshake_timeout = options.quic_handshake_timeout;
+    let conn = match tokio::time::timeout(handshake_timeout, connecting).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(err)) => {
             if let Some(mismatch) = setup.pin_verifier.as_ref().and_then(|v| v.last_mismatch()) {
@@ -53,11 +52,24 @@ pub async fn dial(
             return Err(Attempt::Retry(format!("QUIC handshake with {addr}: {text}")));
         }
         Err(_) => {
-            return Err(Attempt::Retry(format!("QUIC handshake with {addr} timed out after {HANDSHAKE_TIMEOUT:?}")));
+            return Err(Attempt::Retry(format!("QUIC handshake with {addr} timed out after {handshake_timeout:?}")));
         }
     };
     let (send, recv) = conn.open_bi().await.map_err(|e| Attempt::Retry(format!("opening the control stream: {e}")))?;
     Ok((ControlChannel::new(send, recv, options.limits.max_control_frame), QuicRelay { conn }))
+}
+
+/// Whether a QUIC handshake with the relay completes now (the connection is closed at once).
+pub async fn probe(options: &AgentOptions, endpoint: &quinn::Endpoint, setup: &ClientSetup) -> bool {
+    let Ok(addr) = resolve(&options.relay).await else { return false };
+    let Ok(connecting) = endpoint.connect_with(setup.config.clone(), addr, &options.server_name) else { return false };
+    match tokio::time::timeout(options.quic_handshake_timeout, connecting).await {
+        Ok(Ok(conn)) => {
+            quictun_core::close(&conn, CloseCode::Normal);
+            true
+        }
+        _ => false,
+    }
 }
 
 /// A connection to the relay over QUIC.
@@ -69,7 +81,7 @@ pub struct QuicRelay {
 impl RelayConnection for QuicRelay {
     fn serve_requests(
         &self,
-        forwarder: Arc<Forwarder>,
+        handler: Arc<dyn RequestHandler>,
         tasks: TaskTracker,
         cancel: CancellationToken,
     ) -> BoxFuture<'_, String> {
@@ -77,12 +89,12 @@ impl RelayConnection for QuicRelay {
             loop {
                 match self.conn.accept_bi().await {
                     Ok((send, recv)) => {
-                        let forwarder = forwarder.clone();
+                        let handler = handler.clone();
                         let cancel = cancel.clone();
                         tasks.spawn(
                             async move {
                                 tokio::select! {
-                                    _ = serve_stream(&forwarder, send, recv) => {}
+                                    _ = serve_stream(handler.as_ref(), send, recv) => {}
                                     _ = cancel.cancelled() => {}
                                 }
                             }
@@ -109,8 +121,8 @@ impl RelayConnection for QuicRelay {
 }
 
 /// Serves one stream opened by the relay.
-async fn serve_stream(forwarder: &Forwarder, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    let limits = *forwarder.limits();
+async fn serve_stream(handler: &dyn RequestHandler, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let limits = handler.limits();
     let head: RequestHead = match read_frame_within(&mut recv, limits.max_head_frame, HEAD_TIMEOUT).await {
         Ok(head) => head,
         Err(err) => {
@@ -141,7 +153,7 @@ async fn serve_stream(forwarder: &Forwarder, mut send: quinn::SendStream, mut re
         empty_body()
     };
     async {
-        match forwarder.handle(head, body).await {
+        match handler.handle(head, body).await {
             Ok((response_head, body)) => {
                 if write_frame(&mut send, &response_head, limits.max_head_frame).await.is_err() {
                     return reset(&mut send, StreamCode::Cancelled);

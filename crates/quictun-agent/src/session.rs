@@ -1,12 +1,11 @@
 //! One connection to the relay, for any transport: register, then serve until the connection ends
 //! (heartbeats, config_sync, go-away, and the transport's own request serving).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use quictun_core::heartbeat::Heartbeats;
-use quictun_core::link::{BoxFuture, ControlIo};
+use quictun_core::link::{ControlIo, RelayConnection};
 use quictun_proto::{CloseCode, ControlMessage, GoAway, Register};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +26,8 @@ const HEARTBEAT_MISSES: u32 = 3;
 pub enum Outcome {
     /// The agent was asked to stop and drained.
     Shutdown,
+    /// A better transport became available; this session drained and closed.
+    Switched,
     /// The relay closed the session because another agent registered with the same client_id.
     Replaced,
     /// The connection ended; reconnect.
@@ -45,27 +46,6 @@ pub enum Attempt {
     Fatal(AgentError),
 }
 
-/// What the session loop needs from a transport's connection to the relay.
-pub trait RelayConnection: Send + Sync {
-    /// Serves requests from the relay until the connection ends (returning why). Each request
-    /// runs in a task on `tasks` and stops when `cancel` fires.
-    fn serve_requests(
-        &self,
-        forwarder: Arc<Forwarder>,
-        tasks: TaskTracker,
-        cancel: CancellationToken,
-    ) -> BoxFuture<'_, String>;
-
-    /// Closes the connection with a close code.
-    fn close(&self, code: CloseCode);
-
-    /// The code the relay closed the connection with, if it did.
-    fn peer_close_code(&self) -> Option<CloseCode>;
-
-    /// The relay's address.
-    fn remote_addr(&self) -> SocketAddr;
-}
-
 /// Registers on `control` and serves `conn` until it ends or the agent is asked to stop.
 pub async fn register_and_serve<C: ControlIo, R: RelayConnection>(
     options: &AgentOptions,
@@ -73,7 +53,7 @@ pub async fn register_and_serve<C: ControlIo, R: RelayConnection>(
     conn: R,
     forwarder: &Arc<Forwarder>,
     state: &watch::Sender<AgentState>,
-    shutdown: &CancellationToken,
+    stop: &Stop,
 ) -> Result<Outcome, Attempt> {
     let retry = |what: &str, e: &dyn std::fmt::Display| Attempt::Retry(format!("{what}: {e}"));
     let register = Register {
@@ -112,7 +92,16 @@ pub async fn register_and_serve<C: ControlIo, R: RelayConnection>(
     state.send_replace(AgentState::Connected { session_id: accepted.session_id, relay: conn.remote_addr() });
     let interval = Duration::from_millis(u64::from(accepted.heartbeat_interval_ms.max(50)));
     let serve = Serve { options, conn: &conn, forwarder, interval };
-    Ok(serve.run(&mut control, shutdown).instrument(span).await)
+    Ok(serve.run(&mut control, stop).instrument(span).await)
+}
+
+/// What ends a session on the agent's own initiative (both drain first).
+#[derive(Debug, Clone, Default)]
+pub struct Stop {
+    /// The agent is shutting down.
+    pub shutdown: CancellationToken,
+    /// Another transport should take over.
+    pub switch: CancellationToken,
 }
 
 struct Serve<'a, R> {
@@ -123,20 +112,31 @@ struct Serve<'a, R> {
 }
 
 impl<R: RelayConnection> Serve<'_, R> {
-    async fn run<C: ControlIo>(self, control: &mut C, shutdown: &CancellationToken) -> Outcome {
+    async fn run<C: ControlIo>(self, control: &mut C, stop: &Stop) -> Outcome {
         let streams = TaskTracker::new();
         let cancel_streams = CancellationToken::new();
-        let outcome = self.serve(control, shutdown, &streams, &cancel_streams).await;
+        let outcome = self.serve(control, stop, &streams, &cancel_streams).await;
         streams.close();
-        if matches!(outcome, Outcome::Shutdown) {
+        if matches!(outcome, Outcome::Shutdown | Outcome::Switched) {
             info!(in_flight = streams.len(), drain = ?self.options.drain_timeout, "draining");
             if tokio::time::timeout(self.options.drain_timeout, streams.wait()).await.is_err() {
                 warn!(in_flight = streams.len(), "drain timeout: cancelling remaining streams");
             }
             self.conn.close(CloseCode::GoingAway);
+            self.conn.finish().await;
         }
         cancel_streams.cancel();
         outcome
+    }
+
+    async fn go_away<C: ControlIo>(&self, control: &mut C, reason: &str) {
+        let drain_ms = u32::try_from(self.options.drain_timeout.as_millis()).unwrap_or(u32::MAX);
+        let go_away = ControlMessage::GoAway(GoAway { drain_ms, reason: reason.into() });
+        match tokio::time::timeout(self.interval, control.send(go_away)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => debug!(%err, "could not send go-away"),
+            Err(_) => debug!("go-away not sent in time"),
+        }
     }
 
     fn lost(&self, reason: String) -> Outcome {
@@ -149,7 +149,7 @@ impl<R: RelayConnection> Serve<'_, R> {
     async fn serve<C: ControlIo>(
         &self,
         control: &mut C,
-        shutdown: &CancellationToken,
+        stop: &Stop,
         streams: &TaskTracker,
         cancel_streams: &CancellationToken,
     ) -> Outcome {
@@ -158,13 +158,13 @@ impl<R: RelayConnection> Serve<'_, R> {
         tokio::pin!(requests);
         loop {
             let outgoing = tokio::select! {
-                _ = shutdown.cancelled() => {
-                    let drain_ms = u32::try_from(self.options.drain_timeout.as_millis()).unwrap_or(u32::MAX);
-                    let go_away = ControlMessage::GoAway(GoAway { drain_ms, reason: "agent shutting down".into() });
-                    if let Err(err) = tokio::time::timeout(self.interval, control.send(go_away)).await {
-                        debug!(%err, "could not send go-away");
-                    }
+                _ = stop.shutdown.cancelled() => {
+                    self.go_away(control, "agent shutting down").await;
                     return Outcome::Shutdown;
+                }
+                _ = stop.switch.cancelled() => {
+                    self.go_away(control, "agent switching transport").await;
+                    return Outcome::Switched;
                 }
                 reason = &mut requests => return self.lost(reason),
                 msg = control.recv() => match msg {

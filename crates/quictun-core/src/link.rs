@@ -12,7 +12,11 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
-use quictun_proto::{CloseCode, ControlMessage, RequestHead, ResponseHead, StreamCode};
+use std::sync::Arc;
+
+use quictun_proto::{CloseCode, ControlMessage, Limits, RequestHead, ResponseHead, StreamCode};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::framed::ControlError;
 
@@ -104,4 +108,46 @@ pub trait ControlIo: Send {
     ) -> impl Future<Output = Result<ControlMessage, ControlError>> + Send {
         async move { tokio::time::timeout(deadline, self.recv()).await.map_err(|_| ControlError::Timeout(deadline))? }
     }
+}
+
+/// The agent's side of an exchange: forwards one request (head already validated) to its upstream
+/// and returns the response head and body, or the code to reset the exchange with.
+pub trait RequestHandler: Send + Sync + 'static {
+    /// Handles one request.
+    fn handle(
+        &self,
+        head: RequestHead,
+        body: TunnelBody,
+    ) -> BoxFuture<'_, Result<(ResponseHead, TunnelBody), StreamCode>>;
+
+    /// The frame limits every request head is checked against.
+    fn limits(&self) -> Limits;
+}
+
+/// The agent's handle on its connection to the relay.
+pub trait RelayConnection: Send + Sync {
+    /// Serves requests from the relay with `handler` until the connection ends (returning why).
+    /// Each request runs in a task on `tasks` and stops when `cancel` fires.
+    fn serve_requests(
+        &self,
+        handler: Arc<dyn RequestHandler>,
+        tasks: TaskTracker,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'_, String>;
+
+    /// Closes the connection with a close code.
+    fn close(&self, code: CloseCode);
+
+    /// After [`RelayConnection::close`]: waits (bounded) until the relay has seen the close, so
+    /// messages queued before it (a go-away) are not lost. Immediate where the transport's own close
+    /// already guarantees that.
+    fn finish(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    /// The code the relay closed the connection with, if it did.
+    fn peer_close_code(&self) -> Option<CloseCode>;
+
+    /// The relay's address.
+    fn remote_addr(&self) -> SocketAddr;
 }

@@ -49,6 +49,12 @@ pub struct CertKey {
     pub key: PrivateKeyDer<'static>,
 }
 
+impl Clone for CertKey {
+    fn clone(&self) -> Self {
+        Self { chain: self.chain.clone(), key: self.key.clone_key() }
+    }
+}
+
 impl CertKey {
     /// The pin of the end-entity certificate.
     pub fn pin(&self) -> Option<Pin> {
@@ -278,17 +284,30 @@ pub enum Trust {
 
 /// A rustls server configuration: TLS 1.3 only, ALPN `quictun/1`.
 pub fn server_config(cert: CertKey) -> Result<rustls::ServerConfig, TlsError> {
+    server_config_with_alpn(cert, quictun_proto::ALPN)
+}
+
+/// A rustls server configuration, TLS 1.3 only, with one ALPN protocol (`h2` for gRPC).
+pub fn server_config_with_alpn(cert: CertKey, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(cert.chain, cert.key)?;
-    config.alpn_protocols = vec![quictun_proto::ALPN.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(config)
 }
 
-/// A rustls client configuration for the agent, and the pin verifier when pinning (to explain a
-/// failed handshake).
+/// A rustls client configuration for the agent (ALPN `quictun/1`), and the pin verifier when
+/// pinning (to explain a failed handshake).
 pub fn client_config(trust: &Trust) -> Result<(rustls::ClientConfig, Option<Arc<PinVerifier>>), TlsError> {
+    client_config_with_alpn(trust, quictun_proto::ALPN)
+}
+
+/// [`client_config`] with another ALPN protocol (`h2` for gRPC).
+pub fn client_config_with_alpn(
+    trust: &Trust,
+    alpn: &[u8],
+) -> Result<(rustls::ClientConfig, Option<Arc<PinVerifier>>), TlsError> {
     let provider = provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
@@ -306,7 +325,7 @@ pub fn client_config(trust: &Trust) -> Result<(rustls::ClientConfig, Option<Arc<
             (builder.with_root_certificates(roots).with_no_client_auth(), None)
         }
     };
-    config.alpn_protocols = vec![quictun_proto::ALPN.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok((config, verifier))
 }
 

@@ -56,6 +56,23 @@ pub fn encode<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, FrameError> 
     Ok(out)
 }
 
+/// Encodes `msg` without a length prefix (for carriers that frame messages themselves), refusing
+/// results over `max` bytes.
+pub fn encode_payload<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, FrameError> {
+    let mut bytes = encode(msg, max)?;
+    bytes.drain(..LEN_PREFIX);
+    Ok(bytes)
+}
+
+/// Decodes a payload that arrived without a length prefix, checking its size against `max` first.
+pub fn decode_bounded<T: DeserializeOwned>(payload: &[u8], max: usize) -> Result<T, FrameError> {
+    let max = max.min(MAX_FRAME_BYTES);
+    if payload.len() > max {
+        return Err(FrameError::TooLarge { len: payload.len(), max });
+    }
+    decode_payload(payload)
+}
+
 /// Reads a length prefix and checks it against `max` (and the hard ceiling) before anything is
 /// allocated for the payload.
 pub fn payload_len(prefix: [u8; LEN_PREFIX], max: usize) -> Result<usize, FrameError> {

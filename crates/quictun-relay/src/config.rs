@@ -38,6 +38,10 @@ pub struct RelaySection {
     pub http_listen: SocketAddr,
     /// TCP address of the admin endpoint.
     pub admin_listen: SocketAddr,
+    /// TCP address of the gRPC transport (TLS with the same certificate).
+    pub grpc_listen: SocketAddr,
+    /// Which transports agents may use: `all` (default), `quic` or `grpc`.
+    pub transport: TransportChoice,
     /// PEM certificate; generated when missing.
     pub cert: PathBuf,
     /// PEM private key; generated when missing.
@@ -66,6 +70,8 @@ impl Default for RelaySection {
             quic_listen: SocketAddr::from(([0, 0, 0, 0], 4433)),
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            grpc_listen: SocketAddr::from(([0, 0, 0, 0], 4434)),
+            transport: TransportChoice::All,
             cert: PathBuf::from("certs/relay.crt"),
             key: PathBuf::from("certs/relay.key"),
             heartbeat_interval_ms: 5_000,
@@ -76,6 +82,43 @@ impl Default for RelaySection {
             max_header_bytes: 64 * 1024,
             max_header_count: 128,
             drain_timeout_secs: 30,
+        }
+    }
+}
+
+/// The transports a relay listens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportChoice {
+    /// QUIC and gRPC.
+    All,
+    /// QUIC only.
+    Quic,
+    /// gRPC only.
+    Grpc,
+}
+
+impl TransportChoice {
+    /// Whether QUIC agents are served.
+    pub fn quic(self) -> bool {
+        self != Self::Grpc
+    }
+
+    /// Whether gRPC agents are served.
+    pub fn grpc(self) -> bool {
+        self != Self::Quic
+    }
+}
+
+impl std::str::FromStr for TransportChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(Self::All),
+            "quic" => Ok(Self::Quic),
+            "grpc" => Ok(Self::Grpc),
+            other => Err(format!("unknown transport {other:?} (all, quic, grpc)")),
         }
     }
 }

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use quictun_core::tls::CertKey;
 use quictun_core::{Pin, Tuning};
-use tracing::info;
+use tracing::{Instrument, info};
 
 pub use config::{ConfigError, RelayConfig};
 pub use sessions::SessionManager;
@@ -61,6 +61,7 @@ pub struct Relay {
     endpoint: quinn::Endpoint,
     ingress: tokio::task::JoinHandle<()>,
     quic_addr: SocketAddr,
+    grpc_addr: Option<SocketAddr>,
     http_addr: SocketAddr,
     admin_addr: SocketAddr,
     pin: Option<Pin>,
@@ -85,6 +86,8 @@ impl Relay {
             keep_alive: settings.heartbeat_interval().min(Duration::from_secs(5)),
             ..Tuning::default()
         };
+        let grpc_tls = quictun_core::tls::server_config_with_alpn(cert.clone(), b"h2")
+            .map_err(quictun_core::endpoint::EndpointError::from)?;
         let endpoint = quictun_core::endpoint::server_endpoint(settings.quic_listen, cert, &tuning)?;
         let quic_addr = endpoint.local_addr().map_err(|source| RelayError::Bind {
             what: "QUIC",
@@ -93,16 +96,42 @@ impl Relay {
         })?;
         let (http_listener, http_addr) = bind_tcp("HTTP", settings.http_listen).await?;
         let (admin_listener, admin_addr) = bind_tcp("admin", settings.admin_listen).await?;
-        shared.tasks.spawn(quic::accept_loop(endpoint.clone(), shared.clone()));
+        if settings.transport.quic() {
+            shared.tasks.spawn(quic::accept_loop(endpoint.clone(), shared.clone()));
+        }
+        let grpc_addr = if settings.transport.grpc() {
+            let (listener, addr) = bind_tcp("gRPC", settings.grpc_listen).await?;
+            let on_agent_shared = shared.clone();
+            let on_agent: quictun_grpc::server::OnAgent = Arc::new(move |control, link| {
+                let shared = on_agent_shared.clone();
+                on_agent_shared.tasks.spawn(registration::serve_agent(control, link, shared).in_current_span());
+            });
+            shared.tasks.spawn(quictun_grpc::server::serve(
+                listener,
+                Arc::new(grpc_tls),
+                shared.limits,
+                on_agent,
+                shared.stopped.clone(),
+                shared.tasks.clone(),
+            ));
+            Some(addr)
+        } else {
+            None
+        };
         let ingress = shared.tasks.spawn(ingress::serve(http_listener, shared.clone()));
         shared.tasks.spawn(admin::serve(admin_listener, shared.clone()));
-        info!(%quic_addr, %http_addr, %admin_addr, "relay listening");
-        Ok(Self { shared, endpoint, ingress, quic_addr, http_addr, admin_addr, pin })
+        info!(%quic_addr, ?grpc_addr, %http_addr, %admin_addr, "relay listening");
+        Ok(Self { shared, endpoint, ingress, quic_addr, grpc_addr, http_addr, admin_addr, pin })
     }
 
     /// The bound QUIC (UDP) address.
     pub fn quic_addr(&self) -> SocketAddr {
         self.quic_addr
+    }
+
+    /// The bound gRPC transport address, when gRPC is served.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc_addr
     }
 
     /// The bound HTTP ingress address.
@@ -137,6 +166,9 @@ impl Relay {
             tracing::warn!("ingress did not stop after the drain timeout");
         }
         quictun_core::close_endpoint(&self.endpoint, quictun_proto::CloseCode::GoingAway);
+        for session in self.shared.sessions.all() {
+            session.link.close(quictun_proto::CloseCode::GoingAway);
+        }
         self.shared.stopped.cancel();
         if tokio::time::timeout(Duration::from_secs(2), self.shared.tasks.wait()).await.is_err() {
             tracing::warn!(tasks = self.shared.tasks.len(), "tasks still running after shutdown");
@@ -150,5 +182,8 @@ impl Relay {
         self.shared.shutdown.cancel();
         self.shared.stopped.cancel();
         quictun_core::close_endpoint(&self.endpoint, quictun_proto::CloseCode::GoingAway);
+        for session in self.shared.sessions.all() {
+            session.link.close(quictun_proto::CloseCode::GoingAway);
+        }
     }
 }

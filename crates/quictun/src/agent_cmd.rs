@@ -19,6 +19,12 @@ fn load_options(args: AgentArgs) -> Result<AgentOptions, Failure> {
     if let Some(relay) = args.relay {
         a.relay = relay;
     }
+    if let Some(transport) = args.transport {
+        a.transport = transport;
+    }
+    if let Some(grpc_relay) = args.grpc_relay {
+        a.grpc_relay = Some(grpc_relay);
+    }
     if let Some(pin) = args.pin {
         a.pin = Some(pin);
         a.ca = None;

@@ -57,6 +57,12 @@ pub struct RelayArgs {
     /// TCP address of the admin endpoint [default: 127.0.0.1:9090].
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,
+    /// TCP address of the gRPC transport [default: 0.0.0.0:4434].
+    #[arg(long, value_name = "ADDR")]
+    pub grpc_listen: Option<SocketAddr>,
+    /// Transports to serve: all, quic or grpc [default: all].
+    #[arg(long, value_name = "TRANSPORT")]
+    pub transport: Option<quictun_relay::config::TransportChoice>,
     /// PEM certificate [default: certs/relay.crt]; generated with the key when both are missing.
     #[arg(long, value_name = "FILE")]
     pub cert: Option<PathBuf>,
@@ -74,6 +80,12 @@ pub struct AgentArgs {
     /// The relay's HOST:PORT (UDP).
     #[arg(long, value_name = "HOST:PORT")]
     pub relay: Option<String>,
+    /// auto (QUIC, falling back to gRPC over TCP), quic or grpc [default: auto].
+    #[arg(long, value_name = "TRANSPORT")]
+    pub transport: Option<quictun_agent::Transport>,
+    /// The relay's gRPC HOST:PORT (TCP) [default: the relay's host, port 4434].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub grpc_relay: Option<String>,
     /// The relay certificate's pin: sha256:<64 hex digits>.
     #[arg(long, value_name = "sha256:HEX", conflicts_with = "ca")]
     pub pin: Option<String>,

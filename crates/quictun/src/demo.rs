@@ -23,7 +23,7 @@ fn relay_config(
     token: &str,
 ) -> Result<RelayConfig, Failure> {
     let text = format!(
-        "[relay]\nquic_listen = \"{quic}\"\nhttp_listen = \"{http_listen}\"\nadmin_listen = \"127.0.0.1:0\"\ndrain_timeout_secs = 2\n\
+        "[relay]\nquic_listen = \"{quic}\"\nhttp_listen = \"{http_listen}\"\nadmin_listen = \"127.0.0.1:0\"\ngrpc_listen = \"127.0.0.1:0\"\ntransport = \"quic\"\ndrain_timeout_secs = 2\n\
          [[clients]]\nid = \"demo\"\ntoken = \"{token}\"\ngroup = \"demo\"\n\
          [[upstreams]]\nname = \"demo\"\ngroup = \"demo\"\ntargets = [\"http://{upstream}\"]\n\
          [[routes]]\nhost = \"*\"\npath_prefix = \"/\"\nupstream = \"demo\"\n",

@@ -25,6 +25,12 @@ fn load_config(args: &RelayArgs) -> Result<RelayConfig, Failure> {
     if let Some(addr) = args.admin_listen {
         r.admin_listen = addr;
     }
+    if let Some(addr) = args.grpc_listen {
+        r.grpc_listen = addr;
+    }
+    if let Some(transport) = args.transport {
+        r.transport = transport;
+    }
     if let Some(cert) = &args.cert {
         r.cert = cert.clone();
     }
@@ -71,6 +77,9 @@ pub async fn run(args: RelayArgs) -> Result<(), Failure> {
     let pin = relay.pin().map(|p| p.to_string()).unwrap_or_default();
     println!("quictun relay");
     println!("  QUIC (agents)  udp://{}", relay.quic_addr());
+    if let Some(grpc) = relay.grpc_addr() {
+        println!("  gRPC (agents)  tcp://{grpc}");
+    }
     println!("  HTTP ingress   http://{}", relay.http_addr());
     println!("  admin          http://{}/api/sessions", relay.admin_addr());
     println!("  certificate    {}{}", cert_path.display(), if generated { " (generated)" } else { "" });

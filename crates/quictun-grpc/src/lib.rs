@@ -1,0 +1,30 @@
+//! quictun's gRPC transport: the design quictun replaces, kept as a transport of its own, to
+//! benchmark against and as a fallback where UDP is blocked.
+//!
+//! One long-lived bidirectional gRPC stream per agent (TCP + TLS + HTTP/2) carries every message:
+//! control, request and response heads, body chunks, ends and resets, each tagged with a
+//! `request_id` and matched through a table of per-exchange queues. It follows the seeds' own
+//! concurrency plan so that it is the strongest honest version of that design: the reader never
+//! waits on request handling, handling is concurrent, every queue is bounded, a full queue answers
+//! 503 at once, and deadlines clean the table. What it cannot avoid is that all exchanges share one
+//! TCP connection and one stream: a lost packet or a slow consumer delays them all.
+//!
+//! - [`messages`]: the prost message (no `protoc`) and the codec.
+//! - [`mux`]: what both ends share: control channel, exchange table, bodies from event queues.
+//! - [`server`]: the relay side ([`server::serve`], [`server::GrpcLink`]).
+//! - [`client`]: the agent side ([`client::dial`], [`client::GrpcRelay`]).
+
+pub mod client;
+pub mod messages;
+pub mod mux;
+pub mod server;
+
+/// HTTP/2 flow-control windows, set on both ends (without them bulk throughput collapses).
+pub mod window {
+    /// Per-stream window.
+    pub const STREAM: u32 = 16 << 20;
+    /// Per-connection window.
+    pub const CONNECTION: u32 = 64 << 20;
+    /// Largest HTTP/2 frame.
+    pub const FRAME: u32 = 1 << 20;
+}
