@@ -71,4 +71,9 @@ impl UdpProxy {
     pub fn blackhole(&self) {
         self.blackhole.store(true, Ordering::Relaxed);
     }
+
+    /// Forwards packets again.
+    pub fn restore(&self) {
+        self.blackhole.store(false, Ordering::Relaxed);
+    }
 }

@@ -33,6 +33,8 @@ pub struct SessionInfo {
     pub session_id: String,
     /// The agent's address as the relay sees it.
     pub remote_addr: String,
+    /// `quic` or `grpc`.
+    pub transport: &'static str,
     /// Registration time, Unix seconds.
     pub connected_since: u64,
     /// Last heartbeat round-trip time in milliseconds.
@@ -51,6 +53,7 @@ fn sessions(shared: &Shared) -> Vec<SessionInfo> {
             group: s.group.to_string(),
             session_id: s.session_id.to_string(),
             remote_addr: s.remote().to_string(),
+            transport: s.link.transport(),
             connected_since: s.connected_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             rtt_ms: s.rtt().map(|d| d.as_secs_f64() * 1000.0),
             in_flight: s.in_flight(),
