@@ -30,8 +30,67 @@ pub enum Command {
     },
     /// Relay, agent and a small upstream on loopback in one process; prints a curl line that works.
     Demo(DemoArgs),
-    /// Serve the demo's upstream alone (for benchmarks): GET /, GET /bytes/N, POST /echo, POST /sink.
+    /// Serve the demo's upstream alone (for benchmarks): GET /, GET /bytes/N, GET /delay/MS,
+    /// POST /echo, POST /sink.
     Upstream(UpstreamArgs),
+    /// Compare the QUIC and gRPC transports (and no tunnel) with real processes; writes JSON,
+    /// Markdown and SVG charts.
+    Bench(BenchArgs),
+    /// Run many agents in one process (used by `bench`).
+    #[command(hide = true)]
+    BenchAgents(BenchAgentsArgs),
+}
+
+/// Flags of `quictun bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Output folder for results.json, results.md and the SVG charts.
+    #[arg(long, value_name = "DIR", default_value = "bench-results")]
+    pub out: PathBuf,
+    /// Transports to compare (quic, grpc, direct), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "quic,grpc,direct")]
+    pub transports: Vec<quictun_bench::Mode>,
+    /// Workloads (small, large, slow-mix, many, lossy), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "small,slow-mix,large,many,lossy")]
+    pub workloads: Vec<quictun_bench::Workload>,
+    /// Length of each timed run, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub duration: f64,
+    /// Concurrency levels of the small workload, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    pub concurrency: Vec<usize>,
+    /// Body size of the large workload, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    pub large_mib: u64,
+    /// Agent sessions of the many workload.
+    #[arg(long, default_value_t = 1000)]
+    pub many_agents: usize,
+    /// Concurrent streams of the many workload.
+    #[arg(long, default_value_t = 10_000)]
+    pub many_streams: usize,
+    /// Loss percentages of the lossy workload, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,5")]
+    pub loss: Vec<u32>,
+}
+
+/// Flags of `quictun bench-agents`.
+#[derive(Debug, Args)]
+pub struct BenchAgentsArgs {
+    /// How many agents (client ids bench-0 … bench-N-1, token bench-token).
+    #[arg(long)]
+    pub count: usize,
+    /// The relay's QUIC HOST:PORT.
+    #[arg(long)]
+    pub relay: String,
+    /// The relay's gRPC HOST:PORT.
+    #[arg(long)]
+    pub grpc_relay: String,
+    /// The relay's pin.
+    #[arg(long)]
+    pub pin: String,
+    /// quic or grpc.
+    #[arg(long)]
+    pub transport: quictun_agent::Transport,
 }
 
 /// Flags of `quictun upstream`.

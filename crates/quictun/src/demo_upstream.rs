@@ -2,6 +2,7 @@
 //!
 //! - `GET /` — a greeting naming the method, path and forwarded headers.
 //! - `GET /bytes/N` — N bytes (streamed in 64 KiB chunks, with Content-Length).
+//! - `GET /delay/MS` — answers after MS milliseconds.
 //! - `POST /echo` — the request body, streamed back.
 //! - `POST /sink` — reads the body and answers with its length.
 
@@ -81,6 +82,13 @@ async fn handle(req: Request<Incoming>) -> Response<DemoBody> {
             }
             text(StatusCode::OK, format!("{n}\n"))
         }
+        ("GET", p) if p.starts_with("/delay/") => match p["/delay/".len()..].parse::<u64>() {
+            Ok(ms) if ms <= 600_000 => {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                text(StatusCode::OK, format!("waited {ms} ms\n"))
+            }
+            _ => text(StatusCode::BAD_REQUEST, "usage: /delay/MS (at most 600000)\n".into()),
+        },
         ("GET", p) if p.starts_with("/bytes/") => match p["/bytes/".len()..].parse::<u64>() {
             Ok(n) if n <= 1 << 40 => bytes_body(n),
             _ => text(StatusCode::BAD_REQUEST, "usage: /bytes/N\n".into()),

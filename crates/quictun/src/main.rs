@@ -5,6 +5,7 @@
 //! (level from `RUST_LOG`, `info` by default); stdout carries only the command's own output.
 
 mod agent_cmd;
+mod bench_cmd;
 mod cert_cmd;
 mod cli;
 mod demo;
@@ -63,6 +64,8 @@ fn main() -> ExitCode {
             Command::Cert { command: CertCommand::Pin(args) } => cert_cmd::pin(args),
             Command::Demo(args) => demo::run(args).await,
             Command::Upstream(args) => demo_upstream::run(args).await,
+            Command::Bench(args) => bench_cmd::run(args).await,
+            Command::BenchAgents(args) => bench_cmd::agents(args).await,
         }
     });
     match result {

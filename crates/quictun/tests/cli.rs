@@ -249,3 +249,47 @@ fn demo_prints_a_curl_line_that_works() {
     let big = http_get(addr, "/bytes/1048576");
     assert!(big.ends_with(&"q".repeat(1000)), "download truncated");
 }
+
+#[test]
+fn bench_smoke_runs_every_workload_on_every_transport() {
+    let dir = TempDir::new();
+    let out = dir.join("results");
+    let args = [
+        "bench",
+        "--duration",
+        "0.5",
+        "--large-mib",
+        "2",
+        "--many-agents",
+        "3",
+        "--many-streams",
+        "20",
+        "--concurrency",
+        "1,4",
+        "--loss",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let run = Command::new(BIN).args(args).env("RUST_LOG", "warn").output().unwrap();
+    assert!(run.status.success(), "{}", stderr(&run));
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    let rows = json["rows"].as_array().unwrap();
+    let has =
+        |workload: &str, transport: &str| rows.iter().any(|r| r["workload"] == workload && r["transport"] == transport);
+    for transport in ["quic", "grpc", "direct"] {
+        for workload in ["small", "slow-mix", "large"] {
+            assert!(has(workload, transport), "no {workload} row for {transport}");
+        }
+    }
+    for transport in ["quic", "grpc"] {
+        assert!(has("many", transport) && has("lossy", transport), "no many/lossy row for {transport}");
+    }
+    for row in rows.iter().filter(|r| r["workload"] == "small") {
+        assert_eq!(row["errors"], 0, "{row}");
+        assert!(row["requests"].as_u64().unwrap() > 0, "{row}");
+    }
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(md.contains("| small | quic | c=1 |"), "{md}");
+    assert!(std::fs::read_to_string(out.join("throughput-small.svg")).unwrap().starts_with("<svg"));
+}

@@ -1,0 +1,248 @@
+//! The load generator: a fixed number of workers, each with its own keep-alive HTTP/1.1
+//! connection, for a fixed time; optionally paced to a fixed total rate (latency is then measured
+//! from the scheduled send time, so a stalled server cannot hide its delay). Latencies go into
+//! HdrHistograms, one per request class.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http::{Method, Request};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use indicatif::ProgressBar;
+
+/// One kind of request in a mix, with its share (in percent).
+#[derive(Debug, Clone)]
+pub struct RequestClass {
+    /// Name in reports.
+    pub name: &'static str,
+    /// The path requested.
+    pub path: String,
+    /// Percent of requests of this class.
+    pub percent: u32,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// The HTTP server.
+    pub target: SocketAddr,
+    /// The request mix.
+    pub classes: Vec<RequestClass>,
+    /// Workers (connections, requests in flight).
+    pub concurrency: usize,
+    /// How long.
+    pub duration: Duration,
+    /// Total requests per second (paced), or as fast as possible.
+    pub rate: Option<u64>,
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct LoadResult {
+    /// Completed requests with a 2xx answer.
+    pub ok: u64,
+    /// Failed requests (transport error, or a status other than 2xx).
+    pub errors: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Latency in microseconds per class, in the order of the spec.
+    pub latency: Vec<Histogram<u64>>,
+}
+
+impl LoadResult {
+    /// Requests per second.
+    pub fn rate(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// All classes merged.
+    pub fn merged(&self) -> Histogram<u64> {
+        let mut all = new_histogram();
+        for h in &self.latency {
+            let _same_bounds = all.add(h);
+        }
+        all
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // 1 µs .. 10 min at 3 significant digits; constants that cannot fail.
+    Histogram::new_with_bounds(1, 600_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn connect(target: SocketAddr) -> anyhow::Result<Sender> {
+    let stream = tokio::net::TcpStream::connect(target).await.with_context(|| format!("connecting to {target}"))?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _closed = conn.await;
+    });
+    Ok(sender)
+}
+
+/// One request on `sender`; true on a 2xx answer read to the end.
+async fn request(sender: &mut Sender, path: &str) -> anyhow::Result<bool> {
+    sender.ready().await?;
+    let req = Request::builder().method(Method::GET).uri(path).header("host", "bench").body(Empty::new())?;
+    let response = sender.send_request(req).await?;
+    let ok = response.status().is_success();
+    let mut body = response.into_body();
+    while let Some(frame) = body.frame().await {
+        frame?;
+    }
+    Ok(ok)
+}
+
+fn pick(classes: &[RequestClass], n: u64) -> usize {
+    let slot = (n % 100) as u32;
+    let mut acc = 0;
+    for (i, c) in classes.iter().enumerate() {
+        acc += c.percent;
+        if slot < acc {
+            return i;
+        }
+    }
+    classes.len() - 1
+}
+
+/// Runs the load; the progress bar advances with completed requests.
+pub async fn run(spec: &LoadSpec, progress: &ProgressBar) -> anyhow::Result<LoadResult> {
+    let started = Instant::now();
+    let deadline = started + spec.duration;
+    let spec = Arc::new(spec.clone());
+    let mut workers = Vec::with_capacity(spec.concurrency);
+    for worker in 0..spec.concurrency {
+        let (spec, progress) = (spec.clone(), progress.clone());
+        workers.push(tokio::spawn(async move {
+            let mut latency: Vec<Histogram<u64>> = spec.classes.iter().map(|_| new_histogram()).collect();
+            let (mut ok, mut errors) = (0u64, 0u64);
+            let mut sender = connect(spec.target).await.ok();
+            let period = spec.rate.map(|r| Duration::from_secs_f64(spec.concurrency as f64 / r.max(1) as f64));
+            let mut next_send = Instant::now();
+            let mut n = worker as u64 * 7;
+            while Instant::now() < deadline {
+                if period.is_some() {
+                    tokio::time::sleep_until(next_send.into()).await;
+                }
+                let scheduled = if period.is_some() { next_send } else { Instant::now() };
+                let class = pick(&spec.classes, n);
+                n += 1;
+                let result = match sender.as_mut() {
+                    Some(s) => request(s, &spec.classes[class].path).await,
+                    None => Err(anyhow::anyhow!("not connected")),
+                };
+                match result {
+                    Ok(true) => {
+                        ok += 1;
+                        let us = scheduled.elapsed().as_micros().max(1) as u64;
+                        let _clamped = latency[class].record(us.min(600_000_000));
+                    }
+                    Ok(false) => errors += 1,
+                    Err(_) => {
+                        errors += 1;
+                        sender = connect(spec.target).await.ok();
+                    }
+                }
+                progress.inc(1);
+                if let Some(period) = period {
+                    next_send += period;
+                }
+            }
+            (ok, errors, latency)
+        }));
+    }
+    let mut result = LoadResult {
+        ok: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latency: spec.classes.iter().map(|_| new_histogram()).collect(),
+    };
+    for worker in workers {
+        let (ok, errors, latency) = worker.await?;
+        result.ok += ok;
+        result.errors += errors;
+        for (total, h) in result.latency.iter_mut().zip(&latency) {
+            let _same_bounds = total.add(h);
+        }
+    }
+    result.elapsed = started.elapsed();
+    Ok(result)
+}
+
+/// GET a path and return the body as text (admin endpoint, readiness checks).
+pub async fn get_text(target: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut sender = connect(target).await?;
+    sender.ready().await?;
+    let req = Request::builder().uri(path).header("host", "bench").body(Empty::new())?;
+    let body = sender.send_request(req).await?.into_body().collect().await?.to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Downloads `path` to the end; returns the bytes received and the time taken.
+pub async fn download(target: SocketAddr, path: &str) -> anyhow::Result<(u64, Duration)> {
+    let started = Instant::now();
+    let mut sender = connect(target).await?;
+    sender.ready().await?;
+    let req = Request::builder().uri(path).header("host", "bench").body(Empty::new())?;
+    let response = sender.send_request(req).await?;
+    anyhow::ensure!(response.status().is_success(), "download answered {}", response.status());
+    let mut body = response.into_body();
+    let mut bytes = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            bytes += data.len() as u64;
+        }
+    }
+    Ok((bytes, started.elapsed()))
+}
+
+/// Uploads `size` bytes (chunked, generated as they are sent) to `path`; returns the time taken.
+pub async fn upload(target: SocketAddr, path: &str, size: u64) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let stream = tokio::net::TcpStream::connect(target).await?;
+    stream.set_nodelay(true)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _closed = conn.await;
+    });
+    let chunk = Bytes::from(vec![b'u'; 256 * 1024]);
+    let chunks = (0..size.div_ceil(chunk.len() as u64)).map(move |i| {
+        let left = size - i * chunk.len() as u64;
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+            chunk.slice(..left.min(chunk.len() as u64) as usize),
+        ))
+    });
+    let body = IterBody(chunks);
+    let req = Request::builder().method(Method::POST).uri(path).header("host", "bench").body(body)?;
+    let response = sender.send_request(req).await?;
+    anyhow::ensure!(response.status().is_success(), "upload answered {}", response.status());
+    let answer = response.into_body().collect().await?.to_bytes();
+    let received: u64 = String::from_utf8_lossy(&answer).trim().parse().unwrap_or(0);
+    anyhow::ensure!(received == size, "upstream received {received} of {size} bytes");
+    Ok(started.elapsed())
+}
+
+/// A body whose frames come from an iterator (nothing to await between them).
+pub struct IterBody<I>(I);
+
+impl<I: Iterator<Item = Result<hyper::body::Frame<Bytes>, std::convert::Infallible>> + Unpin> hyper::body::Body
+    for IterBody<I>
+{
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.next())
+    }
+}

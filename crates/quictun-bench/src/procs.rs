@@ -1,0 +1,277 @@
+//! The processes under test: the real `quictun` binary run as upstream, relay and agent(s), each
+//! its own process, with fresh certificates and configuration in a temporary directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// How requests reach the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Through the tunnel over QUIC.
+    Quic,
+    /// Through the tunnel over gRPC (TCP + TLS + HTTP/2).
+    Grpc,
+    /// Straight to the upstream: the limit.
+    Direct,
+}
+
+impl Mode {
+    /// The name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Quic => "quic",
+            Self::Grpc => "grpc",
+            Self::Direct => "direct",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "quic" => Ok(Self::Quic),
+            "grpc" => Ok(Self::Grpc),
+            "direct" => Ok(Self::Direct),
+            other => Err(format!("unknown transport {other:?} (quic, grpc, direct)")),
+        }
+    }
+}
+
+/// A child process, killed when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    child: Child,
+    name: String,
+}
+
+impl Proc {
+    /// Starts `exe args…`, its output going to `log`.
+    pub fn spawn(exe: &Path, args: &[String], log: &Path, name: &str) -> anyhow::Result<Self> {
+        let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = Command::new(exe)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Self { child, name: name.to_owned() })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn status_kib(&self, key: &str) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        status.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse().ok())
+    }
+
+    /// Resident memory now, in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmRSS:")
+    }
+
+    /// Peak resident memory since the last [`Proc::reset_peak`], in KiB.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmHWM:")
+    }
+
+    /// Resets the peak-RSS counter (Linux `clear_refs` 5).
+    pub fn reset_peak(&self) {
+        let _unsupported = std::fs::write(format!("/proc/{}/clear_refs", self.pid()), "5");
+    }
+
+    /// CPU time used so far (user + system), from `/proc/PID/stat`.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some(Duration::from_millis(ticks * 10))
+    }
+
+    /// Fails if the process has exited.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited: {status}", self.name);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _already_gone = self.child.kill();
+        let _reaped = self.child.wait();
+    }
+}
+
+/// A free TCP or UDP port on 127.0.0.1 (bound, then released).
+pub fn free_port(udp: bool) -> anyhow::Result<u16> {
+    Ok(if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port()
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
+    })
+}
+
+/// Polls `probe` every 50 ms until it holds (a benchmark may poll; tests wait on signals).
+pub async fn wait_until(what: &str, timeout: Duration, mut probe: impl AsyncFnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !probe().await {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// A running stack: upstream, and for tunnel modes a relay and an agent process.
+#[derive(Debug)]
+pub struct Stack {
+    /// The transport.
+    pub mode: Mode,
+    /// Where the load goes (the relay's ingress, or the upstream for `direct`).
+    pub target: SocketAddr,
+    /// The relay's admin endpoint.
+    pub admin: Option<SocketAddr>,
+    /// The relay's QUIC port.
+    pub quic_port: u16,
+    /// The relay's gRPC port.
+    pub grpc_port: u16,
+    /// The upstream.
+    pub upstream: Proc,
+    /// The relay.
+    pub relay: Option<Proc>,
+    /// The agent (or the process holding many agents).
+    pub agent: Option<Proc>,
+    dir: PathBuf,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.agent.take();
+        self.relay.take();
+        let _left_behind = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn tcp_ready(addr: SocketAddr) -> bool {
+    tokio::net::TcpStream::connect(addr).await.is_ok()
+}
+
+/// The number of sessions the relay's admin endpoint lists.
+pub async fn session_count(admin: SocketAddr) -> Option<usize> {
+    let body = crate::load::get_text(admin, "/api/sessions").await.ok()?;
+    let sessions: serde_json::Value = serde_json::from_str(&body).ok()?;
+    sessions.as_array().map(Vec::len)
+}
+
+impl Stack {
+    /// Starts the upstream and, unless `direct`, a relay and `agents` agents (one process).
+    pub async fn start(exe: &Path, mode: Mode, agents: usize) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("quictun-bench-{}-{}", std::process::id(), free_port(false)?));
+        std::fs::create_dir_all(&dir)?;
+        let up_addr: SocketAddr = format!("127.0.0.1:{}", free_port(false)?).parse()?;
+        let upstream = Proc::spawn(
+            exe,
+            &["upstream".into(), "--listen".into(), up_addr.to_string()],
+            &dir.join("upstream.log"),
+            "upstream",
+        )?;
+        wait_until("the upstream", Duration::from_secs(20), async || tcp_ready(up_addr).await).await?;
+        let mut stack = Self {
+            mode,
+            target: up_addr,
+            admin: None,
+            quic_port: 0,
+            grpc_port: 0,
+            upstream,
+            relay: None,
+            agent: None,
+            dir,
+        };
+        if mode != Mode::Direct {
+            stack.start_tunnel(exe, up_addr, agents).await?;
+        }
+        Ok(stack)
+    }
+
+    async fn start_tunnel(&mut self, exe: &Path, upstream: SocketAddr, agents: usize) -> anyhow::Result<()> {
+        let dir = self.dir.clone();
+        let run = |args: &[&str]| -> anyhow::Result<String> {
+            let out = Command::new(exe).args(args).output()?;
+            if !out.status.success() {
+                bail!("quictun {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        run(&["cert", "gen", "--out", &dir.join("certs").to_string_lossy()])?;
+        let pin = run(&["cert", "pin", &dir.join("certs/relay.crt").to_string_lossy()])?.trim().to_owned();
+        self.quic_port = free_port(true)?;
+        self.grpc_port = free_port(false)?;
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port(false)?).parse()?;
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port(false)?).parse()?;
+        let mut config = format!(
+            "[relay]\nquic_listen = \"127.0.0.1:{q}\"\ngrpc_listen = \"127.0.0.1:{g}\"\nhttp_listen = \"{http}\"\n\
+             admin_listen = \"{admin}\"\ncert = \"{d}/certs/relay.crt\"\nkey = \"{d}/certs/relay.key\"\n\
+             max_streams_per_agent = 16384\ndrain_timeout_secs = 1\n\
+             [[upstreams]]\nname = \"up\"\ngroup = \"bench\"\ntargets = [\"http://{upstream}\"]\n\
+             [[routes]]\nhost = \"*\"\nupstream = \"up\"\n",
+            q = self.quic_port,
+            g = self.grpc_port,
+            d = dir.display(),
+        );
+        for i in 0..agents {
+            config.push_str(&format!("[[clients]]\nid = \"bench-{i}\"\ntoken = \"bench-token\"\ngroup = \"bench\"\n"));
+        }
+        std::fs::write(dir.join("relay.toml"), config)?;
+        let relay_args = ["relay".to_owned(), "--config".into(), dir.join("relay.toml").to_string_lossy().into_owned()];
+        self.relay = Some(Proc::spawn(exe, &relay_args, &dir.join("relay.log"), "relay")?);
+        wait_until("the relay", Duration::from_secs(20), async || tcp_ready(admin).await).await?;
+        let transport = self.mode.name().to_owned();
+        let agent_args: Vec<String> = vec![
+            "bench-agents".into(),
+            "--count".into(),
+            agents.to_string(),
+            "--relay".into(),
+            format!("127.0.0.1:{}", self.quic_port),
+            "--grpc-relay".into(),
+            format!("127.0.0.1:{}", self.grpc_port),
+            "--pin".into(),
+            pin,
+            "--transport".into(),
+            transport,
+        ];
+        self.agent = Some(Proc::spawn(exe, &agent_args, &dir.join("agent.log"), "agent")?);
+        wait_until("the agents to register", Duration::from_secs(120), async || {
+            session_count(admin).await == Some(agents)
+        })
+        .await?;
+        self.target = http;
+        self.admin = Some(admin);
+        Ok(())
+    }
+
+    /// Fails if any process of the stack has exited.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        self.upstream.check_alive()?;
+        if let Some(relay) = self.relay.as_mut() {
+            relay.check_alive()?;
+        }
+        if let Some(agent) = self.agent.as_mut() {
+            agent.check_alive()?;
+        }
+        Ok(())
+    }
+}

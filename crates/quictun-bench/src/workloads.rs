@@ -1,0 +1,235 @@
+//! The workloads. Each starts its own stack per transport (so one cannot warm or tire the next),
+//! measures, and returns report rows.
+
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::BenchOptions;
+use crate::load::{self, LoadSpec, RequestClass};
+use crate::netem::Loss;
+use crate::procs::{Mode, Stack};
+use crate::report::{Latency, Row};
+
+fn spinner(message: String) -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} {pos} requests ({per_sec})")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.set_message(message);
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+fn mib(kib: Option<u64>) -> Option<f64> {
+    kib.map(|k| k as f64 / 1024.0)
+}
+
+fn instant(path: &str) -> Vec<RequestClass> {
+    vec![RequestClass { name: "instant", path: path.to_owned(), percent: 100 }]
+}
+
+/// CPU time of relay + agent, for a per-request figure.
+fn tunnel_cpu(stack: &Stack) -> Option<Duration> {
+    let relay = stack.relay.as_ref()?.cpu_time()?;
+    let agent = stack.agent.as_ref()?.cpu_time()?;
+    Some(relay + agent)
+}
+
+async fn measure(
+    stack: &mut Stack,
+    spec: LoadSpec,
+    label: String,
+) -> anyhow::Result<(crate::load::LoadResult, Option<f64>)> {
+    let bar = spinner(label);
+    let cpu_before = tunnel_cpu(stack);
+    let result = load::run(&spec, &bar).await?;
+    let cpu_after = tunnel_cpu(stack);
+    bar.finish_and_clear();
+    stack.check_alive()?;
+    let cpu = match (cpu_before, cpu_after) {
+        (Some(before), Some(after)) if result.ok > 0 => Some((after - before).as_secs_f64() * 1e6 / result.ok as f64),
+        _ => None,
+    };
+    Ok((result, cpu))
+}
+
+/// 1 KiB GETs at several concurrencies.
+pub async fn small(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
+    let mut stack = Stack::start(&opts.exe, mode, 1).await?;
+    let mut rows = Vec::new();
+    for &concurrency in &opts.concurrency {
+        let spec = LoadSpec {
+            target: stack.target,
+            classes: instant("/bytes/1024"),
+            concurrency,
+            duration: opts.duration,
+            rate: None,
+        };
+        let (result, cpu) = measure(&mut stack, spec, format!("small {} c={concurrency}", mode.name())).await?;
+        rows.push(Row {
+            workload: "small".into(),
+            transport: mode.name().into(),
+            variant: format!("c={concurrency}"),
+            requests_per_sec: Some(result.rate()),
+            latency: Some(Latency::from_histogram(&result.merged())),
+            errors: result.errors,
+            requests: result.ok,
+            tunnel_cpu_us_per_request: cpu,
+            ..Row::default()
+        });
+    }
+    Ok(rows)
+}
+
+/// 90% instant requests, 10% that take 1 s at the upstream: does a slow request delay the others?
+pub async fn slow_mix(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
+    let mut stack = Stack::start(&opts.exe, mode, 1).await?;
+    let classes = vec![
+        RequestClass { name: "instant", path: "/bytes/1024".into(), percent: 90 },
+        RequestClass { name: "slow", path: "/delay/1000".into(), percent: 10 },
+    ];
+    let concurrency = 64;
+    let spec = LoadSpec {
+        target: stack.target,
+        classes,
+        concurrency,
+        duration: opts.duration.max(Duration::from_secs(3)),
+        rate: None,
+    };
+    let (result, cpu) = measure(&mut stack, spec, format!("slow-mix {}", mode.name())).await?;
+    Ok(vec![Row {
+        workload: "slow-mix".into(),
+        transport: mode.name().into(),
+        variant: format!("c={concurrency}"),
+        requests_per_sec: Some(result.rate()),
+        latency: Some(Latency::from_histogram(&result.latency[0])),
+        errors: result.errors,
+        requests: result.ok,
+        tunnel_cpu_us_per_request: cpu,
+        note: "latency of the instant requests".into(),
+        ..Row::default()
+    }])
+}
+
+/// A large download and a large upload.
+pub async fn large(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
+    let stack = Stack::start(&opts.exe, mode, 1).await?;
+    let idle = (stack.relay.as_ref().and_then(|p| p.rss_kib()), stack.agent.as_ref().and_then(|p| p.rss_kib()));
+    let size = opts.large_bytes;
+    let mut rows = Vec::new();
+    for direction in ["download", "upload"] {
+        for p in stack.relay.iter().chain(stack.agent.iter()) {
+            p.reset_peak();
+        }
+        let bar = spinner(format!("large {} {direction} {} MiB", mode.name(), size >> 20));
+        let elapsed = if direction == "download" {
+            let (bytes, elapsed) = load::download(stack.target, &format!("/bytes/{size}")).await?;
+            anyhow::ensure!(bytes == size, "downloaded {bytes} of {size} bytes");
+            elapsed
+        } else {
+            load::upload(stack.target, "/sink", size).await?
+        };
+        bar.finish_and_clear();
+        rows.push(Row {
+            workload: "large".into(),
+            transport: mode.name().into(),
+            variant: direction.into(),
+            mb_per_sec: Some(size as f64 / 1e6 / elapsed.as_secs_f64()),
+            relay_peak_rss_mib: mib(stack.relay.as_ref().and_then(|p| p.peak_rss_kib())),
+            agent_peak_rss_mib: mib(stack.agent.as_ref().and_then(|p| p.peak_rss_kib())),
+            note: match idle {
+                (Some(r), Some(a)) => {
+                    format!("idle RSS relay {:.1} MiB, agent {:.1} MiB", r as f64 / 1024.0, a as f64 / 1024.0)
+                }
+                _ => String::new(),
+            },
+            ..Row::default()
+        });
+    }
+    Ok(rows)
+}
+
+/// Many agent sessions (one process holds them), then many concurrent streams over them.
+pub async fn many(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
+    if mode == Mode::Direct {
+        return Ok(Vec::new());
+    }
+    // Relay memory with one session, then with all of them.
+    let one = Stack::start(&opts.exe, mode, 1).await?;
+    let base = one.relay.as_ref().and_then(|p| p.rss_kib());
+    drop(one);
+    let mut stack = Stack::start(&opts.exe, mode, opts.many_agents).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await; // let allocations settle after the last registration
+    let loaded = stack.relay.as_ref().and_then(|p| p.rss_kib());
+    let per_session = match (base, loaded) {
+        (Some(b), Some(l)) if opts.many_agents > 1 => Some(l.saturating_sub(b) as f64 / (opts.many_agents - 1) as f64),
+        _ => None,
+    };
+    let spec = LoadSpec {
+        target: stack.target,
+        classes: instant("/delay/500"),
+        concurrency: opts.many_streams,
+        duration: Duration::from_secs(2),
+        rate: None,
+    };
+    let (result, _cpu) =
+        measure(&mut stack, spec, format!("many {} {} streams", mode.name(), opts.many_streams)).await?;
+    Ok(vec![Row {
+        workload: "many".into(),
+        transport: mode.name().into(),
+        variant: format!("{} sessions, {} streams", opts.many_agents, opts.many_streams),
+        requests_per_sec: Some(result.rate()),
+        latency: Some(Latency::from_histogram(&result.merged())),
+        errors: result.errors,
+        requests: result.ok,
+        relay_kib_per_session: per_session,
+        relay_peak_rss_mib: mib(stack.relay.as_ref().and_then(|p| p.peak_rss_kib())),
+        note: "requests take 500 ms at the upstream".into(),
+        ..Row::default()
+    }])
+}
+
+/// Small requests at c=16 with random packet loss on the tunnel's own packets (relay ↔ agent).
+pub async fn lossy(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
+    if mode == Mode::Direct {
+        return Ok(Vec::new());
+    }
+    if let Err(why) = crate::netem::available() {
+        return Ok(vec![Row {
+            workload: "lossy".into(),
+            transport: mode.name().into(),
+            variant: "skipped".into(),
+            note: why,
+            ..Row::default()
+        }]);
+    }
+    let mut stack = Stack::start(&opts.exe, mode, 1).await?;
+    let mut rows = Vec::new();
+    for &percent in &opts.loss {
+        let ports = if mode == Mode::Quic { (Some(stack.quic_port), None) } else { (None, Some(stack.grpc_port)) };
+        let _loss = Loss::apply(percent, ports.0, ports.1)?;
+        let spec = LoadSpec {
+            target: stack.target,
+            classes: instant("/bytes/1024"),
+            concurrency: 16,
+            duration: opts.duration,
+            rate: None,
+        };
+        let (result, cpu) = measure(&mut stack, spec, format!("lossy {} {percent}%", mode.name())).await?;
+        rows.push(Row {
+            workload: "lossy".into(),
+            transport: mode.name().into(),
+            variant: format!("loss={percent}%"),
+            requests_per_sec: Some(result.rate()),
+            latency: Some(Latency::from_histogram(&result.merged())),
+            errors: result.errors,
+            requests: result.ok,
+            tunnel_cpu_us_per_request: cpu,
+            note: "c=16, loss on the relay-agent leg, both directions".into(),
+            ..Row::default()
+        });
+    }
+    Ok(rows)
+}

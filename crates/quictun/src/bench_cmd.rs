@@ -1,0 +1,63 @@
+//! `quictun bench` and its helper `quictun bench-agents`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use quictun_agent::config::{AgentConfigFile, AgentSection};
+use quictun_agent::{Agent, AgentOptions};
+use quictun_proto::Token;
+
+use crate::Failure;
+use crate::cli::{BenchAgentsArgs, BenchArgs};
+
+/// Runs the benchmark and prints the Markdown table.
+pub async fn run(args: BenchArgs) -> Result<(), Failure> {
+    if !(args.duration > 0.0 && args.duration.is_finite()) {
+        return Err(Failure::usage(anyhow::anyhow!("--duration must be a positive number of seconds")));
+    }
+    let exe = std::env::current_exe().map_err(Failure::runtime)?;
+    let options = quictun_bench::BenchOptions {
+        exe,
+        out: args.out.clone(),
+        modes: args.transports,
+        workloads: args.workloads,
+        duration: Duration::from_secs_f64(args.duration),
+        concurrency: args.concurrency,
+        large_bytes: args.large_mib << 20,
+        many_agents: args.many_agents.max(1),
+        many_streams: args.many_streams.max(1),
+        loss: args.loss,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    };
+    let report = quictun_bench::run(&options).await.map_err(Failure::runtime)?;
+    println!("{}", report.markdown());
+    println!("written to {}", args.out.display());
+    Ok(())
+}
+
+/// Runs `count` agents in this process until Ctrl-C or SIGTERM.
+pub async fn agents(args: BenchAgentsArgs) -> Result<(), Failure> {
+    let mut agents = Vec::with_capacity(args.count);
+    for i in 0..args.count {
+        let file = AgentConfigFile {
+            agent: AgentSection {
+                relay: args.relay.clone(),
+                grpc_relay: Some(args.grpc_relay.clone()),
+                transport: args.transport,
+                pin: Some(args.pin.clone()),
+                client_id: format!("bench-{i}"),
+                token: Some(Token::new("bench-token")),
+                drain_timeout_secs: 1,
+                ..AgentSection::default()
+            },
+            upstreams: vec![],
+        };
+        let options = AgentOptions::from_config(file, Path::new("<bench-agents>")).map_err(Failure::usage)?;
+        agents.push(Agent::start(options).await.map_err(Failure::runtime)?);
+    }
+    crate::signal::shutdown().await;
+    for agent in agents {
+        agent.abort();
+    }
+    Ok(())
+}
