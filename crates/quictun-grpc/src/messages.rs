@@ -11,7 +11,7 @@ use bytes::Bytes;
 pub const CONNECT_PATH: &str = "/quictun.Tunnel/Connect";
 
 /// Largest body chunk put in one message.
-pub const MAX_CHUNK: usize = 256 * 1024;
+pub const MAX_CHUNK: usize = 64 * 1024;
 
 /// One message on the tunnel stream.
 #[derive(Clone, PartialEq, prost::Message)]

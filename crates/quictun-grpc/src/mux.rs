@@ -20,9 +20,10 @@ use tracing::debug;
 
 use crate::messages::{MAX_CHUNK, Payload, TunnelMessage};
 
-/// Messages queued towards the peer, for all exchanges and control.
-pub const OUTBOUND_QUEUE: usize = 1024;
-/// Events queued for one exchange.
+/// Messages queued towards the peer, for all exchanges and control. With chunks of at most
+/// [`crate::messages::MAX_CHUNK`] this bounds the queue at 16 MiB.
+pub const OUTBOUND_QUEUE: usize = 256;
+/// Events queued for one exchange (at most 2 MiB of body).
 pub const EXCHANGE_QUEUE: usize = 32;
 /// Longest the reader waits for a slow exchange before resetting it.
 pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
