@@ -108,7 +108,14 @@ impl Agent {
             Some(bind) => bind,
             None => options::default_bind(&options.relay).await,
         };
-        let (endpoint, quic) = quictun_core::endpoint::client_endpoint(bind, &options.trust, &options.tuning)?;
+        let (endpoint, _) = quictun_core::endpoint::client_endpoint(bind, &options.trust, &options.tuning)?;
+        Self::start_on(options, endpoint)
+    }
+
+    /// Starts an agent on an existing QUIC endpoint (one process may hold many agents on one UDP
+    /// socket). The endpoint is only used to dial; trust comes from `options`.
+    pub fn start_on(options: AgentOptions, endpoint: quinn::Endpoint) -> Result<Self, AgentError> {
+        let quic = ClientSetup::new(&options.trust, &options.tuning)?;
         let grpc = grpc::GrpcSetup::new(&options)?;
         let forwarder = Arc::new(Forwarder::new(options.connect_timeout, options.response_timeout, options.limits));
         let (state_tx, state) = watch::channel(AgentState::Connecting);
@@ -169,7 +176,7 @@ impl Agent {
         }
     }
 
-    /// Stops at once: the connection is closed without a drain.
+    /// Stops at once: the endpoint's connections are closed without a drain.
     pub fn abort(&self) {
         self.shutdown.cancel();
         quictun_core::close_endpoint(&self.endpoint, quictun_proto::CloseCode::GoingAway);

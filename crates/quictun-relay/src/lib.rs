@@ -37,6 +37,9 @@ pub use sessions::SessionManager;
 
 use crate::state::Shared;
 
+/// Streams an agent may have open towards the relay at once.
+const AGENT_INITIATED_STREAMS: u32 = 16;
+
 /// Errors starting the relay.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -81,7 +84,10 @@ impl Relay {
         let shared = Arc::new(Shared::new(&config));
         let settings = &shared.settings;
         let tuning = Tuning {
-            max_concurrent_streams: settings.max_streams_per_agent.max(16),
+            // Streams an *agent* may open towards the relay: only the control stream today. quinn
+            // allocates state up front for every stream the peer may open, so this stays small;
+            // the relay's own streams are limited by `max_streams_per_agent` and the agent.
+            max_concurrent_streams: AGENT_INITIATED_STREAMS,
             idle_timeout: Duration::from_secs(30).max(settings.heartbeat_timeout() * 2),
             keep_alive: settings.heartbeat_interval().min(Duration::from_secs(5)),
             ..Tuning::default()

@@ -35,9 +35,10 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Runs `count` agents in this process until Ctrl-C or SIGTERM.
+/// Runs `count` agents in this process, on one shared QUIC endpoint, until Ctrl-C or SIGTERM.
 pub async fn agents(args: BenchAgentsArgs) -> Result<(), Failure> {
     let mut agents = Vec::with_capacity(args.count);
+    let mut endpoint = None;
     for i in 0..args.count {
         let file = AgentConfigFile {
             agent: AgentSection {
@@ -53,7 +54,16 @@ pub async fn agents(args: BenchAgentsArgs) -> Result<(), Failure> {
             upstreams: vec![],
         };
         let options = AgentOptions::from_config(file, Path::new("<bench-agents>")).map_err(Failure::usage)?;
-        agents.push(Agent::start(options).await.map_err(Failure::runtime)?);
+        let shared = match &endpoint {
+            Some(endpoint) => endpoint,
+            None => {
+                let bind = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+                let (created, _) = quictun_core::endpoint::client_endpoint(bind, &options.trust, &options.tuning)
+                    .map_err(Failure::runtime)?;
+                endpoint.insert(created)
+            }
+        };
+        agents.push(Agent::start_on(options, shared.clone()).map_err(Failure::runtime)?);
     }
     crate::signal::shutdown().await;
     for agent in agents {
