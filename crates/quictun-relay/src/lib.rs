@@ -8,7 +8,8 @@
 //! - [`sessions`]: client_id → session, group → sessions.
 //! - [`registration`]: registration and the session loop (heartbeats, config_sync, go-away), for
 //!   any transport.
-//! - [`quic`]: the QUIC transport: accept loop, handshake, control stream.
+//! - [`quic`]: the QUIC transport: accept loop, handshake, control stream. The gRPC transport
+//!   (`quictun-grpc`) feeds the same registration from its own listener.
 //! - [`router`]: host and path routing.
 //! - [`ingress`] and [`proxy`]: the HTTP server and the per-request forwarding.
 //!
