@@ -30,6 +30,8 @@ pub struct AgentSection {
     pub transport: Transport,
     /// The relay's gRPC `HOST:PORT` (TCP); by default the relay's host, port 4434.
     pub grpc_relay: Option<String>,
+    /// QUIC congestion controller: `bbr` (default) or `cubic`.
+    pub congestion: quictun_core::Congestion,
     /// The relay certificate's pin, `sha256:<hex>`.
     pub pin: Option<String>,
     /// A CA bundle to verify the relay with, instead of a pin.
@@ -65,6 +67,7 @@ impl Default for AgentSection {
             relay: String::new(),
             transport: Transport::Auto,
             grpc_relay: None,
+            congestion: quictun_core::Congestion::Bbr,
             pin: None,
             ca: None,
             server_name: None,

@@ -122,7 +122,11 @@ impl AgentOptions {
             connect_timeout: Duration::from_secs(a.upstream_connect_timeout_secs.max(1)),
             response_timeout: Duration::from_secs(a.upstream_response_timeout_secs.max(1)),
             drain_timeout: Duration::from_secs(a.drain_timeout_secs),
-            tuning: Tuning { max_concurrent_streams: a.max_concurrent_streams.max(1), ..Tuning::default() },
+            tuning: Tuning {
+                max_concurrent_streams: a.max_concurrent_streams.max(1),
+                congestion: a.congestion,
+                ..Tuning::default()
+            },
             limits: Limits::default(),
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(30),

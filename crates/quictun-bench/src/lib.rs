@@ -5,6 +5,7 @@
 //! - [`load`]: the load generator (keep-alive HTTP/1.1 workers, HdrHistogram).
 //! - [`workloads`]: small, large, slow-mix, many, lossy.
 //! - [`netem`]: random packet loss with nftables.
+//! - [`wan`]: an emulated WAN link (network namespace, TUN devices, a userspace forwarder).
 //! - [`report`] and [`svg`]: JSON, Markdown and SVG output.
 
 pub mod load;
@@ -12,6 +13,7 @@ pub mod netem;
 pub mod procs;
 pub mod report;
 pub mod svg;
+pub mod wan;
 pub mod workloads;
 
 use std::path::PathBuf;
@@ -32,6 +34,8 @@ pub enum Workload {
     Many,
     /// Small requests under packet loss on the tunnel leg.
     Lossy,
+    /// Small and bulk over an emulated 50 ms / 1% loss / 100 Mbit/s link.
+    Wan,
 }
 
 impl std::str::FromStr for Workload {
@@ -43,7 +47,8 @@ impl std::str::FromStr for Workload {
             "slow-mix" => Ok(Self::SlowMix),
             "many" => Ok(Self::Many),
             "lossy" => Ok(Self::Lossy),
-            other => Err(format!("unknown workload {other:?} (small, large, slow-mix, many, lossy)")),
+            "wan" => Ok(Self::Wan),
+            other => Err(format!("unknown workload {other:?} (small, large, slow-mix, many, lossy, wan)")),
         }
     }
 }
@@ -71,6 +76,8 @@ pub struct BenchOptions {
     pub many_streams: usize,
     /// Loss percentages of `lossy`.
     pub loss: Vec<u32>,
+    /// Body size of the bulk transfers of `wan`.
+    pub wan_bytes: u64,
     /// The command line, for the report.
     pub command: String,
 }
@@ -125,6 +132,7 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<report::Report> {
                 Workload::SlowMix => workloads::slow_mix(opts, mode).await,
                 Workload::Many => workloads::many(opts, mode).await,
                 Workload::Lossy => workloads::lossy(opts, mode).await,
+                Workload::Wan => workloads::wan(opts, mode).await,
             };
             match result {
                 Ok(mut r) => rows.append(&mut r),

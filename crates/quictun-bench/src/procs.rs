@@ -53,9 +53,23 @@ pub struct Proc {
 impl Proc {
     /// Starts `exe args…`, its output going to `log`.
     pub fn spawn(exe: &Path, args: &[String], log: &Path, name: &str) -> anyhow::Result<Self> {
+        Self::spawn_in(None, exe, args, log, name)
+    }
+
+    /// Starts `exe args…` inside network namespace `netns` (`ip netns exec` replaces itself with
+    /// the program, so the pid is the program's).
+    pub fn spawn_in(netns: Option<&str>, exe: &Path, args: &[String], log: &Path, name: &str) -> anyhow::Result<Self> {
         let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
-        let child = Command::new(exe)
+        let mut command = match netns {
+            Some(netns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", netns]).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let child = command
             .args(args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -136,6 +150,15 @@ pub async fn wait_until(what: &str, timeout: Duration, mut probe: impl AsyncFnMu
     Ok(())
 }
 
+/// Where the processes run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// Everything on 127.0.0.1.
+    Loopback,
+    /// Agent and upstream in the WAN namespace, behind [`crate::wan::WanLink`].
+    Wan,
+}
+
 /// A running stack: upstream, and for tunnel modes a relay and an agent process.
 #[derive(Debug)]
 pub struct Stack {
@@ -155,6 +178,7 @@ pub struct Stack {
     pub relay: Option<Proc>,
     /// The agent (or the process holding many agents).
     pub agent: Option<Proc>,
+    topology: Topology,
     dir: PathBuf,
 }
 
@@ -178,27 +202,50 @@ pub async fn session_count(admin: SocketAddr) -> Option<usize> {
 }
 
 impl Stack {
-    /// Starts the upstream and, unless `direct`, a relay and `agents` agents (one process).
+    /// Starts the upstream and, unless `direct`, a relay and `agents` agents (one process), all
+    /// on loopback.
     pub async fn start(exe: &Path, mode: Mode, agents: usize) -> anyhow::Result<Self> {
+        Self::start_on(exe, mode, agents, Topology::Loopback).await
+    }
+
+    /// [`Stack::start`] on a topology.
+    pub async fn start_on(exe: &Path, mode: Mode, agents: usize, topology: Topology) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("quictun-bench-{}-{}", std::process::id(), free_port(false)?));
         std::fs::create_dir_all(&dir)?;
-        let up_addr: SocketAddr = format!("127.0.0.1:{}", free_port(false)?).parse()?;
-        let upstream = Proc::spawn(
+        let port = free_port(false)?;
+        // The upstream as the agent sees it, and as a direct client reaches it.
+        let (listen, up_addr, reach): (String, SocketAddr, SocketAddr) = match topology {
+            Topology::Loopback => {
+                let a: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+                (a.to_string(), a, a)
+            }
+            Topology::Wan => (
+                format!("0.0.0.0:{port}"),
+                format!("127.0.0.1:{port}").parse()?,
+                format!("{}:{port}", crate::wan::AGENT_IP).parse()?,
+            ),
+        };
+        let netns = (topology == Topology::Wan).then_some(crate::wan::NETNS);
+        let upstream = Proc::spawn_in(
+            netns,
             exe,
-            &["upstream".into(), "--listen".into(), up_addr.to_string()],
+            &["upstream".into(), "--listen".into(), listen],
             &dir.join("upstream.log"),
             "upstream",
         )?;
-        wait_until("the upstream", Duration::from_secs(20), async || tcp_ready(up_addr).await).await?;
+        if mode == Mode::Direct || topology == Topology::Loopback {
+            wait_until("the upstream", Duration::from_secs(20), async || tcp_ready(reach).await).await?;
+        }
         let mut stack = Self {
             mode,
-            target: up_addr,
+            target: reach,
             admin: None,
             quic_port: 0,
             grpc_port: 0,
             upstream,
             relay: None,
             agent: None,
+            topology,
             dir,
         };
         if mode != Mode::Direct {
@@ -208,6 +255,10 @@ impl Stack {
     }
 
     async fn start_tunnel(&mut self, exe: &Path, upstream: SocketAddr, agents: usize) -> anyhow::Result<()> {
+        let (tunnel_ip, netns) = match self.topology {
+            Topology::Loopback => ("127.0.0.1", None),
+            Topology::Wan => (crate::wan::RELAY_IP, Some(crate::wan::NETNS)),
+        };
         let dir = self.dir.clone();
         let run = |args: &[&str]| -> anyhow::Result<String> {
             let out = Command::new(exe).args(args).output()?;
@@ -223,7 +274,7 @@ impl Stack {
         let http: SocketAddr = format!("127.0.0.1:{}", free_port(false)?).parse()?;
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port(false)?).parse()?;
         let mut config = format!(
-            "[relay]\nquic_listen = \"127.0.0.1:{q}\"\ngrpc_listen = \"127.0.0.1:{g}\"\nhttp_listen = \"{http}\"\n\
+            "[relay]\nquic_listen = \"{tunnel_ip}:{q}\"\ngrpc_listen = \"{tunnel_ip}:{g}\"\nhttp_listen = \"{http}\"\n\
              admin_listen = \"{admin}\"\ncert = \"{d}/certs/relay.crt\"\nkey = \"{d}/certs/relay.key\"\n\
              max_streams_per_agent = 16384\ndrain_timeout_secs = 1\n\
              [[upstreams]]\nname = \"up\"\ngroup = \"bench\"\ntargets = [\"http://{upstream}\"]\n\
@@ -245,21 +296,26 @@ impl Stack {
             "--count".into(),
             agents.to_string(),
             "--relay".into(),
-            format!("127.0.0.1:{}", self.quic_port),
+            format!("{tunnel_ip}:{}", self.quic_port),
             "--grpc-relay".into(),
-            format!("127.0.0.1:{}", self.grpc_port),
+            format!("{tunnel_ip}:{}", self.grpc_port),
             "--pin".into(),
             pin,
             "--transport".into(),
             transport,
         ];
-        self.agent = Some(Proc::spawn(exe, &agent_args, &dir.join("agent.log"), "agent")?);
+        self.agent = Some(Proc::spawn_in(netns, exe, &agent_args, &dir.join("agent.log"), "agent")?);
         wait_until("the agents to register", Duration::from_secs(120), async || {
             session_count(admin).await == Some(agents)
         })
         .await?;
         self.target = http;
         self.admin = Some(admin);
+        // The upstream may be in another namespace: wait until a request crosses the tunnel.
+        wait_until("the upstream through the tunnel", Duration::from_secs(20), async || {
+            crate::load::get_text(http, "/").await.is_ok_and(|body| body.starts_with("Hello"))
+        })
+        .await?;
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::BenchOptions;
 use crate::load::{self, LoadSpec, RequestClass};
 use crate::netem::Loss;
-use crate::procs::{Mode, Stack};
+use crate::procs::{Mode, Stack, Topology};
 use crate::report::{Latency, Row};
 
 fn spinner(message: String) -> ProgressBar {
@@ -228,6 +228,64 @@ pub async fn lossy(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> 
             requests: result.ok,
             tunnel_cpu_us_per_request: cpu,
             note: "c=16, loss on the relay-agent leg, both directions".into(),
+            ..Row::default()
+        });
+    }
+    Ok(rows)
+}
+
+/// Small requests and bulk transfers over an emulated WAN link between relay and agent: 50 ms
+/// RTT, 1% loss each way, 100 Mbit/s.
+pub async fn wan(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
+    if let Err(why) = crate::wan::available() {
+        return Ok(vec![Row {
+            workload: "wan".into(),
+            transport: mode.name().into(),
+            variant: "skipped".into(),
+            note: why,
+            ..Row::default()
+        }]);
+    }
+    let _link = crate::wan::WanLink::start(crate::wan::Impairment::wan())?;
+    let mut stack = Stack::start_on(&opts.exe, mode, 1, Topology::Wan).await?;
+    let note = "50 ms RTT, 1% loss each way, 100 Mbit/s between relay and agent".to_owned();
+    let spec = LoadSpec {
+        target: stack.target,
+        classes: instant("/bytes/1024"),
+        concurrency: 16,
+        duration: opts.duration,
+        rate: None,
+    };
+    let (result, cpu) = measure(&mut stack, spec, format!("wan {} small", mode.name())).await?;
+    let mut rows = vec![Row {
+        workload: "wan".into(),
+        transport: mode.name().into(),
+        variant: "small c=16".into(),
+        requests_per_sec: Some(result.rate()),
+        latency: Some(Latency::from_histogram(&result.merged())),
+        errors: result.errors,
+        requests: result.ok,
+        tunnel_cpu_us_per_request: cpu,
+        note: note.clone(),
+        ..Row::default()
+    }];
+    let size = opts.wan_bytes;
+    for direction in ["download", "upload"] {
+        let bar = spinner(format!("wan {} {direction} {} MiB", mode.name(), size >> 20));
+        let elapsed = if direction == "download" {
+            let (bytes, elapsed) = load::download(stack.target, &format!("/bytes/{size}")).await?;
+            anyhow::ensure!(bytes == size, "downloaded {bytes} of {size} bytes");
+            elapsed
+        } else {
+            load::upload(stack.target, "/sink", size).await?
+        };
+        bar.finish_and_clear();
+        rows.push(Row {
+            workload: "wan".into(),
+            transport: mode.name().into(),
+            variant: format!("large {direction}"),
+            mb_per_sec: Some(size as f64 / 1e6 / elapsed.as_secs_f64()),
+            note: note.clone(),
             ..Row::default()
         });
     }

@@ -42,6 +42,8 @@ pub struct RelaySection {
     pub grpc_listen: SocketAddr,
     /// Which transports agents may use: `all` (default), `quic` or `grpc`.
     pub transport: TransportChoice,
+    /// QUIC congestion controller: `bbr` (default) or `cubic`.
+    pub congestion: quictun_core::Congestion,
     /// PEM certificate; generated when missing.
     pub cert: PathBuf,
     /// PEM private key; generated when missing.
@@ -72,6 +74,7 @@ impl Default for RelaySection {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             grpc_listen: SocketAddr::from(([0, 0, 0, 0], 4434)),
             transport: TransportChoice::All,
+            congestion: quictun_core::Congestion::Bbr,
             cert: PathBuf::from("certs/relay.crt"),
             key: PathBuf::from("certs/relay.key"),
             heartbeat_interval_ms: 5_000,

@@ -91,6 +91,7 @@ impl Relay {
             max_concurrent_streams: AGENT_INITIATED_STREAMS,
             idle_timeout: Duration::from_secs(30).max(settings.heartbeat_timeout() * 2),
             keep_alive: settings.heartbeat_interval().min(Duration::from_secs(5)),
+            congestion: settings.congestion,
             ..Tuning::default()
         };
         let grpc_tls = quictun_core::tls::server_config_with_alpn(cert.clone(), b"h2")

@@ -27,6 +27,7 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
         many_agents: args.many_agents.max(1),
         many_streams: args.many_streams.max(1),
         loss: args.loss,
+        wan_bytes: args.wan_mib << 20,
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
     let report = quictun_bench::run(&options).await.map_err(Failure::runtime)?;
@@ -57,7 +58,7 @@ pub async fn agents(args: BenchAgentsArgs) -> Result<(), Failure> {
         let shared = match &endpoint {
             Some(endpoint) => endpoint,
             None => {
-                let bind = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+                let bind = quictun_agent::options::default_bind(&args.relay).await;
                 let (created, _) = quictun_core::endpoint::client_endpoint(bind, &options.trust, &options.tuning)
                     .map_err(Failure::runtime)?;
                 endpoint.insert(created)

@@ -50,8 +50,8 @@ pub struct BenchArgs {
     /// Transports to compare (quic, grpc, direct), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "quic,grpc,direct")]
     pub transports: Vec<quictun_bench::Mode>,
-    /// Workloads (small, large, slow-mix, many, lossy), comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "small,slow-mix,large,many,lossy")]
+    /// Workloads (small, large, slow-mix, many, lossy, wan), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "small,slow-mix,large,many,lossy,wan")]
     pub workloads: Vec<quictun_bench::Workload>,
     /// Length of each timed run, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
@@ -71,6 +71,9 @@ pub struct BenchArgs {
     /// Loss percentages of the lossy workload, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,5")]
     pub loss: Vec<u32>,
+    /// Body size of the wan workload's transfers, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 64)]
+    pub wan_mib: u64,
 }
 
 /// Flags of `quictun bench-agents`.

@@ -278,7 +278,7 @@ fn bench_smoke_runs_every_workload_on_every_transport() {
     let has =
         |workload: &str, transport: &str| rows.iter().any(|r| r["workload"] == workload && r["transport"] == transport);
     for transport in ["quic", "grpc", "direct"] {
-        for workload in ["small", "slow-mix", "large"] {
+        for workload in ["small", "slow-mix", "large", "wan"] {
             assert!(has(workload, transport), "no {workload} row for {transport}");
         }
     }
