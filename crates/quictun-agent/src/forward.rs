@@ -85,7 +85,7 @@ impl Forwarder {
             Ok(Ok(response)) => response,
             Ok(Err(err)) => {
                 let code = if err.is_connect() { StreamCode::UpstreamConnect } else { StreamCode::UpstreamFailed };
-                warn!(err = %error_chain(&err), ?code, "upstream request failed");
+                warn!(err = %quictun_core::error_chain(&err), ?code, "upstream request failed");
                 return Err(code);
             }
             Err(_) => {
@@ -119,16 +119,4 @@ impl RequestHandler for Forwarder {
 /// An empty request body.
 pub fn empty_body() -> TunnelBody {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
-}
-
-/// An error and its causes, one line.
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -198,17 +198,32 @@ struct Dialer {
 }
 
 impl Dialer {
+    /// Registers and serves on whatever `dial` connects, unless asked to stop first.
+    async fn serve_dialed<C, R>(
+        &self,
+        dial: impl std::future::Future<Output = Result<(C, R), Attempt>>,
+        forwarder: &Arc<Forwarder>,
+        state: &watch::Sender<AgentState>,
+        stop: &session::Stop,
+    ) -> Result<Outcome, Attempt>
+    where
+        C: quictun_core::link::ControlIo,
+        R: quictun_core::link::RelayConnection,
+    {
+        let (control, conn) = tokio::select! {
+            dialed = dial => dialed?,
+            _ = stop.shutdown.cancelled() => return Ok(Outcome::Shutdown),
+        };
+        session::register_and_serve(&self.options, control, conn, forwarder, state, stop).await
+    }
+
     async fn over_quic(
         &self,
         forwarder: &Arc<Forwarder>,
         state: &watch::Sender<AgentState>,
         stop: &session::Stop,
     ) -> Result<Outcome, Attempt> {
-        let (control, conn) = tokio::select! {
-            dialed = quic::dial(&self.options, &self.endpoint, &self.quic) => dialed?,
-            _ = stop.shutdown.cancelled() => return Ok(Outcome::Shutdown),
-        };
-        session::register_and_serve(&self.options, control, conn, forwarder, state, stop).await
+        self.serve_dialed(quic::dial(&self.options, &self.endpoint, &self.quic), forwarder, state, stop).await
     }
 
     async fn over_grpc(
@@ -217,11 +232,7 @@ impl Dialer {
         state: &watch::Sender<AgentState>,
         stop: &session::Stop,
     ) -> Result<Outcome, Attempt> {
-        let (control, conn) = tokio::select! {
-            dialed = grpc::dial(&self.options, &self.grpc) => dialed?,
-            _ = stop.shutdown.cancelled() => return Ok(Outcome::Shutdown),
-        };
-        session::register_and_serve(&self.options, control, conn, forwarder, state, stop).await
+        self.serve_dialed(grpc::dial(&self.options, &self.grpc), forwarder, state, stop).await
     }
 
     /// gRPC while QUIC is probed in the background; a successful probe drains the gRPC session

@@ -90,16 +90,8 @@ impl RelayConnection for QuicRelay {
                 match self.conn.accept_bi().await {
                     Ok((send, recv)) => {
                         let handler = handler.clone();
-                        let cancel = cancel.clone();
-                        tasks.spawn(
-                            async move {
-                                tokio::select! {
-                                    _ = serve_stream(handler.as_ref(), send, recv) => {}
-                                    _ = cancel.cancelled() => {}
-                                }
-                            }
-                            .in_current_span(),
-                        );
+                        let work = async move { serve_stream(handler.as_ref(), send, recv).await }.in_current_span();
+                        quictun_core::spawn_cancellable(&tasks, &cancel, work);
                     }
                     Err(err) => return err.to_string(),
                 }

@@ -98,7 +98,7 @@ impl Report {
                 opt(l.map(|l| l.p99_ms), 2),
                 opt(l.map(|l| l.p999_ms), 2),
                 r.errors,
-                opt(r.mb_per_sec, 0),
+                opt(r.mb_per_sec, 1),
                 opt(r.relay_peak_rss_mib, 1),
                 opt(r.agent_peak_rss_mib, 1),
                 opt(r.relay_kib_per_session, 1),

@@ -113,6 +113,20 @@ pub async fn slow_mix(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row
     }])
 }
 
+/// Moves `size` bytes through `stack` in one direction; returns the time taken.
+async fn transfer(stack: &Stack, direction: &str, size: u64, label: String) -> anyhow::Result<Duration> {
+    let bar = spinner(label);
+    let elapsed = if direction == "download" {
+        let (bytes, elapsed) = load::download(stack.target, &format!("/bytes/{size}")).await?;
+        anyhow::ensure!(bytes == size, "downloaded {bytes} of {size} bytes");
+        elapsed
+    } else {
+        load::upload(stack.target, "/sink", size).await?
+    };
+    bar.finish_and_clear();
+    Ok(elapsed)
+}
+
 /// A large download and a large upload.
 pub async fn large(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
     let stack = Stack::start(&opts.exe, mode, 1).await?;
@@ -123,15 +137,8 @@ pub async fn large(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> 
         for p in stack.relay.iter().chain(stack.agent.iter()) {
             p.reset_peak();
         }
-        let bar = spinner(format!("large {} {direction} {} MiB", mode.name(), size >> 20));
-        let elapsed = if direction == "download" {
-            let (bytes, elapsed) = load::download(stack.target, &format!("/bytes/{size}")).await?;
-            anyhow::ensure!(bytes == size, "downloaded {bytes} of {size} bytes");
-            elapsed
-        } else {
-            load::upload(stack.target, "/sink", size).await?
-        };
-        bar.finish_and_clear();
+        let elapsed =
+            transfer(&stack, direction, size, format!("large {} {direction} {} MiB", mode.name(), size >> 20)).await?;
         rows.push(Row {
             workload: "large".into(),
             transport: mode.name().into(),
@@ -271,15 +278,8 @@ pub async fn wan(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
     }];
     let size = opts.wan_bytes;
     for direction in ["download", "upload"] {
-        let bar = spinner(format!("wan {} {direction} {} MiB", mode.name(), size >> 20));
-        let elapsed = if direction == "download" {
-            let (bytes, elapsed) = load::download(stack.target, &format!("/bytes/{size}")).await?;
-            anyhow::ensure!(bytes == size, "downloaded {bytes} of {size} bytes");
-            elapsed
-        } else {
-            load::upload(stack.target, "/sink", size).await?
-        };
-        bar.finish_and_clear();
+        let elapsed =
+            transfer(&stack, direction, size, format!("wan {} {direction} {} MiB", mode.name(), size >> 20)).await?;
         rows.push(Row {
             workload: "wan".into(),
             transport: mode.name().into(),

@@ -43,3 +43,32 @@ pub fn peer_close_code(err: &quinn::ConnectionError) -> Option<quictun_proto::Cl
 pub fn close_endpoint(endpoint: &quinn::Endpoint, code: quictun_proto::CloseCode) {
     endpoint.close(quinn::VarInt::from_u32(code.to_u32()), code.reason());
 }
+
+/// An error and all its causes on one line (`outer: cause: root cause`), for logs and messages.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Runs `work` on `tasks` until it finishes or `cancel` fires, whichever comes first.
+pub fn spawn_cancellable<F>(
+    tasks: &tokio_util::task::TaskTracker,
+    cancel: &tokio_util::sync::CancellationToken,
+    work: F,
+) where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let cancel = cancel.clone();
+    tasks.spawn(async move {
+        tokio::select! {
+            _ = work => {}
+            _ = cancel.cancelled() => {}
+        }
+    });
+}

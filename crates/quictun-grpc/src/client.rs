@@ -43,17 +43,6 @@ pub enum DialError {
     Rpc(String),
 }
 
-fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// How long [`GrpcRelay::finish`] waits for the relay to end its side.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -113,9 +102,9 @@ pub async fn dial(
         .http2_keep_alive_interval(Duration::from_secs(10))
         .connect_with_connector(connector)
         .await
-        .map_err(|e| connect_err(chain(&e)))?;
+        .map_err(|e| connect_err(quictun_core::error_chain(&e)))?;
     let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(crate::messages::MAX_CHUNK * 2);
-    grpc.ready().await.map_err(|e| connect_err(chain(&e)))?;
+    grpc.ready().await.map_err(|e| connect_err(quictun_core::error_chain(&e)))?;
     let (outbound_tx, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
     let ending = CancellationToken::new();
     let request = tonic::Request::new(EndingStream {
@@ -297,16 +286,8 @@ impl RelayConnection for GrpcRelay {
         Box::pin(async move {
             let mut requests = self.requests.lock().await;
             while let Some(exchange) = requests.recv().await {
-                let (shared, handler, cancel) = (self.shared.clone(), handler.clone(), cancel.clone());
-                tasks.spawn(
-                    async move {
-                        tokio::select! {
-                            _ = serve_exchange(shared, handler, exchange) => {}
-                            _ = cancel.cancelled() => {}
-                        }
-                    }
-                    .in_current_span(),
-                );
+                let work = serve_exchange(self.shared.clone(), handler.clone(), exchange).in_current_span();
+                quictun_core::spawn_cancellable(&tasks, &cancel, work);
             }
             "gRPC tunnel stream ended".to_owned()
         })
