@@ -78,6 +78,12 @@ pub struct BenchOptions {
     pub loss: Vec<u32>,
     /// Body size of the bulk transfers of `wan`.
     pub wan_bytes: u64,
+    /// Total requests per second for the timed workloads (open loop), instead of as fast as the
+    /// workers can go.
+    pub rate: Option<u64>,
+    /// `lossy` drops packets on every leg (client ↔ relay, relay ↔ agent, agent ↔ upstream), not
+    /// only on the tunnel's.
+    pub loss_everywhere: bool,
     /// The command line, for the report.
     pub command: String,
 }

@@ -78,6 +78,9 @@ fn new_histogram() -> Histogram<u64> {
 
 type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
+/// How late a timer may fire before a paced worker counts as behind schedule.
+const TIMER_SLOP: Duration = Duration::from_millis(2);
+
 async fn connect(target: SocketAddr) -> anyhow::Result<Sender> {
     let stream = tokio::net::TcpStream::connect(target).await.with_context(|| format!("connecting to {target}"))?;
     stream.set_nodelay(true)?;
@@ -132,7 +135,10 @@ pub async fn run(spec: &LoadSpec, progress: &ProgressBar) -> anyhow::Result<Load
                 if period.is_some() {
                     tokio::time::sleep_until(next_send.into()).await;
                 }
-                let scheduled = if period.is_some() { next_send } else { Instant::now() };
+                // Paced: latency counts from the scheduled time when the worker fell behind (the
+                // server held it up), else from now (so timer slop is not charged to the server).
+                let now = Instant::now();
+                let scheduled = if period.is_some() && now > next_send + TIMER_SLOP { next_send } else { now };
                 let class = pick(&spec.classes, n);
                 n += 1;
                 let result = match sender.as_mut() {

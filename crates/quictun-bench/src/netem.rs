@@ -25,15 +25,14 @@ pub fn available() -> Result<(), String> {
 pub struct Loss;
 
 impl Loss {
-    /// Drops `percent`% of packets to and from the UDP port `quic` and/or the TCP port `tcp`.
-    pub fn apply(percent: u32, quic: Option<u16>, tcp: Option<u16>) -> anyhow::Result<Self> {
+    /// Drops `percent`% of packets to and from the `udp` and `tcp` ports.
+    pub fn apply(percent: u32, udp: &[u16], tcp: &[u16]) -> anyhow::Result<Self> {
         let _stale = Command::new("nft").args(["delete", "table", "inet", TABLE]).output();
         let mut rules = String::new();
-        for (proto, port) in [("udp", quic), ("tcp", tcp)] {
-            if let Some(port) = port {
-                for dir in ["dport", "sport"] {
-                    rules.push_str(&format!("    {proto} {dir} {port} numgen random mod 100 < {percent} drop\n"));
-                }
+        let ports = udp.iter().map(|p| ("udp", p)).chain(tcp.iter().map(|p| ("tcp", p)));
+        for (proto, port) in ports {
+            for dir in ["dport", "sport"] {
+                rules.push_str(&format!("    {proto} {dir} {port} numgen random mod 100 < {percent} drop\n"));
             }
         }
         let script = format!(

@@ -174,6 +174,8 @@ pub struct Stack {
     pub grpc_port: u16,
     /// The upstream.
     pub upstream: Proc,
+    /// The upstream's TCP port.
+    pub upstream_port: u16,
     /// The relay.
     pub relay: Option<Proc>,
     /// The agent (or the process holding many agents).
@@ -243,6 +245,7 @@ impl Stack {
             quic_port: 0,
             grpc_port: 0,
             upstream,
+            upstream_port: port,
             relay: None,
             agent: None,
             topology,

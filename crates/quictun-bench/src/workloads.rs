@@ -65,7 +65,7 @@ pub async fn small(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> 
             classes: instant("/bytes/1024"),
             concurrency,
             duration: opts.duration,
-            rate: None,
+            rate: opts.rate,
         };
         let (result, cpu) = measure(&mut stack, spec, format!("small {} c={concurrency}", mode.name())).await?;
         rows.push(Row {
@@ -96,7 +96,7 @@ pub async fn slow_mix(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row
         classes,
         concurrency,
         duration: opts.duration.max(Duration::from_secs(3)),
-        rate: None,
+        rate: opts.rate,
     };
     let (result, cpu) = measure(&mut stack, spec, format!("slow-mix {}", mode.name())).await?;
     Ok(vec![Row {
@@ -200,7 +200,7 @@ pub async fn many(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
 
 /// Small requests at c=16 with random packet loss on the tunnel's own packets (relay ↔ agent).
 pub async fn lossy(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
-    if mode == Mode::Direct {
+    if mode == Mode::Direct && !opts.loss_everywhere {
         return Ok(Vec::new());
     }
     if let Err(why) = crate::netem::available() {
@@ -215,14 +215,24 @@ pub async fn lossy(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> 
     let mut stack = Stack::start(&opts.exe, mode, 1).await?;
     let mut rows = Vec::new();
     for &percent in &opts.loss {
-        let ports = if mode == Mode::Quic { (Some(stack.quic_port), None) } else { (None, Some(stack.grpc_port)) };
-        let _loss = Loss::apply(percent, ports.0, ports.1)?;
+        let mut udp = Vec::new();
+        let mut tcp = Vec::new();
+        match mode {
+            Mode::Quic => udp.push(stack.quic_port),
+            Mode::Grpc => tcp.push(stack.grpc_port),
+            Mode::Direct => {}
+        }
+        if opts.loss_everywhere {
+            tcp.push(stack.target.port());
+            tcp.push(stack.upstream_port);
+        }
+        let _loss = Loss::apply(percent, &udp, &tcp)?;
         let spec = LoadSpec {
             target: stack.target,
             classes: instant("/bytes/1024"),
             concurrency: 16,
             duration: opts.duration,
-            rate: None,
+            rate: opts.rate,
         };
         let (result, cpu) = measure(&mut stack, spec, format!("lossy {} {percent}%", mode.name())).await?;
         rows.push(Row {
@@ -234,7 +244,11 @@ pub async fn lossy(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> 
             errors: result.errors,
             requests: result.ok,
             tunnel_cpu_us_per_request: cpu,
-            note: "c=16, loss on the relay-agent leg, both directions".into(),
+            note: if opts.loss_everywhere {
+                "c=16, loss on every leg, both directions".into()
+            } else {
+                "c=16, loss on the relay-agent leg, both directions".into()
+            },
             ..Row::default()
         });
     }
@@ -261,7 +275,7 @@ pub async fn wan(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
         classes: instant("/bytes/1024"),
         concurrency: 16,
         duration: opts.duration,
-        rate: None,
+        rate: opts.rate,
     };
     let (result, cpu) = measure(&mut stack, spec, format!("wan {} small", mode.name())).await?;
     let mut rows = vec![Row {

@@ -28,6 +28,8 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
         many_streams: args.many_streams.max(1),
         loss: args.loss,
         wan_bytes: args.wan_mib << 20,
+        rate: args.rate,
+        loss_everywhere: args.loss_everywhere,
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
     let report = quictun_bench::run(&options).await.map_err(Failure::runtime)?;

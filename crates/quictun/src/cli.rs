@@ -74,6 +74,12 @@ pub struct BenchArgs {
     /// Body size of the wan workload's transfers, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 64)]
     pub wan_mib: u64,
+    /// Fixed total request rate (requests/s, open loop) instead of as fast as possible.
+    #[arg(long, value_name = "REQ_PER_SEC")]
+    pub rate: Option<u64>,
+    /// Apply the lossy workload's loss on every leg, not only between relay and agent.
+    #[arg(long)]
+    pub loss_everywhere: bool,
 }
 
 /// Flags of `quictun bench-agents`.
