@@ -226,19 +226,25 @@ impl std::fmt::Debug for IncomingExchange {
     }
 }
 
+/// Tells the relay exchange `id` failed with `code`; a tunnel already gone needs no telling.
+async fn send_reset(shared: &Shared, id: u64, code: StreamCode) {
+    if shared.outbound.send(TunnelMessage::new(id, Payload::Reset(code.to_u32()))).await.is_err() {
+        debug!(id, ?code, "tunnel gone before the reset could be sent");
+    }
+}
+
 async fn serve_exchange(shared: Arc<Shared>, handler: Arc<dyn RequestHandler>, exchange: IncomingExchange) {
     let IncomingExchange { id, head, body } = exchange;
-    let reset = |code: StreamCode| TunnelMessage::new(id, Payload::Reset(code.to_u32()));
     let limits = handler.limits();
     if let Err(err) = head.validate(&limits) {
         warn!(id, %err, "invalid request head");
         shared.pending.remove(&id);
-        let _ = shared.outbound.send(reset(StreamCode::Malformed)).await;
+        send_reset(&shared, id, StreamCode::Malformed).await;
         return;
     }
     if head.kind != StreamKind::Http {
         shared.pending.remove(&id);
-        let _ = shared.outbound.send(reset(StreamCode::KindUnsupported)).await;
+        send_reset(&shared, id, StreamCode::KindUnsupported).await;
         return;
     }
     let span = info_span!("exchange", request_id = %head.request_id, upstream = %head.upstream);
@@ -253,7 +259,7 @@ async fn serve_exchange(shared: Arc<Shared>, handler: Arc<dyn RequestHandler>, e
                     Ok(encoded) => encoded,
                     Err(err) => {
                         warn!(%err, "response head too large");
-                        let _ = shared.outbound.send(reset(StreamCode::UpstreamFailed)).await;
+                        send_reset(&shared, id, StreamCode::UpstreamFailed).await;
                         return;
                     }
                 };
@@ -266,9 +272,7 @@ async fn serve_exchange(shared: Arc<Shared>, handler: Arc<dyn RequestHandler>, e
                     send_body(&shared.outbound, id, body, StreamCode::UpstreamFailed).await;
                 }
             }
-            Err(code) => {
-                let _ = shared.outbound.send(reset(code)).await;
-            }
+            Err(code) => send_reset(&shared, id, code).await,
         }
     }
     .instrument(span)
