@@ -46,6 +46,8 @@ pub struct AgentSection {
     pub token: Option<Token>,
     /// The name of an environment variable holding the token.
     pub token_env: Option<String>,
+    /// A file holding the token (surrounding whitespace is ignored).
+    pub token_file: Option<PathBuf>,
     /// The local UDP address to dial from (a wildcard of the relay's address family by default).
     pub bind: Option<SocketAddr>,
     /// When set, targets pushed by the relay are used only if their `host:port` is listed here
@@ -75,6 +77,7 @@ impl Default for AgentSection {
             group: String::new(),
             token: None,
             token_env: None,
+            token_file: None,
             bind: None,
             allowed_targets: None,
             upstream_connect_timeout_secs: 5,

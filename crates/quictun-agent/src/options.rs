@@ -7,6 +7,8 @@ use std::time::Duration;
 use quictun_core::{Trust, Tuning};
 use quictun_proto::{Limits, Token};
 
+use quictun_core::config::read_token_file;
+
 use crate::config::{AgentConfigFile, ConfigError, LocalUpstream, Transport};
 
 /// The environment variable consulted for the token when none is configured.
@@ -80,15 +82,21 @@ impl AgentOptions {
             (Some(_), Some(_)) => return Err(invalid("agent.pin", "set pin or ca, not both".into())),
             (None, None) => return Err(invalid("agent.pin", "missing pin (sha256:…) or ca file".into())),
         };
-        let token = match (a.token, a.token_env) {
-            (Some(token), _) if !token.is_empty() => token,
-            (_, Some(var)) => match std::env::var(&var) {
+        let token = match (a.token, a.token_env, a.token_file) {
+            (Some(token), _, _) if !token.is_empty() => token,
+            (_, Some(var), _) => match std::env::var(&var) {
                 Ok(value) if !value.is_empty() => Token::new(value),
                 _ => return Err(invalid("agent.token_env", format!("environment variable {var} is not set"))),
             },
+            (_, _, Some(path)) => read_token_file(&path).map_err(|message| invalid("agent.token_file", message))?,
             _ => match std::env::var(TOKEN_ENV) {
                 Ok(value) if !value.is_empty() => Token::new(value),
-                _ => return Err(invalid("agent.token", format!("missing token (or token_env, or {TOKEN_ENV})"))),
+                _ => {
+                    return Err(invalid(
+                        "agent.token",
+                        format!("missing token (or token_env, token_file, or {TOKEN_ENV})"),
+                    ));
+                }
             },
         };
         for (i, upstream) in config.upstreams.iter().enumerate() {
@@ -170,6 +178,23 @@ mod tests {
         assert!(parse(&format!("[agent]\n{base}")).contains("agent.pin"));
         assert!(parse(&format!("[agent]\n{base}pin = \"sha256:12\"\n")).contains("agent.pin"));
         assert!(parse("[agent]\nclient_id = \"c\"\n").contains("agent.relay"));
+    }
+
+    #[test]
+    fn the_token_may_come_from_a_file() {
+        let path = std::env::temp_dir().join(format!("quictun-agent-token-{}", std::process::id()));
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let text = format!(
+            "[agent]\nrelay = \"h:1\"\nclient_id = \"c\"\npin = \"{}\"\ntoken_file = \"{}\"\n",
+            quictun_core::Pin::of(b"x"),
+            path.display()
+        );
+        let file: AgentConfigFile = toml::from_str(&text).unwrap();
+        assert_eq!(AgentOptions::from_config(file, Path::new("a.toml")).unwrap().token.expose(), "s3cret");
+        let _ = std::fs::remove_file(&path);
+        let file: AgentConfigFile = toml::from_str(&text).unwrap();
+        let err = AgentOptions::from_config(file, Path::new("a.toml")).unwrap_err().to_string();
+        assert!(err.contains("agent.token_file"), "{err}");
     }
 
     #[test]

@@ -52,3 +52,13 @@ pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
     parse_toml(&text, path)
 }
+
+/// Reads a token file: the whole file, surrounding whitespace removed; an empty file is an error.
+pub fn read_token_file(path: &Path) -> Result<quictun_proto::Token, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(quictun_proto::Token::new(token))
+}

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 pub use quictun_core::config::ConfigError;
-use quictun_core::config::{load_toml, parse_toml};
+use quictun_core::config::{load_toml, parse_toml, read_token_file};
 use std::time::Duration;
 
 use quictun_proto::Token;
@@ -150,6 +150,9 @@ pub struct ClientEntry {
     /// The name of an environment variable holding the token.
     #[serde(default)]
     pub token_env: Option<String>,
+    /// A file holding the token (surrounding whitespace is ignored).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
     /// The group the client serves.
     pub group: String,
 }
@@ -213,20 +216,27 @@ impl RelayConfig {
             if self.clients[..i].iter().any(|c| c.id == client.id) {
                 return Err(invalid(format!("clients[{i}].id"), format!("duplicate client id {:?}", client.id)));
             }
-            match (&client.token, &client.token_env) {
-                (Some(_), Some(_)) => {
-                    return Err(invalid(format!("clients[{i}]"), "set token or token_env, not both".into()));
-                }
-                (None, None) => {
-                    return Err(invalid(format!("clients[{i}].token"), "missing token or token_env".into()));
-                }
-                (None, Some(var)) if std::env::var(var).map(|v| v.is_empty()).unwrap_or(true) => {
+            let sources = [client.token.is_some(), client.token_env.is_some(), client.token_file.is_some()];
+            match sources.iter().filter(|set| **set).count() {
+                0 => {
                     return Err(invalid(
-                        format!("clients[{i}].token_env"),
-                        format!("environment variable {var} is not set"),
+                        format!("clients[{i}].token"),
+                        "missing token, token_env or token_file".into(),
                     ));
                 }
-                _ => {}
+                1 => {}
+                _ => return Err(invalid(format!("clients[{i}]"), "set one of token, token_env, token_file".into())),
+            }
+            if let Some(var) = &client.token_env
+                && std::env::var(var).map(|v| v.is_empty()).unwrap_or(true)
+            {
+                return Err(invalid(
+                    format!("clients[{i}].token_env"),
+                    format!("environment variable {var} is not set"),
+                ));
+            }
+            if let Some(path) = &client.token_file {
+                read_token_file(path).map_err(|message| invalid(format!("clients[{i}].token_file"), message))?;
             }
         }
         for (i, upstream) in self.upstreams.iter().enumerate() {
@@ -251,18 +261,39 @@ impl RelayConfig {
         Ok(())
     }
 
-    /// The token of a client: inline, or read from its environment variable.
+    /// The token of a client: inline, from its environment variable, or from its file.
     pub fn client_token(client: &ClientEntry) -> Option<Token> {
         client
             .token
             .clone()
             .or_else(|| client.token_env.as_ref().and_then(|var| std::env::var(var).ok()).map(Token::new))
+            .or_else(|| client.token_file.as_ref().and_then(|path| read_token_file(path).ok()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_come_from_exactly_one_source_including_a_file() {
+        let dir = std::env::temp_dir().join(format!("quictun-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "from-a-file\n").unwrap();
+        let text = format!("[[clients]]\nid = \"a\"\ngroup = \"g\"\ntoken_file = \"{}\"\n", file.display());
+        let config = RelayConfig::parse(&text, Path::new("r.toml")).unwrap();
+        assert_eq!(RelayConfig::client_token(&config.clients[0]).unwrap().expose(), "from-a-file");
+        let both = format!("{text}token = \"x\"\n");
+        assert!(RelayConfig::parse(&both, Path::new("r.toml")).unwrap_err().to_string().contains("one of"));
+        let missing = "[[clients]]\nid = \"a\"\ngroup = \"g\"\ntoken_file = \"/nonexistent/token\"\n";
+        assert!(
+            RelayConfig::parse(missing, Path::new("r.toml")).unwrap_err().to_string().contains("clients[0].token_file")
+        );
+        std::fs::write(&file, "  \n").unwrap();
+        assert!(RelayConfig::parse(&text, Path::new("r.toml")).unwrap_err().to_string().contains("empty"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn the_example_config_parses() {
