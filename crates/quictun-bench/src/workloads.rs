@@ -55,30 +55,46 @@ async fn measure(
     Ok((result, cpu))
 }
 
+/// Runs 1 KiB GETs at `concurrency` against `stack` and returns the row for them.
+async fn small_requests(
+    opts: &BenchOptions,
+    stack: &mut Stack,
+    concurrency: usize,
+    workload: &str,
+    variant: String,
+    note: String,
+) -> anyhow::Result<Row> {
+    let spec = LoadSpec {
+        target: stack.target,
+        classes: instant("/bytes/1024"),
+        concurrency,
+        duration: opts.duration,
+        rate: opts.rate,
+    };
+    let label = format!("{workload} {} {variant}", stack.mode.name());
+    let (result, cpu) = measure(stack, spec, label).await?;
+    Ok(Row {
+        workload: workload.into(),
+        transport: stack.mode.name().into(),
+        variant,
+        requests_per_sec: Some(result.rate()),
+        latency: Some(Latency::from_histogram(&result.merged())),
+        errors: result.errors,
+        requests: result.ok,
+        tunnel_cpu_us_per_request: cpu,
+        note,
+        ..Row::default()
+    })
+}
+
 /// 1 KiB GETs at several concurrencies.
 pub async fn small(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
     let mut stack = Stack::start(&opts.exe, mode, 1).await?;
     let mut rows = Vec::new();
     for &concurrency in &opts.concurrency {
-        let spec = LoadSpec {
-            target: stack.target,
-            classes: instant("/bytes/1024"),
-            concurrency,
-            duration: opts.duration,
-            rate: opts.rate,
-        };
-        let (result, cpu) = measure(&mut stack, spec, format!("small {} c={concurrency}", mode.name())).await?;
-        rows.push(Row {
-            workload: "small".into(),
-            transport: mode.name().into(),
-            variant: format!("c={concurrency}"),
-            requests_per_sec: Some(result.rate()),
-            latency: Some(Latency::from_histogram(&result.merged())),
-            errors: result.errors,
-            requests: result.ok,
-            tunnel_cpu_us_per_request: cpu,
-            ..Row::default()
-        });
+        rows.push(
+            small_requests(opts, &mut stack, concurrency, "small", format!("c={concurrency}"), String::new()).await?,
+        );
     }
     Ok(rows)
 }
@@ -227,30 +243,12 @@ pub async fn lossy(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> 
             tcp.push(stack.upstream_port);
         }
         let _loss = Loss::apply(percent, &udp, &tcp)?;
-        let spec = LoadSpec {
-            target: stack.target,
-            classes: instant("/bytes/1024"),
-            concurrency: 16,
-            duration: opts.duration,
-            rate: opts.rate,
+        let note = if opts.loss_everywhere {
+            "c=16, loss on every leg, both directions"
+        } else {
+            "c=16, loss on the relay-agent leg, both directions"
         };
-        let (result, cpu) = measure(&mut stack, spec, format!("lossy {} {percent}%", mode.name())).await?;
-        rows.push(Row {
-            workload: "lossy".into(),
-            transport: mode.name().into(),
-            variant: format!("loss={percent}%"),
-            requests_per_sec: Some(result.rate()),
-            latency: Some(Latency::from_histogram(&result.merged())),
-            errors: result.errors,
-            requests: result.ok,
-            tunnel_cpu_us_per_request: cpu,
-            note: if opts.loss_everywhere {
-                "c=16, loss on every leg, both directions".into()
-            } else {
-                "c=16, loss on the relay-agent leg, both directions".into()
-            },
-            ..Row::default()
-        });
+        rows.push(small_requests(opts, &mut stack, 16, "lossy", format!("loss={percent}%"), note.into()).await?);
     }
     Ok(rows)
 }
@@ -270,26 +268,7 @@ pub async fn wan(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
     let _link = crate::wan::WanLink::start(crate::wan::Impairment::wan())?;
     let mut stack = Stack::start_on(&opts.exe, mode, 1, Topology::Wan).await?;
     let note = "50 ms RTT, 1% loss each way, 100 Mbit/s between relay and agent".to_owned();
-    let spec = LoadSpec {
-        target: stack.target,
-        classes: instant("/bytes/1024"),
-        concurrency: 16,
-        duration: opts.duration,
-        rate: opts.rate,
-    };
-    let (result, cpu) = measure(&mut stack, spec, format!("wan {} small", mode.name())).await?;
-    let mut rows = vec![Row {
-        workload: "wan".into(),
-        transport: mode.name().into(),
-        variant: "small c=16".into(),
-        requests_per_sec: Some(result.rate()),
-        latency: Some(Latency::from_histogram(&result.merged())),
-        errors: result.errors,
-        requests: result.ok,
-        tunnel_cpu_us_per_request: cpu,
-        note: note.clone(),
-        ..Row::default()
-    }];
+    let mut rows = vec![small_requests(opts, &mut stack, 16, "wan", "small c=16".into(), note.clone()).await?];
     let size = opts.wan_bytes;
     for direction in ["download", "upload"] {
         let elapsed =
