@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use http::{Method, Request};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -114,9 +114,4 @@ impl RequestHandler for Forwarder {
     fn limits(&self) -> Limits {
         self.limits
     }
-}
-
-/// An empty request body.
-pub fn empty_body() -> TunnelBody {
-    Empty::new().map_err(|never| match never {}).boxed_unsync()
 }

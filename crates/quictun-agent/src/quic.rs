@@ -9,13 +9,12 @@ use http_body_util::BodyExt;
 use quictun_core::endpoint::ClientSetup;
 use quictun_core::framed::{ControlChannel, read_frame_within, write_frame};
 use quictun_core::http_stream::{RecvBody, pump_body, reset, stop};
-use quictun_core::link::{BoxFuture, RelayConnection, RequestHandler};
+use quictun_core::link::{BoxFuture, RelayConnection, RequestHandler, empty_body};
 use quictun_proto::{CloseCode, RequestHead, StreamCode, StreamKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::forward::empty_body;
 use crate::session::Attempt;
 use crate::{AgentError, AgentOptions};
 

@@ -44,6 +44,22 @@ fn describe_code(code: u64) -> String {
 /// A streaming body crossing the tunnel.
 pub type TunnelBody = UnsyncBoxBody<Bytes, BodyError>;
 
+/// An empty tunnel body.
+pub fn empty_body() -> TunnelBody {
+    use http_body_util::BodyExt;
+    http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Aborts a task when dropped: a helper task lives exactly as long as its owner.
+#[derive(Debug)]
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A boxed future, as trait objects need.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

@@ -17,20 +17,10 @@ use tracing::{Instrument, debug};
 
 use crate::framed::{ReadFrameError, WriteFrameError, read_frame, write_frame};
 use crate::http_stream::{RecvBody, pump_body};
-use crate::link::{AgentLink, BodyError, BoxFuture, LinkError, TunnelBody};
+use crate::link::{AbortOnDrop, AgentLink, BodyError, BoxFuture, LinkError, TunnelBody};
 
 /// Longest wait for a free stream slot on the connection.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Aborts a task when dropped.
-#[derive(Debug)]
-pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 /// An agent reached over one QUIC connection.
 #[derive(Debug, Clone)]

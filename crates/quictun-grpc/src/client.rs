@@ -13,8 +13,8 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use http::uri::PathAndQuery;
 use hyper_util::rt::TokioIo;
+use quictun_core::link::AbortOnDrop;
 use quictun_core::link::{BoxFuture, RelayConnection, RequestHandler};
-use quictun_core::quic_link::AbortOnDrop;
 use quictun_proto::frame;
 use quictun_proto::{CloseCode, ControlMessage, Limits, RequestHead, StreamCode, StreamKind};
 use rustls::pki_types::ServerName;
@@ -250,7 +250,7 @@ async fn serve_exchange(shared: Arc<Shared>, handler: Arc<dyn RequestHandler>, e
     let span = info_span!("exchange", request_id = %head.request_id, upstream = %head.upstream);
     let body = match body {
         Some(events) => EventBody::new(events, ()).boxed(),
-        None => crate::mux::empty_body(),
+        None => quictun_core::link::empty_body(),
     };
     async {
         match handler.handle(head, body).await {

@@ -190,9 +190,3 @@ pub async fn send_body(
     }
     outbound.send(TunnelMessage::new(id, Payload::End(true))).await.is_ok()
 }
-
-/// An empty body.
-pub fn empty_body() -> TunnelBody {
-    use http_body_util::BodyExt;
-    http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync()
-}
