@@ -108,3 +108,24 @@ impl HttpClient {
         self.request(Method::GET, host, path, empty()).await
     }
 }
+
+/// `GET http://{addr}{path}` on an admin endpoint, with a bearer token when given.
+pub async fn admin_get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> Reply {
+    let client: Client<HttpConnector, ClientBody> = Client::builder(TokioExecutor::new()).build_http();
+    let mut req = Request::get(format!("http://{addr}{path}"));
+    if let Some(token) = token {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(req.body(empty()).unwrap()))
+        .await
+        .expect("admin request timed out")
+        .expect("admin request failed");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("admin body").to_bytes();
+    Reply { status: parts.status, headers: parts.headers, body }
+}
+
+/// The value of one sample (`name{labels} value`) in a metrics text, when present.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+}

@@ -28,6 +28,8 @@ pub struct HarnessConfig {
     pub app_target: Option<String>,
     /// The transport the harness's agents use.
     pub transport: Transport,
+    /// Extra `key = value` lines for the `[relay]` section.
+    pub relay_extra: String,
 }
 
 impl Default for HarnessConfig {
@@ -38,6 +40,7 @@ impl Default for HarnessConfig {
             heartbeat_interval_ms: 200,
             app_target: None,
             transport: Transport::Quic,
+            relay_extra: String::new(),
         }
     }
 }
@@ -52,7 +55,8 @@ pub struct Harness {
 }
 
 /// The relay configuration: routes `app.test` and `*.wild.test` → `app` (group web), `api.test` →
-/// `api` (group api), `nobody.test` → `ghost` (group with no agents).
+/// `api` (group api), `nobody.test` → `ghost` (group with no agents), `limited.test` → `app` with
+/// at most 2 requests in flight and 4096-byte bodies.
 pub fn relay_config(quic: SocketAddr, upstream: &str, cfg: &HarnessConfig) -> RelayConfig {
     relay_config_with_grpc(quic, SocketAddr::from(([127, 0, 0, 1], 0)), upstream, cfg)
 }
@@ -67,6 +71,8 @@ pub fn relay_config_with_grpc(quic: SocketAddr, grpc: SocketAddr, upstream: &str
         ms = cfg.max_streams_per_agent,
         rt = cfg.response_timeout_secs,
     );
+    text.push_str(&cfg.relay_extra);
+    text.push('\n');
     for (id, token, group) in CLIENTS {
         text.push_str(&format!("[[clients]]\nid = \"{id}\"\ntoken = \"{token}\"\ngroup = \"{group}\"\n"));
     }
@@ -77,7 +83,8 @@ pub fn relay_config_with_grpc(quic: SocketAddr, grpc: SocketAddr, upstream: &str
          [[routes]]\nhost = \"app.test\"\nupstream = \"app\"\n\
          [[routes]]\nhost = \"*.wild.test\"\npath_prefix = \"/\"\nupstream = \"app\"\n\
          [[routes]]\nhost = \"api.test\"\nupstream = \"api\"\n\
-         [[routes]]\nhost = \"nobody.test\"\nupstream = \"ghost\"\n"
+         [[routes]]\nhost = \"nobody.test\"\nupstream = \"ghost\"\n\
+         [[routes]]\nhost = \"limited.test\"\nupstream = \"app\"\nmax_in_flight = 2\nmax_body_bytes = 4096\n"
     ));
     RelayConfig::parse(&text, Path::new("<test>")).unwrap()
 }

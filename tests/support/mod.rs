@@ -10,7 +10,7 @@ pub mod harness;
 pub mod udp_proxy;
 pub mod upstream;
 
-pub use client::{HttpClient, Reply};
+pub use client::{HttpClient, Reply, admin_get, metric};
 pub use harness::{Harness, HarnessConfig};
 pub use udp_proxy::UdpProxy;
 pub use upstream::Upstream;

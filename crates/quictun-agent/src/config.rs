@@ -61,6 +61,10 @@ pub struct AgentSection {
     pub max_concurrent_streams: u32,
     /// Seconds in-flight requests get to finish on shutdown.
     pub drain_timeout_secs: u64,
+    /// TCP address of the agent's admin endpoint (`/healthz`, `/readyz`, `/metrics`); off when unset.
+    pub admin_listen: Option<SocketAddr>,
+    /// Bearer token required by the admin endpoint's `/metrics`.
+    pub admin_token: Option<Token>,
 }
 
 impl Default for AgentSection {
@@ -84,6 +88,8 @@ impl Default for AgentSection {
             upstream_response_timeout_secs: 60,
             max_concurrent_streams: 1024,
             drain_timeout_secs: 30,
+            admin_listen: None,
+            admin_token: None,
         }
     }
 }

@@ -3,7 +3,7 @@
 //! the others.
 
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{Method, Request};
 use http_body_util::BodyExt;
@@ -16,6 +16,7 @@ use quictun_core::link::{BodyError, BoxFuture, RequestHandler, TunnelBody};
 use quictun_proto::{Limits, RequestHead, ResponseHead, StreamCode};
 use tracing::warn;
 
+use crate::metrics::{ActiveStream, AgentMetrics};
 use crate::upstreams::UpstreamTable;
 
 /// What every stream handler of one agent shares.
@@ -25,11 +26,17 @@ pub struct Forwarder {
     upstreams: RwLock<Arc<UpstreamTable>>,
     limits: Limits,
     response_timeout: Duration,
+    metrics: Arc<AgentMetrics>,
 }
 
 impl Forwarder {
     /// A forwarder with a pooled HTTP client.
-    pub fn new(connect_timeout: Duration, response_timeout: Duration, limits: Limits) -> Self {
+    pub fn new(
+        connect_timeout: Duration,
+        response_timeout: Duration,
+        limits: Limits,
+        metrics: Arc<AgentMetrics>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
@@ -40,7 +47,7 @@ impl Forwarder {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
             .build(connector);
-        Self { client, upstreams: RwLock::new(Arc::new(UpstreamTable::default())), limits, response_timeout }
+        Self { client, upstreams: RwLock::new(Arc::new(UpstreamTable::default())), limits, response_timeout, metrics }
     }
 
     /// The upstream table in force.
@@ -84,7 +91,11 @@ impl Forwarder {
         let response = match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
             Ok(Ok(response)) => response,
             Ok(Err(err)) => {
-                let code = if err.is_connect() { StreamCode::UpstreamConnect } else { StreamCode::UpstreamFailed };
+                let code = match () {
+                    () if err.is_connect() && is_timeout(&err) => StreamCode::UpstreamTimeout,
+                    () if err.is_connect() => StreamCode::UpstreamConnect,
+                    () => StreamCode::UpstreamFailed,
+                };
                 warn!(err = %quictun_core::error_chain(&err), ?code, "upstream request failed");
                 return Err(code);
             }
@@ -99,6 +110,18 @@ impl Forwarder {
     }
 }
 
+/// True when a connect error was a timeout (answered 504 rather than 502).
+fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(cause) = source {
+        if cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
 impl RequestHandler for Forwarder {
     fn handle(
         &self,
@@ -106,8 +129,40 @@ impl RequestHandler for Forwarder {
         body: TunnelBody,
     ) -> BoxFuture<'_, Result<(ResponseHead, TunnelBody), StreamCode>> {
         Box::pin(async move {
-            let (head, body) = self.forward(head, body).await?;
-            Ok((head, body.map_err(|e| BodyError::Closed(format!("upstream body: {e}"))).boxed_unsync()))
+            let metrics = &self.metrics;
+            let active = ActiveStream::new(&metrics.active_streams);
+            let upstream = head.upstream.clone();
+            let sent = metrics.bytes_to_upstream.clone();
+            let body = body
+                .map_frame(move |frame| {
+                    if let Some(data) = frame.data_ref() {
+                        sent.inc_by(data.len() as u64);
+                    }
+                    frame
+                })
+                .boxed_unsync();
+            let started = Instant::now();
+            let (head, body) = match self.forward(head, body).await {
+                Ok(answered) => answered,
+                Err(code) => {
+                    metrics.request(&upstream, &format!("{code:?}"), None);
+                    return Err(code);
+                }
+            };
+            metrics.request(&upstream, &head.status.to_string(), Some(started.elapsed()));
+            let received = metrics.bytes_from_upstream.clone();
+            let body = body
+                .map_frame(move |frame| {
+                    // The closure owns the active-stream guard: it ends with the body.
+                    let _active = &active;
+                    if let Some(data) = frame.data_ref() {
+                        received.inc_by(data.len() as u64);
+                    }
+                    frame
+                })
+                .map_err(|e| BodyError::Closed(format!("upstream body: {e}")))
+                .boxed_unsync();
+            Ok((head, body))
         })
     }
 

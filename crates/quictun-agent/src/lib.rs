@@ -12,10 +12,12 @@
 //! - [`session`]: one connection's life for any transport: register, heartbeats, config_sync, drain.
 //! - [`quic`]: the QUIC transport: dial, verify, one stream per request.
 //! - [`grpc`]: the gRPC transport (fallback where UDP is blocked).
+//! - [`metrics`]: Prometheus metrics, served with `/healthz` and `/readyz` on `admin_listen`.
 
 pub mod config;
 pub mod forward;
 pub mod grpc;
+pub mod metrics;
 pub mod options;
 pub mod quic;
 pub mod session;
@@ -32,6 +34,7 @@ use quictun_proto::RejectCode;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 use uuid::Uuid;
 
@@ -39,7 +42,9 @@ pub use config::Transport;
 pub use options::AgentOptions;
 
 use crate::forward::Forwarder;
+use crate::metrics::AgentMetrics;
 use crate::session::{Attempt, Outcome};
+use quictun_core::admin::{self, AdminPages, AdminReply};
 
 /// Why the agent stopped for good.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -64,6 +69,14 @@ pub enum AgentError {
     /// The local endpoint could not be set up.
     #[error("{0}")]
     Endpoint(String),
+    /// The admin listener could not be bound.
+    #[error("admin listener on {addr}: {message}")]
+    Admin {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        message: String,
+    },
 }
 
 impl From<EndpointError> for AgentError {
@@ -99,6 +112,43 @@ pub struct Agent {
     shutdown: CancellationToken,
     endpoint: quinn::Endpoint,
     task: JoinHandle<Result<(), AgentError>>,
+    admin_addr: Option<SocketAddr>,
+    admin_tasks: TaskTracker,
+}
+
+/// The agent's admin pages: ready while registered, metrics.
+struct AgentPages {
+    state: watch::Receiver<AgentState>,
+    metrics: Arc<AgentMetrics>,
+}
+
+impl AgentPages {
+    fn connected(&self) -> bool {
+        matches!(*self.state.borrow(), AgentState::Connected { .. })
+    }
+}
+
+impl AdminPages for AgentPages {
+    fn ready(&self) -> bool {
+        self.connected()
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics.render(self.connected())
+    }
+
+    fn page(&self, _path: &str) -> Option<AdminReply> {
+        None
+    }
+}
+
+/// Binds the admin listener (synchronously, so [`Agent::start_on`] stays synchronous).
+fn bind_admin(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), AgentError> {
+    let err = |e: std::io::Error| AgentError::Admin { addr, message: e.to_string() };
+    let listener = std::net::TcpListener::bind(addr).map_err(err)?;
+    listener.set_nonblocking(true).map_err(err)?;
+    let bound = listener.local_addr().map_err(err)?;
+    Ok((tokio::net::TcpListener::from_std(listener).map_err(err)?, bound))
 }
 
 impl Agent {
@@ -117,12 +167,36 @@ impl Agent {
     pub fn start_on(options: AgentOptions, endpoint: quinn::Endpoint) -> Result<Self, AgentError> {
         let quic = ClientSetup::new(&options.trust, &options.tuning)?;
         let grpc = grpc::GrpcSetup::new(&options)?;
-        let forwarder = Arc::new(Forwarder::new(options.connect_timeout, options.response_timeout, options.limits));
+        let metrics = Arc::new(AgentMetrics::new());
+        let forwarder = Arc::new(Forwarder::new(
+            options.connect_timeout,
+            options.response_timeout,
+            options.limits,
+            metrics.clone(),
+        ));
         let (state_tx, state) = watch::channel(AgentState::Connecting);
         let shutdown = CancellationToken::new();
+        let admin_tasks = TaskTracker::new();
+        let admin_addr = match options.admin_listen {
+            Some(addr) => {
+                let (listener, bound) = bind_admin(addr)?;
+                let pages = Arc::new(AgentPages { state: state.clone(), metrics });
+                let token = options.admin_token.clone();
+                admin_tasks.spawn(admin::serve(listener, pages, token, shutdown.clone(), admin_tasks.clone()));
+                info!(admin = %bound, "agent admin endpoint listening");
+                Some(bound)
+            }
+            None => None,
+        };
+        admin_tasks.close();
         let dialer = Dialer { options: Arc::new(options), endpoint: endpoint.clone(), quic, grpc };
         let task = tokio::spawn(run(dialer, forwarder, state_tx, shutdown.clone()));
-        Ok(Self { state, shutdown, endpoint, task })
+        Ok(Self { state, shutdown, endpoint, task, admin_addr, admin_tasks })
+    }
+
+    /// The bound admin endpoint address, when it is served.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// The local UDP address.
@@ -165,6 +239,7 @@ impl Agent {
             Err(join) => Err(AgentError::Endpoint(format!("agent task failed: {join}"))),
         };
         self.endpoint.wait_idle().await;
+        let _admin_done = tokio::time::timeout(Duration::from_secs(2), self.admin_tasks.wait()).await;
         result
     }
 

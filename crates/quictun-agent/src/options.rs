@@ -57,6 +57,10 @@ pub struct AgentOptions {
     pub backoff_base: Duration,
     /// Largest reconnect delay.
     pub backoff_cap: Duration,
+    /// The admin endpoint's address, when it is served.
+    pub admin_listen: Option<SocketAddr>,
+    /// The admin endpoint's bearer token.
+    pub admin_token: Option<Token>,
 }
 
 impl AgentOptions {
@@ -138,6 +142,8 @@ impl AgentOptions {
             limits: Limits::default(),
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(30),
+            admin_listen: a.admin_listen,
+            admin_token: a.admin_token,
         })
     }
 }

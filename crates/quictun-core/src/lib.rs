@@ -10,7 +10,9 @@
 //! - [`backoff`]: exponential backoff with full jitter.
 //! - [`heartbeat`]: heartbeat timing, silence detection and RTT.
 //! - [`config`]: TOML loading with errors that name the file and the key.
+//! - [`admin`]: the admin HTTP endpoint (health, readiness, metrics, bearer token).
 
+pub mod admin;
 pub mod backoff;
 pub mod config;
 pub mod endpoint;

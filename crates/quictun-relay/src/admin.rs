@@ -1,24 +1,17 @@
-//! The admin endpoint (loopback by default): health, readiness and the live sessions.
+//! The relay's admin pages, served by [`quictun_core::admin`] (loopback by default, optional
+//! bearer token):
 //!
-//! - `GET /healthz` — 200 while the process serves.
-//! - `GET /readyz` — 200 while the relay accepts agents and requests, 503 once it drains.
-//! - `GET /api/sessions` — the connected agents as JSON: client_id, group, session id, remote
-//!   address, connected since (Unix seconds), heartbeat RTT, in-flight streams.
+//! - `GET /healthz`, `GET /readyz` (503 once the relay drains);
+//! - `GET /metrics`: see [`crate::metrics`];
+//! - `GET /api/sessions`: the connected agents as JSON: client_id, group, session id, remote
+//!   address, transport, connected since (Unix seconds), heartbeat RTT, in-flight streams.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use http::StatusCode;
+use quictun_core::admin::{AdminPages, AdminReply, reply};
 use serde::Serialize;
-use tokio::net::TcpListener;
-use tracing::{debug, warn};
 
 use crate::state::Shared;
 
@@ -63,57 +56,22 @@ fn sessions(shared: &Shared) -> Vec<SessionInfo> {
     list
 }
 
-fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(body.into()));
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
-    response
-}
+/// The relay's pages on the shared admin server.
+pub struct RelayPages(pub Arc<Shared>);
 
-fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    match (req.method().as_str(), req.uri().path()) {
-        ("GET", "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n"),
-        ("GET", "/readyz") if shared.shutdown.is_cancelled() => {
-            reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
-        }
-        ("GET", "/readyz") => reply(StatusCode::OK, "text/plain", "ready\n"),
-        ("GET", "/api/sessions") => match serde_json::to_vec_pretty(&sessions(shared)) {
+impl AdminPages for RelayPages {
+    fn ready(&self) -> bool {
+        !self.0.shutdown.is_cancelled()
+    }
+
+    fn metrics(&self) -> String {
+        self.0.metrics.render(&self.0.sessions)
+    }
+
+    fn page(&self, path: &str) -> Option<AdminReply> {
+        (path == "/api/sessions").then(|| match serde_json::to_vec_pretty(&sessions(&self.0)) {
             Ok(json) => reply(StatusCode::OK, "application/json", json),
             Err(err) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{err}\n")),
-        },
-        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
-    }
-}
-
-/// Serves the admin endpoint until shutdown completes (it stays up while the relay drains, so
-/// `/readyz` can say so).
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    let builder = auto::Builder::new(TokioExecutor::new());
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shared.stopped.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    warn!(%err, "admin accept failed");
-                    continue;
-                }
-            },
-        };
-        let shared2 = shared.clone();
-        let service = service_fn(move |req| {
-            let response = handle(&shared2, &req);
-            async move { Ok::<_, Infallible>(response) }
-        });
-        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-        let stopped = shared.stopped.clone();
-        shared.tasks.spawn(async move {
-            tokio::select! {
-                result = conn => if let Err(err) = result {
-                    debug!(%err, %peer, "admin connection error");
-                },
-                _ = stopped.cancelled() => {}
-            }
-        });
+        })
     }
 }

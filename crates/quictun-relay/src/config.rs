@@ -64,6 +64,18 @@ pub struct RelaySection {
     pub max_header_count: usize,
     /// Seconds in-flight requests get to finish on shutdown.
     pub drain_timeout_secs: u64,
+    /// Seconds an ingress client may take to send a request head (slowloris); answered 408.
+    pub header_read_timeout_secs: u64,
+    /// Seconds an idle keep-alive ingress connection stays open.
+    pub keep_alive_timeout_secs: u64,
+    /// Seconds a proxied body may make no progress before the exchange is reset (0: never).
+    pub stream_idle_timeout_secs: u64,
+    /// Open ingress connections allowed per client IP address (0: no limit).
+    pub max_connections_per_ip: usize,
+    /// Bearer token required by the admin endpoint (except `/healthz` and `/readyz`).
+    pub admin_token: Option<Token>,
+    /// A file holding the admin bearer token.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl Default for RelaySection {
@@ -85,6 +97,12 @@ impl Default for RelaySection {
             max_header_bytes: 64 * 1024,
             max_header_count: 128,
             drain_timeout_secs: 30,
+            header_read_timeout_secs: 10,
+            keep_alive_timeout_secs: 75,
+            stream_idle_timeout_secs: 300,
+            max_connections_per_ip: 256,
+            admin_token: None,
+            admin_token_file: None,
         }
     }
 }
@@ -180,6 +198,12 @@ pub struct RouteEntry {
     pub path_prefix: String,
     /// The upstream name.
     pub upstream: String,
+    /// Requests in flight on this route at once; more are answered 503 (default: no limit).
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
+    /// Largest request body in bytes; larger ones are answered 413 (default: no limit).
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
 }
 
 fn default_prefix() -> String {
@@ -208,6 +232,15 @@ impl RelayConfig {
         let r = &self.relay;
         if r.heartbeat_interval_ms < 50 {
             return Err(invalid("relay.heartbeat_interval_ms".into(), "must be at least 50".into()));
+        }
+        if r.header_read_timeout_secs == 0 || r.keep_alive_timeout_secs == 0 {
+            return Err(invalid("relay.header_read_timeout_secs".into(), "timeouts must be at least 1 second".into()));
+        }
+        if r.admin_token.is_some() && r.admin_token_file.is_some() {
+            return Err(invalid("relay.admin_token".into(), "set one of admin_token, admin_token_file".into()));
+        }
+        if let Some(path) = &r.admin_token_file {
+            read_token_file(path).map_err(|message| invalid("relay.admin_token_file".into(), message))?;
         }
         if r.max_streams_per_agent == 0 {
             return Err(invalid("relay.max_streams_per_agent".into(), "must be at least 1".into()));
@@ -254,11 +287,22 @@ impl RelayConfig {
                     format!("no upstream named {:?}", route.upstream),
                 ));
             }
+            if route.max_in_flight == Some(0) {
+                return Err(invalid(format!("routes[{i}].max_in_flight"), "must be at least 1".into()));
+            }
             if !route.path_prefix.starts_with('/') {
                 return Err(invalid(format!("routes[{i}].path_prefix"), "must start with /".into()));
             }
         }
         Ok(())
+    }
+
+    /// The admin endpoint's bearer token, inline or from its file.
+    pub fn admin_token(&self) -> Option<Token> {
+        self.relay
+            .admin_token
+            .clone()
+            .or_else(|| self.relay.admin_token_file.as_ref().and_then(|path| read_token_file(path).ok()))
     }
 
     /// The token of a client: inline, from its environment variable, or from its file.

@@ -16,8 +16,11 @@
 //! [`Relay::start`] binds everything and returns a [`Relay`] handle; [`Relay::shutdown`] drains.
 
 pub mod admin;
+pub mod body;
 pub mod config;
+pub mod conn_clock;
 pub mod ingress;
+pub mod metrics;
 pub mod proxy;
 pub mod quic;
 pub mod registration;
@@ -127,7 +130,13 @@ impl Relay {
             None
         };
         let ingress = shared.tasks.spawn(ingress::serve(http_listener, shared.clone()));
-        shared.tasks.spawn(admin::serve(admin_listener, shared.clone()));
+        shared.tasks.spawn(quictun_core::admin::serve(
+            admin_listener,
+            Arc::new(admin::RelayPages(shared.clone())),
+            config.admin_token(),
+            shared.stopped.clone(),
+            shared.tasks.clone(),
+        ));
         info!(%quic_addr, ?grpc_addr, %http_addr, %admin_addr, "relay listening");
         Ok(Self { shared, endpoint, ingress, quic_addr, grpc_addr, http_addr, admin_addr, pin })
     }

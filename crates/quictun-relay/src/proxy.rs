@@ -19,9 +19,12 @@ use quictun_core::http_stream::{connection_listed, headers_from_wire, is_hop_by_
 use quictun_core::link::{BodyError, LinkError, TunnelBody};
 use quictun_proto::{Header, RequestHead, StreamKind};
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
 use tracing::{Instrument, debug, field, info_span, warn};
 use uuid::Uuid;
 
+use crate::body::{Metered, Tripped};
+use crate::metrics::Reject;
 use crate::state::Shared;
 
 /// The header carrying the relay's request id, on every response.
@@ -53,6 +56,12 @@ pub enum ProxyError {
     /// No response head within the deadline.
     #[error("no response from the agent within {0:?}")]
     Timeout(Duration),
+    /// The route's in-flight limit is reached.
+    #[error("route {0:?} has too many requests in flight")]
+    RouteBusy(Arc<str>),
+    /// The request body is larger than the route allows.
+    #[error("request body larger than {0} bytes")]
+    BodyTooLarge(u64),
 }
 
 impl ProxyError {
@@ -62,12 +71,27 @@ impl ProxyError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::Link(LinkError::Busy) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Link(LinkError::Busy) | Self::RouteBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Link(LinkError::Reset(code)) => {
                 StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::BAD_GATEWAY)
             }
             Self::NoAgent(_) | Self::Link(_) | Self::BadResponse(_) => StatusCode::BAD_GATEWAY,
         }
+    }
+
+    /// The metrics reason this refusal counts under, when it is one.
+    pub fn reject_reason(&self) -> Option<Reject> {
+        Some(match self {
+            Self::BadRequest(_) => Reject::bad_request,
+            Self::NoRoute { .. } => Reject::no_route,
+            Self::NoAgent(_) => Reject::no_agent,
+            Self::Link(LinkError::Busy) => Reject::agent_busy,
+            Self::RouteBusy(_) => Reject::route_busy,
+            Self::BodyTooLarge(_) => Reject::body_too_large,
+            Self::Timeout(_) => Reject::timeout,
+            Self::Link(_) | Self::BadResponse(_) => return None,
+        })
     }
 
     fn into_response(self) -> Response<IngressBody> {
@@ -89,11 +113,17 @@ pub enum IngressBody {
     Full(Option<Bytes>),
     /// The response body streamed from the agent.
     Tunnel {
-        /// The body, from whichever transport.
-        body: TunnelBody,
-        /// The stream slot on the agent's connection, held until the body ends.
-        permit: OwnedSemaphorePermit,
+        /// The body, from whichever transport, counted and watched for progress.
+        body: Metered<TunnelBody>,
+        /// The stream slot on the agent's connection and on the route, held until the body ends.
+        slots: Slots,
     },
+}
+
+/// The slots one exchange holds until its response body ends.
+pub struct Slots {
+    _agent: OwnedSemaphorePermit,
+    _route: Option<OwnedSemaphorePermit>,
 }
 
 impl Body for IngressBody {
@@ -123,21 +153,34 @@ impl Body for IngressBody {
     }
 }
 
+/// What a request's metrics need to know after it was answered.
+#[derive(Default)]
+struct Outcome {
+    route: Option<Arc<str>>,
+    head_latency: Option<Duration>,
+}
+
 /// Answers one ingress request; never fails (errors become responses).
 pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Response<IngressBody> {
     let request_id = Uuid::new_v4();
     let span =
         info_span!("request", %request_id, method = %req.method(), path = %req.uri().path(), client_id = field::Empty);
-    let mut response = match forward(&shared, req, peer, request_id).instrument(span.clone()).await {
+    let mut outcome = Outcome::default();
+    let mut response = match forward(&shared, req, peer, request_id, &mut outcome).instrument(span.clone()).await {
         Ok(response) => response,
         Err(err) => {
             span.in_scope(|| match &err {
                 ProxyError::NoRoute { .. } | ProxyError::BadRequest(_) => debug!(%err, "request refused"),
                 _ => warn!(%err, status = err.status().as_u16(), "request failed"),
             });
+            if let Some(reason) = err.reject_reason() {
+                shared.metrics.reject(reason);
+            }
             err.into_response()
         }
     };
+    let route = outcome.route.as_deref().unwrap_or("-");
+    shared.metrics.request(route, response.status().as_u16(), outcome.head_latency);
     if let Ok(value) = HeaderValue::from_str(&request_id.to_string()) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
@@ -192,6 +235,7 @@ async fn forward(
     req: Request<Incoming>,
     peer: SocketAddr,
     request_id: Uuid,
+    outcome: &mut Outcome,
 ) -> Result<Response<IngressBody>, ProxyError> {
     let host = request_host(&req).ok_or(ProxyError::BadRequest("no Host header"))?;
     let path = req.uri().path();
@@ -200,9 +244,21 @@ async fn forward(
         .router
         .route(&host, path)
         .ok_or_else(|| ProxyError::NoRoute { host: host.clone(), path: path.to_owned() })?;
+    outcome.route = Some(route.upstream.clone());
+    if let (Some(max), Some(length)) = (route.max_body_bytes, req.body().size_hint().exact())
+        && length > max
+    {
+        return Err(ProxyError::BodyTooLarge(max));
+    }
+    let route_slot = match &route.in_flight {
+        Some(slots) => {
+            Some(slots.clone().try_acquire_owned().map_err(|_| ProxyError::RouteBusy(route.upstream.clone()))?)
+        }
+        None => None,
+    };
     let session = shared.sessions.pick(&route.group).ok_or_else(|| ProxyError::NoAgent(route.group.clone()))?;
     tracing::Span::current().record("client_id", &*session.client_id);
-    let permit = session.try_stream_permit().ok_or(ProxyError::Link(LinkError::Busy))?;
+    let agent_slot = session.try_stream_permit().ok_or(ProxyError::Link(LinkError::Busy))?;
     let head = RequestHead {
         kind: StreamKind::Http,
         request_id,
@@ -212,16 +268,36 @@ async fn forward(
         headers: forwarded_headers(&req, &host, peer, request_id),
         has_body: !req.body().is_end_stream(),
     };
+    let max_body = route.max_body_bytes;
     drop(live);
-    let body = req.into_body().map_err(|e| BodyError::Closed(e.to_string())).boxed_unsync();
-    let deadline = Duration::from_secs(shared.settings.response_timeout_secs);
-    let (response_head, body) = match tokio::time::timeout(deadline, session.link.exchange(head, body)).await {
-        Ok(result) => result?,
-        Err(_) => return Err(ProxyError::Timeout(deadline)),
+    let idle = shared.stream_idle_timeout();
+    let body = Metered::new(req.into_body(), shared.metrics.bytes_to_agent.clone(), idle);
+    let (body, tripped) = match max_body {
+        Some(max) => {
+            let (body, tripped) = body.with_limit(max);
+            (body, Some(tripped))
+        }
+        None => (body, None),
     };
+    let too_large = || tripped.as_ref().is_some_and(Tripped::is_set);
+    let deadline = Duration::from_secs(shared.settings.response_timeout_secs);
+    let started = Instant::now();
+    let (response_head, body) =
+        match tokio::time::timeout(deadline, session.link.exchange(head, body.boxed_unsync())).await {
+            Ok(Ok(exchanged)) => exchanged,
+            Ok(Err(_)) if too_large() => return Err(ProxyError::BodyTooLarge(max_body.unwrap_or_default())),
+            Ok(Err(err)) => return Err(err.into()),
+            Err(_) => return Err(ProxyError::Timeout(deadline)),
+        };
+    outcome.head_latency = Some(started.elapsed());
+    if too_large() {
+        return Err(ProxyError::BodyTooLarge(max_body.unwrap_or_default()));
+    }
     let status = StatusCode::from_u16(response_head.status).map_err(|e| ProxyError::BadResponse(e.to_string()))?;
     let headers = headers_from_wire(response_head.headers).map_err(|e| ProxyError::BadResponse(e.to_string()))?;
-    let mut response = Response::new(IngressBody::Tunnel { body, permit });
+    let body = Metered::new(body, shared.metrics.bytes_from_agent.clone(), idle);
+    let slots = Slots { _agent: agent_slot, _route: route_slot };
+    let mut response = Response::new(IngressBody::Tunnel { body, slots });
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     Ok(response)

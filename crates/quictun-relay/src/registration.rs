@@ -66,6 +66,7 @@ pub async fn serve_agent<C: ControlIo>(mut control: C, link: Arc<dyn AgentLink>,
             return reject(&mut control, link.as_ref(), rejected).await;
         }
         Err(rejected) => {
+            shared.metrics.reject(crate::metrics::Reject::registration);
             span.in_scope(|| warn!(code = ?rejected.code, reason = %rejected.message, "registration rejected"));
             return reject(&mut control, link.as_ref(), rejected).await;
         }

@@ -7,6 +7,8 @@
 
 use std::sync::Arc;
 
+use tokio::sync::Semaphore;
+
 use crate::config::RelayConfig;
 
 /// How a route matches the host.
@@ -48,6 +50,10 @@ pub struct Route {
     pub upstream: Arc<str>,
     /// The group whose agents serve the upstream.
     pub group: Arc<str>,
+    /// Slots for requests in flight on this route, when it is limited.
+    pub in_flight: Option<Arc<Semaphore>>,
+    /// The largest request body this route accepts.
+    pub max_body_bytes: Option<u64>,
 }
 
 fn prefix_matches(prefix: &str, path: &str) -> bool {
@@ -76,6 +82,8 @@ impl Router {
                     path_prefix: r.path_prefix.clone(),
                     upstream: Arc::from(upstream.name.as_str()),
                     group: Arc::from(upstream.group.as_str()),
+                    in_flight: r.max_in_flight.map(|n| Arc::new(Semaphore::new(n as usize))),
+                    max_body_bytes: r.max_body_bytes,
                 })
             })
             .collect();

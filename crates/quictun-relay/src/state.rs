@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{RelayConfig, RelaySection};
+use crate::metrics::RelayMetrics;
 use crate::router::Router;
 use crate::sessions::SessionManager;
 
@@ -108,6 +109,8 @@ pub struct Shared {
     pub stopped: CancellationToken,
     /// Owns every task the relay spawns.
     pub tasks: TaskTracker,
+    /// The relay's metrics.
+    pub metrics: RelayMetrics,
     live: RwLock<Arc<Live>>,
 }
 
@@ -126,7 +129,16 @@ impl Shared {
             shutdown: CancellationToken::new(),
             stopped: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            metrics: RelayMetrics::new(),
             live: RwLock::new(Arc::new(Live::new(config, 1))),
+        }
+    }
+
+    /// How long a proxied body may make no progress (`None`: no limit).
+    pub fn stream_idle_timeout(&self) -> Option<std::time::Duration> {
+        match self.settings.stream_idle_timeout_secs {
+            0 => None,
+            secs => Some(std::time::Duration::from_secs(secs)),
         }
     }
 

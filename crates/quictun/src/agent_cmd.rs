@@ -43,6 +43,9 @@ fn load_options(args: AgentArgs) -> Result<AgentOptions, Failure> {
         a.token = Some(Token::new(token));
         a.token_env = None;
     }
+    if let Some(admin) = args.admin_listen {
+        a.admin_listen = Some(admin);
+    }
     AgentOptions::from_config(file, Path::new(&origin)).map_err(Failure::usage)
 }
 

@@ -169,6 +169,9 @@ pub struct AgentArgs {
     /// The client's token (prefer the QUICTUN_TOKEN environment variable: flags show in `ps`).
     #[arg(long, value_name = "TOKEN", env = "QUICTUN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Serve /healthz, /readyz and /metrics on this TCP address (off by default).
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
 }
 
 /// Certificate commands.

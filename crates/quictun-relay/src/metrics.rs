@@ -1,0 +1,199 @@
+//! The relay's Prometheus metrics, one registry per relay (several relays may share a process).
+//!
+//! | metric | labels | meaning |
+//! |---|---|---|
+//! | `quictun_requests_total` | route, status | ingress requests answered |
+//! | `quictun_request_duration_seconds` | route | request head in → response head out |
+//! | `quictun_rejects_total` | reason | requests or agents refused (see [`Reject`]) |
+//! | `quictun_bytes_total` | direction | body bytes: `to_agent` (request), `from_agent` (response) |
+//! | `quictun_active_streams` | | proxied exchanges in flight |
+//! | `quictun_connected_agents` | transport | registered agent sessions |
+//! | `quictun_ingress_connections` | | open ingress TCP connections |
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::sessions::SessionManager;
+
+/// Why a request or an agent was refused.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Reject {
+    /// No route for the host and path (404).
+    no_route,
+    /// No agent of the route's group is connected (502).
+    no_agent,
+    /// Every stream slot of the chosen agent is taken (503).
+    agent_busy,
+    /// The route's in-flight limit is reached (503).
+    route_busy,
+    /// The body is larger than the route allows (413).
+    body_too_large,
+    /// The client address has too many ingress connections (503).
+    ip_limit,
+    /// The request head did not arrive within the header timeout (408).
+    header_timeout,
+    /// The agent did not answer within the response timeout (504).
+    timeout,
+    /// The request could not be routed at all (400).
+    bad_request,
+    /// An agent's registration was refused (token, group, version).
+    registration,
+}
+
+/// Labels of one answered request.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The upstream the route named, or `-` when none matched.
+    pub route: String,
+    /// The status answered.
+    pub status: u16,
+}
+
+/// The route label alone.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// The upstream name.
+    pub route: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: Reject,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabel {
+    transport: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 250 µs … ~65 s.
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 19))
+}
+
+/// Every metric of one relay and the registry that exposes them.
+#[derive(Debug)]
+pub struct RelayMetrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    rejects: Family<ReasonLabel, Counter>,
+    active_streams: Gauge,
+    agents: Family<TransportLabel, Gauge>,
+    /// Open ingress connections (kept up to date by the ingress).
+    pub ingress_connections: Gauge,
+    /// Request body bytes sent to agents.
+    pub bytes_to_agent: Counter,
+    /// Response body bytes received from agents.
+    pub bytes_from_agent: Counter,
+}
+
+impl Default for RelayMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RelayMetrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("quictun");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("requests", "Ingress requests answered, by route and status", requests.clone());
+        let latency = Family::<RouteLabel, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        registry.register("request_duration_seconds", "Request head in to response head out", latency.clone());
+        let rejects = Family::<ReasonLabel, Counter>::default();
+        registry.register("rejects", "Requests and registrations refused, by reason", rejects.clone());
+        let bytes = Family::<DirectionLabel, Counter>::default();
+        registry.register("bytes", "Body bytes proxied (to_agent: requests, from_agent: responses)", bytes.clone());
+        let active_streams = Gauge::default();
+        registry.register("active_streams", "Proxied exchanges in flight", active_streams.clone());
+        let agents = Family::<TransportLabel, Gauge>::default();
+        registry.register("connected_agents", "Registered agent sessions, by transport", agents.clone());
+        let ingress_connections = Gauge::default();
+        registry.register("ingress_connections", "Open ingress TCP connections", ingress_connections.clone());
+        let bytes_to_agent = bytes.get_or_create(&DirectionLabel { direction: "to_agent" }).clone();
+        let bytes_from_agent = bytes.get_or_create(&DirectionLabel { direction: "from_agent" }).clone();
+        for transport in ["quic", "grpc"] {
+            agents.get_or_create(&TransportLabel { transport }).set(0);
+        }
+        Self {
+            registry,
+            requests,
+            latency,
+            rejects,
+            active_streams,
+            agents,
+            ingress_connections,
+            bytes_to_agent,
+            bytes_from_agent,
+        }
+    }
+
+    /// Counts one answered request and, when it reached an agent, its time to the response head.
+    pub fn request(&self, route: &str, status: u16, head_latency: Option<std::time::Duration>) {
+        self.requests.get_or_create(&RequestLabels { route: route.to_owned(), status }).inc();
+        if let Some(latency) = head_latency {
+            self.latency.get_or_create(&RouteLabel { route: route.to_owned() }).observe(latency.as_secs_f64());
+        }
+    }
+
+    /// Counts one refusal.
+    pub fn reject(&self, reason: Reject) {
+        self.rejects.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// How many refusals of one kind so far.
+    pub fn rejected(&self, reason: Reject) -> u64 {
+        self.rejects.get_or_create(&ReasonLabel { reason }).get()
+    }
+
+    /// The registry in the OpenMetrics text format, with the session gauges refreshed first.
+    pub fn render(&self, sessions: &SessionManager) -> String {
+        let all = sessions.all();
+        for transport in ["quic", "grpc"] {
+            let count = all.iter().filter(|s| s.link.transport() == transport).count();
+            self.agents.get_or_create(&TransportLabel { transport }).set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        let streams: u64 = all.iter().map(|s| u64::from(s.in_flight())).sum();
+        self.active_streams.set(i64::try_from(streams).unwrap_or(i64::MAX));
+        quictun_core::admin::encode_metrics(&self.registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_requests_rejects_and_histograms() {
+        let metrics = RelayMetrics::new();
+        metrics.request("app", 200, Some(std::time::Duration::from_millis(3)));
+        metrics.request("-", 404, None);
+        metrics.reject(Reject::no_route);
+        metrics.bytes_to_agent.inc_by(10);
+        let text = metrics.render(&SessionManager::new());
+        for line in [
+            "quictun_requests_total{route=\"app\",status=\"200\"} 1",
+            "quictun_requests_total{route=\"-\",status=\"404\"} 1",
+            "quictun_rejects_total{reason=\"no_route\"} 1",
+            "quictun_bytes_total{direction=\"to_agent\"} 10",
+            "quictun_request_duration_seconds_count{route=\"app\"} 1",
+            "quictun_connected_agents{transport=\"quic\"} 0",
+            "quictun_active_streams 0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert_eq!(metrics.rejected(Reject::no_route), 1);
+    }
+}
