@@ -109,4 +109,19 @@ proptest! {
         let refused = matches!(frame::check(&buf, 1024), Err(FrameError::TooLarge { .. }));
         prop_assert!(refused);
     }
+
+    #[test]
+    fn damaged_frames_decode_to_an_error_or_a_wait_never_a_panic(msg in control(), cut in any::<prop::sample::Index>(), flip in any::<prop::sample::Index>(), bit in 0u8..8) {
+        let max = Limits::default().max_control_frame;
+        let bytes = frame::encode(&msg, max).unwrap();
+        // Truncated anywhere: the decoder waits for more bytes.
+        let short = &bytes[..cut.index(bytes.len())];
+        prop_assert!(matches!(frame::decode::<ControlMessage>(short, max), Ok(None)));
+        // One bit flipped anywhere: an error, a wait, or some message; never a panic or an overrun.
+        let mut damaged = bytes.clone();
+        damaged[flip.index(bytes.len())] ^= 1 << bit;
+        if let Ok(Some((_, used))) = frame::decode::<ControlMessage>(&damaged, max) {
+            prop_assert!(used <= damaged.len());
+        }
+    }
 }
