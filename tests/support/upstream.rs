@@ -100,8 +100,21 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             full(StatusCode::OK, hex)
         }
         ("GET", p) if p.starts_with("/bytes/") => {
+            // Streamed in pieces of a period that is a multiple of 251 bytes: no whole-body buffer.
             let n: usize = p["/bytes/".len()..].parse().unwrap_or(0);
-            let mut r = full(StatusCode::OK, crate::pattern(n));
+            let period = Bytes::from(crate::pattern(251 * 261));
+            let (tx, rx) = mpsc::channel(4);
+            tokio::spawn(async move {
+                let mut left = n;
+                while left > 0 {
+                    let piece = period.slice(..left.min(period.len()));
+                    left -= piece.len();
+                    if tx.send(Ok(Frame::data(piece))).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let mut r = streamed(rx);
             r.headers_mut().insert(http::header::CONTENT_LENGTH, n.into());
             r
         }

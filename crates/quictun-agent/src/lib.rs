@@ -114,6 +114,7 @@ pub struct Agent {
     task: JoinHandle<Result<(), AgentError>>,
     admin_addr: Option<SocketAddr>,
     admin_tasks: TaskTracker,
+    udp_buffer: usize,
 }
 
 /// The agent's admin pages: ready while registered, metrics.
@@ -189,9 +190,10 @@ impl Agent {
             None => None,
         };
         admin_tasks.close();
+        let udp_buffer = options.tuning.udp_buffer;
         let dialer = Dialer { options: Arc::new(options), endpoint: endpoint.clone(), quic, grpc };
         let task = tokio::spawn(run(dialer, forwarder, state_tx, shutdown.clone()));
-        Ok(Self { state, shutdown, endpoint, task, admin_addr, admin_tasks })
+        Ok(Self { state, shutdown, endpoint, task, admin_addr, admin_tasks, udp_buffer })
     }
 
     /// The bound admin endpoint address, when it is served.
@@ -202,6 +204,17 @@ impl Agent {
     /// The local UDP address.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.endpoint.local_addr().ok()
+    }
+
+    /// Moves the agent's QUIC endpoint to a new UDP socket bound to `bind` (a new local port or
+    /// interface) without a new connection: the QUIC connection migrates, in-flight streams go
+    /// on, and the relay keeps the session. Returns the new local address.
+    pub fn rebind(&self, bind: SocketAddr) -> Result<SocketAddr, AgentError> {
+        let socket = quictun_core::endpoint::bind_udp(bind, self.udp_buffer)?;
+        let local = socket.local_addr().map_err(|e| AgentError::Endpoint(format!("rebind to {bind}: {e}")))?;
+        self.endpoint.rebind(socket).map_err(|e| AgentError::Endpoint(format!("rebind to {bind}: {e}")))?;
+        info!(%local, "QUIC endpoint moved to a new socket; the connection migrates");
+        Ok(local)
     }
 
     /// Watches the agent's state.
