@@ -58,14 +58,24 @@ pub struct Harness {
 /// `api` (group api), `nobody.test` → `ghost` (group with no agents), `limited.test` → `app` with
 /// at most 2 requests in flight and 4096-byte bodies.
 pub fn relay_config(quic: SocketAddr, upstream: &str, cfg: &HarnessConfig) -> RelayConfig {
-    relay_config_with_grpc(quic, SocketAddr::from(([127, 0, 0, 1], 0)), upstream, cfg)
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    relay_config_on(Listen { quic, grpc: any, http: any }, upstream, cfg)
 }
 
-/// [`relay_config`] with the gRPC listener on `grpc`.
-pub fn relay_config_with_grpc(quic: SocketAddr, grpc: SocketAddr, upstream: &str, cfg: &HarnessConfig) -> RelayConfig {
+/// The addresses a relay listens on.
+#[derive(Debug, Clone, Copy)]
+pub struct Listen {
+    pub quic: SocketAddr,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+}
+
+/// [`relay_config`] on the given listeners.
+pub fn relay_config_on(listen: Listen, upstream: &str, cfg: &HarnessConfig) -> RelayConfig {
+    let Listen { quic, grpc, http } = listen;
     let app = cfg.app_target.clone().unwrap_or_else(|| upstream.to_owned());
     let mut text = format!(
-        "[relay]\nquic_listen = \"{quic}\"\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ngrpc_listen = \"{grpc}\"\n\
+        "[relay]\nquic_listen = \"{quic}\"\nhttp_listen = \"{http}\"\nadmin_listen = \"127.0.0.1:0\"\ngrpc_listen = \"{grpc}\"\n\
          heartbeat_interval_ms = {hb}\nmax_streams_per_agent = {ms}\nresponse_timeout_secs = {rt}\ndrain_timeout_secs = 5\n",
         hb = cfg.heartbeat_interval_ms,
         ms = cfg.max_streams_per_agent,
@@ -122,24 +132,38 @@ impl Harness {
         self.relay.as_ref().expect("relay is running")
     }
 
-    /// Stops the relay (graceful drain) and starts a new one on the same QUIC port with the same
-    /// certificate; the ingress gets a new port, which the client follows.
+    /// Stops the relay (graceful drain) and starts a new one on the same ports with the same
+    /// certificate.
     pub async fn restart_relay(&mut self) {
-        let old = self.relay.take().expect("relay is running");
-        let quic = old.quic_addr();
-        let grpc = old.grpc_addr().expect("gRPC listener");
+        let old = self.take_relay();
+        let listen = Self::listeners_of(&old);
         old.shutdown().await;
+        self.start_relay_on(listen).await;
+    }
+
+    /// Takes the running relay out of the harness (to shut it down or abort it).
+    pub fn take_relay(&mut self) -> Relay {
+        self.relay.take().expect("relay is running")
+    }
+
+    /// The listeners of a relay, to start its successor on.
+    pub fn listeners_of(relay: &Relay) -> Listen {
+        Listen { quic: relay.quic_addr(), grpc: relay.grpc_addr().expect("gRPC listener"), http: relay.http_addr() }
+    }
+
+    /// Starts a relay on `listen` (after the previous one stopped) and points the client at it.
+    pub async fn start_relay_on(&mut self, listen: Listen) {
         // quinn releases the UDP socket when its endpoint driver task next runs, just after the
         // last handle is dropped: give the runtime turns until the port is free (bounded).
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let relay = loop {
-            let config = relay_config_with_grpc(quic, grpc, &self.upstream.url(), &self.config);
+            let config = relay_config_on(listen, &self.upstream.url(), &self.config);
             match Relay::start(config, self.cert.cert_key().unwrap()).await {
                 Ok(relay) => break relay,
                 Err(err) if std::time::Instant::now() < deadline && err.to_string().contains("in use") => {
                     tokio::task::yield_now().await;
                 }
-                Err(err) => panic!("relay restart on {quic}: {err}"),
+                Err(err) => panic!("relay restart on {listen:?}: {err}"),
             }
         };
         self.client = HttpClient::new(relay.http_addr());

@@ -190,4 +190,14 @@ impl Upstream {
     pub fn release(&self) {
         self.state.released.send_replace(true);
     }
+
+    /// Makes `/hang` hang again after a [`Self::release`].
+    pub fn rearm(&self) {
+        self.state.released.send_replace(false);
+    }
+
+    /// How many `/hang` requests are waiting now.
+    pub fn hanging(&self) -> usize {
+        *self.state.hanging.borrow()
+    }
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 use tracing::info;
 
@@ -37,6 +38,9 @@ pub struct ConnClock {
     /// Milliseconds since `origin` when the first byte of the pending request head arrived.
     head_since: AtomicU64,
     http2: AtomicBool,
+    /// Set (and notified) when the first request reaches the service.
+    served: AtomicBool,
+    first_request: Notify,
 }
 
 impl ConnClock {
@@ -48,7 +52,16 @@ impl ConnClock {
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(NOT_STARTED),
             http2: AtomicBool::new(false),
+            served: AtomicBool::new(false),
+            first_request: Notify::new(),
         })
+    }
+
+    /// Waits until the connection's first request has reached the service (at once if it has).
+    pub async fn first_request(&self) {
+        if !self.served.load(Ordering::Acquire) {
+            self.first_request.notified().await;
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -59,6 +72,10 @@ impl ConnClock {
     pub fn busy(self: &Arc<Self>) -> BusyGuard {
         self.busy.fetch_add(1, Ordering::AcqRel);
         self.head_since.store(NOT_STARTED, Ordering::Release);
+        if !self.served.swap(true, Ordering::AcqRel) {
+            // Leaves a permit when nobody waits yet.
+            self.first_request.notify_one();
+        }
         BusyGuard(self.clone())
     }
 }

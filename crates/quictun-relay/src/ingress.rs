@@ -6,7 +6,7 @@
 //! stops accepting and drains in-flight requests up to the drain timeout.
 
 use std::convert::Infallible;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -18,10 +18,10 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use quictun_core::link::BodyError;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::conn_clock::{BusyGuard, ClockedStream, ConnClock, Expired};
@@ -114,31 +114,27 @@ async fn refuse(mut stream: TcpStream) {
     let _closed = stream.shutdown().await;
 }
 
-/// Serves the ingress until shutdown, then drains connections for up to the drain timeout.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    let builder = builder(&shared);
-    let graceful = GracefulShutdown::new();
-    let per_ip = Arc::new(PerIp::default());
-    let header_timeout = Duration::from_secs(shared.settings.header_read_timeout_secs);
-    let idle_timeout = Duration::from_secs(shared.settings.keep_alive_timeout_secs);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shared.shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    warn!(%err, "ingress accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let Some(ip_slot) = per_ip.admit(peer.ip(), shared.settings.max_connections_per_ip) else {
+/// What every accepted connection is served with.
+struct Ingress {
+    shared: Arc<Shared>,
+    builder: auto::Builder<TokioExecutor>,
+    /// The connection tasks; the ingress waits for them when it drains.
+    conns: TaskTracker,
+    per_ip: Arc<PerIp>,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl Ingress {
+    /// Serves one accepted connection in its own tracked task (or refuses it over the per-address
+    /// limit).
+    fn admit(&self, stream: TcpStream, peer: SocketAddr) {
+        let shared = &self.shared;
+        let Some(ip_slot) = self.per_ip.admit(peer.ip(), shared.settings.max_connections_per_ip) else {
             shared.metrics.reject(Reject::ip_limit);
             debug!(%peer, "too many connections from this address");
             shared.tasks.spawn(refuse(stream));
-            continue;
+            return;
         };
         if let Err(err) = stream.set_nodelay(true) {
             debug!(%err, "could not set TCP_NODELAY");
@@ -150,23 +146,44 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 metrics_shared.metrics.reject(Reject::header_timeout);
             }
         });
-        let stream = ClockedStream::new(stream, clock.clone(), header_timeout, idle_timeout, peer, on_expired);
-        let shared2 = shared.clone();
+        let stream =
+            ClockedStream::new(stream, clock.clone(), self.header_timeout, self.idle_timeout, peer, on_expired);
+        let service_shared = shared.clone();
+        let service_clock = clock.clone();
         let service = service_fn(move |req| {
-            let busy = clock.busy();
-            let shared = shared2.clone();
+            let busy = service_clock.busy();
+            let shared = service_shared.clone();
             async move {
                 Ok::<_, Infallible>(proxy::handle(shared, req, peer).await.map(|body| Tracked { body, _busy: busy }))
             }
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-        let conn = graceful.watch(conn);
+        let conn = self.builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
         let connections = shared.metrics.ingress_connections.clone();
         connections.inc();
-        shared.tasks.spawn(
+        let (shutdown, stopped) = (shared.shutdown.clone(), shared.stopped.clone());
+        // Served until it ends; when the relay drains, the request in flight (or, on a connection
+        // that has not spoken yet, the request on its way) finishes, then the connection closes.
+        let serve = async move {
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => return result,
+                _ = shutdown.cancelled() => {}
+            }
+            tokio::select! {
+                result = conn.as_mut() => return result,
+                _ = clock.first_request() => {}
+                _ = tokio::time::sleep(FRESH_GRACE) => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        };
+        self.conns.spawn(
             async move {
-                if let Err(err) = conn.await {
-                    debug!(%err, "ingress connection ended with an error");
+                tokio::select! {
+                    result = serve => if let Err(err) = result {
+                        debug!(%err, "ingress connection ended with an error");
+                    },
+                    _ = stopped.cancelled() => debug!("ingress connection cut at the end of the drain"),
                 }
                 connections.dec();
                 drop(ip_slot);
@@ -174,9 +191,63 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             .instrument(info_span!("ingress", %peer)),
         );
     }
-    drop(listener);
-    let drain = Duration::from_secs(shared.settings.drain_timeout_secs);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
-        warn!(?drain, "ingress connections still open after the drain timeout");
+
+    /// Accepts the connections the kernel already completed (their clients have sent their
+    /// requests), then closes the listener. Works on the socket directly: the reactor may not
+    /// have reported them yet.
+    fn take_queued(&self, listener: TcpListener) {
+        let listener = match listener.into_std() {
+            Ok(listener) => listener,
+            Err(err) => return warn!(%err, "could not take the ingress queue"),
+        };
+        let mut taken = 0usize;
+        while let Ok((stream, peer)) = listener.accept() {
+            let stream = stream.set_nonblocking(true).and_then(|()| TcpStream::from_std(stream));
+            match stream {
+                Ok(stream) => {
+                    taken += 1;
+                    self.admit(stream, peer);
+                }
+                Err(err) => debug!(%err, %peer, "could not adopt a queued connection"),
+            }
+        }
+        debug!(taken, "ingress listener closed");
     }
 }
+
+/// Serves the ingress until shutdown, then drains connections for up to the drain timeout: the
+/// listener closes (after taking the connections already queued in the kernel), requests in
+/// flight finish, idle keep-alive connections close.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let ingress = Ingress {
+        builder: builder(&shared),
+        conns: TaskTracker::new(),
+        per_ip: Arc::new(PerIp::default()),
+        header_timeout: Duration::from_secs(shared.settings.header_read_timeout_secs),
+        idle_timeout: Duration::from_secs(shared.settings.keep_alive_timeout_secs),
+        shared,
+    };
+    loop {
+        tokio::select! {
+            _ = ingress.shared.shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => ingress.admit(stream, peer),
+                Err(err) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(%err, "ingress accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    ingress.take_queued(listener);
+    ingress.conns.close();
+    let drain = Duration::from_secs(ingress.shared.settings.drain_timeout_secs);
+    if tokio::time::timeout(drain, ingress.conns.wait()).await.is_err() {
+        warn!(?drain, open = ingress.conns.len(), "ingress connections still open after the drain timeout");
+    }
+}
+
+/// How long a connection that has not sent a request yet gets, once the relay drains, to send
+/// it: its client connected before the signal and the request is on its way.
+const FRESH_GRACE: Duration = Duration::from_secs(1);

@@ -117,8 +117,9 @@ async fn run_session<C: ControlIo>(
         let outgoing = tokio::select! {
             reason = &mut closed => return reason,
             _ = shared.shutdown.cancelled(), if !going_away => {
+                // The session stays in use: requests the ingress accepted before the signal still
+                // need it while the relay drains. The agent learns to expect the close.
                 going_away = true;
-                session.set_draining();
                 let drain_ms = u32::try_from(shared.settings.drain_timeout_secs.saturating_mul(1000)).unwrap_or(u32::MAX);
                 Some(ControlMessage::GoAway(GoAway { drain_ms, reason: "relay shutting down".into() }))
             }
