@@ -234,3 +234,20 @@ async fn an_upstream_that_does_not_accept_gets_504() {
     assert!(started.elapsed() < Duration::from_secs(10));
     agent.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn just_after_startup_a_request_waits_for_its_agent_to_register() {
+    let h = Harness::start_with(with_relay("startup_grace_secs = 30")).await;
+    let client = h.client.clone();
+    let early = tokio::spawn(async move { client.get("app.test", "/hello").await });
+    // The request is parked on the relay (no agent yet)…
+    let admin = h.relay().admin_addr();
+    while metric(&admin_get(admin, "/metrics", None).await.text(), "quictun_waiting_for_agent") != Some(1.0) {
+        assert!(!early.is_finished(), "the early request was answered without an agent");
+        tokio::task::yield_now().await;
+    }
+    // …until the agent registers.
+    let _agent = h.agent("agent-1").await;
+    let reply = tokio::time::timeout(WAIT, early).await.expect("the early request hung").unwrap();
+    assert_eq!((reply.status, reply.text().as_str()), (StatusCode::OK, "hello"));
+}

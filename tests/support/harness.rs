@@ -83,6 +83,10 @@ pub fn relay_config_on(listen: Listen, upstream: &str, cfg: &HarnessConfig) -> R
     );
     text.push_str(&cfg.relay_extra);
     text.push('\n');
+    if !cfg.relay_extra.contains("startup_grace_secs") {
+        // Tests expect 502 at once when no agent is connected.
+        text.push_str("startup_grace_secs = 0\n");
+    }
     for (id, token, group) in CLIENTS {
         text.push_str(&format!("[[clients]]\nid = \"{id}\"\ntoken = \"{token}\"\ngroup = \"{group}\"\n"));
     }

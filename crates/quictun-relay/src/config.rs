@@ -72,6 +72,10 @@ pub struct RelaySection {
     pub stream_idle_timeout_secs: u64,
     /// Open ingress connections allowed per client IP address (0: no limit).
     pub max_connections_per_ip: usize,
+    /// For this many seconds after the relay starts, a request for a group with no agent waits
+    /// (up to the end of that window) for one to register instead of failing: agents reconnect
+    /// after a restart. 0 turns it off.
+    pub startup_grace_secs: u64,
     /// Bearer token required by the admin endpoint (except `/healthz` and `/readyz`).
     pub admin_token: Option<Token>,
     /// A file holding the admin bearer token.
@@ -101,6 +105,7 @@ impl Default for RelaySection {
             keep_alive_timeout_secs: 75,
             stream_idle_timeout_secs: 300,
             max_connections_per_ip: 256,
+            startup_grace_secs: 10,
             admin_token: None,
             admin_token_file: None,
         }

@@ -9,6 +9,7 @@
 //! | `quictun_active_streams` | | proxied exchanges in flight |
 //! | `quictun_connected_agents` | transport | registered agent sessions |
 //! | `quictun_ingress_connections` | | open ingress TCP connections |
+//! | `quictun_waiting_for_agent` | | requests parked just after startup until an agent registers |
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -92,6 +93,8 @@ pub struct RelayMetrics {
     agents: Family<TransportLabel, Gauge>,
     /// Open ingress connections (kept up to date by the ingress).
     pub ingress_connections: Gauge,
+    /// Requests waiting for an agent of their group during the startup grace.
+    pub waiting_for_agent: Gauge,
     /// Request body bytes sent to agents.
     pub bytes_to_agent: Counter,
     /// Response body bytes received from agents.
@@ -122,6 +125,12 @@ impl RelayMetrics {
         registry.register("connected_agents", "Registered agent sessions, by transport", agents.clone());
         let ingress_connections = Gauge::default();
         registry.register("ingress_connections", "Open ingress TCP connections", ingress_connections.clone());
+        let waiting_for_agent = Gauge::default();
+        registry.register(
+            "waiting_for_agent",
+            "Requests waiting for an agent after startup",
+            waiting_for_agent.clone(),
+        );
         let bytes_to_agent = bytes.get_or_create(&DirectionLabel { direction: "to_agent" }).clone();
         let bytes_from_agent = bytes.get_or_create(&DirectionLabel { direction: "from_agent" }).clone();
         for transport in ["quic", "grpc"] {
@@ -135,6 +144,7 @@ impl RelayMetrics {
             active_streams,
             agents,
             ingress_connections,
+            waiting_for_agent,
             bytes_to_agent,
             bytes_from_agent,
         }

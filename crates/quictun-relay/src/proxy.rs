@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use crate::body::{Metered, Tripped};
 use crate::metrics::Reject;
+use crate::sessions::Session;
 use crate::state::Shared;
 
 /// The header carrying the relay's request id, on every response.
@@ -230,6 +231,20 @@ fn forwarded_headers(req: &Request<Incoming>, host: &str, peer: SocketAddr, requ
     wire
 }
 
+/// Just after the relay started, agents are still reconnecting: wait (up to the end of the
+/// startup grace) for one of `group` to register rather than failing at once.
+async fn agent_after_startup(shared: &Shared, group: &Arc<str>) -> Result<Arc<Session>, ProxyError> {
+    let grace = Duration::from_secs(shared.settings.startup_grace_secs);
+    let left = grace.saturating_sub(shared.started.elapsed());
+    if !left.is_zero() && !shared.shutdown.is_cancelled() {
+        debug!(?left, %group, "no agent yet: waiting for one to register");
+        shared.metrics.waiting_for_agent.inc();
+        shared.sessions.wait_until(left, |sessions| sessions.pick(group).is_some()).await;
+        shared.metrics.waiting_for_agent.dec();
+    }
+    shared.sessions.pick(group).ok_or_else(|| ProxyError::NoAgent(group.clone()))
+}
+
 async fn forward(
     shared: &Shared,
     req: Request<Incoming>,
@@ -256,7 +271,10 @@ async fn forward(
         }
         None => None,
     };
-    let session = shared.sessions.pick(&route.group).ok_or_else(|| ProxyError::NoAgent(route.group.clone()))?;
+    let session = match shared.sessions.pick(&route.group) {
+        Some(session) => session,
+        None => agent_after_startup(shared, &route.group).await?,
+    };
     tracing::Span::current().record("client_id", &*session.client_id);
     let agent_slot = session.try_stream_permit().ok_or(ProxyError::Link(LinkError::Busy))?;
     let head = RequestHead {

@@ -111,6 +111,8 @@ pub struct Shared {
     pub tasks: TaskTracker,
     /// The relay's metrics.
     pub metrics: RelayMetrics,
+    /// When the relay started.
+    pub started: tokio::time::Instant,
     live: RwLock<Arc<Live>>,
 }
 
@@ -130,6 +132,7 @@ impl Shared {
             stopped: CancellationToken::new(),
             tasks: TaskTracker::new(),
             metrics: RelayMetrics::new(),
+            started: tokio::time::Instant::now(),
             live: RwLock::new(Arc::new(Live::new(config, 1))),
         }
     }
