@@ -72,6 +72,14 @@ pub struct RelaySection {
     pub stream_idle_timeout_secs: u64,
     /// Open ingress connections allowed per client IP address (0: no limit).
     pub max_connections_per_ip: usize,
+    /// New QUIC connections accepted per second from one IP address, sustained (0: no limit);
+    /// more are refused before any cryptography is done.
+    pub handshake_rate_per_ip: u32,
+    /// How many new QUIC connections one IP address may open in a burst.
+    pub handshake_burst_per_ip: u32,
+    /// QUIC connections still in their handshake or before their control stream, at once; more
+    /// are refused.
+    pub max_pending_connections: usize,
     /// For this many seconds after the relay starts, a request for a group with no agent waits
     /// (up to the end of that window) for one to register instead of failing: agents reconnect
     /// after a restart. 0 turns it off.
@@ -105,6 +113,9 @@ impl Default for RelaySection {
             keep_alive_timeout_secs: 75,
             stream_idle_timeout_secs: 300,
             max_connections_per_ip: 256,
+            handshake_rate_per_ip: 20,
+            handshake_burst_per_ip: 40,
+            max_pending_connections: 512,
             startup_grace_secs: 10,
             admin_token: None,
             admin_token_file: None,

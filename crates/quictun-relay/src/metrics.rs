@@ -44,6 +44,10 @@ pub enum Reject {
     bad_request,
     /// An agent's registration was refused (token, group, version).
     registration,
+    /// A new QUIC connection over its address's handshake rate.
+    handshake_rate,
+    /// A new QUIC connection while too many were still handshaking.
+    pending_connections,
 }
 
 /// Labels of one answered request.

@@ -4,6 +4,8 @@
 //! The handshake and the control stream each have a deadline and run in the connection's own
 //! task, never in the accept loop, so a slow or hostile client cannot stall other agents.
 
+use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,8 +13,10 @@ use quictun_core::framed::{ControlChannel, read_frame_within};
 use quictun_core::http_stream::{reset, stop};
 use quictun_core::quic_link::QuicLink;
 use quictun_proto::{CloseCode, Limits, RequestHead, StreamCode};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::metrics::Reject;
 use crate::registration::serve_agent;
 use crate::state::Shared;
 
@@ -21,26 +25,63 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline for the head frame of a stream the agent opens.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Accepts QUIC connections until shutdown; each is served in its own tracked task.
+/// New connections per address, or `None` without a limit.
+type HandshakeLimiter = governor::DefaultKeyedRateLimiter<IpAddr>;
+
+fn handshake_limiter(shared: &Shared) -> Option<HandshakeLimiter> {
+    let rate = NonZeroU32::new(shared.settings.handshake_rate_per_ip)?;
+    let burst = NonZeroU32::new(shared.settings.handshake_burst_per_ip).unwrap_or(rate);
+    Some(governor::RateLimiter::keyed(governor::Quota::per_second(rate).allow_burst(burst)))
+}
+
+/// How often addresses that stopped connecting are forgotten by the handshake limiter.
+const LIMITER_SWEEP: Duration = Duration::from_secs(10);
+
+/// Accepts QUIC connections until shutdown; each is served in its own tracked task. A new
+/// connection over its address's handshake rate, or beyond the pending-connection cap, is refused
+/// at once, before any cryptography.
 pub async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    let limiter = handshake_limiter(&shared);
+    let pending = Arc::new(Semaphore::new(shared.settings.max_pending_connections.max(1)));
+    let mut sweep = tokio::time::interval(LIMITER_SWEEP);
     loop {
         let incoming = tokio::select! {
             _ = shared.shutdown.cancelled() => break,
+            _ = sweep.tick() => {
+                if let Some(limiter) = &limiter {
+                    limiter.retain_recent();
+                }
+                continue;
+            }
             incoming = endpoint.accept() => match incoming {
                 Some(incoming) => incoming,
                 None => break,
             },
         };
+        let remote = incoming.remote_address();
+        if limiter.as_ref().is_some_and(|l| l.check_key(&remote.ip()).is_err()) {
+            shared.metrics.reject(Reject::handshake_rate);
+            debug!(%remote, "new connections from this address over the handshake rate: refused");
+            incoming.refuse();
+            continue;
+        }
+        let Ok(slot) = pending.clone().try_acquire_owned() else {
+            shared.metrics.reject(Reject::pending_connections);
+            debug!(%remote, "too many connections handshaking: refused");
+            incoming.refuse();
+            continue;
+        };
         let shared2 = shared.clone();
         shared.tasks.spawn(async move {
-            let remote = incoming.remote_address();
-            serve_connection(incoming, shared2).instrument(info_span!("agent", %remote)).await;
+            serve_connection(incoming, slot, shared2).instrument(info_span!("agent", %remote)).await;
         });
     }
     debug!("QUIC accept loop stopped");
 }
 
-async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
+/// Handshake, control stream, then the agent's session. `slot` counts the connection as pending
+/// until its control stream is open.
+async fn serve_connection(incoming: quinn::Incoming, slot: OwnedSemaphorePermit, shared: Arc<Shared>) {
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(err)) => return debug!(%err, "QUIC handshake failed"),
@@ -55,6 +96,7 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
             return debug!("no control stream in time");
         }
     };
+    drop(slot);
     let control = ControlChannel::new(send, recv, shared.limits.max_control_frame);
     shared.tasks.spawn(refuse_agent_streams(conn.clone(), shared.limits).in_current_span());
     serve_agent(control, Arc::new(QuicLink::new(conn, shared.limits)), shared).await;

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use quictun_agent::config::AgentConfigFile;
-use quictun_agent::{Agent, AgentOptions};
+use quictun_agent::{Agent, AgentOptions, AgentState};
 use quictun_proto::Token;
 
 use crate::Failure;
@@ -55,13 +55,33 @@ pub async fn run(args: AgentArgs) -> Result<(), Failure> {
     let agent = Agent::start(options).await.map_err(Failure::runtime)?;
     let stop = agent.shutdown_token();
     let mut state = agent.state();
+    if let Some(admin) = agent.admin_addr() {
+        println!("quictun agent admin on http://{admin}/metrics");
+    }
     tokio::select! {
         _ = crate::signal::shutdown() => {
             agent.shutdown().await.map_err(Failure::runtime)
         }
-        _ = state.wait_for(|s| matches!(s, quictun_agent::AgentState::Stopped)) => {
+        _ = report_connections(&mut state) => {
             stop.cancel();
             agent.wait().await.map_err(Failure::runtime)
+        }
+    }
+}
+
+/// Prints a line each time the agent registers with the relay; returns when the agent stops.
+async fn report_connections(state: &mut tokio::sync::watch::Receiver<AgentState>) {
+    loop {
+        let now = state.borrow_and_update().clone();
+        match now {
+            AgentState::Connected { session_id, relay } => {
+                println!("quictun agent connected to {relay} (session {session_id})");
+            }
+            AgentState::Stopped => return,
+            AgentState::Connecting | AgentState::Reconnecting { .. } => {}
+        }
+        if state.changed().await.is_err() {
+            return;
         }
     }
 }

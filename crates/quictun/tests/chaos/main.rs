@@ -1,0 +1,244 @@
+//! The chaos suite: real `quictun` processes under packet loss, kills, restarts and hostile
+//! clients. Needs root (network namespaces, nftables); without it each test prints a SKIPPED line.
+//! `.ci/run` runs it as root. Each test prints the figures it measured (`chaos:` lines; run with
+//! `--nocapture` to see them).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod hostile;
+mod scene;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use scene::{HEARTBEAT_TIMEOUT, Netns, Scene, WAIT, client, latencies, p99, privileged, request};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_percent_loss_both_ways_loses_and_corrupts_nothing() {
+    if !privileged("five_percent_loss_both_ways") {
+        return;
+    }
+    let ns = Netns::new("l");
+    let scene = Scene::start(Some(&ns.name), &ns.host_ip, "").await;
+    let relay_at = format!("{}:{}", ns.host_ip, scene.quic.port()).parse().unwrap();
+    let _agent = scene.agent(1, relay_at).await;
+    let _loss = ns.loss(5, scene.quic.port());
+
+    let client = client();
+    let started = Instant::now();
+    let (errors, corrupt) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(0usize)));
+    let workers: Vec<_> = (0..32)
+        .map(|w| {
+            let (client, errors, corrupt) = (client.clone(), errors.clone(), corrupt.clone());
+            let http = scene.http;
+            tokio::spawn(async move {
+                for i in 0..2000 / 32 + usize::from(w < 2000 % 32) {
+                    let len = 1 + (w * 7919 + i * 104_729) % (32 * 1024);
+                    let body: Bytes = (0..len).map(|_| fastrand::u8(..)).collect::<Vec<u8>>().into();
+                    match request(&client, "POST", http, "/echo", body.clone()).await {
+                        Ok((200, echoed)) if echoed == body => {}
+                        Ok((200, _)) => *corrupt.lock().await += 1,
+                        other => errors.lock().await.push(format!("{other:?}")),
+                    }
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let errors = errors.lock().await;
+    let corrupt = *corrupt.lock().await;
+    eprintln!(
+        "chaos: 5% loss both ways: 2000 echoed requests (1 B-32 KiB, 32 at a time) in {:.1?}: {} errors, {corrupt} corrupt",
+        started.elapsed(),
+        errors.len()
+    );
+    assert!(errors.is_empty(), "{} errors, first: {:?}", errors.len(), errors.first());
+    assert_eq!(corrupt, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_agent_answers_every_request_in_flight() {
+    if !privileged("kill_9_of_the_agent") {
+        return;
+    }
+    let scene = Scene::start(None, "127.0.0.1", "").await;
+    let mut agent = scene.agent(1, scene.quic).await;
+    let client = client();
+    let in_flight: Vec<_> = (0..100)
+        .map(|_| {
+            let client = client.clone();
+            let http = scene.http;
+            tokio::spawn(async move {
+                let result = request(&client, "GET", http, "/delay/60000", Bytes::new()).await;
+                (result, Instant::now())
+            })
+        })
+        .collect();
+    scene.sessions_until(WAIT, "100 requests in flight", |s| s.first().is_some_and(|s| s["in_flight"] == 100)).await;
+    let killed = Instant::now();
+    agent.kill9().await;
+    let mut slowest = Duration::ZERO;
+    for request in in_flight {
+        let (result, at) = tokio::time::timeout(WAIT, request).await.expect("a request hung after the kill").unwrap();
+        let status = result.as_ref().map(|(status, _)| *status);
+        assert_eq!(status, Ok(502), "{result:?}");
+        slowest = slowest.max(at.duration_since(killed));
+    }
+    scene.sessions_until(WAIT, "session count back to 0", <[_]>::is_empty).await;
+    let cleared = killed.elapsed();
+    eprintln!(
+        "chaos: kill -9 of the agent with 100 requests in flight: all 100 answered 502, the last {slowest:.1?} after \
+         the kill (heartbeat timeout {HEARTBEAT_TIMEOUT:?}); session count 0 by {cleared:.1?} after the kill"
+    );
+    assert!(slowest <= HEARTBEAT_TIMEOUT + Duration::from_secs(1), "answers took {slowest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_killed_and_restarted_five_times_under_load() {
+    if !privileged("relay_restarted_five_times") {
+        return;
+    }
+    let mut scene = Scene::start(None, "127.0.0.1", "startup_grace_secs = 10").await;
+    let mut agents = vec![scene.agent(1, scene.quic).await, scene.agent(2, scene.quic).await];
+    let http = scene.http;
+    let stop = Arc::new(AtomicBool::new(false));
+    // (started, finished, outcome) of every request.
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let client = client();
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, stop, log) = (client.clone(), stop.clone(), log.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let outcome = request(&client, "GET", http, "/bytes/2048", Bytes::new()).await;
+                    let ok = matches!(&outcome, Ok((200, body)) if body.len() == 2048);
+                    log.lock().await.push((started, Instant::now(), ok, format!("{outcome:?}")));
+                    if !ok {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut kills = Vec::new();
+    let mut recoveries = Vec::new();
+    for round in 0..5 {
+        let served = log.lock().await.len();
+        while log.lock().await.len() < served + 200 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let killed = Instant::now();
+        scene.kill_and_restart_relay().await;
+        let listening = Instant::now();
+        kills.push((killed, listening));
+        for agent in &mut agents {
+            agent.line_with("connected to").await;
+        }
+        let back = killed.elapsed();
+        let sessions = scene.sessions().await;
+        assert_eq!(sessions.len(), 2, "round {round}: sessions {sessions:?}");
+        recoveries.push(back);
+        assert!(agents.iter_mut().all(scene::Proc::is_running));
+    }
+    let served = log.lock().await.len();
+    while log.lock().await.len() < served + 200 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    let log = log.lock().await;
+    let mut at_a_kill = 0;
+    for (started, finished, ok, outcome) in log.iter() {
+        if *ok {
+            continue;
+        }
+        // A failure must be a request in flight at a kill, or one sent while no relay listened.
+        let explained = kills.iter().any(|(killed, listening)| {
+            (started <= killed && finished >= killed) || (started >= killed && started <= listening)
+        });
+        assert!(explained, "a request failed away from any kill: {outcome}");
+        at_a_kill += 1;
+    }
+    let ok = log.iter().filter(|entry| entry.2).count();
+    eprintln!(
+        "chaos: relay kill -9 + restart x5 under load: {ok} requests answered, {at_a_kill} failed (all in flight at a kill or \
+         sent while nothing listened); agents back after {recoveries:.1?}; sessions match the 2 live agents every time"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_client_leaves_memory_flat_and_others_served() {
+    if !privileged("hostile_client") {
+        return;
+    }
+    let scene = Scene::start(None, "127.0.0.1", "").await;
+    let _agent = scene.agent(1, scene.quic).await;
+    let session = scene.sessions().await[0]["session_id"].clone();
+    let quiet_p99 = p99(&latencies(scene.http, "/", 2000, 4).await);
+    let rss_before = scene.relay.rss_kib();
+    let attack = hostile::on_own_thread(hostile::attack(scene.quic, scene.http, scene.pin.clone()));
+    let mut during = Vec::new();
+    let mut rss_peak = rss_before;
+    while !attack.is_finished() {
+        during.extend(latencies(scene.http, "/", 200, 4).await);
+        rss_peak = rss_peak.max(scene.relay.rss_kib());
+    }
+    let busy_p99 = p99(&during);
+    let report = attack.join().unwrap();
+    // The real agent was never displaced by the bad tokens.
+    let sessions = scene.sessions().await;
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    assert_eq!(sessions[0]["session_id"], session);
+    let after_p99 = p99(&latencies(scene.http, "/", 2000, 4).await);
+    let rss_after = scene.relay.rss_kib();
+    eprintln!(
+        "chaos: hostile client ({report}): relay RSS {} KiB before, {} KiB peak, {} KiB after; well-behaved p99 \
+         {quiet_p99:.1?} quiet, {busy_p99:.1?} during ({} requests), {after_p99:.1?} after",
+        rss_before,
+        rss_peak,
+        rss_after,
+        during.len()
+    );
+    assert!(rss_after < rss_before + 16 * 1024, "relay RSS grew from {rss_before} to {rss_after} KiB");
+    assert!(busy_p99 <= quiet_p99 * 2 + Duration::from_millis(2), "p99 {busy_p99:?} vs quiet {quiet_p99:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_does_not_stop_others() {
+    if !privileged("slowloris") {
+        return;
+    }
+    let scene = Scene::start(None, "127.0.0.1", "header_read_timeout_secs = 4").await;
+    let _agent = scene.agent(1, scene.quic).await;
+    let quiet_p99 = p99(&latencies(scene.http, "/", 2000, 4).await);
+    let started = Instant::now();
+    let attack = hostile::on_own_thread(hostile::slowloris(scene.http, 500));
+    let mut during = Vec::new();
+    while !attack.is_finished() {
+        during.extend(latencies(scene.http, "/", 200, 4).await);
+    }
+    let busy_p99 = p99(&during);
+    let outcome = attack.join().unwrap();
+    eprintln!(
+        "chaos: slowloris, 500 connections dripping a header byte a second: {} answered 408, {} closed otherwise, all \
+         gone {:.1?} after the start (header timeout 4 s); well-behaved p99 {quiet_p99:.1?} quiet, {busy_p99:.1?} \
+         during ({} requests)",
+        outcome.timed_out,
+        outcome.closed,
+        started.elapsed(),
+        during.len()
+    );
+    assert_eq!(outcome.timed_out + outcome.closed, 500);
+    assert!(outcome.timed_out >= 490, "{outcome:?}");
+    assert!(!during.is_empty());
+    assert!(busy_p99 <= quiet_p99 * 2 + Duration::from_millis(2), "p99 {busy_p99:?} vs quiet {quiet_p99:?}");
+}

@@ -1,0 +1,447 @@
+//! The stage of the chaos suite: the real `quictun` binary as upstream, relay and agents (each its
+//! own process, optionally in a network namespace), a load client, and packet loss by nftables.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_quictun");
+pub const WAIT: Duration = Duration::from_secs(30);
+/// The heartbeat interval the chaos relays push to agents; a peer is dropped after 3 silent ones.
+pub const HEARTBEAT_MS: u64 = 500;
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(3 * HEARTBEAT_MS);
+
+/// Runs the test body only as root with nftables; otherwise says loudly that it was skipped.
+pub fn privileged(test: &str) -> bool {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")?.split_whitespace().next()?.parse::<u32>().ok()))
+        == Some(0);
+    let nft = std::process::Command::new("nft").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !(root && nft) {
+        eprintln!("chaos: {test} SKIPPED: needs root and nftables (network namespaces, packet loss)");
+    }
+    root && nft
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("quictun-chaos-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process: its stdout lines arrive on a channel, stderr goes to a log file; killed on
+/// drop.
+pub struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(netns: Option<&str>, args: &[&str], log: &Path, name: &str) -> Self {
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = command
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .env_remove("QUICTUN_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if tx.send(line).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines, name: name.to_owned() }
+    }
+
+    /// The next stdout line containing `needle`.
+    pub async fn line_with(&mut self, needle: &str) -> String {
+        let found = tokio::time::timeout(WAIT, async {
+            while let Some(line) = self.lines.recv().await {
+                if line.contains(needle) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            _ => panic!("{}: no output line containing {needle:?}", self.name),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("process is running")
+    }
+
+    /// `kill -9`.
+    pub async fn kill9(&mut self) {
+        self.child.start_kill().unwrap();
+        let _ = self.child.wait().await;
+    }
+
+    /// Resident memory, KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
+    }
+}
+
+/// The address printed after `marker` (`udp://`, `http://`) on a line.
+fn addr_after(line: &str, marker: &str) -> SocketAddr {
+    let rest = line.rsplit(marker).next().unwrap();
+    rest.split(['/', ' ']).next().unwrap().parse().unwrap_or_else(|e| panic!("{line:?}: {e}"))
+}
+
+/// The processes of one test and where they listen.
+pub struct Scene {
+    pub dir: TempDir,
+    _upstream: Proc,
+    pub upstream_addr: SocketAddr,
+    pub relay: Proc,
+    pub quic: SocketAddr,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    pub pin: String,
+    extra: String,
+    netns: Option<String>,
+}
+
+/// Agents known to the chaos relay: `agent-N` with token `token-N`, all in group `web`.
+pub const AGENTS: usize = 4;
+
+impl Scene {
+    /// An upstream (in `netns` when given), and a relay with `extra` lines in `[relay]`, its QUIC
+    /// listener on `quic_ip`.
+    pub async fn start(netns: Option<&str>, quic_ip: &str, extra: &str) -> Self {
+        let dir = TempDir::new();
+        let mut upstream =
+            Proc::spawn(netns, &["upstream", "--listen", "127.0.0.1:0"], &dir.0.join("upstream.log"), "upstream");
+        let upstream_addr = addr_after(&upstream.line_with("listening on").await, "http://");
+        let quic_listen = format!("{quic_ip}:0");
+        let http_listen = "127.0.0.1:0".to_owned();
+        let admin_listen = "127.0.0.1:0".to_owned();
+        let (relay, quic, http, admin, pin) =
+            Self::spawn_relay(&dir, upstream_addr, extra, &quic_listen, &http_listen, &admin_listen).await;
+        Self {
+            dir,
+            _upstream: upstream,
+            upstream_addr,
+            relay,
+            quic,
+            http,
+            admin,
+            pin,
+            extra: extra.to_owned(),
+            netns: netns.map(str::to_owned),
+        }
+    }
+
+    async fn spawn_relay(
+        dir: &TempDir,
+        upstream: SocketAddr,
+        extra: &str,
+        quic: &str,
+        http: &str,
+        admin: &str,
+    ) -> (Proc, SocketAddr, SocketAddr, SocketAddr, String) {
+        let d = dir.0.display();
+        let mut config = format!(
+            "[relay]\nquic_listen = \"{quic}\"\nhttp_listen = \"{http}\"\nadmin_listen = \"{admin}\"\n\
+             transport = \"quic\"\ncert = \"{d}/relay.crt\"\nkey = \"{d}/relay.key\"\n\
+             heartbeat_interval_ms = {HEARTBEAT_MS}\ndrain_timeout_secs = 2\n{extra}\n"
+        );
+        for i in 1..=AGENTS {
+            config.push_str(&format!("[[clients]]\nid = \"agent-{i}\"\ntoken = \"token-{i}\"\ngroup = \"web\"\n"));
+        }
+        config.push_str(&format!(
+            "[[upstreams]]\nname = \"app\"\ngroup = \"web\"\ntargets = [\"http://{upstream}\"]\n\
+             [[routes]]\nhost = \"*\"\nupstream = \"app\"\n"
+        ));
+        let path = dir.0.join("relay.toml");
+        std::fs::write(&path, config).unwrap();
+        let log = dir.0.join(format!("relay-{}.log", fastrand::u32(..)));
+        let mut relay = Proc::spawn(None, &["relay", "--config", path.to_str().unwrap()], &log, "relay");
+        let quic = addr_after(&relay.line_with("udp://").await, "udp://");
+        let http = addr_after(&relay.line_with("HTTP ingress").await, "http://");
+        let admin = addr_after(&relay.line_with("admin").await, "http://");
+        let pin = relay.line_with("pin").await.split_whitespace().last().unwrap().to_owned();
+        (relay, quic, http, admin, pin)
+    }
+
+    /// `kill -9` the relay and start a new one on the same ports (and certificate). Returns when
+    /// the new one listens.
+    pub async fn kill_and_restart_relay(&mut self) {
+        self.relay.kill9().await;
+        let (quic, http, admin) = (self.quic.to_string(), self.http.to_string(), self.admin.to_string());
+        let started = loop {
+            // The killed process's sockets are released by the kernel at once; retry if not yet.
+            let attempt = tokio::time::timeout(
+                WAIT,
+                Self::spawn_relay(&self.dir, self.upstream_addr, &self.extra, &quic, &http, &admin),
+            );
+            if let Ok(started) = attempt.await {
+                break started;
+            }
+        };
+        self.relay = started.0;
+        assert_eq!(started.4, self.pin, "the restarted relay must reuse its certificate");
+    }
+
+    /// Starts agent `agent-{n}` (in the scene's namespace when it has one) dialing `relay`, and
+    /// waits until it reports its registration.
+    pub async fn agent(&self, n: usize, relay: SocketAddr) -> Proc {
+        let log = self.dir.0.join(format!("agent-{n}-{}.log", fastrand::u32(..)));
+        let (id, token, relay) = (format!("agent-{n}"), format!("token-{n}"), relay.to_string());
+        let mut agent = Proc::spawn(
+            self.netns.as_deref(),
+            &[
+                "agent",
+                "--relay",
+                &relay,
+                "--transport",
+                "quic",
+                "--pin",
+                &self.pin,
+                "--client-id",
+                &id,
+                "--token",
+                &token,
+            ],
+            &log,
+            &id,
+        );
+        agent.line_with("connected to").await;
+        agent
+    }
+
+    /// `/api/sessions` from the admin endpoint.
+    pub async fn sessions(&self) -> Vec<serde_json::Value> {
+        let text = get(self.admin, "/api/sessions").await.map(|(_, body)| body).unwrap_or_default();
+        serde_json::from_slice::<Vec<serde_json::Value>>(&text).unwrap_or_default()
+    }
+
+    /// Waits (polling the admin endpoint) until `pred` holds for the session list; returns how long
+    /// it took, or panics after `limit`.
+    pub async fn sessions_until(
+        &self,
+        limit: Duration,
+        what: &str,
+        pred: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Duration {
+        let started = Instant::now();
+        loop {
+            if pred(&self.sessions().await) {
+                return started.elapsed();
+            }
+            assert!(started.elapsed() < limit, "{what}: not within {limit:?}; sessions: {:?}", self.sessions().await);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A pooled HTTP/1.1 client.
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build_http()
+}
+
+/// One request with a body; status and whole body, or the error text.
+pub async fn request(
+    client: &HttpClient,
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    body: Bytes,
+) -> Result<(u16, Bytes), String> {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header("host", "app.test")
+        .body(Full::new(body))
+        .unwrap();
+    let response = client.request(req).await.map_err(|e| format!("{e:?}"))?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+    Ok((status, body))
+}
+
+/// `GET` on a fresh connection.
+pub async fn get(addr: SocketAddr, path: &str) -> Result<(u16, Bytes), String> {
+    request(&client(), "GET", addr, path, Bytes::new()).await
+}
+
+/// Latencies of `count` GETs of `path` by `workers` workers (each one request at a time).
+pub async fn latencies(addr: SocketAddr, path: &str, count: usize, workers: usize) -> Vec<Duration> {
+    let client = client();
+    let tasks: Vec<_> = (0..workers)
+        .map(|_| {
+            let client = client.clone();
+            let path = path.to_owned();
+            tokio::spawn(async move {
+                let mut times = Vec::new();
+                for _ in 0..count / workers {
+                    let started = Instant::now();
+                    let (status, _) = request(&client, "GET", addr, &path, Bytes::new()).await.unwrap();
+                    assert_eq!(status, 200);
+                    times.push(started.elapsed());
+                }
+                times
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    all
+}
+
+/// The 99th percentile of some latencies.
+pub fn p99(samples: &[Duration]) -> Duration {
+    let mut histogram = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+    for t in samples {
+        histogram.record(t.as_micros() as u64).unwrap();
+    }
+    Duration::from_micros(histogram.value_at_quantile(0.99))
+}
+
+/// A network namespace joined to the host by a veth pair: host side `10.213.N.1`, namespace side
+/// `10.213.N.2`. Removed on drop.
+pub struct Netns {
+    pub name: String,
+    host_if: String,
+    pub host_ip: String,
+    pub ns_ip: String,
+}
+
+fn sh(args: &[&str]) {
+    let out = std::process::Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let n = std::process::id() % 200 + 20;
+        let name = format!("qtc-{tag}-{}", std::process::id());
+        let host_if = format!("qh{tag}{n}");
+        let ns_if = format!("qn{tag}{n}");
+        let (host_ip, ns_ip) = (format!("10.213.{n}.1"), format!("10.213.{n}.2"));
+        let _stale = std::process::Command::new("ip").args(["netns", "del", &name]).output();
+        let _stale = std::process::Command::new("ip").args(["link", "del", &host_if]).output();
+        sh(&["ip", "netns", "add", &name]);
+        sh(&["ip", "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
+        sh(&["ip", "link", "set", &ns_if, "netns", &name]);
+        sh(&["ip", "addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
+        sh(&["ip", "link", "set", &host_if, "up"]);
+        sh(&["ip", "netns", "exec", &name, "ip", "addr", "add", &format!("{ns_ip}/30"), "dev", &ns_if]);
+        sh(&["ip", "netns", "exec", &name, "ip", "link", "set", &ns_if, "up"]);
+        sh(&["ip", "netns", "exec", &name, "ip", "link", "set", "lo", "up"]);
+        Self { name, host_if, host_ip, ns_ip }
+    }
+
+    /// Drops `percent`% of UDP packets between the namespace and `relay_port`, in both
+    /// directions, with nftables `numgen` on each side's input hook.
+    pub fn loss(&self, percent: u32, relay_port: u16) -> Loss {
+        let table = format!("qtc_loss_{}", std::process::id());
+        let rules = |matcher: String| {
+            format!(
+                "table inet {table} {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    \
+                 {matcher} numgen random mod 100 < {percent} drop\n  }}\n}}\n"
+            )
+        };
+        nft(None, &rules(format!("ip saddr {} udp dport {relay_port}", self.ns_ip)));
+        nft(Some(&self.name), &rules(format!("udp sport {relay_port}")));
+        Loss { table, netns: self.name.clone() }
+    }
+}
+
+/// Loads an nftables script (in `netns` when given).
+fn nft(netns: Option<&str>, script: &str) {
+    use std::io::Write;
+    let mut command = match netns {
+        Some(ns) => {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", ns, "nft", "-f", "-"]);
+            c
+        }
+        None => {
+            let mut c = std::process::Command::new("nft");
+            c.args(["-f", "-"]);
+            c
+        }
+    };
+    let mut child = command.stdin(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "nft refused:\n{script}");
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.host_if]).output();
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// Packet loss in force until dropped.
+pub struct Loss {
+    table: String,
+    netns: String,
+}
+
+impl Drop for Loss {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft").args(["delete", "table", "inet", &self.table]).output();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.netns, "nft", "delete", "table", "inet", &self.table])
+            .output();
+    }
+}
