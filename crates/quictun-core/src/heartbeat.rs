@@ -64,12 +64,17 @@ impl Heartbeats {
         self.rtt
     }
 
-    /// Waits for the next tick (cancel-safe): the heartbeat to send, or [`Silent`] when the peer
-    /// has said nothing for longer than the limit.
+    /// Waits for the next tick (cancel-safe): the heartbeat to send, or [`Silent`] as soon as the
+    /// peer has said nothing for the whole limit (not at the next tick: a dead peer's requests are
+    /// answered that much sooner).
     pub async fn tick(&mut self) -> Result<ControlMessage, Silent> {
-        self.ticker.tick().await;
+        let deadline = self.last_heard + self.silence_limit;
+        tokio::select! {
+            _ = self.ticker.tick() => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
         let silent_for = self.last_heard.elapsed();
-        if silent_for > self.silence_limit {
+        if silent_for >= self.silence_limit {
             return Err(Silent(silent_for));
         }
         self.seq += 1;
@@ -97,6 +102,7 @@ mod tests {
             assert!(hb.tick().await.is_ok());
         }
         let silent = hb.tick().await.unwrap_err();
-        assert!(silent.0 > Duration::from_millis(300));
+        // Detected at the limit itself, not at the next tick.
+        assert_eq!(silent.0, Duration::from_millis(300));
     }
 }

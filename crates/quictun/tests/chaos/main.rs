@@ -17,11 +17,13 @@ use tokio::time::Instant;
 
 use scene::{HEARTBEAT_TIMEOUT, Netns, Scene, WAIT, client, latencies, p99, privileged, request};
 
+/// Well-behaved p99 may grow by 2× under attack, plus one tick of the timer wheel (1 ms): at a
+/// quiet p99 of 2 ms, one tick is half the allowance.
+const TIMER_SLACK: Duration = Duration::from_millis(1);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_percent_loss_both_ways_loses_and_corrupts_nothing() {
-    if !privileged("five_percent_loss_both_ways") {
-        return;
-    }
+    let Some(_turn) = privileged("five_percent_loss_both_ways").await else { return };
     let ns = Netns::new("l");
     let scene = Scene::start(Some(&ns.name), &ns.host_ip, "").await;
     let relay_at = format!("{}:{}", ns.host_ip, scene.quic.port()).parse().unwrap();
@@ -64,9 +66,7 @@ async fn five_percent_loss_both_ways_loses_and_corrupts_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_agent_answers_every_request_in_flight() {
-    if !privileged("kill_9_of_the_agent") {
-        return;
-    }
+    let Some(_turn) = privileged("kill_9_of_the_agent").await else { return };
     let scene = Scene::start(None, "127.0.0.1", "").await;
     let mut agent = scene.agent(1, scene.quic).await;
     let client = client();
@@ -96,14 +96,12 @@ async fn kill_9_of_the_agent_answers_every_request_in_flight() {
         "chaos: kill -9 of the agent with 100 requests in flight: all 100 answered 502, the last {slowest:.1?} after \
          the kill (heartbeat timeout {HEARTBEAT_TIMEOUT:?}); session count 0 by {cleared:.1?} after the kill"
     );
-    assert!(slowest <= HEARTBEAT_TIMEOUT + Duration::from_secs(1), "answers took {slowest:?}");
+    assert!(slowest <= HEARTBEAT_TIMEOUT + Duration::from_millis(300), "answers took {slowest:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_killed_and_restarted_five_times_under_load() {
-    if !privileged("relay_restarted_five_times") {
-        return;
-    }
+    let Some(_turn) = privileged("relay_restarted_five_times").await else { return };
     let mut scene = Scene::start(None, "127.0.0.1", "startup_grace_secs = 10").await;
     let mut agents = vec![scene.agent(1, scene.quic).await, scene.agent(2, scene.quic).await];
     let http = scene.http;
@@ -177,9 +175,7 @@ async fn the_relay_killed_and_restarted_five_times_under_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_client_leaves_memory_flat_and_others_served() {
-    if !privileged("hostile_client") {
-        return;
-    }
+    let Some(_turn) = privileged("hostile_client").await else { return };
     let scene = Scene::start(None, "127.0.0.1", "").await;
     let _agent = scene.agent(1, scene.quic).await;
     let session = scene.sessions().await[0]["session_id"].clone();
@@ -209,14 +205,12 @@ async fn a_hostile_client_leaves_memory_flat_and_others_served() {
         during.len()
     );
     assert!(rss_after < rss_before + 16 * 1024, "relay RSS grew from {rss_before} to {rss_after} KiB");
-    assert!(busy_p99 <= quiet_p99 * 2 + Duration::from_millis(2), "p99 {busy_p99:?} vs quiet {quiet_p99:?}");
+    assert!(busy_p99 <= quiet_p99 * 2 + TIMER_SLACK, "p99 {busy_p99:?} vs quiet {quiet_p99:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_does_not_stop_others() {
-    if !privileged("slowloris") {
-        return;
-    }
+    let Some(_turn) = privileged("slowloris").await else { return };
     let scene = Scene::start(None, "127.0.0.1", "header_read_timeout_secs = 4").await;
     let _agent = scene.agent(1, scene.quic).await;
     let quiet_p99 = p99(&latencies(scene.http, "/", 2000, 4).await);
@@ -240,5 +234,5 @@ async fn slowloris_does_not_stop_others() {
     assert_eq!(outcome.timed_out + outcome.closed, 500);
     assert!(outcome.timed_out >= 490, "{outcome:?}");
     assert!(!during.is_empty());
-    assert!(busy_p99 <= quiet_p99 * 2 + Duration::from_millis(2), "p99 {busy_p99:?} vs quiet {quiet_p99:?}");
+    assert!(busy_p99 <= quiet_p99 * 2 + TIMER_SLACK, "p99 {busy_p99:?} vs quiet {quiet_p99:?}");
 }

@@ -22,8 +22,19 @@ pub const WAIT: Duration = Duration::from_secs(30);
 pub const HEARTBEAT_MS: u64 = 500;
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(3 * HEARTBEAT_MS);
 
-/// Runs the test body only as root with nftables; otherwise says loudly that it was skipped.
-pub fn privileged(test: &str) -> bool {
+/// One chaos test at a time: they measure latency and memory and must not disturb each other.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Takes the suite's turn (held for the whole test) when running as root with nftables; `None`
+/// after saying loudly that the test was skipped.
+pub async fn privileged(test: &str) -> Option<tokio::sync::MutexGuard<'static, ()>> {
+    if !is_privileged(test) {
+        return None;
+    }
+    Some(SERIAL.lock().await)
+}
+
+fn is_privileged(test: &str) -> bool {
     let root = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")?.split_whitespace().next()?.parse::<u32>().ok()))
