@@ -56,6 +56,19 @@ pub fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Byt
     response
 }
 
+/// A latency histogram in seconds, 250 µs to about 65 s in doubling buckets.
+pub fn latency_histogram() -> prometheus_client::metrics::histogram::Histogram {
+    use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 19))
+}
+
+/// The label of a byte counter: which way the bytes went.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct DirectionLabel {
+    /// `to_agent`, `from_upstream`, …
+    pub direction: &'static str,
+}
+
 /// Encodes a registry in the OpenMetrics text format.
 pub fn encode_metrics(registry: &prometheus_client::registry::Registry) -> String {
     let mut text = String::new();

@@ -15,8 +15,9 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use quictun_core::admin::{DirectionLabel, latency_histogram};
 
 use crate::sessions::SessionManager;
 
@@ -72,18 +73,8 @@ struct ReasonLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DirectionLabel {
-    direction: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TransportLabel {
     transport: &'static str,
-}
-
-fn latency_histogram() -> Histogram {
-    // 250 µs … ~65 s.
-    Histogram::new(exponential_buckets(0.000_25, 2.0, 19))
 }
 
 /// Every metric of one relay and the registry that exposes them.
