@@ -5,16 +5,17 @@
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use http::{Method, Request};
+use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use quictun_core::http_stream::{headers_from_wire, headers_to_wire, strip_hop_by_hop};
-use quictun_core::link::{BodyError, BoxFuture, RequestHandler, TunnelBody};
-use quictun_proto::{Limits, RequestHead, ResponseHead, StreamCode};
-use tracing::warn;
+use quictun_core::link::{BodyError, BoxFuture, RequestHandler, TunnelBody, empty_body};
+use quictun_core::upgrade::{channel_body, splice, upgrade_headers_from_wire};
+use quictun_proto::{Limits, RequestHead, ResponseHead, StreamCode, StreamKind};
+use tracing::{Instrument, debug, warn};
 
 use crate::metrics::{ActiveStream, AgentMetrics};
 use crate::upstreams::UpstreamTable;
@@ -74,8 +75,12 @@ impl Forwarder {
 
     /// Forwards one request to its upstream and returns the upstream's response head and body.
     /// The request head must already be validated. Failures are the code to reset the exchange
-    /// with.
-    pub async fn forward(&self, head: RequestHead, body: TunnelBody) -> Result<(ResponseHead, Incoming), StreamCode> {
+    /// with. For an upgrade (WebSocket) the request goes without a body; when the upstream
+    /// answers 101, `body` (the client's bytes) is spliced to the upstream's connection and the
+    /// returned body carries the upstream's bytes.
+    pub async fn forward(&self, head: RequestHead, body: TunnelBody) -> Result<(ResponseHead, TunnelBody), StreamCode> {
+        let upgrade = head.kind == StreamKind::Upgrade;
+        let (request_body, from_relay) = if upgrade { (empty_body(), Some(body)) } else { (body, None) };
         let upstreams = self.upstreams();
         let target = upstreams.pick(&head.upstream).ok_or_else(|| {
             warn!("request for an unknown upstream");
@@ -83,8 +88,9 @@ impl Forwarder {
         })?;
         let uri = target.uri_for(&head.uri).map_err(|_| StreamCode::Malformed)?;
         let method = Method::from_bytes(head.method.as_bytes()).map_err(|_| StreamCode::Malformed)?;
-        let headers = headers_from_wire(head.headers).map_err(|_| StreamCode::Malformed)?;
-        let mut request = Request::new(body);
+        let headers = if upgrade { upgrade_headers_from_wire(head.headers) } else { headers_from_wire(head.headers) };
+        let headers = headers.map_err(|_| StreamCode::Malformed)?;
+        let mut request = Request::new(request_body);
         *request.method_mut() = method;
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
@@ -104,10 +110,35 @@ impl Forwarder {
                 return Err(StreamCode::UpstreamTimeout);
             }
         };
+        if let Some(from_relay) = from_relay
+            && response.status() == StatusCode::SWITCHING_PROTOCOLS
+        {
+            // The Connection and Upgrade headers are the answer itself: kept.
+            let head = ResponseHead { status: 101, headers: headers_to_wire(response.headers()) };
+            return Ok((head, splice_upstream(response, from_relay)));
+        }
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        let body = body.map_err(|e| BodyError::Closed(format!("upstream body: {e}"))).boxed_unsync();
         Ok((ResponseHead { status: parts.status.as_u16(), headers: headers_to_wire(&parts.headers) }, body))
     }
+}
+
+/// Splices the relay's stream to the upstream's upgraded connection in a task that ends when both
+/// directions have ended or the relay's side of the stream is gone; returns the upstream's bytes.
+fn splice_upstream(mut response: hyper::Response<Incoming>, from_relay: TunnelBody) -> TunnelBody {
+    let on_upgrade = hyper::upgrade::on(&mut response);
+    let (to_relay, body) = channel_body();
+    tokio::spawn(
+        async move {
+            match on_upgrade.await {
+                Ok(upgraded) => splice(TokioIo::new(upgraded), from_relay, to_relay).await,
+                Err(err) => debug!(%err, "upstream connection was not upgraded"),
+            }
+        }
+        .in_current_span(),
+    );
+    body
 }
 
 /// True when a connect error was a timeout (answered 504 rather than 502).
@@ -160,7 +191,6 @@ impl RequestHandler for Forwarder {
                     }
                     frame
                 })
-                .map_err(|e| BodyError::Closed(format!("upstream body: {e}")))
                 .boxed_unsync();
             Ok((head, body))
         })

@@ -10,7 +10,7 @@ use quictun_core::endpoint::ClientSetup;
 use quictun_core::framed::{ControlChannel, read_frame_within, write_frame};
 use quictun_core::http_stream::{RecvBody, pump_body, reset, stop};
 use quictun_core::link::{BoxFuture, RelayConnection, RequestHandler, empty_body};
-use quictun_proto::{CloseCode, RequestHead, StreamCode, StreamKind};
+use quictun_proto::{CloseCode, RequestHead, StreamCode};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
@@ -131,7 +131,7 @@ async fn serve_stream(handler: &dyn RequestHandler, mut send: quinn::SendStream,
         stop(&mut recv, StreamCode::Malformed);
         return;
     }
-    if head.kind != StreamKind::Http {
+    if !head.kind.is_http() {
         span.in_scope(|| debug!(kind = ?head.kind, "stream kind not served"));
         reset(&mut send, StreamCode::KindUnsupported);
         stop(&mut recv, StreamCode::KindUnsupported);

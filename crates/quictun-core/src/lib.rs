@@ -10,6 +10,7 @@
 //! - [`backoff`]: exponential backoff with full jitter.
 //! - [`heartbeat`]: heartbeat timing, silence detection and RTT.
 //! - [`config`]: TOML loading with errors that name the file and the key.
+//! - [`upgrade`]: upgraded connections (WebSocket): raw bytes both ways after a 101.
 //! - [`admin`]: the admin HTTP endpoint (health, readiness, metrics, bearer token).
 
 pub mod admin;
@@ -22,6 +23,7 @@ pub mod http_stream;
 pub mod link;
 pub mod quic_link;
 pub mod tls;
+pub mod upgrade;
 
 pub use endpoint::{Congestion, Tuning};
 pub use tls::{Pin, Trust};

@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use quictun_core::link::AbortOnDrop;
 use quictun_core::link::{BoxFuture, RelayConnection, RequestHandler};
 use quictun_proto::frame;
-use quictun_proto::{CloseCode, ControlMessage, Limits, RequestHead, StreamCode, StreamKind};
+use quictun_proto::{CloseCode, ControlMessage, Limits, RequestHead, StreamCode};
 use rustls::pki_types::ServerName;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -242,7 +242,7 @@ async fn serve_exchange(shared: Arc<Shared>, handler: Arc<dyn RequestHandler>, e
         send_reset(&shared, id, StreamCode::Malformed).await;
         return;
     }
-    if head.kind != StreamKind::Http {
+    if !head.kind.is_http() {
         shared.pending.remove(&id);
         send_reset(&shared, id, StreamCode::KindUnsupported).await;
         return;

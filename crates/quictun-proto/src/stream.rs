@@ -21,6 +21,13 @@ pub enum StreamKind {
     Upgrade,
 }
 
+impl StreamKind {
+    /// True for the kinds that start with an HTTP request to an upstream.
+    pub fn is_http(self) -> bool {
+        matches!(self, Self::Http | Self::Upgrade)
+    }
+}
+
 /// One header: a name and its raw value bytes (values need not be UTF-8).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Header {

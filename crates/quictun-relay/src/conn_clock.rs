@@ -41,6 +41,8 @@ pub struct ConnClock {
     /// Set (and notified) when the first request reaches the service.
     served: AtomicBool,
     first_request: Notify,
+    /// Set once the connection switched protocols (WebSocket): no HTTP deadline applies any more.
+    upgraded: AtomicBool,
 }
 
 impl ConnClock {
@@ -54,7 +56,13 @@ impl ConnClock {
             http2: AtomicBool::new(false),
             served: AtomicBool::new(false),
             first_request: Notify::new(),
+            upgraded: AtomicBool::new(false),
         })
+    }
+
+    /// The connection switched protocols: its head and keep-alive deadlines no longer apply.
+    pub fn set_upgraded(&self) {
+        self.upgraded.store(true, Ordering::Release);
     }
 
     /// Waits until the connection's first request has reached the service (at once if it has).
@@ -129,7 +137,7 @@ impl ClockedStream {
     /// The deadline in force while idle or reading a head, in ms since the clock's origin.
     fn deadline_ms(&self) -> Option<(u64, Expired)> {
         let clock = &self.clock;
-        if clock.busy.load(Ordering::Acquire) > 0 {
+        if clock.busy.load(Ordering::Acquire) > 0 || clock.upgraded.load(Ordering::Acquire) {
             return None;
         }
         let head = clock.head_since.load(Ordering::Acquire);

@@ -152,9 +152,13 @@ impl Ingress {
         let service_clock = clock.clone();
         let service = service_fn(move |req| {
             let busy = service_clock.busy();
-            let shared = service_shared.clone();
+            let (shared, clock) = (service_shared.clone(), service_clock.clone());
             async move {
-                Ok::<_, Infallible>(proxy::handle(shared, req, peer).await.map(|body| Tracked { body, _busy: busy }))
+                let response = proxy::handle(shared, req, peer).await;
+                if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                    clock.set_upgraded();
+                }
+                Ok::<_, Infallible>(response.map(|body| Tracked { body, _busy: busy }))
             }
         });
         let conn = self.builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();

@@ -27,6 +27,7 @@ pub mod registration;
 pub mod router;
 pub mod sessions;
 pub mod state;
+pub mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -27,6 +27,8 @@ use crate::body::{Metered, Tripped};
 use crate::metrics::Reject;
 use crate::sessions::Session;
 use crate::state::Shared;
+use crate::upgrade;
+use quictun_core::upgrade::{channel_body, is_upgrade_request, upgrade_headers_from_wire};
 
 /// The header carrying the relay's request id, on every response.
 pub const REQUEST_ID_HEADER: &str = "x-quictun-request-id";
@@ -121,7 +123,7 @@ pub enum IngressBody {
     },
 }
 
-/// The slots one exchange holds until its response body ends.
+/// The slots one exchange holds until its response body ends (or its upgraded connection closes).
 pub struct Slots {
     _agent: OwnedSemaphorePermit,
     _route: Option<OwnedSemaphorePermit>,
@@ -247,7 +249,7 @@ async fn agent_after_startup(shared: &Shared, group: &Arc<str>) -> Result<Arc<Se
 
 async fn forward(
     shared: &Shared,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     peer: SocketAddr,
     request_id: Uuid,
     outcome: &mut Outcome,
@@ -277,44 +279,72 @@ async fn forward(
     };
     tracing::Span::current().record("client_id", &*session.client_id);
     let agent_slot = session.try_stream_permit().ok_or(ProxyError::Link(LinkError::Busy))?;
+    let is_upgrade = is_upgrade_request(req.version(), req.headers());
+    let mut headers = forwarded_headers(&req, &host, peer, request_id);
+    if is_upgrade {
+        headers.extend(upgrade::upgrade_headers(req.headers()));
+    }
     let head = RequestHead {
-        kind: StreamKind::Http,
+        kind: if is_upgrade { StreamKind::Upgrade } else { StreamKind::Http },
         request_id,
         upstream: route.upstream.to_string(),
         method: req.method().as_str().to_owned(),
         uri: req.uri().path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
-        headers: forwarded_headers(&req, &host, peer, request_id),
-        has_body: !req.body().is_end_stream(),
+        headers,
+        has_body: is_upgrade || !req.body().is_end_stream(),
     };
     let max_body = route.max_body_bytes;
     drop(live);
     let idle = shared.stream_idle_timeout();
-    let body = Metered::new(req.into_body(), shared.metrics.bytes_to_agent.clone(), idle);
-    let (body, tripped) = match max_body {
-        Some(max) => {
-            let (body, tripped) = body.with_limit(max);
-            (body, Some(tripped))
+    // An upgrade's "body" is the client's bytes after the 101; it has no idle timeout.
+    let (upgrade, body, tripped) = if is_upgrade {
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let (to_agent, body) = channel_body();
+        let body = Metered::new(body, shared.metrics.bytes_to_agent.clone(), None);
+        (Some(upgrade::Pending { on_upgrade, to_agent }), body.boxed_unsync(), None)
+    } else {
+        let body = Metered::new(req.into_body(), shared.metrics.bytes_to_agent.clone(), idle);
+        match max_body {
+            Some(max) => {
+                let (body, tripped) = body.with_limit(max);
+                (None, body.boxed_unsync(), Some(tripped))
+            }
+            None => (None, body.boxed_unsync(), None),
         }
-        None => (body, None),
     };
     let too_large = || tripped.as_ref().is_some_and(Tripped::is_set);
     let deadline = Duration::from_secs(shared.settings.response_timeout_secs);
     let started = Instant::now();
-    let (response_head, body) =
-        match tokio::time::timeout(deadline, session.link.exchange(head, body.boxed_unsync())).await {
-            Ok(Ok(exchanged)) => exchanged,
-            Ok(Err(_)) if too_large() => return Err(ProxyError::BodyTooLarge(max_body.unwrap_or_default())),
-            Ok(Err(err)) => return Err(err.into()),
-            Err(_) => return Err(ProxyError::Timeout(deadline)),
-        };
+    let (response_head, body) = match tokio::time::timeout(deadline, session.link.exchange(head, body)).await {
+        Ok(Ok(exchanged)) => exchanged,
+        Ok(Err(_)) if too_large() => return Err(ProxyError::BodyTooLarge(max_body.unwrap_or_default())),
+        Ok(Err(err)) => return Err(err.into()),
+        Err(_) => return Err(ProxyError::Timeout(deadline)),
+    };
     outcome.head_latency = Some(started.elapsed());
     if too_large() {
         return Err(ProxyError::BodyTooLarge(max_body.unwrap_or_default()));
     }
     let status = StatusCode::from_u16(response_head.status).map_err(|e| ProxyError::BadResponse(e.to_string()))?;
-    let headers = headers_from_wire(response_head.headers).map_err(|e| ProxyError::BadResponse(e.to_string()))?;
-    let body = Metered::new(body, shared.metrics.bytes_from_agent.clone(), idle);
+    let switching = upgrade.is_some() && status == StatusCode::SWITCHING_PROTOCOLS;
+    let headers = if switching {
+        upgrade_headers_from_wire(response_head.headers)
+    } else {
+        headers_from_wire(response_head.headers)
+    };
+    let headers = headers.map_err(|e| ProxyError::BadResponse(e.to_string()))?;
     let slots = Slots { _agent: agent_slot, _route: route_slot };
+    if let Some(pending) = upgrade
+        && switching
+    {
+        let body = Metered::new(body, shared.metrics.bytes_from_agent.clone(), None).boxed_unsync();
+        upgrade::splice_client(shared, pending, body, slots);
+        let mut response = Response::new(IngressBody::Full(None));
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        return Ok(response);
+    }
+    let body = Metered::new(body, shared.metrics.bytes_from_agent.clone(), idle);
     let mut response = Response::new(IngressBody::Tunnel { body, slots });
     *response.status_mut() = status;
     *response.headers_mut() = headers;

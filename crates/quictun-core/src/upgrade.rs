@@ -1,0 +1,144 @@
+//! Upgraded connections (WebSocket and any other HTTP/1.1 `Upgrade`): after the `101 Switching
+//! Protocols` answer the exchange's stream carries raw bytes both ways. Each side splices the
+//! stream to its own connection (the client's on the relay, the upstream's on the agent); the
+//! end of one direction is passed on as a half-close and does not cut the other.
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, header};
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use quictun_proto::Header;
+
+use crate::http_stream::{InvalidHeader, headers_from_wire};
+use crate::link::{BodyError, TunnelBody};
+
+/// Sends the bytes of one direction into a [`TunnelBody`].
+pub type FrameSender = mpsc::Sender<Result<Frame<Bytes>, BodyError>>;
+
+/// Frames queued per direction (each up to [`READ_CHUNK`] bytes).
+const QUEUED_FRAMES: usize = 8;
+/// Largest read from the connection.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// True for an HTTP/1.1 request asking to switch protocols (`Connection: upgrade` and an
+/// `Upgrade` header).
+pub fn is_upgrade_request(version: http::Version, headers: &HeaderMap) -> bool {
+    version == http::Version::HTTP_11 && headers.contains_key(header::UPGRADE) && connection_has_upgrade(headers)
+}
+
+/// True when the `Connection` header lists `upgrade`.
+pub fn connection_has_upgrade(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Converts the wire headers of an upgrade (the request on the agent, the 101 on the relay) like
+/// [`crate::http_stream::headers_from_wire`], but keeps `Connection: upgrade` and `Upgrade`: they
+/// are what the message is about.
+pub fn upgrade_headers_from_wire(headers: Vec<Header>) -> Result<HeaderMap, InvalidHeader> {
+    let upgrade = headers.iter().find(|h| h.name.eq_ignore_ascii_case("upgrade")).map(|h| h.value.clone());
+    let mut map = headers_from_wire(headers)?;
+    if let Some(value) = upgrade {
+        let value = HeaderValue::from_bytes(&value).map_err(|_| InvalidHeader { name: "upgrade".into() })?;
+        map.insert(header::UPGRADE, value);
+        map.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    Ok(map)
+}
+
+/// A tunnel body fed by a bounded channel, and the channel's sender.
+pub fn channel_body() -> (FrameSender, TunnelBody) {
+    let (tx, rx) = mpsc::channel(QUEUED_FRAMES);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|frame| (frame, rx)) });
+    (tx, StreamBody::new(stream).boxed_unsync())
+}
+
+/// Copies `from_peer` into `io` and what `io` reads into `to_peer`, until both directions end.
+/// When `from_peer` ends, `io`'s write side is shut down (a half-close); when `io` reaches its
+/// end, `to_peer` is dropped, which ends the peer's body. An error in either direction ends both.
+pub async fn splice<IO>(io: IO, mut from_peer: TunnelBody, to_peer: FrameSender)
+where
+    IO: AsyncRead + AsyncWrite,
+{
+    let (mut reader, mut writer) = tokio::io::split(io);
+    let inbound = async {
+        while let Some(frame) = from_peer.frame().await {
+            let Ok(frame) = frame else { return false };
+            if let Ok(data) = frame.into_data()
+                && writer.write_all(&data).await.is_err()
+            {
+                return false;
+            }
+        }
+        writer.shutdown().await.is_ok()
+    };
+    // Owns the sender: the peer's body ends as soon as this direction does.
+    let outbound = async move {
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        loop {
+            buf.reserve(READ_CHUNK);
+            let read = tokio::select! {
+                read = reader.read_buf(&mut buf) => read,
+                // The peer's side of the stream is gone: nobody will read what comes.
+                () = to_peer.closed() => return false,
+            };
+            match read {
+                Ok(0) => return true,
+                Ok(_) => {
+                    if to_peer.send(Ok(Frame::data(buf.split().freeze()))).await.is_err() {
+                        return false;
+                    }
+                }
+                Err(err) => {
+                    let _ = to_peer.send(Err(BodyError::Closed(format!("upgraded connection: {err}")))).await;
+                    return false;
+                }
+            }
+        }
+    };
+    let (inbound_ok, outbound_ok) = tokio::join!(inbound, outbound);
+    tracing::debug!(inbound_ok, outbound_ok, "upgraded connection ended");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bytes_cross_both_ways_and_each_end_is_a_half_close() {
+        let (near, mut far) = tokio::io::duplex(1024);
+        let (to_io, from_peer) = channel_body();
+        let (to_peer, read_back) = channel_body();
+        let task = tokio::spawn(splice(near, from_peer, to_peer));
+        to_io.send(Ok(Frame::data(Bytes::from_static(b"ping")))).await.unwrap();
+        drop(to_io);
+        let mut got = Vec::new();
+        far.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"ping", "the peer's end shut the write side down");
+        // The other direction still works after the half-close.
+        far.write_all(b"pong").await.unwrap();
+        far.shutdown().await.unwrap();
+        drop(far);
+        let back = read_back.collect().await.unwrap().to_bytes();
+        assert_eq!(&back[..], b"pong");
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn recognizes_upgrade_requests() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::UPGRADE, "websocket".parse().unwrap());
+        headers.insert(header::CONNECTION, "keep-alive, Upgrade".parse().unwrap());
+        assert!(is_upgrade_request(http::Version::HTTP_11, &headers));
+        assert!(!is_upgrade_request(http::Version::HTTP_2, &headers));
+        headers.insert(header::CONNECTION, "keep-alive".parse().unwrap());
+        assert!(!is_upgrade_request(http::Version::HTTP_11, &headers));
+    }
+}
