@@ -30,6 +30,8 @@ pub struct HarnessConfig {
     pub transport: Transport,
     /// Extra `key = value` lines for the `[relay]` section.
     pub relay_extra: String,
+    /// `host:port` targets of `[[tcp]]` tunnels (group `web`, listening on 127.0.0.1:0).
+    pub tcp_upstreams: Vec<String>,
 }
 
 impl Default for HarnessConfig {
@@ -41,6 +43,7 @@ impl Default for HarnessConfig {
             app_target: None,
             transport: Transport::Quic,
             relay_extra: String::new(),
+            tcp_upstreams: Vec::new(),
         }
     }
 }
@@ -100,6 +103,9 @@ pub fn relay_config_on(listen: Listen, upstream: &str, cfg: &HarnessConfig) -> R
          [[routes]]\nhost = \"nobody.test\"\nupstream = \"ghost\"\n\
          [[routes]]\nhost = \"limited.test\"\nupstream = \"app\"\nmax_in_flight = 2\nmax_body_bytes = 4096\n"
     ));
+    for upstream in &cfg.tcp_upstreams {
+        text.push_str(&format!("[[tcp]]\nlisten = \"127.0.0.1:0\"\ngroup = \"web\"\nupstream = \"{upstream}\"\n"));
+    }
     RelayConfig::parse(&text, Path::new("<test>")).unwrap()
 }
 

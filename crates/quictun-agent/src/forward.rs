@@ -13,10 +13,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use quictun_core::http_stream::{headers_from_wire, headers_to_wire, strip_hop_by_hop};
 use quictun_core::link::{BodyError, BoxFuture, RequestHandler, TunnelBody, empty_body};
-use quictun_core::upgrade::{channel_body, splice, upgrade_headers_from_wire};
+use quictun_core::upgrade::{spawn_splice, upgrade_headers_from_wire};
 use quictun_proto::{Limits, RequestHead, ResponseHead, StreamCode, StreamKind};
-use tracing::{Instrument, debug, warn};
+use tracing::{debug, warn};
 
+use crate::AgentOptions;
 use crate::metrics::{ActiveStream, AgentMetrics};
 use crate::upstreams::UpstreamTable;
 
@@ -26,21 +27,18 @@ pub struct Forwarder {
     client: Client<HttpConnector, TunnelBody>,
     upstreams: RwLock<Arc<UpstreamTable>>,
     limits: Limits,
+    connect_timeout: Duration,
     response_timeout: Duration,
+    allowed_targets: Option<Vec<String>>,
     metrics: Arc<AgentMetrics>,
 }
 
 impl Forwarder {
-    /// A forwarder with a pooled HTTP client.
-    pub fn new(
-        connect_timeout: Duration,
-        response_timeout: Duration,
-        limits: Limits,
-        metrics: Arc<AgentMetrics>,
-    ) -> Self {
+    /// A forwarder with a pooled HTTP client, configured by the agent's options.
+    pub fn new(options: &AgentOptions, metrics: Arc<AgentMetrics>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_connect_timeout(Some(options.connect_timeout));
         connector.enforce_http(true);
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -48,7 +46,15 @@ impl Forwarder {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
             .build(connector);
-        Self { client, upstreams: RwLock::new(Arc::new(UpstreamTable::default())), limits, response_timeout, metrics }
+        Self {
+            client,
+            upstreams: RwLock::new(Arc::new(UpstreamTable::default())),
+            limits: options.limits,
+            connect_timeout: options.connect_timeout,
+            response_timeout: options.response_timeout,
+            allowed_targets: options.allowed_targets.clone(),
+            metrics,
+        }
     }
 
     /// The upstream table in force.
@@ -124,21 +130,19 @@ impl Forwarder {
     }
 }
 
-/// Splices the relay's stream to the upstream's upgraded connection in a task that ends when both
-/// directions have ended or the relay's side of the stream is gone; returns the upstream's bytes.
+/// Splices the relay's stream to the upstream's upgraded connection; returns the upstream's bytes.
 fn splice_upstream(mut response: hyper::Response<Incoming>, from_relay: TunnelBody) -> TunnelBody {
     let on_upgrade = hyper::upgrade::on(&mut response);
-    let (to_relay, body) = channel_body();
-    tokio::spawn(
-        async move {
-            match on_upgrade.await {
-                Ok(upgraded) => splice(TokioIo::new(upgraded), from_relay, to_relay).await,
-                Err(err) => debug!(%err, "upstream connection was not upgraded"),
+    let upgraded = async move {
+        match on_upgrade.await {
+            Ok(upgraded) => Some(TokioIo::new(upgraded)),
+            Err(err) => {
+                debug!(%err, "upstream connection was not upgraded");
+                None
             }
         }
-        .in_current_span(),
-    );
-    body
+    };
+    spawn_splice(upgraded, from_relay)
 }
 
 /// True when a connect error was a timeout (answered 504 rather than 502).
@@ -173,7 +177,14 @@ impl RequestHandler for Forwarder {
                 })
                 .boxed_unsync();
             let started = Instant::now();
-            let (head, body) = match self.forward(head, body).await {
+            let answered = match head.kind {
+                StreamKind::Tcp => {
+                    let timeout = self.connect_timeout;
+                    crate::tcp::connect(&head.upstream, self.allowed_targets.as_deref(), timeout, body).await
+                }
+                StreamKind::Http | StreamKind::Upgrade => self.forward(head, body).await,
+            };
+            let (head, body) = match answered {
                 Ok(answered) => answered,
                 Err(code) => {
                     metrics.request(&upstream, &format!("{code:?}"), None);

@@ -10,6 +10,7 @@
 //! - [`upstreams`]: the upstream table (pushed by the relay, merged with local ones).
 //! - [`forward`]: one data stream → one upstream request.
 //! - [`session`]: one connection's life for any transport: register, heartbeats, config_sync, drain.
+//! - [`tcp`]: TCP tunnels: connect to `host:port` and splice.
 //! - [`quic`]: the QUIC transport: dial, verify, one stream per request.
 //! - [`grpc`]: the gRPC transport (fallback where UDP is blocked).
 //! - [`metrics`]: Prometheus metrics, served with `/healthz` and `/readyz` on `admin_listen`.
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod options;
 pub mod quic;
 pub mod session;
+pub mod tcp;
 pub mod upstreams;
 
 use std::net::SocketAddr;
@@ -169,12 +171,7 @@ impl Agent {
         let quic = ClientSetup::new(&options.trust, &options.tuning)?;
         let grpc = grpc::GrpcSetup::new(&options)?;
         let metrics = Arc::new(AgentMetrics::new());
-        let forwarder = Arc::new(Forwarder::new(
-            options.connect_timeout,
-            options.response_timeout,
-            options.limits,
-            metrics.clone(),
-        ));
+        let forwarder = Arc::new(Forwarder::new(&options, metrics.clone()));
         let (state_tx, state) = watch::channel(AgentState::Connecting);
         let shutdown = CancellationToken::new();
         let admin_tasks = TaskTracker::new();

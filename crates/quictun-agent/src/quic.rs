@@ -131,12 +131,6 @@ async fn serve_stream(handler: &dyn RequestHandler, mut send: quinn::SendStream,
         stop(&mut recv, StreamCode::Malformed);
         return;
     }
-    if !head.kind.is_http() {
-        span.in_scope(|| debug!(kind = ?head.kind, "stream kind not served"));
-        reset(&mut send, StreamCode::KindUnsupported);
-        stop(&mut recv, StreamCode::KindUnsupported);
-        return;
-    }
     let body = if head.has_body {
         RecvBody::new(recv).boxed_unsync()
     } else {

@@ -59,11 +59,14 @@ impl Target {
 
 /// Checks a target against allow-list entries (`host:port` or `host:*`).
 fn allowed(target: &Target, allow: &[String]) -> bool {
-    let host_port = target.host_port();
-    let host = target.authority.host();
+    host_port_allowed(target.authority.host(), &target.host_port(), allow)
+}
+
+/// Checks `host` (and its `host_port`) against allow-list entries (`host:port` or `host:*`).
+pub fn host_port_allowed(host: &str, host_port: &str, allow: &[String]) -> bool {
     allow.iter().any(|entry| match entry.strip_suffix(":*") {
         Some(entry_host) => entry_host.eq_ignore_ascii_case(host),
-        None => entry.eq_ignore_ascii_case(&host_port),
+        None => entry.eq_ignore_ascii_case(host_port),
     })
 }
 

@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,7 +17,7 @@ use tracing::{Instrument, debug};
 
 use crate::framed::{ReadFrameError, WriteFrameError, read_frame, write_frame};
 use crate::http_stream::{RecvBody, pump_body};
-use crate::link::{AbortOnDrop, AgentLink, BodyError, BoxFuture, LinkError, TunnelBody};
+use crate::link::{AgentLink, BodyError, BoxFuture, LinkError, TunnelBody};
 
 /// Longest wait for a free stream slot on the connection.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -59,7 +59,7 @@ impl QuicLink {
                 }
                 .in_current_span(),
             );
-            Some(AbortOnDrop(task))
+            Some(task)
         } else {
             // Finishing right after the head lets the agent see the end at once.
             let _already_closed = send.finish();
@@ -67,7 +67,7 @@ impl QuicLink {
         };
         let response: ResponseHead = read_frame(&mut recv, self.limits.max_head_frame).await.map_err(from_read)?;
         response.validate(&self.limits).map_err(|e| LinkError::Protocol(e.to_string()))?;
-        Ok((response, QuicResponseBody { body: RecvBody::new(recv), _upload: upload }.boxed_unsync()))
+        Ok((response, QuicResponseBody { body: RecvBody::new(recv), upload, finished: false }.boxed_unsync()))
     }
 }
 
@@ -79,10 +79,24 @@ fn from_read(err: ReadFrameError) -> LinkError {
     }
 }
 
-/// The response body, holding the request-body upload for as long as the response lives.
+/// The response body, holding the request-body upload. Dropped before its end, it aborts the
+/// upload (the exchange is abandoned); once the response ended cleanly the upload may still be
+/// sending (an upgraded or TCP stream whose other direction closed first), so it is left to
+/// finish by itself: it ends with its source, or when the peer stops the stream.
 struct QuicResponseBody {
     body: RecvBody,
-    _upload: Option<AbortOnDrop>,
+    upload: Option<tokio::task::JoinHandle<()>>,
+    finished: bool,
+}
+
+impl Drop for QuicResponseBody {
+    fn drop(&mut self) {
+        if let Some(upload) = self.upload.take()
+            && !self.finished
+        {
+            upload.abort();
+        }
+    }
 }
 
 impl Body for QuicResponseBody {
@@ -90,7 +104,10 @@ impl Body for QuicResponseBody {
     type Error = BodyError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        this.finished = frame.is_none();
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {

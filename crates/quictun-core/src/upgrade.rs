@@ -9,6 +9,7 @@ use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use quictun_proto::Header;
 
@@ -58,6 +59,25 @@ pub fn channel_body() -> (FrameSender, TunnelBody) {
     let (tx, rx) = mpsc::channel(QUEUED_FRAMES);
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|frame| (frame, rx)) });
     (tx, StreamBody::new(stream).boxed_unsync())
+}
+
+/// Splices `io` (once `io` resolves to a connection) to the peer in a task that ends when both
+/// directions have ended or the peer's side is gone; returns the body carrying what `io` reads.
+pub fn spawn_splice<F, IO>(io: F, from_peer: TunnelBody) -> TunnelBody
+where
+    F: std::future::Future<Output = Option<IO>> + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (to_peer, body) = channel_body();
+    tokio::spawn(
+        async move {
+            if let Some(io) = io.await {
+                splice(io, from_peer, to_peer).await;
+            }
+        }
+        .in_current_span(),
+    );
+    body
 }
 
 /// Copies `from_peer` into `io` and what `io` reads into `to_peer`, until both directions end.

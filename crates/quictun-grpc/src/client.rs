@@ -242,11 +242,6 @@ async fn serve_exchange(shared: Arc<Shared>, handler: Arc<dyn RequestHandler>, e
         send_reset(&shared, id, StreamCode::Malformed).await;
         return;
     }
-    if !head.kind.is_http() {
-        shared.pending.remove(&id);
-        send_reset(&shared, id, StreamCode::KindUnsupported).await;
-        return;
-    }
     let span = info_span!("exchange", request_id = %head.request_id, upstream = %head.upstream);
     let body = match body {
         Some(events) => EventBody::new(events, ()).boxed(),
@@ -277,6 +272,12 @@ async fn serve_exchange(shared: Arc<Shared>, handler: Arc<dyn RequestHandler>, e
     }
     .instrument(span)
     .await;
+    // The response is done; the request may still be arriving (an upgraded or TCP stream whose
+    // other direction closed first). The exchange ends when its request body is dropped.
+    let request_events = shared.pending.get(&id).map(|tx| tx.clone());
+    if let Some(tx) = request_events {
+        tx.closed().await;
+    }
     shared.pending.remove(&id);
 }
 

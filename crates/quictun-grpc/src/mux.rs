@@ -108,13 +108,34 @@ impl ControlIo for GrpcControl {
 pub struct EventBody<G> {
     events: mpsc::Receiver<Event>,
     done: bool,
+    ended_cleanly: bool,
+    upload: Option<tokio::task::JoinHandle<()>>,
     _guard: G,
+}
+
+impl<G> Drop for EventBody<G> {
+    /// Dropped before a clean end, the exchange is abandoned: its upload stops. After a clean end
+    /// the upload may still be sending (an upgraded or TCP stream whose other direction closed
+    /// first): it finishes by itself when its source ends.
+    fn drop(&mut self) {
+        if let Some(upload) = self.upload.take()
+            && !self.ended_cleanly
+        {
+            upload.abort();
+        }
+    }
 }
 
 impl<G: Send + Unpin + 'static> EventBody<G> {
     /// A body from `events`, keeping `guard` alive.
     pub fn new(events: mpsc::Receiver<Event>, guard: G) -> Self {
-        Self { events, done: false, _guard: guard }
+        Self { events, done: false, ended_cleanly: false, upload: None, _guard: guard }
+    }
+
+    /// Also owns the exchange's request-body upload (see the `Drop` impl).
+    pub fn with_upload(mut self, upload: Option<tokio::task::JoinHandle<()>>) -> Self {
+        self.upload = upload;
+        self
     }
 
     /// Boxed as a tunnel body.
@@ -137,6 +158,7 @@ impl<G: Unpin> Body for EventBody<G> {
             Some(Event::Body(bytes)) => Some(Ok(Frame::data(bytes))),
             Some(Event::End) => {
                 this.done = true;
+                this.ended_cleanly = true;
                 None
             }
             Some(Event::Reset(code)) => {

@@ -21,7 +21,6 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use quictun_core::link::AbortOnDrop;
 use quictun_core::link::{AgentLink, BoxFuture, LinkError, TunnelBody};
 use quictun_proto::frame;
 use quictun_proto::{CloseCode, ControlMessage, Limits, RequestHead, ResponseHead, StreamCode};
@@ -286,17 +285,17 @@ impl GrpcLink {
         }
         let upload = head.has_body.then(|| {
             let outbound = self.outbound.clone();
-            AbortOnDrop(tokio::spawn(
+            tokio::spawn(
                 async move {
                     send_body(&outbound, id, body, StreamCode::Cancelled).await;
                 }
                 .in_current_span(),
-            ))
+            )
         });
         match events.recv().await {
             Some(Event::Head(response)) => {
                 response.validate(&self.limits).map_err(|e| LinkError::Protocol(e.to_string()))?;
-                Ok((response, EventBody::new(events, (guard, upload)).boxed()))
+                Ok((response, EventBody::new(events, guard).with_upload(upload).boxed()))
             }
             Some(Event::Reset(code)) => {
                 guard.done = true;

@@ -15,17 +15,11 @@ use crate::limits::Limits;
 pub enum StreamKind {
     /// 0: an HTTP request and its response.
     Http,
-    /// 1: a raw TCP connection.
+    /// 1: a raw TCP connection: the head's `upstream` is the `host:port` to connect to, the
+    /// agent answers status 200 once connected, then bytes flow both ways.
     Tcp,
     /// 2: an HTTP request that upgrades (WebSocket); raw bytes both ways after the 101.
     Upgrade,
-}
-
-impl StreamKind {
-    /// True for the kinds that start with an HTTP request to an upstream.
-    pub fn is_http(self) -> bool {
-        matches!(self, Self::Http | Self::Upgrade)
-    }
 }
 
 /// One header: a name and its raw value bytes (values need not be UTF-8).

@@ -26,6 +26,22 @@ pub struct RelayConfig {
     /// Host/path routes to upstreams; first match wins.
     #[serde(default)]
     pub routes: Vec<RouteEntry>,
+    /// TCP tunnels: each accepted connection is carried to an agent of the group on its own stream.
+    #[serde(default)]
+    pub tcp: Vec<TcpEntry>,
+}
+
+/// A `[[tcp]]` entry: a TCP port on the relay tunnelled to `upstream` as the agents of `group`
+/// reach it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpEntry {
+    /// The relay's TCP listen address.
+    pub listen: SocketAddr,
+    /// The group whose agents serve it.
+    pub group: String,
+    /// `host:port` as the agent sees it.
+    pub upstream: String,
 }
 
 /// The `[relay]` section.
@@ -294,6 +310,12 @@ impl RelayConfig {
             }
             if upstream.targets.is_empty() {
                 return Err(invalid(format!("upstreams[{i}].targets"), "needs at least one target".into()));
+            }
+        }
+        for (i, tcp) in self.tcp.iter().enumerate() {
+            let port = tcp.upstream.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok());
+            if port.is_none() {
+                return Err(invalid(format!("tcp[{i}].upstream"), format!("{:?} is not host:port", tcp.upstream)));
             }
         }
         for (i, route) in self.routes.iter().enumerate() {

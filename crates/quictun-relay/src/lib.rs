@@ -12,6 +12,7 @@
 //!   (`quictun-grpc`) feeds the same registration from its own listener.
 //! - [`router`]: host and path routing.
 //! - [`ingress`] and [`proxy`]: the HTTP server and the per-request forwarding.
+//! - [`tcp`]: TCP tunnels (`[[tcp]]`), one stream per connection.
 //!
 //! [`Relay::start`] binds everything and returns a [`Relay`] handle; [`Relay::shutdown`] drains.
 
@@ -27,6 +28,7 @@ pub mod registration;
 pub mod router;
 pub mod sessions;
 pub mod state;
+pub mod tcp;
 pub mod upgrade;
 
 use std::net::SocketAddr;
@@ -72,6 +74,7 @@ pub struct Relay {
     grpc_addr: Option<SocketAddr>,
     http_addr: SocketAddr,
     admin_addr: SocketAddr,
+    tcp_addrs: Vec<SocketAddr>,
     pin: Option<Pin>,
 }
 
@@ -130,6 +133,12 @@ impl Relay {
         } else {
             None
         };
+        let mut tcp_addrs = Vec::with_capacity(config.tcp.len());
+        for entry in &config.tcp {
+            let (listener, addr) = bind_tcp("TCP tunnel", entry.listen).await?;
+            tcp_addrs.push(addr);
+            shared.tasks.spawn(tcp::serve(listener, entry.clone(), shared.clone()));
+        }
         let ingress = shared.tasks.spawn(ingress::serve(http_listener, shared.clone()));
         shared.tasks.spawn(quictun_core::admin::serve(
             admin_listener,
@@ -139,7 +148,7 @@ impl Relay {
             shared.tasks.clone(),
         ));
         info!(%quic_addr, ?grpc_addr, %http_addr, %admin_addr, "relay listening");
-        Ok(Self { shared, endpoint, ingress, quic_addr, grpc_addr, http_addr, admin_addr, pin })
+        Ok(Self { shared, endpoint, ingress, quic_addr, grpc_addr, http_addr, admin_addr, tcp_addrs, pin })
     }
 
     /// The bound QUIC (UDP) address.
@@ -160,6 +169,11 @@ impl Relay {
     /// The bound admin endpoint address.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The bound addresses of the `[[tcp]]` tunnels, in configuration order.
+    pub fn tcp_addrs(&self) -> &[SocketAddr] {
+        &self.tcp_addrs
     }
 
     /// The pin of the relay's certificate.

@@ -1,0 +1,79 @@
+//! TCP tunnels on the relay: each `[[tcp]]` entry listens on a TCP port; every accepted connection
+//! is carried to an agent of the entry's group on its own stream
+//! ([`quictun_proto::StreamKind::Tcp`]), and spliced once the agent has connected to the
+//! upstream. Each side's FIN is passed on as a half-close. A connection that cannot be carried
+//! (no agent, agent busy, upstream unreachable) is closed at once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quictun_core::upgrade::{channel_body, splice};
+use quictun_proto::{RequestHead, StreamKind};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{Instrument, debug, info_span, warn};
+use uuid::Uuid;
+
+use crate::config::TcpEntry;
+use crate::metrics::Reject;
+use crate::state::Shared;
+
+/// Accepts connections on one `[[tcp]]` listener until shutdown.
+pub async fn serve(listener: TcpListener, entry: TcpEntry, shared: Arc<Shared>) {
+    let entry = Arc::new(entry);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    warn!(%err, listen = %entry.listen, "TCP tunnel accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (shared2, entry2) = (shared.clone(), entry.clone());
+        let id = Uuid::new_v4();
+        let span =
+            info_span!("tcp", request_id = %id, %peer, upstream = %entry.upstream, client_id = tracing::field::Empty);
+        shared.tasks.spawn(carry(stream, peer, id, entry2, shared2).instrument(span));
+    }
+}
+
+/// Carries one accepted connection through an agent of the entry's group.
+async fn carry(stream: TcpStream, peer: SocketAddr, request_id: Uuid, entry: Arc<TcpEntry>, shared: Arc<Shared>) {
+    let Some(session) = shared.sessions.pick(&entry.group) else {
+        shared.metrics.reject(Reject::no_agent);
+        return warn!(group = %entry.group, "TCP connection refused: no agent of the group is connected");
+    };
+    tracing::Span::current().record("client_id", &*session.client_id);
+    let Some(_slot) = session.try_stream_permit() else {
+        shared.metrics.reject(Reject::agent_busy);
+        return warn!("TCP connection refused: the agent is at its stream limit");
+    };
+    if let Err(err) = stream.set_nodelay(true) {
+        debug!(%err, "could not set TCP_NODELAY");
+    }
+    let head = RequestHead {
+        kind: StreamKind::Tcp,
+        request_id,
+        upstream: entry.upstream.clone(),
+        method: "CONNECT".into(),
+        uri: "/".into(),
+        headers: vec![quictun_proto::Header { name: "x-forwarded-for".into(), value: peer.ip().to_string().into() }],
+        has_body: true,
+    };
+    let (to_agent, body) = channel_body();
+    let deadline = Duration::from_secs(shared.settings.response_timeout_secs);
+    let from_agent = match tokio::time::timeout(deadline, session.link.exchange(head, body)).await {
+        Ok(Ok((head, from_agent))) if head.status == 200 => from_agent,
+        Ok(Ok((head, _))) => return warn!(status = head.status, "agent refused the TCP connection"),
+        Ok(Err(err)) => return warn!(%err, "TCP connection could not be carried"),
+        Err(_) => return warn!(?deadline, "agent did not connect the TCP upstream in time"),
+    };
+    tokio::select! {
+        () = splice(stream, from_agent, to_agent) => debug!("TCP connection ended"),
+        () = shared.stopped.cancelled() => debug!("TCP connection cut at shutdown"),
+    }
+}

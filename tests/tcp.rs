@@ -1,0 +1,135 @@
+//! TCP tunnels end to end on both transports: a `[[tcp]]` port on the relay, one stream per
+//! accepted connection, bytes both ways, and half-close carried in each direction (one side's FIN
+//! does not cut the other direction).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use quictun_agent::Transport;
+use quictun_tests::{Harness, HarnessConfig, pattern, sha256_hex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Test servers behind the agent, chosen by the first byte a client sends:
+/// - `e`: echo every byte as it arrives;
+/// - `r`: read until the client's FIN, then send everything back and close (FIN client → server,
+///   then data server → client after it);
+/// - otherwise the server spoke first: `greeting` then its FIN, then it reads until the client's
+///   FIN and reports the byte count on `reports`.
+async fn byte_server() -> (SocketAddr, mpsc::Receiver<usize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (reports, received) = mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let reports = reports.clone();
+            tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                if stream.peek(&mut first).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                match first[0] {
+                    b'e' => {
+                        let (mut rd, mut wr) = stream.split();
+                        let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                    }
+                    b'r' => {
+                        let mut all = Vec::new();
+                        stream.read_to_end(&mut all).await.unwrap();
+                        stream.write_all(&all).await.unwrap();
+                        stream.shutdown().await.unwrap();
+                    }
+                    _ => {
+                        stream.write_all(b"greeting").await.unwrap();
+                        stream.shutdown().await.unwrap();
+                        let mut all = Vec::new();
+                        stream.read_to_end(&mut all).await.unwrap();
+                        let _ = reports.send(all.len()).await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, received)
+}
+
+async fn start(transport: Transport) -> (Harness, SocketAddr, mpsc::Receiver<usize>, quictun_agent::Agent) {
+    let (server, reports) = byte_server().await;
+    let config = HarnessConfig { transport, tcp_upstreams: vec![server.to_string()], ..Default::default() };
+    let h = Harness::start_with(config).await;
+    let agent = h.agent("agent-1").await;
+    let port = h.relay().tcp_addrs()[0];
+    (h, port, reports, agent)
+}
+
+async fn tcp_echo_and_a_large_transfer_after_the_clients_fin(transport: Transport) {
+    let (_h, port, _reports, _agent) = start(transport).await;
+    // Interactive echo.
+    let mut echo = TcpStream::connect(port).await.unwrap();
+    for round in 0..3 {
+        let message = format!("e-ping-{round}");
+        echo.write_all(message.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; message.len()];
+        tokio::time::timeout(WAIT, echo.read_exact(&mut back)).await.unwrap().unwrap();
+        assert_eq!(back, message.as_bytes());
+    }
+    // 16 MiB up, FIN, then the same 16 MiB back down the half-open connection.
+    let mut stream = TcpStream::connect(port).await.unwrap();
+    let mut data = pattern(16 << 20);
+    data[0] = b'r';
+    let (mut rd, mut wr) = stream.split();
+    let send = async {
+        wr.write_all(&data).await.unwrap();
+        wr.shutdown().await.unwrap();
+    };
+    let mut back = Vec::new();
+    let receive = async { tokio::time::timeout(WAIT, rd.read_to_end(&mut back)).await.unwrap().unwrap() };
+    tokio::join!(send, receive);
+    assert_eq!(back.len(), data.len());
+    assert_eq!(sha256_hex(&back), sha256_hex(&data));
+}
+
+async fn the_servers_fin_does_not_cut_the_client_direction(transport: Transport) {
+    let (_h, port, mut reports, _agent) = start(transport).await;
+    let mut stream = TcpStream::connect(port).await.unwrap();
+    stream.write_all(b"g").await.unwrap();
+    let mut greeting = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut greeting)).await.unwrap().unwrap();
+    assert_eq!(greeting, b"greeting", "the server's FIN arrives as our end of stream");
+    // The server's side is closed; ours still carries a megabyte.
+    stream.write_all(&pattern(1 << 20)).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let received = tokio::time::timeout(WAIT, reports.recv()).await.unwrap().unwrap();
+    assert_eq!(received, 1 + (1 << 20));
+}
+
+async fn a_tcp_connection_without_an_agent_is_closed(transport: Transport) {
+    let (h, port, _reports, agent) = start(transport).await;
+    agent.shutdown().await.unwrap();
+    assert!(h.relay().sessions().wait_until(WAIT, |s| s.is_empty()).await);
+    let mut stream = TcpStream::connect(port).await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut buf)).await.unwrap();
+    assert!(read.is_err() || buf.is_empty(), "got {buf:?}");
+}
+
+macro_rules! on_both_transports {
+    ($($name:ident),* $(,)?) => {
+        mod quic {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(quictun_agent::Transport::Quic).await; })*
+        }
+        mod grpc {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(quictun_agent::Transport::Grpc).await; })*
+        }
+    };
+}
+
+on_both_transports!(
+    tcp_echo_and_a_large_transfer_after_the_clients_fin,
+    the_servers_fin_does_not_cut_the_client_direction,
+    a_tcp_connection_without_an_agent_is_closed,
+);
