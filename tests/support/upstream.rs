@@ -125,6 +125,20 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             state.hanging.send_modify(|n| *n -= 1);
             full(StatusCode::OK, "released")
         }
+        ("GET", "/events") => {
+            // Server-sent events: one event now, the next only once released.
+            let (tx, rx) = mpsc::channel(4);
+            let mut released = state.released.subscribe();
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"event: tick\ndata: one\n\n")))).await;
+                let _ = released.wait_for(|r| *r).await;
+                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"event: tick\ndata: two\n\n")))).await;
+            });
+            let mut r = streamed(rx);
+            r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
+            r.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
+            r
+        }
         ("GET", "/chunks") => {
             let (tx, rx) = mpsc::channel(4);
             let mut released = state.released.subscribe();
