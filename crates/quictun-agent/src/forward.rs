@@ -211,3 +211,37 @@ impl RequestHandler for Forwarder {
         self.limits
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AgentConfigFile, AgentSection};
+    use quictun_proto::{AgentConfig, Token, UpstreamSpec};
+
+    fn table(version: u64, target: &str) -> UpstreamTable {
+        let pushed =
+            AgentConfig { version, upstreams: vec![UpstreamSpec { name: "app".into(), targets: vec![target.into()] }] };
+        UpstreamTable::build(&pushed, &[], None)
+    }
+
+    #[tokio::test]
+    async fn a_stale_config_sync_is_ignored_and_a_newer_one_applied() {
+        let file = AgentConfigFile {
+            agent: AgentSection {
+                relay: "127.0.0.1:1".into(),
+                pin: Some(format!("sha256:{}", "ab".repeat(32))),
+                client_id: "a".into(),
+                token: Some(Token::new("t")),
+                ..AgentSection::default()
+            },
+            upstreams: vec![],
+        };
+        let options = AgentOptions::from_config(file, std::path::Path::new("t.toml")).unwrap();
+        let forwarder = Forwarder::new(&options, Arc::new(AgentMetrics::new()));
+        forwarder.install_fresh(table(5, "http://127.0.0.1:5"));
+        assert!(!forwarder.install(table(4, "http://127.0.0.1:4")), "version 4 after 5 must be ignored");
+        assert_eq!(forwarder.upstreams().pick("app").unwrap().host_port(), "127.0.0.1:5");
+        assert!(forwarder.install(table(6, "http://127.0.0.1:6")));
+        assert_eq!(forwarder.upstreams().pick("app").unwrap().host_port(), "127.0.0.1:6");
+    }
+}

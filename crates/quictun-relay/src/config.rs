@@ -33,7 +33,7 @@ pub struct RelayConfig {
 
 /// A `[[tcp]]` entry: a TCP port on the relay tunnelled to `upstream` as the agents of `group`
 /// reach it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TcpEntry {
     /// The relay's TCP listen address.
@@ -45,7 +45,7 @@ pub struct TcpEntry {
 }
 
 /// The `[relay]` section.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RelaySection {
     /// UDP address for QUIC.

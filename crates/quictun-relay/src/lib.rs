@@ -75,6 +75,7 @@ pub struct Relay {
     http_addr: SocketAddr,
     admin_addr: SocketAddr,
     tcp_addrs: Vec<SocketAddr>,
+    tcp_entries: Vec<config::TcpEntry>,
     pin: Option<Pin>,
 }
 
@@ -148,7 +149,8 @@ impl Relay {
             shared.tasks.clone(),
         ));
         info!(%quic_addr, ?grpc_addr, %http_addr, %admin_addr, "relay listening");
-        Ok(Self { shared, endpoint, ingress, quic_addr, grpc_addr, http_addr, admin_addr, tcp_addrs, pin })
+        let tcp_entries = config.tcp.clone();
+        Ok(Self { shared, endpoint, ingress, quic_addr, grpc_addr, http_addr, admin_addr, tcp_addrs, tcp_entries, pin })
     }
 
     /// The bound QUIC (UDP) address.
@@ -179,6 +181,22 @@ impl Relay {
     /// The pin of the relay's certificate.
     pub fn pin(&self) -> Option<Pin> {
         self.pin
+    }
+
+    /// Applies a new configuration without dropping connections or requests in flight: routes,
+    /// upstreams and clients change at once (agents get theirs by config_sync, versioned).
+    /// Listeners, limits and timeouts (`[relay]`) and `[[tcp]]` entries are fixed at start; a
+    /// change to them is reported and needs a restart. Returns the new version.
+    pub fn reload(&self, config: &RelayConfig) -> u64 {
+        if config.relay != self.shared.settings {
+            tracing::warn!("changes to [relay] take effect only after a restart");
+        }
+        if config.tcp != self.tcp_entries {
+            tracing::warn!("changes to [[tcp]] take effect only after a restart");
+        }
+        let version = self.shared.reload(config);
+        info!(version, "configuration reloaded");
+        version
     }
 
     /// The session manager (live agents).

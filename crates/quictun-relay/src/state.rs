@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{RelayConfig, RelaySection};
 use crate::metrics::RelayMetrics;
 use crate::router::Router;
-use crate::sessions::SessionManager;
+use crate::sessions::{SessionCommand, SessionManager};
 
 /// A client allowed to connect, with its token kept only as a SHA-256 digest.
 #[derive(Debug, Clone)]
@@ -30,6 +30,8 @@ fn digest(token: &str) -> [u8; 32] {
 /// The parts of the configuration that may change at run time, swapped as a whole.
 #[derive(Debug)]
 pub struct Live {
+    /// The configuration version (1 at start, +1 per reload); agents ignore older ones.
+    pub version: u64,
     /// The routing table.
     pub router: Router,
     clients: HashMap<String, ClientAuth>,
@@ -52,7 +54,7 @@ impl Live {
             let entry = configs.entry(u.group.clone()).or_insert_with(|| AgentConfig { version, upstreams: vec![] });
             entry.upstreams.push(UpstreamSpec { name: u.name.clone(), targets: u.targets.clone() });
         }
-        Self { router: Router::new(config), clients, configs }
+        Self { version, router: Router::new(config), clients, configs }
     }
 
     /// Checks a registration: known client, right token (constant time), right group and protocol
@@ -86,6 +88,11 @@ impl Live {
             ));
         }
         Ok(client.group.clone())
+    }
+
+    /// The group `client_id` belongs to, when it may connect.
+    pub fn group_of(&self, client_id: &str) -> Option<&str> {
+        self.clients.get(client_id).map(|c| c.group.as_str())
     }
 
     /// The configuration pushed to agents of `group`.
@@ -143,6 +150,29 @@ impl Shared {
             0 => None,
             secs => Some(std::time::Duration::from_secs(secs)),
         }
+    }
+
+    /// Swaps in the routes, upstreams and clients of `config` as one new version, atomically for
+    /// every later request (requests in flight keep the route they were given). Each connected
+    /// agent is pushed its group's new configuration; an agent whose client was removed, or moved
+    /// to another group, is disconnected. Returns the new version.
+    pub fn reload(&self, config: &RelayConfig) -> u64 {
+        let live = {
+            let mut slot = self.live.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let live = Arc::new(Live::new(config, slot.version + 1));
+            *slot = live.clone();
+            live
+        };
+        for session in self.sessions.all() {
+            if live.group_of(&session.client_id) != Some(&*session.group) {
+                tracing::info!(client_id = %session.client_id, "client removed or regrouped by the reload: disconnecting");
+                session.link.close(quictun_proto::CloseCode::Rejected);
+                self.sessions.remove(&session);
+            } else if !session.command(SessionCommand::ConfigSync(live.agent_config(&session.group))) {
+                tracing::warn!(client_id = %session.client_id, "could not queue config_sync; the agent gets it on reconnect");
+            }
+        }
+        live.version
     }
 
     /// The current live configuration.

@@ -89,7 +89,52 @@ pub async fn run(args: RelayArgs) -> Result<(), Failure> {
         relay.quic_addr().port(),
         first_client.as_deref().unwrap_or("<ID>")
     );
-    crate::signal::shutdown().await;
+    serve_until_shutdown(&relay, &args).await;
     relay.shutdown().await;
     Ok(())
+}
+
+/// How often the configuration file is checked for changes.
+const CONFIG_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Serves until Ctrl-C or SIGTERM. Meanwhile the configuration file is reloaded on SIGHUP and when
+/// it changes on disk; a file with an error is refused with a message and the running
+/// configuration stays.
+async fn serve_until_shutdown(relay: &Relay, args: &RelayArgs) {
+    let shutdown = crate::signal::shutdown();
+    tokio::pin!(shutdown);
+    let Some(path) = args.config.clone() else {
+        return shutdown.await;
+    };
+    let mut hangups = crate::signal::hangups();
+    let mut poll = tokio::time::interval(CONFIG_POLL);
+    let mut stamp = modified(&path);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            () = hangups.recv() => stamp = modified(&path),
+            _ = poll.tick() => {
+                let now = modified(&path);
+                if now == stamp {
+                    continue;
+                }
+                stamp = now;
+            }
+        }
+        match load_config(args) {
+            Ok(config) => {
+                println!("configuration reloaded from {} (version {})", path.display(), relay.reload(&config))
+            }
+            Err(Failure::Usage(err) | Failure::Runtime(err)) => {
+                tracing::error!(error = %format!("{err:#}"), "configuration reload refused; the running configuration stays");
+                println!("configuration reload refused: {err:#}");
+            }
+        }
+    }
+}
+
+/// The file's modification time (and size), to notice edits.
+fn modified(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
 }

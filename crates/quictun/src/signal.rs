@@ -1,4 +1,4 @@
-//! Waiting for Ctrl-C or SIGTERM.
+//! Waiting for Ctrl-C or SIGTERM, and SIGHUP (reload).
 
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM.
 pub async fn shutdown() {
@@ -21,5 +21,35 @@ pub async fn shutdown() {
     #[cfg(not(unix))]
     {
         let _ctrl_c = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// SIGHUP deliveries (the relay reloads its configuration on each); never fires where SIGHUP
+/// cannot be caught.
+pub struct Hangups(Option<tokio::signal::unix::Signal>);
+
+/// Starts listening for SIGHUP.
+pub fn hangups() -> Hangups {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Hangups(Some(signal)),
+        Err(err) => {
+            tracing::warn!(%err, "cannot listen for SIGHUP; the configuration is still reloaded when its file changes");
+            Hangups(None)
+        }
+    }
+}
+
+impl Hangups {
+    /// The next SIGHUP.
+    pub async fn recv(&mut self) {
+        match self.0.as_mut() {
+            Some(signal) => {
+                if signal.recv().await.is_none() {
+                    self.0 = None;
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
     }
 }

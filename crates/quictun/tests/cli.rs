@@ -293,3 +293,31 @@ fn bench_smoke_runs_every_workload_on_every_transport() {
     assert!(md.contains("| small | quic | c=1 |"), "{md}");
     assert!(std::fs::read_to_string(out.join("throughput-small.svg")).unwrap().starts_with("<svg"));
 }
+
+#[test]
+fn the_relay_reloads_on_sighup_and_on_file_change_and_refuses_a_broken_file() {
+    let dir = TempDir::new();
+    let config = dir.join("relay.toml");
+    let base = "[relay]\nquic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+                grpc_listen = \"127.0.0.1:0\"\n\
+                [[upstreams]]\nname = \"app\"\ngroup = \"web\"\ntargets = [\"http://127.0.0.1:9\"]\n";
+    std::fs::write(&config, format!("{base}[[routes]]\nhost = \"a.test\"\nupstream = \"app\"\n")).unwrap();
+    let relay = Proc::spawn(&["relay", "--config", config.to_str().unwrap()], &dir);
+    relay.line_with("HTTP ingress");
+    let pid = relay.child.as_ref().unwrap().id().to_string();
+    let hangup = || assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+
+    // A route to an upstream that does not exist: refused, with the key named.
+    std::fs::write(&config, format!("{base}[[routes]]\nhost = \"b.test\"\nupstream = \"nope\"\n")).unwrap();
+    hangup();
+    let refused = relay.line_with("reload refused");
+    assert!(refused.contains("routes[0].upstream"), "{refused}");
+
+    std::fs::write(&config, format!("{base}[[routes]]\nhost = \"b.test\"\nupstream = \"app\"\n")).unwrap();
+    hangup();
+    assert!(relay.line_with("configuration reloaded").contains("(version 2)"));
+
+    // No signal: the relay notices the file changed.
+    std::fs::write(&config, format!("{base}[[routes]]\nhost = \"c.test\"\nupstream = \"app\"\n\n")).unwrap();
+    assert!(relay.line_with("configuration reloaded").contains("(version 3)"));
+}

@@ -1,0 +1,73 @@
+//! Live reload on both transports: routes and upstreams change without dropping connections or
+//! requests in flight; agents get the new configuration by config_sync (versioned); a removed
+//! client is disconnected.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::time::Duration;
+
+use http::StatusCode;
+use quictun_agent::Transport;
+use quictun_relay::config::RouteEntry;
+use quictun_tests::harness::relay_config_on;
+use quictun_tests::{Harness, HarnessConfig};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn routes_and_upstreams_change_without_dropping_anything(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
+    let _agent = h.agent("agent-1").await;
+    let _other = h.agent("agent-3").await;
+    let session = h.relay().sessions().get("agent-1").unwrap().session_id;
+    let client = h.client.clone();
+    let in_flight = tokio::spawn(async move { client.get("app.test", "/hang").await });
+    h.upstream.wait_hanging(1).await;
+    assert_eq!(h.client.get("fresh.test", "/hello").await.status, StatusCode::NOT_FOUND);
+
+    // New: a route for fresh.test, the app upstream moved under /bytes, agent-3 removed.
+    let mut config = relay_config_on(Harness::listeners_of(h.relay()), &h.upstream.url(), &h.config);
+    config.routes.insert(
+        0,
+        RouteEntry {
+            host: "fresh.test".into(),
+            path_prefix: "/".into(),
+            upstream: "app".into(),
+            max_in_flight: None,
+            max_body_bytes: None,
+        },
+    );
+    let app = config.upstreams.iter_mut().find(|u| u.name == "app").unwrap();
+    app.targets = vec![format!("{}/bytes", h.upstream.url())];
+    config.clients.retain(|c| c.id != "agent-3");
+    assert_eq!(h.relay().reload(&config), 2);
+
+    // The agent applies version 2 when its config_sync arrives.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let reply = h.client.get("fresh.test", "/7").await;
+        if reply.status == StatusCode::OK && reply.body.len() == 7 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "new config not applied: {} {}", reply.status, reply.text());
+    }
+    assert_eq!(h.client.get("app.test", "/3").await.body.len(), 3);
+    // The request in flight across the reload finishes on the old configuration.
+    h.upstream.release();
+    let reply = tokio::time::timeout(WAIT, in_flight).await.unwrap().unwrap();
+    assert_eq!((reply.status, reply.text().as_str()), (StatusCode::OK, "released"));
+    // Same connection for the kept client; the removed one is gone.
+    assert_eq!(h.relay().sessions().get("agent-1").unwrap().session_id, session);
+    assert!(h.relay().sessions().wait_until(WAIT, |s| s.get("agent-3").is_none()).await);
+}
+
+macro_rules! on_both_transports {
+    ($($name:ident),* $(,)?) => {
+        mod quic {
+            $(#[tokio::test] async fn $name() { super::$name(quictun_agent::Transport::Quic).await; })*
+        }
+        mod grpc {
+            $(#[tokio::test] async fn $name() { super::$name(quictun_agent::Transport::Grpc).await; })*
+        }
+    };
+}
+
+on_both_transports!(routes_and_upstreams_change_without_dropping_anything);
