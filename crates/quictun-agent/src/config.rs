@@ -26,6 +26,9 @@ pub struct AgentConfigFile {
 pub struct AgentSection {
     /// The relay's `HOST:PORT` (UDP).
     pub relay: String,
+    /// More relays (`HOST:PORT`); the agent keeps a connection to each, so one relay can go down
+    /// without the service going dark.
+    pub relays: Vec<String>,
     /// `auto` (QUIC, falling back to gRPC over TCP), `quic` or `grpc`.
     pub transport: Transport,
     /// The relay's gRPC `HOST:PORT` (TCP); by default the relay's host, port 4434.
@@ -71,6 +74,7 @@ impl Default for AgentSection {
     fn default() -> Self {
         Self {
             relay: String::new(),
+            relays: Vec::new(),
             transport: Transport::Auto,
             grpc_relay: None,
             congestion: quictun_core::Congestion::Bbr,

@@ -64,7 +64,35 @@ pub struct AgentOptions {
 }
 
 impl AgentOptions {
-    /// Validates a merged configuration; `file` names the source in errors.
+    /// Options for every relay of the configuration (`relay` and `relays`), one agent each; only
+    /// the first serves the admin endpoint. `file` names the source in errors.
+    pub fn for_each_relay(config: AgentConfigFile, file: &Path) -> Result<Vec<Self>, ConfigError> {
+        let a = &config.agent;
+        let relays: Vec<String> =
+            std::iter::once(a.relay.clone()).chain(a.relays.iter().cloned()).filter(|r| !r.trim().is_empty()).collect();
+        if relays.len() > 1 && a.grpc_relay.is_some() {
+            let message = "set grpc_relay only with a single relay (each relay's is its host, port 4434)".into();
+            return Err(ConfigError::Invalid { file: file.to_owned(), key: "agent.grpc_relay".into(), message });
+        }
+        if relays.len() <= 1 {
+            return Ok(vec![Self::from_config(config, file)?]);
+        }
+        relays
+            .into_iter()
+            .enumerate()
+            .map(|(i, relay)| {
+                let mut one = config.clone();
+                one.agent.relay = relay;
+                one.agent.relays.clear();
+                if i > 0 {
+                    one.agent.admin_listen = None;
+                }
+                Self::from_config(one, file)
+            })
+            .collect()
+    }
+
+    /// Validates a merged configuration for its `relay`; `file` names the source in errors.
     pub fn from_config(config: AgentConfigFile, file: &Path) -> Result<Self, ConfigError> {
         let invalid =
             |key: &str, message: String| ConfigError::Invalid { file: file.to_owned(), key: key.to_owned(), message };

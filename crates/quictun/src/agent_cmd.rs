@@ -9,15 +9,16 @@ use quictun_proto::Token;
 use crate::Failure;
 use crate::cli::AgentArgs;
 
-/// Merges the file and the flags into validated options.
-fn load_options(args: AgentArgs) -> Result<AgentOptions, Failure> {
+/// Merges the file and the flags into validated options, one set per relay.
+fn load_options(args: AgentArgs) -> Result<Vec<AgentOptions>, Failure> {
     let (mut file, origin) = match &args.config {
         Some(path) => (AgentConfigFile::load(path).map_err(Failure::usage)?, path.clone()),
         None => (AgentConfigFile::default(), PathBuf::from("<command line>")),
     };
     let a = &mut file.agent;
-    if let Some(relay) = args.relay {
-        a.relay = relay;
+    if let Some((first, more)) = args.relay.split_first() {
+        a.relay = first.clone();
+        a.relays = more.to_vec();
     }
     if let Some(transport) = args.transport {
         a.transport = transport;
@@ -46,27 +47,38 @@ fn load_options(args: AgentArgs) -> Result<AgentOptions, Failure> {
     if let Some(admin) = args.admin_listen {
         a.admin_listen = Some(admin);
     }
-    AgentOptions::from_config(file, Path::new(&origin)).map_err(Failure::usage)
+    AgentOptions::for_each_relay(file, Path::new(&origin)).map_err(Failure::usage)
 }
 
-/// Runs the agent until Ctrl-C or SIGTERM (drain), or a fatal error (exit 1).
+/// Runs the agent (one connection per relay) until Ctrl-C or SIGTERM (drain), or a fatal error
+/// on any relay (exit 1).
 pub async fn run(args: AgentArgs) -> Result<(), Failure> {
-    let options = load_options(args)?;
-    let agent = Agent::start(options).await.map_err(Failure::runtime)?;
-    let stop = agent.shutdown_token();
-    let mut state = agent.state();
-    if let Some(admin) = agent.admin_addr() {
+    let mut agents = Vec::new();
+    for options in load_options(args)? {
+        agents.push(Agent::start(options).await.map_err(Failure::runtime)?);
+    }
+    if let Some(admin) = agents.first().and_then(Agent::admin_addr) {
         println!("quictun agent admin on http://{admin}/metrics");
     }
+    let reports = agents.iter().map(|agent| {
+        let mut state = agent.state();
+        Box::pin(async move { report_connections(&mut state).await })
+    });
+    let stopped = futures_util::future::select_all(reports);
     tokio::select! {
-        _ = crate::signal::shutdown() => {
-            agent.shutdown().await.map_err(Failure::runtime)
-        }
-        _ = report_connections(&mut state) => {
-            stop.cancel();
-            agent.wait().await.map_err(Failure::runtime)
+        _ = crate::signal::shutdown() => {}
+        _ = stopped => {}
+    }
+    // Drain every connection; the first fatal error (if any) is the exit status.
+    let mut result = Ok(());
+    for agent in agents {
+        if let Err(err) = agent.shutdown().await
+            && result.is_ok()
+        {
+            result = Err(Failure::runtime(err));
         }
     }
+    result
 }
 
 /// Prints a line each time the agent registers with the relay; returns when the agent stops.

@@ -145,9 +145,9 @@ pub struct AgentArgs {
     /// Configuration file (TOML, see config/agent.toml).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// The relay's HOST:PORT (UDP).
+    /// The relay's HOST:PORT (UDP); repeat it to keep a connection to each of several relays.
     #[arg(long, value_name = "HOST:PORT")]
-    pub relay: Option<String>,
+    pub relay: Vec<String>,
     /// auto (QUIC, falling back to gRPC over TCP), quic or grpc [default: auto].
     #[arg(long, value_name = "TRANSPORT")]
     pub transport: Option<quictun_agent::Transport>,
