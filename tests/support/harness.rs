@@ -32,6 +32,8 @@ pub struct HarnessConfig {
     pub relay_extra: String,
     /// `host:port` targets of `[[tcp]]` tunnels (group `web`, listening on 127.0.0.1:0).
     pub tcp_upstreams: Vec<String>,
+    /// Extra lines for the `app` upstream (`balance = ...`).
+    pub app_extra: String,
 }
 
 impl Default for HarnessConfig {
@@ -44,6 +46,7 @@ impl Default for HarnessConfig {
             transport: Transport::Quic,
             relay_extra: String::new(),
             tcp_upstreams: Vec::new(),
+            app_extra: String::new(),
         }
     }
 }
@@ -94,14 +97,15 @@ pub fn relay_config_on(listen: Listen, upstream: &str, cfg: &HarnessConfig) -> R
         text.push_str(&format!("[[clients]]\nid = \"{id}\"\ntoken = \"{token}\"\ngroup = \"{group}\"\n"));
     }
     text.push_str(&format!(
-        "[[upstreams]]\nname = \"app\"\ngroup = \"web\"\ntargets = [\"{app}\"]\n\
+        "[[upstreams]]\nname = \"app\"\ngroup = \"web\"\ntargets = [\"{app}\"]\n{app_extra}\n\
          [[upstreams]]\nname = \"api\"\ngroup = \"api\"\ntargets = [\"{upstream}\"]\n\
          [[upstreams]]\nname = \"ghost\"\ngroup = \"nobody\"\ntargets = [\"{upstream}\"]\n\
          [[routes]]\nhost = \"app.test\"\nupstream = \"app\"\n\
          [[routes]]\nhost = \"*.wild.test\"\npath_prefix = \"/\"\nupstream = \"app\"\n\
          [[routes]]\nhost = \"api.test\"\nupstream = \"api\"\n\
          [[routes]]\nhost = \"nobody.test\"\nupstream = \"ghost\"\n\
-         [[routes]]\nhost = \"limited.test\"\nupstream = \"app\"\nmax_in_flight = 2\nmax_body_bytes = 4096\n"
+         [[routes]]\nhost = \"limited.test\"\nupstream = \"app\"\nmax_in_flight = 2\nmax_body_bytes = 4096\n",
+        app_extra = cfg.app_extra,
     ));
     for upstream in &cfg.tcp_upstreams {
         text.push_str(&format!("[[tcp]]\nlisten = \"127.0.0.1:0\"\ngroup = \"web\"\nupstream = \"{upstream}\"\n"));

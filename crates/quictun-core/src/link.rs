@@ -69,6 +69,10 @@ pub enum LinkError {
     /// The agent is at its concurrency limit; retrying later is safe (nothing was sent).
     #[error("agent at its concurrency limit")]
     Busy,
+    /// The stream could not be opened: the connection is gone and nothing was sent, so the
+    /// request may go to another agent.
+    #[error("agent connection lost before the request was sent")]
+    NotOpened,
     /// The connection went away.
     #[error("agent connection lost")]
     Lost,

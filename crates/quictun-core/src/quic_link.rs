@@ -43,7 +43,7 @@ impl QuicLink {
     async fn run_exchange(&self, head: RequestHead, body: TunnelBody) -> Result<(ResponseHead, TunnelBody), LinkError> {
         let (mut send, mut recv) = match tokio::time::timeout(OPEN_TIMEOUT, self.conn.open_bi()).await {
             Ok(Ok(streams)) => streams,
-            Ok(Err(_)) => return Err(LinkError::Lost),
+            Ok(Err(_)) => return Err(LinkError::NotOpened),
             Err(_) => return Err(LinkError::Busy),
         };
         write_frame(&mut send, &head, self.limits.max_head_frame).await.map_err(|err| match err {

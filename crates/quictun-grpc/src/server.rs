@@ -266,7 +266,7 @@ impl GrpcLink {
 
     async fn run_exchange(&self, head: RequestHead, body: TunnelBody) -> Result<(ResponseHead, TunnelBody), LinkError> {
         if self.closed.is_cancelled() {
-            return Err(LinkError::Lost);
+            return Err(LinkError::NotOpened);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (events_tx, mut events) = mpsc::channel(EXCHANGE_QUEUE);
@@ -281,7 +281,10 @@ impl GrpcLink {
                 guard.done = true; // nothing reached the agent
                 return Err(LinkError::Busy);
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(LinkError::Lost),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                guard.done = true; // nothing reached the agent
+                return Err(LinkError::NotOpened);
+            }
         }
         let upload = head.has_body.then(|| {
             let outbound = self.outbound.clone();

@@ -112,11 +112,66 @@ mod tests {
         assert!(tripped.is_set());
     }
 
+    #[tokio::test]
+    async fn a_body_slot_can_be_resent_until_first_read() {
+        let slot =
+            BodySlot::new(Full::new(Bytes::from_static(b"payload")).map_err(|never| match never {}).boxed_unsync());
+        drop(slot.body()); // a first attempt that never read it
+        assert!(slot.untouched());
+        assert_eq!(slot.body().collect().await.unwrap().to_bytes(), "payload");
+        assert!(!slot.untouched());
+        assert!(slot.body().collect().await.is_err(), "a body can be sent only once");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_silent_body_ends_after_the_idle_timeout() {
         let never = StreamBody::new(futures_util::stream::pending::<Result<Frame<Bytes>, std::io::Error>>());
         let body = Metered::new(never, Counter::default(), Some(Duration::from_secs(5)));
         let err = body.collect().await.err().unwrap();
         assert!(err.to_string().contains("no progress"), "{err}");
+    }
+}
+
+/// Holds a request body until a transport first reads it, so a request whose stream could not be
+/// opened can be sent again, whole, to another agent.
+#[derive(Clone)]
+pub struct BodySlot(Arc<std::sync::Mutex<Option<quictun_core::link::TunnelBody>>>);
+
+impl BodySlot {
+    /// A slot holding `body`.
+    pub fn new(body: quictun_core::link::TunnelBody) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(Some(body))))
+    }
+
+    /// True while no transport has read the body.
+    pub fn untouched(&self) -> bool {
+        self.0.lock().is_ok_and(|slot| slot.is_some())
+    }
+
+    /// A body that takes the held one on its first read.
+    pub fn body(&self) -> quictun_core::link::TunnelBody {
+        use http_body_util::BodyExt;
+        SlotBody { slot: self.clone(), inner: None }.boxed_unsync()
+    }
+}
+
+struct SlotBody {
+    slot: BodySlot,
+    inner: Option<quictun_core::link::TunnelBody>,
+}
+
+impl Body for SlotBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        if this.inner.is_none() {
+            this.inner = this.slot.0.lock().ok().and_then(|mut slot| slot.take());
+        }
+        match this.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_frame(cx),
+            None => Poll::Ready(Some(Err(BodyError::Closed("request body already sent to another agent".into())))),
+        }
     }
 }

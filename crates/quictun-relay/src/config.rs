@@ -217,6 +217,14 @@ pub struct UpstreamEntry {
     pub group: String,
     /// Base URLs as the agent sees them.
     pub targets: Vec<String>,
+    /// How requests are spread over the group's agents: `round_robin` (default),
+    /// `least_in_flight` or `hash` (sticky, on `hash_header`).
+    #[serde(default)]
+    pub balance: crate::balance::Balance,
+    /// The request header whose value `hash` balancing hashes (for example a session cookie name
+    /// or `x-user-id`).
+    #[serde(default)]
+    pub hash_header: Option<String>,
 }
 
 /// A `[[routes]]` entry.
@@ -307,6 +315,14 @@ impl RelayConfig {
         for (i, upstream) in self.upstreams.iter().enumerate() {
             if self.upstreams[..i].iter().any(|u| u.name == upstream.name) {
                 return Err(invalid(format!("upstreams[{i}].name"), format!("duplicate upstream {:?}", upstream.name)));
+            }
+            if upstream.balance == crate::balance::Balance::Hash
+                && upstream.hash_header.as_deref().is_none_or(|h| http::HeaderName::from_bytes(h.as_bytes()).is_err())
+            {
+                return Err(invalid(
+                    format!("upstreams[{i}].hash_header"),
+                    "hash balancing needs a valid hash_header".into(),
+                ));
             }
             if upstream.targets.is_empty() {
                 return Err(invalid(format!("upstreams[{i}].targets"), "needs at least one target".into()));

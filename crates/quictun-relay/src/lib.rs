@@ -17,6 +17,7 @@
 //! [`Relay::start`] binds everything and returns a [`Relay`] handle; [`Relay::shutdown`] drains.
 
 pub mod admin;
+pub mod balance;
 pub mod body;
 pub mod config;
 pub mod conn_clock;

@@ -17,13 +17,14 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use quictun_core::http_stream::{connection_listed, headers_from_wire, is_hop_by_hop, wire_header};
 use quictun_core::link::{BodyError, LinkError, TunnelBody};
-use quictun_proto::{Header, RequestHead, StreamKind};
+use quictun_proto::{Header, RequestHead, StreamCode, StreamKind};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, field, info_span, warn};
 use uuid::Uuid;
 
-use crate::body::{Metered, Tripped};
+use crate::balance::Choice;
+use crate::body::{BodySlot, Metered, Tripped};
 use crate::metrics::Reject;
 use crate::sessions::Session;
 use crate::state::Shared;
@@ -233,6 +234,15 @@ fn forwarded_headers(req: &Request<Incoming>, host: &str, peer: SocketAddr, requ
     wire
 }
 
+/// Failures that say the agent (or what is behind it) is unwell, as opposed to the request.
+fn counts_against_the_agent(err: &LinkError) -> bool {
+    match err {
+        LinkError::NotOpened | LinkError::Lost | LinkError::Protocol(_) => true,
+        LinkError::Reset(code) => matches!(code, StreamCode::UpstreamConnect | StreamCode::UpstreamFailed),
+        LinkError::Busy => false,
+    }
+}
+
 /// Just after the relay started, agents are still reconnecting: wait (up to the end of the
 /// startup grace) for one of `group` to register rather than failing at once.
 async fn agent_after_startup(shared: &Shared, group: &Arc<str>) -> Result<Arc<Session>, ProxyError> {
@@ -273,9 +283,12 @@ async fn forward(
         }
         None => None,
     };
-    let session = match shared.sessions.pick(&route.group) {
+    let hash_key = route.hash_header.as_ref().and_then(|h| req.headers().get(h)).map(|v| v.as_bytes().to_vec());
+    let (group, balance) = (route.group.clone(), route.balance);
+    let choice = |exclude| Choice { balance, key: hash_key.as_deref(), exclude };
+    let session = match shared.sessions.choose(&group, &choice(None)) {
         Some(session) => session,
-        None => agent_after_startup(shared, &route.group).await?,
+        None => agent_after_startup(shared, &group).await?,
     };
     tracing::Span::current().record("client_id", &*session.client_id);
     let agent_slot = session.try_stream_permit().ok_or(ProxyError::Link(LinkError::Busy))?;
@@ -315,10 +328,32 @@ async fn forward(
     let too_large = || tripped.as_ref().is_some_and(Tripped::is_set);
     let deadline = Duration::from_secs(shared.settings.response_timeout_secs);
     let started = Instant::now();
-    let (response_head, body) = match tokio::time::timeout(deadline, session.link.exchange(head, body)).await {
-        Ok(Ok(exchanged)) => exchanged,
+    let body = BodySlot::new(body);
+    let (mut session, mut agent_slot) = (session, agent_slot);
+    let mut attempt = tokio::time::timeout(deadline, session.link.exchange(head.clone(), body.body())).await;
+    // A stream that could not be opened sent nothing: the request goes once to another agent.
+    if matches!(attempt, Ok(Err(LinkError::NotOpened))) && body.untouched() {
+        session.record_failure();
+        let other = shared.sessions.choose(&group, &choice(Some(session.session_id)));
+        if let Some((other, permit)) = other.and_then(|o| o.try_stream_permit().map(|p| (o, p))) {
+            warn!(from = %session.client_id, to = %other.client_id, "stream could not be opened: retrying on another agent");
+            (session, agent_slot) = (other, permit);
+            tracing::Span::current().record("client_id", &*session.client_id);
+            attempt = tokio::time::timeout(deadline, session.link.exchange(head, body.body())).await;
+        }
+    }
+    let (response_head, body) = match attempt {
+        Ok(Ok(exchanged)) => {
+            session.record_success();
+            exchanged
+        }
         Ok(Err(_)) if too_large() => return Err(ProxyError::BodyTooLarge(max_body.unwrap_or_default())),
-        Ok(Err(err)) => return Err(err.into()),
+        Ok(Err(err)) => {
+            if counts_against_the_agent(&err) {
+                session.record_failure();
+            }
+            return Err(err.into());
+        }
         Err(_) => return Err(ProxyError::Timeout(deadline)),
     };
     outcome.head_latency = Some(started.elapsed());

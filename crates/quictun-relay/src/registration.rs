@@ -77,8 +77,10 @@ pub async fn serve_agent<C: ControlIo>(mut control: C, link: Arc<dyn AgentLink>,
         &group,
         link.clone(),
         shared.settings.max_streams_per_agent,
+        shared.settings.heartbeat_interval(),
         commands,
     ));
+    session.heard();
     let accepted = Accepted {
         session_id: session.session_id,
         heartbeat_interval_ms: shared.settings.heartbeat_interval_ms,
@@ -124,8 +126,12 @@ async fn run_session<C: ControlIo>(
                 Some(ControlMessage::GoAway(GoAway { drain_ms, reason: "relay shutting down".into() }))
             }
             msg = control.recv() => match msg {
-                Ok(ControlMessage::Heartbeat(hb)) => Some(heartbeats.on_heartbeat(hb)),
+                Ok(ControlMessage::Heartbeat(hb)) => {
+                    session.heard();
+                    Some(heartbeats.on_heartbeat(hb))
+                }
                 Ok(ControlMessage::HeartbeatAck(hb)) => {
+                    session.heard();
                     session.set_rtt(heartbeats.on_ack(hb));
                     None
                 }

@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
+use crate::balance::Balance;
+
 use crate::config::RelayConfig;
 
 /// How a route matches the host.
@@ -54,6 +56,10 @@ pub struct Route {
     pub in_flight: Option<Arc<Semaphore>>,
     /// The largest request body this route accepts.
     pub max_body_bytes: Option<u64>,
+    /// How the upstream's requests are spread over its group.
+    pub balance: Balance,
+    /// The header hashed by [`Balance::Hash`].
+    pub hash_header: Option<http::HeaderName>,
 }
 
 fn prefix_matches(prefix: &str, path: &str) -> bool {
@@ -84,6 +90,11 @@ impl Router {
                     group: Arc::from(upstream.group.as_str()),
                     in_flight: r.max_in_flight.map(|n| Arc::new(Semaphore::new(n as usize))),
                     max_body_bytes: r.max_body_bytes,
+                    balance: upstream.balance,
+                    hash_header: upstream
+                        .hash_header
+                        .as_deref()
+                        .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
                 })
             })
             .collect();

@@ -15,6 +15,8 @@ use quictun_proto::{AgentConfig, CloseCode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use uuid::Uuid;
 
+use crate::balance::Choice;
+
 /// A command for a session's control task.
 #[derive(Debug, Clone)]
 pub enum SessionCommand {
@@ -40,6 +42,28 @@ pub struct Session {
     rtt_us: AtomicU64,
     draining: AtomicBool,
     commands: mpsc::Sender<SessionCommand>,
+    health: Health,
+}
+
+/// Consecutive failed exchanges after which an agent is put in cooldown.
+pub const FAILURES_BEFORE_COOLDOWN: u32 = 3;
+/// How long an agent stays out after repeated failures.
+pub const COOLDOWN: Duration = Duration::from_secs(10);
+
+/// Failures, cooldown and heartbeat freshness of one session (milliseconds since `origin`).
+#[derive(Debug)]
+struct Health {
+    origin: tokio::time::Instant,
+    failures: AtomicU64,
+    cooldown_until_ms: AtomicU64,
+    last_heard_ms: AtomicU64,
+    lag_limit: Duration,
+}
+
+impl Health {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
 }
 
 impl Session {
@@ -49,6 +73,7 @@ impl Session {
         group: &str,
         link: Arc<dyn AgentLink>,
         max_streams: u32,
+        heartbeat_interval: Duration,
         commands: mpsc::Sender<SessionCommand>,
     ) -> Self {
         Self {
@@ -62,7 +87,45 @@ impl Session {
             rtt_us: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             commands,
+            health: Health {
+                origin: tokio::time::Instant::now(),
+                failures: AtomicU64::new(0),
+                cooldown_until_ms: AtomicU64::new(0),
+                last_heard_ms: AtomicU64::new(0),
+                // A heartbeat is answered within an interval; two missed ones mean trouble.
+                lag_limit: heartbeat_interval * 2,
+            },
         }
+    }
+
+    /// Records that the agent said something on its control stream.
+    pub fn heard(&self) {
+        self.health.last_heard_ms.store(self.health.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Records an exchange the agent completed.
+    pub fn record_success(&self) {
+        self.health.failures.store(0, Ordering::Relaxed);
+    }
+
+    /// Records a failed exchange; after [`FAILURES_BEFORE_COOLDOWN`] in a row the agent is left
+    /// out for [`COOLDOWN`] (while a healthy agent of its group exists).
+    pub fn record_failure(&self) {
+        let failures = self.health.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= u64::from(FAILURES_BEFORE_COOLDOWN) {
+            self.health.failures.store(0, Ordering::Relaxed);
+            let until = self.health.now_ms() + u64::try_from(COOLDOWN.as_millis()).unwrap_or(u64::MAX);
+            self.health.cooldown_until_ms.store(until, Ordering::Relaxed);
+            tracing::warn!(client_id = %self.client_id, ?COOLDOWN, "agent failing repeatedly: cooling down");
+        }
+    }
+
+    /// False while the agent is in cooldown or its heartbeats lag.
+    pub fn is_healthy(&self) -> bool {
+        let now = self.health.now_ms();
+        let lagging = now.saturating_sub(self.health.last_heard_ms.load(Ordering::Relaxed))
+            > u64::try_from(self.health.lag_limit.as_millis()).unwrap_or(u64::MAX);
+        now >= self.health.cooldown_until_ms.load(Ordering::Relaxed) && !lagging
     }
 
     /// The agent's address as the relay sees it.
@@ -167,12 +230,16 @@ impl SessionManager {
         self.generation.send_modify(|g| *g += 1);
     }
 
-    /// The next available session of `group`, rotating over its members.
+    /// The next available session of `group`, rotating over its healthy members.
     pub fn pick(&self, group: &str) -> Option<Arc<Session>> {
+        self.choose(group, &Choice::default())
+    }
+
+    /// A session of `group` chosen by `choice` (see [`crate::balance`]).
+    pub fn choose(&self, group: &str, choice: &Choice<'_>) -> Option<Arc<Session>> {
         let group = self.by_group.get(group)?;
-        let n = group.members.len();
-        let start = group.cursor.fetch_add(1, Ordering::Relaxed);
-        (0..n).map(|i| &group.members[(start + i) % n]).find(|s| s.is_available()).cloned()
+        let cursor = group.cursor.fetch_add(1, Ordering::Relaxed);
+        crate::balance::choose(&group.members, cursor, choice)
     }
 
     /// The current session of a client.
