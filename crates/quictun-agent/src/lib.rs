@@ -14,7 +14,9 @@
 //! - [`quic`]: the QUIC transport: dial, verify, one stream per request.
 //! - [`grpc`]: the gRPC transport (fallback where UDP is blocked).
 //! - [`metrics`]: Prometheus metrics, served with `/healthz` and `/readyz` on `admin_listen`.
+//! - [`admin`]: the agent's admin pages.
 
+pub mod admin;
 pub mod config;
 pub mod forward;
 pub mod grpc;
@@ -46,7 +48,6 @@ pub use options::AgentOptions;
 use crate::forward::Forwarder;
 use crate::metrics::AgentMetrics;
 use crate::session::{Attempt, Outcome};
-use quictun_core::admin::{self, AdminPages, AdminReply};
 
 /// Why the agent stopped for good.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -119,41 +120,6 @@ pub struct Agent {
     udp_buffer: usize,
 }
 
-/// The agent's admin pages: ready while registered, metrics.
-struct AgentPages {
-    state: watch::Receiver<AgentState>,
-    metrics: Arc<AgentMetrics>,
-}
-
-impl AgentPages {
-    fn connected(&self) -> bool {
-        matches!(*self.state.borrow(), AgentState::Connected { .. })
-    }
-}
-
-impl AdminPages for AgentPages {
-    fn ready(&self) -> bool {
-        self.connected()
-    }
-
-    fn metrics(&self) -> String {
-        self.metrics.render(self.connected())
-    }
-
-    fn page(&self, _path: &str) -> Option<AdminReply> {
-        None
-    }
-}
-
-/// Binds the admin listener (synchronously, so [`Agent::start_on`] stays synchronous).
-fn bind_admin(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), AgentError> {
-    let err = |e: std::io::Error| AgentError::Admin { addr, message: e.to_string() };
-    let listener = std::net::TcpListener::bind(addr).map_err(err)?;
-    listener.set_nonblocking(true).map_err(err)?;
-    let bound = listener.local_addr().map_err(err)?;
-    Ok((tokio::net::TcpListener::from_std(listener).map_err(err)?, bound))
-}
-
 impl Agent {
     /// Binds the local endpoint and starts connecting in the background.
     pub async fn start(options: AgentOptions) -> Result<Self, AgentError> {
@@ -177,10 +143,16 @@ impl Agent {
         let admin_tasks = TaskTracker::new();
         let admin_addr = match options.admin_listen {
             Some(addr) => {
-                let (listener, bound) = bind_admin(addr)?;
-                let pages = Arc::new(AgentPages { state: state.clone(), metrics });
+                let (listener, bound) = admin::bind(addr)?;
+                let pages = Arc::new(admin::AgentPages { state: state.clone(), metrics });
                 let token = options.admin_token.clone();
-                admin_tasks.spawn(admin::serve(listener, pages, token, shutdown.clone(), admin_tasks.clone()));
+                admin_tasks.spawn(quictun_core::admin::serve(
+                    listener,
+                    pages,
+                    token,
+                    shutdown.clone(),
+                    admin_tasks.clone(),
+                ));
                 info!(admin = %bound, "agent admin endpoint listening");
                 Some(bound)
             }
