@@ -59,15 +59,4 @@ async fn routes_and_upstreams_change_without_dropping_anything(transport: Transp
     assert!(h.relay().sessions().wait_until(WAIT, |s| s.get("agent-3").is_none()).await);
 }
 
-macro_rules! on_both_transports {
-    ($($name:ident),* $(,)?) => {
-        mod quic {
-            $(#[tokio::test] async fn $name() { super::$name(quictun_agent::Transport::Quic).await; })*
-        }
-        mod grpc {
-            $(#[tokio::test] async fn $name() { super::$name(quictun_agent::Transport::Grpc).await; })*
-        }
-    };
-}
-
-on_both_transports!(routes_and_upstreams_change_without_dropping_anything);
+quictun_tests::on_both_transports!(routes_and_upstreams_change_without_dropping_anything);

@@ -41,15 +41,7 @@ async fn a_long_poll_is_answered_when_the_upstream_answers(transport: Transport)
     assert_eq!((reply.status, reply.text().as_str()), (StatusCode::OK, "released"));
 }
 
-macro_rules! on_both_transports {
-    ($($name:ident),* $(,)?) => {
-        mod quic {
-            $(#[tokio::test] async fn $name() { super::$name(quictun_agent::Transport::Quic).await; })*
-        }
-        mod grpc {
-            $(#[tokio::test] async fn $name() { super::$name(quictun_agent::Transport::Grpc).await; })*
-        }
-    };
-}
-
-on_both_transports!(server_sent_events_arrive_one_by_one, a_long_poll_is_answered_when_the_upstream_answers);
+quictun_tests::on_both_transports!(
+    server_sent_events_arrive_one_by_one,
+    a_long_poll_is_answered_when_the_upstream_answers
+);

@@ -117,18 +117,7 @@ async fn a_tcp_connection_without_an_agent_is_closed(transport: Transport) {
     assert!(read.is_err() || buf.is_empty(), "got {buf:?}");
 }
 
-macro_rules! on_both_transports {
-    ($($name:ident),* $(,)?) => {
-        mod quic {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(quictun_agent::Transport::Quic).await; })*
-        }
-        mod grpc {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(quictun_agent::Transport::Grpc).await; })*
-        }
-    };
-}
-
-on_both_transports!(
+quictun_tests::on_both_transports!(
     tcp_echo_and_a_large_transfer_after_the_clients_fin,
     the_servers_fin_does_not_cut_the_client_direction,
     a_tcp_connection_without_an_agent_is_closed,

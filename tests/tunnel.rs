@@ -414,29 +414,9 @@ async fn oversized_request_heads_get_431_and_the_ingress_goes_on(transport: Tran
     assert_eq!(raw_status_line(addr, b"GET /hello HTTP/1.1\r\nHost: app.test\r\n\r\n").await, "HTTP/1.1 200 OK");
 }
 
-/// Every scenario runs against both transports.
-macro_rules! on_both_transports {
-    ($($name:ident),* $(,)?) => {
-        mod quic {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Transport::Quic).await
-                }
-            )*
-        }
-        mod grpc {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Transport::Grpc).await
-                }
-            )*
-        }
-    };
-}
+// Every scenario runs against both transports.
 
-on_both_transports!(
+quictun_tests::on_both_transports!(
     get_and_post_through_the_tunnel,
     eight_mib_bodies_both_ways_keep_their_checksum,
     fifty_requests_complete_while_one_hangs,

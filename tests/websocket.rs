@@ -95,15 +95,4 @@ async fn websocket_messages_echo_and_either_side_closes(transport: Transport) {
     }
 }
 
-macro_rules! on_both_transports {
-    ($($name:ident),* $(,)?) => {
-        mod quic {
-            $(#[tokio::test] async fn $name() { super::$name(quictun_agent::Transport::Quic).await; })*
-        }
-        mod grpc {
-            $(#[tokio::test] async fn $name() { super::$name(quictun_agent::Transport::Grpc).await; })*
-        }
-    };
-}
-
-on_both_transports!(websocket_messages_echo_and_either_side_closes);
+quictun_tests::on_both_transports!(websocket_messages_echo_and_either_side_closes);

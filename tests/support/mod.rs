@@ -15,6 +15,33 @@ pub use harness::{Harness, HarnessConfig};
 pub use udp_proxy::UdpProxy;
 pub use upstream::Upstream;
 
+/// The transports a scenario runs over (re-exported for [`on_both_transports!`]).
+pub use quictun_agent::Transport;
+
+/// Runs each `async fn name(transport: Transport)` scenario as two tests, `quic::name` and
+/// `grpc::name`, each on a two-thread runtime.
+#[macro_export]
+macro_rules! on_both_transports {
+    ($($name:ident),* $(,)?) => {
+        mod quic {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::Transport::Quic).await
+                }
+            )*
+        }
+        mod grpc {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::Transport::Grpc).await
+                }
+            )*
+        }
+    };
+}
+
 /// Deterministic test bytes: byte `i` is `i % 251`.
 pub fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i % 251) as u8).collect()

@@ -330,12 +330,17 @@ async fn forward(
     let started = Instant::now();
     let body = BodySlot::new(body);
     let (mut session, mut agent_slot) = (session, agent_slot);
-    let mut attempt = tokio::time::timeout(deadline, session.link.exchange(head.clone(), body.body())).await;
+    // Kept for a retry only where another agent could take it (not on the common single-agent path).
+    let retry_head = (shared.sessions.group_len(&group) > 1).then(|| head.clone());
+    let mut attempt = tokio::time::timeout(deadline, session.link.exchange(head, body.body())).await;
     // A stream that could not be opened sent nothing: the request goes once to another agent.
-    if matches!(attempt, Ok(Err(LinkError::NotOpened))) && body.untouched() {
-        session.record_failure();
+    if let Some(head) = retry_head
+        && matches!(attempt, Ok(Err(LinkError::NotOpened)))
+        && body.untouched()
+    {
         let other = shared.sessions.choose(&group, &choice(Some(session.session_id)));
         if let Some((other, permit)) = other.and_then(|o| o.try_stream_permit().map(|p| (o, p))) {
+            session.record_failure();
             warn!(from = %session.client_id, to = %other.client_id, "stream could not be opened: retrying on another agent");
             (session, agent_slot) = (other, permit);
             tracing::Span::current().record("client_id", &*session.client_id);

@@ -262,6 +262,11 @@ impl SessionManager {
         self.by_client.iter().map(|e| e.value().clone()).collect()
     }
 
+    /// How many sessions a group has.
+    pub fn group_len(&self, group: &str) -> usize {
+        self.by_group.get(group).map_or(0, |g| g.members.len())
+    }
+
     /// The sessions of a group (a snapshot).
     pub fn group(&self, group: &str) -> Vec<Arc<Session>> {
         self.by_group.get(group).map(|g| g.members.clone()).unwrap_or_default()
