@@ -29,6 +29,7 @@ pub fn browser_request() -> RequestHead {
         uri: "/dashboard/projects?page=2&sort=updated".into(),
         headers: headers.iter().map(|(n, v)| Header { name: (*n).into(), value: v.as_bytes().to_vec() }).collect(),
         has_body: false,
+        framed_body: false,
     }
 }
 
@@ -44,5 +45,6 @@ pub fn response() -> ResponseHead {
     ResponseHead {
         status: 200,
         headers: headers.iter().map(|(n, v)| Header { name: (*n).into(), value: v.as_bytes().to_vec() }).collect(),
+        framed_body: false,
     }
 }

@@ -29,6 +29,7 @@ fn head(path: &str) -> RequestHead {
         uri: path.into(),
         headers: vec![Header { name: "host".into(), value: b"app.test".to_vec() }],
         has_body: false,
+        framed_body: false,
     }
 }
 
@@ -113,6 +114,35 @@ async fn agent_resets_malformed_streams_and_keeps_serving_the_others() {
         reset_code_for(&conn, &frame::encode(&unknown, 65536).unwrap()).await,
         Some(StreamCode::UnknownUpstream)
     );
+
+    // Framed request bodies: a well-formed one (data, then trailers) is echoed; one with an
+    // unknown body-frame type ends in a reset of that stream only.
+    let mut framed = head("/echo");
+    (framed.method, framed.has_body, framed.framed_body) = ("POST".into(), true, true);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-checksum", "1".parse().unwrap());
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut send, &framed, 65536).await.unwrap();
+    send.write_all(&[0, 0, 0, 0, 3]).await.unwrap();
+    send.write_all(b"abc").await.unwrap();
+    send.write_all(&quictun_core::body_frames::encode_trailers_frame(&trailers, 4096).unwrap()).await.unwrap();
+    send.finish().unwrap();
+    let response: ResponseHead = tokio::time::timeout(WAIT, read_frame(&mut recv, 65536)).await.unwrap().unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(recv.read_to_end(1024).await.unwrap(), b"abc");
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut send, &framed, 65536).await.unwrap();
+    send.write_all(&[9, 0, 0, 0, 1, b'x']).await.unwrap();
+    send.finish().unwrap();
+    let ended_in_reset = match tokio::time::timeout(WAIT, read_frame::<ResponseHead>(&mut recv, 65536)).await {
+        Ok(Err(_)) => true,
+        Ok(Ok(_head)) => matches!(
+            tokio::time::timeout(WAIT, recv.read_to_end(1024)).await.unwrap(),
+            Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(_)))
+        ),
+        Err(_) => panic!("the agent never answered a malformed framed body"),
+    };
+    assert!(ended_in_reset, "a malformed framed body must not end in a clean response");
 
     // A good stream is served next to them.
     let (mut send, mut recv) = conn.open_bi().await.unwrap();

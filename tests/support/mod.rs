@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 pub mod client;
+pub mod grpc_echo;
 pub mod harness;
 pub mod udp_proxy;
 pub mod upstream;

@@ -3,23 +3,16 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use http_body_util::BodyExt;
 use quictun_core::endpoint::ClientSetup;
-use quictun_core::framed::{ControlChannel, read_frame_within, write_frame};
-use quictun_core::http_stream::{RecvBody, pump_body, reset, stop};
-use quictun_core::link::{BoxFuture, RelayConnection, RequestHandler, empty_body};
-use quictun_proto::{CloseCode, RequestHead, StreamCode};
+use quictun_core::framed::ControlChannel;
+use quictun_core::link::{BoxFuture, RelayConnection, RequestHandler};
+use quictun_proto::CloseCode;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info_span, warn};
 
 use crate::session::Attempt;
 use crate::{AgentError, AgentOptions};
-
-/// Deadline for the head frame of a stream the relay opened.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn resolve(relay: &str) -> Result<SocketAddr, Attempt> {
     let mut addrs =
@@ -84,18 +77,7 @@ impl RelayConnection for QuicRelay {
         tasks: TaskTracker,
         cancel: CancellationToken,
     ) -> BoxFuture<'_, String> {
-        Box::pin(async move {
-            loop {
-                match self.conn.accept_bi().await {
-                    Ok((send, recv)) => {
-                        let handler = handler.clone();
-                        let work = async move { serve_stream(handler.as_ref(), send, recv).await }.in_current_span();
-                        quictun_core::spawn_cancellable(&tasks, &cancel, work);
-                    }
-                    Err(err) => return err.to_string(),
-                }
-            }
-        })
+        Box::pin(quictun_core::quic_link::serve_streams(&self.conn, handler, tasks, cancel))
     }
 
     fn close(&self, code: CloseCode) {
@@ -109,48 +91,4 @@ impl RelayConnection for QuicRelay {
     fn remote_addr(&self) -> SocketAddr {
         self.conn.remote_address()
     }
-}
-
-/// Serves one stream opened by the relay.
-async fn serve_stream(handler: &dyn RequestHandler, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    let limits = handler.limits();
-    let head: RequestHead = match read_frame_within(&mut recv, limits.max_head_frame, HEAD_TIMEOUT).await {
-        Ok(head) => head,
-        Err(err) => {
-            let code = err.stream_code();
-            warn!(%err, ?code, "bad stream from relay");
-            reset(&mut send, code);
-            stop(&mut recv, code);
-            return;
-        }
-    };
-    let span = info_span!("stream", request_id = %head.request_id, upstream = %head.upstream);
-    if let Err(err) = head.validate(&limits) {
-        span.in_scope(|| warn!(%err, "invalid request head"));
-        reset(&mut send, StreamCode::Malformed);
-        stop(&mut recv, StreamCode::Malformed);
-        return;
-    }
-    let body = if head.has_body {
-        RecvBody::new(recv).boxed_unsync()
-    } else {
-        stop(&mut recv, StreamCode::NoError);
-        empty_body()
-    };
-    async {
-        match handler.handle(head, body).await {
-            Ok((response_head, body)) => {
-                if write_frame(&mut send, &response_head, limits.max_head_frame).await.is_err() {
-                    return reset(&mut send, StreamCode::Cancelled);
-                }
-                match pump_body(body, &mut send, StreamCode::UpstreamFailed).await {
-                    Ok(bytes) => debug!(status = response_head.status, bytes, "response sent"),
-                    Err(err) => debug!(%err, "response body ended early"),
-                }
-            }
-            Err(code) => reset(&mut send, code),
-        }
-    }
-    .instrument(span)
-    .await;
 }

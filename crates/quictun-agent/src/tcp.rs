@@ -45,5 +45,5 @@ pub async fn connect(
         tracing::debug!(%err, "could not set TCP_NODELAY");
     }
     let body = spawn_splice(async move { Some(stream) }, from_relay);
-    Ok((ResponseHead { status: 200, headers: vec![] }, body))
+    Ok((ResponseHead { status: 200, headers: vec![], framed_body: false }, body))
 }

@@ -3,63 +3,15 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use http::Uri;
-use http::uri::{Authority, Scheme};
 use quictun_proto::AgentConfig;
 use tracing::warn;
 
 use crate::config::LocalUpstream;
-
-/// One target: scheme, authority and an optional base path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    scheme: Scheme,
-    authority: Authority,
-    base_path: String,
-}
-
-/// Why a target string is unusable.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid upstream target {target:?}: {reason}")]
-pub struct InvalidTarget {
-    /// The target as given.
-    pub target: String,
-    /// Why.
-    pub reason: &'static str,
-}
-
-impl Target {
-    /// Parses `http://host:port[/base]`.
-    pub fn parse(target: &str) -> Result<Self, InvalidTarget> {
-        let invalid = |reason| InvalidTarget { target: target.to_owned(), reason };
-        let uri: Uri = target.parse().map_err(|_| invalid("not a URL"))?;
-        let scheme = uri.scheme().cloned().ok_or_else(|| invalid("missing scheme"))?;
-        if scheme != Scheme::HTTP {
-            return Err(invalid("only http:// targets are supported"));
-        }
-        let authority = uri.authority().cloned().ok_or_else(|| invalid("missing host"))?;
-        let base_path = uri.path().trim_end_matches('/').to_owned();
-        Ok(Self { scheme, authority, base_path })
-    }
-
-    /// The full URI for a request path (origin form, starting with `/`).
-    pub fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(format!("{}{}", self.base_path, path_and_query))
-            .build()
-    }
-
-    /// `host:port` (port defaulted from the scheme).
-    pub fn host_port(&self) -> String {
-        format!("{}:{}", self.authority.host(), self.authority.port_u16().unwrap_or(80))
-    }
-}
+pub use quictun_core::upstream_http::{InvalidTarget, Target};
 
 /// Checks a target against allow-list entries (`host:port` or `host:*`).
 fn allowed(target: &Target, allow: &[String]) -> bool {
-    host_port_allowed(target.authority.host(), &target.host_port(), allow)
+    host_port_allowed(target.host(), &target.host_port(), allow)
 }
 
 /// Checks `host` (and its `host_port`) against allow-list entries (`host:port` or `host:*`).
@@ -150,15 +102,6 @@ mod tests {
                 targets: targets.iter().map(|s| s.to_string()).collect(),
             }],
         }
-    }
-
-    #[test]
-    fn targets_parse_and_build_uris() {
-        let t = Target::parse("http://127.0.0.1:3000/base/").unwrap();
-        assert_eq!(t.uri_for("/x?y=1").unwrap().to_string(), "http://127.0.0.1:3000/base/x?y=1");
-        assert!(Target::parse("ftp://x").is_err());
-        assert!(Target::parse("not a url").is_err());
-        assert_eq!(Target::parse("http://h").unwrap().host_port(), "h:80");
     }
 
     #[test]

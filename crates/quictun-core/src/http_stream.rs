@@ -10,11 +10,13 @@ use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use quictun_proto::{Header, StreamCode};
 
+use crate::body_frames::{Framing, data_frame_header, encode_trailers_frame};
 pub use crate::link::BodyError;
 use quinn::VarInt;
+use tracing::debug;
 
-/// Largest chunk handed out by [`RecvBody`] at a time.
-const MAX_CHUNK: usize = 64 * 1024;
+/// Largest chunk handed out by a body read from a stream at a time.
+pub const MAX_CHUNK: usize = 64 * 1024;
 
 /// Headers that describe one connection and never cross a proxy (RFC 9110 §7.6.1).
 pub const HOP_BY_HOP: [&str; 9] = [
@@ -29,14 +31,30 @@ pub const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
-/// Removes hop-by-hop headers, including any named in `Connection`.
+/// Removes hop-by-hop headers, including any named in `Connection`. `TE: trailers` is kept (as
+/// exactly that): it says the client accepts trailers, which gRPC needs end to end and HTTP/2
+/// allows (RFC 9113 §8.2.2).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let accepts_trailers = accepts_trailers(headers);
     for name in connection_listed(headers) {
         headers.remove(name);
     }
     for name in HOP_BY_HOP {
         headers.remove(name);
     }
+    if accepts_trailers {
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// True when a `TE` header lists `trailers` (the client accepts trailers).
+pub fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(http::header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers")))
 }
 
 /// Converts headers to their wire form (hop-by-hop headers must already be gone).
@@ -151,11 +169,17 @@ pub enum PumpError {
     Write(#[from] quinn::WriteError),
 }
 
-/// Streams `body` into `send` frame by frame, then finishes the stream. Backpressure is QUIC flow
-/// control: the next frame is read only after the previous one was accepted. On a source error the
-/// stream is reset with `on_source_error`, so the peer never mistakes a truncated body for a whole
-/// one. Returns the number of body bytes sent.
-pub async fn pump_body<B>(body: B, send: &mut quinn::SendStream, on_source_error: StreamCode) -> Result<u64, PumpError>
+/// Streams `body` into `send` frame by frame, laid out as `framing` says, then finishes the
+/// stream. Backpressure is QUIC flow control: the next frame is read only after the previous one
+/// was accepted. On a source error the stream is reset with `on_source_error`, so the peer never
+/// mistakes a truncated body for a whole one. Trailers are sent in a framed body and dropped
+/// (with a debug line) from a raw one. Returns the number of body bytes sent.
+pub async fn pump_body<B>(
+    body: B,
+    send: &mut quinn::SendStream,
+    on_source_error: StreamCode,
+    framing: Framing,
+) -> Result<u64, PumpError>
 where
     B: Body,
     B::Error: std::fmt::Display,
@@ -173,10 +197,34 @@ where
                 return Err(PumpError::Source(e.to_string()));
             }
         };
-        if let Ok(mut data) = frame.into_data() {
-            let bytes = data.copy_to_bytes(data.remaining());
-            sent += bytes.len() as u64;
-            guard.send.write_chunk(bytes).await?;
+        match frame.into_data() {
+            Ok(mut data) => {
+                let bytes = data.copy_to_bytes(data.remaining());
+                if bytes.is_empty() {
+                    continue;
+                }
+                sent += bytes.len() as u64;
+                match framing {
+                    Framing::Raw => guard.send.write_chunk(bytes).await?,
+                    Framing::Framed { .. } => {
+                        guard.send.write_all_chunks(&mut [data_frame_header(bytes.len()), bytes]).await?;
+                    }
+                }
+            }
+            Err(frame) => {
+                let Ok(trailers) = frame.into_trailers() else { continue };
+                let Framing::Framed { max_trailers } = framing else {
+                    debug!(fields = trailers.len(), "trailers dropped: the body is not framed");
+                    continue;
+                };
+                let encoded = encode_trailers_frame(&trailers, max_trailers).map_err(|e| {
+                    guard.code = on_source_error;
+                    PumpError::Source(format!("trailers: {e}"))
+                })?;
+                guard.send.write_chunk(encoded).await?;
+                // Trailers end the body.
+                break;
+            }
         }
     }
     guard.done = true;
@@ -225,6 +273,18 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("content-type"));
+    }
+
+    #[test]
+    fn te_trailers_is_kept_and_other_te_values_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("gzip, trailers;q=1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.get("te").unwrap(), "trailers");
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("te").is_none());
     }
 
     #[test]

@@ -5,16 +5,19 @@
 //! - [`endpoint`]: UDP sockets with large buffers and the QUIC transport tuning.
 //! - [`framed`]: head frames on data streams and the control channel codec.
 //! - [`http_stream`]: the HTTP-over-stream codec: header conversion, streaming bodies.
+//! - [`body_frames`]: framed bodies, so trailers (gRPC's status) can follow a body.
 //! - [`link`]: what a transport provides (control channel, agent link, tunnel bodies).
 //! - [`quic_link`]: the QUIC transport's agent link (one stream per exchange).
 //! - [`backoff`]: exponential backoff with full jitter.
 //! - [`heartbeat`]: heartbeat timing, silence detection and RTT.
 //! - [`config`]: TOML loading with errors that name the file and the key.
 //! - [`upgrade`]: upgraded connections (WebSocket): raw bytes both ways after a 101.
+//! - [`upstream_http`]: one tunnelled request sent to an HTTP upstream (HTTP/1.1 or HTTP/2).
 //! - [`admin`]: the admin HTTP endpoint (health, readiness, metrics, bearer token).
 
 pub mod admin;
 pub mod backoff;
+pub mod body_frames;
 pub mod config;
 pub mod endpoint;
 pub mod framed;
@@ -24,6 +27,7 @@ pub mod link;
 pub mod quic_link;
 pub mod tls;
 pub mod upgrade;
+pub mod upstream_http;
 
 pub use endpoint::{Congestion, Tuning};
 pub use tls::{Pin, Trust};

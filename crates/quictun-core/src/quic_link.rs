@@ -1,11 +1,14 @@
-//! The QUIC transport's [`AgentLink`]: one bidirectional stream per exchange.
+//! The QUIC transport's exchanges: one bidirectional stream each. [`QuicLink`] opens them (the
+//! relay towards an agent, and an agent towards the relay for egress); [`serve_streams`] answers
+//! the ones the peer opens.
 //!
-//! The relay opens the stream itself (no extra round trip), writes the request head, streams the
-//! request body from a task that lives exactly as long as the response, and reads the response
+//! The opening side opens the stream itself (no extra round trip), writes the request head,
+//! streams the request body from a task that lives exactly as long as the response, and reads the response
 //! head; the response body is then read from the stream chunk by chunk.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -13,11 +16,14 @@ use bytes::Bytes;
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use quictun_proto::{CloseCode, Limits, RequestHead, ResponseHead, StreamCode};
-use tracing::{Instrument, debug};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info_span, warn};
 
-use crate::framed::{ReadFrameError, WriteFrameError, read_frame, write_frame};
-use crate::http_stream::{RecvBody, pump_body};
-use crate::link::{AgentLink, BodyError, BoxFuture, LinkError, TunnelBody};
+use crate::body_frames::{Framing, recv_body};
+use crate::framed::{ReadFrameError, WriteFrameError, read_frame, read_frame_within, write_frame};
+use crate::http_stream::{pump_body, reset, stop};
+use crate::link::{AgentLink, BodyError, BoxFuture, LinkError, RequestHandler, TunnelBody, empty_body};
 
 /// Longest wait for a free stream slot on the connection.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,9 +57,10 @@ impl QuicLink {
             WriteFrameError::Write(_) => LinkError::Lost,
         })?;
         let upload = if head.has_body {
+            let framing = Framing::new(head.framed_body, &self.limits);
             let task = tokio::spawn(
                 async move {
-                    if let Err(err) = pump_body(body, &mut send, StreamCode::Cancelled).await {
+                    if let Err(err) = pump_body(body, &mut send, StreamCode::Cancelled, framing).await {
                         debug!(%err, "request body upload ended early");
                     }
                 }
@@ -67,7 +74,8 @@ impl QuicLink {
         };
         let response: ResponseHead = read_frame(&mut recv, self.limits.max_head_frame).await.map_err(from_read)?;
         response.validate(&self.limits).map_err(|e| LinkError::Protocol(e.to_string()))?;
-        Ok((response, QuicResponseBody { body: RecvBody::new(recv), upload, finished: false }.boxed_unsync()))
+        let body = recv_body(recv, response.framed_body, self.limits);
+        Ok((response, QuicResponseBody { body, upload, finished: false }.boxed_unsync()))
     }
 }
 
@@ -84,7 +92,7 @@ fn from_read(err: ReadFrameError) -> LinkError {
 /// sending (an upgraded or TCP stream whose other direction closed first), so it is left to
 /// finish by itself: it ends with its source, or when the peer stops the stream.
 struct QuicResponseBody {
-    body: RecvBody,
+    body: TunnelBody,
     upload: Option<tokio::task::JoinHandle<()>>,
     finished: bool,
 }
@@ -106,7 +114,8 @@ impl Body for QuicResponseBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
-        this.finished = frame.is_none();
+        // Trailers are the last frame; a reader may not poll for the end after them.
+        this.finished = frame.as_ref().is_none_or(|f| matches!(f, Ok(f) if f.is_trailers()));
         Poll::Ready(frame)
     }
 
@@ -143,4 +152,74 @@ impl AgentLink for QuicLink {
     fn transport(&self) -> &'static str {
         "quic"
     }
+}
+
+/// Deadline for the head frame of a stream the peer opened.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves every stream the peer opens on `conn` with `handler`, each in a task on `tasks` that
+/// stops when `cancel` fires, until the connection ends; returns why it ended.
+pub async fn serve_streams(
+    conn: &quinn::Connection,
+    handler: Arc<dyn RequestHandler>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+) -> String {
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let handler = handler.clone();
+                let work = async move { serve_stream(handler.as_ref(), send, recv).await }.in_current_span();
+                crate::spawn_cancellable(&tasks, &cancel, work);
+            }
+            Err(err) => return err.to_string(),
+        }
+    }
+}
+
+/// Serves one stream the peer opened: reads and checks the request head (a bad one resets the
+/// stream with its code), hands the request to `handler`, and streams the answer back (or resets
+/// the stream with the handler's code).
+pub async fn serve_stream(handler: &dyn RequestHandler, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let limits = handler.limits();
+    let head: RequestHead = match read_frame_within(&mut recv, limits.max_head_frame, HEAD_TIMEOUT).await {
+        Ok(head) => head,
+        Err(err) => {
+            let code = err.stream_code();
+            warn!(%err, ?code, "bad stream from peer");
+            reset(&mut send, code);
+            stop(&mut recv, code);
+            return;
+        }
+    };
+    let span = info_span!("stream", request_id = %head.request_id, upstream = %head.upstream);
+    if let Err(err) = head.validate(&limits) {
+        span.in_scope(|| warn!(%err, "invalid request head"));
+        reset(&mut send, StreamCode::Malformed);
+        stop(&mut recv, StreamCode::Malformed);
+        return;
+    }
+    let body = if head.has_body {
+        recv_body(recv, head.framed_body, limits)
+    } else {
+        stop(&mut recv, StreamCode::NoError);
+        empty_body()
+    };
+    async {
+        match handler.handle(head, body).await {
+            Ok((response_head, body)) => {
+                if write_frame(&mut send, &response_head, limits.max_head_frame).await.is_err() {
+                    return reset(&mut send, StreamCode::Cancelled);
+                }
+                let framing = Framing::new(response_head.framed_body, &limits);
+                match pump_body(body, &mut send, StreamCode::UpstreamFailed, framing).await {
+                    Ok(bytes) => debug!(status = response_head.status, bytes, "response sent"),
+                    Err(err) => debug!(%err, "response body ended early"),
+                }
+            }
+            Err(code) => reset(&mut send, code),
+        }
+    }
+    .instrument(span)
+    .await;
 }

@@ -297,6 +297,17 @@ pub fn server_config_with_alpn(cert: CertKey, alpn: &[u8]) -> Result<rustls::Ser
     Ok(config)
 }
 
+/// A rustls server configuration for the public HTTPS ingress: TLS 1.3 and 1.2 (web clients are
+/// not all on 1.3), ALPN `h2` then `http/1.1`.
+pub fn ingress_server_config(cert: CertKey) -> Result<rustls::ServerConfig, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(cert.chain, cert.key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 /// A rustls client configuration for the agent (ALPN `quictun/1`), and the pin verifier when
 /// pinning (to explain a failed handshake).
 pub fn client_config(trust: &Trust) -> Result<(rustls::ClientConfig, Option<Arc<PinVerifier>>), TlsError> {

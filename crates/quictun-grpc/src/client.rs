@@ -24,7 +24,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::messages::{Codec, Payload, TunnelMessage, parse_close_status};
-use crate::mux::{EXCHANGE_QUEUE, Event, EventBody, GrpcControl, OUTBOUND_QUEUE, Pending, deliver, send_body};
+use crate::mux::{
+    EXCHANGE_QUEUE, Event, EventBody, GrpcControl, OUTBOUND_QUEUE, Pending, deliver, send_body, trailers_event,
+};
 use crate::window;
 
 /// Why dialing failed.
@@ -201,6 +203,10 @@ async fn read(
                 }
             }
             Some(Payload::Body(bytes)) => deliver(&shared.pending, &shared.outbound, id, Event::Body(bytes)).await,
+            Some(Payload::Trailers(bytes)) => {
+                let event = trailers_event(id, &bytes, &shared.limits);
+                deliver(&shared.pending, &shared.outbound, id, event).await;
+            }
             Some(Payload::End(_)) => deliver(&shared.pending, &shared.outbound, id, Event::End).await,
             Some(Payload::Reset(code)) => deliver(&shared.pending, &shared.outbound, id, Event::Reset(code)).await,
             Some(Payload::ResponseHead(_)) | None => break "unexpected message from relay".to_owned(),
@@ -264,7 +270,8 @@ async fn serve_exchange(shared: Arc<Shared>, handler: Arc<dyn RequestHandler>, e
                     .await
                     .is_ok()
                 {
-                    send_body(&shared.outbound, id, body, StreamCode::UpstreamFailed).await;
+                    send_body(&shared.outbound, id, body, StreamCode::UpstreamFailed, shared.limits.max_head_frame)
+                        .await;
                 }
             }
             Err(code) => send_reset(&shared, id, code).await,

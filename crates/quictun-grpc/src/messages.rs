@@ -20,7 +20,7 @@ pub struct TunnelMessage {
     #[prost(uint64, tag = "1")]
     pub request_id: u64,
     /// What it carries.
-    #[prost(oneof = "Payload", tags = "2, 3, 4, 5, 6, 7")]
+    #[prost(oneof = "Payload", tags = "2, 3, 4, 5, 6, 7, 8")]
     pub payload: Option<Payload>,
 }
 
@@ -45,6 +45,9 @@ pub enum Payload {
     /// The exchange is reset with a [`quictun_proto::StreamCode`].
     #[prost(uint32, tag = "7")]
     Reset(u32),
+    /// A bincode [`quictun_proto::Trailers`]: the trailers of a body, followed by its end.
+    #[prost(bytes = "bytes", tag = "8")]
+    Trailers(Bytes),
 }
 
 impl TunnelMessage {

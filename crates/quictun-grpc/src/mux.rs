@@ -11,12 +11,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use dashmap::DashMap;
 use http_body::{Body, Frame};
+use quictun_core::body_frames::{trailers_from_wire, trailers_to_wire};
 use quictun_core::framed::ControlError;
 use quictun_core::link::{BodyError, ControlIo, TunnelBody};
+use quictun_proto::Limits;
 use quictun_proto::frame::{self, FrameError};
 use quictun_proto::{ControlMessage, StreamCode};
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::messages::{MAX_CHUNK, Payload, TunnelMessage};
 
@@ -35,6 +37,8 @@ pub enum Event {
     Head(quictun_proto::ResponseHead),
     /// A body chunk.
     Body(Bytes),
+    /// The body's trailers, already checked.
+    Trailers(http::HeaderMap),
     /// The body is complete.
     End,
     /// The peer reset the exchange.
@@ -156,6 +160,11 @@ impl<G: Unpin> Body for EventBody<G> {
         let event = std::task::ready!(this.events.poll_recv(cx));
         Poll::Ready(match event {
             Some(Event::Body(bytes)) => Some(Ok(Frame::data(bytes))),
+            Some(Event::Trailers(map)) => {
+                // Trailers are the last frame; a reader may not poll for the end after them.
+                this.ended_cleanly = true;
+                Some(Ok(Frame::trailers(map)))
+            }
             Some(Event::End) => {
                 this.done = true;
                 this.ended_cleanly = true;
@@ -181,32 +190,60 @@ impl<G: Unpin> Body for EventBody<G> {
     }
 }
 
-/// Sends a body as chunk messages of exchange `id`, then its end; a failing source resets the
-/// exchange with `on_error`. Waits while the outbound queue is full (backpressure). Returns false
-/// when the tunnel is gone.
+/// The event for a trailers message: the checked trailers, or a reset when they are malformed.
+pub fn trailers_event(id: u64, payload: &[u8], limits: &Limits) -> Event {
+    match trailers_from_wire(payload, limits) {
+        Ok(map) => Event::Trailers(map),
+        Err(err) => {
+            warn!(id, %err, "malformed trailers");
+            Event::Reset(StreamCode::Malformed.to_u32())
+        }
+    }
+}
+
+/// Sends a body as chunk messages of exchange `id`, then its trailers (if any, at most
+/// `max_trailers` bytes) and its end; a failing source resets the exchange with `on_error`. Waits
+/// while the outbound queue is full (backpressure). Returns false when the tunnel is gone.
 pub async fn send_body(
     outbound: &mpsc::Sender<TunnelMessage>,
     id: u64,
     body: TunnelBody,
     on_error: StreamCode,
+    max_trailers: usize,
 ) -> bool {
     use http_body_util::BodyExt;
     let mut body = body;
+    let reset = TunnelMessage::new(id, Payload::Reset(on_error.to_u32()));
     while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(frame) => {
-                if let Ok(mut data) = frame.into_data() {
-                    while !data.is_empty() {
-                        let chunk = data.split_to(data.len().min(MAX_CHUNK));
-                        if outbound.send(TunnelMessage::new(id, Payload::Body(chunk))).await.is_err() {
-                            return false;
-                        }
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(err) => {
+                debug!(id, %err, "body source failed; resetting the exchange");
+                return outbound.send(reset).await.is_ok();
+            }
+        };
+        match frame.into_data() {
+            Ok(mut data) => {
+                while !data.is_empty() {
+                    let chunk = data.split_to(data.len().min(MAX_CHUNK));
+                    if outbound.send(TunnelMessage::new(id, Payload::Body(chunk))).await.is_err() {
+                        return false;
                     }
                 }
             }
-            Err(err) => {
-                debug!(id, %err, "body source failed; resetting the exchange");
-                return outbound.send(TunnelMessage::new(id, Payload::Reset(on_error.to_u32()))).await.is_ok();
+            Err(frame) => {
+                let Ok(trailers) = frame.into_trailers() else { continue };
+                let message = match frame::encode_payload(&trailers_to_wire(&trailers), max_trailers) {
+                    Ok(encoded) => TunnelMessage::new(id, Payload::Trailers(Bytes::from(encoded))),
+                    Err(err) => {
+                        debug!(id, %err, "trailers too large; resetting the exchange");
+                        return outbound.send(reset).await.is_ok();
+                    }
+                };
+                if outbound.send(message).await.is_err() {
+                    return false;
+                }
+                break;
             }
         }
     }

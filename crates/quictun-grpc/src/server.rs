@@ -34,7 +34,9 @@ use tonic::server::{Grpc, StreamingService};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::messages::{Codec, Payload, TunnelMessage, close_status};
-use crate::mux::{EXCHANGE_QUEUE, Event, EventBody, GrpcControl, OUTBOUND_QUEUE, Pending, deliver, send_body};
+use crate::mux::{
+    EXCHANGE_QUEUE, Event, EventBody, GrpcControl, OUTBOUND_QUEUE, Pending, deliver, send_body, trailers_event,
+};
 use crate::window;
 
 /// Longest a TLS handshake may take.
@@ -224,6 +226,10 @@ async fn demux(
                 deliver(&link.pending, &link.outbound, id, event).await;
             }
             Some(Payload::Body(bytes)) => deliver(&link.pending, &link.outbound, id, Event::Body(bytes)).await,
+            Some(Payload::Trailers(bytes)) => {
+                let event = trailers_event(id, &bytes, &link.limits);
+                deliver(&link.pending, &link.outbound, id, event).await;
+            }
             Some(Payload::End(_)) => deliver(&link.pending, &link.outbound, id, Event::End).await,
             Some(Payload::Reset(code)) => deliver(&link.pending, &link.outbound, id, Event::Reset(code)).await,
             Some(Payload::RequestHead(_)) => {
@@ -288,9 +294,10 @@ impl GrpcLink {
         }
         let upload = head.has_body.then(|| {
             let outbound = self.outbound.clone();
+            let max_trailers = self.limits.max_head_frame;
             tokio::spawn(
                 async move {
-                    send_body(&outbound, id, body, StreamCode::Cancelled).await;
+                    send_body(&outbound, id, body, StreamCode::Cancelled, max_trailers).await;
                 }
                 .in_current_span(),
             )

@@ -27,7 +27,7 @@ pub use control::{
 pub use frame::FrameError;
 pub use limits::Limits;
 pub use secret::Token;
-pub use stream::{HeadError, Header, RequestHead, ResponseHead, StreamKind};
+pub use stream::{BodyFrameHeader, HeadError, Header, RequestHead, ResponseHead, StreamKind, Trailers};
 
 /// The ALPN protocol identifier both sides must negotiate.
 pub const ALPN: &[u8] = b"quictun/1";

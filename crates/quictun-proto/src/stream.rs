@@ -1,9 +1,17 @@
 //! Head frames of data streams.
 //!
 //! A data stream carries one proxied request. The side that received the request opens the stream
-//! and writes a [`RequestHead`] frame, then the request body as raw bytes until FIN. The other side
-//! answers with a [`ResponseHead`] frame, then the response body until FIN. Failures reset the stream
-//! with a [`crate::StreamCode`].
+//! and writes a [`RequestHead`] frame, then the request body until FIN. The other side answers with
+//! a [`ResponseHead`] frame, then the response body until FIN. Failures reset the stream with a
+//! [`crate::StreamCode`].
+//!
+//! A body is sent one of two ways, chosen by its head's `framed_body`:
+//!
+//! - **raw** (the default, and always for TCP and upgraded streams): the bytes themselves until FIN;
+//! - **framed**, for bodies that may end with trailers (HTTP/2, gRPC): a sequence of body frames,
+//!   each a [`BodyFrameHeader`] (1-byte type, 4-byte big-endian length) and its payload. Type
+//!   [`BODY_DATA`] carries body bytes; type [`BODY_TRAILERS`] carries a bincode [`Trailers`] and is
+//!   the last frame: only FIN may follow it.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -49,6 +57,8 @@ pub struct RequestHead {
     /// True when a request body follows the head (possibly empty); false for a request that has
     /// none, so the upstream request is sent without one.
     pub has_body: bool,
+    /// True when the request body is sent framed, so trailers can follow it.
+    pub framed_body: bool,
 }
 
 /// The first frame the answering side writes back.
@@ -58,6 +68,59 @@ pub struct ResponseHead {
     pub status: u16,
     /// Response headers, hop-by-hop headers already removed.
     pub headers: Vec<Header>,
+    /// True when the response body is sent framed, so trailers can follow it.
+    pub framed_body: bool,
+}
+
+/// The trailer fields that end a framed body (gRPC's `grpc-status` travels here).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trailers {
+    /// Trailer fields, hop-by-hop fields already removed.
+    pub headers: Vec<Header>,
+}
+
+/// Body-frame type: body bytes.
+pub const BODY_DATA: u8 = 0;
+/// Body-frame type: the trailers, last frame of the body.
+pub const BODY_TRAILERS: u8 = 1;
+/// Largest data frame a framed body may announce. Data is streamed, never held whole, so this
+/// bounds the count a peer can make a reader wait for, not memory.
+pub const MAX_BODY_DATA_FRAME: usize = 16 << 20;
+
+/// The fixed header of one body frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyFrameHeader {
+    /// [`BODY_DATA`] or [`BODY_TRAILERS`].
+    pub kind: u8,
+    /// Payload bytes that follow.
+    pub len: usize,
+}
+
+impl BodyFrameHeader {
+    /// Bytes in the encoded header.
+    pub const LEN: usize = 5;
+
+    /// Encodes the header (the length must fit in 32 bits; callers never exceed
+    /// [`MAX_BODY_DATA_FRAME`] or the head-frame limit).
+    pub fn encode(self) -> [u8; Self::LEN] {
+        let len = u32::try_from(self.len).unwrap_or(u32::MAX).to_be_bytes();
+        [self.kind, len[0], len[1], len[2], len[3]]
+    }
+
+    /// Decodes a header and checks its type and its length against the limits (trailers are
+    /// bounded by the head-frame limit) before anything is read or allocated for it.
+    pub fn decode(bytes: [u8; Self::LEN], limits: &Limits) -> Result<Self, HeadError> {
+        let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+        let max = match bytes[0] {
+            BODY_DATA => MAX_BODY_DATA_FRAME,
+            BODY_TRAILERS => limits.max_head_frame.min(crate::limits::MAX_FRAME_BYTES),
+            other => return Err(HeadError::InvalidBodyFrame(format!("unknown body frame type {other}"))),
+        };
+        if len > max {
+            return Err(HeadError::InvalidBodyFrame(format!("body frame of {len} bytes exceeds {max}")));
+        }
+        Ok(Self { kind: bytes[0], len })
+    }
 }
 
 /// A head frame that decoded but breaks a limit or a rule.
@@ -77,6 +140,9 @@ pub enum HeadError {
     /// An empty method or a URI that is not origin-form.
     #[error("invalid request line: {0}")]
     InvalidRequestLine(&'static str),
+    /// A body frame of an unknown type or over its limit, or bytes after the trailers.
+    #[error("invalid body frame: {0}")]
+    InvalidBodyFrame(String),
 }
 
 fn check_header_count(headers: &[Header], limits: &Limits) -> Result<(), HeadError> {
@@ -96,7 +162,17 @@ impl RequestHead {
         if !self.uri.starts_with('/') && self.uri != "*" {
             return Err(HeadError::InvalidRequestLine("uri must be origin-form"));
         }
+        if self.framed_body && self.kind != StreamKind::Http {
+            return Err(HeadError::InvalidRequestLine("only http streams have framed bodies"));
+        }
         Ok(())
+    }
+}
+
+impl Trailers {
+    /// Checks the field count.
+    pub fn validate(&self, limits: &Limits) -> Result<(), HeadError> {
+        check_header_count(&self.headers, limits)
     }
 }
 

@@ -80,19 +80,43 @@ proptest! {
     }
 
     #[test]
-    fn request_heads_round_trip(kind in kind(), id in any::<u128>(), upstream in text(), method in text(), uri in text(), headers in headers(), has_body in any::<bool>()) {
-        let head = RequestHead { kind, request_id: Uuid::from_u128(id), upstream, method, uri, headers, has_body };
+    fn request_heads_round_trip(kind in kind(), id in any::<u128>(), upstream in text(), method in text(), uri in text(), headers in headers(), has_body in any::<bool>(), framed_body in any::<bool>()) {
+        let head = RequestHead { kind, request_id: Uuid::from_u128(id), upstream, method, uri, headers, has_body, framed_body };
         let bytes = frame::encode(&head, Limits::default().max_head_frame).unwrap();
         let (back, _) = frame::decode::<RequestHead>(&bytes, Limits::default().max_head_frame).unwrap().unwrap();
         prop_assert_eq!(back, head);
     }
 
     #[test]
-    fn response_heads_round_trip(status in any::<u16>(), headers in headers()) {
-        let head = ResponseHead { status, headers };
+    fn response_heads_round_trip(status in any::<u16>(), headers in headers(), framed_body in any::<bool>()) {
+        let head = ResponseHead { status, headers, framed_body };
         let bytes = frame::encode(&head, 4096).unwrap();
         let (back, _) = frame::decode::<ResponseHead>(&bytes, 4096).unwrap().unwrap();
         prop_assert_eq!(back, head);
+    }
+
+    #[test]
+    fn trailers_round_trip(headers in headers()) {
+        let trailers = Trailers { headers };
+        let bytes = frame::encode(&trailers, 4096).unwrap();
+        let (back, _) = frame::decode::<Trailers>(&bytes, 4096).unwrap().unwrap();
+        prop_assert_eq!(back, trailers);
+    }
+
+    #[test]
+    fn body_frame_headers_are_bounded(kind in any::<u8>(), len in any::<u32>()) {
+        let limits = Limits::default();
+        let mut bytes = [0u8; BodyFrameHeader::LEN];
+        bytes[0] = kind;
+        bytes[1..].copy_from_slice(&len.to_be_bytes());
+        match BodyFrameHeader::decode(bytes, &limits) {
+            Ok(header) => {
+                prop_assert!(kind <= 1);
+                prop_assert!(header.len <= quictun_proto::stream::MAX_BODY_DATA_FRAME);
+                prop_assert_eq!(header.encode(), bytes);
+            }
+            Err(_) => prop_assert!(kind > 1 || len as usize > limits.max_head_frame),
+        }
     }
 
     #[test]

@@ -52,6 +52,12 @@ pub struct RelaySection {
     pub quic_listen: SocketAddr,
     /// TCP address of the HTTP ingress.
     pub http_listen: SocketAddr,
+    /// TCP address of the HTTPS ingress (TLS 1.3/1.2, ALPN `h2` and `http/1.1`); off when unset.
+    pub https_listen: Option<SocketAddr>,
+    /// PEM certificate chain the HTTPS ingress presents; defaults to `cert`.
+    pub https_cert: Option<PathBuf>,
+    /// PEM private key of `https_cert`; defaults to `key`.
+    pub https_key: Option<PathBuf>,
     /// TCP address of the admin endpoint.
     pub admin_listen: SocketAddr,
     /// TCP address of the gRPC transport (TLS with the same certificate).
@@ -111,6 +117,9 @@ impl Default for RelaySection {
         Self {
             quic_listen: SocketAddr::from(([0, 0, 0, 0], 4433)),
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            https_listen: None,
+            https_cert: None,
+            https_key: None,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             grpc_listen: SocketAddr::from(([0, 0, 0, 0], 4434)),
             transport: TransportChoice::All,
@@ -281,6 +290,9 @@ impl RelayConfig {
         }
         if let Some(path) = &r.admin_token_file {
             read_token_file(path).map_err(|message| invalid("relay.admin_token_file".into(), message))?;
+        }
+        if r.https_cert.is_some() != r.https_key.is_some() {
+            return Err(invalid("relay.https_cert".into(), "set both https_cert and https_key, or neither".into()));
         }
         if r.max_streams_per_agent == 0 {
             return Err(invalid("relay.max_streams_per_agent".into(), "must be at least 1".into()));

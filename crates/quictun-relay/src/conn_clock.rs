@@ -19,7 +19,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 use tracing::info;
@@ -108,9 +107,9 @@ pub enum Expired {
     Idle,
 }
 
-/// An ingress socket watched by a [`ConnClock`].
-pub struct ClockedStream {
-    inner: TcpStream,
+/// An ingress connection (a TCP socket, or the TLS session on it) watched by a [`ConnClock`].
+pub struct ClockedStream<S> {
+    inner: S,
     clock: Arc<ConnClock>,
     header_timeout: Duration,
     idle_timeout: Duration,
@@ -120,10 +119,10 @@ pub struct ClockedStream {
     on_expired: Box<dyn Fn(Expired) + Send + Sync>,
 }
 
-impl ClockedStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> ClockedStream<S> {
     /// Watches `inner`; `on_expired` is told (for metrics) when a limit closes the connection.
     pub fn new(
-        inner: TcpStream,
+        inner: S,
         clock: Arc<ConnClock>,
         header_timeout: Duration,
         idle_timeout: Duration,
@@ -167,8 +166,11 @@ impl ClockedStream {
     fn expire(&mut self, why: Expired) {
         match why {
             Expired::Head => {
-                // Best effort: the socket is writable unless the client stopped reading too.
-                let _sent = self.inner.try_write(REQUEST_TIMEOUT_RESPONSE);
+                // Best effort, without waiting: the connection is writable unless the client
+                // stopped reading too.
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let _sent = Pin::new(&mut self.inner).poll_write(&mut cx, REQUEST_TIMEOUT_RESPONSE);
+                let _flushed = Pin::new(&mut self.inner).poll_flush(&mut cx);
                 info!(peer = %self.peer, timeout = ?self.header_timeout, status = 408, "request head too slow, connection closed");
             }
             Expired::Idle => {
@@ -179,7 +181,7 @@ impl ClockedStream {
     }
 }
 
-impl AsyncRead for ClockedStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClockedStream<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let before = buf.filled().len();
@@ -209,7 +211,7 @@ impl AsyncRead for ClockedStream {
     }
 }
 
-impl AsyncWrite for ClockedStream {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClockedStream<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }

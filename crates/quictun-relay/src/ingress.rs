@@ -1,5 +1,6 @@
 //! The HTTP ingress: accepts TCP connections and serves HTTP/1.1 (keep-alive) and HTTP/2 with
-//! hyper, each connection in its own tracked task.
+//! hyper, each connection in its own tracked task. The same code serves the HTTPS ingress, where
+//! TLS (ALPN `h2`, `http/1.1`) comes first.
 //!
 //! Limits: open connections per client IP (over it: `503` and close), header size and count
 //! (`431`), request head time (`408`, see [`crate::conn_clock`]), idle keep-alive time. Shutdown
@@ -21,12 +22,13 @@ use hyper_util::server::conn::auto;
 use quictun_core::link::BodyError;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::conn_clock::{BusyGuard, ClockedStream, ConnClock, Expired};
 use crate::metrics::Reject;
-use crate::proxy::{self, IngressBody};
+use crate::proxy::{self, IngressBody, Peer};
 use crate::state::Shared;
 
 /// hyper's smallest allowed read buffer.
@@ -114,10 +116,31 @@ async fn refuse(mut stream: TcpStream) {
     let _closed = stream.shutdown().await;
 }
 
+/// Whether an ingress speaks plain HTTP or HTTPS (told to upstreams in `x-forwarded-proto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// Plain HTTP/1.1, and HTTP/2 with prior knowledge (h2c).
+    Http,
+    /// TLS with ALPN `h2` or `http/1.1`.
+    Https,
+}
+
+impl Scheme {
+    /// The scheme's name, as in `x-forwarded-proto`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Https => "https",
+        }
+    }
+}
+
 /// What every accepted connection is served with.
 struct Ingress {
     shared: Arc<Shared>,
     builder: auto::Builder<TokioExecutor>,
+    /// The TLS acceptor of an HTTPS ingress.
+    tls: Option<TlsAcceptor>,
     /// The connection tasks; the ingress waits for them when it drains.
     conns: TaskTracker,
     per_ip: Arc<PerIp>,
@@ -126,8 +149,12 @@ struct Ingress {
 }
 
 impl Ingress {
+    fn scheme(&self) -> Scheme {
+        if self.tls.is_some() { Scheme::Https } else { Scheme::Http }
+    }
+
     /// Serves one accepted connection in its own tracked task (or refuses it over the per-address
-    /// limit).
+    /// limit). An HTTPS connection first completes its TLS handshake, within the header timeout.
     fn admit(&self, stream: TcpStream, peer: SocketAddr) {
         let shared = &self.shared;
         let Some(ip_slot) = self.per_ip.admit(peer.ip(), shared.settings.max_connections_per_ip) else {
@@ -139,54 +166,34 @@ impl Ingress {
         if let Err(err) = stream.set_nodelay(true) {
             debug!(%err, "could not set TCP_NODELAY");
         }
-        let clock = ConnClock::new();
-        let metrics_shared = shared.clone();
-        let on_expired = Box::new(move |why| {
-            if why == Expired::Head {
-                metrics_shared.metrics.reject(Reject::header_timeout);
-            }
-        });
-        let stream =
-            ClockedStream::new(stream, clock.clone(), self.header_timeout, self.idle_timeout, peer, on_expired);
-        let service_shared = shared.clone();
-        let service_clock = clock.clone();
-        let service = service_fn(move |req| {
-            let busy = service_clock.busy();
-            let (shared, clock) = (service_shared.clone(), service_clock.clone());
-            async move {
-                let response = proxy::handle(shared, req, peer).await;
-                if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                    clock.set_upgraded();
-                }
-                Ok::<_, Infallible>(response.map(|body| Tracked { body, _busy: busy }))
-            }
-        });
-        let conn = self.builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
         let connections = shared.metrics.ingress_connections.clone();
         connections.inc();
-        let (shutdown, stopped) = (shared.shutdown.clone(), shared.stopped.clone());
-        // Served until it ends; when the relay drains, the request in flight (or, on a connection
-        // that has not spoken yet, the request on its way) finishes, then the connection closes.
-        let serve = async move {
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => return result,
-                _ = shutdown.cancelled() => {}
-            }
-            tokio::select! {
-                result = conn.as_mut() => return result,
-                _ = clock.first_request() => {}
-                _ = tokio::time::sleep(FRESH_GRACE) => {}
-            }
-            conn.as_mut().graceful_shutdown();
-            conn.await
+        let conn = Connection {
+            shared: shared.clone(),
+            builder: self.builder.clone(),
+            clock: ConnClock::new(),
+            peer,
+            scheme: self.scheme(),
+            header_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
         };
+        let (tls, stopped) = (self.tls.clone(), shared.stopped.clone());
+        let handshake_timeout = self.header_timeout;
         self.conns.spawn(
             async move {
+                let served = async {
+                    let Some(tls) = tls else { return conn.serve(stream).await };
+                    match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => conn.serve(stream).await,
+                        Ok(Err(err)) => debug!(%err, "TLS handshake failed"),
+                        Err(_) => {
+                            conn.shared.metrics.reject(Reject::header_timeout);
+                            debug!(timeout = ?handshake_timeout, "TLS handshake too slow, connection closed");
+                        }
+                    }
+                };
                 tokio::select! {
-                    result = serve => if let Err(err) = result {
-                        debug!(%err, "ingress connection ended with an error");
-                    },
+                    () = served => {}
                     _ = stopped.cancelled() => debug!("ingress connection cut at the end of the drain"),
                 }
                 connections.dec();
@@ -219,12 +226,75 @@ impl Ingress {
     }
 }
 
+/// One accepted connection and what serving it needs.
+struct Connection {
+    shared: Arc<Shared>,
+    builder: auto::Builder<TokioExecutor>,
+    clock: Arc<ConnClock>,
+    peer: SocketAddr,
+    scheme: Scheme,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl Connection {
+    /// Serves HTTP on `stream` (a TCP socket or a TLS session) until it ends. When the relay
+    /// drains, the request in flight (or, on a connection that has not spoken yet, the request on
+    /// its way) finishes, then the connection closes.
+    async fn serve<S>(self, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Self { shared, builder, clock, peer, scheme, header_timeout, idle_timeout } = self;
+        let metrics_shared = shared.clone();
+        let on_expired = Box::new(move |why| {
+            if why == Expired::Head {
+                metrics_shared.metrics.reject(Reject::header_timeout);
+            }
+        });
+        let stream = ClockedStream::new(stream, clock.clone(), header_timeout, idle_timeout, peer, on_expired);
+        let service_shared = shared.clone();
+        let service_clock = clock.clone();
+        let service = service_fn(move |req| {
+            let busy = service_clock.busy();
+            let (shared, clock) = (service_shared.clone(), service_clock.clone());
+            async move {
+                let response = proxy::handle(shared, req, Peer { addr: peer, scheme }).await;
+                if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                    clock.set_upgraded();
+                }
+                Ok::<_, Infallible>(response.map(|body| Tracked { body, _busy: busy }))
+            }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        let mut conn = std::pin::pin!(conn);
+        let result = async {
+            tokio::select! {
+                result = conn.as_mut() => return result,
+                _ = shared.shutdown.cancelled() => {}
+            }
+            tokio::select! {
+                result = conn.as_mut() => return result,
+                _ = clock.first_request() => {}
+                _ = tokio::time::sleep(FRESH_GRACE) => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        .await;
+        if let Err(err) = result {
+            debug!(%err, "ingress connection ended with an error");
+        }
+    }
+}
+
 /// Serves the ingress until shutdown, then drains connections for up to the drain timeout: the
 /// listener closes (after taking the connections already queued in the kernel), requests in
-/// flight finish, idle keep-alive connections close.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+/// flight finish, idle keep-alive connections close. With `tls` it is an HTTPS ingress.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, tls: Option<Arc<rustls::ServerConfig>>) {
     let ingress = Ingress {
         builder: builder(&shared),
+        tls: tls.map(TlsAcceptor::from),
         conns: TaskTracker::new(),
         per_ip: Arc::new(PerIp::default()),
         header_timeout: Duration::from_secs(shared.settings.header_read_timeout_secs),

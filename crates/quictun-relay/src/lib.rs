@@ -64,20 +64,38 @@ pub enum RelayError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The HTTPS ingress's certificate could not be loaded or used.
+    #[error("HTTPS ingress certificate: {0}")]
+    HttpsCert(quictun_core::tls::TlsError),
 }
 
 /// A running relay.
 pub struct Relay {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
-    ingress: tokio::task::JoinHandle<()>,
+    ingresses: Vec<tokio::task::JoinHandle<()>>,
     quic_addr: SocketAddr,
     grpc_addr: Option<SocketAddr>,
     http_addr: SocketAddr,
+    https_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
     tcp_addrs: Vec<SocketAddr>,
     tcp_entries: Vec<config::TcpEntry>,
     pin: Option<Pin>,
+}
+
+/// The HTTPS ingress's TLS configuration: its own certificate when `https_cert` is set, the
+/// relay's otherwise.
+fn https_config(
+    settings: &config::RelaySection,
+    relay_cert: &CertKey,
+) -> Result<Arc<rustls::ServerConfig>, RelayError> {
+    let cert = match (&settings.https_cert, &settings.https_key) {
+        (Some(cert), Some(key)) => CertKey::load(cert, key).map_err(RelayError::HttpsCert)?,
+        _ => relay_cert.clone(),
+    };
+    let config = quictun_core::tls::ingress_server_config(cert).map_err(RelayError::HttpsCert)?;
+    Ok(Arc::new(config))
 }
 
 async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), RelayError> {
@@ -91,6 +109,7 @@ impl Relay {
     /// Binds the QUIC endpoint and the HTTP ingress and starts serving.
     pub async fn start(config: RelayConfig, cert: CertKey) -> Result<Self, RelayError> {
         let pin = cert.pin();
+        let cert_for_https = cert.clone();
         let shared = Arc::new(Shared::new(&config));
         let settings = &shared.settings;
         let tuning = Tuning {
@@ -141,7 +160,16 @@ impl Relay {
             tcp_addrs.push(addr);
             shared.tasks.spawn(tcp::serve(listener, entry.clone(), shared.clone()));
         }
-        let ingress = shared.tasks.spawn(ingress::serve(http_listener, shared.clone()));
+        let mut ingresses = vec![shared.tasks.spawn(ingress::serve(http_listener, shared.clone(), None))];
+        let https_addr = match settings.https_listen {
+            Some(addr) => {
+                let tls = https_config(settings, &cert_for_https)?;
+                let (listener, addr) = bind_tcp("HTTPS", addr).await?;
+                ingresses.push(shared.tasks.spawn(ingress::serve(listener, shared.clone(), Some(tls))));
+                Some(addr)
+            }
+            None => None,
+        };
         shared.tasks.spawn(quictun_core::admin::serve(
             admin_listener,
             Arc::new(admin::RelayPages(shared.clone())),
@@ -149,9 +177,21 @@ impl Relay {
             shared.stopped.clone(),
             shared.tasks.clone(),
         ));
-        info!(%quic_addr, ?grpc_addr, %http_addr, %admin_addr, "relay listening");
+        info!(%quic_addr, ?grpc_addr, %http_addr, ?https_addr, %admin_addr, "relay listening");
         let tcp_entries = config.tcp.clone();
-        Ok(Self { shared, endpoint, ingress, quic_addr, grpc_addr, http_addr, admin_addr, tcp_addrs, tcp_entries, pin })
+        Ok(Self {
+            shared,
+            endpoint,
+            ingresses,
+            quic_addr,
+            grpc_addr,
+            http_addr,
+            https_addr,
+            admin_addr,
+            tcp_addrs,
+            tcp_entries,
+            pin,
+        })
     }
 
     /// The bound QUIC (UDP) address.
@@ -167,6 +207,11 @@ impl Relay {
     /// The bound HTTP ingress address.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The bound HTTPS ingress address, when `https_listen` is set.
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https_addr
     }
 
     /// The bound admin endpoint address.
@@ -211,9 +256,10 @@ impl Relay {
         info!("relay shutting down");
         self.shared.shutdown.cancel();
         self.shared.tasks.close();
-        // The ingress task ends once its connections drained, or at the drain timeout.
+        // The ingress tasks end once their connections drained, or at the drain timeout.
         let drain = Duration::from_secs(self.shared.settings.drain_timeout_secs);
-        if tokio::time::timeout(drain + Duration::from_secs(1), self.ingress).await.is_err() {
+        let ingresses = futures_util::future::join_all(self.ingresses);
+        if tokio::time::timeout(drain + Duration::from_secs(1), ingresses).await.is_err() {
             tracing::warn!("ingress did not stop after the drain timeout");
         }
         quictun_core::close_endpoint(&self.endpoint, quictun_proto::CloseCode::GoingAway);

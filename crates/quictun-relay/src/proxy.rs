@@ -15,7 +15,8 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use quictun_core::http_stream::{connection_listed, headers_from_wire, is_hop_by_hop, wire_header};
+use quictun_core::body_frames::may_have_trailers;
+use quictun_core::http_stream::{accepts_trailers, connection_listed, headers_from_wire, is_hop_by_hop, wire_header};
 use quictun_core::link::{BodyError, LinkError, TunnelBody};
 use quictun_proto::{Header, RequestHead, StreamCode, StreamKind};
 use tokio::sync::OwnedSemaphorePermit;
@@ -25,6 +26,7 @@ use uuid::Uuid;
 
 use crate::balance::Choice;
 use crate::body::{BodySlot, Metered, Tripped};
+use crate::ingress::Scheme;
 use crate::metrics::Reject;
 use crate::sessions::Session;
 use crate::state::Shared;
@@ -157,6 +159,15 @@ impl Body for IngressBody {
     }
 }
 
+/// The client of an ingress request: its address and how it reached the relay.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// Plain HTTP or HTTPS.
+    pub scheme: Scheme,
+}
+
 /// What a request's metrics need to know after it was answered.
 #[derive(Default)]
 struct Outcome {
@@ -165,7 +176,7 @@ struct Outcome {
 }
 
 /// Answers one ingress request; never fails (errors become responses).
-pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Response<IngressBody> {
+pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: Peer) -> Response<IngressBody> {
     let request_id = Uuid::new_v4();
     let span =
         info_span!("request", %request_id, method = %req.method(), path = %req.uri().path(), client_id = field::Empty);
@@ -202,7 +213,7 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
 /// The headers sent to the agent, built in one pass: hop-by-hop headers (and those the
 /// `Connection` header names) dropped, `Host` kept (taken from the authority for HTTP/2),
 /// `x-forwarded-*` and the request id set.
-fn forwarded_headers(req: &Request<Incoming>, host: &str, peer: SocketAddr, request_id: Uuid) -> Vec<Header> {
+fn forwarded_headers(req: &Request<Incoming>, host: &str, peer: Peer, request_id: Uuid) -> Vec<Header> {
     let headers = req.headers();
     let listed = connection_listed(headers);
     let mut wire = Vec::with_capacity(headers.len() + 5);
@@ -217,7 +228,7 @@ fn forwarded_headers(req: &Request<Incoming>, host: &str, peer: SocketAddr, requ
             _ => wire.push(wire_header(name, value)),
         }
     }
-    let client_ip = peer.ip().to_string();
+    let client_ip = peer.addr.ip().to_string();
     let xff = match previous_xff {
         Some(previous) => format!("{previous}, {client_ip}"),
         None => client_ip,
@@ -225,11 +236,14 @@ fn forwarded_headers(req: &Request<Incoming>, host: &str, peer: SocketAddr, requ
     let mut set =
         |name: &str, value: &str| wire.push(Header { name: name.to_owned(), value: value.as_bytes().to_vec() });
     set("x-forwarded-for", &xff);
-    set("x-forwarded-proto", "http");
+    set("x-forwarded-proto", peer.scheme.as_str());
     set("x-forwarded-host", host);
     set(REQUEST_ID_HEADER, &request_id.to_string());
     if !headers.contains_key(header::HOST) {
         set("host", host);
+    }
+    if accepts_trailers(headers) {
+        set("te", "trailers");
     }
     wire
 }
@@ -260,7 +274,7 @@ async fn agent_after_startup(shared: &Shared, group: &Arc<str>) -> Result<Arc<Se
 async fn forward(
     shared: &Shared,
     mut req: Request<Incoming>,
-    peer: SocketAddr,
+    peer: Peer,
     request_id: Uuid,
     outcome: &mut Outcome,
 ) -> Result<Response<IngressBody>, ProxyError> {
@@ -305,6 +319,7 @@ async fn forward(
         uri: req.uri().path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
         headers,
         has_body: is_upgrade || !req.body().is_end_stream(),
+        framed_body: !is_upgrade && may_have_trailers(req.version(), req.headers()),
     };
     let max_body = route.max_body_bytes;
     drop(live);

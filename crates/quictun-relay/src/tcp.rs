@@ -63,6 +63,7 @@ async fn carry(stream: TcpStream, peer: SocketAddr, request_id: Uuid, entry: Arc
         uri: "/".into(),
         headers: vec![quictun_proto::Header { name: "x-forwarded-for".into(), value: peer.ip().to_string().into() }],
         has_body: true,
+        framed_body: false,
     };
     let (to_agent, body) = channel_body();
     let deadline = Duration::from_secs(shared.settings.response_timeout_secs);

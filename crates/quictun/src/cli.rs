@@ -122,6 +122,9 @@ pub struct RelayArgs {
     /// TCP address of the HTTP ingress [default: 0.0.0.0:8080].
     #[arg(long, value_name = "ADDR")]
     pub http_listen: Option<SocketAddr>,
+    /// TCP address of the HTTPS ingress (HTTP/2 and HTTP/1.1 over TLS) [default: off].
+    #[arg(long, value_name = "ADDR")]
+    pub https_listen: Option<SocketAddr>,
     /// TCP address of the admin endpoint [default: 127.0.0.1:9090].
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,

@@ -22,6 +22,9 @@ fn load_config(args: &RelayArgs) -> Result<RelayConfig, Failure> {
     if let Some(addr) = args.http_listen {
         r.http_listen = addr;
     }
+    if let Some(addr) = args.https_listen {
+        r.https_listen = Some(addr);
+    }
     if let Some(addr) = args.admin_listen {
         r.admin_listen = addr;
     }
@@ -81,6 +84,9 @@ pub async fn run(args: RelayArgs) -> Result<(), Failure> {
         println!("  gRPC (agents)  tcp://{grpc}");
     }
     println!("  HTTP ingress   http://{}", relay.http_addr());
+    if let Some(https) = relay.https_addr() {
+        println!("  HTTPS ingress  https://{https}");
+    }
     println!("  admin          http://{}/api/sessions", relay.admin_addr());
     println!("  certificate    {}{}", cert_path.display(), if generated { " (generated)" } else { "" });
     println!("  pin            {pin}");
