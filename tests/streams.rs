@@ -205,11 +205,10 @@ async fn relay_resets_malformed_agent_streams_and_keeps_the_session() {
     for (what, bytes, code) in bad_frames() {
         assert_eq!(reset_code_for(&conn, &bytes).await, Some(code), "{what}");
     }
-    // A well-formed stream of a kind the relay does not take from agents.
-    assert_eq!(
-        reset_code_for(&conn, &frame::encode(&head("/x"), 65536).unwrap()).await,
-        Some(StreamCode::KindUnsupported)
-    );
+    // A well-formed stream of a kind the relay does not take from agents (egress is HTTP only).
+    let mut tcp = head("/x");
+    tcp.kind = StreamKind::Tcp;
+    assert_eq!(reset_code_for(&conn, &frame::encode(&tcp, 65536).unwrap()).await, Some(StreamCode::KindUnsupported));
 
     assert!(conn.close_reason().is_none());
     assert_eq!(h.relay().sessions().get("agent-1").unwrap().session_id, session_id);

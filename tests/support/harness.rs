@@ -34,6 +34,8 @@ pub struct HarnessConfig {
     pub tcp_upstreams: Vec<String>,
     /// Extra lines for the `app` upstream (`balance = ...`).
     pub app_extra: String,
+    /// Extra tables at the end of the configuration (`[[egress_routes]]` ...).
+    pub extra_tables: String,
 }
 
 impl Default for HarnessConfig {
@@ -47,6 +49,7 @@ impl Default for HarnessConfig {
             relay_extra: String::new(),
             tcp_upstreams: Vec::new(),
             app_extra: String::new(),
+            extra_tables: String::new(),
         }
     }
 }
@@ -110,6 +113,7 @@ pub fn relay_config_on(listen: Listen, upstream: &str, cfg: &HarnessConfig) -> R
     for upstream in &cfg.tcp_upstreams {
         text.push_str(&format!("[[tcp]]\nlisten = \"127.0.0.1:0\"\ngroup = \"web\"\nupstream = \"{upstream}\"\n"));
     }
+    text.push_str(&cfg.extra_tables);
     RelayConfig::parse(&text, Path::new("<test>")).unwrap()
 }
 

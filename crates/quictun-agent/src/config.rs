@@ -68,6 +68,9 @@ pub struct AgentSection {
     pub admin_listen: Option<SocketAddr>,
     /// Bearer token required by the admin endpoint's `/metrics`.
     pub admin_token: Option<Token>,
+    /// TCP address of the egress listener: HTTP requests sent to it go through the relay, which
+    /// forwards them by its `[[egress_routes]]` (QUIC transport); off when unset.
+    pub egress_listen: Option<SocketAddr>,
 }
 
 impl Default for AgentSection {
@@ -94,6 +97,7 @@ impl Default for AgentSection {
             drain_timeout_secs: 30,
             admin_listen: None,
             admin_token: None,
+            egress_listen: None,
         }
     }
 }

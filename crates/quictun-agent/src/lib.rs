@@ -18,6 +18,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod egress;
 pub mod forward;
 pub mod grpc;
 pub mod metrics;
@@ -33,6 +34,7 @@ use std::time::Duration;
 
 use quictun_core::backoff::Backoff;
 use quictun_core::endpoint::{ClientSetup, EndpointError};
+use quictun_core::link::AgentLink;
 use quictun_core::tls::PinMismatch;
 use quictun_proto::RejectCode;
 use tokio::sync::watch;
@@ -112,6 +114,7 @@ pub enum AgentState {
 /// A running agent.
 pub struct Agent {
     state: watch::Receiver<AgentState>,
+    relay_link: egress::RelayLink,
     shutdown: CancellationToken,
     endpoint: quinn::Endpoint,
     task: JoinHandle<Result<(), AgentError>>,
@@ -160,9 +163,10 @@ impl Agent {
         };
         admin_tasks.close();
         let udp_buffer = options.tuning.udp_buffer;
-        let dialer = Dialer { options: Arc::new(options), endpoint: endpoint.clone(), quic, grpc };
+        let (link_tx, relay_link) = watch::channel(None);
+        let dialer = Dialer { options: Arc::new(options), relay_link: link_tx, endpoint: endpoint.clone(), quic, grpc };
         let task = tokio::spawn(run(dialer, forwarder, state_tx, shutdown.clone()));
-        Ok(Self { state, shutdown, endpoint, task, admin_addr, admin_tasks, udp_buffer })
+        Ok(Self { state, relay_link, shutdown, endpoint, task, admin_addr, admin_tasks, udp_buffer })
     }
 
     /// The bound admin endpoint address, when it is served.
@@ -184,6 +188,12 @@ impl Agent {
         self.endpoint.rebind(socket).map_err(|e| AgentError::Endpoint(format!("rebind to {bind}: {e}")))?;
         info!(%local, "QUIC endpoint moved to a new socket; the connection migrates");
         Ok(local)
+    }
+
+    /// The agent's connection to the relay for egress requests (`None` while disconnected, or
+    /// over a transport that carries no egress).
+    pub fn relay_link(&self) -> egress::RelayLink {
+        self.relay_link.clone()
     }
 
     /// Watches the agent's state.
@@ -249,6 +259,8 @@ impl Agent {
 /// Everything needed to reach the relay over either transport.
 struct Dialer {
     options: Arc<AgentOptions>,
+    /// The connection egress requests use, while there is one.
+    relay_link: watch::Sender<Option<Arc<dyn AgentLink>>>,
     endpoint: quinn::Endpoint,
     quic: ClientSetup,
     grpc: grpc::GrpcSetup,
@@ -271,7 +283,12 @@ impl Dialer {
             dialed = dial => dialed?,
             _ = stop.shutdown.cancelled() => return Ok(Outcome::Shutdown),
         };
-        session::register_and_serve(&self.options, control, conn, forwarder, state, stop).await
+        // Egress requests go over this connection while it lasts (the relay serves them once it
+        // has registered the agent).
+        self.relay_link.send_replace(conn.egress_link());
+        let served = session::register_and_serve(&self.options, control, conn, forwarder, state, stop).await;
+        self.relay_link.send_replace(None);
+        served
     }
 
     async fn over_quic(

@@ -61,6 +61,8 @@ pub struct AgentOptions {
     pub admin_listen: Option<SocketAddr>,
     /// The admin endpoint's bearer token.
     pub admin_token: Option<Token>,
+    /// The egress listener's address, when it is served (see [`crate::egress::EgressServer`]).
+    pub egress_listen: Option<SocketAddr>,
 }
 
 impl AgentOptions {
@@ -86,6 +88,7 @@ impl AgentOptions {
                 one.agent.relays.clear();
                 if i > 0 {
                     one.agent.admin_listen = None;
+                    one.agent.egress_listen = None;
                 }
                 Self::from_config(one, file)
             })
@@ -172,6 +175,7 @@ impl AgentOptions {
             backoff_cap: Duration::from_secs(30),
             admin_listen: a.admin_listen,
             admin_token: a.admin_token,
+            egress_listen: a.egress_listen,
         })
     }
 }

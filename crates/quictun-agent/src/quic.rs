@@ -48,7 +48,7 @@ pub async fn dial(
         }
     };
     let (send, recv) = conn.open_bi().await.map_err(|e| Attempt::Retry(format!("opening the control stream: {e}")))?;
-    Ok((ControlChannel::new(send, recv, options.limits.max_control_frame), QuicRelay { conn }))
+    Ok((ControlChannel::new(send, recv, options.limits.max_control_frame), QuicRelay { conn, limits: options.limits }))
 }
 
 /// Whether a QUIC handshake with the relay completes now (the connection is closed at once).
@@ -68,6 +68,7 @@ pub async fn probe(options: &AgentOptions, endpoint: &quinn::Endpoint, setup: &C
 #[derive(Debug)]
 pub struct QuicRelay {
     conn: quinn::Connection,
+    limits: quictun_proto::Limits,
 }
 
 impl RelayConnection for QuicRelay {
@@ -90,5 +91,9 @@ impl RelayConnection for QuicRelay {
 
     fn remote_addr(&self) -> SocketAddr {
         self.conn.remote_address()
+    }
+
+    fn egress_link(&self) -> Option<Arc<dyn quictun_core::link::AgentLink>> {
+        Some(Arc::new(quictun_core::quic_link::QuicLink::new(self.conn.clone(), self.limits)))
     }
 }

@@ -84,7 +84,20 @@ pub enum LinkError {
     Protocol(String),
 }
 
-/// The relay's handle on one agent connection.
+impl LinkError {
+    /// The HTTP status a client is answered with: 503 when busy (retry later), the reset code's
+    /// status (502, or 504 for timeouts), 502 otherwise.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::Busy => 503,
+            Self::Reset(code) => code.http_status(),
+            Self::NotOpened | Self::Lost | Self::Protocol(_) => 502,
+        }
+    }
+}
+
+/// One side's handle for sending requests through a tunnel connection: the relay's handle on
+/// an agent connection, and (for egress) an agent's handle on its relay connection.
 pub trait AgentLink: Send + Sync + std::fmt::Debug + 'static {
     /// Sends one request (head and streaming body) and resolves with the response head and its
     /// streaming body. Dropping the future or the body cancels the exchange.
@@ -108,6 +121,19 @@ pub trait AgentLink: Send + Sync + std::fmt::Debug + 'static {
 
     /// The transport's name, for logs and the admin endpoint.
     fn transport(&self) -> &'static str;
+
+    /// Serves the requests the *peer* opens on this connection (an agent's egress requests) with
+    /// `handler`, each in a task on `tasks` that stops when `cancel` fires, until the connection
+    /// ends. A transport that carries none returns at once (the default) and refuses them itself.
+    fn serve_peer_requests(
+        &self,
+        handler: Arc<dyn RequestHandler>,
+        tasks: TaskTracker,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'_, ()> {
+        let _unused = (handler, tasks, cancel);
+        Box::pin(async {})
+    }
 }
 
 /// A control-message channel. `recv` must be cancel-safe (it is used in `select!`).
@@ -170,4 +196,10 @@ pub trait RelayConnection: Send + Sync {
 
     /// The relay's address.
     fn remote_addr(&self) -> SocketAddr;
+
+    /// A handle for sending requests to the relay (egress) over this connection; `None` when the
+    /// transport carries none (the default).
+    fn egress_link(&self) -> Option<Arc<dyn AgentLink>> {
+        None
+    }
 }

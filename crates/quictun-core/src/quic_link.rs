@@ -152,6 +152,18 @@ impl AgentLink for QuicLink {
     fn transport(&self) -> &'static str {
         "quic"
     }
+
+    fn serve_peer_requests(
+        &self,
+        handler: Arc<dyn RequestHandler>,
+        tasks: TaskTracker,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let reason = serve_streams(&self.conn, handler, tasks, cancel).await;
+            debug!(%reason, "no more requests from the peer");
+        })
+    }
 }
 
 /// Deadline for the head frame of a stream the peer opened.

@@ -29,6 +29,26 @@ pub struct RelayConfig {
     /// TCP tunnels: each accepted connection is carried to an agent of the group on its own stream.
     #[serde(default)]
     pub tcp: Vec<TcpEntry>,
+    /// Where requests from agents' egress listeners go, by host and path; first match wins.
+    #[serde(default)]
+    pub egress_routes: Vec<EgressRouteEntry>,
+}
+
+/// An `[[egress_routes]]` entry: requests an agent sends through the tunnel for `host` (and
+/// `path_prefix`) are forwarded by the relay to `target`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressRouteEntry {
+    /// Exact host, `*.example.com`, or `*` for any host.
+    pub host: String,
+    /// Path prefix; `/` matches everything.
+    #[serde(default = "default_prefix")]
+    pub path_prefix: String,
+    /// `http://host:port[/base]` (or `h2c://` for HTTP/2) as the relay reaches it.
+    pub target: String,
+    /// The groups whose agents may use this route (default: every group).
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 /// A `[[tcp]]` entry: a TCP port on the relay tunnelled to `upstream` as the agents of `group`
@@ -76,6 +96,9 @@ pub struct RelaySection {
     pub heartbeat_misses: u32,
     /// Concurrent streams (in-flight requests) per agent connection.
     pub max_streams_per_agent: u32,
+    /// Concurrent egress requests an agent may send through its connection (QUIC streams it
+    /// opens); more wait for a free one.
+    pub max_egress_streams_per_agent: u32,
     /// Seconds to wait for an agent's response head before answering 504.
     pub response_timeout_secs: u64,
     /// Seconds to wait for a new agent's register message.
@@ -129,6 +152,7 @@ impl Default for RelaySection {
             heartbeat_interval_ms: 5_000,
             heartbeat_misses: 3,
             max_streams_per_agent: 1024,
+            max_egress_streams_per_agent: 128,
             response_timeout_secs: 60,
             register_timeout_secs: 10,
             max_header_bytes: 64 * 1024,
@@ -322,6 +346,14 @@ impl RelayConfig {
             }
             if let Some(path) = &client.token_file {
                 read_token_file(path).map_err(|message| invalid(format!("clients[{i}].token_file"), message))?;
+            }
+        }
+        for (i, route) in self.egress_routes.iter().enumerate() {
+            if let Err(err) = quictun_core::upstream_http::Target::parse(&route.target) {
+                return Err(invalid(format!("egress_routes[{i}].target"), err.to_string()));
+            }
+            if route.host.trim().is_empty() {
+                return Err(invalid(format!("egress_routes[{i}].host"), "must not be empty".into()));
             }
         }
         for (i, upstream) in self.upstreams.iter().enumerate() {

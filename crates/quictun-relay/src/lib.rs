@@ -21,6 +21,7 @@ pub mod balance;
 pub mod body;
 pub mod config;
 pub mod conn_clock;
+pub mod egress;
 pub mod ingress;
 pub mod metrics;
 pub mod proxy;
@@ -44,9 +45,6 @@ pub use config::{ConfigError, RelayConfig};
 pub use sessions::SessionManager;
 
 use crate::state::Shared;
-
-/// Streams an agent may have open towards the relay at once.
-const AGENT_INITIATED_STREAMS: u32 = 16;
 
 /// Errors starting the relay.
 #[derive(Debug, thiserror::Error)]
@@ -113,10 +111,10 @@ impl Relay {
         let shared = Arc::new(Shared::new(&config));
         let settings = &shared.settings;
         let tuning = Tuning {
-            // Streams an *agent* may open towards the relay: only the control stream today. quinn
-            // allocates state up front for every stream the peer may open, so this stays small;
-            // the relay's own streams are limited by `max_streams_per_agent` and the agent.
-            max_concurrent_streams: AGENT_INITIATED_STREAMS,
+            // Streams an *agent* may open towards the relay: the control stream and its egress
+            // requests. quinn allocates state up front for every stream the peer may open, so
+            // this stays modest; the relay's own streams are limited by `max_streams_per_agent`.
+            max_concurrent_streams: 1 + settings.max_egress_streams_per_agent,
             idle_timeout: Duration::from_secs(30).max(settings.heartbeat_timeout() * 2),
             keep_alive: settings.heartbeat_interval().min(Duration::from_secs(5)),
             congestion: settings.congestion,

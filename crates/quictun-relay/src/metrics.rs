@@ -67,6 +67,13 @@ pub struct RouteLabel {
     pub route: String,
 }
 
+/// Labels of one egress request: where it went and how it ended.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EgressLabels {
+    target: String,
+    outcome: String,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: Reject,
@@ -84,6 +91,7 @@ pub struct RelayMetrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabel, Histogram, fn() -> Histogram>,
     rejects: Family<ReasonLabel, Counter>,
+    egress: Family<EgressLabels, Counter>,
     active_streams: Gauge,
     agents: Family<TransportLabel, Gauge>,
     /// Open ingress connections (kept up to date by the ingress).
@@ -112,6 +120,12 @@ impl RelayMetrics {
         registry.register("request_duration_seconds", "Request head in to response head out", latency.clone());
         let rejects = Family::<ReasonLabel, Counter>::default();
         registry.register("rejects", "Requests and registrations refused, by reason", rejects.clone());
+        let egress = Family::<EgressLabels, Counter>::default();
+        registry.register(
+            "egress_requests",
+            "Agents' egress requests, by target and status (or failure)",
+            egress.clone(),
+        );
         let bytes = Family::<DirectionLabel, Counter>::default();
         registry.register("bytes", "Body bytes proxied (to_agent: requests, from_agent: responses)", bytes.clone());
         let active_streams = Gauge::default();
@@ -136,6 +150,7 @@ impl RelayMetrics {
             requests,
             latency,
             rejects,
+            egress,
             active_streams,
             agents,
             ingress_connections,
@@ -151,6 +166,12 @@ impl RelayMetrics {
         if let Some(latency) = head_latency {
             self.latency.get_or_create(&RouteLabel { route: route.to_owned() }).observe(latency.as_secs_f64());
         }
+    }
+
+    /// Counts one egress request: its target (`-` when no route matched) and its status or the
+    /// failure it was reset for.
+    pub fn egress(&self, target: &str, outcome: &str) {
+        self.egress.get_or_create(&EgressLabels { target: target.to_owned(), outcome: outcome.to_owned() }).inc();
     }
 
     /// Counts one refusal.

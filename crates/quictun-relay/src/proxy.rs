@@ -77,12 +77,10 @@ impl ProxyError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::Link(LinkError::Busy) | Self::RouteBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RouteBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Link(LinkError::Reset(code)) => {
-                StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::BAD_GATEWAY)
-            }
-            Self::NoAgent(_) | Self::Link(_) | Self::BadResponse(_) => StatusCode::BAD_GATEWAY,
+            Self::Link(err) => StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::BAD_GATEWAY),
+            Self::NoAgent(_) | Self::BadResponse(_) => StatusCode::BAD_GATEWAY,
         }
     }
 

@@ -1,5 +1,6 @@
-//! The QUIC transport on the relay: accept loop, handshake, the control stream, and refusal of
-//! streams the agent opens (no agent-initiated kind is served yet).
+//! The QUIC transport on the relay: accept loop, handshake, and the control stream. Streams the
+//! agent opens (its egress requests) are served once it has registered (see
+//! [`crate::egress`]); until then they wait, within the agent's stream limit.
 //!
 //! The handshake and the control stream each have a deadline and run in the connection's own
 //! task, never in the accept loop, so a slow or hostile client cannot stall other agents.
@@ -9,12 +10,11 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use quictun_core::framed::{ControlChannel, read_frame_within};
-use quictun_core::http_stream::{reset, stop};
+use quictun_core::framed::ControlChannel;
 use quictun_core::quic_link::QuicLink;
-use quictun_proto::{CloseCode, Limits, RequestHead, StreamCode};
+use quictun_proto::CloseCode;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info_span};
 
 use crate::metrics::Reject;
 use crate::registration::serve_agent;
@@ -22,9 +22,6 @@ use crate::state::Shared;
 
 /// Longest a QUIC handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Deadline for the head frame of a stream the agent opens.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// New connections per address, or `None` without a limit.
 type HandshakeLimiter = governor::DefaultKeyedRateLimiter<IpAddr>;
 
@@ -98,36 +95,5 @@ async fn serve_connection(incoming: quinn::Incoming, slot: OwnedSemaphorePermit,
     };
     drop(slot);
     let control = ControlChannel::new(send, recv, shared.limits.max_control_frame);
-    shared.tasks.spawn(refuse_agent_streams(conn.clone(), shared.limits).in_current_span());
     serve_agent(control, Arc::new(QuicLink::new(conn, shared.limits)), shared).await;
-}
-
-/// Streams opened by the agent, until the connection ends: the head is read and checked (a
-/// malformed or oversized head is reset with its own code); no agent-initiated kind is served yet,
-/// so valid heads are refused with [`StreamCode::KindUnsupported`]. Other streams are unaffected.
-async fn refuse_agent_streams(conn: quinn::Connection, limits: Limits) {
-    while let Ok((send, recv)) = conn.accept_bi().await {
-        tokio::spawn(refuse_agent_stream(send, recv, limits).in_current_span());
-    }
-}
-
-async fn refuse_agent_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, limits: Limits) {
-    let code = match read_frame_within::<RequestHead>(&mut recv, limits.max_head_frame, HEAD_TIMEOUT).await {
-        Ok(head) => match head.validate(&limits) {
-            Ok(()) => {
-                debug!(request_id = %head.request_id, kind = ?head.kind, "refusing agent-initiated stream");
-                StreamCode::KindUnsupported
-            }
-            Err(err) => {
-                warn!(%err, "invalid head on a stream from the agent");
-                StreamCode::Malformed
-            }
-        },
-        Err(err) => {
-            warn!(%err, "bad stream from agent");
-            err.stream_code()
-        }
-    };
-    reset(&mut send, code);
-    stop(&mut recv, code);
 }

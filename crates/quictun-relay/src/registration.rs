@@ -10,8 +10,10 @@ use quictun_core::heartbeat::Heartbeats;
 use quictun_core::link::{AgentLink, ControlIo};
 use quictun_proto::{Accepted, CloseCode, ControlMessage, GoAway, RejectCode, Rejected};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::egress::EgressHandler;
 use crate::sessions::{Session, SessionCommand};
 use crate::state::Shared;
 
@@ -95,7 +97,14 @@ pub async fn serve_agent<C: ControlIo>(mut control: C, link: Arc<dyn AgentLink>,
             info!(old_session = %old.session_id, "replaced an older connection of this client");
         }
         info!(session_id = %session.session_id, group = %session.group, agent_version = %register.agent_version, "agent registered");
+        // The agent's egress requests are served while the session lasts.
+        let egress = CancellationToken::new();
+        let handler = Arc::new(EgressHandler::new(shared.clone(), Arc::from(session.group.as_ref())));
+        let (egress_link, tasks, cancel) = (link.clone(), shared.tasks.clone(), egress.clone());
+        let serve_egress = async move { egress_link.serve_peer_requests(handler, tasks, cancel).await };
+        quictun_core::spawn_cancellable(&shared.tasks, &egress, serve_egress.in_current_span());
         let reason = run_session(&mut control, &session, command_rx, &shared).await;
+        egress.cancel();
         shared.sessions.remove(&session);
         info!(session_id = %session.session_id, %reason, "agent disconnected");
     }

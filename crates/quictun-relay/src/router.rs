@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
+use quictun_core::upstream_http::Target;
+
 use crate::balance::Balance;
 
 use crate::config::RelayConfig;
@@ -108,6 +110,55 @@ impl Router {
     }
 }
 
+/// One compiled egress route.
+#[derive(Debug, Clone)]
+pub struct EgressRoute {
+    host: HostMatch,
+    path_prefix: String,
+    /// Where matching requests go.
+    pub target: Target,
+    /// The groups allowed to use it; empty: every group.
+    groups: Vec<String>,
+}
+
+impl EgressRoute {
+    /// Whether agents of `group` may use this route.
+    pub fn allows(&self, group: &str) -> bool {
+        self.groups.is_empty() || self.groups.iter().any(|g| g == group)
+    }
+}
+
+/// The egress routing table: requests from agents, by host and path, to targets the relay reaches.
+#[derive(Debug, Clone, Default)]
+pub struct EgressRouter {
+    routes: Vec<EgressRoute>,
+}
+
+impl EgressRouter {
+    /// Compiles the egress routes of `config` (which must have passed validation).
+    pub fn new(config: &RelayConfig) -> Self {
+        let routes = config
+            .egress_routes
+            .iter()
+            .filter_map(|r| {
+                Some(EgressRoute {
+                    host: HostMatch::parse(&r.host),
+                    path_prefix: r.path_prefix.clone(),
+                    target: Target::parse(&r.target).ok()?,
+                    groups: r.groups.clone(),
+                })
+            })
+            .collect();
+        Self { routes }
+    }
+
+    /// The first egress route matching `host` (any case, port ignored) and `path`.
+    pub fn route(&self, host: &str, path: &str) -> Option<&EgressRoute> {
+        let host = normalize_host(host);
+        self.routes.iter().find(|r| r.host.matches(&host) && prefix_matches(&r.path_prefix, path))
+    }
+}
+
 /// Lower-cases a host and strips its port (keeping IPv6 brackets intact).
 pub fn normalize_host(host: &str) -> String {
     let host = host.trim();
@@ -154,6 +205,18 @@ mod tests {
     fn star_matches_any_host() {
         let r = router("[[routes]]\nhost = \"*\"\nupstream = \"a\"\n");
         assert_eq!(upstream(&r, "anything", "/x"), Some("a"));
+    }
+
+    #[test]
+    fn egress_routes_match_host_and_path_and_check_the_group() {
+        let text = "[[egress_routes]]\nhost = \"api.partner.test\"\npath_prefix = \"/v1\"\ntarget = \"http://10.0.0.1:80\"\ngroups = [\"web\"]\n\
+                    [[egress_routes]]\nhost = \"*\"\ntarget = \"h2c://10.0.0.2:80\"\n";
+        let r = EgressRouter::new(&RelayConfig::parse(text, Path::new("t.toml")).unwrap());
+        let first = r.route("API.partner.test:443", "/v1/users").unwrap();
+        assert_eq!(first.target.host_port(), "10.0.0.1:80");
+        assert!(first.allows("web") && !first.allows("api"));
+        let fallback = r.route("api.partner.test", "/v2").unwrap();
+        assert!(fallback.target.http2() && fallback.allows("api"));
     }
 
     #[test]

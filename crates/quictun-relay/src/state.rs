@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+use quictun_core::upstream_http::UpstreamHttp;
 use quictun_proto::{AgentConfig, Limits, Register, RejectCode, Rejected, UpstreamSpec};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
@@ -10,8 +11,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{RelayConfig, RelaySection};
 use crate::metrics::RelayMetrics;
-use crate::router::Router;
+use crate::router::{EgressRouter, Router};
 use crate::sessions::{SessionCommand, SessionManager};
+
+/// How long the relay tries to connect to an egress target (then 504).
+const EGRESS_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A client allowed to connect, with its token kept only as a SHA-256 digest.
 #[derive(Debug, Clone)]
@@ -34,6 +38,8 @@ pub struct Live {
     pub version: u64,
     /// The routing table.
     pub router: Router,
+    /// Where agents' egress requests go.
+    pub egress: EgressRouter,
     clients: HashMap<String, ClientAuth>,
     configs: HashMap<String, AgentConfig>,
 }
@@ -54,7 +60,7 @@ impl Live {
             let entry = configs.entry(u.group.clone()).or_insert_with(|| AgentConfig { version, upstreams: vec![] });
             entry.upstreams.push(UpstreamSpec { name: u.name.clone(), targets: u.targets.clone() });
         }
-        Self { version, router: Router::new(config), clients, configs }
+        Self { version, router: Router::new(config), egress: EgressRouter::new(config), clients, configs }
     }
 
     /// Checks a registration: known client, right token (constant time), right group and protocol
@@ -120,6 +126,8 @@ pub struct Shared {
     pub metrics: RelayMetrics,
     /// When the relay started.
     pub started: tokio::time::Instant,
+    /// The client agents' egress requests are forwarded with.
+    pub egress_http: UpstreamHttp,
     live: RwLock<Arc<Live>>,
 }
 
@@ -140,6 +148,10 @@ impl Shared {
             tasks: TaskTracker::new(),
             metrics: RelayMetrics::new(),
             started: tokio::time::Instant::now(),
+            egress_http: UpstreamHttp::new(
+                EGRESS_CONNECT_TIMEOUT,
+                std::time::Duration::from_secs(config.relay.response_timeout_secs),
+            ),
             live: RwLock::new(Arc::new(Live::new(config, 1))),
         }
     }

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use quictun_agent::config::AgentConfigFile;
+use quictun_agent::egress::EgressServer;
 use quictun_agent::{Agent, AgentOptions, AgentState};
 use quictun_proto::Token;
 
@@ -47,19 +48,35 @@ fn load_options(args: AgentArgs) -> Result<Vec<AgentOptions>, Failure> {
     if let Some(admin) = args.admin_listen {
         a.admin_listen = Some(admin);
     }
+    if let Some(egress) = args.egress_listen {
+        a.egress_listen = Some(egress);
+    }
     AgentOptions::for_each_relay(file, Path::new(&origin)).map_err(Failure::usage)
 }
 
 /// Runs the agent (one connection per relay) until Ctrl-C or SIGTERM (drain), or a fatal error
 /// on any relay (exit 1).
 pub async fn run(args: AgentArgs) -> Result<(), Failure> {
+    let all_options = load_options(args)?;
+    let egress_listen = all_options.first().and_then(|o| o.egress_listen);
+    let response_timeout = all_options.first().map(|o| o.response_timeout).unwrap_or_default();
     let mut agents = Vec::new();
-    for options in load_options(args)? {
+    for options in all_options {
         agents.push(Agent::start(options).await.map_err(Failure::runtime)?);
     }
     if let Some(admin) = agents.first().and_then(Agent::admin_addr) {
         println!("quictun agent admin on http://{admin}/metrics");
     }
+    // One egress listener for the process: each request goes over the first connected relay.
+    let egress = match egress_listen {
+        Some(listen) => {
+            let relays = agents.iter().map(Agent::relay_link).collect();
+            let server = EgressServer::start(listen, relays, response_timeout).await.map_err(Failure::runtime)?;
+            println!("quictun agent egress on http://{}", server.local_addr());
+            Some(server)
+        }
+        None => None,
+    };
     let reports = agents.iter().map(|agent| {
         let mut state = agent.state();
         Box::pin(async move { report_connections(&mut state).await })
@@ -70,6 +87,9 @@ pub async fn run(args: AgentArgs) -> Result<(), Failure> {
         _ = stopped => {}
     }
     // Drain every connection; the first fatal error (if any) is the exit status.
+    if let Some(egress) = egress {
+        egress.shutdown().await;
+    }
     let mut result = Ok(());
     for agent in agents {
         if let Err(err) = agent.shutdown().await

@@ -175,6 +175,10 @@ pub struct AgentArgs {
     /// Serve /healthz, /readyz and /metrics on this TCP address (off by default).
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,
+    /// Take HTTP requests on this TCP address and send them out through the relay, which
+    /// forwards them by its [[egress_routes]] (off by default).
+    #[arg(long, value_name = "ADDR")]
+    pub egress_listen: Option<SocketAddr>,
 }
 
 /// Certificate commands.

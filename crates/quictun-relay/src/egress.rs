@@ -1,0 +1,87 @@
+//! Egress, the reverse direction: requests that machines next to an agent send to its egress
+//! listener arrive on streams the agent opens, and the relay forwards them by its
+//! `[[egress_routes]]` to targets it can reach.
+//!
+//! The answers follow the ingress's error table: no route → 404, a group the route does not allow
+//! → 403 (both answered by the relay itself), and upstream failures reset the stream with the
+//! code the agent maps to 502 or 504.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use quictun_core::link::{BoxFuture, RequestHandler, TunnelBody};
+use quictun_proto::{Header, Limits, RequestHead, ResponseHead, StreamCode, StreamKind};
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::state::Shared;
+
+/// Serves the egress requests of one agent session.
+pub struct EgressHandler {
+    shared: Arc<Shared>,
+    group: Arc<str>,
+}
+
+impl EgressHandler {
+    /// A handler for the agents of `group`.
+    pub fn new(shared: Arc<Shared>, group: Arc<str>) -> Self {
+        Self { shared, group }
+    }
+
+    async fn forward(&self, head: RequestHead, body: TunnelBody) -> Result<(ResponseHead, TunnelBody), StreamCode> {
+        if head.kind != StreamKind::Http {
+            return Err(StreamCode::KindUnsupported);
+        }
+        let host = head.headers.iter().find(|h| h.name.eq_ignore_ascii_case("host")).map(|h| h.value.clone());
+        let Some(host) = host.and_then(|h| String::from_utf8(h).ok()) else {
+            return Ok(refusal(400, "egress request without a Host header"));
+        };
+        let path = head.uri.split('?').next().unwrap_or("/");
+        let live = self.shared.live();
+        let Some(route) = live.egress.route(&host, path) else {
+            debug!(%host, path, "no egress route");
+            self.shared.metrics.egress("-", "404");
+            return Ok(refusal(404, &format!("no egress route for host {host:?} and path {path:?}")));
+        };
+        if !route.allows(&self.group) {
+            warn!(%host, group = %self.group, "egress route not open to this group");
+            self.shared.metrics.egress(&route.target.host_port(), "403");
+            return Ok(refusal(403, &format!("egress to {host:?} is not allowed for group {:?}", self.group)));
+        }
+        let target = route.target.clone();
+        drop(live);
+        let answered = self.shared.egress_http.send(&target, head, body).await;
+        let outcome = match &answered {
+            Ok((head, _)) => head.status.to_string(),
+            Err(code) => format!("{code:?}"),
+        };
+        self.shared.metrics.egress(&target.host_port(), &outcome);
+        answered
+    }
+}
+
+/// An answer the relay gives itself, as plain text.
+fn refusal(status: u16, message: &str) -> (ResponseHead, TunnelBody) {
+    let text = Bytes::from(format!("{message}\n"));
+    let headers = vec![
+        Header { name: "content-type".into(), value: b"text/plain; charset=utf-8".to_vec() },
+        Header { name: "content-length".into(), value: text.len().to_string().into_bytes() },
+    ];
+    let body = http_body_util::Full::new(text).map_err(|never| match never {}).boxed_unsync();
+    (ResponseHead { status, headers, framed_body: false }, body)
+}
+
+impl RequestHandler for EgressHandler {
+    fn handle(
+        &self,
+        head: RequestHead,
+        body: TunnelBody,
+    ) -> BoxFuture<'_, Result<(ResponseHead, TunnelBody), StreamCode>> {
+        let span = info_span!("egress", request_id = %head.request_id, method = %head.method, uri = %head.uri);
+        Box::pin(self.forward(head, body).instrument(span))
+    }
+
+    fn limits(&self) -> Limits {
+        self.shared.limits
+    }
+}
