@@ -41,6 +41,8 @@ use crate::window;
 
 /// Longest a TLS handshake may take.
 const TLS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closed tunnel's request stream is kept for the agent to read the close status.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Called for every tunnel RPC: run registration and the session on these.
 pub type OnAgent = Arc<dyn Fn(GrpcControl, Arc<GrpcLink>) + Send + Sync>;
@@ -245,6 +247,11 @@ async fn demux(
     };
     debug!(%reason, "gRPC tunnel reader stopped");
     link.mark_closed(reason);
+    // Dropping the request stream now would reset the RPC (RST_STREAM CANCEL), and the agent's
+    // HTTP/2 stack may then discard the close status still on its way in the trailers: a replaced
+    // agent would take the reset for a lost connection and come back. Keep it until the agent
+    // ends its side, briefly.
+    let _ended = tokio::time::timeout(CLOSE_LINGER, async { while let Ok(Some(_)) = inbound.message().await {} }).await;
 }
 
 /// An agent reached over one gRPC stream.
