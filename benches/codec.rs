@@ -39,5 +39,24 @@ fn control(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, request_head, response_head, control);
+/// The framed-body codec of HTTP/2 and gRPC exchanges: the header of each data frame, and gRPC's
+/// trailers (`grpc-status`, `grpc-message`) encoded into their frame and decoded back.
+fn body_frames(c: &mut Criterion) {
+    use quictun_core::body_frames::{data_frame_header, encode_trailers_frame, trailers_from_wire};
+    let limits = Limits::default();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    trailers.insert("grpc-message", http::HeaderValue::from_static("ok"));
+    let frame = encode_trailers_frame(&trailers, limits.max_head_frame).unwrap();
+    let payload = &frame[quictun_proto::BodyFrameHeader::LEN..];
+    c.bench_function("body_frames/data_header", |b| b.iter(|| data_frame_header(black_box(65_536))));
+    c.bench_function("body_frames/trailers_encode", |b| {
+        b.iter(|| encode_trailers_frame(black_box(&trailers), limits.max_head_frame).unwrap())
+    });
+    c.bench_function("body_frames/trailers_decode", |b| {
+        b.iter(|| trailers_from_wire(black_box(payload), &limits).unwrap())
+    });
+}
+
+criterion_group!(benches, request_head, response_head, control, body_frames);
 criterion_main!(benches);

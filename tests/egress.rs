@@ -1,7 +1,8 @@
-//! Egress, the reverse direction: an HTTP client next to the agent sends requests to the agent's
-//! egress listener; each goes to the relay on its own QUIC stream, and the relay forwards it by
-//! its `[[egress_routes]]`. Covered: plain and streamed bodies, a tonic client (trailers), the
-//! error table (404 no route, 403 group not allowed, 502 unreachable target, 503 no relay).
+//! Egress, the reverse direction, on both transports: an HTTP client next to the agent sends
+//! requests to the agent's egress listener; each goes to the relay as an exchange the agent opens
+//! (its own QUIC stream, or an agent-numbered exchange on the gRPC stream), and the relay forwards
+//! it by its `[[egress_routes]]`. Covered: plain and streamed bodies, a tonic client (trailers),
+//! the error table (404 no route, 403 group not allowed, 502 unreachable target, 503 no relay).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::time::Duration;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use http::{Method, StatusCode};
 use quictun_agent::egress::EgressServer;
 use quictun_agent::{Agent, Transport};
-use quictun_tests::client::{chunked, empty};
+use quictun_tests::client::chunked;
 use quictun_tests::grpc_echo::{EchoClient, EchoServer, Msg};
 use quictun_tests::{Harness, HarnessConfig, HttpClient, pattern, sha256_hex};
 
@@ -36,10 +37,9 @@ async fn egress_for(agent: &Agent) -> (EgressServer, HttpClient) {
     (server, client)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn egress_requests_reach_the_relays_targets_with_the_ingress_error_table() {
+async fn egress_requests_reach_the_relays_targets_with_the_ingress_error_table(transport: Transport) {
     let echo = EchoServer::start().await;
-    let h = harness(Transport::Quic, &format!("h2c://{}", echo.addr())).await;
+    let h = harness(transport, &format!("h2c://{}", echo.addr())).await;
     let web = h.agent("agent-1").await;
     let (egress, client) = egress_for(&web).await;
 
@@ -81,9 +81,8 @@ async fn egress_requests_reach_the_relays_targets_with_the_ingress_error_table()
     egress.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn egress_without_a_relay_connection_answers_503() {
-    let mut h = harness(Transport::Quic, "http://127.0.0.1:1").await;
+async fn egress_without_a_relay_connection_answers_503(transport: Transport) {
+    let mut h = harness(transport, "http://127.0.0.1:1").await;
     let web = h.agent("agent-1").await;
     let (egress, client) = egress_for(&web).await;
     assert_eq!(client.get("partner.test", "/hello").await.status, StatusCode::OK);
@@ -97,13 +96,7 @@ async fn egress_without_a_relay_connection_answers_503() {
     web.abort();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn egress_over_the_grpc_transport_is_refused_with_503() {
-    let h = harness(Transport::Grpc, "http://127.0.0.1:1").await;
-    let web = h.agent("agent-1").await;
-    let (egress, client) = egress_for(&web).await;
-    let reply = client.request(Method::GET, "partner.test", "/hello", empty()).await;
-    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(reply.text().contains("QUIC"), "{}", reply.text());
-    egress.shutdown().await;
-}
+quictun_tests::on_both_transports!(
+    egress_requests_reach_the_relays_targets_with_the_ingress_error_table,
+    egress_without_a_relay_connection_answers_503
+);

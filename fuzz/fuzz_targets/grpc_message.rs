@@ -1,5 +1,5 @@
 //! A message of the gRPC transport: protobuf first, then the bincode head or control message it
-//! carries, as the relay's and the agent's demultiplexers decode them. Nothing may panic.
+//! carries (or its trailers), as the relay's and the agent's demultiplexers decode them. Nothing may panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -23,6 +23,9 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(head) = frame::decode_bounded::<ResponseHead>(&bytes, limits.max_head_frame) {
                 let _ = head.validate(&limits);
             }
+        }
+        Some(Payload::Trailers(bytes)) => {
+            let _ = quictun_core::body_frames::trailers_from_wire(&bytes, &limits);
         }
         Some(Payload::Body(_) | Payload::End(_) | Payload::Reset(_)) | None => {}
     }

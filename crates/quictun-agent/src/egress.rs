@@ -1,6 +1,7 @@
 //! The egress listener, the tunnel's reverse direction: machines next to the agent send plain
-//! HTTP requests to it (as to a forward proxy or an API gateway), each request goes to the relay on
-//! a stream of its own, and the relay forwards it by its `[[egress_routes]]`.
+//! HTTP requests to it (as to a forward proxy or an API gateway), each request goes to the relay as
+//! an exchange of its own (a QUIC stream, or an exchange on the gRPC stream), and the relay
+//! forwards it by its `[[egress_routes]]`.
 //!
 //! Answers follow the ingress's error table: 503 while no relay is connected (or while the relay
 //! is at its limit), 502 for a lost connection or an unreachable target, 504 when the answer takes
@@ -136,10 +137,7 @@ impl Egress {
         let link = self.relays.iter().find_map(|relay| relay.borrow().clone());
         let Some(link) = link else {
             span.in_scope(|| warn!("egress request while no relay is connected"));
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no relay connection that carries egress (egress needs the QUIC transport)",
-            );
+            return text(StatusCode::SERVICE_UNAVAILABLE, "not connected to a relay");
         };
         let Some(head) = request_head(&req, peer, request_id) else {
             return text(StatusCode::BAD_REQUEST, "no Host header");

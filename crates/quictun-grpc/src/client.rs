@@ -2,31 +2,28 @@
 //! with large windows), open the tunnel RPC, and serve the exchanges the relay starts on it.
 //!
 //! The reader task starts at dial time, because registration already needs it: it routes control
-//! messages to the control channel, opens an exchange for every request head (a bounded queue in
-//! the pending table) and feeds body chunks to it.
+//! messages to the control channel and every other message to the exchanges (see
+//! [`crate::exchange`]): the relay's requests, and the answers to the agent's egress requests.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use dashmap::DashMap;
 use http::uri::PathAndQuery;
 use hyper_util::rt::TokioIo;
 use quictun_core::link::AbortOnDrop;
-use quictun_core::link::{BoxFuture, RelayConnection, RequestHandler};
+use quictun_core::link::{AgentLink, BoxFuture, LinkError, RelayConnection, RequestHandler, TunnelBody};
 use quictun_proto::frame;
-use quictun_proto::{CloseCode, ControlMessage, Limits, RequestHead, StreamCode};
+use quictun_proto::{CloseCode, ControlMessage, Limits, RequestHead, ResponseHead};
 use rustls::pki_types::ServerName;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug};
 
+use crate::exchange::{End, Exchanges, IncomingExchange};
 use crate::messages::{Codec, Payload, TunnelMessage, parse_close_status};
-use crate::mux::{
-    EXCHANGE_QUEUE, Event, EventBody, GrpcControl, OUTBOUND_QUEUE, Pending, deliver, send_body, trailers_event,
-};
+use crate::mux::{GrpcControl, OUTBOUND_QUEUE};
 use crate::window;
 
 /// Why dialing failed.
@@ -72,13 +69,6 @@ impl tokio_stream::Stream for EndingStream {
 
 use std::future::Future as _;
 
-/// A request the reader handed over: its id, head, and body event queue.
-struct IncomingExchange {
-    id: u64,
-    head: RequestHead,
-    body: Option<mpsc::Receiver<Event>>,
-}
-
 /// Dials the relay's gRPC listener and opens the tunnel RPC.
 pub async fn dial(
     addr: SocketAddr,
@@ -122,12 +112,10 @@ pub async fn dial(
     let (control_tx, control_rx) = mpsc::channel(16);
     let (requests_tx, requests_rx) = mpsc::channel(OUTBOUND_QUEUE);
     let shared = Arc::new(Shared {
-        outbound: outbound_tx.clone(),
-        pending: Arc::new(DashMap::new()),
+        exchanges: Arc::new(Exchanges::new(End::Agent, outbound_tx.clone(), limits)),
         ending,
         closed: CancellationToken::new(),
         close_code: Mutex::new(None),
-        limits,
     });
     let reader = tokio::spawn(read(response.into_inner(), control_tx, requests_tx, shared.clone()).in_current_span());
     let relay = GrpcRelay {
@@ -141,14 +129,12 @@ pub async fn dial(
 
 #[derive(Debug)]
 struct Shared {
-    outbound: mpsc::Sender<TunnelMessage>,
-    pending: Pending,
+    exchanges: Arc<Exchanges>,
     /// Cancelled to end our request stream gracefully (queued messages are still sent).
     ending: CancellationToken,
     /// Cancelled when the reader stopped: the relay ended its side, or the stream failed.
     closed: CancellationToken,
     close_code: Mutex<Option<CloseCode>>,
-    limits: Limits,
 }
 
 async fn read(
@@ -169,7 +155,7 @@ async fn read(
         };
         match payload {
             Some(Payload::Control(bytes)) => {
-                match frame::decode_bounded::<ControlMessage>(&bytes, shared.limits.max_control_frame) {
+                match frame::decode_bounded::<ControlMessage>(&bytes, shared.exchanges.limits.max_control_frame) {
                     Ok(msg) => {
                         if control.send(msg).await.is_err() {
                             break "control channel closed".to_owned();
@@ -178,43 +164,13 @@ async fn read(
                     Err(err) => break format!("malformed control message: {err}"),
                 }
             }
-            Some(Payload::RequestHead(bytes)) => {
-                let head = match frame::decode_bounded::<RequestHead>(&bytes, shared.limits.max_head_frame) {
-                    Ok(head) => head,
-                    Err(err) => {
-                        let code = if matches!(err, frame::FrameError::TooLarge { .. }) {
-                            StreamCode::HeadTooLarge
-                        } else {
-                            StreamCode::Malformed
-                        };
-                        warn!(id, %err, "bad request head from relay");
-                        let _queue_full =
-                            shared.outbound.try_send(TunnelMessage::new(id, Payload::Reset(code.to_u32())));
-                        continue;
-                    }
-                };
-                let body = head.has_body.then(|| {
-                    let (tx, rx) = mpsc::channel(EXCHANGE_QUEUE);
-                    shared.pending.insert(id, tx);
-                    rx
-                });
-                if requests.send(IncomingExchange { id, head, body }).await.is_err() {
-                    break "request queue closed".to_owned();
-                }
-            }
-            Some(Payload::Body(bytes)) => deliver(&shared.pending, &shared.outbound, id, Event::Body(bytes)).await,
-            Some(Payload::Trailers(bytes)) => {
-                let event = trailers_event(id, &bytes, &shared.limits);
-                deliver(&shared.pending, &shared.outbound, id, event).await;
-            }
-            Some(Payload::End(_)) => deliver(&shared.pending, &shared.outbound, id, Event::End).await,
-            Some(Payload::Reset(code)) => deliver(&shared.pending, &shared.outbound, id, Event::Reset(code)).await,
-            Some(Payload::ResponseHead(_)) | None => break "unexpected message from relay".to_owned(),
+            Some(payload) => shared.exchanges.dispatch(id, payload, &requests).await,
+            None => break "message without a payload".to_owned(),
         }
     };
     debug!(%reason, "gRPC tunnel reader stopped");
     shared.closed.cancel();
-    shared.pending.clear();
+    shared.exchanges.pending.clear();
 }
 
 /// The agent's connection to the relay over gRPC.
@@ -224,68 +180,6 @@ pub struct GrpcRelay {
     requests: tokio::sync::Mutex<mpsc::Receiver<IncomingExchange>>,
     remote: SocketAddr,
     _reader: AbortOnDrop,
-}
-
-impl std::fmt::Debug for IncomingExchange {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IncomingExchange").field("id", &self.id).finish_non_exhaustive()
-    }
-}
-
-/// Tells the relay exchange `id` failed with `code`; a tunnel already gone needs no telling.
-async fn send_reset(shared: &Shared, id: u64, code: StreamCode) {
-    if shared.outbound.send(TunnelMessage::new(id, Payload::Reset(code.to_u32()))).await.is_err() {
-        debug!(id, ?code, "tunnel gone before the reset could be sent");
-    }
-}
-
-async fn serve_exchange(shared: Arc<Shared>, handler: Arc<dyn RequestHandler>, exchange: IncomingExchange) {
-    let IncomingExchange { id, head, body } = exchange;
-    let limits = handler.limits();
-    if let Err(err) = head.validate(&limits) {
-        warn!(id, %err, "invalid request head");
-        shared.pending.remove(&id);
-        send_reset(&shared, id, StreamCode::Malformed).await;
-        return;
-    }
-    let span = info_span!("exchange", request_id = %head.request_id, upstream = %head.upstream);
-    let body = match body {
-        Some(events) => EventBody::new(events, ()).boxed(),
-        None => quictun_core::link::empty_body(),
-    };
-    async {
-        match handler.handle(head, body).await {
-            Ok((response, body)) => {
-                let encoded = match frame::encode_payload(&response, limits.max_head_frame) {
-                    Ok(encoded) => encoded,
-                    Err(err) => {
-                        warn!(%err, "response head too large");
-                        send_reset(&shared, id, StreamCode::UpstreamFailed).await;
-                        return;
-                    }
-                };
-                if shared
-                    .outbound
-                    .send(TunnelMessage::new(id, Payload::ResponseHead(Bytes::from(encoded))))
-                    .await
-                    .is_ok()
-                {
-                    send_body(&shared.outbound, id, body, StreamCode::UpstreamFailed, shared.limits.max_head_frame)
-                        .await;
-                }
-            }
-            Err(code) => send_reset(&shared, id, code).await,
-        }
-    }
-    .instrument(span)
-    .await;
-    // The response is done; the request may still be arriving (an upgraded or TCP stream whose
-    // other direction closed first). The exchange ends when its request body is dropped.
-    let request_events = shared.pending.get(&id).map(|tx| tx.clone());
-    if let Some(tx) = request_events {
-        tx.closed().await;
-    }
-    shared.pending.remove(&id);
 }
 
 impl RelayConnection for GrpcRelay {
@@ -298,7 +192,7 @@ impl RelayConnection for GrpcRelay {
         Box::pin(async move {
             let mut requests = self.requests.lock().await;
             while let Some(exchange) = requests.recv().await {
-                let work = serve_exchange(self.shared.clone(), handler.clone(), exchange).in_current_span();
+                let work = self.shared.exchanges.clone().serve(handler.clone(), exchange).in_current_span();
                 quictun_core::spawn_cancellable(&tasks, &cancel, work);
             }
             "gRPC tunnel stream ended".to_owned()
@@ -324,5 +218,54 @@ impl RelayConnection for GrpcRelay {
 
     fn remote_addr(&self) -> SocketAddr {
         self.remote
+    }
+
+    fn egress_link(&self) -> Option<Arc<dyn AgentLink>> {
+        Some(Arc::new(GrpcEgress { shared: self.shared.clone(), remote: self.remote }))
+    }
+}
+
+/// The agent's egress exchanges on the tunnel stream (see [`crate::exchange`]).
+#[derive(Debug)]
+struct GrpcEgress {
+    shared: Arc<Shared>,
+    remote: SocketAddr,
+}
+
+impl AgentLink for GrpcEgress {
+    fn exchange(
+        &self,
+        head: RequestHead,
+        body: TunnelBody,
+    ) -> BoxFuture<'_, Result<(ResponseHead, TunnelBody), LinkError>> {
+        Box::pin(async move {
+            if self.shared.closed.is_cancelled() {
+                return Err(LinkError::NotOpened);
+            }
+            self.shared.exchanges.open(head, body).await
+        })
+    }
+
+    fn close(&self, _code: CloseCode) {
+        self.shared.ending.cancel();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.shared.closed.is_cancelled()
+    }
+
+    fn closed(&self) -> BoxFuture<'_, String> {
+        Box::pin(async move {
+            self.shared.closed.cancelled().await;
+            "gRPC tunnel stream ended".to_owned()
+        })
+    }
+
+    fn remote_addr(&self) -> SocketAddr {
+        self.remote
+    }
+
+    fn transport(&self) -> &'static str {
+        "grpc"
     }
 }

@@ -11,10 +11,13 @@
 //!
 //! - [`messages`]: the prost message (no `protoc`) and the codec.
 //! - [`mux`]: what both ends share: control channel, exchange table, bodies from event queues.
+//! - [`exchange`]: exchanges in both directions (the relay's ingress requests, the agent's egress
+//!   requests): opening one, and serving one the peer opened.
 //! - [`server`]: the relay side ([`server::serve`], [`server::GrpcLink`]).
 //! - [`client`]: the agent side ([`client::dial`], [`client::GrpcRelay`]).
 
 pub mod client;
+pub mod exchange;
 pub mod messages;
 pub mod mux;
 pub mod server;

@@ -12,18 +12,15 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use dashmap::DashMap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use quictun_core::link::{AgentLink, BoxFuture, LinkError, TunnelBody};
+use quictun_core::link::{AgentLink, BoxFuture, LinkError, RequestHandler, TunnelBody};
 use quictun_proto::frame;
-use quictun_proto::{CloseCode, ControlMessage, Limits, RequestHead, ResponseHead, StreamCode};
+use quictun_proto::{CloseCode, ControlMessage, Limits, RequestHead, ResponseHead};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
@@ -33,10 +30,9 @@ use tonic::Status;
 use tonic::server::{Grpc, StreamingService};
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::exchange::{End, Exchanges, IncomingExchange};
 use crate::messages::{Codec, Payload, TunnelMessage, close_status};
-use crate::mux::{
-    EXCHANGE_QUEUE, Event, EventBody, GrpcControl, OUTBOUND_QUEUE, Pending, deliver, send_body, trailers_event,
-};
+use crate::mux::{GrpcControl, OUTBOUND_QUEUE};
 use crate::window;
 
 /// Longest a TLS handshake may take.
@@ -146,18 +142,18 @@ impl StreamingService<TunnelMessage> for Connect {
         let (outbound_tx, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
         let (control_tx, control_rx) = mpsc::channel(16);
         let (close_tx, close_rx) = oneshot::channel();
+        let (requests_tx, requests_rx) = mpsc::channel(OUTBOUND_QUEUE);
         let link = Arc::new(GrpcLink {
-            outbound: outbound_tx.clone(),
-            pending: Arc::new(DashMap::new()),
-            next_id: AtomicU64::new(1),
+            exchanges: Arc::new(Exchanges::new(End::Relay, outbound_tx.clone(), self.limits)),
+            requests: tokio::sync::Mutex::new(requests_rx),
             remote: self.peer,
             closed: CancellationToken::new(),
             close_tx: Mutex::new(Some(close_tx)),
             reason: Mutex::new(None),
-            limits: self.limits,
         });
         let control = GrpcControl::new(control_rx, outbound_tx, self.limits.max_control_frame);
-        self.tasks.spawn(demux(request.into_inner(), control_tx, link.clone()).in_current_span());
+        let reader = demux(request.into_inner(), control_tx, requests_tx, link.clone());
+        self.tasks.spawn(reader.in_current_span());
         (self.on_agent)(control, link);
         Box::pin(async move { Ok(tonic::Response::new(OutboundStream { rx: outbound_rx, close: Some(close_rx) })) })
     }
@@ -191,6 +187,7 @@ use std::future::Future as _;
 async fn demux(
     mut inbound: tonic::Streaming<TunnelMessage>,
     control: mpsc::Sender<ControlMessage>,
+    requests: mpsc::Sender<IncomingExchange>,
     link: Arc<GrpcLink>,
 ) {
     let reason = loop {
@@ -205,7 +202,7 @@ async fn demux(
         };
         match payload {
             Some(Payload::Control(bytes)) => {
-                match frame::decode_bounded::<ControlMessage>(&bytes, link.limits.max_control_frame) {
+                match frame::decode_bounded::<ControlMessage>(&bytes, link.exchanges.limits.max_control_frame) {
                     Ok(msg) => {
                         if control.send(msg).await.is_err() {
                             break "control channel closed".to_owned();
@@ -217,28 +214,7 @@ async fn demux(
                     }
                 }
             }
-            Some(Payload::ResponseHead(bytes)) => {
-                let event = match frame::decode_bounded::<ResponseHead>(&bytes, link.limits.max_head_frame) {
-                    Ok(head) => Event::Head(head),
-                    Err(err) => {
-                        warn!(id, %err, "malformed response head");
-                        Event::Reset(StreamCode::Malformed.to_u32())
-                    }
-                };
-                deliver(&link.pending, &link.outbound, id, event).await;
-            }
-            Some(Payload::Body(bytes)) => deliver(&link.pending, &link.outbound, id, Event::Body(bytes)).await,
-            Some(Payload::Trailers(bytes)) => {
-                let event = trailers_event(id, &bytes, &link.limits);
-                deliver(&link.pending, &link.outbound, id, event).await;
-            }
-            Some(Payload::End(_)) => deliver(&link.pending, &link.outbound, id, Event::End).await,
-            Some(Payload::Reset(code)) => deliver(&link.pending, &link.outbound, id, Event::Reset(code)).await,
-            Some(Payload::RequestHead(_)) => {
-                // No agent-initiated exchange is served yet.
-                let refuse = TunnelMessage::new(id, Payload::Reset(StreamCode::KindUnsupported.to_u32()));
-                let _queue_full = link.outbound.try_send(refuse);
-            }
+            Some(payload) => link.exchanges.dispatch(id, payload, &requests).await,
             None => {
                 link.close(CloseCode::Protocol);
                 break "message without a payload".to_owned();
@@ -257,14 +233,13 @@ async fn demux(
 /// An agent reached over one gRPC stream.
 #[derive(Debug)]
 pub struct GrpcLink {
-    outbound: mpsc::Sender<TunnelMessage>,
-    pending: Pending,
-    next_id: AtomicU64,
+    exchanges: Arc<Exchanges>,
+    /// Exchanges the agent opened (egress), waiting to be served.
+    requests: tokio::sync::Mutex<mpsc::Receiver<IncomingExchange>>,
     remote: SocketAddr,
     closed: CancellationToken,
     close_tx: Mutex<Option<oneshot::Sender<CloseCode>>>,
     reason: Mutex<Option<String>>,
-    limits: Limits,
 }
 
 impl GrpcLink {
@@ -274,71 +249,7 @@ impl GrpcLink {
         drop(slot);
         self.closed.cancel();
         // Every exchange still waiting learns the tunnel is gone.
-        self.pending.clear();
-    }
-
-    async fn run_exchange(&self, head: RequestHead, body: TunnelBody) -> Result<(ResponseHead, TunnelBody), LinkError> {
-        if self.closed.is_cancelled() {
-            return Err(LinkError::NotOpened);
-        }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (events_tx, mut events) = mpsc::channel(EXCHANGE_QUEUE);
-        self.pending.insert(id, events_tx);
-        let mut guard =
-            ExchangeGuard { pending: self.pending.clone(), outbound: self.outbound.clone(), id, done: false };
-        let encoded = frame::encode_payload(&head, self.limits.max_head_frame)
-            .map_err(|e| LinkError::Protocol(format!("request head: {e}")))?;
-        match self.outbound.try_send(TunnelMessage::new(id, Payload::RequestHead(Bytes::from(encoded)))) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                guard.done = true; // nothing reached the agent
-                return Err(LinkError::Busy);
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                guard.done = true; // nothing reached the agent
-                return Err(LinkError::NotOpened);
-            }
-        }
-        let upload = head.has_body.then(|| {
-            let outbound = self.outbound.clone();
-            let max_trailers = self.limits.max_head_frame;
-            tokio::spawn(
-                async move {
-                    send_body(&outbound, id, body, StreamCode::Cancelled, max_trailers).await;
-                }
-                .in_current_span(),
-            )
-        });
-        match events.recv().await {
-            Some(Event::Head(response)) => {
-                response.validate(&self.limits).map_err(|e| LinkError::Protocol(e.to_string()))?;
-                Ok((response, EventBody::new(events, guard).with_upload(upload).boxed()))
-            }
-            Some(Event::Reset(code)) => {
-                guard.done = true;
-                Err(StreamCode::from_u64(u64::from(code)).map_or(LinkError::Lost, LinkError::Reset))
-            }
-            Some(_) => Err(LinkError::Protocol("body before the response head".into())),
-            None => Err(LinkError::Lost),
-        }
-    }
-}
-
-/// Removes an exchange from the table when it ends, and tells the agent to stop when it ends
-/// early (the client went away, or a deadline passed).
-struct ExchangeGuard {
-    pending: Pending,
-    outbound: mpsc::Sender<TunnelMessage>,
-    id: u64,
-    done: bool,
-}
-
-impl Drop for ExchangeGuard {
-    fn drop(&mut self) {
-        if self.pending.remove(&self.id).is_some() && !self.done {
-            let cancel = TunnelMessage::new(self.id, Payload::Reset(StreamCode::Cancelled.to_u32()));
-            let _queue_full = self.outbound.try_send(cancel);
-        }
+        self.exchanges.pending.clear();
     }
 }
 
@@ -348,7 +259,12 @@ impl AgentLink for GrpcLink {
         head: RequestHead,
         body: TunnelBody,
     ) -> BoxFuture<'_, Result<(ResponseHead, TunnelBody), LinkError>> {
-        Box::pin(self.run_exchange(head, body))
+        Box::pin(async move {
+            if self.closed.is_cancelled() {
+                return Err(LinkError::NotOpened);
+            }
+            self.exchanges.open(head, body).await
+        })
     }
 
     fn close(&self, code: CloseCode) {
@@ -375,5 +291,20 @@ impl AgentLink for GrpcLink {
 
     fn transport(&self) -> &'static str {
         "grpc"
+    }
+
+    fn serve_peer_requests(
+        &self,
+        handler: Arc<dyn RequestHandler>,
+        tasks: TaskTracker,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let mut requests = self.requests.lock().await;
+            while let Some(exchange) = requests.recv().await {
+                let work = self.exchanges.clone().serve(handler.clone(), exchange).in_current_span();
+                quictun_core::spawn_cancellable(&tasks, &cancel, work);
+            }
+        })
     }
 }

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use quictun_core::link::{BoxFuture, RequestHandler, TunnelBody};
 use quictun_proto::{Header, Limits, RequestHead, ResponseHead, StreamCode, StreamKind};
+use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::state::Shared;
@@ -20,12 +21,16 @@ use crate::state::Shared;
 pub struct EgressHandler {
     shared: Arc<Shared>,
     group: Arc<str>,
+    /// Egress requests in flight for this session (`max_egress_streams_per_agent`); the QUIC
+    /// transport bounds them by stream count too, the gRPC one only here.
+    in_flight: Arc<Semaphore>,
 }
 
 impl EgressHandler {
-    /// A handler for the agents of `group`.
+    /// A handler for an agent of `group`.
     pub fn new(shared: Arc<Shared>, group: Arc<str>) -> Self {
-        Self { shared, group }
+        let in_flight = Arc::new(Semaphore::new(shared.settings.max_egress_streams_per_agent as usize));
+        Self { shared, group, in_flight }
     }
 
     async fn forward(&self, head: RequestHead, body: TunnelBody) -> Result<(ResponseHead, TunnelBody), StreamCode> {
@@ -50,7 +55,18 @@ impl EgressHandler {
         }
         let target = route.target.clone();
         drop(live);
-        let answered = self.shared.egress_http.send(&target, head, body).await;
+        let Ok(slot) = self.in_flight.clone().try_acquire_owned() else {
+            self.shared.metrics.egress(&target.host_port(), "Overloaded");
+            return Err(StreamCode::Overloaded);
+        };
+        let answered = self.shared.egress_http.send(&target, head, body).await.map(|(head, body)| {
+            // The slot is held until the response body is done.
+            let body = body.map_frame(move |frame| {
+                let _held = &slot;
+                frame
+            });
+            (head, body.boxed_unsync())
+        });
         let outcome = match &answered {
             Ok((head, _)) => head.status.to_string(),
             Err(code) => format!("{code:?}"),
