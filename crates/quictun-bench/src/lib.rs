@@ -8,6 +8,7 @@
 //! - [`wan`]: an emulated WAN link (network namespace, TUN devices, a userspace forwarder).
 //! - [`report`] and [`svg`]: JSON, Markdown and SVG output.
 
+pub mod grpc_echo;
 pub mod load;
 pub mod netem;
 pub mod procs;
@@ -36,6 +37,8 @@ pub enum Workload {
     Lossy,
     /// Small and bulk over an emulated 50 ms / 1% loss / 100 Mbit/s link.
     Wan,
+    /// gRPC unary calls (HTTP/2 in, trailers out) at several concurrencies.
+    Grpc,
 }
 
 impl std::str::FromStr for Workload {
@@ -48,7 +51,8 @@ impl std::str::FromStr for Workload {
             "many" => Ok(Self::Many),
             "lossy" => Ok(Self::Lossy),
             "wan" => Ok(Self::Wan),
-            other => Err(format!("unknown workload {other:?} (small, large, slow-mix, many, lossy, wan)")),
+            "grpc" => Ok(Self::Grpc),
+            other => Err(format!("unknown workload {other:?} (small, large, slow-mix, many, lossy, wan, grpc)")),
         }
     }
 }
@@ -139,6 +143,7 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<report::Report> {
                 Workload::Many => workloads::many(opts, mode).await,
                 Workload::Lossy => workloads::lossy(opts, mode).await,
                 Workload::Wan => workloads::wan(opts, mode).await,
+                Workload::Grpc => workloads::grpc(opts, mode).await,
             };
             match result {
                 Ok(mut r) => rows.append(&mut r),

@@ -70,7 +70,8 @@ impl LoadResult {
     }
 }
 
-fn new_histogram() -> Histogram<u64> {
+/// An empty latency histogram in microseconds (1 µs to 10 min, 3 significant digits).
+pub fn new_histogram() -> Histogram<u64> {
     // 1 µs .. 10 min at 3 significant digits; constants that cannot fail.
     Histogram::new_with_bounds(1, 600_000_000, 3)
         .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))

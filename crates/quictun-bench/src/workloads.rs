@@ -99,6 +99,40 @@ pub async fn small(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> 
     Ok(rows)
 }
 
+/// gRPC unary calls with 1 KiB messages at the small workload's concurrencies: HTTP/2 on the
+/// ingress, HTTP/2 to the upstream, the status in trailers.
+pub async fn grpc(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
+    let mut stack = Stack::start(&opts.exe, mode, 1).await?;
+    let mut rows = Vec::new();
+    for &concurrency in &opts.concurrency {
+        let bar = spinner(format!("grpc {} c={concurrency}", mode.name()));
+        let cpu_before = tunnel_cpu(&stack);
+        let result = crate::grpc_echo::run(stack.target, concurrency, 1024, opts.duration, &bar).await?;
+        let cpu_after = tunnel_cpu(&stack);
+        bar.finish_and_clear();
+        stack.check_alive()?;
+        let cpu = match (cpu_before, cpu_after) {
+            (Some(before), Some(after)) if result.ok > 0 => {
+                Some((after - before).as_secs_f64() * 1e6 / result.ok as f64)
+            }
+            _ => None,
+        };
+        rows.push(Row {
+            workload: "grpc".into(),
+            transport: mode.name().into(),
+            variant: format!("c={concurrency}"),
+            requests_per_sec: Some(result.rate()),
+            latency: Some(Latency::from_histogram(&result.merged())),
+            errors: result.errors,
+            requests: result.ok,
+            tunnel_cpu_us_per_request: cpu,
+            note: "1 KiB unary calls, 16 per HTTP/2 connection".into(),
+            ..Row::default()
+        });
+    }
+    Ok(rows)
+}
+
 /// 90% instant requests, 10% that take 1 s at the upstream: does a slow request delay the others?
 pub async fn slow_mix(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
     let mut stack = Stack::start(&opts.exe, mode, 1).await?;

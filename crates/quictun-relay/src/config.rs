@@ -152,7 +152,7 @@ impl Default for RelaySection {
             heartbeat_interval_ms: 5_000,
             heartbeat_misses: 3,
             max_streams_per_agent: 1024,
-            max_egress_streams_per_agent: 128,
+            max_egress_streams_per_agent: 16,
             response_timeout_secs: 60,
             register_timeout_secs: 10,
             max_header_bytes: 64 * 1024,

@@ -50,8 +50,8 @@ pub struct BenchArgs {
     /// Transports to compare (quic, grpc, direct), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "quic,grpc,direct")]
     pub transports: Vec<quictun_bench::Mode>,
-    /// Workloads (small, large, slow-mix, many, lossy, wan), comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "small,slow-mix,large,many,lossy,wan")]
+    /// Workloads (small, large, slow-mix, many, lossy, wan, grpc), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "small,slow-mix,large,many,lossy,wan,grpc")]
     pub workloads: Vec<quictun_bench::Workload>,
     /// Length of each timed run, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]

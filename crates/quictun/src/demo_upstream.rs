@@ -5,6 +5,7 @@
 //! - `GET /delay/MS` — answers after MS milliseconds.
 //! - `POST /echo` — the request body, streamed back.
 //! - `POST /sink` — reads the body and answers with its length.
+//! - gRPC `/quictun.bench.Echo/Unary` (HTTP/2) — the message back (the bench's `grpc` workload).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -19,7 +20,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-type DemoBody = Either<Full<Bytes>, Either<RepeatBody, Incoming>>;
+type DemoBody = Either<Full<Bytes>, Either<RepeatBody, Either<Incoming, tonic::body::Body>>>;
 
 const CHUNK: usize = 64 * 1024;
 
@@ -70,7 +71,10 @@ fn bytes_body(n: u64) -> Response<DemoBody> {
 async fn handle(req: Request<Incoming>) -> Response<DemoBody> {
     let path = req.uri().path().to_owned();
     match (req.method().as_str(), path.as_str()) {
-        ("POST", "/echo") => Response::new(Either::Right(Either::Right(req.into_body()))),
+        ("POST", "/echo") => Response::new(Either::Right(Either::Right(Either::Left(req.into_body())))),
+        ("POST", quictun_bench::grpc_echo::UNARY_PATH) => {
+            quictun_bench::grpc_echo::serve(req).await.map(|body| Either::Right(Either::Right(Either::Right(body))))
+        }
         ("POST", "/sink") => {
             let mut body = req.into_body();
             let mut n = 0u64;
@@ -117,6 +121,11 @@ pub async fn serve(listener: TcpListener, stop: CancellationToken) {
                 }
             },
         };
+        // Without it, HTTP/2 answers written in pieces (headers, data, trailers) meet Nagle and
+        // delayed ACKs: 40 ms per gRPC call.
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(%err, "could not set TCP_NODELAY");
+        }
         let conn = builder
             .serve_connection(TokioIo::new(stream), service_fn(|req| async { Ok::<_, Infallible>(handle(req).await) }))
             .into_owned();
