@@ -94,14 +94,7 @@ async fn accept_loop(listener: TcpListener, egress: Arc<Egress>, stop: Cancellat
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    warn!(%err, "egress accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = quictun_core::accept_tcp(&listener, "egress") => accepted,
         };
         let egress = egress.clone();
         let service = hyper::service::service_fn(move |req| {

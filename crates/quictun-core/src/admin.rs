@@ -128,14 +128,7 @@ pub async fn serve(
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    warn!(%err, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = crate::accept_tcp(&listener, "admin") => accepted,
         };
         let (pages, token) = (pages.clone(), token.clone());
         let service = service_fn(move |req| {

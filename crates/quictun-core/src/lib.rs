@@ -32,6 +32,27 @@ pub mod upstream_http;
 pub use endpoint::{Congestion, Tuning};
 pub use tls::{Pin, Trust};
 
+/// How long a listener waits after a failed accept before trying again.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The next connection on `listener`. A failed accept (out of file descriptors and the like) is
+/// logged, naming the listener `what`, and retried after a short pause instead of spinning.
+/// Cancel-safe, so it can race a shutdown signal in `select!`.
+pub async fn accept_tcp(
+    listener: &tokio::net::TcpListener,
+    what: &str,
+) -> (tokio::net::TcpStream, std::net::SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(err) => {
+                tracing::warn!(%err, listener = what, "accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
 /// Closes `conn` with a quictun close code.
 pub fn close(conn: &quinn::Connection, code: quictun_proto::CloseCode) {
     conn.close(quinn::VarInt::from_u32(code.to_u32()), code.reason());

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Status;
 use tonic::server::{Grpc, StreamingService};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info_span};
 
 use crate::exchange::{End, Exchanges, IncomingExchange};
 use crate::messages::{Codec, Payload, TunnelMessage, close_status};
@@ -56,14 +56,7 @@ pub async fn serve(
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    warn!(%err, "gRPC accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = quictun_core::accept_tcp(&listener, "gRPC") => accepted,
         };
         let (acceptor, on_agent, shutdown2, tasks2) =
             (acceptor.clone(), on_agent.clone(), shutdown.clone(), tasks.clone());

@@ -304,14 +304,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, tls: Option<Arc<r
     loop {
         tokio::select! {
             _ = ingress.shared.shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => ingress.admit(stream, peer),
-                Err(err) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    warn!(%err, "ingress accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
+            (stream, peer) = quictun_core::accept_tcp(&listener, "ingress") => ingress.admit(stream, peer),
         }
     }
     ingress.take_queued(listener);

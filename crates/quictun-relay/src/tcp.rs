@@ -24,14 +24,7 @@ pub async fn serve(listener: TcpListener, entry: TcpEntry, shared: Arc<Shared>) 
     loop {
         let (stream, peer) = tokio::select! {
             _ = shared.shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    warn!(%err, listen = %entry.listen, "TCP tunnel accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = quictun_core::accept_tcp(&listener, "TCP tunnel") => accepted,
         };
         let (shared2, entry2) = (shared.clone(), entry.clone());
         let id = Uuid::new_v4();

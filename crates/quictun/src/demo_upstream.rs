@@ -113,13 +113,7 @@ pub async fn serve(listener: TcpListener, stop: CancellationToken) {
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(%err, "demo upstream accept failed");
-                    continue;
-                }
-            },
+            accepted = quictun_core::accept_tcp(&listener, "demo upstream") => accepted,
         };
         // Without it, HTTP/2 answers written in pieces (headers, data, trailers) meet Nagle and
         // delayed ACKs: 40 ms per gRPC call.
