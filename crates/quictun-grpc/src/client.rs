@@ -114,7 +114,6 @@ pub async fn dial(
     let shared = Arc::new(Shared {
         exchanges: Arc::new(Exchanges::new(End::Agent, outbound_tx.clone(), limits)),
         ending,
-        closed: CancellationToken::new(),
         close_code: Mutex::new(None),
     });
     let reader = tokio::spawn(read(response.into_inner(), control_tx, requests_tx, shared.clone()).in_current_span());
@@ -132,8 +131,6 @@ struct Shared {
     exchanges: Arc<Exchanges>,
     /// Cancelled to end our request stream gracefully (queued messages are still sent).
     ending: CancellationToken,
-    /// Cancelled when the reader stopped: the relay ended its side, or the stream failed.
-    closed: CancellationToken,
     close_code: Mutex<Option<CloseCode>>,
 }
 
@@ -169,8 +166,8 @@ async fn read(
         }
     };
     debug!(%reason, "gRPC tunnel reader stopped");
-    shared.closed.cancel();
-    shared.exchanges.pending.clear();
+    // The relay ended its side, or the stream failed.
+    shared.exchanges.close();
 }
 
 /// The agent's connection to the relay over gRPC.
@@ -206,7 +203,7 @@ impl RelayConnection for GrpcRelay {
 
     fn finish(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {
-            if tokio::time::timeout(FINISH_TIMEOUT, self.shared.closed.cancelled()).await.is_err() {
+            if tokio::time::timeout(FINISH_TIMEOUT, self.shared.exchanges.closed.cancelled()).await.is_err() {
                 debug!("relay did not end the tunnel stream in time");
             }
         })
@@ -238,12 +235,7 @@ impl AgentLink for GrpcEgress {
         head: RequestHead,
         body: TunnelBody,
     ) -> BoxFuture<'_, Result<(ResponseHead, TunnelBody), LinkError>> {
-        Box::pin(async move {
-            if self.shared.closed.is_cancelled() {
-                return Err(LinkError::NotOpened);
-            }
-            self.shared.exchanges.open(head, body).await
-        })
+        Box::pin(self.shared.exchanges.open(head, body))
     }
 
     fn close(&self, _code: CloseCode) {
@@ -251,12 +243,12 @@ impl AgentLink for GrpcEgress {
     }
 
     fn is_closed(&self) -> bool {
-        self.shared.closed.is_cancelled()
+        self.shared.exchanges.closed.is_cancelled()
     }
 
     fn closed(&self) -> BoxFuture<'_, String> {
         Box::pin(async move {
-            self.shared.closed.cancelled().await;
+            self.shared.exchanges.closed.cancelled().await;
             "gRPC tunnel stream ended".to_owned()
         })
     }

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use quictun_core::link::{LinkError, RequestHandler, TunnelBody, empty_body};
 use quictun_proto::{Limits, RequestHead, ResponseHead, StreamCode, frame};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::messages::{Payload, TunnelMessage};
@@ -52,6 +53,8 @@ pub struct Exchanges {
     pub pending: Pending,
     /// Frame limits for heads and trailers.
     pub limits: Limits,
+    /// Cancelled once the tunnel stream is gone (see [`Exchanges::close`]).
+    pub closed: CancellationToken,
     end: End,
     next_id: AtomicU64,
 }
@@ -63,7 +66,15 @@ impl Exchanges {
             End::Relay => 1,
             End::Agent => AGENT_OPENED | 1,
         };
-        Self { outbound, pending: Pending::default(), limits, end, next_id: AtomicU64::new(first) }
+        let closed = CancellationToken::new();
+        Self { outbound, pending: Pending::default(), limits, closed, end, next_id: AtomicU64::new(first) }
+    }
+
+    /// The tunnel stream is gone: no exchange opens any more, and every one still waiting learns
+    /// it (its event queue closes).
+    pub fn close(&self) {
+        self.closed.cancel();
+        self.pending.clear();
     }
 
     /// True when the peer, not this end, opened exchange `id`.
@@ -73,8 +84,11 @@ impl Exchanges {
 
     /// Opens an exchange: sends the head, streams `body` from a task that lives as long as the
     /// response body, and waits for the response head. Nothing is queued when the outbound queue
-    /// is full ([`LinkError::Busy`]) or gone ([`LinkError::NotOpened`]).
+    /// is full ([`LinkError::Busy`]) or the tunnel is gone ([`LinkError::NotOpened`]).
     pub async fn open(&self, head: RequestHead, body: TunnelBody) -> Result<(ResponseHead, TunnelBody), LinkError> {
+        if self.closed.is_cancelled() {
+            return Err(LinkError::NotOpened);
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (events_tx, mut events) = mpsc::channel(EXCHANGE_QUEUE);
         self.pending.insert(id, events_tx);

@@ -140,7 +140,6 @@ impl StreamingService<TunnelMessage> for Connect {
             exchanges: Arc::new(Exchanges::new(End::Relay, outbound_tx.clone(), self.limits)),
             requests: tokio::sync::Mutex::new(requests_rx),
             remote: self.peer,
-            closed: CancellationToken::new(),
             close_tx: Mutex::new(Some(close_tx)),
             reason: Mutex::new(None),
         });
@@ -185,7 +184,7 @@ async fn demux(
 ) {
     let reason = loop {
         let message = tokio::select! {
-            _ = link.closed.cancelled() => break "closed by the relay".to_owned(),
+            _ = link.exchanges.closed.cancelled() => break "closed by the relay".to_owned(),
             message = inbound.message() => message,
         };
         let TunnelMessage { request_id: id, payload } = match message {
@@ -230,7 +229,6 @@ pub struct GrpcLink {
     /// Exchanges the agent opened (egress), waiting to be served.
     requests: tokio::sync::Mutex<mpsc::Receiver<IncomingExchange>>,
     remote: SocketAddr,
-    closed: CancellationToken,
     close_tx: Mutex<Option<oneshot::Sender<CloseCode>>>,
     reason: Mutex<Option<String>>,
 }
@@ -240,9 +238,7 @@ impl GrpcLink {
         let mut slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
         slot.get_or_insert(reason);
         drop(slot);
-        self.closed.cancel();
-        // Every exchange still waiting learns the tunnel is gone.
-        self.exchanges.pending.clear();
+        self.exchanges.close();
     }
 }
 
@@ -252,12 +248,7 @@ impl AgentLink for GrpcLink {
         head: RequestHead,
         body: TunnelBody,
     ) -> BoxFuture<'_, Result<(ResponseHead, TunnelBody), LinkError>> {
-        Box::pin(async move {
-            if self.closed.is_cancelled() {
-                return Err(LinkError::NotOpened);
-            }
-            self.exchanges.open(head, body).await
-        })
+        Box::pin(self.exchanges.open(head, body))
     }
 
     fn close(&self, code: CloseCode) {
@@ -268,12 +259,12 @@ impl AgentLink for GrpcLink {
     }
 
     fn is_closed(&self) -> bool {
-        self.closed.is_cancelled()
+        self.exchanges.closed.is_cancelled()
     }
 
     fn closed(&self) -> BoxFuture<'_, String> {
         Box::pin(async move {
-            self.closed.cancelled().await;
+            self.exchanges.closed.cancelled().await;
             self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default()
         })
     }
