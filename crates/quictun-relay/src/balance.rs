@@ -70,42 +70,10 @@ pub fn choose(members: &[Arc<Session>], cursor: usize, choice: &Choice<'_>) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
-    use quictun_core::link::{AgentLink, BoxFuture, LinkError, TunnelBody};
-    use quictun_proto::{CloseCode, RequestHead, ResponseHead};
-    use std::time::Duration;
-
-    /// A link that is never used for traffic here: only the choice is under test.
-    #[derive(Debug)]
-    struct Idle;
-
-    impl AgentLink for Idle {
-        fn exchange(
-            &self,
-            _: RequestHead,
-            _: TunnelBody,
-        ) -> BoxFuture<'_, Result<(ResponseHead, TunnelBody), LinkError>> {
-            Box::pin(async { Err(LinkError::NotOpened) })
-        }
-        fn close(&self, _: CloseCode) {}
-        fn is_closed(&self) -> bool {
-            false
-        }
-        fn closed(&self) -> BoxFuture<'_, String> {
-            Box::pin(std::future::pending())
-        }
-        fn remote_addr(&self) -> std::net::SocketAddr {
-            std::net::SocketAddr::from(([127, 0, 0, 1], 1))
-        }
-        fn transport(&self) -> &'static str {
-            "test"
-        }
-    }
+    use crate::fake_link::{FakeLink, session_on};
 
     fn session(id: &str) -> Arc<Session> {
-        let (commands, _) = tokio::sync::mpsc::channel(1);
-        let s = Arc::new(Session::new(id, "g", Arc::new(Idle), 16, Duration::from_secs(60), commands));
-        s.heard();
-        s
+        session_on(id, "g", FakeLink::default())
     }
 
     #[tokio::test]

@@ -22,6 +22,8 @@ pub mod body;
 pub mod config;
 pub mod conn_clock;
 pub mod egress;
+#[cfg(test)]
+mod fake_link;
 pub mod ingress;
 pub mod metrics;
 pub mod proxy;

@@ -200,14 +200,19 @@ impl SessionManager {
 
     /// Adds a session. A previous session with the same client_id is removed and its connection
     /// closed with [`CloseCode::Replaced`]; it is returned.
+    ///
+    /// The new session joins its group before it becomes the client's current one, and the old
+    /// connection is closed last, so whoever reacts to that close sees the finished state.
     pub fn insert(&self, session: Arc<Session>) -> Option<Arc<Session>> {
-        let old = self.by_client.insert(session.client_id.clone(), session.clone());
+        self.by_group.entry(session.group.clone()).or_default().members.push(session.clone());
+        let old = self.by_client.insert(session.client_id.clone(), session);
         if let Some(old) = &old {
             self.remove_from_group(old);
+        }
+        self.bump();
+        if let Some(old) = &old {
             old.link.close(CloseCode::Replaced);
         }
-        self.by_group.entry(session.group.clone()).or_default().members.push(session);
-        self.bump();
         old
     }
 
@@ -287,5 +292,54 @@ impl SessionManager {
         })
         .await
         .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake_link::{FakeLink, session_on};
+    use std::sync::{Mutex, OnceLock};
+
+    /// What the manager looked like when a replaced connection was closed.
+    #[derive(Debug, PartialEq)]
+    struct SeenAtClose {
+        current: Option<uuid::Uuid>,
+        group: Vec<uuid::Uuid>,
+    }
+
+    #[tokio::test]
+    async fn a_replaced_connection_is_closed_only_after_its_successor_is_in_place() {
+        let manager = Arc::new(SessionManager::new());
+        let seen = Arc::new(Mutex::new(None));
+        let watcher: Arc<OnceLock<Arc<SessionManager>>> = Arc::new(OnceLock::new());
+        let on_close = {
+            let (seen, watcher) = (seen.clone(), watcher.clone());
+            move |code: CloseCode| {
+                assert_eq!(code, CloseCode::Replaced);
+                let Some(m) = watcher.get() else { return };
+                let group = m.group("web").iter().map(|s| s.session_id).collect();
+                *seen.lock().unwrap() = Some(SeenAtClose { current: m.get("agent-1").map(|s| s.session_id), group });
+            }
+        };
+        let first = session_on("agent-1", "web", FakeLink { on_close: Some(Box::new(on_close)) });
+        let other = session_on("agent-2", "web", FakeLink::default());
+        assert!(manager.insert(first.clone()).is_none());
+        assert!(manager.insert(other.clone()).is_none());
+        let _ = watcher.set(manager.clone());
+
+        let second = session_on("agent-1", "web", FakeLink::default());
+        let old = manager.insert(second.clone()).expect("the first session is replaced");
+        assert_eq!(old.session_id, first.session_id);
+        let expected =
+            SeenAtClose { current: Some(second.session_id), group: vec![other.session_id, second.session_id] };
+        assert_eq!(seen.lock().unwrap().take(), Some(expected));
+
+        // The replaced session's own cleanup, arriving late, takes nothing from its successor.
+        assert!(!manager.remove(&first));
+        assert_eq!(manager.len(), 2);
+        assert_eq!(manager.group_len("web"), 2);
+        assert!(manager.remove(&second) && manager.remove(&other));
+        assert!(manager.is_empty() && manager.group("web").is_empty());
     }
 }
