@@ -3,7 +3,7 @@
 //!
 //! - [`procs`]: starting and watching the processes (peak RSS, CPU time).
 //! - [`load`]: the load generator (keep-alive HTTP/1.1 workers, HdrHistogram).
-//! - [`workloads`]: small, large, slow-mix, many, lossy.
+//! - [`workloads`]: small, large, slow-mix, many, lossy, wan, grpc, egress.
 //! - [`netem`]: random packet loss with nftables.
 //! - [`wan`]: an emulated WAN link (network namespace, TUN devices, a userspace forwarder).
 //! - [`report`] and [`svg`]: JSON, Markdown and SVG output.
@@ -39,6 +39,9 @@ pub enum Workload {
     Wan,
     /// gRPC unary calls (HTTP/2 in, trailers out) at several concurrencies.
     Grpc,
+    /// 1 KiB GETs the other way round: from the agent's egress listener to an upstream the
+    /// relay reaches.
+    Egress,
 }
 
 impl std::str::FromStr for Workload {
@@ -52,7 +55,10 @@ impl std::str::FromStr for Workload {
             "lossy" => Ok(Self::Lossy),
             "wan" => Ok(Self::Wan),
             "grpc" => Ok(Self::Grpc),
-            other => Err(format!("unknown workload {other:?} (small, large, slow-mix, many, lossy, wan, grpc)")),
+            "egress" => Ok(Self::Egress),
+            other => {
+                Err(format!("unknown workload {other:?} (small, large, slow-mix, many, lossy, wan, grpc, egress)"))
+            }
         }
     }
 }
@@ -144,6 +150,7 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<report::Report> {
                 Workload::Lossy => workloads::lossy(opts, mode).await,
                 Workload::Wan => workloads::wan(opts, mode).await,
                 Workload::Grpc => workloads::grpc(opts, mode).await,
+                Workload::Egress => workloads::egress(opts, mode).await,
             };
             match result {
                 Ok(mut r) => rows.append(&mut r),

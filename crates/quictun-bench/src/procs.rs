@@ -168,6 +168,9 @@ pub struct Stack {
     pub target: SocketAddr,
     /// The relay's admin endpoint.
     pub admin: Option<SocketAddr>,
+    /// The agent's egress listener (loopback stacks with one agent): requests sent there go
+    /// through the tunnel the other way, and the relay forwards them to the upstream.
+    pub egress: Option<SocketAddr>,
     /// The relay's QUIC port.
     pub quic_port: u16,
     /// The relay's gRPC port.
@@ -242,6 +245,7 @@ impl Stack {
             mode,
             target: reach,
             admin: None,
+            egress: None,
             quic_port: 0,
             grpc_port: 0,
             upstream,
@@ -262,6 +266,12 @@ impl Stack {
             Topology::Loopback => ("127.0.0.1", None),
             Topology::Wan => (crate::wan::RELAY_IP, Some(crate::wan::NETNS)),
         };
+        // The upstream as the relay reaches it, for egress.
+        let egress_target = self.target;
+        let egress = match (self.topology, agents) {
+            (Topology::Loopback, 1) => Some(SocketAddr::from(([127, 0, 0, 1], free_port(false)?))),
+            _ => None,
+        };
         let dir = self.dir.clone();
         let run = |args: &[&str]| -> anyhow::Result<String> {
             let out = Command::new(exe).args(args).output()?;
@@ -280,9 +290,10 @@ impl Stack {
             "[relay]\nquic_listen = \"{tunnel_ip}:{q}\"\ngrpc_listen = \"{tunnel_ip}:{g}\"\nhttp_listen = \"{http}\"\n\
              admin_listen = \"{admin}\"\ncert = \"{d}/certs/relay.crt\"\nkey = \"{d}/certs/relay.key\"\n\
              max_streams_per_agent = 16384\ndrain_timeout_secs = 1\nhandshake_rate_per_ip = 0\n\
-             max_connections_per_ip = 0\n\
+             max_connections_per_ip = 0\nmax_egress_streams_per_agent = 16384\n\
              [[upstreams]]\nname = \"up\"\ngroup = \"bench\"\ntargets = [\"http://{upstream}\"]\n\
-             [[routes]]\nhost = \"*\"\nupstream = \"up\"\n",
+             [[routes]]\nhost = \"*\"\nupstream = \"up\"\n\
+             [[egress_routes]]\nhost = \"*\"\ntarget = \"http://{egress_target}\"\n",
             q = self.quic_port,
             g = self.grpc_port,
             d = dir.display(),
@@ -295,7 +306,7 @@ impl Stack {
         self.relay = Some(Proc::spawn(exe, &relay_args, &dir.join("relay.log"), "relay")?);
         wait_until("the relay", Duration::from_secs(20), async || tcp_ready(admin).await).await?;
         let transport = self.mode.name().to_owned();
-        let agent_args: Vec<String> = vec![
+        let mut agent_args: Vec<String> = vec![
             "bench-agents".into(),
             "--count".into(),
             agents.to_string(),
@@ -308,13 +319,21 @@ impl Stack {
             "--transport".into(),
             transport,
         ];
+        if let Some(egress) = egress {
+            agent_args.extend(["--egress-listen".into(), egress.to_string()]);
+        }
         self.agent = Some(Proc::spawn_in(netns, exe, &agent_args, &dir.join("agent.log"), "agent")?);
         wait_until("the agents to register", Duration::from_secs(120), async || {
             session_count(admin).await == Some(agents)
         })
         .await?;
+        if let Some(egress) = egress {
+            wait_until("the agent's egress listener", Duration::from_secs(20), async || tcp_ready(egress).await)
+                .await?;
+        }
         self.target = http;
         self.admin = Some(admin);
+        self.egress = egress;
         // The upstream may be in another namespace: wait until a request crosses the tunnel.
         wait_until("the upstream through the tunnel", Duration::from_secs(20), async || {
             crate::load::get_text(http, "/").await.is_ok_and(|body| body.starts_with("Hello"))

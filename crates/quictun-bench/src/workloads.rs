@@ -1,6 +1,7 @@
 //! The workloads. Each starts its own stack per transport (so one cannot warm or tire the next),
 //! measures, and returns report rows.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -55,7 +56,15 @@ async fn measure(
     Ok((result, cpu))
 }
 
-/// Runs 1 KiB GETs at `concurrency` against `stack` and returns the row for them.
+/// Where a row's requests go and what it is called.
+struct RowSpec<'a> {
+    target: SocketAddr,
+    workload: &'a str,
+    variant: String,
+    note: String,
+}
+
+/// Runs 1 KiB GETs at `concurrency` against the stack's ingress and returns the row for them.
 async fn small_requests(
     opts: &BenchOptions,
     stack: &mut Stack,
@@ -64,13 +73,20 @@ async fn small_requests(
     variant: String,
     note: String,
 ) -> anyhow::Result<Row> {
-    let spec = LoadSpec {
-        target: stack.target,
-        classes: instant("/bytes/1024"),
-        concurrency,
-        duration: opts.duration,
-        rate: opts.rate,
-    };
+    let row = RowSpec { target: stack.target, workload, variant, note };
+    small_requests_to(opts, stack, concurrency, row).await
+}
+
+/// Runs 1 KiB GETs at `concurrency` against `row.target`, measuring `stack`'s processes.
+async fn small_requests_to(
+    opts: &BenchOptions,
+    stack: &mut Stack,
+    concurrency: usize,
+    row: RowSpec<'_>,
+) -> anyhow::Result<Row> {
+    let RowSpec { target, workload, variant, note } = row;
+    let spec =
+        LoadSpec { target, classes: instant("/bytes/1024"), concurrency, duration: opts.duration, rate: opts.rate };
     let label = format!("{workload} {} {variant}", stack.mode.name());
     let (result, cpu) = measure(stack, spec, label).await?;
     Ok(Row {
@@ -129,6 +145,31 @@ pub async fn grpc(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
             note: "1 KiB unary calls, 16 per HTTP/2 connection".into(),
             ..Row::default()
         });
+    }
+    Ok(rows)
+}
+
+/// 1 KiB GETs through the tunnel the other way round: into the agent's egress listener, out of
+/// the relay to the upstream by its `[[egress_routes]]`. `direct` is the upstream itself.
+pub async fn egress(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
+    let mut stack = Stack::start(&opts.exe, mode, 1).await?;
+    let target = match (mode, stack.egress) {
+        (Mode::Direct, _) => stack.target,
+        (_, Some(egress)) => egress,
+        (_, None) => anyhow::bail!("the stack has no egress listener"),
+    };
+    let mut rows = Vec::new();
+    for &concurrency in &opts.concurrency {
+        let row = RowSpec {
+            target,
+            workload: "egress",
+            variant: format!("c={concurrency}"),
+            note: match mode {
+                Mode::Direct => "the upstream itself".into(),
+                _ => "agent's egress listener → relay → upstream".into(),
+            },
+        };
+        rows.push(small_requests_to(opts, &mut stack, concurrency, row).await?);
     }
     Ok(rows)
 }

@@ -35,16 +35,24 @@ pub use tls::{Pin, Trust};
 /// How long a listener waits after a failed accept before trying again.
 const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// The next connection on `listener`. A failed accept (out of file descriptors and the like) is
-/// logged, naming the listener `what`, and retried after a short pause instead of spinning.
-/// Cancel-safe, so it can race a shutdown signal in `select!`.
+/// The next connection on `listener`, with `TCP_NODELAY` set. A failed accept (out of file
+/// descriptors and the like) is logged, naming the listener `what`, and retried after a short
+/// pause instead of spinning. Cancel-safe, so it can race a shutdown signal in `select!`.
+///
+/// Every listener here answers with small writes (heads, frames, trailers) that Nagle's
+/// algorithm would hold back until the peer's delayed ACK: 40 ms per exchange.
 pub async fn accept_tcp(
     listener: &tokio::net::TcpListener,
     what: &str,
 ) -> (tokio::net::TcpStream, std::net::SocketAddr) {
     loop {
         match listener.accept().await {
-            Ok(accepted) => return accepted,
+            Ok((stream, peer)) => {
+                if let Err(err) = stream.set_nodelay(true) {
+                    tracing::debug!(%err, listener = what, "could not set TCP_NODELAY");
+                }
+                return (stream, peer);
+            }
             Err(err) => {
                 tracing::warn!(%err, listener = what, "accept failed");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -100,4 +108,18 @@ pub fn spawn_cancellable<F>(
             _ = cancel.cancelled() => {}
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn accepted_connections_do_not_wait_for_nagle() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), super::accept_tcp(&listener, "test"));
+        let (stream, peer) = accepted;
+        assert_eq!(peer, client.unwrap().local_addr().unwrap());
+        assert!(stream.nodelay().unwrap(), "TCP_NODELAY is not set on the accepted stream");
+    }
 }

@@ -62,9 +62,6 @@ pub async fn serve(
             (acceptor.clone(), on_agent.clone(), shutdown.clone(), tasks.clone());
         tasks.spawn(
             async move {
-                if let Err(err) = tcp.set_nodelay(true) {
-                    debug!(%err, "could not set TCP_NODELAY");
-                }
                 let tls = match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(err)) => return debug!(%err, "TLS handshake failed"),

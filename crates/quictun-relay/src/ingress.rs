@@ -163,9 +163,6 @@ impl Ingress {
             shared.tasks.spawn(refuse(stream));
             return;
         };
-        if let Err(err) = stream.set_nodelay(true) {
-            debug!(%err, "could not set TCP_NODELAY");
-        }
         let connections = shared.metrics.ingress_connections.clone();
         connections.inc();
         let conn = Connection {

@@ -45,9 +45,6 @@ async fn carry(stream: TcpStream, peer: SocketAddr, request_id: Uuid, entry: Arc
         shared.metrics.reject(Reject::agent_busy);
         return warn!("TCP connection refused: the agent is at its stream limit");
     };
-    if let Err(err) = stream.set_nodelay(true) {
-        debug!(%err, "could not set TCP_NODELAY");
-    }
     let head = RequestHead {
         kind: StreamKind::Tcp,
         request_id,

@@ -4,11 +4,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use quictun_agent::config::{AgentConfigFile, AgentSection};
+use quictun_agent::egress::EgressServer;
 use quictun_agent::{Agent, AgentOptions};
 use quictun_proto::Token;
 
 use crate::Failure;
 use crate::cli::{BenchAgentsArgs, BenchArgs};
+
+/// How long a benchmark egress request may wait for its answer's head.
+const EGRESS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the benchmark and prints the Markdown table.
 pub async fn run(args: BenchArgs) -> Result<(), Failure> {
@@ -68,7 +72,17 @@ pub async fn agents(args: BenchAgentsArgs) -> Result<(), Failure> {
         };
         agents.push(Agent::start_on(options, shared.clone()).map_err(Failure::runtime)?);
     }
+    let egress = match args.egress_listen {
+        Some(listen) => {
+            let relays = agents.iter().take(1).map(Agent::relay_link).collect();
+            Some(EgressServer::start(listen, relays, EGRESS_RESPONSE_TIMEOUT).await.map_err(Failure::runtime)?)
+        }
+        None => None,
+    };
     crate::signal::shutdown().await;
+    if let Some(egress) = egress {
+        egress.shutdown().await;
+    }
     for agent in agents {
         agent.abort();
     }

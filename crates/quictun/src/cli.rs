@@ -50,8 +50,8 @@ pub struct BenchArgs {
     /// Transports to compare (quic, grpc, direct), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "quic,grpc,direct")]
     pub transports: Vec<quictun_bench::Mode>,
-    /// Workloads (small, large, slow-mix, many, lossy, wan, grpc), comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "small,slow-mix,large,many,lossy,wan,grpc")]
+    /// Workloads (small, large, slow-mix, many, lossy, wan, grpc, egress), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "small,slow-mix,large,many,lossy,wan,grpc,egress")]
     pub workloads: Vec<quictun_bench::Workload>,
     /// Length of each timed run, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
@@ -100,6 +100,9 @@ pub struct BenchAgentsArgs {
     /// quic or grpc.
     #[arg(long)]
     pub transport: quictun_agent::Transport,
+    /// Also serve egress requests on ADDR, sent through the first agent's connection.
+    #[arg(long, value_name = "ADDR")]
+    pub egress_listen: Option<std::net::SocketAddr>,
 }
 
 /// Flags of `quictun upstream`.

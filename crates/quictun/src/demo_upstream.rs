@@ -115,11 +115,6 @@ pub async fn serve(listener: TcpListener, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             accepted = quictun_core::accept_tcp(&listener, "demo upstream") => accepted,
         };
-        // Without it, HTTP/2 answers written in pieces (headers, data, trailers) meet Nagle and
-        // delayed ACKs: 40 ms per gRPC call.
-        if let Err(err) = stream.set_nodelay(true) {
-            tracing::debug!(%err, "could not set TCP_NODELAY");
-        }
         let conn = builder
             .serve_connection(TokioIo::new(stream), service_fn(|req| async { Ok::<_, Infallible>(handle(req).await) }))
             .into_owned();

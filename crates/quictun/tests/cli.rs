@@ -278,14 +278,14 @@ fn bench_smoke_runs_every_workload_on_every_transport() {
     let has =
         |workload: &str, transport: &str| rows.iter().any(|r| r["workload"] == workload && r["transport"] == transport);
     for transport in ["quic", "grpc", "direct"] {
-        for workload in ["small", "slow-mix", "large", "wan"] {
+        for workload in ["small", "slow-mix", "large", "wan", "grpc", "egress"] {
             assert!(has(workload, transport), "no {workload} row for {transport}");
         }
     }
     for transport in ["quic", "grpc"] {
         assert!(has("many", transport) && has("lossy", transport), "no many/lossy row for {transport}");
     }
-    for row in rows.iter().filter(|r| r["workload"] == "small") {
+    for row in rows.iter().filter(|r| ["small", "grpc", "egress"].contains(&r["workload"].as_str().unwrap_or(""))) {
         assert_eq!(row["errors"], 0, "{row}");
         assert!(row["requests"].as_u64().unwrap() > 0, "{row}");
     }
