@@ -168,7 +168,7 @@ pub struct Stack {
     pub target: SocketAddr,
     /// The relay's admin endpoint.
     pub admin: Option<SocketAddr>,
-    /// The agent's egress listener (loopback stacks with one agent): requests sent there go
+    /// The agent's egress listener ([`Stack::start_with_egress`]): requests sent there go
     /// through the tunnel the other way, and the relay forwards them to the upstream.
     pub egress: Option<SocketAddr>,
     /// The relay's QUIC port.
@@ -215,6 +215,17 @@ impl Stack {
 
     /// [`Stack::start`] on a topology.
     pub async fn start_on(exe: &Path, mode: Mode, agents: usize, topology: Topology) -> anyhow::Result<Self> {
+        Self::launch(exe, mode, agents, topology, false).await
+    }
+
+    /// A loopback stack with one agent that also serves egress: [`Stack::egress`] is its
+    /// listener, and the relay forwards what arrives there to the upstream. Only this stack
+    /// lifts the relay's egress stream limit, which costs relay memory per session.
+    pub async fn start_with_egress(exe: &Path, mode: Mode) -> anyhow::Result<Self> {
+        Self::launch(exe, mode, 1, Topology::Loopback, true).await
+    }
+
+    async fn launch(exe: &Path, mode: Mode, agents: usize, topology: Topology, egress: bool) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("quictun-bench-{}-{}", std::process::id(), free_port(false)?));
         std::fs::create_dir_all(&dir)?;
         let port = free_port(false)?;
@@ -256,22 +267,23 @@ impl Stack {
             dir,
         };
         if mode != Mode::Direct {
-            stack.start_tunnel(exe, up_addr, agents).await?;
+            stack.start_tunnel(exe, up_addr, agents, egress).await?;
         }
         Ok(stack)
     }
 
-    async fn start_tunnel(&mut self, exe: &Path, upstream: SocketAddr, agents: usize) -> anyhow::Result<()> {
+    async fn start_tunnel(
+        &mut self,
+        exe: &Path,
+        upstream: SocketAddr,
+        agents: usize,
+        with_egress: bool,
+    ) -> anyhow::Result<()> {
         let (tunnel_ip, netns) = match self.topology {
             Topology::Loopback => ("127.0.0.1", None),
             Topology::Wan => (crate::wan::RELAY_IP, Some(crate::wan::NETNS)),
         };
-        // The upstream as the relay reaches it, for egress.
-        let egress_target = self.target;
-        let egress = match (self.topology, agents) {
-            (Topology::Loopback, 1) => Some(SocketAddr::from(([127, 0, 0, 1], free_port(false)?))),
-            _ => None,
-        };
+        let egress = if with_egress { Some(SocketAddr::from(([127, 0, 0, 1], free_port(false)?))) } else { None };
         let dir = self.dir.clone();
         let run = |args: &[&str]| -> anyhow::Result<String> {
             let out = Command::new(exe).args(args).output()?;
@@ -290,13 +302,19 @@ impl Stack {
             "[relay]\nquic_listen = \"{tunnel_ip}:{q}\"\ngrpc_listen = \"{tunnel_ip}:{g}\"\nhttp_listen = \"{http}\"\n\
              admin_listen = \"{admin}\"\ncert = \"{d}/certs/relay.crt\"\nkey = \"{d}/certs/relay.key\"\n\
              max_streams_per_agent = 16384\ndrain_timeout_secs = 1\nhandshake_rate_per_ip = 0\n\
-             max_connections_per_ip = 0\nmax_egress_streams_per_agent = 16384\n\
+             max_connections_per_ip = 0\n{egress_limit}\
              [[upstreams]]\nname = \"up\"\ngroup = \"bench\"\ntargets = [\"http://{upstream}\"]\n\
-             [[routes]]\nhost = \"*\"\nupstream = \"up\"\n\
-             [[egress_routes]]\nhost = \"*\"\ntarget = \"http://{egress_target}\"\n",
+             [[routes]]\nhost = \"*\"\nupstream = \"up\"\n{egress_route}",
             q = self.quic_port,
             g = self.grpc_port,
             d = dir.display(),
+            // The upstream is on loopback, where the relay reaches it too.
+            egress_limit = if with_egress { "max_egress_streams_per_agent = 16384\n" } else { "" },
+            egress_route = if with_egress {
+                format!("[[egress_routes]]\nhost = \"*\"\ntarget = \"http://{upstream}\"\n")
+            } else {
+                String::new()
+            },
         );
         for i in 0..agents {
             config.push_str(&format!("[[clients]]\nid = \"bench-{i}\"\ntoken = \"bench-token\"\ngroup = \"bench\"\n"));

@@ -152,7 +152,7 @@ pub async fn grpc(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
 /// 1 KiB GETs through the tunnel the other way round: into the agent's egress listener, out of
 /// the relay to the upstream by its `[[egress_routes]]`. `direct` is the upstream itself.
 pub async fn egress(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
-    let mut stack = Stack::start(&opts.exe, mode, 1).await?;
+    let mut stack = Stack::start_with_egress(&opts.exe, mode).await?;
     let target = match (mode, stack.egress) {
         (Mode::Direct, _) => stack.target,
         (_, Some(egress)) => egress,
