@@ -8,6 +8,7 @@
 pub mod client;
 pub mod grpc_echo;
 pub mod harness;
+pub mod raw;
 pub mod udp_proxy;
 pub mod upstream;
 

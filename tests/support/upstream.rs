@@ -7,6 +7,7 @@
 //! - `GET /bytes/N` — N bytes of [`crate::pattern`].
 //! - `GET /hang` — counts itself in [`Upstream::hanging`], answers only after [`Upstream::release`].
 //! - `GET /chunks` — sends `first`, waits for [`Upstream::release`], then sends `second`.
+//! - `GET /public…` — the request target it received (path and query), as the body.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -149,6 +150,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             });
             streamed(rx)
         }
+        ("GET", p) if p.starts_with("/public") => {
+            full(StatusCode::OK, req.uri().path_and_query().map_or("", |pq| pq.as_str()).to_owned())
+        }
         _ => full(StatusCode::NOT_FOUND, "upstream: no such path"),
     }
 }
@@ -162,7 +166,9 @@ impl Upstream {
         let stop = CancellationToken::new();
         let (state2, stop2) = (state.clone(), stop.clone());
         tokio::spawn(async move {
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            // More than any request through the tunnel can carry: limits under test are the tunnel's.
+            builder.http1().max_headers(512);
             loop {
                 let (stream, _) = tokio::select! {
                     _ = stop2.cancelled() => return,

@@ -20,6 +20,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use quictun_core::body_frames::may_have_trailers;
+use quictun_core::edge::host::{HostError, request_authority};
 use quictun_core::http_stream::{headers_from_wire, headers_to_wire, strip_hop_by_hop};
 use quictun_core::link::{AgentLink, BodyError, TunnelBody};
 use quictun_proto::{RequestHead, StreamKind};
@@ -132,8 +133,9 @@ impl Egress {
             span.in_scope(|| warn!("egress request while no relay is connected"));
             return text(StatusCode::SERVICE_UNAVAILABLE, "not connected to a relay");
         };
-        let Some(head) = request_head(&req, peer, request_id) else {
-            return text(StatusCode::BAD_REQUEST, "no Host header");
+        let head = match request_head(&req, peer, request_id) {
+            Ok(head) => head,
+            Err(err) => return text(StatusCode::BAD_REQUEST, &format!("bad request: {err}")),
         };
         let body = req.into_body().map_err(|e| BodyError::Closed(format!("client body: {e}"))).boxed_unsync();
         let exchange = tokio::time::timeout(self.response_timeout, link.exchange(head, body));
@@ -161,14 +163,13 @@ impl Egress {
     }
 }
 
-/// The head of an egress request: hop-by-hop headers dropped (`TE: trailers` kept), the Host
-/// set (HTTP/2 and absolute-form requests carry it in the URI), `x-forwarded-for` extended.
-fn request_head(req: &Request<Incoming>, peer: SocketAddr, request_id: Uuid) -> Option<RequestHead> {
+/// The head of an egress request: hop-by-hop headers dropped (`TE: trailers` kept), the one
+/// Host set (see [`request_authority`]: HTTP/2 and absolute-form requests carry it in the URI),
+/// `x-forwarded-for` extended.
+fn request_head(req: &Request<Incoming>, peer: SocketAddr, request_id: Uuid) -> Result<RequestHead, HostError> {
     let mut headers = req.headers().clone();
-    let host = match req.uri().authority() {
-        Some(authority) => HeaderValue::from_str(authority.as_str()).ok()?,
-        None => headers.get(header::HOST)?.clone(),
-    };
+    let authority = request_authority(req.version(), req.uri(), &headers)?;
+    let host = HeaderValue::from_str(authority.as_str()).map_err(|_| HostError::Invalid(authority.to_string()))?;
     let framed_body = may_have_trailers(req.version(), &headers);
     strip_hop_by_hop(&mut headers);
     headers.insert(header::HOST, host);
@@ -183,7 +184,7 @@ fn request_head(req: &Request<Incoming>, peer: SocketAddr, request_id: Uuid) -> 
         headers.insert("x-quictun-request-id", value);
     }
     let has_body = !http_body::Body::is_end_stream(req.body());
-    Some(RequestHead {
+    Ok(RequestHead {
         kind: StreamKind::Http,
         request_id,
         upstream: String::new(),

@@ -85,9 +85,15 @@ fn authorized(token: Option<&Token>, req: &Request<Incoming>) -> bool {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_credentials)
         .unwrap_or("");
     offered.len() == token.expose().len() && bool::from(offered.as_bytes().ct_eq(token.expose().as_bytes()))
+}
+
+/// The credentials of a `Bearer` authorization (the scheme is case-insensitive, RFC 9110 §11.1).
+fn bearer_credentials(authorization: &str) -> Option<&str> {
+    let (scheme, credentials) = authorization.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| credentials.trim_start())
 }
 
 fn answer(pages: &dyn AdminPages, token: Option<&Token>, req: &Request<Incoming>) -> AdminReply {
@@ -146,5 +152,19 @@ pub async fn serve(
                 _ = stop.cancelled() => {}
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_credentials;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for header in ["Bearer abc", "bearer abc", "BEARER  abc"] {
+            assert_eq!(bearer_credentials(header), Some("abc"), "{header}");
+        }
+        assert_eq!(bearer_credentials("Basic abc"), None);
+        assert_eq!(bearer_credentials("Bearer"), None);
     }
 }

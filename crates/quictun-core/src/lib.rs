@@ -11,6 +11,7 @@
 //! - [`backoff`]: exponential backoff with full jitter.
 //! - [`heartbeat`]: heartbeat timing, silence detection and RTT.
 //! - [`config`]: TOML loading with errors that name the file and the key.
+//! - [`edge`]: the HTTP edge: canonical paths, the request host, forwarding headers.
 //! - [`upgrade`]: upgraded connections (WebSocket): raw bytes both ways after a 101.
 //! - [`upstream_http`]: one tunnelled request sent to an HTTP upstream (HTTP/1.1 or HTTP/2).
 //! - [`admin`]: the admin HTTP endpoint (health, readiness, metrics, bearer token).
@@ -19,6 +20,7 @@ pub mod admin;
 pub mod backoff;
 pub mod body_frames;
 pub mod config;
+pub mod edge;
 pub mod endpoint;
 pub mod framed;
 pub mod heartbeat;

@@ -82,14 +82,18 @@ pub enum LinkError {
     /// The agent answered something unusable.
     #[error("invalid response from agent: {0}")]
     Protocol(String),
+    /// The request head is larger than the tunnel carries; nothing was sent.
+    #[error("request head too large for the tunnel: {0}")]
+    HeadTooLarge(String),
 }
 
 impl LinkError {
-    /// The HTTP status a client is answered with: 503 when busy (retry later), the reset code's
-    /// status (502, or 504 for timeouts), 502 otherwise.
+    /// The HTTP status a client is answered with: 503 when busy (retry later), 431 for a head
+    /// too large, the reset code's status (502, or 504 for timeouts), 502 otherwise.
     pub fn http_status(&self) -> u16 {
         match self {
             Self::Busy => 503,
+            Self::HeadTooLarge(_) => 431,
             Self::Reset(code) => code.http_status(),
             Self::NotOpened | Self::Lost | Self::Protocol(_) => 502,
         }

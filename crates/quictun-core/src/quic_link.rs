@@ -15,13 +15,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use quictun_proto::{CloseCode, Limits, RequestHead, ResponseHead, StreamCode};
+use quictun_proto::{CloseCode, Limits, RequestHead, ResponseHead, StreamCode, frame};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::body_frames::{Framing, recv_body};
-use crate::framed::{ReadFrameError, WriteFrameError, read_frame, read_frame_within, write_frame};
+use crate::framed::{ReadFrameError, read_frame, read_frame_within, write_frame};
 use crate::http_stream::{pump_body, reset, stop};
 use crate::link::{AgentLink, BodyError, BoxFuture, LinkError, RequestHandler, TunnelBody, empty_body};
 
@@ -47,15 +47,15 @@ impl QuicLink {
     }
 
     async fn run_exchange(&self, head: RequestHead, body: TunnelBody) -> Result<(ResponseHead, TunnelBody), LinkError> {
+        // Encoded before the stream opens: a head too large for the tunnel sends nothing.
+        let head_frame =
+            frame::encode(&head, self.limits.max_head_frame).map_err(|e| LinkError::HeadTooLarge(e.to_string()))?;
         let (mut send, mut recv) = match tokio::time::timeout(OPEN_TIMEOUT, self.conn.open_bi()).await {
             Ok(Ok(streams)) => streams,
             Ok(Err(_)) => return Err(LinkError::NotOpened),
             Err(_) => return Err(LinkError::Busy),
         };
-        write_frame(&mut send, &head, self.limits.max_head_frame).await.map_err(|err| match err {
-            WriteFrameError::Frame(e) => LinkError::Protocol(format!("request head: {e}")),
-            WriteFrameError::Write(_) => LinkError::Lost,
-        })?;
+        send.write_chunk(Bytes::from(head_frame)).await.map_err(|_| LinkError::Lost)?;
         let upload = if head.has_body {
             let framing = Framing::new(head.framed_body, &self.limits);
             let task = tokio::spawn(

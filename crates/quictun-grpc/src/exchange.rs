@@ -95,7 +95,7 @@ impl Exchanges {
         let mut guard =
             ExchangeGuard { pending: self.pending.clone(), outbound: self.outbound.clone(), id, done: false };
         let encoded = frame::encode_payload(&head, self.limits.max_head_frame)
-            .map_err(|e| LinkError::Protocol(format!("request head: {e}")))?;
+            .map_err(|e| LinkError::HeadTooLarge(e.to_string()))?;
         match self.outbound.try_send(TunnelMessage::new(id, Payload::RequestHead(Bytes::from(encoded)))) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {

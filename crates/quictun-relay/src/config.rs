@@ -133,6 +133,9 @@ pub struct RelaySection {
     pub admin_token: Option<Token>,
     /// A file holding the admin bearer token.
     pub admin_token_file: Option<PathBuf>,
+    /// Client addresses (and networks) of proxies in front of the relay whose forwarding headers
+    /// are kept (see [`quictun_core::edge::forwarded`]); from anyone else they are replaced.
+    pub trusted_proxies: quictun_core::edge::forwarded::TrustedProxies,
 }
 
 impl Default for RelaySection {
@@ -155,8 +158,8 @@ impl Default for RelaySection {
             max_egress_streams_per_agent: 16,
             response_timeout_secs: 60,
             register_timeout_secs: 10,
-            max_header_bytes: 64 * 1024,
-            max_header_count: 128,
+            max_header_bytes: quictun_proto::limits::CLIENT_MAX_HEAD_BYTES,
+            max_header_count: quictun_proto::limits::CLIENT_MAX_HEADERS,
             drain_timeout_secs: 30,
             header_read_timeout_secs: 10,
             keep_alive_timeout_secs: 75,
@@ -168,6 +171,7 @@ impl Default for RelaySection {
             startup_grace_secs: 10,
             admin_token: None,
             admin_token_file: None,
+            trusted_proxies: Default::default(),
         }
     }
 }
@@ -318,6 +322,24 @@ impl RelayConfig {
         if r.https_cert.is_some() != r.https_key.is_some() {
             return Err(invalid("relay.https_cert".into(), "set both https_cert and https_key, or neither".into()));
         }
+        if r.max_header_count > quictun_proto::limits::CLIENT_MAX_HEADERS {
+            return Err(invalid(
+                "relay.max_header_count".into(),
+                format!(
+                    "must be at most {}: the tunnel carries that many plus the headers the relay adds",
+                    quictun_proto::limits::CLIENT_MAX_HEADERS
+                ),
+            ));
+        }
+        if r.max_header_bytes > quictun_proto::limits::CLIENT_MAX_HEAD_BYTES {
+            return Err(invalid(
+                "relay.max_header_bytes".into(),
+                format!(
+                    "must be at most {}: the tunnel carries heads that large plus the headers the relay adds",
+                    quictun_proto::limits::CLIENT_MAX_HEAD_BYTES
+                ),
+            ));
+        }
         if r.max_streams_per_agent == 0 {
             return Err(invalid("relay.max_streams_per_agent".into(), "must be at least 1".into()));
         }
@@ -449,6 +471,26 @@ mod tests {
         let err = RelayConfig::parse("[relay]\nquic_listn = \"0.0.0.0:1\"\n", Path::new("r.toml")).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("r.toml") && text.contains("quic_listn"), "{text}");
+    }
+
+    #[test]
+    fn header_limits_beyond_what_the_tunnel_carries_are_refused() {
+        let err = RelayConfig::parse("[relay]\nmax_header_count = 500\n", Path::new("r.toml")).unwrap_err();
+        assert!(err.to_string().contains("relay.max_header_count"), "{err}");
+        let err = RelayConfig::parse("[relay]\nmax_header_bytes = 1000000\n", Path::new("r.toml")).unwrap_err();
+        assert!(err.to_string().contains("relay.max_header_bytes"), "{err}");
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_networks() {
+        let config =
+            RelayConfig::parse("[relay]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.1\"]\n", Path::new("r.toml"))
+                .unwrap();
+        assert!(config.relay.trusted_proxies.contains("10.2.3.4".parse().unwrap()));
+        assert!(!config.relay.trusted_proxies.contains("192.0.2.2".parse().unwrap()));
+        let err = RelayConfig::parse("[relay]\ntrusted_proxies = [\"nope\"]\n", Path::new("r.toml")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("trusted_proxies") && text.contains("nope"), "{text}");
     }
 
     #[test]

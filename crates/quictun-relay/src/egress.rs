@@ -41,6 +41,13 @@ impl EgressHandler {
         let Some(host) = host.and_then(|h| String::from_utf8(h).ok()) else {
             return Ok(refusal(400, "egress request without a Host header"));
         };
+        // Matched and forwarded in canonical form, as on the ingress.
+        let mut head = head;
+        match quictun_core::edge::path::normalize(&head.uri) {
+            Ok(std::borrow::Cow::Borrowed(_)) => {}
+            Ok(std::borrow::Cow::Owned(canonical)) => head.uri = canonical,
+            Err(err) => return Ok(refusal(400, &format!("bad request: {err}"))),
+        }
         let path = head.uri.split('?').next().unwrap_or("/");
         let live = self.shared.live();
         let Some(route) = live.egress.route(&host, path) else {

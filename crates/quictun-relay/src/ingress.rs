@@ -146,6 +146,8 @@ struct Ingress {
     per_ip: Arc<PerIp>,
     header_timeout: Duration,
     idle_timeout: Duration,
+    /// The port the listener is bound to (told to upstreams in `x-forwarded-port`).
+    port: u16,
 }
 
 impl Ingress {
@@ -171,6 +173,7 @@ impl Ingress {
             clock: ConnClock::new(),
             peer,
             scheme: self.scheme(),
+            port: self.port,
             header_timeout: self.header_timeout,
             idle_timeout: self.idle_timeout,
         };
@@ -230,6 +233,7 @@ struct Connection {
     clock: Arc<ConnClock>,
     peer: SocketAddr,
     scheme: Scheme,
+    port: u16,
     header_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -242,7 +246,7 @@ impl Connection {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let Self { shared, builder, clock, peer, scheme, header_timeout, idle_timeout } = self;
+        let Self { shared, builder, clock, peer, scheme, port, header_timeout, idle_timeout } = self;
         let metrics_shared = shared.clone();
         let on_expired = Box::new(move |why| {
             if why == Expired::Head {
@@ -256,7 +260,7 @@ impl Connection {
             let busy = service_clock.busy();
             let (shared, clock) = (service_shared.clone(), service_clock.clone());
             async move {
-                let response = proxy::handle(shared, req, Peer { addr: peer, scheme }).await;
+                let response = proxy::handle(shared, req, Peer { addr: peer, scheme, port }).await;
                 if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                     clock.set_upgraded();
                 }
@@ -296,6 +300,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, tls: Option<Arc<r
         per_ip: Arc::new(PerIp::default()),
         header_timeout: Duration::from_secs(shared.settings.header_read_timeout_secs),
         idle_timeout: Duration::from_secs(shared.settings.keep_alive_timeout_secs),
+        port: listener.local_addr().map_or(0, |addr| addr.port()),
         shared,
     };
     loop {

@@ -41,8 +41,10 @@ pub enum Reject {
     header_timeout,
     /// The agent did not answer within the response timeout (504).
     timeout,
-    /// The request could not be routed at all (400).
+    /// The request could not be routed at all: no usable host, or a refused path (400).
     bad_request,
+    /// More headers than the tunnel carries once the relay's own are added (431).
+    headers_too_large,
     /// An agent's registration was refused (token, group, version).
     registration,
     /// A new QUIC connection over its address's handshake rate.

@@ -16,6 +16,9 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use quictun_core::body_frames::may_have_trailers;
+use quictun_core::edge::forwarded::{Hop, forwarding_headers, is_forwarding_header};
+use quictun_core::edge::host::{HostError, request_authority};
+use quictun_core::edge::path::{self, PathError};
 use quictun_core::http_stream::{accepts_trailers, connection_listed, headers_from_wire, is_hop_by_hop, wire_header};
 use quictun_core::link::{BodyError, LinkError, TunnelBody};
 use quictun_proto::{Header, RequestHead, StreamCode, StreamKind};
@@ -39,9 +42,20 @@ pub const REQUEST_ID_HEADER: &str = "x-quictun-request-id";
 /// Why a request could not be proxied, and so which status it gets.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    /// The request itself is unusable (no host).
+    /// The request has no usable host (missing, duplicate, conflicting, invalid).
     #[error("bad request: {0}")]
-    BadRequest(&'static str),
+    BadHost(#[from] HostError),
+    /// The request path is refused (see [`quictun_core::edge::path`]).
+    #[error("bad request: {0}")]
+    BadPath(#[from] PathError),
+    /// More headers than the tunnel carries once the relay's own are added.
+    #[error("too many request headers: {count} with the relay's own, the limit is {max}")]
+    TooManyHeaders {
+        /// Headers the request would carry.
+        count: usize,
+        /// The tunnel's limit.
+        max: usize,
+    },
     /// No route matches.
     #[error("no route for host {host:?} and path {path:?}")]
     NoRoute {
@@ -74,7 +88,8 @@ impl ProxyError {
     /// The status this error is answered with.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BadHost(_) | Self::BadPath(_) => StatusCode::BAD_REQUEST,
+            Self::TooManyHeaders { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::RouteBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -87,7 +102,8 @@ impl ProxyError {
     /// The metrics reason this refusal counts under, when it is one.
     pub fn reject_reason(&self) -> Option<Reject> {
         Some(match self {
-            Self::BadRequest(_) => Reject::bad_request,
+            Self::BadHost(_) | Self::BadPath(_) => Reject::bad_request,
+            Self::TooManyHeaders { .. } | Self::Link(LinkError::HeadTooLarge(_)) => Reject::headers_too_large,
             Self::NoRoute { .. } => Reject::no_route,
             Self::NoAgent(_) => Reject::no_agent,
             Self::Link(LinkError::Busy) => Reject::agent_busy,
@@ -164,6 +180,8 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// Plain HTTP or HTTPS.
     pub scheme: Scheme,
+    /// The ingress port the client connected to.
+    pub port: u16,
 }
 
 /// What a request's metrics need to know after it was answered.
@@ -183,7 +201,9 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: Peer) -> 
         Ok(response) => response,
         Err(err) => {
             span.in_scope(|| match &err {
-                ProxyError::NoRoute { .. } | ProxyError::BadRequest(_) => debug!(%err, "request refused"),
+                ProxyError::NoRoute { .. } | ProxyError::BadHost(_) | ProxyError::BadPath(_) => {
+                    debug!(%err, "request refused")
+                }
                 _ => warn!(%err, status = err.status().as_u16(), "request failed"),
             });
             if let Some(reason) = err.reject_reason() {
@@ -200,46 +220,32 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: Peer) -> 
     response
 }
 
-/// The host a request is for: the URI authority (HTTP/2, absolute form) or the Host header.
-fn request_host(req: &Request<Incoming>) -> Option<String> {
-    if let Some(authority) = req.uri().authority() {
-        return Some(authority.as_str().to_owned());
-    }
-    req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned)
-}
-
 /// The headers sent to the agent, built in one pass: hop-by-hop headers (and those the
-/// `Connection` header names) dropped, `Host` kept (taken from the authority for HTTP/2),
-/// `x-forwarded-*` and the request id set.
-fn forwarded_headers(req: &Request<Incoming>, host: &str, peer: Peer, request_id: Uuid) -> Vec<Header> {
+/// `Connection` header names) dropped, `Host` set to the host the request was routed on, the
+/// forwarding headers set by the policy of [`quictun_core::edge::forwarded`], the request id set.
+fn forwarded_headers(
+    shared: &Shared,
+    req: &Request<Incoming>,
+    host: &str,
+    peer: Peer,
+    request_id: Uuid,
+) -> Vec<Header> {
     let headers = req.headers();
     let listed = connection_listed(headers);
-    let mut wire = Vec::with_capacity(headers.len() + 5);
-    let mut previous_xff = None;
+    let mut wire = Vec::with_capacity(headers.len() + 10);
     for (name, value) in headers {
-        if is_hop_by_hop(name) || listed.contains(name) {
-            continue;
-        }
-        match name.as_str() {
-            "x-forwarded-for" => previous_xff = value.to_str().ok(),
-            "x-forwarded-proto" | "x-forwarded-host" | REQUEST_ID_HEADER => {}
-            _ => wire.push(wire_header(name, value)),
+        let ours = *name == header::HOST || is_forwarding_header(name) || name == REQUEST_ID_HEADER;
+        if !ours && !is_hop_by_hop(name) && !listed.contains(name) {
+            wire.push(wire_header(name, value));
         }
     }
-    let client_ip = peer.addr.ip().to_string();
-    let xff = match previous_xff {
-        Some(previous) => format!("{previous}, {client_ip}"),
-        None => client_ip,
-    };
-    let mut set =
-        |name: &str, value: &str| wire.push(Header { name: name.to_owned(), value: value.as_bytes().to_vec() });
-    set("x-forwarded-for", &xff);
-    set("x-forwarded-proto", peer.scheme.as_str());
-    set("x-forwarded-host", host);
+    let mut set = |name: &str, value: &str| wire.push(Header { name: name.to_owned(), value: value.into() });
+    set("host", host);
+    let hop = Hop { client: peer.addr, proto: peer.scheme.as_str(), host, port: peer.port };
+    for (name, value) in forwarding_headers(&shared.settings.trusted_proxies, headers, &hop) {
+        set(name, &value);
+    }
     set(REQUEST_ID_HEADER, &request_id.to_string());
-    if !headers.contains_key(header::HOST) {
-        set("host", host);
-    }
     if accepts_trailers(headers) {
         set("te", "trailers");
     }
@@ -251,7 +257,7 @@ fn counts_against_the_agent(err: &LinkError) -> bool {
     match err {
         LinkError::NotOpened | LinkError::Lost | LinkError::Protocol(_) => true,
         LinkError::Reset(code) => matches!(code, StreamCode::UpstreamConnect | StreamCode::UpstreamFailed),
-        LinkError::Busy => false,
+        LinkError::Busy | LinkError::HeadTooLarge(_) => false,
     }
 }
 
@@ -276,13 +282,16 @@ async fn forward(
     request_id: Uuid,
     outcome: &mut Outcome,
 ) -> Result<Response<IngressBody>, ProxyError> {
-    let host = request_host(&req).ok_or(ProxyError::BadRequest("no Host header"))?;
-    let path = req.uri().path();
+    let authority = request_authority(req.version(), req.uri(), req.headers())?;
+    let host = authority.as_str();
+    // Routed and forwarded in its canonical form: the upstream sees the path the route matched.
+    let target = path::normalize(req.uri().path_and_query().map_or("/", |pq| pq.as_str()))?.into_owned();
+    let path = target.split('?').next().unwrap_or("/");
     let live = shared.live();
     let route = live
         .router
-        .route(&host, path)
-        .ok_or_else(|| ProxyError::NoRoute { host: host.clone(), path: path.to_owned() })?;
+        .route(host, path)
+        .ok_or_else(|| ProxyError::NoRoute { host: host.to_owned(), path: path.to_owned() })?;
     outcome.route = Some(route.upstream.clone());
     if let (Some(max), Some(length)) = (route.max_body_bytes, req.body().size_hint().exact())
         && length > max
@@ -305,16 +314,19 @@ async fn forward(
     tracing::Span::current().record("client_id", &*session.client_id);
     let agent_slot = session.try_stream_permit().ok_or(ProxyError::Link(LinkError::Busy))?;
     let is_upgrade = is_upgrade_request(req.version(), req.headers());
-    let mut headers = forwarded_headers(&req, &host, peer, request_id);
+    let mut headers = forwarded_headers(shared, &req, host, peer, request_id);
     if is_upgrade {
         headers.extend(upgrade::upgrade_headers(req.headers()));
+    }
+    if headers.len() > shared.limits.max_header_count {
+        return Err(ProxyError::TooManyHeaders { count: headers.len(), max: shared.limits.max_header_count });
     }
     let head = RequestHead {
         kind: if is_upgrade { StreamKind::Upgrade } else { StreamKind::Http },
         request_id,
         upstream: route.upstream.to_string(),
         method: req.method().as_str().to_owned(),
-        uri: req.uri().path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
+        uri: target,
         headers,
         has_body: is_upgrade || !req.body().is_end_stream(),
         framed_body: !is_upgrade && may_have_trailers(req.version(), req.headers()),

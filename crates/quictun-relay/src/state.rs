@@ -112,7 +112,7 @@ impl Live {
 pub struct Shared {
     /// Static settings (listeners, timeouts, limits).
     pub settings: RelaySection,
-    /// Frame limits.
+    /// Frame limits on the tunnel.
     pub limits: Limits,
     /// Live sessions.
     pub sessions: Arc<SessionManager>,
@@ -134,11 +134,9 @@ pub struct Shared {
 impl Shared {
     /// Shared state for a validated configuration.
     pub fn new(config: &RelayConfig) -> Self {
-        let limits = Limits {
-            max_head_frame: config.relay.max_header_bytes.max(1024),
-            max_header_count: config.relay.max_header_count,
-            ..Limits::default()
-        };
+        // The tunnel's limits, the same at every agent: the ingress's own (at most the client's
+        // ceiling, see `validate`) plus the headers the relay adds.
+        let limits = Limits::default();
         Self {
             settings: config.relay.clone(),
             limits,

@@ -1,0 +1,168 @@
+//! The relay's HTTP edge, end to end over real sockets: canonical paths (no dot-segment escapes a
+//! route's prefix), the one host (absolute form, `:authority`, duplicate `Host`), the header
+//! budget (431, not 502), the forwarding-header policy and trusted proxies, over HTTP/1.1 written
+//! byte for byte and over h2c.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use quictun_tests::raw::{H2c, raw_get};
+use quictun_tests::{Harness, HarnessConfig, admin_get};
+
+/// `files.test` serves only `/public` (of the `app` upstream); everything else there is 404.
+fn files_route() -> HarnessConfig {
+    HarnessConfig {
+        extra_tables: "[[routes]]\nhost = \"files.test\"\npath_prefix = \"/public\"\nupstream = \"app\"\n".into(),
+        ..Default::default()
+    }
+}
+
+/// The header lines the upstream's `/headers` page saw, by name (values of repeated ones joined
+/// with `|`).
+fn seen(page: &str, name: &str) -> Option<String> {
+    let values: Vec<&str> = page.lines().filter_map(|line| line.strip_prefix(&format!("{name}: "))).collect();
+    (!values.is_empty()).then(|| values.join("|"))
+}
+
+#[tokio::test]
+async fn dot_segments_cannot_escape_a_routes_prefix() {
+    let h = Harness::start_with(files_route()).await;
+    let _agent = h.agent("agent-1").await;
+    let addr = h.relay().http_addr();
+    let host = "host: files.test";
+    // Resolved before routing: the request is for /secret, which has no route on files.test.
+    for target in ["/public/../secret", "/public/%2e%2e/secret", "/public/.%2E/secret", "/public//../secret"] {
+        let reply = raw_get(addr, target, &[host]).await;
+        assert_eq!(reply.status, 404, "{target}: {}", reply.text);
+        assert!(reply.body().contains("/secret"), "{target}: {}", reply.text);
+    }
+    // Dot-segments hidden behind an encoded separator, a backslash or a ';' are refused.
+    for target in ["/public/..%2fsecret", "/public/..%5Csecret", "/public/..\\secret", "/public/..;/secret", "/.."] {
+        let reply = raw_get(addr, target, &[host]).await;
+        assert_eq!(reply.status, 400, "{target}: {}", reply.text);
+    }
+    // The upstream receives the canonical path the route matched.
+    let reply = raw_get(addr, "/public/a/./b/../c?x=../y", &[host]).await;
+    assert_eq!((reply.status, reply.body()), (200, "/public/a/c?x=../y"), "{}", reply.text);
+    let reply = raw_get(addr, "/public/%7Euser/group%2fproject", &[host]).await;
+    assert_eq!((reply.status, reply.body()), (200, "/public/~user/group%2Fproject"), "{}", reply.text);
+
+    // The same over h2c.
+    let mut h2 = H2c::connect(addr).await;
+    assert_eq!(h2.request("GET", "http://files.test/public/../secret", &[]).await.status, 404);
+    assert_eq!(h2.request("GET", "http://files.test/public/%2e%2e/secret", &[]).await.status, 404);
+    assert_eq!(h2.request("GET", "http://files.test/public/..%2fsecret", &[]).await.status, 400);
+    let reply = h2.request("GET", "http://files.test/public/x/../y", &[]).await;
+    assert_eq!((reply.status, reply.body.as_str()), (200, "/public/y"));
+}
+
+#[tokio::test]
+async fn the_upstream_sees_the_host_the_relay_routed_on() {
+    let h = Harness::start().await;
+    let _agent = h.agent("agent-1").await;
+    let addr = h.relay().http_addr();
+    // Absolute form wins over Host, and Host is rewritten to match.
+    let reply = raw_get(addr, "http://app.test/headers", &["host: other.test"]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(seen(reply.body(), "host").as_deref(), Some("app.test"), "{}", reply.text);
+    assert_eq!(seen(reply.body(), "x-forwarded-host").as_deref(), Some("app.test"));
+    // Two Host headers: refused, never routed on the first.
+    let reply = raw_get(addr, "/headers", &["host: app.test", "host: other.test"]).await;
+    assert_eq!(reply.status, 400, "{}", reply.text);
+    // A Host with user info is not a host.
+    assert_eq!(raw_get(addr, "/headers", &["host: evil@app.test"]).await.status, 400);
+    // `Connection: host` cannot strip the Host the upstream needs.
+    let reply = raw_get(addr, "/headers", &["host: app.test", "connection: host, close"]).await;
+    assert_eq!(seen(reply.body(), "host").as_deref(), Some("app.test"), "{}", reply.text);
+
+    // h2c: :authority names the host; a Host naming another one is refused.
+    let mut h2 = H2c::connect(addr).await;
+    let reply = h2.request("GET", "http://app.test/headers", &[]).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(seen(&reply.body, "host").as_deref(), Some("app.test"), "{}", reply.body);
+    assert_eq!(h2.request("GET", "http://app.test/headers", &[("host", "other.test")]).await.status, 400);
+    assert_eq!(h2.request("GET", "http://app.test/headers", &[("host", "app.test")]).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_request_with_the_most_headers_the_ingress_takes_fits_the_tunnel() {
+    let h = Harness::start().await;
+    let _agent = h.agent("agent-1").await;
+    let addr = h.relay().http_addr();
+    // 128 header lines in all (Host, Connection and 126 more): the ingress's limit. The relay adds
+    // its own on top; the tunnel carries them (this was a 502 `malformed head frame`).
+    let lines: Vec<String> = (0..126).map(|i| format!("x-h{i}: {i}")).collect();
+    let mut headers: Vec<&str> = lines.iter().map(String::as_str).collect();
+    headers.push("host: app.test");
+    let reply = raw_get(addr, "/headers", &headers).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(seen(reply.body(), "x-h125").as_deref(), Some("125"));
+    // One more is over the ingress's limit.
+    let lines: Vec<String> = (0..127).map(|i| format!("x-h{i}: {i}")).collect();
+    let mut headers: Vec<&str> = lines.iter().map(String::as_str).collect();
+    headers.push("host: app.test");
+    assert_eq!(raw_get(addr, "/headers", &headers).await.status, 431);
+    // HTTP/2 has no header count limit of its own: the relay answers 431 before sending.
+    let many: Vec<(String, String)> = (0..200).map(|i| (format!("x-h{i}"), i.to_string())).collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    let mut h2 = H2c::connect(addr).await;
+    assert_eq!(h2.request("GET", "http://app.test/headers", &many).await.status, 431);
+}
+
+#[tokio::test]
+async fn forwarding_headers_from_clients_are_replaced() {
+    let h = Harness::start().await;
+    let _agent = h.agent("agent-1").await;
+    let addr = h.relay().http_addr();
+    let spoofed = [
+        "host: app.test",
+        "x-forwarded-for: 1.2.3.4",
+        "x-forwarded-for: 5.6.7.8",
+        "x-real-ip: 9.9.9.9",
+        "forwarded: for=6.6.6.6",
+        "x-forwarded-port: 1",
+        "x-forwarded-proto: gopher",
+    ];
+    let reply = raw_get(addr, "/headers", &spoofed).await;
+    let page = reply.body();
+    assert_eq!(seen(page, "x-forwarded-for").as_deref(), Some("127.0.0.1"), "{page}");
+    assert_eq!(seen(page, "x-real-ip").as_deref(), Some("127.0.0.1"));
+    assert_eq!(seen(page, "x-forwarded-proto").as_deref(), Some("http"));
+    assert_eq!(seen(page, "x-forwarded-port").as_deref(), Some(addr.port().to_string().as_str()));
+    assert_eq!(seen(page, "forwarded").as_deref(), Some("for=127.0.0.1;proto=http;host=\"app.test\""));
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_keeps_its_forwarding_chain() {
+    let config = HarnessConfig { relay_extra: "trusted_proxies = [\"127.0.0.0/8\"]".into(), ..Default::default() };
+    let h = Harness::start_with(config).await;
+    let _agent = h.agent("agent-1").await;
+    let addr = h.relay().http_addr();
+    let headers = [
+        "host: app.test",
+        "x-forwarded-for: 203.0.113.9",
+        "x-forwarded-for: 127.0.0.5",
+        "x-forwarded-proto: https",
+        "forwarded: for=203.0.113.9;proto=https",
+    ];
+    let reply = raw_get(addr, "/headers", &headers).await;
+    let page = reply.body();
+    assert_eq!(seen(page, "x-forwarded-for").as_deref(), Some("203.0.113.9, 127.0.0.5, 127.0.0.1"), "{page}");
+    assert_eq!(seen(page, "x-real-ip").as_deref(), Some("203.0.113.9"));
+    assert_eq!(seen(page, "x-forwarded-proto").as_deref(), Some("https"));
+    assert_eq!(
+        seen(page, "forwarded").as_deref(),
+        Some("for=203.0.113.9;proto=https, for=127.0.0.1;proto=http;host=\"app.test\"")
+    );
+}
+
+#[tokio::test]
+async fn the_admin_bearer_scheme_is_case_insensitive() {
+    let config = HarnessConfig { relay_extra: "admin_token = \"adm\"".into(), ..Default::default() };
+    let h = Harness::start_with(config).await;
+    let admin = h.relay().admin_addr();
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let line = format!("authorization: {scheme} adm");
+        let reply = raw_get(admin, "/metrics", &[line.as_str(), "host: admin"]).await;
+        assert_eq!(reply.status, 200, "{scheme}: {}", reply.text);
+    }
+    assert_eq!(admin_get(admin, "/metrics", None).await.status, http::StatusCode::UNAUTHORIZED);
+}

@@ -1,0 +1,111 @@
+//! Requests written byte for byte (the forms a library client would not send), and an HTTP/2
+//! client with prior knowledge (h2c) that can set any header and its own flow-control windows.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// What came back on a raw connection, read until the server closed it.
+#[derive(Debug)]
+pub struct RawReply {
+    /// The status code of the first response (0 when none arrived).
+    pub status: u16,
+    /// Everything the server sent, lossily as text.
+    pub text: String,
+}
+
+impl RawReply {
+    /// The body of a `Content-Length` response.
+    pub fn body(&self) -> &str {
+        self.text.split_once("\r\n\r\n").map_or("", |(_, body)| body)
+    }
+}
+
+/// Writes `request` as is and reads until the server closes (under 10 s).
+pub async fn raw_request(addr: SocketAddr, request: &str) -> RawReply {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out))
+        .await
+        .expect("the server did not close the connection within 10 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    RawReply { status, text }
+}
+
+/// `GET target` on a fresh connection with `Connection: close` and the given header lines.
+pub async fn raw_get(addr: SocketAddr, target: &str, headers: &[&str]) -> RawReply {
+    let mut request = format!("GET {target} HTTP/1.1\r\nconnection: close\r\n");
+    for line in headers {
+        request.push_str(line);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    raw_request(addr, &request).await
+}
+
+/// An HTTP/2 client connection with prior knowledge.
+pub struct H2c {
+    client: h2::client::SendRequest<Bytes>,
+}
+
+/// An HTTP/2 answer.
+#[derive(Debug)]
+pub struct H2Reply {
+    pub status: u16,
+    pub body: String,
+}
+
+impl H2c {
+    /// Connects with the default settings.
+    pub async fn connect(addr: SocketAddr) -> Self {
+        Self::connect_with(addr, h2::client::Builder::new()).await
+    }
+
+    /// Connects with the given settings (for example an initial window of 0).
+    pub async fn connect_with(addr: SocketAddr, builder: h2::client::Builder) -> Self {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (client, connection) = builder.handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Self { client }
+    }
+
+    /// Sends `method uri` (absolute: it gives `:authority`) with `headers`; returns the response
+    /// head's future and body stream without reading.
+    pub async fn start(&mut self, method: &str, uri: &str, headers: &[(&str, &str)]) -> h2::client::ResponseFuture {
+        let mut request = http::Request::builder().method(method).uri(uri);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let client = self.client.clone().ready().await.unwrap();
+        self.client = client;
+        let (response, _) = self.client.send_request(request.body(()).unwrap(), true).unwrap();
+        response
+    }
+
+    /// Sends a request and reads the whole answer (under 10 s).
+    pub async fn request(&mut self, method: &str, uri: &str, headers: &[(&str, &str)]) -> H2Reply {
+        let response = self.start(method, uri, headers).await;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let response = response.await.unwrap();
+            let status = response.status().as_u16();
+            let mut body = response.into_body();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.unwrap();
+                let _ = body.flow_control().release_capacity(chunk.len());
+                bytes.extend_from_slice(&chunk);
+            }
+            H2Reply { status, body: String::from_utf8_lossy(&bytes).into_owned() }
+        })
+        .await
+        .expect("h2c request timed out")
+    }
+}
