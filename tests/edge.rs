@@ -124,10 +124,11 @@ async fn forwarding_headers_from_clients_are_replaced() {
     let reply = raw_get(addr, "/headers", &spoofed).await;
     let page = reply.body();
     assert_eq!(seen(page, "x-forwarded-for").as_deref(), Some("127.0.0.1"), "{page}");
-    assert_eq!(seen(page, "x-real-ip").as_deref(), Some("127.0.0.1"));
     assert_eq!(seen(page, "x-forwarded-proto").as_deref(), Some("http"));
-    assert_eq!(seen(page, "x-forwarded-port").as_deref(), Some(addr.port().to_string().as_str()));
-    assert_eq!(seen(page, "forwarded").as_deref(), Some("for=127.0.0.1;proto=http;host=\"app.test\""));
+    assert_eq!(seen(page, "x-forwarded-host").as_deref(), Some("app.test"));
+    for dropped in ["x-real-ip", "x-forwarded-port", "forwarded"] {
+        assert_eq!(seen(page, dropped), None, "{dropped} from an untrusted client reached the upstream: {page}");
+    }
 }
 
 #[tokio::test]
@@ -141,17 +142,16 @@ async fn a_trusted_proxy_keeps_its_forwarding_chain() {
         "x-forwarded-for: 203.0.113.9",
         "x-forwarded-for: 127.0.0.5",
         "x-forwarded-proto: https",
+        "x-real-ip: 203.0.113.9",
         "forwarded: for=203.0.113.9;proto=https",
     ];
     let reply = raw_get(addr, "/headers", &headers).await;
     let page = reply.body();
     assert_eq!(seen(page, "x-forwarded-for").as_deref(), Some("203.0.113.9, 127.0.0.5, 127.0.0.1"), "{page}");
-    assert_eq!(seen(page, "x-real-ip").as_deref(), Some("203.0.113.9"));
     assert_eq!(seen(page, "x-forwarded-proto").as_deref(), Some("https"));
-    assert_eq!(
-        seen(page, "forwarded").as_deref(),
-        Some("for=203.0.113.9;proto=https, for=127.0.0.1;proto=http;host=\"app.test\"")
-    );
+    assert_eq!(seen(page, "x-forwarded-host").as_deref(), Some("app.test"));
+    assert_eq!(seen(page, "x-real-ip").as_deref(), Some("203.0.113.9"));
+    assert_eq!(seen(page, "forwarded").as_deref(), Some("for=203.0.113.9;proto=https"));
 }
 
 #[tokio::test]

@@ -129,3 +129,53 @@ pub async fn admin_get(addr: std::net::SocketAddr, path: &str, token: Option<&st
 pub fn metric(text: &str, sample: &str) -> Option<f64> {
     text.lines().find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
 }
+
+/// Probes `GET /metrics` on an admin endpoint every 20 ms until `sample` is at least `min`
+/// (under `timeout`); returns its value.
+pub async fn wait_for_metric(addr: std::net::SocketAddr, sample: &str, min: f64, timeout: Duration) -> f64 {
+    let mut probe = tokio::time::interval(Duration::from_millis(20));
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        probe.tick().await;
+        let value = metric(&admin_get(addr, "/metrics", None).await.text(), sample);
+        match value {
+            Some(v) if v >= min => return v,
+            _ => assert!(tokio::time::Instant::now() < deadline, "{sample} stayed at {value:?}, below {min}"),
+        }
+    }
+}
+
+/// Latencies of sequential requests.
+#[derive(Debug, Clone, Copy)]
+pub struct Latencies {
+    pub p50: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+    /// Requests that failed or were not answered 200 within 10 s.
+    pub failures: usize,
+}
+
+impl HttpClient {
+    /// `n` sequential `GET host path` requests (each under 10 s): their latencies.
+    pub async fn latencies(&self, host: &str, path: &str, n: usize) -> Latencies {
+        let mut times = Vec::with_capacity(n);
+        let mut failures = 0;
+        for _ in 0..n {
+            let started = tokio::time::Instant::now();
+            let answer = tokio::time::timeout(Duration::from_secs(10), async {
+                let response = self.try_send(Method::GET, host, path, empty()).await.ok()?;
+                let status = response.status();
+                response.into_body().collect().await.ok()?;
+                Some(status)
+            })
+            .await;
+            times.push(started.elapsed());
+            if !matches!(answer, Ok(Some(StatusCode::OK))) {
+                failures += 1;
+            }
+        }
+        times.sort();
+        let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
+        Latencies { p50: at(0.5), p99: at(0.99), max: at(1.0), failures }
+    }
+}

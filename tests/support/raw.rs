@@ -49,6 +49,29 @@ pub async fn raw_get(addr: SocketAddr, target: &str, headers: &[&str]) -> RawRep
     raw_request(addr, &request).await
 }
 
+/// A client that sends `GET target` for `host` and then never reads: its receive buffer is 4 KiB,
+/// so the server's writes stop at once. Holds the connection open while alive.
+pub async fn non_reading_get(addr: SocketAddr, host: &str, target: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    let request = format!("GET {target} HTTP/1.1\r\nhost: {host}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream
+}
+
+/// A client that uploads to `POST target` for `host` as fast as the server takes it, with a
+/// `Content-Length` it never reaches, until the returned task is aborted.
+pub async fn endless_upload(addr: SocketAddr, host: &str, target: &str) -> tokio::task::JoinHandle<()> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!("POST {target} HTTP/1.1\r\nhost: {host}\r\ncontent-length: 1000000000\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    tokio::spawn(async move {
+        let chunk = vec![b'u'; 64 * 1024];
+        while stream.write_all(&chunk).await.is_ok() {}
+    })
+}
+
 /// An HTTP/2 client connection with prior knowledge.
 pub struct H2c {
     client: h2::client::SendRequest<Bytes>,

@@ -6,6 +6,7 @@
 //! - `POST /sha256` — the hex SHA-256 of the body (read as a stream).
 //! - `GET /bytes/N` — N bytes of [`crate::pattern`].
 //! - `GET /hang` — counts itself in [`Upstream::hanging`], answers only after [`Upstream::release`].
+//! - `POST /stall` — like `/hang`, and never reads the request body.
 //! - `GET /chunks` — sends `first`, waits for [`Upstream::release`], then sends `second`.
 //! - `GET /public…` — the request target it received (path and query), as the body.
 
@@ -118,6 +119,14 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             let mut r = streamed(rx);
             r.headers_mut().insert(http::header::CONTENT_LENGTH, n.into());
             r
+        }
+        ("POST", "/stall") => {
+            // Never reads the upload: once the buffers between are full, its sender must wait.
+            state.hanging.send_modify(|n| *n += 1);
+            let mut released = state.released.subscribe();
+            let _ = released.wait_for(|r| *r).await;
+            state.hanging.send_modify(|n| *n -= 1);
+            full(StatusCode::OK, "released")
         }
         ("GET", "/hang") => {
             state.hanging.send_modify(|n| *n += 1);

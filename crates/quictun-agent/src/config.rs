@@ -62,6 +62,15 @@ pub struct AgentSection {
     pub upstream_response_timeout_secs: u64,
     /// Streams the relay may have open on this agent at once.
     pub max_concurrent_streams: u32,
+    /// QUIC flow-control window of one stream, in bytes (what one request body may have in
+    /// flight unread).
+    pub stream_window: u32,
+    /// QUIC flow-control window of the connection, in bytes; stalled readers may hold half of it.
+    pub connection_window: u32,
+    /// The most credit all stalled readers (upstreams that stopped reading an upload, egress
+    /// clients that stopped reading an answer) may hold, in bytes; beyond it the longest-stalled
+    /// are reset.
+    pub max_stalled_bytes: u64,
     /// Seconds in-flight requests get to finish on shutdown.
     pub drain_timeout_secs: u64,
     /// TCP address of the agent's admin endpoint (`/healthz`, `/readyz`, `/metrics`); off when unset.
@@ -94,6 +103,9 @@ impl Default for AgentSection {
             upstream_connect_timeout_secs: 5,
             upstream_response_timeout_secs: 60,
             max_concurrent_streams: 1024,
+            stream_window: quictun_core::Tuning::default().stream_window,
+            connection_window: quictun_core::Tuning::default().connection_window,
+            max_stalled_bytes: quictun_core::stall::StallLimits::default().total,
             drain_timeout_secs: 30,
             admin_listen: None,
             admin_token: None,

@@ -138,7 +138,7 @@ impl Egress {
             Err(err) => return text(StatusCode::BAD_REQUEST, &format!("bad request: {err}")),
         };
         let body = req.into_body().map_err(|e| BodyError::Closed(format!("client body: {e}"))).boxed_unsync();
-        let exchange = tokio::time::timeout(self.response_timeout, link.exchange(head, body));
+        let exchange = tokio::time::timeout(self.response_timeout, link.exchange(head, body, Some(peer.ip())));
         match exchange.instrument(span.clone()).await {
             Ok(Ok((head, body))) => {
                 let Ok(headers) = headers_from_wire(head.headers) else {

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use quictun_core::stall::Reclaimer;
 use quictun_core::tls::PinVerifier;
 use quictun_grpc::client::{DialError, GrpcRelay};
 use quictun_grpc::mux::GrpcControl;
@@ -32,7 +33,11 @@ impl GrpcSetup {
 }
 
 /// Dials the relay over gRPC.
-pub async fn dial(options: &AgentOptions, setup: &GrpcSetup) -> Result<(GrpcControl, GrpcRelay), Attempt> {
+pub async fn dial(
+    options: &AgentOptions,
+    setup: &GrpcSetup,
+    reclaimer: &Reclaimer,
+) -> Result<(GrpcControl, GrpcRelay), Attempt> {
     let addr = tokio::net::lookup_host(&options.grpc_relay)
         .await
         .map_err(|e| Attempt::Retry(format!("resolving {}: {e}", options.grpc_relay)))?
@@ -40,7 +45,8 @@ pub async fn dial(options: &AgentOptions, setup: &GrpcSetup) -> Result<(GrpcCont
         .ok_or_else(|| Attempt::Retry(format!("{} resolved to no address", options.grpc_relay)))?;
     let server_name = ServerName::try_from(options.server_name.clone())
         .map_err(|e| Attempt::Fatal(AgentError::Tls(format!("server name {:?}: {e}", options.server_name))))?;
-    match quictun_grpc::client::dial(addr, server_name, setup.tls.clone(), options.limits, DIAL_TIMEOUT).await {
+    let stall = reclaimer.scope(u64::from(quictun_grpc::flow::EXCHANGE_WINDOW));
+    match quictun_grpc::client::dial(addr, server_name, setup.tls.clone(), options.limits, DIAL_TIMEOUT, stall).await {
         Ok(dialed) => Ok(dialed),
         Err(err) => {
             if let Some(mismatch) = setup.pin_verifier.as_ref().and_then(|v| v.last_mismatch()) {

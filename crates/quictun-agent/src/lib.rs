@@ -34,7 +34,8 @@ use std::time::Duration;
 
 use quictun_core::backoff::Backoff;
 use quictun_core::endpoint::{ClientSetup, EndpointError};
-use quictun_core::link::AgentLink;
+use quictun_core::link::{AbortOnDrop, AgentLink};
+use quictun_core::stall::Reclaimer;
 use quictun_core::tls::PinMismatch;
 use quictun_proto::RejectCode;
 use tokio::sync::watch;
@@ -121,6 +122,8 @@ pub struct Agent {
     admin_addr: Option<SocketAddr>,
     admin_tasks: TaskTracker,
     udp_buffer: usize,
+    /// Enforces the stalled-reader budgets while the agent lives.
+    _sweeper: AbortOnDrop,
 }
 
 impl Agent {
@@ -139,7 +142,10 @@ impl Agent {
     pub fn start_on(options: AgentOptions, endpoint: quinn::Endpoint) -> Result<Self, AgentError> {
         let quic = ClientSetup::new(&options.trust, &options.tuning)?;
         let grpc = grpc::GrpcSetup::new(&options)?;
-        let metrics = Arc::new(AgentMetrics::new());
+        let reclaimer = Reclaimer::new(options.stall);
+        let mut metrics = AgentMetrics::new();
+        metrics.register_stall(reclaimer.metrics());
+        let metrics = Arc::new(metrics);
         let forwarder = Arc::new(Forwarder::new(&options, metrics.clone()));
         let (state_tx, state) = watch::channel(AgentState::Connecting);
         let shutdown = CancellationToken::new();
@@ -164,9 +170,17 @@ impl Agent {
         admin_tasks.close();
         let udp_buffer = options.tuning.udp_buffer;
         let (link_tx, relay_link) = watch::channel(None);
-        let dialer = Dialer { options: Arc::new(options), relay_link: link_tx, endpoint: endpoint.clone(), quic, grpc };
+        let sweeper = AbortOnDrop::new(tokio::spawn(reclaimer.clone().run(shutdown.clone())));
+        let dialer = Dialer {
+            options: Arc::new(options),
+            relay_link: link_tx,
+            endpoint: endpoint.clone(),
+            quic,
+            grpc,
+            reclaimer,
+        };
         let task = tokio::spawn(run(dialer, forwarder, state_tx, shutdown.clone()));
-        Ok(Self { state, relay_link, shutdown, endpoint, task, admin_addr, admin_tasks, udp_buffer })
+        Ok(Self { state, relay_link, shutdown, endpoint, task, admin_addr, admin_tasks, udp_buffer, _sweeper: sweeper })
     }
 
     /// The bound admin endpoint address, when it is served.
@@ -264,6 +278,8 @@ struct Dialer {
     endpoint: quinn::Endpoint,
     quic: ClientSetup,
     grpc: grpc::GrpcSetup,
+    /// Watches bodies from the relay for stalled readers.
+    reclaimer: Reclaimer,
 }
 
 impl Dialer {
@@ -297,7 +313,8 @@ impl Dialer {
         state: &watch::Sender<AgentState>,
         stop: &session::Stop,
     ) -> Result<Outcome, Attempt> {
-        self.serve_dialed(quic::dial(&self.options, &self.endpoint, &self.quic), forwarder, state, stop).await
+        let dial = quic::dial(&self.options, &self.endpoint, &self.quic, &self.reclaimer);
+        self.serve_dialed(dial, forwarder, state, stop).await
     }
 
     async fn over_grpc(
@@ -306,7 +323,7 @@ impl Dialer {
         state: &watch::Sender<AgentState>,
         stop: &session::Stop,
     ) -> Result<Outcome, Attempt> {
-        self.serve_dialed(grpc::dial(&self.options, &self.grpc), forwarder, state, stop).await
+        self.serve_dialed(grpc::dial(&self.options, &self.grpc, &self.reclaimer), forwarder, state, stop).await
     }
 
     /// gRPC while QUIC is probed in the background; a successful probe drains the gRPC session

@@ -69,6 +69,11 @@ impl AgentMetrics {
         Self { registry, requests, latency, active_streams, bytes_to_upstream, bytes_from_upstream, connected }
     }
 
+    /// Adds the stalled-reader metrics of `stall`.
+    pub fn register_stall(&mut self, stall: quictun_core::stall::StallMetrics) {
+        stall.register(&mut self.registry);
+    }
+
     /// Counts one forwarded request: its status (or failure) and, when answered, its latency.
     pub fn request(&self, upstream: &str, status: &str, latency: Option<Duration>) {
         self.requests.get_or_create(&RequestLabels { upstream: upstream.to_owned(), status: status.to_owned() }).inc();

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use quictun_core::stall::StallLimits;
 use quictun_core::{Trust, Tuning};
 use quictun_proto::{Limits, Token};
 
@@ -51,6 +52,8 @@ pub struct AgentOptions {
     pub drain_timeout: Duration,
     /// QUIC transport tuning.
     pub tuning: Tuning,
+    /// Budgets for credit held by stalled readers.
+    pub stall: StallLimits,
     /// Frame limits.
     pub limits: Limits,
     /// First reconnect delay ceiling.
@@ -105,6 +108,12 @@ impl AgentOptions {
         }
         if !a.relay.contains(':') {
             return Err(invalid("agent.relay", format!("{:?} has no port (HOST:PORT)", a.relay)));
+        }
+        if a.stream_window < 64 * 1024 || a.connection_window < a.stream_window.saturating_mul(2) {
+            return Err(invalid(
+                "agent.connection_window",
+                "stream_window must be at least 65536 and connection_window at least twice it".into(),
+            ));
         }
         if a.client_id.trim().is_empty() {
             return Err(invalid("agent.client_id", "missing client id".into()));
@@ -168,7 +177,14 @@ impl AgentOptions {
             tuning: Tuning {
                 max_concurrent_streams: a.max_concurrent_streams.max(1),
                 congestion: a.congestion,
+                stream_window: a.stream_window,
+                connection_window: a.connection_window,
                 ..Tuning::default()
+            },
+            stall: StallLimits {
+                per_connection: u64::from(a.connection_window / 2).min(StallLimits::default().per_connection),
+                total: a.max_stalled_bytes,
+                ..StallLimits::default()
             },
             limits: Limits::default(),
             backoff_base: Duration::from_secs(1),

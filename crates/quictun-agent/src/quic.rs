@@ -7,6 +7,7 @@ use std::sync::Arc;
 use quictun_core::endpoint::ClientSetup;
 use quictun_core::framed::ControlChannel;
 use quictun_core::link::{BoxFuture, RelayConnection, RequestHandler};
+use quictun_core::stall::{Reclaimer, StallScope};
 use quictun_proto::CloseCode;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -25,6 +26,7 @@ pub async fn dial(
     options: &AgentOptions,
     endpoint: &quinn::Endpoint,
     setup: &ClientSetup,
+    reclaimer: &Reclaimer,
 ) -> Result<(ControlChannel, QuicRelay), Attempt> {
     let addr = resolve(&options.relay).await?;
     let connecting = endpoint
@@ -48,7 +50,9 @@ pub async fn dial(
         }
     };
     let (send, recv) = conn.open_bi().await.map_err(|e| Attempt::Retry(format!("opening the control stream: {e}")))?;
-    Ok((ControlChannel::new(send, recv, options.limits.max_control_frame), QuicRelay { conn, limits: options.limits }))
+    let stall = reclaimer.scope(u64::from(options.tuning.stream_window));
+    let control = ControlChannel::new(send, recv, options.limits.max_control_frame);
+    Ok((control, QuicRelay { conn, limits: options.limits, stall }))
 }
 
 /// Whether a QUIC handshake with the relay completes now (the connection is closed at once).
@@ -69,6 +73,7 @@ pub async fn probe(options: &AgentOptions, endpoint: &quinn::Endpoint, setup: &C
 pub struct QuicRelay {
     conn: quinn::Connection,
     limits: quictun_proto::Limits,
+    stall: StallScope,
 }
 
 impl RelayConnection for QuicRelay {
@@ -78,7 +83,7 @@ impl RelayConnection for QuicRelay {
         tasks: TaskTracker,
         cancel: CancellationToken,
     ) -> BoxFuture<'_, String> {
-        Box::pin(quictun_core::quic_link::serve_streams(&self.conn, handler, tasks, cancel))
+        Box::pin(quictun_core::quic_link::serve_streams(&self.conn, handler, tasks, cancel, &self.stall))
     }
 
     fn close(&self, code: CloseCode) {
@@ -94,6 +99,6 @@ impl RelayConnection for QuicRelay {
     }
 
     fn egress_link(&self) -> Option<Arc<dyn quictun_core::link::AgentLink>> {
-        Some(Arc::new(quictun_core::quic_link::QuicLink::new(self.conn.clone(), self.limits)))
+        Some(Arc::new(quictun_core::quic_link::QuicLink::new(self.conn.clone(), self.limits, self.stall.clone())))
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! - [`procs`]: starting and watching the processes (peak RSS, CPU time).
 //! - [`load`]: the load generator (keep-alive HTTP/1.1 workers, HdrHistogram).
-//! - [`workloads`]: small, large, slow-mix, many, lossy, wan, grpc, egress.
+//! - [`workloads`]: small, large, slow-mix, many, lossy, wan, grpc, egress, slow-clients.
 //! - [`netem`]: random packet loss with nftables.
 //! - [`wan`]: an emulated WAN link (network namespace, TUN devices, a userspace forwarder).
 //! - [`report`] and [`svg`]: JSON, Markdown and SVG output.
@@ -42,6 +42,8 @@ pub enum Workload {
     /// 1 KiB GETs the other way round: from the agent's egress listener to an upstream the
     /// relay reaches.
     Egress,
+    /// Small requests beside clients that never read their downloads.
+    SlowClients,
 }
 
 impl std::str::FromStr for Workload {
@@ -56,9 +58,10 @@ impl std::str::FromStr for Workload {
             "wan" => Ok(Self::Wan),
             "grpc" => Ok(Self::Grpc),
             "egress" => Ok(Self::Egress),
-            other => {
-                Err(format!("unknown workload {other:?} (small, large, slow-mix, many, lossy, wan, grpc, egress)"))
-            }
+            "slow-clients" => Ok(Self::SlowClients),
+            other => Err(format!(
+                "unknown workload {other:?} (small, large, slow-mix, many, lossy, wan, grpc, egress, slow-clients)"
+            )),
         }
     }
 }
@@ -88,6 +91,8 @@ pub struct BenchOptions {
     pub loss: Vec<u32>,
     /// Body size of the bulk transfers of `wan`.
     pub wan_bytes: u64,
+    /// How many non-reading clients `slow-clients` opens, one row each (and one with none).
+    pub slow_clients: Vec<usize>,
     /// Total requests per second for the timed workloads (open loop), instead of as fast as the
     /// workers can go.
     pub rate: Option<u64>,
@@ -151,6 +156,7 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<report::Report> {
                 Workload::Wan => workloads::wan(opts, mode).await,
                 Workload::Grpc => workloads::grpc(opts, mode).await,
                 Workload::Egress => workloads::egress(opts, mode).await,
+                Workload::SlowClients => workloads::slow_clients(opts, mode).await,
             };
             match result {
                 Ok(mut r) => rows.append(&mut r),

@@ -195,6 +195,25 @@ pub async fn get_text(target: SocketAddr, path: &str) -> anyhow::Result<String> 
 
 /// Downloads `path` to the end; returns the bytes received and the time taken.
 pub async fn download(target: SocketAddr, path: &str) -> anyhow::Result<(u64, Duration)> {
+    download_inner(target, path).await
+}
+
+/// `n` clients that send `GET path` and then never read: a 4 KiB receive buffer each, so the
+/// server's writes stop at once. They hold their connections until dropped.
+pub async fn non_reading(target: SocketAddr, path: &str, n: usize) -> anyhow::Result<Vec<tokio::net::TcpStream>> {
+    use tokio::io::AsyncWriteExt;
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        let socket = if target.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_recv_buffer_size(4096)?;
+        let mut stream = socket.connect(target).await.with_context(|| format!("connecting to {target}"))?;
+        stream.write_all(format!("GET {path} HTTP/1.1\r\nhost: bench\r\n\r\n").as_bytes()).await?;
+        clients.push(stream);
+    }
+    Ok(clients)
+}
+
+async fn download_inner(target: SocketAddr, path: &str) -> anyhow::Result<(u64, Duration)> {
     let started = Instant::now();
     let mut sender = connect(target).await?;
     sender.ready().await?;

@@ -174,6 +174,27 @@ pub async fn egress(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>>
     Ok(rows)
 }
 
+/// How long non-reading clients get to fill their buffers and count as stalled (the relay's
+/// stall timeout is 1 s, its budgets are enforced a quarter of that later).
+const STALL_SETTLE: Duration = Duration::from_secs(2);
+
+/// Small requests (c=16) beside N clients that stopped reading their downloads: does a client
+/// that never reads delay anyone else? One row without them, then one per N.
+pub async fn slow_clients(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
+    let mut stack = Stack::start(&opts.exe, mode, 1).await?;
+    let mut rows = Vec::new();
+    for &stalled in std::iter::once(&0).chain(&opts.slow_clients) {
+        let clients = load::non_reading(stack.target, "/bytes/1073741824", stalled).await?;
+        if stalled > 0 {
+            tokio::time::sleep(STALL_SETTLE).await;
+        }
+        let note = format!("c=16 beside {stalled} clients that never read a 1 GiB download");
+        rows.push(small_requests(opts, &mut stack, 16, "slow-clients", format!("stalled={stalled}"), note).await?);
+        drop(clients);
+    }
+    Ok(rows)
+}
+
 /// 90% instant requests, 10% that take 1 s at the upstream: does a slow request delay the others?
 pub async fn slow_mix(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
     let mut stack = Stack::start(&opts.exe, mode, 1).await?;

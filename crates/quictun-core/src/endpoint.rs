@@ -49,9 +49,13 @@ pub enum Congestion {
 pub struct Tuning {
     /// Concurrent bidirectional streams the *peer* may open towards us.
     pub max_concurrent_streams: u32,
-    /// Flow-control window of one stream.
+    /// Flow-control window of one stream: what one stream may have in flight unread. A stream
+    /// moves at most this much per round trip (4 MiB at 50 ms: 80 MB/s).
     pub stream_window: u32,
-    /// Flow-control window of the whole connection.
+    /// Flow-control window of the whole connection: what all streams together may have unread.
+    /// Large by default, as HTTP/2 servers set theirs, so that readers that stop reading can never
+    /// hold up the other streams and the control stream: what they may hold is bounded by the
+    /// stalled-reader budgets instead (see [`crate::stall`]), and by stream count × stream window.
     pub connection_window: u32,
     /// Unacknowledged bytes we may have in flight.
     pub send_window: u64,
@@ -70,7 +74,7 @@ impl Default for Tuning {
         Self {
             max_concurrent_streams: 1024,
             stream_window: 4 << 20,
-            connection_window: 16 << 20,
+            connection_window: 1 << 30,
             send_window: 16 << 20,
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),

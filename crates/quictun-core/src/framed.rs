@@ -106,6 +106,9 @@ pub async fn write_frame<T: Serialize>(
     Ok(())
 }
 
+/// The send priority of the control stream: above every data stream (which keep quinn's 0).
+pub const CONTROL_PRIORITY: i32 = 100;
+
 /// A tokio codec for control messages with a maximum frame size.
 #[derive(Debug, Clone, Copy)]
 pub struct ControlCodec {
@@ -174,8 +177,12 @@ pub struct ControlChannel {
 }
 
 impl ControlChannel {
-    /// Wraps the two halves of the control stream.
+    /// Wraps the two halves of the control stream. Its data is sent before any data stream's
+    /// (heartbeats never queue behind bodies).
     pub fn new(send: quinn::SendStream, recv: quinn::RecvStream, max_frame: usize) -> Self {
+        if send.set_priority(CONTROL_PRIORITY).is_err() {
+            tracing::debug!("control stream closed before its priority was set");
+        }
         let codec = ControlCodec::new(max_frame);
         Self { reader: FramedRead::new(recv, codec), writer: FramedWrite::new(send, codec) }
     }

@@ -67,6 +67,12 @@ pub fn wire_header(name: &HeaderName, value: &HeaderValue) -> Header {
     Header { name: name.as_str().to_owned(), value: value.as_bytes().to_vec() }
 }
 
+/// The body length a message's `Content-Length` declares, when it declares one.
+pub fn declared_length(headers: &[Header]) -> Option<u64> {
+    let header = headers.iter().find(|h| h.name.eq_ignore_ascii_case("content-length"))?;
+    std::str::from_utf8(&header.value).ok()?.trim().parse().ok()
+}
+
 /// The names a `Connection` header lists (hop-by-hop for this request only), lower-cased.
 pub fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
     headers

@@ -8,6 +8,7 @@
 //! - [`body_frames`]: framed bodies, so trailers (gRPC's status) can follow a body.
 //! - [`link`]: what a transport provides (control channel, agent link, tunnel bodies).
 //! - [`quic_link`]: the QUIC transport's agent link (one stream per exchange).
+//! - [`stall`]: credit held by stalled readers, budgeted and reclaimed.
 //! - [`backoff`]: exponential backoff with full jitter.
 //! - [`heartbeat`]: heartbeat timing, silence detection and RTT.
 //! - [`config`]: TOML loading with errors that name the file and the key.
@@ -27,6 +28,7 @@ pub mod heartbeat;
 pub mod http_stream;
 pub mod link;
 pub mod quic_link;
+pub mod stall;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream_http;

@@ -7,7 +7,7 @@
 //! - [`TunnelBody`]: a streaming body crossing the tunnel, in either direction.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 
 use bytes::Bytes;
@@ -52,11 +52,25 @@ pub fn empty_body() -> TunnelBody {
 
 /// Aborts a task when dropped: a helper task lives exactly as long as its owner.
 #[derive(Debug)]
-pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+pub struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl AbortOnDrop {
+    /// Owns `task`.
+    pub fn new(task: tokio::task::JoinHandle<()>) -> Self {
+        Self(Some(task))
+    }
+
+    /// Lets go of the task without aborting it (someone else owns it now).
+    pub fn into_inner(mut self) -> Option<tokio::task::JoinHandle<()>> {
+        self.0.take()
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
     }
 }
 
@@ -104,11 +118,14 @@ impl LinkError {
 /// an agent connection, and (for egress) an agent's handle on its relay connection.
 pub trait AgentLink: Send + Sync + std::fmt::Debug + 'static {
     /// Sends one request (head and streaming body) and resolves with the response head and its
-    /// streaming body. Dropping the future or the body cancels the exchange.
+    /// streaming body. Dropping the future or the body cancels the exchange. `client` is the
+    /// ingress client the response is for, when there is one: the credit its body holds counts
+    /// against that client's budget too (see [`crate::stall`]).
     fn exchange(
         &self,
         head: RequestHead,
         body: TunnelBody,
+        client: Option<IpAddr>,
     ) -> BoxFuture<'_, Result<(ResponseHead, TunnelBody), LinkError>>;
 
     /// Closes the connection with a quictun close code.

@@ -6,7 +6,7 @@
 //! streams the request body from a task that lives exactly as long as the response, and reads the response
 //! head; the response body is then read from the stream chunk by chunk.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -24,6 +24,7 @@ use crate::body_frames::{Framing, recv_body};
 use crate::framed::{ReadFrameError, read_frame, read_frame_within, write_frame};
 use crate::http_stream::{pump_body, reset, stop};
 use crate::link::{AgentLink, BodyError, BoxFuture, LinkError, RequestHandler, TunnelBody, empty_body};
+use crate::stall::StallScope;
 
 /// Longest wait for a free stream slot on the connection.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -33,12 +34,13 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct QuicLink {
     conn: quinn::Connection,
     limits: Limits,
+    stall: StallScope,
 }
 
 impl QuicLink {
-    /// Wraps a registered agent's connection.
-    pub fn new(conn: quinn::Connection, limits: Limits) -> Self {
-        Self { conn, limits }
+    /// Wraps a registered agent's connection; bodies read from it are watched in `stall`.
+    pub fn new(conn: quinn::Connection, limits: Limits, stall: StallScope) -> Self {
+        Self { conn, limits, stall }
     }
 
     /// The underlying connection.
@@ -46,7 +48,12 @@ impl QuicLink {
         &self.conn
     }
 
-    async fn run_exchange(&self, head: RequestHead, body: TunnelBody) -> Result<(ResponseHead, TunnelBody), LinkError> {
+    async fn run_exchange(
+        &self,
+        head: RequestHead,
+        body: TunnelBody,
+        client: Option<IpAddr>,
+    ) -> Result<(ResponseHead, TunnelBody), LinkError> {
         // Encoded before the stream opens: a head too large for the tunnel sends nothing.
         let head_frame =
             frame::encode(&head, self.limits.max_head_frame).map_err(|e| LinkError::HeadTooLarge(e.to_string()))?;
@@ -74,7 +81,7 @@ impl QuicLink {
         };
         let response: ResponseHead = read_frame(&mut recv, self.limits.max_head_frame).await.map_err(from_read)?;
         response.validate(&self.limits).map_err(|e| LinkError::Protocol(e.to_string()))?;
-        let body = recv_body(recv, response.framed_body, self.limits);
+        let body = self.stall.watch(recv_body(recv, response.framed_body, self.limits), &response.headers, client);
         Ok((response, QuicResponseBody { body, upload, finished: false }.boxed_unsync()))
     }
 }
@@ -129,8 +136,9 @@ impl AgentLink for QuicLink {
         &self,
         head: RequestHead,
         body: TunnelBody,
+        client: Option<IpAddr>,
     ) -> BoxFuture<'_, Result<(ResponseHead, TunnelBody), LinkError>> {
-        Box::pin(self.run_exchange(head, body))
+        Box::pin(self.run_exchange(head, body, client))
     }
 
     fn close(&self, code: CloseCode) {
@@ -160,7 +168,7 @@ impl AgentLink for QuicLink {
         cancel: CancellationToken,
     ) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let reason = serve_streams(&self.conn, handler, tasks, cancel).await;
+            let reason = serve_streams(&self.conn, handler, tasks, cancel, &self.stall).await;
             debug!(%reason, "no more requests from the peer");
         })
     }
@@ -170,18 +178,20 @@ impl AgentLink for QuicLink {
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves every stream the peer opens on `conn` with `handler`, each in a task on `tasks` that
-/// stops when `cancel` fires, until the connection ends; returns why it ended.
+/// stops when `cancel` fires, until the connection ends; returns why it ended. Request bodies are
+/// watched in `stall`.
 pub async fn serve_streams(
     conn: &quinn::Connection,
     handler: Arc<dyn RequestHandler>,
     tasks: TaskTracker,
     cancel: CancellationToken,
+    stall: &StallScope,
 ) -> String {
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                let handler = handler.clone();
-                let work = async move { serve_stream(handler.as_ref(), send, recv).await }.in_current_span();
+                let (handler, stall) = (handler.clone(), stall.clone());
+                let work = async move { serve_stream(handler.as_ref(), send, recv, &stall).await }.in_current_span();
                 crate::spawn_cancellable(&tasks, &cancel, work);
             }
             Err(err) => return err.to_string(),
@@ -191,8 +201,13 @@ pub async fn serve_streams(
 
 /// Serves one stream the peer opened: reads and checks the request head (a bad one resets the
 /// stream with its code), hands the request to `handler`, and streams the answer back (or resets
-/// the stream with the handler's code).
-pub async fn serve_stream(handler: &dyn RequestHandler, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+/// the stream with the handler's code). The request body is watched in `stall`.
+pub async fn serve_stream(
+    handler: &dyn RequestHandler,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    stall: &StallScope,
+) {
     let limits = handler.limits();
     let head: RequestHead = match read_frame_within(&mut recv, limits.max_head_frame, HEAD_TIMEOUT).await {
         Ok(head) => head,
@@ -212,7 +227,7 @@ pub async fn serve_stream(handler: &dyn RequestHandler, mut send: quinn::SendStr
         return;
     }
     let body = if head.has_body {
-        recv_body(recv, head.framed_body, limits)
+        stall.watch(recv_body(recv, head.framed_body, limits), &head.headers, None)
     } else {
         stop(&mut recv, StreamCode::NoError);
         empty_body()

@@ -5,7 +5,7 @@
 //! messages to the control channel and every other message to the exchanges (see
 //! [`crate::exchange`]): the relay's requests, and the answers to the agent's egress requests.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use http::uri::PathAndQuery;
 use hyper_util::rt::TokioIo;
 use quictun_core::link::AbortOnDrop;
 use quictun_core::link::{AgentLink, BoxFuture, LinkError, RelayConnection, RequestHandler, TunnelBody};
+use quictun_core::stall::StallScope;
 use quictun_proto::frame;
 use quictun_proto::{CloseCode, ControlMessage, Limits, RequestHead, ResponseHead};
 use rustls::pki_types::ServerName;
@@ -23,7 +24,7 @@ use tracing::{Instrument, debug};
 
 use crate::exchange::{End, Exchanges, IncomingExchange};
 use crate::messages::{Codec, Payload, TunnelMessage, parse_close_status};
-use crate::mux::{GrpcControl, OUTBOUND_QUEUE};
+use crate::mux::{CONTROL_QUEUE, GrpcControl, OUTBOUND_QUEUE, Outbound};
 use crate::window;
 
 /// Why dialing failed.
@@ -47,7 +48,7 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The agent → relay message stream; ends gracefully (after what is queued) once `ending` fires.
 struct EndingStream {
-    rx: mpsc::Receiver<TunnelMessage>,
+    outbound: Outbound,
     ending: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     ended: bool,
 }
@@ -61,21 +62,23 @@ impl tokio_stream::Stream for EndingStream {
     ) -> std::task::Poll<Option<TunnelMessage>> {
         if !self.ended && self.ending.as_mut().poll(cx).is_ready() {
             self.ended = true;
-            self.rx.close();
+            self.outbound.close();
         }
-        self.rx.poll_recv(cx)
+        self.outbound.poll_next(cx)
     }
 }
 
 use std::future::Future as _;
 
-/// Dials the relay's gRPC listener and opens the tunnel RPC.
+/// Dials the relay's gRPC listener and opens the tunnel RPC. Bodies from the relay are watched
+/// for stalled readers in `stall`.
 pub async fn dial(
     addr: SocketAddr,
     server_name: ServerName<'static>,
     tls: Arc<rustls::ClientConfig>,
     limits: Limits,
     timeout: Duration,
+    stall: StallScope,
 ) -> Result<(GrpcControl, GrpcRelay), DialError> {
     let connect_err = |message: String| DialError::Connect { addr, message };
     let connector = tower::service_fn(move |_uri: http::Uri| {
@@ -97,10 +100,10 @@ pub async fn dial(
         .map_err(|e| connect_err(quictun_core::error_chain(&e)))?;
     let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(crate::messages::MAX_CHUNK * 2);
     grpc.ready().await.map_err(|e| connect_err(quictun_core::error_chain(&e)))?;
-    let (outbound_tx, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let (outbound, senders) = Outbound::new();
     let ending = CancellationToken::new();
     let request = tonic::Request::new(EndingStream {
-        rx: outbound_rx,
+        outbound,
         ending: Box::pin(ending.clone().cancelled_owned()),
         ended: false,
     });
@@ -109,10 +112,10 @@ pub async fn dial(
         .await
         .map_err(|_| DialError::Rpc("no answer in time".into()))?
         .map_err(|status| DialError::Rpc(status.message().to_owned()))?;
-    let (control_tx, control_rx) = mpsc::channel(16);
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let (requests_tx, requests_rx) = mpsc::channel(OUTBOUND_QUEUE);
     let shared = Arc::new(Shared {
-        exchanges: Arc::new(Exchanges::new(End::Agent, outbound_tx.clone(), limits)),
+        exchanges: Arc::new(Exchanges::new(End::Agent, &senders, limits, stall)),
         ending,
         close_code: Mutex::new(None),
     });
@@ -121,9 +124,9 @@ pub async fn dial(
         shared,
         requests: tokio::sync::Mutex::new(requests_rx),
         remote: addr,
-        _reader: AbortOnDrop(reader),
+        _reader: AbortOnDrop::new(reader),
     };
-    Ok((GrpcControl::new(control_rx, outbound_tx, limits.max_control_frame), relay))
+    Ok((GrpcControl::new(control_rx, senders.heads.clone(), limits.max_control_frame), relay))
 }
 
 #[derive(Debug)]
@@ -161,7 +164,7 @@ async fn read(
                     Err(err) => break format!("malformed control message: {err}"),
                 }
             }
-            Some(payload) => shared.exchanges.dispatch(id, payload, &requests).await,
+            Some(payload) => shared.exchanges.dispatch(id, payload, &requests),
             None => break "message without a payload".to_owned(),
         }
     };
@@ -234,8 +237,9 @@ impl AgentLink for GrpcEgress {
         &self,
         head: RequestHead,
         body: TunnelBody,
+        client: Option<IpAddr>,
     ) -> BoxFuture<'_, Result<(ResponseHead, TunnelBody), LinkError>> {
-        Box::pin(self.shared.exchanges.open(head, body))
+        Box::pin(self.shared.exchanges.open(head, body, client))
     }
 
     fn close(&self, _code: CloseCode) {
@@ -243,7 +247,7 @@ impl AgentLink for GrpcEgress {
     }
 
     fn is_closed(&self) -> bool {
-        self.shared.exchanges.closed.is_cancelled()
+        self.shared.exchanges.is_closed()
     }
 
     fn closed(&self) -> BoxFuture<'_, String> {

@@ -6,18 +6,23 @@
 //! the agent numbers its own with [`AGENT_OPENED`] set. An end refuses a request head whose id
 //! says it opened it itself.
 
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
-use quictun_core::link::{LinkError, RequestHandler, TunnelBody, empty_body};
+use quictun_core::link::{AbortOnDrop, LinkError, RequestHandler, TunnelBody, empty_body};
+use quictun_core::stall::StallScope;
 use quictun_proto::{Limits, RequestHead, ResponseHead, StreamCode, frame};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::flow::{EVENT_QUEUE, SendCredit, Urgent};
 use crate::messages::{Payload, TunnelMessage};
-use crate::mux::{EXCHANGE_QUEUE, Event, EventBody, Pending, deliver, send_body, trailers_event};
+use crate::mux::{
+    Abandon, Event, EventBody, OutboundSenders, Pending, Slot, SlotRef, deliver, send_body, trailers_event,
+};
 
 /// The id bit of exchanges the agent opened.
 pub const AGENT_OPENED: u64 = 1 << 63;
@@ -31,11 +36,12 @@ pub enum End {
     Agent,
 }
 
-/// A request the peer opened: its id, head, and body event queue.
+/// A request the peer opened: its id, head, body event queue and the credit for the answer.
 pub struct IncomingExchange {
     id: u64,
     head: RequestHead,
     body: Option<mpsc::Receiver<Event>>,
+    credit: Arc<SendCredit>,
 }
 
 impl std::fmt::Debug for IncomingExchange {
@@ -44,37 +50,65 @@ impl std::fmt::Debug for IncomingExchange {
     }
 }
 
-/// One end's exchanges: the queue towards the peer and the table of exchanges in flight.
+/// One end's exchanges: the queues towards the peer and the table of exchanges in flight.
 #[derive(Debug)]
 pub struct Exchanges {
-    /// Messages towards the peer (bounded).
+    /// Heads towards the peer (bounded; ahead of bodies).
+    pub heads: mpsc::Sender<TunnelMessage>,
+    /// Bodies towards the peer (bounded).
     pub outbound: mpsc::Sender<TunnelMessage>,
+    /// Credits, stops and resets towards the peer.
+    pub urgent: Arc<Urgent>,
     /// Exchanges in flight, both directions (their ids never collide).
     pub pending: Pending,
     /// Frame limits for heads and trailers.
     pub limits: Limits,
     /// Cancelled once the tunnel stream is gone (see [`Exchanges::close`]).
     pub closed: CancellationToken,
+    /// The same, read without a lock on every exchange.
+    is_closed: AtomicBool,
+    /// Where the bodies read from the peer are watched for stalled readers.
+    stall: StallScope,
     end: End,
     next_id: AtomicU64,
 }
 
 impl Exchanges {
-    /// The exchanges of `end`, sending through `outbound`.
-    pub fn new(end: End, outbound: mpsc::Sender<TunnelMessage>, limits: Limits) -> Self {
+    /// The exchanges of `end`, sending through `outbound`; bodies from the peer are watched in
+    /// `stall`.
+    pub fn new(end: End, outbound: &OutboundSenders, limits: Limits, stall: StallScope) -> Self {
         let first = match end {
             End::Relay => 1,
             End::Agent => AGENT_OPENED | 1,
         };
-        let closed = CancellationToken::new();
-        Self { outbound, pending: Pending::default(), limits, closed, end, next_id: AtomicU64::new(first) }
+        Self {
+            heads: outbound.heads.clone(),
+            outbound: outbound.data.clone(),
+            urgent: outbound.urgent.clone(),
+            pending: Pending::default(),
+            limits,
+            closed: CancellationToken::new(),
+            is_closed: AtomicBool::new(false),
+            stall,
+            end,
+            next_id: AtomicU64::new(first),
+        }
     }
 
-    /// The tunnel stream is gone: no exchange opens any more, and every one still waiting learns
-    /// it (its event queue closes).
+    /// The tunnel stream is gone: no exchange opens any more, every sender stops, and every
+    /// exchange still waiting learns it (its event queue closes).
     pub fn close(&self) {
+        self.is_closed.store(true, Ordering::SeqCst);
         self.closed.cancel();
+        for slot in self.pending.iter() {
+            slot.credit.stop();
+        }
         self.pending.clear();
+    }
+
+    /// True once the tunnel stream is gone.
+    pub fn is_closed(&self) -> bool {
+        self.is_closed.load(Ordering::SeqCst)
     }
 
     /// True when the peer, not this end, opened exchange `id`.
@@ -82,59 +116,79 @@ impl Exchanges {
         (id & AGENT_OPENED != 0) == (self.end == End::Relay)
     }
 
+    /// A table entry for exchange `id`: its event queue and its send credit.
+    fn insert(&self, id: u64) -> (mpsc::Receiver<Event>, Arc<SendCredit>) {
+        let (events, receiver) = mpsc::channel(EVENT_QUEUE);
+        let credit = Arc::new(SendCredit::default());
+        self.pending.insert(id, Slot { events, credit: credit.clone() });
+        if self.is_closed() {
+            // Closed while this was being added: `close` may not have seen it.
+            credit.stop();
+        }
+        (receiver, credit)
+    }
+
     /// Opens an exchange: sends the head, streams `body` from a task that lives as long as the
-    /// response body, and waits for the response head. Nothing is queued when the outbound queue
-    /// is full ([`LinkError::Busy`]) or the tunnel is gone ([`LinkError::NotOpened`]).
-    pub async fn open(&self, head: RequestHead, body: TunnelBody) -> Result<(ResponseHead, TunnelBody), LinkError> {
-        if self.closed.is_cancelled() {
+    /// response body, and waits for the response head. Nothing is queued when the head queue is
+    /// full ([`LinkError::Busy`]) or the tunnel is gone ([`LinkError::NotOpened`]). The
+    /// response body's credit counts against `client`'s budget too.
+    pub async fn open(
+        &self,
+        head: RequestHead,
+        body: TunnelBody,
+        client: Option<IpAddr>,
+    ) -> Result<(ResponseHead, TunnelBody), LinkError> {
+        if self.is_closed() {
             return Err(LinkError::NotOpened);
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (events_tx, mut events) = mpsc::channel(EXCHANGE_QUEUE);
-        self.pending.insert(id, events_tx);
-        let mut guard =
-            ExchangeGuard { pending: self.pending.clone(), outbound: self.outbound.clone(), id, done: false };
         let encoded = frame::encode_payload(&head, self.limits.max_head_frame)
             .map_err(|e| LinkError::HeadTooLarge(e.to_string()))?;
-        match self.outbound.try_send(TunnelMessage::new(id, Payload::RequestHead(Bytes::from(encoded)))) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (mut events, credit) = self.insert(id);
+        let slot = SlotRef::new(self.pending.clone(), id);
+        match self.heads.try_send(TunnelMessage::new(id, Payload::RequestHead(Bytes::from(encoded)))) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                guard.done = true; // nothing reached the peer
-                return Err(LinkError::Busy);
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                guard.done = true; // nothing reached the peer
-                return Err(LinkError::NotOpened);
-            }
+            Err(mpsc::error::TrySendError::Full(_)) => return Err(LinkError::Busy),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(LinkError::NotOpened),
         }
+        // From here the peer knows the exchange: given up before the answer, it is reset.
+        let mut abandoned = Abandoned { urgent: &self.urgent, id, armed: true };
         let upload = head.has_body.then(|| {
-            let outbound = self.outbound.clone();
+            let (outbound, slot) = (self.outbound.clone(), slot.clone());
             let max_trailers = self.limits.max_head_frame;
-            tokio::spawn(
+            AbortOnDrop::new(tokio::spawn(
                 async move {
-                    send_body(&outbound, id, body, StreamCode::Cancelled, max_trailers).await;
+                    send_body(&outbound, &credit, id, body, StreamCode::Cancelled, max_trailers).await;
+                    drop(slot);
                 }
                 .in_current_span(),
-            )
+            ))
         });
-        match events.recv().await {
-            Some(Event::Head(response)) => {
-                response.validate(&self.limits).map_err(|e| LinkError::Protocol(e.to_string()))?;
-                Ok((response, EventBody::new(events, guard).with_upload(upload).boxed()))
-            }
+        let answer = match events.recv().await {
+            Some(Event::Head(response)) => response,
             Some(Event::Reset(code)) => {
-                guard.done = true;
-                Err(StreamCode::from_u64(u64::from(code)).map_or(LinkError::Lost, LinkError::Reset))
+                abandoned.armed = false;
+                return Err(StreamCode::from_u64(u64::from(code)).map_or(LinkError::Lost, LinkError::Reset));
             }
-            Some(_) => Err(LinkError::Protocol("body before the response head".into())),
-            None => Err(LinkError::Lost),
-        }
+            Some(_) => return Err(LinkError::Protocol("body before the response head".into())),
+            None => {
+                abandoned.armed = false;
+                return Err(LinkError::Lost);
+            }
+        };
+        answer.validate(&self.limits).map_err(|e| LinkError::Protocol(e.to_string()))?;
+        // The body takes over: it resets the exchange if dropped before its end.
+        abandoned.armed = false;
+        let upload = upload.and_then(AbortOnDrop::into_inner);
+        let body = EventBody::new(events, id, self.urgent.clone(), Abandon::Reset, slot).with_upload(upload);
+        let body = self.stall.watch(body.boxed(), &answer.headers, client);
+        Ok((answer, body))
     }
 
     /// Routes one message of an exchange (anything but control) to where it belongs. A request
     /// head from the peer becomes an [`IncomingExchange`] on `requests` (a full or closed queue
-    /// resets it at once: the reader never waits on request handling).
-    pub async fn dispatch(&self, id: u64, payload: Payload, requests: &mpsc::Sender<IncomingExchange>) {
+    /// resets it at once). Never waits.
+    pub fn dispatch(&self, id: u64, payload: Payload, requests: &mpsc::Sender<IncomingExchange>) {
         let event = match payload {
             Payload::RequestHead(bytes) => return self.accept(id, &bytes, requests),
             Payload::ResponseHead(bytes) => {
@@ -150,15 +204,26 @@ impl Exchanges {
             Payload::Trailers(bytes) => trailers_event(id, &bytes, &self.limits),
             Payload::End(_) => Event::End,
             Payload::Reset(code) => Event::Reset(code),
+            Payload::Credit(n) => {
+                if let Some(slot) = self.pending.get(&id) {
+                    slot.credit.grant(n);
+                }
+                return;
+            }
+            Payload::Stop(code) => {
+                if let Some(slot) = self.pending.get(&id) {
+                    debug!(id, code, "peer stopped reading the body");
+                    slot.credit.stop();
+                }
+                return;
+            }
             Payload::Control(_) => return debug!(id, "control message dispatched as an exchange message"),
         };
-        deliver(&self.pending, &self.outbound, id, event).await;
+        deliver(&self.pending, &self.urgent, id, event);
     }
 
     fn accept(&self, id: u64, bytes: &[u8], requests: &mpsc::Sender<IncomingExchange>) {
-        let reset = |code: StreamCode| {
-            let _queue_full = self.outbound.try_send(TunnelMessage::new(id, Payload::Reset(code.to_u32())));
-        };
+        let reset = |code: StreamCode| self.urgent.reset(id, code.to_u32());
         if !self.peer_opened(id) || self.pending.contains_key(&id) {
             warn!(id, "request head with an id the peer may not use");
             return reset(StreamCode::Malformed);
@@ -171,12 +236,9 @@ impl Exchanges {
                 return reset(if too_large { StreamCode::HeadTooLarge } else { StreamCode::Malformed });
             }
         };
-        let body = head.has_body.then(|| {
-            let (tx, rx) = mpsc::channel(EXCHANGE_QUEUE);
-            self.pending.insert(id, tx);
-            rx
-        });
-        match requests.try_send(IncomingExchange { id, head, body }) {
+        let (events, credit) = self.insert(id);
+        let body = head.has_body.then_some(events);
+        match requests.try_send(IncomingExchange { id, head, body, credit }) {
             Ok(()) => {}
             Err(refused) => {
                 self.pending.remove(&id);
@@ -189,16 +251,19 @@ impl Exchanges {
     /// Serves an exchange the peer opened with `handler`: checks the head, hands the request
     /// over, and sends back the response head and body (or a reset with the handler's code).
     pub async fn serve(self: Arc<Self>, handler: Arc<dyn RequestHandler>, exchange: IncomingExchange) {
-        let IncomingExchange { id, head, body } = exchange;
+        let IncomingExchange { id, head, body, credit } = exchange;
+        let slot = SlotRef::new(self.pending.clone(), id);
         let limits = handler.limits();
         if let Err(err) = head.validate(&limits) {
             warn!(id, %err, "invalid request head");
-            self.pending.remove(&id);
-            return self.send_reset(id, StreamCode::Malformed).await;
+            return self.send_reset(id, StreamCode::Malformed);
         }
         let span = info_span!("exchange", request_id = %head.request_id, upstream = %head.upstream);
         let body = match body {
-            Some(events) => EventBody::new(events, ()).boxed(),
+            Some(events) => {
+                let body = EventBody::new(events, id, self.urgent.clone(), Abandon::Stop, slot.clone());
+                self.stall.watch(body.boxed(), &head.headers, None)
+            }
             None => empty_body(),
         };
         async {
@@ -208,51 +273,43 @@ impl Exchanges {
                         Ok(encoded) => encoded,
                         Err(err) => {
                             warn!(%err, "response head too large");
-                            return self.send_reset(id, StreamCode::UpstreamFailed).await;
+                            return self.send_reset(id, StreamCode::UpstreamFailed);
                         }
                     };
                     let head = TunnelMessage::new(id, Payload::ResponseHead(Bytes::from(encoded)));
-                    if self.outbound.send(head).await.is_ok() {
+                    if self.heads.send(head).await.is_ok() {
                         let max_trailers = self.limits.max_head_frame;
-                        send_body(&self.outbound, id, body, StreamCode::UpstreamFailed, max_trailers).await;
+                        send_body(&self.outbound, &credit, id, body, StreamCode::UpstreamFailed, max_trailers).await;
                     }
                 }
-                Err(code) => self.send_reset(id, code).await,
+                Err(code) => self.send_reset(id, code),
             }
         }
         .instrument(span)
         .await;
         // The response is done; the request may still be arriving (an upgraded or TCP stream
-        // whose other direction closed first). The exchange ends when its request body is dropped.
-        let request_events = self.pending.get(&id).map(|tx| tx.clone());
-        if let Some(tx) = request_events {
-            tx.closed().await;
-        }
-        self.pending.remove(&id);
+        // whose other direction closed first): the exchange ends when its request body is dropped.
+        drop(slot);
     }
 
-    /// Tells the peer exchange `id` failed with `code`; a tunnel already gone needs no telling.
-    async fn send_reset(&self, id: u64, code: StreamCode) {
-        if self.outbound.send(TunnelMessage::new(id, Payload::Reset(code.to_u32()))).await.is_err() {
-            debug!(id, ?code, "tunnel gone before the reset could be sent");
-        }
+    /// Tells the peer exchange `id` failed with `code` (ahead of body data).
+    fn send_reset(&self, id: u64, code: StreamCode) {
+        self.urgent.reset(id, code.to_u32());
     }
 }
 
-/// Removes an exchange from the table when it ends, and tells the peer to stop when it ends early
-/// (the requester went away, or a deadline passed).
-struct ExchangeGuard {
-    pending: Pending,
-    outbound: mpsc::Sender<TunnelMessage>,
+/// Resets an opened exchange when its opener gives up before the answer (a deadline passed, the
+/// requester went away).
+struct Abandoned<'a> {
+    urgent: &'a Urgent,
     id: u64,
-    done: bool,
+    armed: bool,
 }
 
-impl Drop for ExchangeGuard {
+impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
-        if self.pending.remove(&self.id).is_some() && !self.done {
-            let cancel = TunnelMessage::new(self.id, Payload::Reset(StreamCode::Cancelled.to_u32()));
-            let _queue_full = self.outbound.try_send(cancel);
+        if self.armed {
+            self.urgent.reset(self.id, StreamCode::Cancelled.to_u32());
         }
     }
 }
@@ -260,12 +317,14 @@ impl Drop for ExchangeGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use quictun_core::stall::{Reclaimer, StallLimits};
 
     #[test]
     fn each_end_accepts_only_the_ids_its_peer_opens() {
-        let (tx, _rx) = mpsc::channel(1);
-        let relay = Exchanges::new(End::Relay, tx.clone(), Limits::default());
-        let agent = Exchanges::new(End::Agent, tx, Limits::default());
+        let (_outbound, senders) = crate::mux::Outbound::new();
+        let scope = Reclaimer::new(StallLimits::default()).scope(1);
+        let relay = Exchanges::new(End::Relay, &senders, Limits::default(), scope.clone());
+        let agent = Exchanges::new(End::Agent, &senders, Limits::default(), scope);
         let relay_id = relay.next_id.load(Ordering::Relaxed);
         let agent_id = agent.next_id.load(Ordering::Relaxed);
         assert!(agent.peer_opened(relay_id) && !relay.peer_opened(relay_id));

@@ -5,12 +5,17 @@
 //! control, request and response heads, body chunks, ends and resets, each tagged with a
 //! `request_id` and matched through a table of per-exchange queues. It follows the seeds' own
 //! concurrency plan so that it is the strongest honest version of that design: the reader never
-//! waits on request handling, handling is concurrent, every queue is bounded, a full queue answers
-//! 503 at once, and deadlines clean the table. What it cannot avoid is that all exchanges share one
-//! TCP connection and one stream: a lost packet or a slow consumer delays them all.
+//! waits on request handling or on any exchange, handling is concurrent, every queue is bounded,
+//! a full head queue answers 503 at once, and deadlines clean the table. Each exchange has flow
+//! control of its own ([`flow`]), so a reader that stops reading holds its exchange's window and
+//! nothing else; heads, credits and control messages go ahead of body data. What it cannot avoid
+//! is that all exchanges share one TCP connection: a lost packet delays them all, and they share
+//! its bandwidth and its kernel buffers in arrival order.
 //!
 //! - [`messages`]: the prost message (no `protoc`) and the codec.
-//! - [`mux`]: what both ends share: control channel, exchange table, bodies from event queues.
+//! - [`flow`]: flow control per exchange (credit), and the lane that carries it ahead of data.
+//! - [`mux`]: what both ends share: outbound queue, control channel, exchange table, bodies from
+//!   event queues.
 //! - [`exchange`]: exchanges in both directions (the relay's ingress requests, the agent's egress
 //!   requests): opening one, and serving one the peer opened.
 //! - [`server`]: the relay side ([`server::serve`], [`server::GrpcLink`]).
@@ -18,6 +23,7 @@
 
 pub mod client;
 pub mod exchange;
+pub mod flow;
 pub mod messages;
 pub mod mux;
 pub mod server;

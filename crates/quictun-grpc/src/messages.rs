@@ -20,7 +20,7 @@ pub struct TunnelMessage {
     #[prost(uint64, tag = "1")]
     pub request_id: u64,
     /// What it carries.
-    #[prost(oneof = "Payload", tags = "2, 3, 4, 5, 6, 7, 8")]
+    #[prost(oneof = "Payload", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10")]
     pub payload: Option<Payload>,
 }
 
@@ -48,6 +48,14 @@ pub enum Payload {
     /// A bincode [`quictun_proto::Trailers`]: the trailers of a body, followed by its end.
     #[prost(bytes = "bytes", tag = "8")]
     Trailers(Bytes),
+    /// The receiver consumed this many more bytes of the exchange's body: its sender may send
+    /// that much more (see [`crate::flow`]).
+    #[prost(uint32, tag = "9")]
+    Credit(u32),
+    /// The receiver will not read the rest of the exchange's body (a [`quictun_proto::StreamCode`]):
+    /// its sender stops; the other direction goes on.
+    #[prost(uint32, tag = "10")]
+    Stop(u32),
 }
 
 impl TunnelMessage {

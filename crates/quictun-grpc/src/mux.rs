@@ -1,12 +1,14 @@
-//! What both ends of the gRPC transport share: the control channel carried on the tunnel stream,
-//! the table of exchanges in flight (request_id → bounded event queue), and bodies read from such a
-//! queue. Every queue is bounded; a full per-exchange queue makes the reader wait (this is the
-//! head-of-line blocking the single-stream design cannot avoid), never grow.
+//! What both ends of the gRPC transport share: the outbound queue with its priority lanes, the
+//! control channel carried on the tunnel stream, the table of exchanges in flight (request_id →
+//! event queue and send credit), and bodies read from such a queue.
+//!
+//! Every queue is bounded, and the task reading the tunnel stream never waits on an exchange:
+//! per-exchange flow control ([`crate::flow`]) keeps each event queue big enough for what its
+//! sender may send, and a sender that sends more has its exchange reset.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -20,15 +22,18 @@ use quictun_proto::{ControlMessage, StreamCode};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use crate::flow::{CREDIT_BATCH, SendCredit, Urgent, cost};
 use crate::messages::{MAX_CHUNK, Payload, TunnelMessage};
 
-/// Messages queued towards the peer, for all exchanges and control. With chunks of at most
+/// Body messages queued towards the peer, for all exchanges. With chunks of at most
 /// [`crate::messages::MAX_CHUNK`] this bounds the queue at 16 MiB.
 pub const OUTBOUND_QUEUE: usize = 256;
-/// Events queued for one exchange (at most 2 MiB of body).
-pub const EXCHANGE_QUEUE: usize = 32;
-/// Longest the reader waits for a slow exchange before resetting it.
-pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Control messages and request and response heads queued towards the peer: they go before body
+/// data, so neither a heartbeat nor a new request waits behind other exchanges' bodies in this
+/// end's queue.
+pub const PRIORITY_QUEUE: usize = 256;
+/// Control messages the reader hands to the session at most (it reads them at once).
+pub const CONTROL_QUEUE: usize = 16;
 
 /// What the reader hands to one exchange.
 #[derive(Debug)]
@@ -45,26 +50,128 @@ pub enum Event {
     Reset(u32),
 }
 
-/// Exchanges in flight: request_id → the queue of their events.
-pub type Pending = Arc<DashMap<u64, mpsc::Sender<Event>>>;
+/// One exchange in flight: where its peer's messages go, and the credit for its own body.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    /// The events of the body coming from the peer.
+    pub events: mpsc::Sender<Event>,
+    /// The credit for the body going to the peer.
+    pub credit: Arc<SendCredit>,
+}
 
-/// Delivers an event to exchange `id`. Waits while its queue is full (bounded by
-/// [`DELIVERY_TIMEOUT`], after which the exchange is dropped and reset). Unknown ids are ignored
-/// (the exchange already ended).
-pub async fn deliver(pending: &Pending, outbound: &mpsc::Sender<TunnelMessage>, id: u64, event: Event) {
-    let Some(tx) = pending.get(&id).map(|tx| tx.clone()) else {
-        return debug!(id, "event for an exchange that already ended");
+/// Exchanges in flight: request_id → [`Slot`].
+pub type Pending = Arc<DashMap<u64, Slot>>;
+
+/// Removes an exchange from the table once every holder (the body read from the peer, the body
+/// sent to it) is done.
+#[derive(Debug)]
+pub struct SlotRef {
+    pending: Pending,
+    id: u64,
+}
+
+impl SlotRef {
+    /// A holder of exchange `id` of `pending`.
+    pub fn new(pending: Pending, id: u64) -> Arc<Self> {
+        Arc::new(Self { pending, id })
+    }
+}
+
+impl Drop for SlotRef {
+    fn drop(&mut self) {
+        self.pending.remove(&self.id);
+    }
+}
+
+/// Hands an event from the peer to exchange `id`, never waiting: a queue that is full means its
+/// sender overran its window, and the exchange is reset. A reset also stops this end's own body.
+/// Unknown ids are ignored (the exchange already ended).
+pub fn deliver(pending: &Pending, urgent: &Urgent, id: u64, event: Event) {
+    let overran = {
+        let Some(slot) = pending.get(&id) else {
+            return debug!(id, "event for an exchange that already ended");
+        };
+        if matches!(event, Event::Reset(_)) {
+            slot.credit.stop();
+        }
+        match slot.events.try_send(event) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                slot.credit.stop();
+                true
+            }
+        }
     };
-    let ends = matches!(event, Event::End | Event::Reset(_));
-    match tokio::time::timeout(DELIVERY_TIMEOUT, tx.send(event)).await {
-        Ok(Ok(())) if !ends => {}
-        Ok(_) => {
-            pending.remove(&id);
+    if overran {
+        warn!(id, "peer sent past its flow-control window: exchange reset");
+        pending.remove(&id);
+        urgent.reset(id, StreamCode::Malformed.to_u32());
+    }
+}
+
+/// The messages towards the peer, in order of urgency: control messages and request and
+/// response heads; credits, stops and resets; then bodies, trailers and ends. An exchange's head
+/// always goes before its body and before a reset of it.
+#[derive(Debug)]
+pub struct Outbound {
+    heads: mpsc::Receiver<TunnelMessage>,
+    urgent: Arc<Urgent>,
+    data: mpsc::Receiver<TunnelMessage>,
+    /// A message taken from a later lane while a head it may depend on arrived: sent next.
+    held: Option<TunnelMessage>,
+}
+
+/// The sending halves of an [`Outbound`].
+#[derive(Debug, Clone)]
+pub struct OutboundSenders {
+    /// Control messages, and request and response heads.
+    pub heads: mpsc::Sender<TunnelMessage>,
+    /// Credits, stops and resets.
+    pub urgent: Arc<Urgent>,
+    /// Bodies, trailers and ends.
+    pub data: mpsc::Sender<TunnelMessage>,
+}
+
+impl Outbound {
+    /// A new outbound queue and its senders.
+    pub fn new() -> (Self, OutboundSenders) {
+        let (heads_tx, heads) = mpsc::channel(PRIORITY_QUEUE);
+        let (data_tx, data) = mpsc::channel(OUTBOUND_QUEUE);
+        let urgent = Arc::new(Urgent::default());
+        let senders = OutboundSenders { heads: heads_tx, urgent: urgent.clone(), data: data_tx };
+        (Self { heads, urgent, data, held: None }, senders)
+    }
+
+    /// The next message to send; `None` once the data queue is closed and drained.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<TunnelMessage>> {
+        if let Poll::Ready(Some(message)) = self.heads.poll_recv(cx) {
+            return Poll::Ready(Some(message));
         }
-        Err(_) => {
-            pending.remove(&id);
-            let _queue_full = outbound.try_send(TunnelMessage::new(id, Payload::Reset(StreamCode::Cancelled.to_u32())));
+        if let Some(message) = self.held.take() {
+            return Poll::Ready(Some(message));
         }
+        let later = match self.urgent.poll_next(cx) {
+            Some(message) => message,
+            None => match std::task::ready!(self.data.poll_recv(cx)) {
+                Some(message) => message,
+                None => return Poll::Ready(None),
+            },
+        };
+        // The lanes are filled from other threads: a body (or a reset) may have been queued
+        // after its head only once the head lane was checked. The head goes first.
+        match self.heads.try_recv() {
+            Ok(head) => {
+                self.held = Some(later);
+                Poll::Ready(Some(head))
+            }
+            Err(_) => Poll::Ready(Some(later)),
+        }
+    }
+
+    /// Takes no more messages; those queued are still sent.
+    pub fn close(&mut self) {
+        self.heads.close();
+        self.data.close();
     }
 }
 
@@ -82,7 +189,8 @@ pub struct GrpcControl {
 }
 
 impl GrpcControl {
-    /// Control messages arrive on `inbound` (from the reader) and leave through `outbound`.
+    /// Control messages arrive on `inbound` (from the reader) and leave through `outbound` (the
+    /// priority lane of an [`Outbound`]).
     pub fn new(
         inbound: mpsc::Receiver<ControlMessage>,
         outbound: mpsc::Sender<TunnelMessage>,
@@ -107,33 +215,59 @@ impl ControlIo for GrpcControl {
     }
 }
 
-/// A body read from an exchange's event queue. Holds `guard` (whatever must live as long as the
-/// body: the pending-table entry, an upload task) until dropped.
-pub struct EventBody<G> {
-    events: mpsc::Receiver<Event>,
-    done: bool,
-    ended_cleanly: bool,
-    upload: Option<tokio::task::JoinHandle<()>>,
-    _guard: G,
+/// What a reader that lets go of its body before the end tells the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abandon {
+    /// Reset the whole exchange (the requester went away).
+    Reset,
+    /// Stop only the peer's body (the request body an upstream did not read to the end).
+    Stop,
 }
 
-impl<G> Drop for EventBody<G> {
-    /// Dropped before a clean end, the exchange is abandoned: its upload stops. After a clean end
-    /// the upload may still be sending (an upgraded or TCP stream whose other direction closed
-    /// first): it finishes by itself when its source ends.
+/// A body read from an exchange's event queue. Grants credit back as its reader consumes; let go
+/// of early, it tells the peer ([`Abandon`]) and aborts the exchange's upload.
+pub struct EventBody {
+    events: mpsc::Receiver<Event>,
+    id: u64,
+    urgent: Arc<Urgent>,
+    abandon: Abandon,
+    /// Consumed bytes not yet granted back.
+    consumed: u32,
+    done: bool,
+    /// The body ended with its end or trailers, or the peer reset it: nothing to tell it.
+    settled: bool,
+    upload: Option<tokio::task::JoinHandle<()>>,
+    _slot: Arc<SlotRef>,
+}
+
+impl Drop for EventBody {
     fn drop(&mut self) {
-        if let Some(upload) = self.upload.take()
-            && !self.ended_cleanly
-        {
+        if self.settled {
+            // After a clean end the upload may still be sending (an upgraded or TCP stream whose
+            // other direction closed first): it finishes by itself.
+            return;
+        }
+        if let Some(upload) = self.upload.take() {
             upload.abort();
+        }
+        let code = StreamCode::Cancelled.to_u32();
+        match self.abandon {
+            Abandon::Reset => self.urgent.reset(self.id, code),
+            Abandon::Stop => self.urgent.stop(self.id, code),
         }
     }
 }
 
-impl<G: Send + Unpin + 'static> EventBody<G> {
-    /// A body from `events`, keeping `guard` alive.
-    pub fn new(events: mpsc::Receiver<Event>, guard: G) -> Self {
-        Self { events, done: false, ended_cleanly: false, upload: None, _guard: guard }
+impl EventBody {
+    /// The body of exchange `id` from `events`, holding the exchange (`slot`) until dropped.
+    pub fn new(
+        events: mpsc::Receiver<Event>,
+        id: u64,
+        urgent: Arc<Urgent>,
+        abandon: Abandon,
+        slot: Arc<SlotRef>,
+    ) -> Self {
+        Self { events, id, urgent, abandon, consumed: 0, done: false, settled: false, upload: None, _slot: slot }
     }
 
     /// Also owns the exchange's request-body upload (see the `Drop` impl).
@@ -146,9 +280,16 @@ impl<G: Send + Unpin + 'static> EventBody<G> {
     pub fn boxed(self) -> TunnelBody {
         http_body_util::BodyExt::boxed_unsync(self)
     }
+
+    fn consumed(&mut self, len: usize) {
+        self.consumed = self.consumed.saturating_add(cost(len));
+        if self.consumed >= CREDIT_BATCH {
+            self.urgent.credit(self.id, std::mem::take(&mut self.consumed));
+        }
+    }
 }
 
-impl<G: Unpin> Body for EventBody<G> {
+impl Body for EventBody {
     type Data = Bytes;
     type Error = BodyError;
 
@@ -159,19 +300,23 @@ impl<G: Unpin> Body for EventBody<G> {
         }
         let event = std::task::ready!(this.events.poll_recv(cx));
         Poll::Ready(match event {
-            Some(Event::Body(bytes)) => Some(Ok(Frame::data(bytes))),
+            Some(Event::Body(bytes)) => {
+                this.consumed(bytes.len());
+                Some(Ok(Frame::data(bytes)))
+            }
             Some(Event::Trailers(map)) => {
                 // Trailers are the last frame; a reader may not poll for the end after them.
-                this.ended_cleanly = true;
+                this.settled = true;
                 Some(Ok(Frame::trailers(map)))
             }
             Some(Event::End) => {
                 this.done = true;
-                this.ended_cleanly = true;
+                this.settled = true;
                 None
             }
             Some(Event::Reset(code)) => {
                 this.done = true;
+                this.settled = true;
                 Some(Err(BodyError::Reset(u64::from(code))))
             }
             Some(Event::Head(_)) => {
@@ -180,6 +325,7 @@ impl<G: Unpin> Body for EventBody<G> {
             }
             None => {
                 this.done = true;
+                this.settled = true;
                 Some(Err(BodyError::ConnectionLost("tunnel stream ended".into())))
             }
         })
@@ -201,11 +347,14 @@ pub fn trailers_event(id: u64, payload: &[u8], limits: &Limits) -> Event {
     }
 }
 
-/// Sends a body as chunk messages of exchange `id`, then its trailers (if any, at most
-/// `max_trailers` bytes) and its end; a failing source resets the exchange with `on_error`. Waits
-/// while the outbound queue is full (backpressure). Returns false when the tunnel is gone.
+/// Sends a body as chunk messages of exchange `id`, within its `credit`, then its trailers (if
+/// any, at most `max_trailers` bytes) and its end; a failing source resets the exchange with
+/// `on_error`. Waits for credit and for room in the outbound queue (backpressure); gives up
+/// quietly when the peer stops the body. Returns false when the tunnel is gone or the peer
+/// stopped the body.
 pub async fn send_body(
     outbound: &mpsc::Sender<TunnelMessage>,
+    credit: &SendCredit,
     id: u64,
     body: TunnelBody,
     on_error: StreamCode,
@@ -214,7 +363,16 @@ pub async fn send_body(
     use http_body_util::BodyExt;
     let mut body = body;
     let reset = TunnelMessage::new(id, Payload::Reset(on_error.to_u32()));
-    while let Some(frame) = body.frame().await {
+    loop {
+        // A frame that is ready is taken at once; only a wait for one also watches for a stop.
+        let frame = match futures_util::FutureExt::now_or_never(body.frame()) {
+            Some(frame) => frame,
+            None => tokio::select! {
+                frame = body.frame() => frame,
+                () = credit.stopped() => return false,
+            },
+        };
+        let Some(frame) = frame else { break };
         let frame = match frame {
             Ok(frame) => frame,
             Err(err) => {
@@ -225,7 +383,10 @@ pub async fn send_body(
         match frame.into_data() {
             Ok(mut data) => {
                 while !data.is_empty() {
-                    let chunk = data.split_to(data.len().min(MAX_CHUNK));
+                    let Some(available) = credit.acquire().await else { return false };
+                    let take = data.len().min(MAX_CHUNK).min(usize::try_from(available).unwrap_or(usize::MAX));
+                    let chunk = data.split_to(take);
+                    credit.spend(cost(chunk.len()));
                     if outbound.send(TunnelMessage::new(id, Payload::Body(chunk))).await.is_err() {
                         return false;
                     }
@@ -248,4 +409,39 @@ pub async fn send_body(
         }
     }
     outbound.send(TunnelMessage::new(id, Payload::End(true))).await.is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Heads and bodies queued from another thread come out head first, for every exchange,
+    /// however the writer's polls interleave with the queueing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_head_always_goes_before_its_body() {
+        const EXCHANGES: u64 = 100_000;
+        let (mut outbound, senders) = Outbound::new();
+        let producer = tokio::spawn(async move {
+            for id in 1..=EXCHANGES {
+                senders.heads.send(TunnelMessage::new(id, Payload::ResponseHead(Bytes::new()))).await.unwrap();
+                senders.data.send(TunnelMessage::new(id, Payload::Body(Bytes::new()))).await.unwrap();
+                // Mostly empty queues: the writer polls them while they are being filled.
+                tokio::task::yield_now().await;
+            }
+        });
+        let mut headed = std::collections::HashSet::new();
+        let mut bodies = 0;
+        while bodies < EXCHANGES {
+            let message = std::future::poll_fn(|cx| outbound.poll_next(cx)).await.unwrap();
+            match message.payload {
+                Some(Payload::ResponseHead(_)) => assert!(headed.insert(message.request_id)),
+                Some(Payload::Body(_)) => {
+                    assert!(headed.contains(&message.request_id), "body of {} before its head", message.request_id);
+                    bodies += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        producer.await.unwrap();
+    }
 }

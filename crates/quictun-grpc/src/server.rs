@@ -10,7 +10,7 @@
 //! reader task that never waits on request handling demultiplexes the agent's messages into them.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -19,6 +19,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use quictun_core::link::{AgentLink, BoxFuture, LinkError, RequestHandler, TunnelBody};
+use quictun_core::stall::Reclaimer;
 use quictun_proto::frame;
 use quictun_proto::{CloseCode, ControlMessage, Limits, RequestHead, ResponseHead};
 use tokio::net::TcpListener;
@@ -31,8 +32,9 @@ use tonic::server::{Grpc, StreamingService};
 use tracing::{Instrument, debug, info_span};
 
 use crate::exchange::{End, Exchanges, IncomingExchange};
+use crate::flow::EXCHANGE_WINDOW;
 use crate::messages::{Codec, Payload, TunnelMessage, close_status};
-use crate::mux::{GrpcControl, OUTBOUND_QUEUE};
+use crate::mux::{CONTROL_QUEUE, GrpcControl, OUTBOUND_QUEUE, Outbound};
 use crate::window;
 
 /// Longest a TLS handshake may take.
@@ -44,6 +46,7 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 pub type OnAgent = Arc<dyn Fn(GrpcControl, Arc<GrpcLink>) + Send + Sync>;
 
 /// Accepts gRPC agents on `listener` until `shutdown`; connections and readers run on `tasks`.
+/// Bodies from agents are watched for stalled readers by `stall`.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -51,6 +54,7 @@ pub async fn serve(
     on_agent: OnAgent,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    stall: Reclaimer,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
@@ -58,8 +62,8 @@ pub async fn serve(
             _ = shutdown.cancelled() => break,
             accepted = quictun_core::accept_tcp(&listener, "gRPC") => accepted,
         };
-        let (acceptor, on_agent, shutdown2, tasks2) =
-            (acceptor.clone(), on_agent.clone(), shutdown.clone(), tasks.clone());
+        let (acceptor, on_agent, shutdown2, tasks2, stall) =
+            (acceptor.clone(), on_agent.clone(), shutdown.clone(), tasks.clone(), stall.clone());
         tasks.spawn(
             async move {
                 let tls = match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(tcp)).await {
@@ -67,7 +71,7 @@ pub async fn serve(
                     Ok(Err(err)) => return debug!(%err, "TLS handshake failed"),
                     Err(_) => return debug!("TLS handshake timed out"),
                 };
-                serve_connection(tls, peer, limits, on_agent, shutdown2, tasks2).await;
+                serve_connection(tls, peer, limits, on_agent, shutdown2, tasks2, stall).await;
             }
             .instrument(info_span!("grpc", %peer)),
         );
@@ -81,15 +85,16 @@ async fn serve_connection(
     on_agent: OnAgent,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    stall: Reclaimer,
 ) {
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let (on_agent, tasks) = (on_agent.clone(), tasks.clone());
+        let (on_agent, tasks, stall) = (on_agent.clone(), tasks.clone(), stall.clone());
         async move {
             if req.uri().path() != crate::messages::CONNECT_PATH {
                 return Ok::<_, Infallible>(Status::unimplemented("unknown method").into_http());
             }
             let mut grpc = Grpc::new(Codec::default()).max_decoding_message_size(crate::messages::MAX_CHUNK * 2);
-            let connect = Connect { peer, limits, on_agent, tasks };
+            let connect = Connect { peer, limits, on_agent, tasks, stall };
             Ok(grpc.streaming(connect, req).await)
         }
     });
@@ -121,6 +126,7 @@ struct Connect {
     limits: Limits,
     on_agent: OnAgent,
     tasks: TaskTracker,
+    stall: Reclaimer,
 }
 
 impl StreamingService<TunnelMessage> for Connect {
@@ -129,28 +135,29 @@ impl StreamingService<TunnelMessage> for Connect {
     type Future = BoxFuture<'static, Result<tonic::Response<OutboundStream>, Status>>;
 
     fn call(&mut self, request: tonic::Request<tonic::Streaming<TunnelMessage>>) -> Self::Future {
-        let (outbound_tx, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
-        let (control_tx, control_rx) = mpsc::channel(16);
+        let (outbound, senders) = Outbound::new();
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (close_tx, close_rx) = oneshot::channel();
         let (requests_tx, requests_rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let stall = self.stall.scope(u64::from(EXCHANGE_WINDOW));
         let link = Arc::new(GrpcLink {
-            exchanges: Arc::new(Exchanges::new(End::Relay, outbound_tx.clone(), self.limits)),
+            exchanges: Arc::new(Exchanges::new(End::Relay, &senders, self.limits, stall)),
             requests: tokio::sync::Mutex::new(requests_rx),
             remote: self.peer,
             close_tx: Mutex::new(Some(close_tx)),
             reason: Mutex::new(None),
         });
-        let control = GrpcControl::new(control_rx, outbound_tx, self.limits.max_control_frame);
+        let control = GrpcControl::new(control_rx, senders.heads.clone(), self.limits.max_control_frame);
         let reader = demux(request.into_inner(), control_tx, requests_tx, link.clone());
         self.tasks.spawn(reader.in_current_span());
         (self.on_agent)(control, link);
-        Box::pin(async move { Ok(tonic::Response::new(OutboundStream { rx: outbound_rx, close: Some(close_rx) })) })
+        Box::pin(async move { Ok(tonic::Response::new(OutboundStream { outbound, close: Some(close_rx) })) })
     }
 }
 
 /// The relay → agent message stream: queued messages, ended early by a close.
 pub struct OutboundStream {
-    rx: mpsc::Receiver<TunnelMessage>,
+    outbound: Outbound,
     close: Option<oneshot::Receiver<CloseCode>>,
 }
 
@@ -162,17 +169,17 @@ impl Stream for OutboundStream {
             && let Poll::Ready(code) = Pin::new(close).poll(cx)
         {
             self.close = None;
-            self.rx.close();
+            self.outbound.close();
             return Poll::Ready(code.ok().map(|code| Err(close_status(code))));
         }
-        self.rx.poll_recv(cx).map(|m| m.map(Ok))
+        self.outbound.poll_next(cx).map(|m| m.map(Ok))
     }
 }
 
 use std::future::Future as _;
 
-/// Reads the agent's messages until the stream ends, never waiting on request handling except
-/// for a full per-exchange queue.
+/// Reads the agent's messages until the stream ends, never waiting on an exchange (see
+/// [`crate::flow`]).
 async fn demux(
     mut inbound: tonic::Streaming<TunnelMessage>,
     control: mpsc::Sender<ControlMessage>,
@@ -203,7 +210,7 @@ async fn demux(
                     }
                 }
             }
-            Some(payload) => link.exchanges.dispatch(id, payload, &requests).await,
+            Some(payload) => link.exchanges.dispatch(id, payload, &requests),
             None => {
                 link.close(CloseCode::Protocol);
                 break "message without a payload".to_owned();
@@ -244,8 +251,9 @@ impl AgentLink for GrpcLink {
         &self,
         head: RequestHead,
         body: TunnelBody,
+        client: Option<IpAddr>,
     ) -> BoxFuture<'_, Result<(ResponseHead, TunnelBody), LinkError>> {
-        Box::pin(self.exchanges.open(head, body))
+        Box::pin(self.exchanges.open(head, body, client))
     }
 
     fn close(&self, code: CloseCode) {
@@ -256,7 +264,7 @@ impl AgentLink for GrpcLink {
     }
 
     fn is_closed(&self) -> bool {
-        self.exchanges.closed.is_cancelled()
+        self.exchanges.is_closed()
     }
 
     fn closed(&self) -> BoxFuture<'_, String> {

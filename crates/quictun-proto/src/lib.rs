@@ -33,4 +33,8 @@ pub use stream::{BodyFrameHeader, HeadError, Header, RequestHead, ResponseHead, 
 pub const ALPN: &[u8] = b"quictun/1";
 
 /// The protocol version an agent announces in [`Register`]. The relay rejects any other.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// 2: the gRPC transport's per-exchange flow control (credit and stop messages, without which a
+/// version-1 peer would never be granted more than a window), and head frames that may carry the
+/// headers the relay adds on top of a client's 128 ([`limits::ADDED_HEADERS`]).
+pub const PROTOCOL_VERSION: u16 = 2;

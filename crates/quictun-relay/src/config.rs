@@ -99,6 +99,18 @@ pub struct RelaySection {
     /// Concurrent egress requests an agent may send through its connection (QUIC streams it
     /// opens); more wait for a free one.
     pub max_egress_streams_per_agent: u32,
+    /// QUIC flow-control window of one stream, in bytes: what one response may have in flight
+    /// unread. One stream moves at most this much per round trip.
+    pub stream_window: u32,
+    /// QUIC flow-control window of an agent connection, in bytes; stalled readers may hold half.
+    pub connection_window: u32,
+    /// A client that has not read for this long (while data waits for it) is stalled, in ms.
+    pub stall_timeout_ms: u64,
+    /// The most credit all stalled readers may hold, in bytes; beyond it the longest-stalled are
+    /// reset.
+    pub max_stalled_bytes: u64,
+    /// The most credit the stalled readers of one client address may hold, in bytes (0: no limit).
+    pub max_stalled_bytes_per_ip: u64,
     /// Seconds to wait for an agent's response head before answering 504.
     pub response_timeout_secs: u64,
     /// Seconds to wait for a new agent's register message.
@@ -156,6 +168,11 @@ impl Default for RelaySection {
             heartbeat_misses: 3,
             max_streams_per_agent: 1024,
             max_egress_streams_per_agent: 16,
+            stream_window: quictun_core::Tuning::default().stream_window,
+            connection_window: quictun_core::Tuning::default().connection_window,
+            stall_timeout_ms: 1000,
+            max_stalled_bytes: quictun_core::stall::StallLimits::default().total,
+            max_stalled_bytes_per_ip: quictun_core::stall::StallLimits::default().per_client,
             response_timeout_secs: 60,
             register_timeout_secs: 10,
             max_header_bytes: quictun_proto::limits::CLIENT_MAX_HEAD_BYTES,
@@ -222,6 +239,17 @@ impl RelaySection {
     /// How long a peer may stay silent before it is dropped.
     pub fn heartbeat_timeout(&self) -> Duration {
         self.heartbeat_interval() * self.heartbeat_misses.max(1)
+    }
+
+    /// The budgets for credit held by stalled readers.
+    pub fn stall_limits(&self) -> quictun_core::stall::StallLimits {
+        quictun_core::stall::StallLimits {
+            stall_after: Duration::from_millis(self.stall_timeout_ms),
+            per_connection: u64::from(self.connection_window / 2)
+                .min(quictun_core::stall::StallLimits::default().per_connection),
+            per_client: self.max_stalled_bytes_per_ip,
+            total: self.max_stalled_bytes,
+        }
     }
 }
 
@@ -339,6 +367,15 @@ impl RelayConfig {
                     quictun_proto::limits::CLIENT_MAX_HEAD_BYTES
                 ),
             ));
+        }
+        if r.stream_window < 64 * 1024 || r.connection_window < r.stream_window.saturating_mul(2) {
+            return Err(invalid(
+                "relay.connection_window".into(),
+                "stream_window must be at least 65536 and connection_window at least twice it".into(),
+            ));
+        }
+        if r.stall_timeout_ms < 100 {
+            return Err(invalid("relay.stall_timeout_ms".into(), "must be at least 100".into()));
         }
         if r.max_streams_per_agent == 0 {
             return Err(invalid("relay.max_streams_per_agent".into(), "must be at least 1".into()));

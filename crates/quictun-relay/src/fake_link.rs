@@ -24,7 +24,12 @@ impl std::fmt::Debug for FakeLink {
 }
 
 impl AgentLink for FakeLink {
-    fn exchange(&self, _: RequestHead, _: TunnelBody) -> BoxFuture<'_, Result<(ResponseHead, TunnelBody), LinkError>> {
+    fn exchange(
+        &self,
+        _: RequestHead,
+        _: TunnelBody,
+        _: Option<std::net::IpAddr>,
+    ) -> BoxFuture<'_, Result<(ResponseHead, TunnelBody), LinkError>> {
         Box::pin(async { Err(LinkError::NotOpened) })
     }
     fn close(&self, code: CloseCode) {

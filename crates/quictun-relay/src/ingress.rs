@@ -146,8 +146,6 @@ struct Ingress {
     per_ip: Arc<PerIp>,
     header_timeout: Duration,
     idle_timeout: Duration,
-    /// The port the listener is bound to (told to upstreams in `x-forwarded-port`).
-    port: u16,
 }
 
 impl Ingress {
@@ -173,7 +171,6 @@ impl Ingress {
             clock: ConnClock::new(),
             peer,
             scheme: self.scheme(),
-            port: self.port,
             header_timeout: self.header_timeout,
             idle_timeout: self.idle_timeout,
         };
@@ -233,7 +230,6 @@ struct Connection {
     clock: Arc<ConnClock>,
     peer: SocketAddr,
     scheme: Scheme,
-    port: u16,
     header_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -246,7 +242,7 @@ impl Connection {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let Self { shared, builder, clock, peer, scheme, port, header_timeout, idle_timeout } = self;
+        let Self { shared, builder, clock, peer, scheme, header_timeout, idle_timeout } = self;
         let metrics_shared = shared.clone();
         let on_expired = Box::new(move |why| {
             if why == Expired::Head {
@@ -260,7 +256,7 @@ impl Connection {
             let busy = service_clock.busy();
             let (shared, clock) = (service_shared.clone(), service_clock.clone());
             async move {
-                let response = proxy::handle(shared, req, Peer { addr: peer, scheme, port }).await;
+                let response = proxy::handle(shared, req, Peer { addr: peer, scheme }).await;
                 if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                     clock.set_upgraded();
                 }
@@ -300,7 +296,6 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, tls: Option<Arc<r
         per_ip: Arc::new(PerIp::default()),
         header_timeout: Duration::from_secs(shared.settings.header_read_timeout_secs),
         idle_timeout: Duration::from_secs(shared.settings.keep_alive_timeout_secs),
-        port: listener.local_addr().map_or(0, |addr| addr.port()),
         shared,
     };
     loop {

@@ -120,6 +120,8 @@ impl Relay {
             idle_timeout: Duration::from_secs(30).max(settings.heartbeat_timeout() * 2),
             keep_alive: settings.heartbeat_interval().min(Duration::from_secs(5)),
             congestion: settings.congestion,
+            stream_window: settings.stream_window,
+            connection_window: settings.connection_window,
             ..Tuning::default()
         };
         let grpc_tls = quictun_core::tls::server_config_with_alpn(cert.clone(), b"h2")
@@ -132,6 +134,7 @@ impl Relay {
         })?;
         let (http_listener, http_addr) = bind_tcp("HTTP", settings.http_listen).await?;
         let (admin_listener, admin_addr) = bind_tcp("admin", settings.admin_listen).await?;
+        shared.tasks.spawn(shared.reclaimer.clone().run(shared.stopped.clone()));
         if settings.transport.quic() {
             shared.tasks.spawn(quic::accept_loop(endpoint.clone(), shared.clone()));
         }
@@ -149,6 +152,7 @@ impl Relay {
                 on_agent,
                 shared.stopped.clone(),
                 shared.tasks.clone(),
+                shared.reclaimer.clone(),
             ));
             Some(addr)
         } else {

@@ -162,6 +162,11 @@ impl RelayMetrics {
         }
     }
 
+    /// Adds the stalled-reader metrics of `stall`.
+    pub fn register_stall(&mut self, stall: quictun_core::stall::StallMetrics) {
+        stall.register(&mut self.registry);
+    }
+
     /// Counts one answered request and, when it reached an agent, its time to the response head.
     pub fn request(&self, route: &str, status: u16, head_latency: Option<std::time::Duration>) {
         self.requests.get_or_create(&RequestLabels { route: route.to_owned(), status }).inc();

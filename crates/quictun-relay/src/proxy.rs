@@ -180,8 +180,6 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// Plain HTTP or HTTPS.
     pub scheme: Scheme,
-    /// The ingress port the client connected to.
-    pub port: u16,
 }
 
 /// What a request's metrics need to know after it was answered.
@@ -232,18 +230,21 @@ fn forwarded_headers(
 ) -> Vec<Header> {
     let headers = req.headers();
     let listed = connection_listed(headers);
-    let mut wire = Vec::with_capacity(headers.len() + 10);
+    let hop = Hop { client: peer.addr.ip(), proto: peer.scheme.as_str(), host };
+    let forwarding = forwarding_headers(&shared.settings.trusted_proxies, headers, &hop);
+    let mut wire = Vec::with_capacity(headers.len() + 6);
     for (name, value) in headers {
-        let ours = *name == header::HOST || is_forwarding_header(name) || name == REQUEST_ID_HEADER;
+        let ours = *name == header::HOST
+            || name == REQUEST_ID_HEADER
+            || (is_forwarding_header(name) && !forwarding.keeps(name));
         if !ours && !is_hop_by_hop(name) && !listed.contains(name) {
             wire.push(wire_header(name, value));
         }
     }
     let mut set = |name: &str, value: &str| wire.push(Header { name: name.to_owned(), value: value.into() });
     set("host", host);
-    let hop = Hop { client: peer.addr, proto: peer.scheme.as_str(), host, port: peer.port };
-    for (name, value) in forwarding_headers(&shared.settings.trusted_proxies, headers, &hop) {
-        set(name, &value);
+    for (name, value) in &forwarding.set {
+        set(name, value);
     }
     set(REQUEST_ID_HEADER, &request_id.to_string());
     if accepts_trailers(headers) {
@@ -357,7 +358,8 @@ async fn forward(
     let (mut session, mut agent_slot) = (session, agent_slot);
     // Kept for a retry only where another agent could take it (not on the common single-agent path).
     let retry_head = (shared.sessions.group_len(&group) > 1).then(|| head.clone());
-    let mut attempt = tokio::time::timeout(deadline, session.link.exchange(head, body.body())).await;
+    let client = Some(peer.addr.ip());
+    let mut attempt = tokio::time::timeout(deadline, session.link.exchange(head, body.body(), client)).await;
     // A stream that could not be opened sent nothing: the request goes once to another agent.
     if let Some(head) = retry_head
         && matches!(attempt, Ok(Err(LinkError::NotOpened)))
@@ -369,7 +371,7 @@ async fn forward(
             warn!(from = %session.client_id, to = %other.client_id, "stream could not be opened: retrying on another agent");
             (session, agent_slot) = (other, permit);
             tracing::Span::current().record("client_id", &*session.client_id);
-            attempt = tokio::time::timeout(deadline, session.link.exchange(head, body.body())).await;
+            attempt = tokio::time::timeout(deadline, session.link.exchange(head, body.body(), client)).await;
         }
     }
     let (response_head, body) = match attempt {

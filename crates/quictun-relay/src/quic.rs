@@ -95,5 +95,6 @@ async fn serve_connection(incoming: quinn::Incoming, slot: OwnedSemaphorePermit,
     };
     drop(slot);
     let control = ControlChannel::new(send, recv, shared.limits.max_control_frame);
-    serve_agent(control, Arc::new(QuicLink::new(conn, shared.limits)), shared).await;
+    let stall = shared.reclaimer.scope(u64::from(shared.settings.stream_window));
+    serve_agent(control, Arc::new(QuicLink::new(conn, shared.limits, stall)), shared).await;
 }

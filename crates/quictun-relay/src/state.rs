@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+use quictun_core::stall::Reclaimer;
 use quictun_core::upstream_http::UpstreamHttp;
 use quictun_proto::{AgentConfig, Limits, Register, RejectCode, Rejected, UpstreamSpec};
 use subtle::ConstantTimeEq;
@@ -128,6 +129,8 @@ pub struct Shared {
     pub started: tokio::time::Instant,
     /// The client agents' egress requests are forwarded with.
     pub egress_http: UpstreamHttp,
+    /// Watches every body from an agent for stalled readers (see [`quictun_core::stall`]).
+    pub reclaimer: Reclaimer,
     live: RwLock<Arc<Live>>,
 }
 
@@ -137,6 +140,9 @@ impl Shared {
         // The tunnel's limits, the same at every agent: the ingress's own (at most the client's
         // ceiling, see `validate`) plus the headers the relay adds.
         let limits = Limits::default();
+        let reclaimer = Reclaimer::new(config.relay.stall_limits());
+        let mut metrics = RelayMetrics::new();
+        metrics.register_stall(reclaimer.metrics());
         Self {
             settings: config.relay.clone(),
             limits,
@@ -144,12 +150,13 @@ impl Shared {
             shutdown: CancellationToken::new(),
             stopped: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            metrics: RelayMetrics::new(),
+            metrics,
             started: tokio::time::Instant::now(),
             egress_http: UpstreamHttp::new(
                 EGRESS_CONNECT_TIMEOUT,
                 std::time::Duration::from_secs(config.relay.response_timeout_secs),
             ),
+            reclaimer,
             live: RwLock::new(Arc::new(Live::new(config, 1))),
         }
     }

@@ -32,6 +32,7 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
         many_streams: args.many_streams.max(1),
         loss: args.loss,
         wan_bytes: args.wan_mib << 20,
+        slow_clients: args.slow_clients,
         rate: args.rate,
         loss_everywhere: args.loss_everywhere,
         command: std::env::args().collect::<Vec<_>>().join(" "),

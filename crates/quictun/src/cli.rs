@@ -50,8 +50,9 @@ pub struct BenchArgs {
     /// Transports to compare (quic, grpc, direct), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "quic,grpc,direct")]
     pub transports: Vec<quictun_bench::Mode>,
-    /// Workloads (small, large, slow-mix, many, lossy, wan, grpc, egress), comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "small,slow-mix,large,many,lossy,wan,grpc,egress")]
+    /// Workloads (small, large, slow-mix, many, lossy, wan, grpc, egress, slow-clients),
+    /// comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "small,slow-mix,large,many,lossy,wan,grpc,egress,slow-clients")]
     pub workloads: Vec<quictun_bench::Workload>,
     /// Length of each timed run, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
@@ -74,6 +75,9 @@ pub struct BenchArgs {
     /// Body size of the wan workload's transfers, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 64)]
     pub wan_mib: u64,
+    /// Non-reading clients of the slow-clients workload, comma-separated (one row each).
+    #[arg(long, value_delimiter = ',', default_value = "10,50")]
+    pub slow_clients: Vec<usize>,
     /// Fixed total request rate (requests/s, open loop) instead of as fast as possible.
     #[arg(long, value_name = "REQ_PER_SEC")]
     pub rate: Option<u64>,

@@ -1,29 +1,27 @@
 //! Forwarding headers: what the relay tells an upstream about the client.
 //!
-//! The policy, the same on every ingress: from a client that is not a trusted proxy, every
+//! The policy, the same on every ingress. From a client that is not a trusted proxy, every
 //! `Forwarded`, `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host`, `X-Forwarded-Port` and
-//! `X-Real-IP` line it sent is dropped, and the relay sets its own:
+//! `X-Real-IP` line it sent is dropped (an upstream that reads them would believe the client's
+//! claim), and the relay sets its own:
 //!
 //! | header | value |
 //! |---|---|
 //! | `X-Forwarded-For` | the client's address |
 //! | `X-Forwarded-Proto` | `http` or `https` |
 //! | `X-Forwarded-Host` | the host the request was routed on (also its `Host`) |
-//! | `X-Forwarded-Port` | the port the client connected to |
-//! | `X-Real-IP` | the client's address |
-//! | `Forwarded` | `for=…;proto=…;host="…"` (RFC 7239) |
 //!
-//! From a trusted proxy (an address in `trusted_proxies`), what it set is kept: the relay's
-//! element is appended to `X-Forwarded-For` (all lines joined in order) and `Forwarded`, its
-//! `X-Forwarded-Proto`/`-Host`/`-Port` are kept when present, and `X-Real-IP` is the rightmost
-//! address of the chain that is not itself a trusted proxy (as nginx's `real_ip_recursive`).
+//! From a trusted proxy (an address in `trusted_proxies`), what it set is kept: the client's
+//! address is appended to `X-Forwarded-For` (all its lines joined in order, RFC 9110 §5.3),
+//! `X-Forwarded-Proto` and `X-Forwarded-Host` are set only when it sent none, and its
+//! `Forwarded`, `X-Forwarded-Port` and `X-Real-IP` pass unchanged.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName};
 use ipnet::IpNet;
 
-/// The headers the forwarding policy owns (dropped from untrusted clients, then set).
+/// The headers the forwarding policy owns (dropped from untrusted clients).
 pub const FORWARDING_HEADERS: [&str; 6] =
     ["forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "x-real-ip"];
 
@@ -52,6 +50,9 @@ impl TrustedProxies {
 
     /// True when `ip` is a trusted proxy.
     pub fn contains(&self, ip: IpAddr) -> bool {
+        if self.0.is_empty() {
+            return false;
+        }
         let ip = ip.to_canonical();
         self.0.iter().any(|net| net.contains(&ip))
     }
@@ -70,87 +71,55 @@ impl<'de> serde::Deserialize<'de> for TrustedProxies {
 #[derive(Debug, Clone, Copy)]
 pub struct Hop<'a> {
     /// The client's address (the TCP peer).
-    pub client: SocketAddr,
+    pub client: IpAddr,
     /// `http` or `https`.
     pub proto: &'static str,
     /// The host the request was routed on, as `host[:port]`.
     pub host: &'a str,
-    /// The port the client connected to.
-    pub port: u16,
 }
 
-/// The forwarding headers to send with a request that arrived with `incoming` over `hop`
-/// (names from [`FORWARDING_HEADERS`]; values never contain a line break).
-pub fn forwarding_headers(
-    trusted: &TrustedProxies,
-    incoming: &HeaderMap,
-    hop: &Hop<'_>,
-) -> Vec<(&'static str, String)> {
-    let client = hop.client.ip().to_canonical();
-    let ours = forwarded_element(client, hop);
-    let port = hop.port.to_string();
-    if !trusted.contains(client) {
-        let client = client.to_string();
-        return vec![
-            ("x-forwarded-for", client.clone()),
-            ("x-forwarded-proto", hop.proto.to_owned()),
-            ("x-forwarded-host", hop.host.to_owned()),
-            ("x-forwarded-port", port),
-            ("x-real-ip", client),
-            ("forwarded", ours),
-        ];
+/// The forwarding headers to send with a request that arrived with `incoming` over `hop`, and
+/// whether the incoming ones are to be kept (from a trusted proxy) or dropped. Values never hold
+/// a line break (they are addresses, a scheme, a routed host and values that were valid headers).
+pub fn forwarding_headers(trusted: &TrustedProxies, incoming: &HeaderMap, hop: &Hop<'_>) -> Forwarding {
+    let client = hop.client.to_canonical().to_string();
+    if !trusted.contains(hop.client) {
+        return Forwarding {
+            keep_incoming: false,
+            set: vec![
+                ("x-forwarded-for", client),
+                ("x-forwarded-proto", hop.proto.to_owned()),
+                ("x-forwarded-host", hop.host.to_owned()),
+            ],
+        };
     }
-    let joined = |name: &str| {
-        let values: Vec<&str> = incoming.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
-        (!values.is_empty()).then(|| values.join(", "))
-    };
-    let first = |name: &str| incoming.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let chain = match joined("x-forwarded-for") {
-        Some(previous) => format!("{previous}, {client}"),
-        None => client.to_string(),
-    };
-    let real = real_client(trusted, &chain).to_string();
-    let forwarded = match joined("forwarded") {
-        Some(previous) => format!("{previous}, {ours}"),
-        None => ours,
-    };
-    vec![
-        ("x-forwarded-for", chain),
-        ("x-forwarded-proto", first("x-forwarded-proto").unwrap_or_else(|| hop.proto.to_owned())),
-        ("x-forwarded-host", first("x-forwarded-host").unwrap_or_else(|| hop.host.to_owned())),
-        ("x-forwarded-port", first("x-forwarded-port").unwrap_or(port)),
-        ("x-real-ip", real),
-        ("forwarded", forwarded),
-    ]
-}
-
-/// The relay's `Forwarded` element (RFC 7239): IPv6 nodes and the host are quoted.
-fn forwarded_element(client: IpAddr, hop: &Hop<'_>) -> String {
-    let node = match client {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    format!("for={node};proto={};host=\"{}\"", hop.proto, hop.host)
-}
-
-/// The rightmost address of an `X-Forwarded-For` chain that is not a trusted proxy; the leftmost
-/// one when all are (or the last parsable one when a part is not an address).
-fn real_client(trusted: &TrustedProxies, chain: &str) -> String {
-    let mut last = None;
-    for part in chain.rsplit(',').map(str::trim) {
-        let Ok(ip) = part.parse::<IpAddr>() else { break };
-        last = Some(ip);
-        if !trusted.contains(ip) {
-            return ip.to_string();
-        }
+    let lines: Vec<&str> = incoming.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+    let chain = if lines.is_empty() { client } else { format!("{}, {client}", lines.join(", ")) };
+    let mut set = vec![("x-forwarded-for", chain)];
+    if !incoming.contains_key("x-forwarded-proto") {
+        set.push(("x-forwarded-proto", hop.proto.to_owned()));
     }
-    last.map_or_else(String::new, |ip| ip.to_string())
+    if !incoming.contains_key("x-forwarded-host") {
+        set.push(("x-forwarded-host", hop.host.to_owned()));
+    }
+    Forwarding { keep_incoming: true, set }
 }
 
-/// A header value from a forwarding string (the inputs are addresses, hosts and header values
-/// that were valid already, so this never fails in practice; an invalid one is dropped).
-pub fn header_value(value: &str) -> Option<HeaderValue> {
-    HeaderValue::from_str(value).ok()
+/// The outcome of the policy for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forwarding {
+    /// Keep the incoming forwarding headers, except `X-Forwarded-For` (replaced by the joined
+    /// chain in `set`) and those `set` replaces.
+    pub keep_incoming: bool,
+    /// Headers to set.
+    pub set: Vec<(&'static str, String)>,
+}
+
+impl Forwarding {
+    /// Whether the incoming header `name` (a forwarding header) goes on.
+    pub fn keeps(&self, name: &HeaderName) -> bool {
+        self.keep_incoming && !self.set.iter().any(|(set, _)| *set == name.as_str())
+    }
 }
 
 #[cfg(test)]
@@ -158,7 +127,7 @@ mod tests {
     use super::*;
 
     fn hop(client: &str) -> Hop<'static> {
-        Hop { client: client.parse().unwrap(), proto: "https", host: "app.test", port: 8443 }
+        Hop { client: client.parse().unwrap(), proto: "https", host: "app.test" }
     }
 
     fn incoming(lines: &[(&str, &str)]) -> HeaderMap {
@@ -169,8 +138,8 @@ mod tests {
         map
     }
 
-    fn get<'a>(headers: &'a [(&'static str, String)], name: &str) -> &'a str {
-        &headers.iter().find(|(n, _)| *n == name).unwrap().1
+    fn get<'a>(forwarding: &'a Forwarding, name: &str) -> Option<&'a str> {
+        forwarding.set.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
     }
 
     #[test]
@@ -182,19 +151,18 @@ mod tests {
             ("forwarded", "for=4.4.4.4"),
             ("x-forwarded-proto", "gopher"),
         ]);
-        let h = forwarding_headers(&TrustedProxies::default(), &spoofed, &hop("198.51.100.7:5000"));
-        assert_eq!(get(&h, "x-forwarded-for"), "198.51.100.7");
-        assert_eq!(get(&h, "x-real-ip"), "198.51.100.7");
-        assert_eq!(get(&h, "x-forwarded-proto"), "https");
-        assert_eq!(get(&h, "x-forwarded-host"), "app.test");
-        assert_eq!(get(&h, "x-forwarded-port"), "8443");
-        assert_eq!(get(&h, "forwarded"), "for=198.51.100.7;proto=https;host=\"app.test\"");
-        let v6 = forwarding_headers(&TrustedProxies::default(), &HeaderMap::new(), &hop("[2001:db8::1]:5000"));
-        assert_eq!(get(&v6, "forwarded"), "for=\"[2001:db8::1]\";proto=https;host=\"app.test\"");
+        let f = forwarding_headers(&TrustedProxies::default(), &spoofed, &hop("198.51.100.7"));
+        assert!(!f.keep_incoming);
+        assert!(!f.keeps(&HeaderName::from_static("x-real-ip")));
+        assert_eq!(get(&f, "x-forwarded-for"), Some("198.51.100.7"));
+        assert_eq!(get(&f, "x-forwarded-proto"), Some("https"));
+        assert_eq!(get(&f, "x-forwarded-host"), Some("app.test"));
+        let mapped = forwarding_headers(&TrustedProxies::default(), &HeaderMap::new(), &hop("::ffff:192.0.2.1"));
+        assert_eq!(get(&mapped, "x-forwarded-for"), Some("192.0.2.1"), "IPv4-mapped addresses are shown as IPv4");
     }
 
     #[test]
-    fn a_trusted_proxy_keeps_its_chain_and_the_real_client_is_found() {
+    fn a_trusted_proxy_keeps_its_chain() {
         let trusted = TrustedProxies::new(vec![
             TrustedProxies::parse_network("10.0.0.0/8").unwrap(),
             TrustedProxies::parse_network("192.0.2.9").unwrap(),
@@ -202,14 +170,17 @@ mod tests {
         let from_proxy = incoming(&[
             ("x-forwarded-for", "203.0.113.5"),
             ("x-forwarded-for", "192.0.2.9"),
-            ("forwarded", "for=203.0.113.5"),
+            ("x-real-ip", "203.0.113.5"),
             ("x-forwarded-proto", "https"),
         ]);
-        let h = forwarding_headers(&trusted, &from_proxy, &hop("10.1.2.3:5000"));
-        assert_eq!(get(&h, "x-forwarded-for"), "203.0.113.5, 192.0.2.9, 10.1.2.3");
-        assert_eq!(get(&h, "x-real-ip"), "203.0.113.5");
-        assert_eq!(get(&h, "forwarded"), "for=203.0.113.5, for=10.1.2.3;proto=https;host=\"app.test\"");
-        assert_eq!(get(&h, "x-forwarded-port"), "8443");
+        let f = forwarding_headers(&trusted, &from_proxy, &hop("10.1.2.3"));
+        assert_eq!(get(&f, "x-forwarded-for"), Some("203.0.113.5, 192.0.2.9, 10.1.2.3"));
+        assert_eq!(get(&f, "x-forwarded-proto"), None, "the proxy's own is kept");
+        assert_eq!(get(&f, "x-forwarded-host"), Some("app.test"));
+        assert!(
+            f.keeps(&HeaderName::from_static("x-real-ip")) && f.keeps(&HeaderName::from_static("x-forwarded-proto"))
+        );
+        assert!(!f.keeps(&HeaderName::from_static("x-forwarded-for")), "replaced by the joined chain");
         assert!(trusted.contains("::ffff:10.9.9.9".parse().unwrap()), "IPv4-mapped addresses match IPv4 networks");
         assert!(TrustedProxies::parse_network("not-an-ip").is_err());
     }
