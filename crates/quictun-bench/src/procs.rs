@@ -302,7 +302,7 @@ impl Stack {
             "[relay]\nquic_listen = \"{tunnel_ip}:{q}\"\ngrpc_listen = \"{tunnel_ip}:{g}\"\nhttp_listen = \"{http}\"\n\
              admin_listen = \"{admin}\"\ncert = \"{d}/certs/relay.crt\"\nkey = \"{d}/certs/relay.key\"\n\
              max_streams_per_agent = 16384\ndrain_timeout_secs = 1\nhandshake_rate_per_ip = 0\n\
-             max_connections_per_ip = 0\n{egress_limit}\
+             max_connections_per_ip = 0\nmax_requests_per_ip = 0\nmax_pending_per_network = 0\n{egress_limit}\
              [[upstreams]]\nname = \"up\"\ngroup = \"bench\"\ntargets = [\"http://{upstream}\"]\n\
              [[routes]]\nhost = \"*\"\nupstream = \"up\"\n{egress_route}",
             q = self.quic_port,

@@ -42,28 +42,44 @@ const TLS_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closed tunnel's request stream is kept for the agent to read the close status.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
-/// Called for every tunnel RPC: run registration and the session on these.
-pub type OnAgent = Arc<dyn Fn(GrpcControl, Arc<GrpcLink>) + Send + Sync>;
+/// Called for every tunnel RPC: run registration and the session on these, and drop the
+/// connection's [`Admission`] once the agent has registered (or failed to).
+pub type OnAgent = Arc<dyn Fn(GrpcControl, Arc<GrpcLink>, Admission) + Send + Sync>;
+
+/// A new connection's place among those not registered yet, held until it registers.
+pub type Admission = Box<dyn std::any::Any + Send + Sync>;
+
+/// Asked for every accepted connection: its place among those not registered yet, or `None` to
+/// refuse it at once.
+pub type Admit = Arc<dyn Fn(SocketAddr) -> Option<Admission> + Send + Sync>;
+
+/// What the relay's gRPC listener needs from the relay.
+pub struct Listener {
+    /// The relay's TLS configuration (ALPN `h2`).
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Frame limits.
+    pub limits: Limits,
+    /// Runs registration and the session of each agent.
+    pub on_agent: OnAgent,
+    /// Admits (or refuses) each new connection.
+    pub admit: Admit,
+    /// Watches bodies from agents for stalled readers.
+    pub stall: Reclaimer,
+}
 
 /// Accepts gRPC agents on `listener` until `shutdown`; connections and readers run on `tasks`.
-/// Bodies from agents are watched for stalled readers by `stall`.
-pub async fn serve(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    limits: Limits,
-    on_agent: OnAgent,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
-    stall: Reclaimer,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+pub async fn serve(listener: TcpListener, setup: Arc<Listener>, shutdown: CancellationToken, tasks: TaskTracker) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(setup.tls.clone());
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = quictun_core::accept_tcp(&listener, "gRPC") => accepted,
         };
-        let (acceptor, on_agent, shutdown2, tasks2, stall) =
-            (acceptor.clone(), on_agent.clone(), shutdown.clone(), tasks.clone(), stall.clone());
+        let Some(admission) = (setup.admit)(peer) else {
+            debug!(%peer, "gRPC connection refused: too many not registered yet");
+            continue;
+        };
+        let (acceptor, setup2, shutdown2, tasks2) = (acceptor.clone(), setup.clone(), shutdown.clone(), tasks.clone());
         tasks.spawn(
             async move {
                 let tls = match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(tcp)).await {
@@ -71,30 +87,36 @@ pub async fn serve(
                     Ok(Err(err)) => return debug!(%err, "TLS handshake failed"),
                     Err(_) => return debug!("TLS handshake timed out"),
                 };
-                serve_connection(tls, peer, limits, on_agent, shutdown2, tasks2, stall).await;
+                serve_connection(tls, peer, setup2, admission, shutdown2, tasks2).await;
             }
             .instrument(info_span!("grpc", %peer)),
         );
     }
 }
 
+/// Serves HTTP/2 on one agent connection: its tunnel RPC (one, which must start within
+/// [`TLS_TIMEOUT`] of the handshake) until the connection ends.
 async fn serve_connection(
     tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     peer: SocketAddr,
-    limits: Limits,
-    on_agent: OnAgent,
+    setup: Arc<Listener>,
+    admission: Admission,
     shutdown: CancellationToken,
     tasks: TaskTracker,
-    stall: Reclaimer,
 ) {
+    let admission = Arc::new(Mutex::new(Some(admission)));
+    let started = admission.clone();
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let (on_agent, tasks, stall) = (on_agent.clone(), tasks.clone(), stall.clone());
+        let (setup, tasks, admission) = (setup.clone(), tasks.clone(), admission.clone());
         async move {
             if req.uri().path() != crate::messages::CONNECT_PATH {
                 return Ok::<_, Infallible>(Status::unimplemented("unknown method").into_http());
             }
+            let Some(admission) = admission.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+                return Ok(Status::failed_precondition("one tunnel per connection").into_http());
+            };
             let mut grpc = Grpc::new(Codec::default()).max_decoding_message_size(crate::messages::MAX_CHUNK * 2);
-            let connect = Connect { peer, limits, on_agent, tasks, stall };
+            let connect = Connect { peer, setup, tasks, admission: Some(admission) };
             Ok(grpc.streaming(connect, req).await)
         }
     });
@@ -107,26 +129,32 @@ async fn serve_connection(
         .keep_alive_interval(Some(Duration::from_secs(10)));
     let conn = builder.serve_connection(TokioIo::new(tls), service);
     tokio::pin!(conn);
-    tokio::select! {
-        result = &mut conn => if let Err(err) = result {
-            debug!(%err, "gRPC connection ended with an error");
-        },
+    // Resolves when the tunnel RPC has not started in time (and never once it has).
+    let no_tunnel_yet = async {
+        tokio::time::sleep(TLS_TIMEOUT).await;
+        if started.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = tokio::select! {
+        result = &mut conn => result,
+        () = no_tunnel_yet => return debug!("no tunnel RPC in time: connection closed"),
         _ = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            if let Err(err) = conn.await {
-                debug!(%err, "gRPC connection ended with an error");
-            }
+            conn.await
         }
+    };
+    if let Err(err) = result {
+        debug!(%err, "gRPC connection ended with an error");
     }
 }
 
 /// The tunnel RPC of one agent connection.
 struct Connect {
     peer: SocketAddr,
-    limits: Limits,
-    on_agent: OnAgent,
+    setup: Arc<Listener>,
     tasks: TaskTracker,
-    stall: Reclaimer,
+    admission: Option<Admission>,
 }
 
 impl StreamingService<TunnelMessage> for Connect {
@@ -139,18 +167,19 @@ impl StreamingService<TunnelMessage> for Connect {
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (close_tx, close_rx) = oneshot::channel();
         let (requests_tx, requests_rx) = mpsc::channel(OUTBOUND_QUEUE);
-        let stall = self.stall.scope(u64::from(EXCHANGE_WINDOW));
+        let (limits, stall) = (self.setup.limits, self.setup.stall.scope(u64::from(EXCHANGE_WINDOW)));
         let link = Arc::new(GrpcLink {
-            exchanges: Arc::new(Exchanges::new(End::Relay, &senders, self.limits, stall)),
+            exchanges: Arc::new(Exchanges::new(End::Relay, &senders, limits, stall)),
             requests: tokio::sync::Mutex::new(requests_rx),
             remote: self.peer,
             close_tx: Mutex::new(Some(close_tx)),
             reason: Mutex::new(None),
         });
-        let control = GrpcControl::new(control_rx, senders.heads.clone(), self.limits.max_control_frame);
+        let control = GrpcControl::new(control_rx, senders.heads.clone(), limits.max_control_frame);
         let reader = demux(request.into_inner(), control_tx, requests_tx, link.clone());
         self.tasks.spawn(reader.in_current_span());
-        (self.on_agent)(control, link);
+        let admission = self.admission.take().unwrap_or_else(|| Box::new(()));
+        (self.setup.on_agent)(control, link, admission);
         Box::pin(async move { Ok(tonic::Response::new(OutboundStream { outbound, close: Some(close_rx) })) })
     }
 }

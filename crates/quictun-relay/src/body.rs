@@ -1,5 +1,6 @@
-//! A body wrapper for the data path: counts bytes, enforces a size limit, and resets a body that
-//! makes no progress for too long. Frames pass through as they come (no buffering).
+//! A body wrapper for the data path: counts bytes, enforces a size limit and a minimum upload
+//! pace, and resets a body that makes no progress for too long. Frames pass through as they come
+//! (no buffering).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,7 +13,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use quictun_core::link::BodyError;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 /// Set when a body went over its size limit, so the request can be answered 413.
 #[derive(Debug, Clone, Default)]
@@ -33,12 +34,82 @@ pub struct Metered<B> {
     seen: u64,
     idle_timeout: Option<Duration>,
     idle: Option<Pin<Box<Sleep>>>,
+    pace: Option<Pace>,
+}
+
+/// How long each window of a pace check lasts, counted in time spent waiting for the sender.
+pub const PACE_WINDOW: Duration = Duration::from_secs(10);
+
+/// A minimum pace for a body: over every [`PACE_WINDOW`] of time spent waiting for its sender,
+/// at least `min_per_sec` bytes per second must arrive. Time the reader does not ask for data
+/// (an upstream that reads slowly) is not counted against the sender.
+struct Pace {
+    min_per_sec: u64,
+    waited: Duration,
+    bytes: u64,
+    waiting_since: Option<Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
+    tripped: Tripped,
+}
+
+impl Pace {
+    /// The window is over: true when it carried enough (a new one starts), false when not.
+    fn window_passes(&mut self) -> bool {
+        let needed = self.min_per_sec.saturating_mul(PACE_WINDOW.as_secs());
+        if self.bytes < needed {
+            self.tripped.0.store(true, Ordering::Relaxed);
+            return false;
+        }
+        (self.waited, self.bytes) = (Duration::ZERO, 0);
+        true
+    }
+
+    /// The sender kept the reader waiting; `Ready` once the window ran out without enough bytes.
+    fn poll_waiting(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let now = Instant::now();
+            let since = *self.waiting_since.get_or_insert(now);
+            let deadline = since + PACE_WINDOW.saturating_sub(self.waited);
+            let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            timer.as_mut().reset(deadline);
+            ready!(timer.as_mut().poll(cx));
+            self.waited = PACE_WINDOW;
+            self.waiting_since = Some(Instant::now());
+            if !self.window_passes() {
+                return Poll::Ready(());
+            }
+        }
+    }
+
+    /// `len` bytes arrived; false when the window that just ended did not carry enough.
+    fn arrived(&mut self, len: u64) -> bool {
+        if let Some(since) = self.waiting_since.take() {
+            self.waited += since.elapsed();
+        }
+        self.bytes += len;
+        self.waited < PACE_WINDOW || self.window_passes()
+    }
 }
 
 impl<B> Metered<B> {
     /// Counts the bytes of `inner` into `bytes`; `idle_timeout` ends a body silent that long.
     pub fn new(inner: B, bytes: Counter, idle_timeout: Option<Duration>) -> Self {
-        Self { inner, bytes, limit: None, seen: 0, idle_timeout, idle: None }
+        Self { inner, bytes, limit: None, seen: 0, idle_timeout, idle: None, pace: None }
+    }
+
+    /// Fails the body once it arrives slower than `min_per_sec` (see [`PACE_WINDOW`]); the
+    /// returned flag tells afterwards.
+    pub fn with_min_pace(mut self, min_per_sec: u64) -> (Self, Tripped) {
+        let tripped = Tripped::default();
+        self.pace = Some(Pace {
+            min_per_sec,
+            waited: Duration::ZERO,
+            bytes: 0,
+            waiting_since: None,
+            timer: None,
+            tripped: tripped.clone(),
+        });
+        (self, tripped)
     }
 
     /// Fails the body once it exceeds `max` bytes; the returned flag tells afterwards.
@@ -61,6 +132,11 @@ where
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Pending => {
+                if let Some(pace) = &mut this.pace
+                    && pace.poll_waiting(cx).is_ready()
+                {
+                    return Poll::Ready(Some(Err(BodyError::Closed("request body arrived too slowly".into()))));
+                }
                 let Some(timeout) = this.idle_timeout else { return Poll::Pending };
                 let idle = this.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 ready!(idle.as_mut().poll(cx));
@@ -74,6 +150,11 @@ where
                     let len = data.len() as u64;
                     this.seen += len;
                     this.bytes.inc_by(len);
+                    if let Some(pace) = &mut this.pace
+                        && !pace.arrived(len)
+                    {
+                        return Poll::Ready(Some(Err(BodyError::Closed("request body arrived too slowly".into()))));
+                    }
                     if let Some((max, tripped)) = &this.limit
                         && this.seen > *max
                     {
@@ -121,6 +202,58 @@ mod tests {
         assert_eq!(slot.body().collect().await.unwrap().to_bytes(), "payload");
         assert!(!slot.untouched());
         assert!(slot.body().collect().await.is_err(), "a body can be sent only once");
+    }
+
+    /// A body fed by the test: one byte every `gap`, `total` in all.
+    fn trickle(gap: Duration, total: usize) -> impl Body<Data = Bytes, Error = std::io::Error> + Unpin {
+        let stream = futures_util::stream::unfold(0usize, move |sent| async move {
+            if sent == total {
+                return None;
+            }
+            tokio::time::sleep(gap).await;
+            Some((Ok(Frame::data(Bytes::from_static(b"x"))), sent + 1))
+        });
+        StreamBody::new(Box::pin(stream))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_slower_than_the_minimum_pace_is_cut() {
+        let (body, tripped) =
+            Metered::new(trickle(Duration::from_secs(1), 100), Counter::default(), None).with_min_pace(1024);
+        let started = Instant::now();
+        let err = body.collect().await.err().unwrap();
+        assert!(err.to_string().contains("too slowly"), "{err}");
+        assert!(tripped.is_set());
+        assert!(
+            started.elapsed() <= PACE_WINDOW + Duration::from_secs(1),
+            "cut after one window: {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_sender_is_cut_after_one_window_and_a_fast_one_is_not() {
+        let never = StreamBody::new(futures_util::stream::pending::<Result<Frame<Bytes>, std::io::Error>>());
+        let (body, tripped) = Metered::new(never, Counter::default(), None).with_min_pace(1);
+        assert!(body.collect().await.is_err());
+        assert!(tripped.is_set());
+        // 30 windows' worth, fast enough throughout.
+        let (body, tripped) =
+            Metered::new(trickle(Duration::from_millis(100), 3000), Counter::default(), None).with_min_pace(5);
+        assert_eq!(body.collect().await.unwrap().to_bytes().len(), 3000);
+        assert!(!tripped.is_set());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn time_the_reader_does_not_ask_is_not_counted_against_the_sender() {
+        let (mut body, tripped) =
+            Metered::new(trickle(Duration::from_millis(10), 1000), Counter::default(), None).with_min_pace(50);
+        body.frame().await.unwrap().unwrap();
+        // The reader (an upstream) takes a minute before it asks again.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let rest = body.collect().await.unwrap().to_bytes();
+        assert_eq!(rest.len(), 999);
+        assert!(!tripped.is_set());
     }
 
     #[tokio::test(start_paused = true)]

@@ -129,14 +129,23 @@ pub struct RelaySection {
     pub stream_idle_timeout_secs: u64,
     /// Open ingress connections allowed per client IP address (0: no limit).
     pub max_connections_per_ip: usize,
+    /// Ingress connections (HTTP, HTTPS, TCP tunnels) the relay takes at once; 0: three quarters
+    /// of its file descriptor limit, so the admin endpoint and the agents always have some left.
+    pub max_connections: usize,
+    /// Requests (and TCP tunnel connections) in flight per client IP address (0: no limit).
+    pub max_requests_per_ip: usize,
+    /// The slowest a request body may arrive, in bytes per second of the time the relay waits
+    /// for it, measured over 10 s windows; slower is answered 408 (0: no minimum).
+    pub min_upload_rate: u64,
     /// New QUIC connections accepted per second from one IP address, sustained (0: no limit);
     /// more are refused before any cryptography is done.
     pub handshake_rate_per_ip: u32,
     /// How many new QUIC connections one IP address may open in a burst.
     pub handshake_burst_per_ip: u32,
-    /// QUIC connections still in their handshake or before their control stream, at once; more
-    /// are refused.
+    /// Agent connections (QUIC or gRPC) that have not registered yet, at once; more are refused.
     pub max_pending_connections: usize,
+    /// Agent connections not registered yet from one network (IPv4 /24, IPv6 /64); 0: no limit.
+    pub max_pending_per_network: usize,
     /// For this many seconds after the relay starts, a request for a group with no agent waits
     /// (up to the end of that window) for one to register instead of failing: agents reconnect
     /// after a restart. 0 turns it off.
@@ -182,9 +191,13 @@ impl Default for RelaySection {
             keep_alive_timeout_secs: 75,
             stream_idle_timeout_secs: 300,
             max_connections_per_ip: 256,
+            max_connections: 0,
+            max_requests_per_ip: 128,
+            min_upload_rate: 1024,
             handshake_rate_per_ip: 10,
             handshake_burst_per_ip: 20,
             max_pending_connections: 512,
+            max_pending_per_network: 32,
             startup_grace_secs: 10,
             admin_token: None,
             admin_token_file: None,

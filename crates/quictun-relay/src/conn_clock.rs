@@ -1,5 +1,8 @@
 //! Time limits for one ingress connection, enforced on its socket:
 //!
+//! - **first byte**: a new connection must send something within `header_timeout` of being
+//!   accepted (its TLS handshake included), or it is closed quietly; a client cannot hold a
+//!   connection, and a file descriptor, for the keep-alive time without saying anything;
 //! - **request head** (slowloris): once the first byte of a request head arrives, the whole head
 //!   must follow within `header_timeout`, or the client gets `408 Request Timeout` and the
 //!   connection is closed;
@@ -101,6 +104,8 @@ impl Drop for BusyGuard {
 /// What ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expired {
+    /// A new connection sent nothing in time (closed quietly).
+    FirstByte,
     /// The request head did not arrive in time (answered 408).
     Head,
     /// The keep-alive connection stayed idle too long.
@@ -116,6 +121,8 @@ pub struct ClockedStream<S> {
     timer: Pin<Box<Sleep>>,
     peer: SocketAddr,
     preface_checked: bool,
+    /// Set once a limit closed the connection: every later read is its end.
+    expired: bool,
     on_expired: Box<dyn Fn(Expired) + Send + Sync>,
 }
 
@@ -130,7 +137,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClockedStream<S> {
         on_expired: Box<dyn Fn(Expired) + Send + Sync>,
     ) -> Self {
         let timer = Box::pin(tokio::time::sleep(idle_timeout));
-        Self { inner, clock, header_timeout, idle_timeout, timer, peer, preface_checked: false, on_expired }
+        Self {
+            inner,
+            clock,
+            header_timeout,
+            idle_timeout,
+            timer,
+            peer,
+            preface_checked: false,
+            expired: false,
+            on_expired,
+        }
     }
 
     /// The deadline in force while idle or reading a head, in ms since the clock's origin.
@@ -138,6 +155,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClockedStream<S> {
         let clock = &self.clock;
         if clock.busy.load(Ordering::Acquire) > 0 || clock.upgraded.load(Ordering::Acquire) {
             return None;
+        }
+        if !self.preface_checked {
+            // Nothing received yet: the first byte is due within the header timeout.
+            return Some((self.header_timeout.as_millis() as u64, Expired::FirstByte));
         }
         let head = clock.head_since.load(Ordering::Acquire);
         if head != NOT_STARTED && !clock.http2.load(Ordering::Relaxed) {
@@ -164,6 +185,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClockedStream<S> {
     }
 
     fn expire(&mut self, why: Expired) {
+        self.expired = true;
         match why {
             Expired::Head => {
                 // Best effort, without waiting: the connection is writable unless the client
@@ -176,6 +198,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClockedStream<S> {
             Expired::Idle => {
                 tracing::debug!(peer = %self.peer, timeout = ?self.idle_timeout, "idle keep-alive connection closed");
             }
+            Expired::FirstByte => {
+                tracing::debug!(peer = %self.peer, timeout = ?self.header_timeout, "new connection sent nothing, closed");
+            }
         }
         (self.on_expired)(why);
     }
@@ -184,6 +209,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClockedStream<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClockedStream<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.expired {
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {

@@ -14,7 +14,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use dashmap::DashMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -26,6 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::admission::PerKey;
 use crate::conn_clock::{BusyGuard, ClockedStream, ConnClock, Expired};
 use crate::metrics::Reject;
 use crate::proxy::{self, IngressBody, Peer};
@@ -35,6 +35,8 @@ use crate::state::Shared;
 const MIN_BUF: usize = 8192;
 const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\nconnection: close\r\n\
 content-type: text/plain\r\ncontent-length: 41\r\n\r\ntoo many connections from your address.\r\n";
+const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\nconnection: close\r\n\
+content-type: text/plain\r\ncontent-length: 36\r\n\r\nthe relay is at its connection limit\n";
 
 fn builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
     let settings = &shared.settings;
@@ -53,38 +55,6 @@ fn builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
     builder
-}
-
-/// Open ingress connections by client address.
-#[derive(Debug, Default)]
-struct PerIp {
-    open: DashMap<IpAddr, usize>,
-}
-
-/// One counted connection; uncounts itself when dropped.
-struct IpSlot {
-    table: Arc<PerIp>,
-    ip: IpAddr,
-}
-
-impl PerIp {
-    fn admit(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpSlot> {
-        let mut open = self.open.entry(ip).or_insert(0);
-        if max != 0 && *open >= max {
-            return None;
-        }
-        *open += 1;
-        Some(IpSlot { table: self.clone(), ip })
-    }
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let _gone = self.table.open.remove_if_mut(&self.ip, |_, open| {
-            *open -= 1;
-            *open == 0
-        });
-    }
 }
 
 /// The response body, holding its connection busy until it is done.
@@ -110,9 +80,9 @@ impl Body for Tracked {
     }
 }
 
-/// Answers a connection over the per-address limit and closes it.
-async fn refuse(mut stream: TcpStream) {
-    let _sent = tokio::time::timeout(Duration::from_secs(1), stream.write_all(TOO_MANY_CONNECTIONS)).await;
+/// Answers a connection the relay does not take (`answer`: a complete 503) and closes it.
+async fn refuse(mut stream: TcpStream, answer: &'static [u8]) {
+    let _sent = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer)).await;
     let _closed = stream.shutdown().await;
 }
 
@@ -143,7 +113,7 @@ struct Ingress {
     tls: Option<TlsAcceptor>,
     /// The connection tasks; the ingress waits for them when it drains.
     conns: TaskTracker,
-    per_ip: Arc<PerIp>,
+    per_ip: Arc<PerKey<IpAddr>>,
     header_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -153,14 +123,21 @@ impl Ingress {
         if self.tls.is_some() { Scheme::Https } else { Scheme::Http }
     }
 
-    /// Serves one accepted connection in its own tracked task (or refuses it over the per-address
-    /// limit). An HTTPS connection first completes its TLS handshake, within the header timeout.
+    /// Serves one accepted connection in its own tracked task (or refuses it over the relay's
+    /// connection budget or the per-address limit). An HTTPS connection first completes its TLS
+    /// handshake, within the header timeout.
     fn admit(&self, stream: TcpStream, peer: SocketAddr) {
         let shared = &self.shared;
-        let Some(ip_slot) = self.per_ip.admit(peer.ip(), shared.settings.max_connections_per_ip) else {
+        let Ok(budget_slot) = shared.connections.clone().try_acquire_owned() else {
+            shared.metrics.reject(Reject::connection_limit);
+            debug!(%peer, "ingress connection budget exhausted");
+            shared.tasks.spawn(refuse(stream, AT_CAPACITY));
+            return;
+        };
+        let Some(ip_slot) = self.per_ip.admit(peer.ip()) else {
             shared.metrics.reject(Reject::ip_limit);
             debug!(%peer, "too many connections from this address");
-            shared.tasks.spawn(refuse(stream));
+            shared.tasks.spawn(refuse(stream, TOO_MANY_CONNECTIONS));
             return;
         };
         let connections = shared.metrics.ingress_connections.clone();
@@ -194,7 +171,7 @@ impl Ingress {
                     _ = stopped.cancelled() => debug!("ingress connection cut at the end of the drain"),
                 }
                 connections.dec();
-                drop(ip_slot);
+                drop((ip_slot, budget_slot));
             }
             .instrument(info_span!("ingress", %peer)),
         );
@@ -244,10 +221,10 @@ impl Connection {
     {
         let Self { shared, builder, clock, peer, scheme, header_timeout, idle_timeout } = self;
         let metrics_shared = shared.clone();
-        let on_expired = Box::new(move |why| {
-            if why == Expired::Head {
-                metrics_shared.metrics.reject(Reject::header_timeout);
-            }
+        let on_expired = Box::new(move |why| match why {
+            Expired::Head => metrics_shared.metrics.reject(Reject::header_timeout),
+            Expired::FirstByte => metrics_shared.metrics.reject(Reject::first_byte_timeout),
+            Expired::Idle => {}
         });
         let stream = ClockedStream::new(stream, clock.clone(), header_timeout, idle_timeout, peer, on_expired);
         let service_shared = shared.clone();
@@ -293,7 +270,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, tls: Option<Arc<r
         builder: builder(&shared),
         tls: tls.map(TlsAcceptor::from),
         conns: TaskTracker::new(),
-        per_ip: Arc::new(PerIp::default()),
+        per_ip: PerKey::new(shared.settings.max_connections_per_ip),
         header_timeout: Duration::from_secs(shared.settings.header_read_timeout_secs),
         idle_timeout: Duration::from_secs(shared.settings.keep_alive_timeout_secs),
         shared,

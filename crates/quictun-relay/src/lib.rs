@@ -17,6 +17,7 @@
 //! [`Relay::start`] binds everything and returns a [`Relay`] handle; [`Relay::shutdown`] drains.
 
 pub mod admin;
+pub mod admission;
 pub mod balance;
 pub mod body;
 pub mod config;
@@ -141,18 +142,28 @@ impl Relay {
         let grpc_addr = if settings.transport.grpc() {
             let (listener, addr) = bind_tcp("gRPC", settings.grpc_listen).await?;
             let on_agent_shared = shared.clone();
-            let on_agent: quictun_grpc::server::OnAgent = Arc::new(move |control, link| {
+            let on_agent: quictun_grpc::server::OnAgent = Arc::new(move |control, link, admission| {
                 let shared = on_agent_shared.clone();
-                on_agent_shared.tasks.spawn(registration::serve_agent(control, link, shared).in_current_span());
+                let serve = registration::serve_agent(control, link, shared, admission);
+                on_agent_shared.tasks.spawn(serve.in_current_span());
             });
+            let admit_shared = shared.clone();
+            let admit: quictun_grpc::server::Admit = Arc::new(move |peer| {
+                let slot = quic::admit_pending(&admit_shared, peer.ip())?;
+                Some(Box::new(slot) as quictun_grpc::server::Admission)
+            });
+            let setup = quictun_grpc::server::Listener {
+                tls: Arc::new(grpc_tls),
+                limits: shared.limits,
+                on_agent,
+                admit,
+                stall: shared.reclaimer.clone(),
+            };
             shared.tasks.spawn(quictun_grpc::server::serve(
                 listener,
-                Arc::new(grpc_tls),
-                shared.limits,
-                on_agent,
+                Arc::new(setup),
                 shared.stopped.clone(),
                 shared.tasks.clone(),
-                shared.reclaimer.clone(),
             ));
             Some(addr)
         } else {

@@ -37,6 +37,14 @@ pub enum Reject {
     body_too_large,
     /// The client address has too many ingress connections (503).
     ip_limit,
+    /// The client address has too many requests in flight (503).
+    ip_requests,
+    /// The relay has as many ingress connections as its budget allows (503).
+    connection_limit,
+    /// A request body arrived slower than `min_upload_rate` (408).
+    upload_too_slow,
+    /// A new connection sent nothing within the header timeout (closed).
+    first_byte_timeout,
     /// The request head did not arrive within the header timeout (408).
     header_timeout,
     /// The agent did not answer within the response timeout (504).
@@ -49,8 +57,10 @@ pub enum Reject {
     registration,
     /// A new QUIC connection over its address's handshake rate.
     handshake_rate,
-    /// A new QUIC connection while too many were still handshaking.
+    /// A new agent connection while too many were still handshaking or registering.
     pending_connections,
+    /// A new agent connection while too many from its network were.
+    pending_network,
 }
 
 /// Labels of one answered request.

@@ -4,7 +4,7 @@
 //! request body in a task owned by the response, and waits for the response head under a deadline.
 //! Every failure maps to the error table of the contract (404, 502, 503, 504).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, field, info_span, warn};
 use uuid::Uuid;
 
+use crate::admission::Held;
 use crate::balance::Choice;
 use crate::body::{BodySlot, Metered, Tripped};
 use crate::ingress::Scheme;
@@ -82,6 +83,12 @@ pub enum ProxyError {
     /// The request body is larger than the route allows.
     #[error("request body larger than {0} bytes")]
     BodyTooLarge(u64),
+    /// The request body arrived slower than `min_upload_rate`.
+    #[error("request body arrived slower than {0} bytes per second")]
+    UploadTooSlow(u64),
+    /// The client's address has `max_requests_per_ip` requests in flight.
+    #[error("too many requests in flight from your address")]
+    AddressBusy,
 }
 
 impl ProxyError {
@@ -94,6 +101,8 @@ impl ProxyError {
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::RouteBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UploadTooSlow(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::AddressBusy => StatusCode::SERVICE_UNAVAILABLE,
             Self::Link(err) => StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::BAD_GATEWAY),
             Self::NoAgent(_) | Self::BadResponse(_) => StatusCode::BAD_GATEWAY,
         }
@@ -109,6 +118,8 @@ impl ProxyError {
             Self::Link(LinkError::Busy) => Reject::agent_busy,
             Self::RouteBusy(_) => Reject::route_busy,
             Self::BodyTooLarge(_) => Reject::body_too_large,
+            Self::UploadTooSlow(_) => Reject::upload_too_slow,
+            Self::AddressBusy => Reject::ip_requests,
             Self::Timeout(_) => Reject::timeout,
             Self::Link(_) | Self::BadResponse(_) => return None,
         })
@@ -144,6 +155,50 @@ pub enum IngressBody {
 pub struct Slots {
     _agent: OwnedSemaphorePermit,
     _route: Option<OwnedSemaphorePermit>,
+    _address: Held<IpAddr>,
+}
+
+/// What a request body is checked for on its way, known once it failed.
+#[derive(Default)]
+struct BodyChecks {
+    /// Over the route's `max_body_bytes` (the limit, and whether it was hit).
+    too_large: Option<(u64, Tripped)>,
+    /// Under `min_upload_rate` (the rate, and whether it was).
+    too_slow: Option<(u64, Tripped)>,
+}
+
+impl BodyChecks {
+    /// The error a failed check answers with.
+    fn failed(&self) -> Option<ProxyError> {
+        match (&self.too_large, &self.too_slow) {
+            (Some((max, tripped)), _) if tripped.is_set() => Some(ProxyError::BodyTooLarge(*max)),
+            (_, Some((rate, tripped))) if tripped.is_set() => Some(ProxyError::UploadTooSlow(*rate)),
+            _ => None,
+        }
+    }
+}
+
+/// The request body as it goes to the agent: counted, reset after `stream_idle_timeout` without
+/// progress, cut over the route's `max_body_bytes`, and, when it has a declared length, cut when
+/// it arrives slower than `min_upload_rate`. A body of no declared length (chunked, HTTP/2 without
+/// `Content-Length`, gRPC streams) may pause as long as it likes within the idle timeout:
+/// streaming uploads are paced by their application.
+fn request_body(shared: &Shared, body: Incoming, max_body: Option<u64>) -> (TunnelBody, BodyChecks) {
+    let declared = body.size_hint().exact().is_some_and(|len| len > 0);
+    let mut body = Metered::new(body, shared.metrics.bytes_to_agent.clone(), shared.stream_idle_timeout());
+    let mut checks = BodyChecks::default();
+    if let Some(max) = max_body {
+        let tripped;
+        (body, tripped) = body.with_limit(max);
+        checks.too_large = Some((max, tripped));
+    }
+    let rate = shared.settings.min_upload_rate;
+    if rate > 0 && declared {
+        let tripped;
+        (body, tripped) = body.with_min_pace(rate);
+        checks.too_slow = Some((rate, tripped));
+    }
+    (body.boxed_unsync(), checks)
 }
 
 impl Body for IngressBody {
@@ -299,6 +354,7 @@ async fn forward(
     {
         return Err(ProxyError::BodyTooLarge(max));
     }
+    let address_slot = shared.requests_per_ip.admit(peer.addr.ip()).ok_or(ProxyError::AddressBusy)?;
     let route_slot = match &route.in_flight {
         Some(slots) => {
             Some(slots.clone().try_acquire_owned().map_err(|_| ProxyError::RouteBusy(route.upstream.clone()))?)
@@ -334,24 +390,16 @@ async fn forward(
     };
     let max_body = route.max_body_bytes;
     drop(live);
-    let idle = shared.stream_idle_timeout();
     // An upgrade's "body" is the client's bytes after the 101; it has no idle timeout.
-    let (upgrade, body, tripped) = if is_upgrade {
+    let (upgrade, body, checks) = if is_upgrade {
         let on_upgrade = hyper::upgrade::on(&mut req);
         let (to_agent, body) = channel_body();
         let body = Metered::new(body, shared.metrics.bytes_to_agent.clone(), None);
-        (Some(upgrade::Pending { on_upgrade, to_agent }), body.boxed_unsync(), None)
+        (Some(upgrade::Pending { on_upgrade, to_agent }), body.boxed_unsync(), BodyChecks::default())
     } else {
-        let body = Metered::new(req.into_body(), shared.metrics.bytes_to_agent.clone(), idle);
-        match max_body {
-            Some(max) => {
-                let (body, tripped) = body.with_limit(max);
-                (None, body.boxed_unsync(), Some(tripped))
-            }
-            None => (None, body.boxed_unsync(), None),
-        }
+        let (body, checks) = request_body(shared, req.into_body(), max_body);
+        (None, body, checks)
     };
-    let too_large = || tripped.as_ref().is_some_and(Tripped::is_set);
     let deadline = Duration::from_secs(shared.settings.response_timeout_secs);
     let started = Instant::now();
     let body = BodySlot::new(body);
@@ -379,8 +427,11 @@ async fn forward(
             session.record_success();
             exchanged
         }
-        Ok(Err(_)) if too_large() => return Err(ProxyError::BodyTooLarge(max_body.unwrap_or_default())),
         Ok(Err(err)) => {
+            // The request body's own failure (too large, too slow) is the cause, not the agent.
+            if let Some(failed) = checks.failed() {
+                return Err(failed);
+            }
             if counts_against_the_agent(&err) {
                 session.record_failure();
             }
@@ -389,8 +440,8 @@ async fn forward(
         Err(_) => return Err(ProxyError::Timeout(deadline)),
     };
     outcome.head_latency = Some(started.elapsed());
-    if too_large() {
-        return Err(ProxyError::BodyTooLarge(max_body.unwrap_or_default()));
+    if let Some(failed) = checks.failed() {
+        return Err(failed);
     }
     let status = StatusCode::from_u16(response_head.status).map_err(|e| ProxyError::BadResponse(e.to_string()))?;
     let switching = upgrade.is_some() && status == StatusCode::SWITCHING_PROTOCOLS;
@@ -400,7 +451,7 @@ async fn forward(
         headers_from_wire(response_head.headers)
     };
     let headers = headers.map_err(|e| ProxyError::BadResponse(e.to_string()))?;
-    let slots = Slots { _agent: agent_slot, _route: route_slot };
+    let slots = Slots { _agent: agent_slot, _route: route_slot, _address: address_slot };
     if let Some(pending) = upgrade
         && switching
     {
@@ -411,7 +462,7 @@ async fn forward(
         *response.headers_mut() = headers;
         return Ok(response);
     }
-    let body = Metered::new(body, shared.metrics.bytes_from_agent.clone(), idle);
+    let body = Metered::new(body, shared.metrics.bytes_from_agent.clone(), shared.stream_idle_timeout());
     let mut response = Response::new(IngressBody::Tunnel { body, slots });
     *response.status_mut() = status;
     *response.headers_mut() = headers;

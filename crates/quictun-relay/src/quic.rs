@@ -10,10 +10,10 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::admission::{PendingRefused, PendingSlot};
 use quictun_core::framed::ControlChannel;
 use quictun_core::quic_link::QuicLink;
 use quictun_proto::CloseCode;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{Instrument, debug, info_span};
 
 use crate::metrics::Reject;
@@ -34,12 +34,28 @@ fn handshake_limiter(shared: &Shared) -> Option<HandshakeLimiter> {
 /// How often addresses that stopped connecting are forgotten by the handshake limiter.
 const LIMITER_SWEEP: Duration = Duration::from_secs(10);
 
+/// A place for a new agent connection from `ip` among those not registered yet, or `None` (the
+/// refusal counted) when the relay's or the client network's places are all taken.
+pub fn admit_pending(shared: &Shared, ip: IpAddr) -> Option<PendingSlot> {
+    match shared.pending.admit(ip) {
+        Ok(slot) => Some(slot),
+        Err(why) => {
+            let reason = match why {
+                PendingRefused::Global => Reject::pending_connections,
+                PendingRefused::Network => Reject::pending_network,
+            };
+            shared.metrics.reject(reason);
+            debug!(%ip, ?why, "new agent connection refused: too many not registered yet");
+            None
+        }
+    }
+}
+
 /// Accepts QUIC connections until shutdown; each is served in its own tracked task. A new
-/// connection over its address's handshake rate, or beyond the pending-connection cap, is refused
-/// at once, before any cryptography.
+/// connection over its address's handshake rate, or beyond the pending-connection caps (the
+/// relay's, its network's), is refused at once, before any cryptography.
 pub async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     let limiter = handshake_limiter(&shared);
-    let pending = Arc::new(Semaphore::new(shared.settings.max_pending_connections.max(1)));
     let mut sweep = tokio::time::interval(LIMITER_SWEEP);
     loop {
         let incoming = tokio::select! {
@@ -62,9 +78,7 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             incoming.refuse();
             continue;
         }
-        let Ok(slot) = pending.clone().try_acquire_owned() else {
-            shared.metrics.reject(Reject::pending_connections);
-            debug!(%remote, "too many connections handshaking: refused");
+        let Some(slot) = admit_pending(&shared, remote.ip()) else {
             incoming.refuse();
             continue;
         };
@@ -77,8 +91,8 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
 }
 
 /// Handshake, control stream, then the agent's session. `slot` counts the connection as pending
-/// until its control stream is open.
-async fn serve_connection(incoming: quinn::Incoming, slot: OwnedSemaphorePermit, shared: Arc<Shared>) {
+/// until it has registered.
+async fn serve_connection(incoming: quinn::Incoming, slot: PendingSlot, shared: Arc<Shared>) {
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(err)) => return debug!(%err, "QUIC handshake failed"),
@@ -93,8 +107,7 @@ async fn serve_connection(incoming: quinn::Incoming, slot: OwnedSemaphorePermit,
             return debug!("no control stream in time");
         }
     };
-    drop(slot);
     let control = ControlChannel::new(send, recv, shared.limits.max_control_frame);
     let stall = shared.reclaimer.scope(u64::from(shared.settings.stream_window));
-    serve_agent(control, Arc::new(QuicLink::new(conn, shared.limits, stall)), shared).await;
+    serve_agent(control, Arc::new(QuicLink::new(conn, shared.limits, stall)), shared, Box::new(slot)).await;
 }

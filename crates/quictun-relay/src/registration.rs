@@ -44,7 +44,13 @@ async fn reject<C: ControlIo>(control: &mut C, link: &dyn AgentLink, rejected: R
 }
 
 /// Registers the agent on `control` and serves its session until the connection ends.
-pub async fn serve_agent<C: ControlIo>(mut control: C, link: Arc<dyn AgentLink>, shared: Arc<Shared>) {
+/// `admission` holds the connection's place among those not registered yet until then.
+pub async fn serve_agent<C: ControlIo>(
+    mut control: C,
+    link: Arc<dyn AgentLink>,
+    shared: Arc<Shared>,
+    admission: Box<dyn std::any::Any + Send + Sync>,
+) {
     let register_timeout = Duration::from_secs(shared.settings.register_timeout_secs);
     let register = match control.recv_within(register_timeout).await {
         Ok(ControlMessage::Register(register)) => register,
@@ -61,7 +67,10 @@ pub async fn serve_agent<C: ControlIo>(mut control: C, link: Arc<dyn AgentLink>,
     };
     let span = info_span!("session", client_id = %register.client_id, transport = link.transport());
     let live = shared.live();
-    let group = match live.authenticate(&register) {
+    let authenticated = live.authenticate(&register);
+    // Registered or refused: no longer pending either way.
+    drop(admission);
+    let group = match authenticated {
         Ok(group) if !shared.shutdown.is_cancelled() => group,
         Ok(_) => {
             let rejected = Rejected { code: RejectCode::ShuttingDown, message: "relay is shutting down".into() };

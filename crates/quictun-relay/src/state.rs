@@ -10,6 +10,7 @@ use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::{Pending, PerKey, connection_budget};
 use crate::config::{RelayConfig, RelaySection};
 use crate::metrics::RelayMetrics;
 use crate::router::{EgressRouter, Router};
@@ -131,6 +132,12 @@ pub struct Shared {
     pub egress_http: UpstreamHttp,
     /// Watches every body from an agent for stalled readers (see [`quictun_core::stall`]).
     pub reclaimer: Reclaimer,
+    /// Ingress connections the relay may still take (see [`crate::admission::connection_budget`]).
+    pub connections: Arc<tokio::sync::Semaphore>,
+    /// Requests in flight per client address.
+    pub requests_per_ip: Arc<PerKey<std::net::IpAddr>>,
+    /// Agent connections not registered yet.
+    pub pending: Pending,
     live: RwLock<Arc<Live>>,
 }
 
@@ -157,6 +164,12 @@ impl Shared {
                 std::time::Duration::from_secs(config.relay.response_timeout_secs),
             ),
             reclaimer,
+            connections: Arc::new(tokio::sync::Semaphore::new(connection_budget(
+                config.relay.max_connections,
+                rlimit::getrlimit(rlimit::Resource::NOFILE).ok().map(|(soft, _)| soft),
+            ))),
+            requests_per_ip: PerKey::new(config.relay.max_requests_per_ip),
+            pending: Pending::new(config.relay.max_pending_connections, config.relay.max_pending_per_network),
             live: RwLock::new(Arc::new(Live::new(config, 1))),
         }
     }

@@ -2,7 +2,8 @@
 //! is carried to an agent of the entry's group on its own stream
 //! ([`quictun_proto::StreamKind::Tcp`]), and spliced once the agent has connected to the
 //! upstream. Each side's FIN is passed on as a half-close. A connection that cannot be carried
-//! (no agent, agent busy, upstream unreachable) is closed at once.
+//! (no agent, agent busy, upstream unreachable, the relay's connection budget or the client
+//! address's `max_requests_per_ip` reached) is closed at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,11 +27,27 @@ pub async fn serve(listener: TcpListener, entry: TcpEntry, shared: Arc<Shared>) 
             _ = shared.shutdown.cancelled() => break,
             accepted = quictun_core::accept_tcp(&listener, "TCP tunnel") => accepted,
         };
+        let Ok(budget_slot) = shared.connections.clone().try_acquire_owned() else {
+            shared.metrics.reject(Reject::connection_limit);
+            debug!(%peer, "TCP connection refused: the relay's connection budget is exhausted");
+            continue;
+        };
+        let Some(address_slot) = shared.requests_per_ip.admit(peer.ip()) else {
+            shared.metrics.reject(Reject::ip_requests);
+            debug!(%peer, "TCP connection refused: too many from this address");
+            continue;
+        };
         let (shared2, entry2) = (shared.clone(), entry.clone());
         let id = Uuid::new_v4();
         let span =
             info_span!("tcp", request_id = %id, %peer, upstream = %entry.upstream, client_id = tracing::field::Empty);
-        shared.tasks.spawn(carry(stream, peer, id, entry2, shared2).instrument(span));
+        shared.tasks.spawn(
+            async move {
+                carry(stream, peer, id, entry2, shared2).await;
+                drop((budget_slot, address_slot));
+            }
+            .instrument(span),
+        );
     }
 }
 

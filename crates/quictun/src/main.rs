@@ -46,9 +46,20 @@ fn init_logging() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
+/// Raises the soft limit on open files to the hard limit, as servers do: the relay's connection
+/// budget is sized from it (three quarters of it, the rest kept for the admin endpoint and the
+/// agents), and a default soft limit of 1024 would cap a public relay at a few hundred clients.
+fn raise_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(err) => tracing::warn!(%err, "could not raise the open-file limit"),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    raise_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {

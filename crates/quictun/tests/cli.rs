@@ -28,8 +28,20 @@ struct Proc {
 
 impl Proc {
     fn spawn(args: &[&str], dir: &Path) -> Self {
-        let mut child = Command::new(BIN)
-            .args(args)
+        let mut command = Command::new(BIN);
+        command.args(args);
+        Self::spawn_command(command, dir)
+    }
+
+    /// `quictun args…` under a shell that first sets its open-file limit to `files`.
+    fn spawn_with_file_limit(files: u32, args: &[&str], dir: &Path) -> Self {
+        let mut command = Command::new("sh");
+        command.arg("-c").arg(format!("ulimit -n {files} && exec \"$0\" \"$@\"")).arg(BIN).args(args);
+        Self::spawn_command(command, dir)
+    }
+
+    fn spawn_command(mut command: Command, dir: &Path) -> Self {
+        let mut child = command
             .current_dir(dir)
             .env_remove("QUICTUN_TOKEN")
             .env("RUST_LOG", "warn")
@@ -117,12 +129,17 @@ impl Drop for TempDir {
 }
 
 fn http_get(addr: &str, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n").unwrap();
+    try_http_get(addr, path).unwrap()
+}
+
+/// `GET path` on a fresh connection; the I/O error when the server refused or closed it.
+fn try_http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(WAIT))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
+    stream.read_to_string(&mut response)?;
+    Ok(response)
 }
 
 #[test]
@@ -233,6 +250,44 @@ fn relay_generates_a_cert_and_real_agents_are_refused_for_a_wrong_pin_or_token()
     let (code, err) = agent.wait_exit();
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("rejected") && !err.contains("hunter2"), "token must not be echoed: {err}");
+}
+
+#[test]
+fn the_admin_endpoint_answers_while_idle_clients_hold_every_ingress_connection() {
+    let dir = TempDir::new();
+    let config = dir.join("relay.toml");
+    std::fs::write(
+        &config,
+        "[relay]\nquic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         grpc_listen = \"127.0.0.1:0\"\nheader_read_timeout_secs = 2\nmax_connections_per_ip = 0\n",
+    )
+    .unwrap();
+    // 256 open files: the relay takes 192 ingress connections at once and keeps the rest.
+    let relay = Proc::spawn_with_file_limit(256, &["relay", "--config", config.to_str().unwrap()], &dir);
+    let http = relay.line_with("HTTP ingress").rsplit("http://").next().unwrap().trim().to_owned();
+    let admin =
+        relay.line_with("admin ").rsplit("http://").next().unwrap().trim().trim_end_matches("/api/sessions").to_owned();
+    let silent: Vec<TcpStream> = (0..300).map(|_| TcpStream::connect(&http).unwrap()).collect();
+    // Over the budget: answered at once and closed, not held.
+    let mut refused = String::new();
+    let mut last = silent.last().unwrap().try_clone().unwrap();
+    last.set_read_timeout(Some(WAIT)).unwrap();
+    last.read_to_string(&mut refused).unwrap();
+    assert!(refused.starts_with("HTTP/1.1 503") && refused.contains("connection limit"), "{refused}");
+    // The admin endpoint still has descriptors.
+    let health = http_get(&admin, "/healthz");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    // The silent connections are closed after the header timeout, and clients get in again.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let answer = try_http_get(&http, "/");
+        if answer.as_ref().is_ok_and(|a| a.starts_with("HTTP/1.1 404")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "ingress still refusing: {answer:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(silent);
 }
 
 #[test]

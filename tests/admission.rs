@@ -1,0 +1,140 @@
+//! Per-address budgets, end to end: requests in flight per client address, the minimum upload
+//! pace (408), agent connections not registered yet per network, and the first-byte timeout of a
+//! new ingress connection. The hostile clients come from 127.0.0.1 (or 127.0.0.0/24); the
+//! well-behaved ones from another address (127.0.1.1), as a different client would.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use quictun_agent::Agent;
+use quictun_core::{Trust, Tuning};
+use quictun_tests::client::wait_for_metric;
+use quictun_tests::raw::RawReply;
+use quictun_tests::{Harness, HarnessConfig, admin_get, metric};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn with_relay(extra: &str) -> HarnessConfig {
+    HarnessConfig { relay_extra: extra.to_owned(), ..Default::default() }
+}
+
+/// A TCP connection to `addr` from `source` (any 127.x address works on loopback).
+async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// `GET path` for `app.test` from `source` on a fresh connection; reads to the close.
+async fn get_from(source: &str, addr: SocketAddr, path: &str) -> RawReply {
+    let mut stream = connect_from(source, addr).await;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: app.test\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut out)).await.expect("no answer").unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    RawReply { status: text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0), text }
+}
+
+#[tokio::test]
+async fn one_address_cannot_take_every_stream_of_an_agent() {
+    let h = Harness::start_with(with_relay("max_requests_per_ip = 4\nmin_upload_rate = 0")).await;
+    let _agent = h.agent("agent-1").await;
+    let addr = h.relay().http_addr();
+    // Slow uploads from one address: 4 are taken, the rest refused at once.
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let mut stream = connect_from("127.0.0.1", addr).await;
+        stream.write_all(b"POST /echo HTTP/1.1\r\nhost: app.test\r\ncontent-length: 100000\r\n\r\nx").await.unwrap();
+        held.push(stream);
+    }
+    let admin = h.relay().admin_addr();
+    let refused = wait_for_metric(admin, "quictun_rejects_total{reason=\"ip_requests\"}", 6.0, WAIT).await;
+    assert_eq!(refused, 6.0);
+    // Another address is served as usual.
+    let reply = get_from("127.0.1.1", addr, "/hello").await;
+    assert_eq!((reply.status, reply.body()), (200, "hello"), "{}", reply.text);
+    // The refused ones were told so.
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(WAIT, held[9].read(&mut answer)).await.unwrap().unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("retry-after: 1"), "{answer}");
+}
+
+#[tokio::test]
+async fn an_upload_slower_than_the_minimum_pace_gets_408() {
+    let h = Harness::start_with(with_relay("min_upload_rate = 1000")).await;
+    let _agent = h.agent("agent-1").await;
+    let mut stream = connect_from("127.0.0.1", h.relay().http_addr()).await;
+    stream.write_all(b"POST /sha256 HTTP/1.1\r\nhost: app.test\r\ncontent-length: 100000\r\n\r\n").await.unwrap();
+    // One byte a second, against a minimum of 1000: cut after one 10 s window.
+    let trickle = async {
+        loop {
+            if stream.write_all(b"x").await.is_err() {
+                return;
+            }
+            let mut peek = [0u8; 1];
+            if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), stream.peek(&mut peek)).await
+                && n > 0
+            {
+                return;
+            }
+        }
+    };
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), trickle).await.expect("the slow upload was never cut");
+    let mut answer = String::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_string(&mut answer)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    let text = admin_get(h.relay().admin_addr(), "/metrics", None).await.text();
+    assert_eq!(metric(&text, "quictun_rejects_total{reason=\"upload_too_slow\"}"), Some(1.0), "{text}");
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_after_the_header_timeout() {
+    let h = Harness::start_with(with_relay("header_read_timeout_secs = 1\nkeep_alive_timeout_secs = 75")).await;
+    let mut silent = connect_from("127.0.0.1", h.relay().http_addr()).await;
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0))), "not closed quietly: {read:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "held {:?}", started.elapsed());
+    let text = admin_get(h.relay().admin_addr(), "/metrics", None).await.text();
+    assert_eq!(metric(&text, "quictun_rejects_total{reason=\"first_byte_timeout\"}"), Some(1.0), "{text}");
+}
+
+/// A QUIC connection to the relay that completes its handshake and then never registers.
+async fn unregistered_connection(source: &str, relay: SocketAddr, h: &Harness) -> Option<quinn::Connection> {
+    let trust = Trust::Pin(h.cert.pin);
+    let bind: SocketAddr = format!("{source}:0").parse().unwrap();
+    let (endpoint, _) = quictun_core::endpoint::client_endpoint(bind, &trust, &Tuning::default()).unwrap();
+    let connecting = endpoint.connect(relay, "localhost").unwrap();
+    tokio::time::timeout(WAIT, connecting).await.expect("handshake hung").ok()
+}
+
+#[tokio::test]
+async fn one_network_cannot_fill_the_slots_of_unregistered_connections() {
+    let config = "max_pending_connections = 8\nmax_pending_per_network = 4\nhandshake_rate_per_ip = 0\nregister_timeout_secs = 30";
+    let h = Harness::start_with(with_relay(config)).await;
+    let relay = h.relay().quic_addr();
+    // Four handshakes from 127.0.0.0/24 that never register hold that network's places…
+    let mut held = Vec::new();
+    for i in 2..6 {
+        held.push(unregistered_connection(&format!("127.0.0.{i}"), relay, &h).await.expect("admitted"));
+    }
+    // …so a fifth from the same network is refused, before any cryptography.
+    assert!(unregistered_connection("127.0.0.9", relay, &h).await.is_none());
+    let text = admin_get(h.relay().admin_addr(), "/metrics", None).await.text();
+    assert_eq!(metric(&text, "quictun_rejects_total{reason=\"pending_network\"}"), Some(1.0), "{text}");
+    // A real agent from another network registers while they are still pending.
+    let mut options = h.agent_options("agent-1");
+    options.bind = Some("127.0.1.1:0".parse().unwrap());
+    let agent = Agent::start(options).await.unwrap();
+    assert!(agent.wait_connected(None, WAIT).await.is_some(), "the real agent was kept out");
+    drop(held);
+    agent.shutdown().await.unwrap();
+}
