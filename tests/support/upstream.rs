@@ -120,15 +120,8 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             r.headers_mut().insert(http::header::CONTENT_LENGTH, n.into());
             r
         }
-        ("POST", "/stall") => {
-            // Never reads the upload: once the buffers between are full, its sender must wait.
-            state.hanging.send_modify(|n| *n += 1);
-            let mut released = state.released.subscribe();
-            let _ = released.wait_for(|r| *r).await;
-            state.hanging.send_modify(|n| *n -= 1);
-            full(StatusCode::OK, "released")
-        }
-        ("GET", "/hang") => {
+        // `/stall` never reads the upload: once the buffers between are full, its sender waits.
+        ("GET", "/hang") | ("POST", "/stall") => {
             state.hanging.send_modify(|n| *n += 1);
             let mut released = state.released.subscribe();
             let _ = released.wait_for(|r| *r).await;

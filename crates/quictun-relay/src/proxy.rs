@@ -296,14 +296,14 @@ fn forwarded_headers(
             wire.push(wire_header(name, value));
         }
     }
-    let mut set = |name: &str, value: &str| wire.push(Header { name: name.to_owned(), value: value.into() });
-    set("host", host);
-    for (name, value) in &forwarding.set {
+    let mut set = |name: &str, value: String| wire.push(Header { name: name.to_owned(), value: value.into_bytes() });
+    set("host", host.to_owned());
+    for (name, value) in forwarding.set {
         set(name, value);
     }
-    set(REQUEST_ID_HEADER, &request_id.to_string());
+    set(REQUEST_ID_HEADER, request_id.to_string());
     if accepts_trailers(headers) {
-        set("te", "trailers");
+        set("te", "trailers".to_owned());
     }
     wire
 }
