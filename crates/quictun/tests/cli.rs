@@ -323,6 +323,8 @@ fn bench_smoke_runs_every_workload_on_every_transport() {
         "1,4",
         "--loss",
         "1",
+        "--slow-clients",
+        "3",
         "--out",
         out.to_str().unwrap(),
     ];
@@ -333,14 +335,15 @@ fn bench_smoke_runs_every_workload_on_every_transport() {
     let has =
         |workload: &str, transport: &str| rows.iter().any(|r| r["workload"] == workload && r["transport"] == transport);
     for transport in ["quic", "grpc", "direct"] {
-        for workload in ["small", "slow-mix", "large", "wan", "grpc", "egress"] {
+        for workload in ["small", "slow-mix", "large", "wan", "grpc", "egress", "slow-clients"] {
             assert!(has(workload, transport), "no {workload} row for {transport}");
         }
     }
     for transport in ["quic", "grpc"] {
         assert!(has("many", transport) && has("lossy", transport), "no many/lossy row for {transport}");
     }
-    for row in rows.iter().filter(|r| ["small", "grpc", "egress"].contains(&r["workload"].as_str().unwrap_or(""))) {
+    let timed = ["small", "grpc", "egress", "slow-clients"];
+    for row in rows.iter().filter(|r| timed.contains(&r["workload"].as_str().unwrap_or(""))) {
         assert_eq!(row["errors"], 0, "{row}");
         assert!(row["requests"].as_u64().unwrap() > 0, "{row}");
     }
