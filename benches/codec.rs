@@ -42,7 +42,7 @@ fn control(c: &mut Criterion) {
 /// The framed-body codec of HTTP/2 and gRPC exchanges: the header of each data frame, and gRPC's
 /// trailers (`grpc-status`, `grpc-message`) encoded into their frame and decoded back.
 fn body_frames(c: &mut Criterion) {
-    use quictun_core::body_frames::{data_frame_header, encode_trailers_frame, trailers_from_wire};
+    use quictun_core::framing::{data_frame_header, encode_trailers_frame, trailers_from_wire};
     let limits = Limits::default();
     let mut trailers = http::HeaderMap::new();
     trailers.insert("grpc-status", http::HeaderValue::from_static("0"));

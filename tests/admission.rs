@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use quictun_agent::Agent;
-use quictun_core::{Trust, Tuning};
+use quictun_core::Trust;
+use quictun_quic::Tuning;
 use quictun_tests::client::wait_for_metric;
 use quictun_tests::raw::RawReply;
 use quictun_tests::{Harness, HarnessConfig, admin_get, metric};
@@ -111,7 +112,7 @@ async fn a_connection_that_sends_nothing_is_closed_after_the_header_timeout() {
 async fn unregistered_connection(source: &str, relay: SocketAddr, h: &Harness) -> Option<quinn::Connection> {
     let trust = Trust::Pin(h.cert.pin);
     let bind: SocketAddr = format!("{source}:0").parse().unwrap();
-    let (endpoint, _) = quictun_core::endpoint::client_endpoint(bind, &trust, &Tuning::default()).unwrap();
+    let (endpoint, _) = quictun_quic::endpoint::client_endpoint(bind, &trust, &Tuning::default()).unwrap();
     let connecting = endpoint.connect(relay, "localhost").unwrap();
     tokio::time::timeout(WAIT, connecting).await.expect("handshake hung").ok()
 }

@@ -32,7 +32,7 @@ async fn harness(transport: Transport, grpc_target: &str) -> Harness {
 }
 
 async fn egress_for(agent: &Agent) -> (EgressServer, HttpClient) {
-    let server = EgressServer::start("127.0.0.1:0".parse().unwrap(), vec![agent.relay_link()], WAIT).await.unwrap();
+    let server = EgressServer::start("127.0.0.1:0".parse().unwrap(), vec![agent.relay_tunnel()], WAIT).await.unwrap();
     let client = HttpClient::new(server.local_addr());
     (server, client)
 }
@@ -87,7 +87,7 @@ async fn egress_without_a_relay_connection_answers_503(transport: Transport) {
     let (egress, client) = egress_for(&web).await;
     assert_eq!(client.get("partner.test", "/hello").await.status, StatusCode::OK);
     h.take_relay().abort();
-    let mut link = web.relay_link();
+    let mut link = web.relay_tunnel();
     tokio::time::timeout(WAIT, link.wait_for(Option::is_none)).await.expect("link never dropped").unwrap();
     let reply = client.get("partner.test", "/hello").await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);

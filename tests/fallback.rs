@@ -11,7 +11,7 @@ use quictun_tests::{Harness, UdpProxy};
 const WAIT: Duration = Duration::from_secs(20);
 
 fn transport_of(h: &Harness, client_id: &str) -> Option<&'static str> {
-    h.relay().sessions().get(client_id).map(|s| s.link.transport())
+    h.relay().sessions().get(client_id).map(|s| s.tunnel.transport().as_str())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use http::StatusCode;
 use quictun_agent::Agent;
-use quictun_core::framed::{ControlChannel, read_frame, write_frame};
-use quictun_core::link::ControlIo;
+use quictun_core::Trust;
+use quictun_core::control::ControlIo;
 use quictun_core::tls::GeneratedCert;
-use quictun_core::{Trust, Tuning};
 use quictun_proto::frame;
 use quictun_proto::*;
+use quictun_quic::Tuning;
+use quictun_quic::frames::{ControlChannel, read_frame, write_frame};
 use quictun_tests::{Harness, UdpProxy, Upstream};
 use uuid::Uuid;
 
@@ -66,7 +67,7 @@ async fn agent_resets_malformed_streams_and_keeps_serving_the_others() {
     quictun_tests::init_logging();
     let upstream = Upstream::start().await;
     let cert = GeneratedCert::self_signed(&[]).unwrap();
-    let endpoint = quictun_core::endpoint::server_endpoint(
+    let endpoint = quictun_quic::endpoint::server_endpoint(
         "127.0.0.1:0".parse().unwrap(),
         cert.cert_key().unwrap(),
         &Tuning::default(),
@@ -85,7 +86,12 @@ async fn agent_resets_malformed_streams_and_keeps_serving_the_others() {
     let config =
         AgentConfig { version: 1, upstreams: vec![UpstreamSpec { name: "app".into(), targets: vec![upstream.url()] }] };
     control
-        .send(ControlMessage::Accepted(Accepted { session_id: Uuid::new_v4(), heartbeat_interval_ms: 1000, config }))
+        .send(ControlMessage::Accepted(Accepted {
+            session_id: Uuid::new_v4(),
+            heartbeat_interval_ms: 1000,
+            heartbeat_misses: 3,
+            config,
+        }))
         .await
         .unwrap();
     let session = agent.wait_connected(None, WAIT).await.unwrap();
@@ -125,7 +131,7 @@ async fn agent_resets_malformed_streams_and_keeps_serving_the_others() {
     write_frame(&mut send, &framed, 65536).await.unwrap();
     send.write_all(&[0, 0, 0, 0, 3]).await.unwrap();
     send.write_all(b"abc").await.unwrap();
-    send.write_all(&quictun_core::body_frames::encode_trailers_frame(&trailers, 4096).unwrap()).await.unwrap();
+    send.write_all(&quictun_core::framing::encode_trailers_frame(&trailers, 4096).unwrap()).await.unwrap();
     send.finish().unwrap();
     let response: ResponseHead = tokio::time::timeout(WAIT, read_frame(&mut recv, 65536)).await.unwrap().unwrap();
     assert_eq!(response.status, 200);
@@ -165,7 +171,7 @@ async fn agent_resets_malformed_streams_and_keeps_serving_the_others() {
 
 /// A scripted agent: registers with real credentials and answers heartbeats.
 async fn scripted_agent(h: &Harness, client_id: &str, token: &str) -> (quinn::Endpoint, quinn::Connection, Uuid) {
-    let (endpoint, setup) = quictun_core::endpoint::client_endpoint(
+    let (endpoint, setup) = quictun_quic::endpoint::client_endpoint(
         "127.0.0.1:0".parse().unwrap(),
         &Trust::Pin(h.cert.pin),
         &Tuning::default(),
@@ -219,7 +225,7 @@ async fn relay_resets_malformed_agent_streams_and_keeps_the_session() {
 async fn a_bad_control_frame_closes_only_that_connection() {
     let h = Harness::start().await;
     let _api = h.agent("agent-2").await;
-    let (endpoint, setup) = quictun_core::endpoint::client_endpoint(
+    let (endpoint, setup) = quictun_quic::endpoint::client_endpoint(
         "127.0.0.1:0".parse().unwrap(),
         &Trust::Pin(h.cert.pin),
         &Tuning::default(),
@@ -231,7 +237,7 @@ async fn a_bad_control_frame_closes_only_that_connection() {
         let (mut send, _recv) = conn.open_bi().await.unwrap();
         send.write_all(&bytes).await.unwrap();
         let reason = tokio::time::timeout(WAIT, conn.closed()).await.expect("relay kept a bad connection");
-        assert_eq!(quictun_core::peer_close_code(&reason), Some(CloseCode::Protocol), "{reason}");
+        assert_eq!(quictun_quic::peer_close_code(&reason), Some(CloseCode::Protocol), "{reason}");
     }
     assert_eq!(h.relay().sessions().len(), 1);
     assert_eq!(h.client.get("api.test", "/hello").await.status, StatusCode::OK);

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use quictun_core::body_frames::{encode_trailers_frame, trailers_from_wire};
+use quictun_core::framing::{encode_trailers_frame, trailers_from_wire};
 use quictun_proto::stream::BODY_TRAILERS;
 use quictun_proto::{BodyFrameHeader, Limits};
 

@@ -5,7 +5,7 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use quictun_core::framed::ControlCodec;
+use quictun_core::control::ControlCodec;
 use quictun_proto::Limits;
 use tokio_util::codec::Decoder;
 

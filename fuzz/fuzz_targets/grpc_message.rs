@@ -28,7 +28,7 @@ fn decode_payload(payload: &Payload, limits: &Limits) {
             }
         }
         Payload::Trailers(bytes) => {
-            let _ = quictun_core::body_frames::trailers_from_wire(bytes, limits);
+            let _ = quictun_core::framing::trailers_from_wire(bytes, limits);
         }
         Payload::Body(_) | Payload::End(_) | Payload::Reset(_) | Payload::Credit(_) | Payload::Stop(_) => {}
     }

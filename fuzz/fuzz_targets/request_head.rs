@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(Some((head, used))) = frame::decode::<RequestHead>(data, limits.max_head_frame) else { return };
     assert!(used <= data.len());
     if head.validate(&limits).is_ok() {
-        let _ = quictun_core::http_stream::headers_from_wire(head.headers.clone());
+        let _ = quictun_core::http::headers_from_wire(head.headers.clone());
     }
     let again = frame::encode(&head, limits.max_head_frame).expect("a decoded head re-encodes");
     let (back, _) = frame::decode::<RequestHead>(&again, limits.max_head_frame).unwrap().unwrap();

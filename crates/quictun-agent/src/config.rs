@@ -34,7 +34,7 @@ pub struct AgentSection {
     /// The relay's gRPC `HOST:PORT` (TCP); by default the relay's host, port 4434.
     pub grpc_relay: Option<String>,
     /// QUIC congestion controller: `bbr` (default) or `cubic`.
-    pub congestion: quictun_core::Congestion,
+    pub congestion: quictun_quic::Congestion,
     /// The relay certificate's pin, `sha256:<hex>`.
     pub pin: Option<String>,
     /// A CA bundle to verify the relay with, instead of a pin.
@@ -89,7 +89,7 @@ impl Default for AgentSection {
             relays: Vec::new(),
             transport: Transport::Auto,
             grpc_relay: None,
-            congestion: quictun_core::Congestion::Bbr,
+            congestion: quictun_quic::Congestion::Bbr,
             pin: None,
             ca: None,
             server_name: None,
@@ -103,8 +103,8 @@ impl Default for AgentSection {
             upstream_connect_timeout_secs: 5,
             upstream_response_timeout_secs: 60,
             max_concurrent_streams: 1024,
-            stream_window: quictun_core::Tuning::default().stream_window,
-            connection_window: quictun_core::Tuning::default().connection_window,
+            stream_window: quictun_quic::Tuning::default().stream_window,
+            connection_window: quictun_quic::Tuning::default().connection_window,
             max_stalled_bytes: quictun_core::stall::StallLimits::default().total,
             drain_timeout_secs: 30,
             admin_listen: None,

@@ -19,10 +19,11 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use quictun_core::body_frames::may_have_trailers;
+use quictun_core::body::{BodyError, TunnelBody};
 use quictun_core::edge::host::{HostError, request_authority};
-use quictun_core::http_stream::{headers_from_wire, headers_to_wire, strip_hop_by_hop};
-use quictun_core::link::{AgentLink, BodyError, TunnelBody};
+use quictun_core::framing::may_have_trailers;
+use quictun_core::http::{headers_from_wire, headers_to_wire, strip_hop_by_hop};
+use quictun_core::tunnel::Tunnel;
 use quictun_proto::{RequestHead, StreamKind};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -34,7 +35,7 @@ use uuid::Uuid;
 use crate::AgentError;
 
 /// One agent's connection to its relay, for egress: `None` while it has none.
-pub type RelayLink = watch::Receiver<Option<Arc<dyn AgentLink>>>;
+pub type RelayTunnel = watch::Receiver<Option<Arc<dyn Tunnel>>>;
 
 /// How long a client may take to send its request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,7 +51,7 @@ pub struct EgressServer {
 
 /// What every egress request needs.
 struct Egress {
-    relays: Vec<RelayLink>,
+    relays: Vec<RelayTunnel>,
     response_timeout: Duration,
 }
 
@@ -59,7 +60,7 @@ impl EgressServer {
     /// waiting at most `response_timeout` for the answer's head.
     pub async fn start(
         listen: SocketAddr,
-        relays: Vec<RelayLink>,
+        relays: Vec<RelayTunnel>,
         response_timeout: Duration,
     ) -> Result<Self, AgentError> {
         let listener = TcpListener::bind(listen)
@@ -128,8 +129,8 @@ impl Egress {
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<TunnelBody> {
         let request_id = Uuid::new_v4();
         let span = info_span!("egress_request", %request_id, method = %req.method(), uri = %req.uri());
-        let link = self.relays.iter().find_map(|relay| relay.borrow().clone());
-        let Some(link) = link else {
+        let tunnel = self.relays.iter().find_map(|relay| relay.borrow().clone());
+        let Some(tunnel) = tunnel else {
             span.in_scope(|| warn!("egress request while no relay is connected"));
             return text(StatusCode::SERVICE_UNAVAILABLE, "not connected to a relay");
         };
@@ -138,7 +139,7 @@ impl Egress {
             Err(err) => return text(StatusCode::BAD_REQUEST, &format!("bad request: {err}")),
         };
         let body = req.into_body().map_err(|e| BodyError::Closed(format!("client body: {e}"))).boxed_unsync();
-        let exchange = tokio::time::timeout(self.response_timeout, link.exchange(head, body, Some(peer.ip())));
+        let exchange = tokio::time::timeout(self.response_timeout, tunnel.open(head, body, Some(peer.ip())));
         match exchange.instrument(span.clone()).await {
             Ok(Ok((head, body))) => {
                 let Ok(headers) = headers_from_wire(head.headers) else {

@@ -6,7 +6,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
-use quictun_core::link::{BoxFuture, RequestHandler, TunnelBody};
+use quictun_core::body::TunnelBody;
+use quictun_core::tunnel::{BoxFuture, RequestHandler};
 use quictun_core::upstream_http::UpstreamHttp;
 use quictun_proto::{Limits, RequestHead, ResponseHead, StreamCode, StreamKind};
 use tracing::warn;

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use quictun_core::stall::Reclaimer;
 use quictun_core::tls::PinVerifier;
-use quictun_grpc::client::{DialError, GrpcRelay};
+use quictun_grpc::GrpcTunnel;
 use quictun_grpc::mux::GrpcControl;
 use rustls::pki_types::ServerName;
 
-use crate::session::Attempt;
+use crate::session::{Attempt, RetryReason};
 use crate::{AgentError, AgentOptions};
 
 /// Longest TCP + TLS + HTTP/2 + the tunnel RPC may take.
@@ -37,14 +37,10 @@ pub async fn dial(
     options: &AgentOptions,
     setup: &GrpcSetup,
     reclaimer: &Reclaimer,
-) -> Result<(GrpcControl, GrpcRelay), Attempt> {
-    let addr = tokio::net::lookup_host(&options.grpc_relay)
-        .await
-        .map_err(|e| Attempt::Retry(format!("resolving {}: {e}", options.grpc_relay)))?
-        .next()
-        .ok_or_else(|| Attempt::Retry(format!("{} resolved to no address", options.grpc_relay)))?;
+) -> Result<(GrpcControl, Arc<GrpcTunnel>), Attempt> {
     let server_name = ServerName::try_from(options.server_name.clone())
         .map_err(|e| Attempt::Fatal(AgentError::Tls(format!("server name {:?}: {e}", options.server_name))))?;
+    let addr = quictun_core::resolve(&options.grpc_relay).await.map_err(RetryReason::from)?;
     let stall = reclaimer.scope(u64::from(quictun_grpc::flow::EXCHANGE_WINDOW));
     match quictun_grpc::client::dial(addr, server_name, setup.tls.clone(), options.limits, DIAL_TIMEOUT, stall).await {
         Ok(dialed) => Ok(dialed),
@@ -52,11 +48,10 @@ pub async fn dial(
             if let Some(mismatch) = setup.pin_verifier.as_ref().and_then(|v| v.last_mismatch()) {
                 return Err(Attempt::Fatal(AgentError::PinMismatch(mismatch)));
             }
-            let text = err.to_string();
-            if matches!(err, DialError::Connect { .. }) && text.contains("certificate") {
-                return Err(Attempt::Fatal(AgentError::Tls(text)));
+            if err.is_fatal() {
+                return Err(Attempt::Fatal(AgentError::Tls(err.to_string())));
             }
-            Err(Attempt::Retry(format!("gRPC: {text}")))
+            Err(err.into())
         }
     }
 }

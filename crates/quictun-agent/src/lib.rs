@@ -33,11 +33,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quictun_core::backoff::Backoff;
-use quictun_core::endpoint::{ClientSetup, EndpointError};
-use quictun_core::link::{AbortOnDrop, AgentLink};
+use quictun_core::body::AbortOnDrop;
 use quictun_core::stall::Reclaimer;
 use quictun_core::tls::PinMismatch;
+use quictun_core::tunnel::Tunnel;
 use quictun_proto::RejectCode;
+use quictun_quic::endpoint::{ClientSetup, EndpointError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -50,7 +51,7 @@ pub use options::AgentOptions;
 
 use crate::forward::Forwarder;
 use crate::metrics::AgentMetrics;
-use crate::session::{Attempt, Outcome};
+use crate::session::{Attempt, SessionEnd};
 
 /// Why the agent stopped for good.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -115,7 +116,7 @@ pub enum AgentState {
 /// A running agent.
 pub struct Agent {
     state: watch::Receiver<AgentState>,
-    relay_link: egress::RelayLink,
+    relay_tunnel: egress::RelayTunnel,
     shutdown: CancellationToken,
     endpoint: quinn::Endpoint,
     task: JoinHandle<Result<(), AgentError>>,
@@ -133,7 +134,7 @@ impl Agent {
             Some(bind) => bind,
             None => options::default_bind(&options.relay).await,
         };
-        let (endpoint, _) = quictun_core::endpoint::client_endpoint(bind, &options.trust, &options.tuning)?;
+        let (endpoint, _) = quictun_quic::endpoint::client_endpoint(bind, &options.trust, &options.tuning)?;
         Self::start_on(options, endpoint)
     }
 
@@ -169,18 +170,28 @@ impl Agent {
         };
         admin_tasks.close();
         let udp_buffer = options.tuning.udp_buffer;
-        let (link_tx, relay_link) = watch::channel(None);
+        let (link_tx, relay_tunnel) = watch::channel(None);
         let sweeper = AbortOnDrop::new(tokio::spawn(reclaimer.clone().run(shutdown.clone())));
         let dialer = Dialer {
             options: Arc::new(options),
-            relay_link: link_tx,
+            relay_tunnel: link_tx,
             endpoint: endpoint.clone(),
             quic,
             grpc,
             reclaimer,
         };
         let task = tokio::spawn(run(dialer, forwarder, state_tx, shutdown.clone()));
-        Ok(Self { state, relay_link, shutdown, endpoint, task, admin_addr, admin_tasks, udp_buffer, _sweeper: sweeper })
+        Ok(Self {
+            state,
+            relay_tunnel,
+            shutdown,
+            endpoint,
+            task,
+            admin_addr,
+            admin_tasks,
+            udp_buffer,
+            _sweeper: sweeper,
+        })
     }
 
     /// The bound admin endpoint address, when it is served.
@@ -197,7 +208,7 @@ impl Agent {
     /// interface) without a new connection: the QUIC connection migrates, in-flight streams go
     /// on, and the relay keeps the session. Returns the new local address.
     pub fn rebind(&self, bind: SocketAddr) -> Result<SocketAddr, AgentError> {
-        let socket = quictun_core::endpoint::bind_udp(bind, self.udp_buffer)?;
+        let socket = quictun_quic::endpoint::bind_udp(bind, self.udp_buffer)?;
         let local = socket.local_addr().map_err(|e| AgentError::Endpoint(format!("rebind to {bind}: {e}")))?;
         self.endpoint.rebind(socket).map_err(|e| AgentError::Endpoint(format!("rebind to {bind}: {e}")))?;
         info!(%local, "QUIC endpoint moved to a new socket; the connection migrates");
@@ -206,8 +217,8 @@ impl Agent {
 
     /// The agent's connection to the relay for egress requests (`None` while disconnected, or
     /// over a transport that carries no egress).
-    pub fn relay_link(&self) -> egress::RelayLink {
-        self.relay_link.clone()
+    pub fn relay_tunnel(&self) -> egress::RelayTunnel {
+        self.relay_tunnel.clone()
     }
 
     /// Watches the agent's state.
@@ -260,7 +271,7 @@ impl Agent {
     /// Stops at once: the endpoint's connections are closed without a drain.
     pub fn abort(&self) {
         self.shutdown.cancel();
-        quictun_core::close_endpoint(&self.endpoint, quictun_proto::CloseCode::GoingAway);
+        quictun_quic::close_endpoint(&self.endpoint, quictun_proto::CloseCode::GoingAway);
         self.task.abort();
     }
 
@@ -274,7 +285,7 @@ impl Agent {
 struct Dialer {
     options: Arc<AgentOptions>,
     /// The connection egress requests use, while there is one.
-    relay_link: watch::Sender<Option<Arc<dyn AgentLink>>>,
+    relay_tunnel: watch::Sender<Option<Arc<dyn Tunnel>>>,
     endpoint: quinn::Endpoint,
     quic: ClientSetup,
     grpc: grpc::GrpcSetup,
@@ -284,26 +295,27 @@ struct Dialer {
 
 impl Dialer {
     /// Registers and serves on whatever `dial` connects, unless asked to stop first.
-    async fn serve_dialed<C, R>(
+    async fn serve_dialed<C, T>(
         &self,
-        dial: impl std::future::Future<Output = Result<(C, R), Attempt>>,
+        dial: impl std::future::Future<Output = Result<(C, Arc<T>), Attempt>>,
         forwarder: &Arc<Forwarder>,
         state: &watch::Sender<AgentState>,
         stop: &session::Stop,
-    ) -> Result<Outcome, Attempt>
+    ) -> Result<SessionEnd, Attempt>
     where
-        C: quictun_core::link::ControlIo,
-        R: quictun_core::link::RelayConnection,
+        C: quictun_core::control::ControlIo,
+        T: Tunnel,
     {
-        let (control, conn) = tokio::select! {
+        let (control, tunnel) = tokio::select! {
             dialed = dial => dialed?,
-            _ = stop.shutdown.cancelled() => return Ok(Outcome::Shutdown),
+            _ = stop.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
         };
-        // Egress requests go over this connection while it lasts (the relay serves them once it
-        // has registered the agent).
-        self.relay_link.send_replace(conn.egress_link());
-        let served = session::register_and_serve(&self.options, control, conn, forwarder, state, stop).await;
-        self.relay_link.send_replace(None);
+        let tunnel: Arc<dyn Tunnel> = tunnel;
+        // Egress requests go over this tunnel while it lasts (the relay serves them once it has
+        // registered the agent).
+        self.relay_tunnel.send_replace(Some(tunnel.clone()));
+        let served = session::register_and_serve(&self.options, control, tunnel, forwarder, state, stop).await;
+        self.relay_tunnel.send_replace(None);
         served
     }
 
@@ -312,7 +324,7 @@ impl Dialer {
         forwarder: &Arc<Forwarder>,
         state: &watch::Sender<AgentState>,
         stop: &session::Stop,
-    ) -> Result<Outcome, Attempt> {
+    ) -> Result<SessionEnd, Attempt> {
         let dial = quic::dial(&self.options, &self.endpoint, &self.quic, &self.reclaimer);
         self.serve_dialed(dial, forwarder, state, stop).await
     }
@@ -322,18 +334,18 @@ impl Dialer {
         forwarder: &Arc<Forwarder>,
         state: &watch::Sender<AgentState>,
         stop: &session::Stop,
-    ) -> Result<Outcome, Attempt> {
+    ) -> Result<SessionEnd, Attempt> {
         self.serve_dialed(grpc::dial(&self.options, &self.grpc, &self.reclaimer), forwarder, state, stop).await
     }
 
     /// gRPC while QUIC is probed in the background; a successful probe drains the gRPC session
-    /// and ends it with [`Outcome::Switched`].
+    /// and ends it with [`SessionEnd::Switched`].
     async fn over_grpc_probing_quic(
         &self,
         forwarder: &Arc<Forwarder>,
         state: &watch::Sender<AgentState>,
         shutdown: &CancellationToken,
-    ) -> Result<Outcome, Attempt> {
+    ) -> Result<SessionEnd, Attempt> {
         let stop = session::Stop { shutdown: shutdown.clone(), switch: CancellationToken::new() };
         let probe = async {
             loop {
@@ -341,21 +353,16 @@ impl Dialer {
                 if quic::probe(&self.options, &self.endpoint, &self.quic).await {
                     info!("QUIC reachable again: moving back from gRPC");
                     stop.switch.cancel();
-                    return std::future::pending::<()>().await;
+                    return std::future::pending::<std::convert::Infallible>().await;
                 }
                 tracing::debug!("QUIC still unreachable");
             }
         };
         tokio::select! {
             outcome = self.over_grpc(forwarder, state, &stop) => outcome,
-            _ = probe => unreachable_outcome(),
+            never = probe => match never {},
         }
     }
-}
-
-/// The probe never completes (it parks after switching); kept total for the type checker.
-fn unreachable_outcome() -> Result<Outcome, Attempt> {
-    Ok(Outcome::Lost { reason: "probe ended".into() })
 }
 
 async fn run(
@@ -381,18 +388,18 @@ async fn run(
             },
         };
         let reason = match attempt {
-            Ok(Outcome::Shutdown) => break Ok(()),
-            Ok(Outcome::Switched) => continue,
-            Ok(Outcome::Replaced) => break Err(AgentError::Replaced(options.client_id.clone())),
-            Ok(Outcome::Lost { reason }) => {
+            Ok(SessionEnd::Shutdown) => break Ok(()),
+            Ok(SessionEnd::Switched) => continue,
+            Ok(SessionEnd::Replaced) => break Err(AgentError::Replaced(options.client_id.clone())),
+            Ok(SessionEnd::Lost(reason)) => {
                 backoff.reset();
                 info!(%reason, "connection to relay ended");
-                reason
+                reason.to_string()
             }
             Err(Attempt::Fatal(err)) => break Err(err),
             Err(Attempt::Retry(reason)) => {
                 warn!(%reason, "could not connect to relay");
-                reason
+                reason.to_string()
             }
         };
         let delay = backoff.next_delay();

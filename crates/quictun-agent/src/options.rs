@@ -4,9 +4,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use quictun_core::Trust;
 use quictun_core::stall::StallLimits;
-use quictun_core::{Trust, Tuning};
 use quictun_proto::{Limits, Token};
+use quictun_quic::Tuning;
 
 use quictun_core::config::read_token_file;
 

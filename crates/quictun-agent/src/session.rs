@@ -1,11 +1,14 @@
-//! One connection to the relay, for any transport: register, then serve until the connection ends
-//! (heartbeats, config_sync, go-away, and the transport's own request serving).
+//! One tunnel to the relay, for any transport: register, then run the control session (the loop
+//! shared with the relay, [`quictun_core::session`]) while the tunnel serves the relay's requests,
+//! until the tunnel ends or the agent stops or switches transport (both drain first).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use quictun_core::control::{ControlError, ControlIo, message_name};
 use quictun_core::heartbeat::Heartbeats;
-use quictun_core::link::{ControlIo, RelayConnection};
+use quictun_core::session::{Action, Role};
+use quictun_core::tunnel::{CloseReason, ProtocolViolation, Tunnel};
 use quictun_proto::{CloseCode, ControlMessage, GoAway, Register};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -18,44 +21,67 @@ use crate::{AgentError, AgentOptions, AgentState};
 
 /// Longest the relay may take to answer the register message.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Heartbeat intervals of silence after which the relay is considered gone.
-const HEARTBEAT_MISSES: u32 = 3;
 
-/// How a connected session ended.
+/// How a registered session ended.
 #[derive(Debug)]
-pub enum Outcome {
+pub enum SessionEnd {
     /// The agent was asked to stop and drained.
     Shutdown,
     /// A better transport became available; this session drained and closed.
     Switched,
     /// The relay closed the session because another agent registered with the same client_id.
     Replaced,
-    /// The connection ended; reconnect.
-    Lost {
-        /// Why.
-        reason: String,
-    },
+    /// The tunnel ended; reconnect.
+    Lost(CloseReason),
+}
+
+/// Why an attempt to reach and register with the relay failed, when another attempt may work.
+#[derive(Debug, thiserror::Error)]
+pub enum RetryReason {
+    /// The relay's name did not resolve.
+    #[error(transparent)]
+    Resolve(#[from] quictun_core::ResolveError),
+    /// Dialing over QUIC failed.
+    #[error("QUIC: {0}")]
+    Quic(#[from] quictun_quic::dial::DialError),
+    /// Dialing over gRPC failed.
+    #[error("gRPC: {0}")]
+    Grpc(#[from] quictun_grpc::client::DialError),
+    /// The register exchange failed (the channel failed or timed out).
+    #[error("registering: {0}")]
+    Register(#[from] ControlError),
+    /// The relay refused the session for now (it is shutting down, or at a limit).
+    #[error("relay refused the session: {0}")]
+    Refused(String),
+    /// The relay answered register with something else.
+    #[error("relay answered register with an unexpected {0} message")]
+    Unexpected(&'static str),
 }
 
 /// Why an attempt failed before a session was established.
 #[derive(Debug)]
 pub enum Attempt {
     /// Try again after a backoff.
-    Retry(String),
+    Retry(RetryReason),
     /// Stop the agent.
     Fatal(AgentError),
 }
 
-/// Registers on `control` and serves `conn` until it ends or the agent is asked to stop.
-pub async fn register_and_serve<C: ControlIo, R: RelayConnection>(
+impl<E: Into<RetryReason>> From<E> for Attempt {
+    fn from(err: E) -> Self {
+        Self::Retry(err.into())
+    }
+}
+
+/// Registers on `control` and serves `tunnel` until it ends or the agent is asked to stop.
+pub async fn register_and_serve<C: ControlIo>(
     options: &AgentOptions,
     mut control: C,
-    conn: R,
+    tunnel: Arc<dyn Tunnel>,
     forwarder: &Arc<Forwarder>,
     state: &watch::Sender<AgentState>,
     stop: &Stop,
-) -> Result<Outcome, Attempt> {
-    let retry = |what: &str, e: &dyn std::fmt::Display| Attempt::Retry(format!("{what}: {e}"));
+) -> Result<SessionEnd, Attempt> {
     let register = Register {
         protocol_version: quictun_proto::PROTOCOL_VERSION,
         client_id: options.client_id.clone(),
@@ -63,21 +89,20 @@ pub async fn register_and_serve<C: ControlIo, R: RelayConnection>(
         token: options.token.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
     };
-    control.send(ControlMessage::Register(register)).await.map_err(|e| retry("sending register", &e))?;
-    let accepted = match control.recv_within(REGISTER_TIMEOUT).await {
-        Ok(ControlMessage::Accepted(accepted)) => accepted,
-        Ok(ControlMessage::Rejected(rejected)) => {
-            conn.close(CloseCode::Rejected);
+    control.send(ControlMessage::Register(register)).await?;
+    let accepted = match control.recv_within(REGISTER_TIMEOUT).await? {
+        ControlMessage::Accepted(accepted) => accepted,
+        ControlMessage::Rejected(rejected) => {
+            tunnel.close(CloseCode::Rejected);
             if rejected.code.is_permanent() {
                 return Err(Attempt::Fatal(AgentError::Rejected { code: rejected.code, message: rejected.message }));
             }
-            return Err(Attempt::Retry(format!("relay refused the session: {}", rejected.message)));
+            return Err(RetryReason::Refused(rejected.message).into());
         }
-        Ok(_) => {
-            conn.close(CloseCode::Protocol);
-            return Err(Attempt::Retry("relay answered register with an unexpected message".into()));
+        other => {
+            tunnel.close(CloseCode::Protocol);
+            return Err(RetryReason::Unexpected(message_name(&other)).into());
         }
-        Err(err) => return Err(retry("registering", &err)),
     };
     forwarder.install_fresh(UpstreamTable::build(
         &accepted.config,
@@ -87,12 +112,12 @@ pub async fn register_and_serve<C: ControlIo, R: RelayConnection>(
     let span = info_span!("session", client_id = %options.client_id, session_id = %accepted.session_id);
     span.in_scope(|| {
         let upstreams: Vec<String> = forwarder.upstreams().names().map(str::to_owned).collect();
-        info!(relay = %conn.remote_addr(), config_version = accepted.config.version, ?upstreams, "registered with relay");
+        info!(relay = %tunnel.remote_addr(), config_version = accepted.config.version, ?upstreams, "registered with relay");
     });
-    state.send_replace(AgentState::Connected { session_id: accepted.session_id, relay: conn.remote_addr() });
+    state.send_replace(AgentState::Connected { session_id: accepted.session_id, relay: tunnel.remote_addr() });
     let interval = Duration::from_millis(u64::from(accepted.heartbeat_interval_ms.max(50)));
-    let serve = Serve { options, conn: &conn, forwarder, interval };
-    Ok(serve.run(&mut control, stop).instrument(span).await)
+    let heartbeats = Heartbeats::new(interval, accepted.heartbeat_misses.max(1));
+    Ok(serve(options, &mut control, tunnel.as_ref(), forwarder, heartbeats, stop).instrument(span).await)
 }
 
 /// What ends a session on the agent's own initiative (both drain first).
@@ -104,116 +129,102 @@ pub struct Stop {
     pub switch: CancellationToken,
 }
 
-struct Serve<'a, R> {
-    options: &'a AgentOptions,
-    conn: &'a R,
-    forwarder: &'a Arc<Forwarder>,
-    interval: Duration,
+/// Why the agent ends a session itself.
+#[derive(Debug, Clone, Copy)]
+enum OwnEnd {
+    Shutdown,
+    Switched,
 }
 
-impl<R: RelayConnection> Serve<'_, R> {
-    async fn run<C: ControlIo>(self, control: &mut C, stop: &Stop) -> Outcome {
-        let streams = TaskTracker::new();
-        let cancel_streams = CancellationToken::new();
-        let outcome = self.serve(control, stop, &streams, &cancel_streams).await;
-        streams.close();
-        if matches!(outcome, Outcome::Shutdown | Outcome::Switched) {
-            info!(in_flight = streams.len(), drain = ?self.options.drain_timeout, "draining");
-            if tokio::time::timeout(self.options.drain_timeout, streams.wait()).await.is_err() {
+/// What the agent does in a session beyond heartbeats: applies config_sync, notes the relay's
+/// go-away, and says go-away itself when it stops or switches.
+struct AgentRole<'a> {
+    options: &'a AgentOptions,
+    forwarder: &'a Forwarder,
+    stop: &'a Stop,
+}
+
+impl AgentRole<'_> {
+    fn go_away(&self, reason: &str) -> ControlMessage {
+        let drain_ms = u32::try_from(self.options.drain_timeout.as_millis()).unwrap_or(u32::MAX);
+        ControlMessage::GoAway(GoAway { drain_ms, reason: reason.into() })
+    }
+}
+
+impl Role for AgentRole<'_> {
+    type End = OwnEnd;
+
+    fn round_trip(&mut self, rtt: Duration) {
+        debug!(?rtt, "heartbeat");
+    }
+
+    fn on_message(&mut self, msg: ControlMessage) -> Result<(), ProtocolViolation> {
+        match msg {
+            ControlMessage::ConfigSync(config) => {
+                let version = config.version;
+                let options = self.options;
+                let table = UpstreamTable::build(&config, &options.local_upstreams, options.allowed_targets.as_deref());
+                if self.forwarder.install(table) {
+                    info!(version, "applied config_sync");
+                } else {
+                    debug!(version, "ignored stale config_sync");
+                }
+                Ok(())
+            }
+            ControlMessage::GoAway(go) => {
+                info!(reason = %go.reason, drain_ms = go.drain_ms, "relay going away");
+                Ok(())
+            }
+            other => Err(ProtocolViolation::Unexpected(message_name(&other))),
+        }
+    }
+
+    async fn next(&mut self) -> Action<OwnEnd> {
+        tokio::select! {
+            _ = self.stop.shutdown.cancelled() => Action::SendThenEnd(self.go_away("agent shutting down"), OwnEnd::Shutdown),
+            _ = self.stop.switch.cancelled() => Action::SendThenEnd(self.go_away("agent switching transport"), OwnEnd::Switched),
+        }
+    }
+}
+
+/// Serves the relay's requests on `tunnel` while the control session runs; drains when the agent
+/// ends the session itself.
+async fn serve<C: ControlIo>(
+    options: &AgentOptions,
+    control: &mut C,
+    tunnel: &dyn Tunnel,
+    forwarder: &Arc<Forwarder>,
+    mut heartbeats: Heartbeats,
+    stop: &Stop,
+) -> SessionEnd {
+    let streams = TaskTracker::new();
+    let cancel_streams = CancellationToken::new();
+    let ended = {
+        let requests = tunnel.serve(forwarder.clone(), streams.clone(), cancel_streams.clone());
+        let mut role = AgentRole { options, forwarder, stop };
+        let session = quictun_core::session::run(control, tunnel, &mut heartbeats, &mut role);
+        tokio::select! {
+            reason = requests => Err(reason),
+            ended = session => ended,
+        }
+    };
+    streams.close();
+    let end = match ended {
+        Ok(own) => {
+            info!(in_flight = streams.len(), drain = ?options.drain_timeout, "draining");
+            if tokio::time::timeout(options.drain_timeout, streams.wait()).await.is_err() {
                 warn!(in_flight = streams.len(), "drain timeout: cancelling remaining streams");
             }
-            self.conn.close(CloseCode::GoingAway);
-            self.conn.finish().await;
-        }
-        cancel_streams.cancel();
-        outcome
-    }
-
-    async fn go_away<C: ControlIo>(&self, control: &mut C, reason: &str) {
-        let drain_ms = u32::try_from(self.options.drain_timeout.as_millis()).unwrap_or(u32::MAX);
-        let go_away = ControlMessage::GoAway(GoAway { drain_ms, reason: reason.into() });
-        match tokio::time::timeout(self.interval, control.send(go_away)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => debug!(%err, "could not send go-away"),
-            Err(_) => debug!("go-away not sent in time"),
-        }
-    }
-
-    fn lost(&self, reason: String) -> Outcome {
-        match self.conn.peer_close_code() {
-            Some(CloseCode::Replaced) => Outcome::Replaced,
-            _ => Outcome::Lost { reason },
-        }
-    }
-
-    async fn serve<C: ControlIo>(
-        &self,
-        control: &mut C,
-        stop: &Stop,
-        streams: &TaskTracker,
-        cancel_streams: &CancellationToken,
-    ) -> Outcome {
-        let mut heartbeats = Heartbeats::new(self.interval, HEARTBEAT_MISSES);
-        let requests = self.conn.serve_requests(self.forwarder.clone(), streams.clone(), cancel_streams.clone());
-        tokio::pin!(requests);
-        loop {
-            let outgoing = tokio::select! {
-                _ = stop.shutdown.cancelled() => {
-                    self.go_away(control, "agent shutting down").await;
-                    return Outcome::Shutdown;
-                }
-                _ = stop.switch.cancelled() => {
-                    self.go_away(control, "agent switching transport").await;
-                    return Outcome::Switched;
-                }
-                reason = &mut requests => return self.lost(reason),
-                msg = control.recv() => match msg {
-                    Ok(ControlMessage::Heartbeat(hb)) => Some(heartbeats.on_heartbeat(hb)),
-                    Ok(ControlMessage::HeartbeatAck(hb)) => {
-                        let rtt = heartbeats.on_ack(hb);
-                        debug!(?rtt, "heartbeat");
-                        None
-                    }
-                    Ok(ControlMessage::ConfigSync(config)) => {
-                        heartbeats.heard();
-                        let version = config.version;
-                        let table = UpstreamTable::build(&config, &self.options.local_upstreams, self.options.allowed_targets.as_deref());
-                        if self.forwarder.install(table) {
-                            info!(version, "applied config_sync");
-                        } else {
-                            debug!(version, "ignored stale config_sync");
-                        }
-                        None
-                    }
-                    Ok(ControlMessage::GoAway(go)) => {
-                        info!(reason = %go.reason, drain_ms = go.drain_ms, "relay going away");
-                        heartbeats.heard();
-                        None
-                    }
-                    Ok(_) => {
-                        self.conn.close(CloseCode::Protocol);
-                        return self.lost("relay sent an unexpected control message".into());
-                    }
-                    Err(err) => return self.lost(err.to_string()),
-                },
-                tick = heartbeats.tick() => match tick {
-                    Ok(heartbeat) => Some(heartbeat),
-                    Err(silent) => {
-                        self.conn.close(CloseCode::HeartbeatTimeout);
-                        return self.lost(format!("relay {silent}"));
-                    }
-                },
-            };
-            if let Some(msg) = outgoing {
-                match tokio::time::timeout(heartbeats.silence_limit(), control.send(msg)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(err)) => return self.lost(format!("control stream write failed: {err}")),
-                    Err(_) => {
-                        self.conn.close(CloseCode::HeartbeatTimeout);
-                        return self.lost("control stream blocked: relay is not reading".into());
-                    }
-                }
+            tunnel.close(CloseCode::GoingAway);
+            tunnel.flush_close().await;
+            match own {
+                OwnEnd::Shutdown => SessionEnd::Shutdown,
+                OwnEnd::Switched => SessionEnd::Switched,
             }
         }
-    }
+        Err(reason) if reason.peer_code() == Some(CloseCode::Replaced) => SessionEnd::Replaced,
+        Err(reason) => SessionEnd::Lost(reason),
+    };
+    cancel_streams.cancel();
+    end
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use quictun_core::link::TunnelBody;
+use quictun_core::body::TunnelBody;
 use quictun_core::upgrade::spawn_splice;
 use quictun_proto::{ResponseHead, StreamCode};
 use tokio::net::TcpStream;

@@ -1,39 +1,42 @@
-//! quictun core: what the relay and the agent share.
+//! quictun core: what the relay and the agent share, whatever transport carries their tunnel.
 //!
-//! - [`tls`]: certificates (generate, load, pin) and rustls configurations (TLS 1.3, ALPN
-//!   `quictun/1`, pinning verifier).
-//! - [`endpoint`]: UDP sockets with large buffers and the QUIC transport tuning.
-//! - [`framed`]: head frames on data streams and the control channel codec.
-//! - [`http_stream`]: the HTTP-over-stream codec: header conversion, streaming bodies.
-//! - [`body_frames`]: framed bodies, so trailers (gRPC's status) can follow a body.
-//! - [`link`]: what a transport provides (control channel, agent link, tunnel bodies).
-//! - [`quic_link`]: the QUIC transport's agent link (one stream per exchange).
-//! - [`stall`]: credit held by stalled readers, budgeted and reclaimed.
-//! - [`backoff`]: exponential backoff with full jitter.
-//! - [`heartbeat`]: heartbeat timing, silence detection and RTT.
-//! - [`config`]: TOML loading with errors that name the file and the key.
+//! The seam:
+//! - [`tunnel`]: the [`tunnel::Tunnel`] trait each transport implements once (open an exchange,
+//!   serve the peer's, close with a code, a typed close reason), and what crosses it.
+//! - [`control`]: the control channel ([`control::ControlIo`]) and its frame codec.
+//! - [`body`]: bodies crossing a tunnel: the one pump into a transport's sink, uploads owned by
+//!   their answers.
+//! - [`session`]: the control-session loop both ends run after registration.
+//!
+//! Above it, transport-neutral:
+//! - [`http`]: HTTP heads in wire form (hop-by-hop stripping, conversion).
+//! - [`framing`]: framed bodies (trailers after the body) and their decoder.
 //! - [`edge`]: the HTTP edge: canonical paths, the request host, forwarding headers.
+//! - [`stall`]: credit held by stalled readers, budgeted and reclaimed.
+//! - [`heartbeat`]: heartbeat timing, silence detection and RTT.
 //! - [`upgrade`]: upgraded connections (WebSocket): raw bytes both ways after a 101.
 //! - [`upstream_http`]: one tunnelled request sent to an HTTP upstream (HTTP/1.1 or HTTP/2).
+//! - [`tls`]: certificates (generate, load, pin) and rustls configurations.
+//! - [`config`]: TOML loading with errors that name the file and the key.
+//! - [`backoff`]: exponential backoff with full jitter.
 //! - [`admin`]: the admin HTTP endpoint (health, readiness, metrics, bearer token).
 
 pub mod admin;
 pub mod backoff;
-pub mod body_frames;
+pub mod body;
 pub mod config;
+pub mod control;
 pub mod edge;
-pub mod endpoint;
-pub mod framed;
+pub mod framing;
 pub mod heartbeat;
-pub mod http_stream;
-pub mod link;
-pub mod quic_link;
+pub mod http;
+pub mod session;
 pub mod stall;
 pub mod tls;
+pub mod tunnel;
 pub mod upgrade;
 pub mod upstream_http;
 
-pub use endpoint::{Congestion, Tuning};
 pub use tls::{Pin, Trust};
 
 /// How long a listener waits after a failed accept before trying again.
@@ -65,24 +68,21 @@ pub async fn accept_tcp(
     }
 }
 
-/// Closes `conn` with a quictun close code.
-pub fn close(conn: &quinn::Connection, code: quictun_proto::CloseCode) {
-    conn.close(quinn::VarInt::from_u32(code.to_u32()), code.reason());
+/// A name that did not resolve to an address.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("resolving {name}: {why}")]
+pub struct ResolveError {
+    /// The name, as configured (`host:port`).
+    pub name: String,
+    /// The resolver's answer.
+    pub why: String,
 }
 
-/// The quictun close code a connection was closed with by its peer, if any.
-pub fn peer_close_code(err: &quinn::ConnectionError) -> Option<quictun_proto::CloseCode> {
-    match err {
-        quinn::ConnectionError::ApplicationClosed(close) => {
-            quictun_proto::CloseCode::from_u64(close.error_code.into_inner())
-        }
-        _ => None,
-    }
-}
-
-/// Closes every connection of `endpoint` with a quictun close code.
-pub fn close_endpoint(endpoint: &quinn::Endpoint, code: quictun_proto::CloseCode) {
-    endpoint.close(quinn::VarInt::from_u32(code.to_u32()), code.reason());
+/// The first address `name` (`host:port`) resolves to.
+pub async fn resolve(name: &str) -> Result<std::net::SocketAddr, ResolveError> {
+    let failed = |why: String| ResolveError { name: name.to_owned(), why };
+    let mut addrs = tokio::net::lookup_host(name).await.map_err(|e| failed(e.to_string()))?;
+    addrs.next().ok_or_else(|| failed("no address".into()))
 }
 
 /// An error and all its causes on one line (`outer: cause: root cause`), for logs and messages.

@@ -39,7 +39,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::link::{BodyError, TunnelBody};
+use crate::body::{BodyError, TunnelBody};
 
 /// The budgets, in bytes of credit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +78,7 @@ impl StallScope {
     /// ingress client it is for, when there is one. `headers` are its message's (a body they
     /// declare at most [`SMALL_BODY`] long is returned as it is).
     pub fn watch(&self, body: TunnelBody, headers: &[quictun_proto::Header], client: Option<IpAddr>) -> TunnelBody {
-        if crate::http_stream::declared_length(headers).is_some_and(|len| len <= SMALL_BODY) {
+        if crate::http::declared_length(headers).is_some_and(|len| len <= SMALL_BODY) {
             return body;
         }
         self.reclaimer.watch(body, self, client)

@@ -13,8 +13,8 @@ use tracing::Instrument;
 
 use quictun_proto::Header;
 
-use crate::http_stream::{InvalidHeader, headers_from_wire};
-use crate::link::{BodyError, TunnelBody};
+use crate::body::{BodyError, TunnelBody};
+use crate::http::{InvalidHeader, headers_from_wire};
 
 /// Sends the bytes of one direction into a [`TunnelBody`].
 pub type FrameSender = mpsc::Sender<Result<Frame<Bytes>, BodyError>>;
@@ -41,7 +41,7 @@ pub fn connection_has_upgrade(headers: &HeaderMap) -> bool {
 }
 
 /// Converts the wire headers of an upgrade (the request on the agent, the 101 on the relay) like
-/// [`crate::http_stream::headers_from_wire`], but keeps `Connection: upgrade` and `Upgrade`: they
+/// [`crate::http::headers_from_wire`], but keeps `Connection: upgrade` and `Upgrade`: they
 /// are what the message is about.
 pub fn upgrade_headers_from_wire(headers: Vec<Header>) -> Result<HeaderMap, InvalidHeader> {
     let upgrade = headers.iter().find(|h| h.name.eq_ignore_ascii_case("upgrade")).map(|h| h.value.clone());

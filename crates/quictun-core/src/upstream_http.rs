@@ -18,9 +18,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use quictun_proto::{RequestHead, ResponseHead, StreamCode, StreamKind};
 use tracing::{debug, warn};
 
-use crate::body_frames::may_have_trailers;
-use crate::http_stream::{headers_from_wire, headers_to_wire, strip_hop_by_hop};
-use crate::link::{BodyError, TunnelBody, empty_body};
+use crate::body::{BodyError, TunnelBody, empty_body};
+use crate::framing::may_have_trailers;
+use crate::http::{headers_from_wire, headers_to_wire, strip_hop_by_hop};
 use crate::upgrade::{spawn_splice, upgrade_headers_from_wire};
 
 /// One upstream target: authority, an optional base path, and whether it speaks HTTP/2.

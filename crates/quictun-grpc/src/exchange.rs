@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
-use quictun_core::link::{AbortOnDrop, LinkError, RequestHandler, TunnelBody, empty_body};
+use quictun_core::body::{AbortOnDrop, TunnelBody, WithUpload, empty_body, pump};
 use quictun_core::stall::StallScope;
+use quictun_core::tunnel::{ExchangeError, RequestHandler};
 use quictun_proto::{Limits, RequestHead, ResponseHead, StreamCode, frame};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +22,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use crate::flow::{EVENT_QUEUE, SendCredit, Urgent};
 use crate::messages::{Payload, TunnelMessage};
 use crate::mux::{
-    Abandon, Event, EventBody, OutboundSenders, Pending, Slot, SlotRef, deliver, send_body, trailers_event,
+    Abandon, Event, EventBody, GrpcSink, OutboundSenders, Pending, Slot, SlotRef, deliver, trailers_event,
 };
 
 /// The id bit of exchanges the agent opened.
@@ -130,35 +131,36 @@ impl Exchanges {
 
     /// Opens an exchange: sends the head, streams `body` from a task that lives as long as the
     /// response body, and waits for the response head. Nothing is queued when the head queue is
-    /// full ([`LinkError::Busy`]) or the tunnel is gone ([`LinkError::NotOpened`]). The
+    /// full ([`ExchangeError::Busy`]) or the tunnel is gone ([`ExchangeError::NotOpened`]). The
     /// response body's credit counts against `client`'s budget too.
     pub async fn open(
         &self,
         head: RequestHead,
         body: TunnelBody,
         client: Option<IpAddr>,
-    ) -> Result<(ResponseHead, TunnelBody), LinkError> {
+    ) -> Result<(ResponseHead, TunnelBody), ExchangeError> {
         if self.is_closed() {
-            return Err(LinkError::NotOpened);
+            return Err(ExchangeError::NotOpened);
         }
         let encoded = frame::encode_payload(&head, self.limits.max_head_frame)
-            .map_err(|e| LinkError::HeadTooLarge(e.to_string()))?;
+            .map_err(|e| ExchangeError::HeadTooLarge(e.to_string()))?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (mut events, credit) = self.insert(id);
         let slot = SlotRef::new(self.pending.clone(), id);
         match self.heads.try_send(TunnelMessage::new(id, Payload::RequestHead(Bytes::from(encoded)))) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => return Err(LinkError::Busy),
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(LinkError::NotOpened),
+            Err(mpsc::error::TrySendError::Full(_)) => return Err(ExchangeError::Busy),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(ExchangeError::NotOpened),
         }
         // From here the peer knows the exchange: given up before the answer, it is reset.
         let mut abandoned = Abandoned { urgent: &self.urgent, id, armed: true };
         let upload = head.has_body.then(|| {
-            let (outbound, slot) = (self.outbound.clone(), slot.clone());
-            let max_trailers = self.limits.max_head_frame;
+            let (mut sink, slot) = (self.sink(id, credit), slot.clone());
             AbortOnDrop::new(tokio::spawn(
                 async move {
-                    send_body(&outbound, &credit, id, body, StreamCode::Cancelled, max_trailers).await;
+                    if let Err(err) = pump(body, &mut sink, StreamCode::Cancelled).await {
+                        debug!(id, %err, "request body upload ended early");
+                    }
                     drop(slot);
                 }
                 .in_current_span(),
@@ -168,21 +170,21 @@ impl Exchanges {
             Some(Event::Head(response)) => response,
             Some(Event::Reset(code)) => {
                 abandoned.armed = false;
-                return Err(StreamCode::from_u64(u64::from(code)).map_or(LinkError::Lost, LinkError::Reset));
+                return Err(ExchangeError::Reset(code));
             }
-            Some(_) => return Err(LinkError::Protocol("body before the response head".into())),
+            Some(_) => return Err(ExchangeError::Protocol("body before the response head".into())),
             None => {
                 abandoned.armed = false;
-                return Err(LinkError::Lost);
+                return Err(ExchangeError::Lost);
             }
         };
-        answer.validate(&self.limits).map_err(|e| LinkError::Protocol(e.to_string()))?;
+        answer.validate(&self.limits).map_err(|e| ExchangeError::Protocol(e.to_string()))?;
         // The body takes over: it resets the exchange if dropped before its end.
         abandoned.armed = false;
         let upload = upload.and_then(AbortOnDrop::into_inner);
-        let body = EventBody::new(events, id, self.urgent.clone(), Abandon::Reset, slot).with_upload(upload);
+        let body = EventBody::new(events, id, self.urgent.clone(), Abandon::Reset, slot);
         let body = self.stall.watch(body.boxed(), &answer.headers, client);
-        Ok((answer, body))
+        Ok((answer, WithUpload::wrap(body, upload)))
     }
 
     /// Routes one message of an exchange (anything but control) to where it belongs. A request
@@ -196,14 +198,14 @@ impl Exchanges {
                     Ok(head) => Event::Head(head),
                     Err(err) => {
                         warn!(id, %err, "malformed response head");
-                        Event::Reset(StreamCode::Malformed.to_u32())
+                        Event::Reset(StreamCode::Malformed)
                     }
                 }
             }
             Payload::Body(bytes) => Event::Body(bytes),
             Payload::Trailers(bytes) => trailers_event(id, &bytes, &self.limits),
             Payload::End(_) => Event::End,
-            Payload::Reset(code) => Event::Reset(code),
+            Payload::Reset(code) => Event::Reset(StreamCode::from_wire(u64::from(code))),
             Payload::Credit(n) => {
                 if let Some(slot) = self.pending.get(&id) {
                     slot.credit.grant(n);
@@ -223,7 +225,7 @@ impl Exchanges {
     }
 
     fn accept(&self, id: u64, bytes: &[u8], requests: &mpsc::Sender<IncomingExchange>) {
-        let reset = |code: StreamCode| self.urgent.reset(id, code.to_u32());
+        let reset = |code: StreamCode| self.urgent.reset(id, code);
         if !self.peer_opened(id) || self.pending.contains_key(&id) {
             warn!(id, "request head with an id the peer may not use");
             return reset(StreamCode::Malformed);
@@ -278,8 +280,11 @@ impl Exchanges {
                     };
                     let head = TunnelMessage::new(id, Payload::ResponseHead(Bytes::from(encoded)));
                     if self.heads.send(head).await.is_ok() {
-                        let max_trailers = self.limits.max_head_frame;
-                        send_body(&self.outbound, &credit, id, body, StreamCode::UpstreamFailed, max_trailers).await;
+                        let mut sink = self.sink(id, credit);
+                        match pump(body, &mut sink, StreamCode::UpstreamFailed).await {
+                            Ok(bytes) => debug!(status = response.status, bytes, "response sent"),
+                            Err(err) => debug!(%err, "response body ended early"),
+                        }
                     }
                 }
                 Err(code) => self.send_reset(id, code),
@@ -294,7 +299,12 @@ impl Exchanges {
 
     /// Tells the peer exchange `id` failed with `code` (ahead of body data).
     fn send_reset(&self, id: u64, code: StreamCode) {
-        self.urgent.reset(id, code.to_u32());
+        self.urgent.reset(id, code);
+    }
+
+    /// The sink of exchange `id`'s body towards the peer, within `credit`.
+    fn sink(&self, id: u64, credit: Arc<SendCredit>) -> GrpcSink {
+        GrpcSink::new(self.outbound.clone(), self.urgent.clone(), credit, id, self.limits.max_head_frame)
     }
 }
 
@@ -309,7 +319,7 @@ struct Abandoned<'a> {
 impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.urgent.reset(self.id, StreamCode::Cancelled.to_u32());
+            self.urgent.reset(self.id, StreamCode::Cancelled);
         }
     }
 }

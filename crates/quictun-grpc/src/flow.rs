@@ -17,6 +17,8 @@ use std::task::Context;
 use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 
+use quictun_proto::StreamCode;
+
 use crate::messages::{Payload, TunnelMessage};
 
 /// Body bytes a sender may have unconsumed at the receiver, per exchange.
@@ -69,6 +71,11 @@ impl SendCredit {
         self.changed.notify_one();
     }
 
+    /// True once the sender must stop.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
     /// Resolves when the sender must stop.
     pub async fn stopped(&self) {
         while !self.stopped.load(Ordering::Acquire) {
@@ -101,8 +108,8 @@ impl SendCredit {
 #[derive(Debug, Default)]
 struct Signals {
     credit: u32,
-    stop: Option<u32>,
-    reset: Option<u32>,
+    stop: Option<StreamCode>,
+    reset: Option<StreamCode>,
 }
 
 /// Messages about exchanges that go ahead of body data: credit grants, stops and resets, at most
@@ -137,12 +144,12 @@ impl Urgent {
     }
 
     /// Tells the sender of exchange `id` to stop its body (`code`); the other direction goes on.
-    pub fn stop(&self, id: u64, code: u32) {
+    pub fn stop(&self, id: u64, code: StreamCode) {
         self.update(id, |s| s.stop = Some(code));
     }
 
     /// Resets exchange `id` with `code`: both directions end.
-    pub fn reset(&self, id: u64, code: u32) {
+    pub fn reset(&self, id: u64, code: StreamCode) {
         self.update(id, |s| s.reset = Some(code));
     }
 
@@ -162,10 +169,10 @@ impl Urgent {
             let payload = if let Some(code) = entry.reset.take() {
                 entry.credit = 0;
                 entry.stop = None;
-                Payload::Reset(code)
+                Payload::Reset(code.to_u32())
             } else if let Some(code) = entry.stop.take() {
                 entry.credit = 0;
-                Payload::Stop(code)
+                Payload::Stop(code.to_u32())
             } else {
                 Payload::Credit(std::mem::take(&mut entry.credit))
             };
@@ -206,16 +213,16 @@ mod tests {
         urgent.credit(1, 10);
         urgent.credit(2, 5);
         urgent.credit(1, 20);
-        urgent.stop(3, 10);
+        urgent.stop(3, StreamCode::Cancelled);
         urgent.credit(3, 7);
-        urgent.reset(2, 9);
+        urgent.reset(2, StreamCode::Malformed);
         let drained: Vec<_> = std::iter::from_fn(|| urgent.poll_next(&mut cx)).collect();
         assert_eq!(
             drained,
             vec![
                 TunnelMessage::new(1, Payload::Credit(30)),
-                TunnelMessage::new(2, Payload::Reset(9)),
-                TunnelMessage::new(3, Payload::Stop(10)),
+                TunnelMessage::new(2, Payload::Reset(StreamCode::Malformed.to_u32())),
+                TunnelMessage::new(3, Payload::Stop(StreamCode::Cancelled.to_u32())),
             ]
         );
     }

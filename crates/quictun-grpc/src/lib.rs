@@ -18,8 +18,10 @@
 //!   event queues.
 //! - [`exchange`]: exchanges in both directions (the relay's ingress requests, the agent's egress
 //!   requests): opening one, and serving one the peer opened.
-//! - [`server`]: the relay side ([`server::serve`], [`server::GrpcLink`]).
-//! - [`client`]: the agent side ([`client::dial`], [`client::GrpcRelay`]).
+//! - [`tunnel`]: [`GrpcTunnel`], the [`quictun_core::tunnel::Tunnel`] of one tunnel RPC, the
+//!   same at both ends, with its one reader.
+//! - [`server`]: the relay side ([`server::serve`]).
+//! - [`client`]: the agent side ([`client::dial`]).
 
 pub mod client;
 pub mod exchange;
@@ -27,6 +29,9 @@ pub mod flow;
 pub mod messages;
 pub mod mux;
 pub mod server;
+pub mod tunnel;
+
+pub use tunnel::GrpcTunnel;
 
 /// HTTP/2 flow-control windows, set on both ends (without them bulk throughput collapses).
 pub mod window {

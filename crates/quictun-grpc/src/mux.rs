@@ -13,9 +13,9 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use dashmap::DashMap;
 use http_body::{Body, Frame};
-use quictun_core::body_frames::{trailers_from_wire, trailers_to_wire};
-use quictun_core::framed::ControlError;
-use quictun_core::link::{BodyError, ControlIo, TunnelBody};
+use quictun_core::body::{BodyError, BodySink, SinkError, TunnelBody};
+use quictun_core::control::{ControlError, ControlIo};
+use quictun_core::framing::{trailers_from_wire, trailers_to_wire};
 use quictun_proto::Limits;
 use quictun_proto::frame::{self, FrameError};
 use quictun_proto::{ControlMessage, StreamCode};
@@ -47,7 +47,7 @@ pub enum Event {
     /// The body is complete.
     End,
     /// The peer reset the exchange.
-    Reset(u32),
+    Reset(StreamCode),
 }
 
 /// One exchange in flight: where its peer's messages go, and the credit for its own body.
@@ -105,7 +105,7 @@ pub fn deliver(pending: &Pending, urgent: &Urgent, id: u64, event: Event) {
     if overran {
         warn!(id, "peer sent past its flow-control window: exchange reset");
         pending.remove(&id);
-        urgent.reset(id, StreamCode::Malformed.to_u32());
+        urgent.reset(id, StreamCode::Malformed);
     }
 }
 
@@ -225,7 +225,7 @@ pub enum Abandon {
 }
 
 /// A body read from an exchange's event queue. Grants credit back as its reader consumes; let go
-/// of early, it tells the peer ([`Abandon`]) and aborts the exchange's upload.
+/// of early, it tells the peer ([`Abandon`]).
 pub struct EventBody {
     events: mpsc::Receiver<Event>,
     id: u64,
@@ -236,21 +236,15 @@ pub struct EventBody {
     done: bool,
     /// The body ended with its end or trailers, or the peer reset it: nothing to tell it.
     settled: bool,
-    upload: Option<tokio::task::JoinHandle<()>>,
     _slot: Arc<SlotRef>,
 }
 
 impl Drop for EventBody {
     fn drop(&mut self) {
         if self.settled {
-            // After a clean end the upload may still be sending (an upgraded or TCP stream whose
-            // other direction closed first): it finishes by itself.
             return;
         }
-        if let Some(upload) = self.upload.take() {
-            upload.abort();
-        }
-        let code = StreamCode::Cancelled.to_u32();
+        let code = StreamCode::Cancelled;
         match self.abandon {
             Abandon::Reset => self.urgent.reset(self.id, code),
             Abandon::Stop => self.urgent.stop(self.id, code),
@@ -267,13 +261,7 @@ impl EventBody {
         abandon: Abandon,
         slot: Arc<SlotRef>,
     ) -> Self {
-        Self { events, id, urgent, abandon, consumed: 0, done: false, settled: false, upload: None, _slot: slot }
-    }
-
-    /// Also owns the exchange's request-body upload (see the `Drop` impl).
-    pub fn with_upload(mut self, upload: Option<tokio::task::JoinHandle<()>>) -> Self {
-        self.upload = upload;
-        self
+        Self { events, id, urgent, abandon, consumed: 0, done: false, settled: false, _slot: slot }
     }
 
     /// Boxed as a tunnel body.
@@ -317,7 +305,7 @@ impl Body for EventBody {
             Some(Event::Reset(code)) => {
                 this.done = true;
                 this.settled = true;
-                Some(Err(BodyError::Reset(u64::from(code))))
+                Some(Err(BodyError::Reset(code)))
             }
             Some(Event::Head(_)) => {
                 this.done = true;
@@ -342,73 +330,74 @@ pub fn trailers_event(id: u64, payload: &[u8], limits: &Limits) -> Event {
         Ok(map) => Event::Trailers(map),
         Err(err) => {
             warn!(id, %err, "malformed trailers");
-            Event::Reset(StreamCode::Malformed.to_u32())
+            Event::Reset(StreamCode::Malformed)
         }
     }
 }
 
-/// Sends a body as chunk messages of exchange `id`, within its `credit`, then its trailers (if
-/// any, at most `max_trailers` bytes) and its end; a failing source resets the exchange with
-/// `on_error`. Waits for credit and for room in the outbound queue (backpressure); gives up
-/// quietly when the peer stops the body. Returns false when the tunnel is gone or the peer
-/// stopped the body.
-pub async fn send_body(
-    outbound: &mpsc::Sender<TunnelMessage>,
-    credit: &SendCredit,
+/// Where one exchange's body goes to the peer: chunk messages within the exchange's credit, then
+/// its trailers and its end, for [`quictun_core::body::pump`]. Waits for credit and for room in
+/// the outbound queue (backpressure).
+#[derive(Debug)]
+pub struct GrpcSink {
+    outbound: mpsc::Sender<TunnelMessage>,
+    urgent: Arc<Urgent>,
+    credit: Arc<SendCredit>,
     id: u64,
-    body: TunnelBody,
-    on_error: StreamCode,
     max_trailers: usize,
-) -> bool {
-    use http_body_util::BodyExt;
-    let mut body = body;
-    let reset = TunnelMessage::new(id, Payload::Reset(on_error.to_u32()));
-    loop {
-        // A frame that is ready is taken at once; only a wait for one also watches for a stop.
-        let frame = match futures_util::FutureExt::now_or_never(body.frame()) {
-            Some(frame) => frame,
-            None => tokio::select! {
-                frame = body.frame() => frame,
-                () = credit.stopped() => return false,
-            },
-        };
-        let Some(frame) = frame else { break };
-        let frame = match frame {
-            Ok(frame) => frame,
-            Err(err) => {
-                debug!(id, %err, "body source failed; resetting the exchange");
-                return outbound.send(reset).await.is_ok();
-            }
-        };
-        match frame.into_data() {
-            Ok(mut data) => {
-                while !data.is_empty() {
-                    let Some(available) = credit.acquire().await else { return false };
-                    let take = data.len().min(MAX_CHUNK).min(usize::try_from(available).unwrap_or(usize::MAX));
-                    let chunk = data.split_to(take);
-                    credit.spend(cost(chunk.len()));
-                    if outbound.send(TunnelMessage::new(id, Payload::Body(chunk))).await.is_err() {
-                        return false;
-                    }
-                }
-            }
-            Err(frame) => {
-                let Ok(trailers) = frame.into_trailers() else { continue };
-                let message = match frame::encode_payload(&trailers_to_wire(&trailers), max_trailers) {
-                    Ok(encoded) => TunnelMessage::new(id, Payload::Trailers(Bytes::from(encoded))),
-                    Err(err) => {
-                        debug!(id, %err, "trailers too large; resetting the exchange");
-                        return outbound.send(reset).await.is_ok();
-                    }
-                };
-                if outbound.send(message).await.is_err() {
-                    return false;
-                }
-                break;
-            }
+}
+
+impl GrpcSink {
+    /// The body of exchange `id`, sent through `outbound` within `credit`; trailers of at most
+    /// `max_trailers` encoded bytes; resets go through `urgent`.
+    pub fn new(
+        outbound: mpsc::Sender<TunnelMessage>,
+        urgent: Arc<Urgent>,
+        credit: Arc<SendCredit>,
+        id: u64,
+        max_trailers: usize,
+    ) -> Self {
+        Self { outbound, urgent, credit, id, max_trailers }
+    }
+
+    async fn send(&self, payload: Payload) -> Result<(), SinkError> {
+        self.outbound.send(TunnelMessage::new(self.id, payload)).await.map_err(|_| SinkError::Lost)
+    }
+}
+
+impl BodySink for GrpcSink {
+    async fn send_data(&mut self, mut data: Bytes) -> Result<(), SinkError> {
+        while !data.is_empty() {
+            let Some(available) = self.credit.acquire().await else { return Err(SinkError::Stopped) };
+            let take = data.len().min(MAX_CHUNK).min(usize::try_from(available).unwrap_or(usize::MAX));
+            let chunk = data.split_to(take);
+            self.credit.spend(cost(chunk.len()));
+            self.send(Payload::Body(chunk)).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_trailers(&mut self, trailers: http::HeaderMap) -> Result<(), SinkError> {
+        let encoded = frame::encode_payload(&trailers_to_wire(&trailers), self.max_trailers)
+            .map_err(|e| SinkError::TrailersTooLarge(e.to_string()))?;
+        self.send(Payload::Trailers(Bytes::from(encoded))).await
+    }
+
+    async fn finish(&mut self) -> Result<(), SinkError> {
+        self.send(Payload::End(true)).await
+    }
+
+    fn reset(&mut self, code: StreamCode) {
+        // A body the peer stopped (or a tunnel that is gone) needs no reset; on the gRPC stream
+        // it would also end the exchange's other direction, which the peer still reads.
+        if !self.credit.is_stopped() {
+            self.urgent.reset(self.id, code);
         }
     }
-    outbound.send(TunnelMessage::new(id, Payload::End(true))).await.is_ok()
+
+    async fn stopped(&mut self) {
+        self.credit.stopped().await;
+    }
 }
 
 #[cfg(test)]

@@ -2,15 +2,11 @@
 //!
 //! [`serve`] accepts TCP connections, does TLS (the relay's certificate, ALPN `h2`) and HTTP/2 with
 //! large flow-control windows in each connection's own task, and answers the tunnel RPC. Each RPC
-//! becomes a [`GrpcControl`] and a [`GrpcLink`] handed to the caller's `on_agent`, which runs
+//! becomes a [`GrpcControl`] and a [`GrpcTunnel`] handed to the caller's `on_agent`, which runs
 //! registration and the session exactly as for QUIC.
-//!
-//! As in the seeds' design, all exchanges of an agent share one stream: the relay numbers them,
-//! keeps a table of their event queues (request_id → bounded sender, the seeds' DashMap), and a
-//! reader task that never waits on request handling demultiplexes the agent's messages into them.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -18,12 +14,11 @@ use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use quictun_core::link::{AgentLink, BoxFuture, LinkError, RequestHandler, TunnelBody};
 use quictun_core::stall::Reclaimer;
-use quictun_proto::frame;
-use quictun_proto::{CloseCode, ControlMessage, Limits, RequestHead, ResponseHead};
+use quictun_core::tunnel::{Admission, Admit, BoxFuture};
+use quictun_proto::{CloseCode, Limits};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,27 +26,19 @@ use tonic::Status;
 use tonic::server::{Grpc, StreamingService};
 use tracing::{Instrument, debug, info_span};
 
-use crate::exchange::{End, Exchanges, IncomingExchange};
+use crate::exchange::End;
 use crate::flow::EXCHANGE_WINDOW;
-use crate::messages::{Codec, Payload, TunnelMessage, close_status};
-use crate::mux::{CONTROL_QUEUE, GrpcControl, OUTBOUND_QUEUE, Outbound};
+use crate::messages::{Codec, TunnelMessage, close_status};
+use crate::mux::{GrpcControl, Outbound};
+use crate::tunnel::{Closer, GrpcTunnel, ReaderTask, Start};
 use crate::window;
 
 /// Longest a TLS handshake may take.
 const TLS_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a closed tunnel's request stream is kept for the agent to read the close status.
-const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Called for every tunnel RPC: run registration and the session on these, and drop the
 /// connection's [`Admission`] once the agent has registered (or failed to).
-pub type OnAgent = Arc<dyn Fn(GrpcControl, Arc<GrpcLink>, Admission) + Send + Sync>;
-
-/// A new connection's place among those not registered yet, held until it registers.
-pub type Admission = Box<dyn std::any::Any + Send + Sync>;
-
-/// Asked for every accepted connection: its place among those not registered yet, or `None` to
-/// refuse it at once.
-pub type Admit = Arc<dyn Fn(SocketAddr) -> Option<Admission> + Send + Sync>;
+pub type OnAgent = Arc<dyn Fn(GrpcControl, Arc<GrpcTunnel>, Admission) + Send + Sync>;
 
 /// What the relay's gRPC listener needs from the relay.
 pub struct Listener {
@@ -164,22 +151,18 @@ impl StreamingService<TunnelMessage> for Connect {
 
     fn call(&mut self, request: tonic::Request<tonic::Streaming<TunnelMessage>>) -> Self::Future {
         let (outbound, senders) = Outbound::new();
-        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (close_tx, close_rx) = oneshot::channel();
-        let (requests_tx, requests_rx) = mpsc::channel(OUTBOUND_QUEUE);
-        let (limits, stall) = (self.setup.limits, self.setup.stall.scope(u64::from(EXCHANGE_WINDOW)));
-        let link = Arc::new(GrpcLink {
-            exchanges: Arc::new(Exchanges::new(End::Relay, &senders, limits, stall)),
-            requests: tokio::sync::Mutex::new(requests_rx),
+        let start = Start {
+            end: End::Relay,
+            senders,
+            closer: Closer::Status(Mutex::new(Some(close_tx))),
+            limits: self.setup.limits,
+            stall: self.setup.stall.scope(u64::from(EXCHANGE_WINDOW)),
             remote: self.peer,
-            close_tx: Mutex::new(Some(close_tx)),
-            reason: Mutex::new(None),
-        });
-        let control = GrpcControl::new(control_rx, senders.heads.clone(), limits.max_control_frame);
-        let reader = demux(request.into_inner(), control_tx, requests_tx, link.clone());
-        self.tasks.spawn(reader.in_current_span());
+        };
+        let (control, tunnel) = GrpcTunnel::start(start, request.into_inner(), ReaderTask::Tracked(&self.tasks));
         let admission = self.admission.take().unwrap_or_else(|| Box::new(()));
-        (self.setup.on_agent)(control, link, admission);
+        (self.setup.on_agent)(control, tunnel, admission);
         Box::pin(async move { Ok(tonic::Response::new(OutboundStream { outbound, close: Some(close_rx) })) })
     }
 }
@@ -206,123 +189,3 @@ impl Stream for OutboundStream {
 }
 
 use std::future::Future as _;
-
-/// Reads the agent's messages until the stream ends, never waiting on an exchange (see
-/// [`crate::flow`]).
-async fn demux(
-    mut inbound: tonic::Streaming<TunnelMessage>,
-    control: mpsc::Sender<ControlMessage>,
-    requests: mpsc::Sender<IncomingExchange>,
-    link: Arc<GrpcLink>,
-) {
-    let reason = loop {
-        let message = tokio::select! {
-            _ = link.exchanges.closed.cancelled() => break "closed by the relay".to_owned(),
-            message = inbound.message() => message,
-        };
-        let TunnelMessage { request_id: id, payload } = match message {
-            Ok(Some(message)) => message,
-            Ok(None) => break "agent ended the tunnel stream".to_owned(),
-            Err(status) => break format!("tunnel stream failed: {}", status.message()),
-        };
-        match payload {
-            Some(Payload::Control(bytes)) => {
-                match frame::decode_bounded::<ControlMessage>(&bytes, link.exchanges.limits.max_control_frame) {
-                    Ok(msg) => {
-                        if control.send(msg).await.is_err() {
-                            break "control channel closed".to_owned();
-                        }
-                    }
-                    Err(err) => {
-                        link.close(CloseCode::Protocol);
-                        break format!("malformed control message: {err}");
-                    }
-                }
-            }
-            Some(payload) => link.exchanges.dispatch(id, payload, &requests),
-            None => {
-                link.close(CloseCode::Protocol);
-                break "message without a payload".to_owned();
-            }
-        }
-    };
-    debug!(%reason, "gRPC tunnel reader stopped");
-    link.mark_closed(reason);
-    // Dropping the request stream now would reset the RPC (RST_STREAM CANCEL), and the agent's
-    // HTTP/2 stack may then discard the close status still on its way in the trailers: a replaced
-    // agent would take the reset for a lost connection and come back. Keep it until the agent
-    // ends its side, briefly.
-    let _ended = tokio::time::timeout(CLOSE_LINGER, async { while let Ok(Some(_)) = inbound.message().await {} }).await;
-}
-
-/// An agent reached over one gRPC stream.
-#[derive(Debug)]
-pub struct GrpcLink {
-    exchanges: Arc<Exchanges>,
-    /// Exchanges the agent opened (egress), waiting to be served.
-    requests: tokio::sync::Mutex<mpsc::Receiver<IncomingExchange>>,
-    remote: SocketAddr,
-    close_tx: Mutex<Option<oneshot::Sender<CloseCode>>>,
-    reason: Mutex<Option<String>>,
-}
-
-impl GrpcLink {
-    fn mark_closed(&self, reason: String) {
-        let mut slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
-        slot.get_or_insert(reason);
-        drop(slot);
-        self.exchanges.close();
-    }
-}
-
-impl AgentLink for GrpcLink {
-    fn exchange(
-        &self,
-        head: RequestHead,
-        body: TunnelBody,
-        client: Option<IpAddr>,
-    ) -> BoxFuture<'_, Result<(ResponseHead, TunnelBody), LinkError>> {
-        Box::pin(self.exchanges.open(head, body, client))
-    }
-
-    fn close(&self, code: CloseCode) {
-        if let Some(tx) = self.close_tx.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _receiver_gone = tx.send(code);
-        }
-        self.mark_closed(format!("closed: {}", String::from_utf8_lossy(code.reason())));
-    }
-
-    fn is_closed(&self) -> bool {
-        self.exchanges.is_closed()
-    }
-
-    fn closed(&self) -> BoxFuture<'_, String> {
-        Box::pin(async move {
-            self.exchanges.closed.cancelled().await;
-            self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default()
-        })
-    }
-
-    fn remote_addr(&self) -> SocketAddr {
-        self.remote
-    }
-
-    fn transport(&self) -> &'static str {
-        "grpc"
-    }
-
-    fn serve_peer_requests(
-        &self,
-        handler: Arc<dyn RequestHandler>,
-        tasks: TaskTracker,
-        cancel: CancellationToken,
-    ) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            let mut requests = self.requests.lock().await;
-            while let Some(exchange) = requests.recv().await {
-                let work = self.exchanges.clone().serve(handler.clone(), exchange).in_current_span();
-                quictun_core::spawn_cancellable(&tasks, &cancel, work);
-            }
-        })
-    }
-}

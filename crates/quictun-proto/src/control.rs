@@ -51,8 +51,10 @@ pub struct Register {
 pub struct Accepted {
     /// Identifies this session in logs on both sides.
     pub session_id: Uuid,
-    /// How often each side sends a heartbeat; a peer silent for several intervals is dropped.
+    /// How often each side sends a heartbeat.
     pub heartbeat_interval_ms: u32,
+    /// A peer silent for this many heartbeat intervals is dropped, by either side.
+    pub heartbeat_misses: u32,
     /// The agent's configuration at the time of registration.
     pub config: AgentConfig,
 }

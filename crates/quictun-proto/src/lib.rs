@@ -37,4 +37,7 @@ pub const ALPN: &[u8] = b"quictun/1";
 /// 2: the gRPC transport's per-exchange flow control (credit and stop messages, without which a
 /// version-1 peer would never be granted more than a window), and head frames that may carry the
 /// headers the relay adds on top of a client's 128 ([`limits::ADDED_HEADERS`]).
-pub const PROTOCOL_VERSION: u16 = 2;
+///
+/// 3: [`Accepted`] carries the heartbeat misses both ends apply, so the relay sets the silence
+/// limit for both.
+pub const PROTOCOL_VERSION: u16 = 3;

@@ -48,8 +48,13 @@ fn control() -> impl Strategy<Value = ControlMessage> {
                 agent_version: a,
             })
         }),
-        (any::<u128>(), any::<u32>(), agent_config()).prop_map(|(id, hb, config)| {
-            ControlMessage::Accepted(Accepted { session_id: Uuid::from_u128(id), heartbeat_interval_ms: hb, config })
+        (any::<u128>(), any::<u32>(), any::<u32>(), agent_config()).prop_map(|(id, hb, misses, config)| {
+            ControlMessage::Accepted(Accepted {
+                session_id: Uuid::from_u128(id),
+                heartbeat_interval_ms: hb,
+                heartbeat_misses: misses,
+                config,
+            })
         }),
         (reject_code(), text()).prop_map(|(code, message)| ControlMessage::Rejected(Rejected { code, message })),
         agent_config().prop_map(ControlMessage::ConfigSync),

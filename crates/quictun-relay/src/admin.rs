@@ -46,7 +46,7 @@ fn sessions(shared: &Shared) -> Vec<SessionInfo> {
             group: s.group.to_string(),
             session_id: s.session_id.to_string(),
             remote_addr: s.remote().to_string(),
-            transport: s.link.transport(),
+            transport: s.tunnel.transport().as_str(),
             connected_since: s.connected_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             rtt_ms: s.rtt().map(|d| d.as_secs_f64() * 1000.0),
             in_flight: s.in_flight(),

@@ -70,10 +70,10 @@ pub fn choose(members: &[Arc<Session>], cursor: usize, choice: &Choice<'_>) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fake_link::{FakeLink, session_on};
+    use crate::fake_tunnel::{FakeTunnel, session_on};
 
     fn session(id: &str) -> Arc<Session> {
-        session_on(id, "g", FakeLink::default())
+        session_on(id, "g", FakeTunnel::default())
     }
 
     #[tokio::test]

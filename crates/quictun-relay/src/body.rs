@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
-use quictun_core::link::BodyError;
+use quictun_core::body::BodyError;
 use tokio::time::{Instant, Sleep};
 
 /// Set when a body went over its size limit, so the request can be answered 413.
@@ -268,11 +268,11 @@ mod tests {
 /// Holds a request body until a transport first reads it, so a request whose stream could not be
 /// opened can be sent again, whole, to another agent.
 #[derive(Clone)]
-pub struct BodySlot(Arc<std::sync::Mutex<Option<quictun_core::link::TunnelBody>>>);
+pub struct BodySlot(Arc<std::sync::Mutex<Option<quictun_core::body::TunnelBody>>>);
 
 impl BodySlot {
     /// A slot holding `body`.
-    pub fn new(body: quictun_core::link::TunnelBody) -> Self {
+    pub fn new(body: quictun_core::body::TunnelBody) -> Self {
         Self(Arc::new(std::sync::Mutex::new(Some(body))))
     }
 
@@ -282,7 +282,7 @@ impl BodySlot {
     }
 
     /// A body that takes the held one on its first read.
-    pub fn body(&self) -> quictun_core::link::TunnelBody {
+    pub fn body(&self) -> quictun_core::body::TunnelBody {
         use http_body_util::BodyExt;
         SlotBody { slot: self.clone(), inner: None }.boxed_unsync()
     }
@@ -290,7 +290,7 @@ impl BodySlot {
 
 struct SlotBody {
     slot: BodySlot,
-    inner: Option<quictun_core::link::TunnelBody>,
+    inner: Option<quictun_core::body::TunnelBody>,
 }
 
 impl Body for SlotBody {

@@ -85,7 +85,7 @@ pub struct RelaySection {
     /// Which transports agents may use: `all` (default), `quic` or `grpc`.
     pub transport: TransportChoice,
     /// QUIC congestion controller: `bbr` (default) or `cubic`.
-    pub congestion: quictun_core::Congestion,
+    pub congestion: quictun_quic::Congestion,
     /// PEM certificate; generated when missing.
     pub cert: PathBuf,
     /// PEM private key; generated when missing.
@@ -170,15 +170,15 @@ impl Default for RelaySection {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             grpc_listen: SocketAddr::from(([0, 0, 0, 0], 4434)),
             transport: TransportChoice::All,
-            congestion: quictun_core::Congestion::Bbr,
+            congestion: quictun_quic::Congestion::Bbr,
             cert: PathBuf::from("certs/relay.crt"),
             key: PathBuf::from("certs/relay.key"),
             heartbeat_interval_ms: 5_000,
             heartbeat_misses: 3,
             max_streams_per_agent: 1024,
             max_egress_streams_per_agent: 16,
-            stream_window: quictun_core::Tuning::default().stream_window,
-            connection_window: quictun_core::Tuning::default().connection_window,
+            stream_window: quictun_quic::Tuning::default().stream_window,
+            connection_window: quictun_quic::Tuning::default().connection_window,
             stall_timeout_ms: 1000,
             max_stalled_bytes: quictun_core::stall::StallLimits::default().total,
             max_stalled_bytes_per_ip: quictun_core::stall::StallLimits::default().per_client,

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use quictun_core::link::{BoxFuture, RequestHandler, TunnelBody};
+use quictun_core::body::TunnelBody;
+use quictun_core::tunnel::{BoxFuture, RequestHandler};
 use quictun_proto::{Header, Limits, RequestHead, ResponseHead, StreamCode, StreamKind};
 use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info_span, warn};

@@ -24,7 +24,7 @@ pub mod config;
 pub mod conn_clock;
 pub mod egress;
 #[cfg(test)]
-mod fake_link;
+mod fake_tunnel;
 pub mod ingress;
 pub mod metrics;
 pub mod proxy;
@@ -40,8 +40,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use quictun_core::Pin;
 use quictun_core::tls::CertKey;
-use quictun_core::{Pin, Tuning};
+use quictun_quic::Tuning;
 use tracing::{Instrument, info};
 
 pub use config::{ConfigError, RelayConfig};
@@ -54,7 +55,7 @@ use crate::state::Shared;
 pub enum RelayError {
     /// The QUIC endpoint could not be set up.
     #[error("QUIC listener: {0}")]
-    Quic(#[from] quictun_core::endpoint::EndpointError),
+    Quic(#[from] quictun_quic::endpoint::EndpointError),
     /// A TCP listener could not be bound.
     #[error("{what} listener on {addr}: {source}")]
     Bind {
@@ -126,8 +127,8 @@ impl Relay {
             ..Tuning::default()
         };
         let grpc_tls = quictun_core::tls::server_config_with_alpn(cert.clone(), b"h2")
-            .map_err(quictun_core::endpoint::EndpointError::from)?;
-        let endpoint = quictun_core::endpoint::server_endpoint(settings.quic_listen, cert, &tuning)?;
+            .map_err(quictun_quic::endpoint::EndpointError::from)?;
+        let endpoint = quictun_quic::endpoint::server_endpoint(settings.quic_listen, cert, &tuning)?;
         let quic_addr = endpoint.local_addr().map_err(|source| RelayError::Bind {
             what: "QUIC",
             addr: settings.quic_listen,
@@ -142,15 +143,15 @@ impl Relay {
         let grpc_addr = if settings.transport.grpc() {
             let (listener, addr) = bind_tcp("gRPC", settings.grpc_listen).await?;
             let on_agent_shared = shared.clone();
-            let on_agent: quictun_grpc::server::OnAgent = Arc::new(move |control, link, admission| {
+            let on_agent: quictun_grpc::server::OnAgent = Arc::new(move |control, tunnel, admission| {
                 let shared = on_agent_shared.clone();
-                let serve = registration::serve_agent(control, link, shared, admission);
+                let serve = registration::serve_agent(control, tunnel, shared, admission);
                 on_agent_shared.tasks.spawn(serve.in_current_span());
             });
             let admit_shared = shared.clone();
-            let admit: quictun_grpc::server::Admit = Arc::new(move |peer| {
+            let admit: quictun_core::tunnel::Admit = Arc::new(move |peer| {
                 let slot = quic::admit_pending(&admit_shared, peer.ip())?;
-                Some(Box::new(slot) as quictun_grpc::server::Admission)
+                Some(Box::new(slot) as quictun_core::tunnel::Admission)
             });
             let setup = quictun_grpc::server::Listener {
                 tls: Arc::new(grpc_tls),
@@ -277,9 +278,9 @@ impl Relay {
         if tokio::time::timeout(drain + Duration::from_secs(1), ingresses).await.is_err() {
             tracing::warn!("ingress did not stop after the drain timeout");
         }
-        quictun_core::close_endpoint(&self.endpoint, quictun_proto::CloseCode::GoingAway);
+        quictun_quic::close_endpoint(&self.endpoint, quictun_proto::CloseCode::GoingAway);
         for session in self.shared.sessions.all() {
-            session.link.close(quictun_proto::CloseCode::GoingAway);
+            session.tunnel.close(quictun_proto::CloseCode::GoingAway);
         }
         self.shared.stopped.cancel();
         if tokio::time::timeout(Duration::from_secs(2), self.shared.tasks.wait()).await.is_err() {
@@ -293,9 +294,9 @@ impl Relay {
     pub fn abort(&self) {
         self.shared.shutdown.cancel();
         self.shared.stopped.cancel();
-        quictun_core::close_endpoint(&self.endpoint, quictun_proto::CloseCode::GoingAway);
+        quictun_quic::close_endpoint(&self.endpoint, quictun_proto::CloseCode::GoingAway);
         for session in self.shared.sessions.all() {
-            session.link.close(quictun_proto::CloseCode::GoingAway);
+            session.tunnel.close(quictun_proto::CloseCode::GoingAway);
         }
     }
 }

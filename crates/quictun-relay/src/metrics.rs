@@ -18,6 +18,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use quictun_core::admin::{DirectionLabel, latency_histogram};
+use quictun_core::tunnel::TransportKind;
 
 use crate::sessions::SessionManager;
 
@@ -154,8 +155,8 @@ impl RelayMetrics {
         );
         let bytes_to_agent = bytes.get_or_create(&DirectionLabel { direction: "to_agent" }).clone();
         let bytes_from_agent = bytes.get_or_create(&DirectionLabel { direction: "from_agent" }).clone();
-        for transport in ["quic", "grpc"] {
-            agents.get_or_create(&TransportLabel { transport }).set(0);
+        for transport in TransportKind::ALL {
+            agents.get_or_create(&TransportLabel { transport: transport.as_str() }).set(0);
         }
         Self {
             registry,
@@ -204,9 +205,10 @@ impl RelayMetrics {
     /// The registry in the OpenMetrics text format, with the session gauges refreshed first.
     pub fn render(&self, sessions: &SessionManager) -> String {
         let all = sessions.all();
-        for transport in ["quic", "grpc"] {
-            let count = all.iter().filter(|s| s.link.transport() == transport).count();
-            self.agents.get_or_create(&TransportLabel { transport }).set(i64::try_from(count).unwrap_or(i64::MAX));
+        for transport in TransportKind::ALL {
+            let count = all.iter().filter(|s| s.tunnel.transport() == transport).count();
+            let label = TransportLabel { transport: transport.as_str() };
+            self.agents.get_or_create(&label).set(i64::try_from(count).unwrap_or(i64::MAX));
         }
         let streams: u64 = all.iter().map(|s| u64::from(s.in_flight())).sum();
         self.active_streams.set(i64::try_from(streams).unwrap_or(i64::MAX));

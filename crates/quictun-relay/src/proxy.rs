@@ -15,12 +15,13 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use quictun_core::body_frames::may_have_trailers;
+use quictun_core::body::{BodyError, TunnelBody};
 use quictun_core::edge::forwarded::{Hop, forwarding_headers, is_forwarding_header};
 use quictun_core::edge::host::{HostError, request_authority};
 use quictun_core::edge::path::{self, PathError};
-use quictun_core::http_stream::{accepts_trailers, connection_listed, headers_from_wire, is_hop_by_hop, wire_header};
-use quictun_core::link::{BodyError, LinkError, TunnelBody};
+use quictun_core::framing::may_have_trailers;
+use quictun_core::http::{accepts_trailers, connection_listed, headers_from_wire, is_hop_by_hop, wire_header};
+use quictun_core::tunnel::ExchangeError;
 use quictun_proto::{Header, RequestHead, StreamCode, StreamKind};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -70,7 +71,7 @@ pub enum ProxyError {
     NoAgent(Arc<str>),
     /// The exchange with the agent failed before a response head arrived.
     #[error(transparent)]
-    Link(#[from] LinkError),
+    Exchange(#[from] ExchangeError),
     /// The agent sent an unusable response head.
     #[error("invalid response from agent: {0}")]
     BadResponse(String),
@@ -103,7 +104,7 @@ impl ProxyError {
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UploadTooSlow(_) => StatusCode::REQUEST_TIMEOUT,
             Self::AddressBusy => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Link(err) => StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::BAD_GATEWAY),
+            Self::Exchange(err) => StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::BAD_GATEWAY),
             Self::NoAgent(_) | Self::BadResponse(_) => StatusCode::BAD_GATEWAY,
         }
     }
@@ -112,16 +113,16 @@ impl ProxyError {
     pub fn reject_reason(&self) -> Option<Reject> {
         Some(match self {
             Self::BadHost(_) | Self::BadPath(_) => Reject::bad_request,
-            Self::TooManyHeaders { .. } | Self::Link(LinkError::HeadTooLarge(_)) => Reject::headers_too_large,
+            Self::TooManyHeaders { .. } | Self::Exchange(ExchangeError::HeadTooLarge(_)) => Reject::headers_too_large,
             Self::NoRoute { .. } => Reject::no_route,
             Self::NoAgent(_) => Reject::no_agent,
-            Self::Link(LinkError::Busy) => Reject::agent_busy,
+            Self::Exchange(ExchangeError::Busy) => Reject::agent_busy,
             Self::RouteBusy(_) => Reject::route_busy,
             Self::BodyTooLarge(_) => Reject::body_too_large,
             Self::UploadTooSlow(_) => Reject::upload_too_slow,
             Self::AddressBusy => Reject::ip_requests,
             Self::Timeout(_) => Reject::timeout,
-            Self::Link(_) | Self::BadResponse(_) => return None,
+            Self::Exchange(_) | Self::BadResponse(_) => return None,
         })
     }
 
@@ -309,11 +310,11 @@ fn forwarded_headers(
 }
 
 /// Failures that say the agent (or what is behind it) is unwell, as opposed to the request.
-fn counts_against_the_agent(err: &LinkError) -> bool {
+fn counts_against_the_agent(err: &ExchangeError) -> bool {
     match err {
-        LinkError::NotOpened | LinkError::Lost | LinkError::Protocol(_) => true,
-        LinkError::Reset(code) => matches!(code, StreamCode::UpstreamConnect | StreamCode::UpstreamFailed),
-        LinkError::Busy | LinkError::HeadTooLarge(_) => false,
+        ExchangeError::NotOpened | ExchangeError::Lost | ExchangeError::Protocol(_) => true,
+        ExchangeError::Reset(code) => matches!(code, StreamCode::UpstreamConnect | StreamCode::UpstreamFailed),
+        ExchangeError::Busy | ExchangeError::HeadTooLarge(_) => false,
     }
 }
 
@@ -369,7 +370,7 @@ async fn forward(
         None => agent_after_startup(shared, &group).await?,
     };
     tracing::Span::current().record("client_id", &*session.client_id);
-    let agent_slot = session.try_stream_permit().ok_or(ProxyError::Link(LinkError::Busy))?;
+    let agent_slot = session.try_stream_permit().ok_or(ProxyError::Exchange(ExchangeError::Busy))?;
     let is_upgrade = is_upgrade_request(req.version(), req.headers());
     let mut headers = forwarded_headers(shared, &req, host, peer, request_id);
     if is_upgrade {
@@ -407,10 +408,10 @@ async fn forward(
     // Kept for a retry only where another agent could take it (not on the common single-agent path).
     let retry_head = (shared.sessions.group_len(&group) > 1).then(|| head.clone());
     let client = Some(peer.addr.ip());
-    let mut attempt = tokio::time::timeout(deadline, session.link.exchange(head, body.body(), client)).await;
+    let mut attempt = tokio::time::timeout(deadline, session.tunnel.open(head, body.body(), client)).await;
     // A stream that could not be opened sent nothing: the request goes once to another agent.
     if let Some(head) = retry_head
-        && matches!(attempt, Ok(Err(LinkError::NotOpened)))
+        && matches!(attempt, Ok(Err(ExchangeError::NotOpened)))
         && body.untouched()
     {
         let other = shared.sessions.choose(&group, &choice(Some(session.session_id)));
@@ -419,7 +420,7 @@ async fn forward(
             warn!(from = %session.client_id, to = %other.client_id, "stream could not be opened: retrying on another agent");
             (session, agent_slot) = (other, permit);
             tracing::Span::current().record("client_id", &*session.client_id);
-            attempt = tokio::time::timeout(deadline, session.link.exchange(head, body.body(), client)).await;
+            attempt = tokio::time::timeout(deadline, session.tunnel.open(head, body.body(), client)).await;
         }
     }
     let (response_head, body) = match attempt {

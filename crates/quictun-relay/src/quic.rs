@@ -1,27 +1,23 @@
-//! The QUIC transport on the relay: accept loop, handshake, and the control stream. Streams the
-//! agent opens (its egress requests) are served once it has registered (see
-//! [`crate::egress`]); until then they wait, within the agent's stream limit.
-//!
-//! The handshake and the control stream each have a deadline and run in the connection's own
-//! task, never in the accept loop, so a slow or hostile client cannot stall other agents.
+//! The QUIC transport on the relay: the admission rules (handshake rate, pending caps) and the
+//! hand-over of each accepted agent to registration. Streams the agent opens (its egress
+//! requests) are served once it has registered (see [`crate::egress`]); until then they wait,
+//! within the agent's stream limit.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use quictun_core::tunnel::{Admission, Admit};
+use quictun_quic::accept::{Listener, OnAgent};
+use tracing::{Instrument, debug};
+
 use crate::admission::{PendingRefused, PendingSlot};
-use quictun_core::framed::ControlChannel;
-use quictun_core::quic_link::QuicLink;
-use quictun_proto::CloseCode;
-use tracing::{Instrument, debug, info_span};
 
 use crate::metrics::Reject;
 use crate::registration::serve_agent;
 use crate::state::Shared;
 
-/// Longest a QUIC handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// New connections per address, or `None` without a limit.
 type HandshakeLimiter = governor::DefaultKeyedRateLimiter<IpAddr>;
 
@@ -51,63 +47,44 @@ pub fn admit_pending(shared: &Shared, ip: IpAddr) -> Option<PendingSlot> {
     }
 }
 
-/// Accepts QUIC connections until shutdown; each is served in its own tracked task. A new
-/// connection over its address's handshake rate, or beyond the pending-connection caps (the
-/// relay's, its network's), is refused at once, before any cryptography.
+/// Accepts QUIC connections until shutdown (see [`quictun_quic::accept`]). A new connection
+/// over its address's handshake rate, or beyond the pending-connection caps (the relay's, its
+/// network's), is refused at once, before any cryptography.
 pub async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
-    let limiter = handshake_limiter(&shared);
-    let mut sweep = tokio::time::interval(LIMITER_SWEEP);
-    loop {
-        let incoming = tokio::select! {
-            _ = shared.shutdown.cancelled() => break,
-            _ = sweep.tick() => {
-                if let Some(limiter) = &limiter {
-                    limiter.retain_recent();
-                }
-                continue;
+    let limiter = handshake_limiter(&shared).map(Arc::new);
+    if let Some(limiter) = limiter.clone() {
+        // Addresses that stopped connecting are forgotten.
+        let sweep = async move {
+            let mut sweep = tokio::time::interval(LIMITER_SWEEP);
+            loop {
+                sweep.tick().await;
+                limiter.retain_recent();
             }
-            incoming = endpoint.accept() => match incoming {
-                Some(incoming) => incoming,
-                None => break,
-            },
         };
-        let remote = incoming.remote_address();
-        if limiter.as_ref().is_some_and(|l| l.check_key(&remote.ip()).is_err()) {
-            shared.metrics.reject(Reject::handshake_rate);
-            debug!(%remote, "new connections from this address over the handshake rate: refused");
-            incoming.refuse();
-            continue;
-        }
-        let Some(slot) = admit_pending(&shared, remote.ip()) else {
-            incoming.refuse();
-            continue;
-        };
-        let shared2 = shared.clone();
-        shared.tasks.spawn(async move {
-            serve_connection(incoming, slot, shared2).instrument(info_span!("agent", %remote)).await;
-        });
+        quictun_core::spawn_cancellable(&shared.tasks, &shared.stopped, sweep);
     }
-    debug!("QUIC accept loop stopped");
-}
-
-/// Handshake, control stream, then the agent's session. `slot` counts the connection as pending
-/// until it has registered.
-async fn serve_connection(incoming: quinn::Incoming, slot: PendingSlot, shared: Arc<Shared>) {
-    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(err)) => return debug!(%err, "QUIC handshake failed"),
-        Err(_) => return debug!("QUIC handshake timed out"),
-    };
-    let register_timeout = Duration::from_secs(shared.settings.register_timeout_secs);
-    let (send, recv) = match tokio::time::timeout(register_timeout, conn.accept_bi()).await {
-        Ok(Ok(streams)) => streams,
-        Ok(Err(err)) => return debug!(%err, "connection closed before the control stream"),
-        Err(_) => {
-            quictun_core::close(&conn, CloseCode::HandshakeTimeout);
-            return debug!("no control stream in time");
+    let admit_shared = shared.clone();
+    let admit: Admit = Arc::new(move |remote: SocketAddr| {
+        if limiter.as_ref().is_some_and(|l| l.check_key(&remote.ip()).is_err()) {
+            admit_shared.metrics.reject(Reject::handshake_rate);
+            debug!(%remote, "new connections from this address over the handshake rate: refused");
+            return None;
         }
+        let slot = admit_pending(&admit_shared, remote.ip())?;
+        Some(Box::new(slot) as Admission)
+    });
+    let agent_shared = shared.clone();
+    let on_agent: OnAgent = Arc::new(move |control, tunnel, admission| {
+        let serve = serve_agent(control, tunnel, agent_shared.clone(), admission);
+        agent_shared.tasks.spawn(serve.in_current_span());
+    });
+    let listener = Listener {
+        admit,
+        on_agent,
+        limits: shared.limits,
+        register_timeout: Duration::from_secs(shared.settings.register_timeout_secs),
+        stall: shared.reclaimer.clone(),
+        stream_window: u64::from(shared.settings.stream_window),
     };
-    let control = ControlChannel::new(send, recv, shared.limits.max_control_frame);
-    let stall = shared.reclaimer.scope(u64::from(shared.settings.stream_window));
-    serve_agent(control, Arc::new(QuicLink::new(conn, shared.limits, stall)), shared, Box::new(slot)).await;
+    quictun_quic::accept::serve(endpoint, Arc::new(listener), shared.shutdown.clone(), shared.tasks.clone()).await;
 }

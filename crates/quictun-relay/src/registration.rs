@@ -2,12 +2,14 @@
 //! deadline, authenticate, answer accepted or rejected, then heartbeats, config_sync and go-away
 //! until the connection ends. The session is in the session manager exactly while this runs.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use quictun_core::framed::ControlError;
+use quictun_core::control::{ControlError, ControlIo, message_name};
 use quictun_core::heartbeat::Heartbeats;
-use quictun_core::link::{AgentLink, ControlIo};
+use quictun_core::session::{Action, Role};
+use quictun_core::tunnel::{Admission, ProtocolViolation, Tunnel};
 use quictun_proto::{Accepted, CloseCode, ControlMessage, GoAway, RejectCode, Rejected};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -20,52 +22,39 @@ use crate::state::Shared;
 /// How long a rejected agent gets to read the rejection before the connection is closed.
 const REJECT_LINGER: Duration = Duration::from_secs(2);
 
-/// The name of a control message, for logs.
-pub fn kind(msg: &ControlMessage) -> &'static str {
-    match msg {
-        ControlMessage::Register(_) => "register",
-        ControlMessage::Accepted(_) => "accepted",
-        ControlMessage::Rejected(_) => "rejected",
-        ControlMessage::ConfigSync(_) => "config_sync",
-        ControlMessage::Heartbeat(_) => "heartbeat",
-        ControlMessage::HeartbeatAck(_) => "heartbeat_ack",
-        ControlMessage::GoAway(_) => "go_away",
-    }
-}
-
-async fn reject<C: ControlIo>(control: &mut C, link: &dyn AgentLink, rejected: Rejected) {
+async fn reject<C: ControlIo>(control: &mut C, tunnel: &dyn Tunnel, rejected: Rejected) {
     // Best effort: the agent learns why, then we close whatever it does.
     if let Err(err) = control.send(ControlMessage::Rejected(rejected)).await {
         tracing::debug!(%err, "could not deliver the rejection");
     }
     control.finish();
-    let _lingered = tokio::time::timeout(REJECT_LINGER, link.closed()).await;
-    link.close(CloseCode::Rejected);
+    let _lingered = tokio::time::timeout(REJECT_LINGER, tunnel.closed()).await;
+    tunnel.close(CloseCode::Rejected);
 }
 
 /// Registers the agent on `control` and serves its session until the connection ends.
 /// `admission` holds the connection's place among those not registered yet until then.
 pub async fn serve_agent<C: ControlIo>(
     mut control: C,
-    link: Arc<dyn AgentLink>,
+    tunnel: Arc<dyn Tunnel>,
     shared: Arc<Shared>,
-    admission: Box<dyn std::any::Any + Send + Sync>,
+    admission: Admission,
 ) {
     let register_timeout = Duration::from_secs(shared.settings.register_timeout_secs);
     let register = match control.recv_within(register_timeout).await {
         Ok(ControlMessage::Register(register)) => register,
         Ok(other) => {
-            link.close(CloseCode::Protocol);
-            return warn!(message = kind(&other), "first control message was not register");
+            tunnel.close(CloseCode::Protocol);
+            return warn!(message = message_name(&other), "first control message was not register");
         }
         Err(err) => {
             let code =
                 if matches!(err, ControlError::Timeout(_)) { CloseCode::HandshakeTimeout } else { CloseCode::Protocol };
-            link.close(code);
+            tunnel.close(code);
             return warn!(%err, "no valid register message");
         }
     };
-    let span = info_span!("session", client_id = %register.client_id, transport = link.transport());
+    let span = info_span!("session", client_id = %register.client_id, transport = tunnel.transport().as_str());
     let live = shared.live();
     let authenticated = live.authenticate(&register);
     // Registered or refused: no longer pending either way.
@@ -74,19 +63,19 @@ pub async fn serve_agent<C: ControlIo>(
         Ok(group) if !shared.shutdown.is_cancelled() => group,
         Ok(_) => {
             let rejected = Rejected { code: RejectCode::ShuttingDown, message: "relay is shutting down".into() };
-            return reject(&mut control, link.as_ref(), rejected).await;
+            return reject(&mut control, tunnel.as_ref(), rejected).await;
         }
         Err(rejected) => {
             shared.metrics.reject(crate::metrics::Reject::registration);
             span.in_scope(|| warn!(code = ?rejected.code, reason = %rejected.message, "registration rejected"));
-            return reject(&mut control, link.as_ref(), rejected).await;
+            return reject(&mut control, tunnel.as_ref(), rejected).await;
         }
     };
     let (commands, command_rx) = mpsc::channel(8);
     let session = Arc::new(Session::new(
         &register.client_id,
         &group,
-        link.clone(),
+        tunnel.clone(),
         shared.settings.max_streams_per_agent,
         shared.settings.heartbeat_interval(),
         commands,
@@ -95,6 +84,7 @@ pub async fn serve_agent<C: ControlIo>(
     let accepted = Accepted {
         session_id: session.session_id,
         heartbeat_interval_ms: shared.settings.heartbeat_interval_ms,
+        heartbeat_misses: shared.settings.heartbeat_misses,
         config: live.agent_config(&group),
     };
     drop(live);
@@ -109,10 +99,18 @@ pub async fn serve_agent<C: ControlIo>(
         // The agent's egress requests are served while the session lasts.
         let egress = CancellationToken::new();
         let handler = Arc::new(EgressHandler::new(shared.clone(), Arc::from(session.group.as_ref())));
-        let (egress_link, tasks, cancel) = (link.clone(), shared.tasks.clone(), egress.clone());
-        let serve_egress = async move { egress_link.serve_peer_requests(handler, tasks, cancel).await };
+        let (egress_tunnel, tasks, cancel) = (tunnel.clone(), shared.tasks.clone(), egress.clone());
+        let serve_egress = async move {
+            egress_tunnel.serve(handler, tasks, cancel).await;
+        };
         quictun_core::spawn_cancellable(&shared.tasks, &egress, serve_egress.in_current_span());
-        let reason = run_session(&mut control, &session, command_rx, &shared).await;
+        let mut heartbeats = Heartbeats::new(shared.settings.heartbeat_interval(), shared.settings.heartbeat_misses);
+        let mut role = RelayRole { session: &session, shared: &shared, commands: command_rx, going_away: false };
+        let ended = quictun_core::session::run(&mut control, tunnel.as_ref(), &mut heartbeats, &mut role).await;
+        let reason = match ended {
+            Err(reason) => reason,
+            Ok(never) => match never {},
+        };
         egress.cancel();
         shared.sessions.remove(&session);
         info!(session_id = %session.session_id, %reason, "agent disconnected");
@@ -121,75 +119,52 @@ pub async fn serve_agent<C: ControlIo>(
     .await;
 }
 
-/// Runs a registered session until its connection ends; returns why it ended.
-async fn run_session<C: ControlIo>(
-    control: &mut C,
-    session: &Arc<Session>,
-    mut commands: mpsc::Receiver<SessionCommand>,
-    shared: &Arc<Shared>,
-) -> String {
-    let link = &session.link;
-    let mut heartbeats = Heartbeats::new(shared.settings.heartbeat_interval(), shared.settings.heartbeat_misses);
-    let mut going_away = false;
-    let closed = link.closed();
-    tokio::pin!(closed);
-    loop {
-        let outgoing = tokio::select! {
-            reason = &mut closed => return reason,
-            _ = shared.shutdown.cancelled(), if !going_away => {
+/// What the relay does in a session beyond heartbeats: tracks the agent's health, takes its
+/// go-away, and sends config_sync and its own go-away.
+struct RelayRole<'a> {
+    session: &'a Arc<Session>,
+    shared: &'a Shared,
+    commands: mpsc::Receiver<SessionCommand>,
+    going_away: bool,
+}
+
+impl Role for RelayRole<'_> {
+    /// The relay never ends a session by itself: it ends when the tunnel closes.
+    type End = Infallible;
+
+    fn heard(&mut self) {
+        self.session.heard();
+    }
+
+    fn round_trip(&mut self, rtt: Duration) {
+        self.session.set_rtt(rtt);
+    }
+
+    fn on_message(&mut self, msg: ControlMessage) -> Result<(), ProtocolViolation> {
+        match msg {
+            ControlMessage::GoAway(go) => {
+                info!(reason = %go.reason, drain_ms = go.drain_ms, "agent going away");
+                self.session.set_draining();
+                self.shared.sessions.remove(self.session);
+                Ok(())
+            }
+            other => Err(ProtocolViolation::Unexpected(message_name(&other))),
+        }
+    }
+
+    async fn next(&mut self) -> Action<Infallible> {
+        tokio::select! {
+            _ = self.shared.shutdown.cancelled(), if !self.going_away => {
                 // The session stays in use: requests the ingress accepted before the signal still
                 // need it while the relay drains. The agent learns to expect the close.
-                going_away = true;
-                let drain_ms = u32::try_from(shared.settings.drain_timeout_secs.saturating_mul(1000)).unwrap_or(u32::MAX);
-                Some(ControlMessage::GoAway(GoAway { drain_ms, reason: "relay shutting down".into() }))
+                self.going_away = true;
+                let drain_ms = u32::try_from(self.shared.settings.drain_timeout_secs.saturating_mul(1000)).unwrap_or(u32::MAX);
+                Action::Send(ControlMessage::GoAway(GoAway { drain_ms, reason: "relay shutting down".into() }))
             }
-            msg = control.recv() => match msg {
-                Ok(ControlMessage::Heartbeat(hb)) => {
-                    session.heard();
-                    Some(heartbeats.on_heartbeat(hb))
-                }
-                Ok(ControlMessage::HeartbeatAck(hb)) => {
-                    session.heard();
-                    session.set_rtt(heartbeats.on_ack(hb));
-                    None
-                }
-                Ok(ControlMessage::GoAway(go)) => {
-                    info!(reason = %go.reason, drain_ms = go.drain_ms, "agent going away");
-                    heartbeats.heard();
-                    session.set_draining();
-                    shared.sessions.remove(session);
-                    None
-                }
-                Ok(other) => {
-                    link.close(CloseCode::Protocol);
-                    return format!("protocol violation: unexpected {}", kind(&other));
-                }
-                Err(ControlError::Frame(err)) => {
-                    link.close(CloseCode::Protocol);
-                    return format!("malformed control frame: {err}");
-                }
-                Err(err) => return err.to_string(),
+            Some(command) = self.commands.recv() => match command {
+                SessionCommand::ConfigSync(config) => Action::Send(ControlMessage::ConfigSync(config)),
             },
-            tick = heartbeats.tick() => match tick {
-                Ok(heartbeat) => Some(heartbeat),
-                Err(silent) => {
-                    link.close(CloseCode::HeartbeatTimeout);
-                    return silent.to_string();
-                }
-            },
-            Some(cmd) = commands.recv() => match cmd {
-                SessionCommand::ConfigSync(config) => Some(ControlMessage::ConfigSync(config)),
-            },
-        };
-        if let Some(msg) = outgoing {
-            match tokio::time::timeout(heartbeats.silence_limit(), control.send(msg)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => return format!("control stream write failed: {err}"),
-                Err(_) => {
-                    link.close(CloseCode::HeartbeatTimeout);
-                    return "control stream blocked: agent is not reading".into();
-                }
-            }
+            else => std::future::pending().await,
         }
     }
 }

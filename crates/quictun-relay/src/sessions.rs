@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
-use quictun_core::link::AgentLink;
+use quictun_core::tunnel::Tunnel;
 use quictun_proto::{AgentConfig, CloseCode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use uuid::Uuid;
@@ -33,8 +33,8 @@ pub struct Session {
     pub group: Arc<str>,
     /// Unique per connection.
     pub session_id: Uuid,
-    /// The transport's handle on the agent.
-    pub link: Arc<dyn AgentLink>,
+    /// The tunnel to the agent.
+    pub tunnel: Arc<dyn Tunnel>,
     /// When the session registered.
     pub connected_at: SystemTime,
     streams: Arc<Semaphore>,
@@ -71,7 +71,7 @@ impl Session {
     pub fn new(
         client_id: &str,
         group: &str,
-        link: Arc<dyn AgentLink>,
+        tunnel: Arc<dyn Tunnel>,
         max_streams: u32,
         heartbeat_interval: Duration,
         commands: mpsc::Sender<SessionCommand>,
@@ -80,7 +80,7 @@ impl Session {
             client_id: Arc::from(client_id),
             group: Arc::from(group),
             session_id: Uuid::new_v4(),
-            link,
+            tunnel,
             connected_at: SystemTime::now(),
             streams: Arc::new(Semaphore::new(max_streams as usize)),
             max_streams,
@@ -130,7 +130,7 @@ impl Session {
 
     /// The agent's address as the relay sees it.
     pub fn remote(&self) -> SocketAddr {
-        self.link.remote_addr()
+        self.tunnel.remote_addr()
     }
 
     /// A slot for one more in-flight stream, or `None` at the limit (answer 503 at once).
@@ -163,7 +163,7 @@ impl Session {
 
     /// True when the session can take new requests.
     pub fn is_available(&self) -> bool {
-        !self.draining.load(Ordering::Relaxed) && !self.link.is_closed()
+        !self.draining.load(Ordering::Relaxed) && !self.tunnel.is_closed()
     }
 
     /// Queues a command for the control task; false when its queue is full or it has ended.
@@ -211,7 +211,7 @@ impl SessionManager {
         }
         self.bump();
         if let Some(old) = &old {
-            old.link.close(CloseCode::Replaced);
+            old.tunnel.close(CloseCode::Replaced);
         }
         old
     }
@@ -298,7 +298,7 @@ impl SessionManager {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fake_link::{FakeLink, session_on};
+    use crate::fake_tunnel::{FakeTunnel, session_on};
     use std::sync::{Mutex, OnceLock};
 
     /// What the manager looked like when a replaced connection was closed.
@@ -322,13 +322,13 @@ mod tests {
                 *seen.lock().unwrap() = Some(SeenAtClose { current: m.get("agent-1").map(|s| s.session_id), group });
             }
         };
-        let first = session_on("agent-1", "web", FakeLink { on_close: Some(Box::new(on_close)) });
-        let other = session_on("agent-2", "web", FakeLink::default());
+        let first = session_on("agent-1", "web", FakeTunnel { on_close: Some(Box::new(on_close)) });
+        let other = session_on("agent-2", "web", FakeTunnel::default());
         assert!(manager.insert(first.clone()).is_none());
         assert!(manager.insert(other.clone()).is_none());
         let _ = watcher.set(manager.clone());
 
-        let second = session_on("agent-1", "web", FakeLink::default());
+        let second = session_on("agent-1", "web", FakeTunnel::default());
         let old = manager.insert(second.clone()).expect("the first session is replaced");
         assert_eq!(old.session_id, first.session_id);
         let expected =

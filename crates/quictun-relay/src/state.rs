@@ -196,7 +196,7 @@ impl Shared {
         for session in self.sessions.all() {
             if live.group_of(&session.client_id) != Some(&*session.group) {
                 tracing::info!(client_id = %session.client_id, "client removed or regrouped by the reload: disconnecting");
-                session.link.close(quictun_proto::CloseCode::Rejected);
+                session.tunnel.close(quictun_proto::CloseCode::Rejected);
                 self.sessions.remove(&session);
             } else if !session.command(SessionCommand::ConfigSync(live.agent_config(&session.group))) {
                 tracing::warn!(client_id = %session.client_id, "could not queue config_sync; the agent gets it on reconnect");

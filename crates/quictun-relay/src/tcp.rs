@@ -74,7 +74,7 @@ async fn carry(stream: TcpStream, peer: SocketAddr, request_id: Uuid, entry: Arc
     };
     let (to_agent, body) = channel_body();
     let deadline = Duration::from_secs(shared.settings.response_timeout_secs);
-    let from_agent = match tokio::time::timeout(deadline, session.link.exchange(head, body, Some(peer.ip()))).await {
+    let from_agent = match tokio::time::timeout(deadline, session.tunnel.open(head, body, Some(peer.ip()))).await {
         Ok(Ok((head, from_agent))) if head.status == 200 => from_agent,
         Ok(Ok((head, _))) => return warn!(status = head.status, "agent refused the TCP connection"),
         Ok(Err(err)) => return warn!(%err, "TCP connection could not be carried"),

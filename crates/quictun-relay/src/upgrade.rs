@@ -6,7 +6,7 @@
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use quictun_core::link::TunnelBody;
+use quictun_core::body::TunnelBody;
 use quictun_core::upgrade::{FrameSender, splice};
 use quictun_proto::Header;
 use tracing::{Instrument, debug};

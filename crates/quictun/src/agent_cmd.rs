@@ -70,7 +70,7 @@ pub async fn run(args: AgentArgs) -> Result<(), Failure> {
     // One egress listener for the process: each request goes over the first connected relay.
     let egress = match egress_listen {
         Some(listen) => {
-            let relays = agents.iter().map(Agent::relay_link).collect();
+            let relays = agents.iter().map(Agent::relay_tunnel).collect();
             let server = EgressServer::start(listen, relays, response_timeout).await.map_err(Failure::runtime)?;
             println!("quictun agent egress on http://{}", server.local_addr());
             Some(server)

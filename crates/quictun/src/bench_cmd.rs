@@ -66,7 +66,7 @@ pub async fn agents(args: BenchAgentsArgs) -> Result<(), Failure> {
             Some(endpoint) => endpoint,
             None => {
                 let bind = quictun_agent::options::default_bind(&args.relay).await;
-                let (created, _) = quictun_core::endpoint::client_endpoint(bind, &options.trust, &options.tuning)
+                let (created, _) = quictun_quic::endpoint::client_endpoint(bind, &options.trust, &options.tuning)
                     .map_err(Failure::runtime)?;
                 endpoint.insert(created)
             }
@@ -75,7 +75,7 @@ pub async fn agents(args: BenchAgentsArgs) -> Result<(), Failure> {
     }
     let egress = match args.egress_listen {
         Some(listen) => {
-            let relays = agents.iter().take(1).map(Agent::relay_link).collect();
+            let relays = agents.iter().take(1).map(Agent::relay_tunnel).collect();
             Some(EgressServer::start(listen, relays, EGRESS_RESPONSE_TIMEOUT).await.map_err(Failure::runtime)?)
         }
         None => None,

@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use quictun_core::{Trust, Tuning};
+use quictun_core::Trust;
 use quictun_proto::{ControlMessage, PROTOCOL_VERSION, Register, Token, frame};
+use quictun_quic::Tuning;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
@@ -106,7 +107,7 @@ async fn hostile_connection(
 pub async fn attack(relay: SocketAddr, http: SocketAddr, pin: String) -> String {
     let trust = Trust::Pin(pin.parse().unwrap());
     let (endpoint, _) =
-        quictun_core::endpoint::client_endpoint("127.0.0.1:0".parse().unwrap(), &trust, &Tuning::default()).unwrap();
+        quictun_quic::endpoint::client_endpoint("127.0.0.1:0".parse().unwrap(), &trust, &Tuning::default()).unwrap();
     let (h3, _) = quictun_core::tls::client_config_with_alpn(&trust, b"h3").unwrap();
     let wrong_alpn = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(h3).unwrap()));
     let slots = Arc::new(Semaphore::new(AT_ONCE));

@@ -7,7 +7,7 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 
-use crate::tls::{self, CertKey, PinVerifier, TlsError, Trust};
+use quictun_core::tls::{self, CertKey, PinVerifier, TlsError, Trust};
 
 /// Errors while setting up an endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +55,7 @@ pub struct Tuning {
     /// Flow-control window of the whole connection: what all streams together may have unread.
     /// Large by default, as HTTP/2 servers set theirs, so that readers that stop reading can never
     /// hold up the other streams and the control stream: what they may hold is bounded by the
-    /// stalled-reader budgets instead (see [`crate::stall`]), and by stream count × stream window.
+    /// stalled-reader budgets instead (see [`quictun_core::stall`]), and by stream count × stream window.
     pub connection_window: u32,
     /// Unacknowledged bytes we may have in flight.
     pub send_window: u64,

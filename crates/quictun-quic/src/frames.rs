@@ -1,15 +1,14 @@
-//! Frames on QUIC streams: head frames on data streams, and the control channel.
+//! Frames on QUIC streams: the head frame that opens each exchange's stream, and the control
+//! stream.
 
 use std::time::Duration;
 
-use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
+use quictun_core::control::{ControlCodec, ControlError, ControlIo};
 use quictun_proto::frame::{self, FrameError, LEN_PREFIX};
 use quictun_proto::{ControlMessage, StreamCode};
 use serde::{Serialize, de::DeserializeOwned};
-use tokio_util::codec::{Decoder, Encoder, FramedRead, FramedWrite};
-
-use crate::link::ControlIo;
+use tokio_util::codec::{FramedRead, FramedWrite};
 
 /// Why a frame could not be read from a stream.
 #[derive(Debug, thiserror::Error)]
@@ -21,8 +20,8 @@ pub enum ReadFrameError {
     #[error("stream ended inside a frame")]
     Truncated,
     /// The peer reset the stream.
-    #[error("stream reset by peer with code {0}")]
-    Reset(u64),
+    #[error("stream reset by peer: {0}")]
+    Reset(StreamCode),
     /// The connection is gone.
     #[error("connection lost: {0}")]
     ConnectionLost(#[from] quinn::ConnectionError),
@@ -49,7 +48,7 @@ impl ReadFrameError {
 impl From<quinn::ReadError> for ReadFrameError {
     fn from(e: quinn::ReadError) -> Self {
         match e {
-            quinn::ReadError::Reset(code) => Self::Reset(code.into_inner()),
+            quinn::ReadError::Reset(code) => Self::Reset(StreamCode::from_wire(code.into_inner())),
             quinn::ReadError::ConnectionLost(c) => Self::ConnectionLost(c),
             _ => Self::Closed,
         }
@@ -109,67 +108,6 @@ pub async fn write_frame<T: Serialize>(
 /// The send priority of the control stream: above every data stream (which keep quinn's 0).
 pub const CONTROL_PRIORITY: i32 = 100;
 
-/// A tokio codec for control messages with a maximum frame size.
-#[derive(Debug, Clone, Copy)]
-pub struct ControlCodec {
-    max: usize,
-}
-
-impl ControlCodec {
-    /// A codec refusing frames over `max` payload bytes.
-    pub fn new(max: usize) -> Self {
-        Self { max }
-    }
-}
-
-/// Errors on the control channel.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    /// A frame was invalid.
-    #[error(transparent)]
-    Frame(#[from] FrameError),
-    /// The stream failed.
-    #[error("control stream: {0}")]
-    Io(#[from] std::io::Error),
-    /// The peer closed the control stream.
-    #[error("control stream closed by peer")]
-    Closed,
-    /// No message within the deadline.
-    #[error("no control message within {0:?}")]
-    Timeout(Duration),
-}
-
-impl Decoder for ControlCodec {
-    type Item = ControlMessage;
-    type Error = ControlError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<ControlMessage>, ControlError> {
-        match frame::check(src, self.max)? {
-            None => {
-                if let Some(prefix) = src.first_chunk::<LEN_PREFIX>() {
-                    // Length already checked against the limit by `check`.
-                    let total = LEN_PREFIX + u32::from_be_bytes(*prefix) as usize;
-                    src.reserve(total.saturating_sub(src.len()));
-                }
-                Ok(None)
-            }
-            Some(n) => {
-                let bytes = src.split_to(n);
-                Ok(Some(frame::decode_payload(&bytes[LEN_PREFIX..])?))
-            }
-        }
-    }
-}
-
-impl Encoder<ControlMessage> for ControlCodec {
-    type Error = ControlError;
-
-    fn encode(&mut self, msg: ControlMessage, dst: &mut BytesMut) -> Result<(), ControlError> {
-        dst.extend_from_slice(&frame::encode(&msg, self.max)?);
-        Ok(())
-    }
-}
-
 /// The control stream, as a reader of messages (cancel-safe) and a writer.
 pub struct ControlChannel {
     reader: FramedRead<quinn::RecvStream, ControlCodec>,
@@ -202,7 +140,7 @@ impl ControlIo for ControlChannel {
         self.writer.send(msg).await
     }
 
-    /// Finishes our side of the stream (after a go-away or a rejection).
+    /// Finishes this end of the stream (after a go-away or a rejection).
     fn finish(&mut self) {
         // Already finished or reset: nothing left to do.
         let _already_closed = self.writer.get_mut().finish();

@@ -1,0 +1,214 @@
+//! The seam between what the relay and the agent do and the transports that carry a tunnel (QUIC,
+//! gRPC): everything above it is written once, and each transport implements it once.
+//!
+//! - [`Tunnel`]: one tunnel between a relay and an agent, seen from either end. It opens
+//!   exchanges (a request and its answer, each on a stream of its own on QUIC), serves the
+//!   exchanges the peer opens, closes with a code, and says why it closed.
+//! - [`RequestHandler`]: what serves the exchanges the peer opens (the agent's forwarder, the
+//!   relay's egress router).
+//! - [`ExchangeError`], [`CloseReason`], [`TransportKind`]: what crosses the seam, typed.
+//!
+//! The control channel that comes with every tunnel is [`crate::control::ControlIo`].
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use quictun_proto::{CloseCode, Limits, RequestHead, ResponseHead, StreamCode};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::body::TunnelBody;
+
+/// A boxed future, as trait objects need.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The transports a tunnel can run over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransportKind {
+    /// One QUIC connection; a stream per exchange.
+    Quic,
+    /// One gRPC stream over TCP and TLS; every exchange multiplexed on it.
+    Grpc,
+}
+
+impl TransportKind {
+    /// Both, in the order they are reported.
+    pub const ALL: [TransportKind; 2] = [Self::Quic, Self::Grpc];
+
+    /// `quic` or `grpc`, for logs, metric labels and the admin endpoint.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Quic => "quic",
+            Self::Grpc => "grpc",
+        }
+    }
+}
+
+impl std::fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an exchange failed before its response head arrived.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExchangeError {
+    /// The peer is at its concurrency limit; retrying later is safe (nothing was sent).
+    #[error("agent at its concurrency limit")]
+    Busy,
+    /// The exchange could not be opened: the tunnel is gone and nothing was sent, so the request
+    /// may go to another agent.
+    #[error("agent connection lost before the request was sent")]
+    NotOpened,
+    /// The tunnel went away during the exchange.
+    #[error("agent connection lost")]
+    Lost,
+    /// The peer reset the exchange with a code.
+    #[error("agent: {0}")]
+    Reset(StreamCode),
+    /// The peer answered something unusable.
+    #[error("invalid response from agent: {0}")]
+    Protocol(String),
+    /// The request head is larger than the tunnel carries; nothing was sent.
+    #[error("request head too large for the tunnel: {0}")]
+    HeadTooLarge(String),
+}
+
+impl ExchangeError {
+    /// The HTTP status a client is answered with: 503 when busy (retry later), 431 for a head
+    /// too large, the reset code's status (502, or 504 for timeouts), 502 otherwise.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::Busy => 503,
+            Self::HeadTooLarge(_) => 431,
+            Self::Reset(code) => code.http_status(),
+            Self::NotOpened | Self::Lost | Self::Protocol(_) => 502,
+        }
+    }
+}
+
+/// Why a tunnel closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// This end closed it with a code.
+    Closed(CloseCode),
+    /// The peer closed it with a code.
+    ClosedByPeer(CloseCode),
+    /// The peer ended it without a code it knows (an older peer, or a gRPC stream that ended).
+    Ended,
+    /// The peer's heartbeats stopped for this long.
+    Silent(std::time::Duration),
+    /// The transport heard nothing from the peer for its idle timeout.
+    IdleTimeout,
+    /// The peer broke the control protocol.
+    Protocol(ProtocolViolation),
+    /// The connection failed (reset, a transport error, the network gone), in the transport's words.
+    Failed(String),
+}
+
+impl CloseReason {
+    /// The code the peer closed with, when it did.
+    pub fn peer_code(&self) -> Option<CloseCode> {
+        match self {
+            Self::ClosedByPeer(code) => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Closed(code) => write!(f, "closed here: {code}"),
+            Self::ClosedByPeer(code) => write!(f, "closed by the peer: {code}"),
+            Self::Ended => f.write_str("the peer ended the tunnel"),
+            Self::Silent(after) => write!(f, "peer silent for {:.1}s", after.as_secs_f64()),
+            Self::IdleTimeout => f.write_str("nothing heard from the peer: idle timeout"),
+            Self::Protocol(violation) => write!(f, "protocol violation: {violation}"),
+            Self::Failed(why) => write!(f, "connection failed: {why}"),
+        }
+    }
+}
+
+/// A control-protocol violation by the peer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolViolation {
+    /// A control message this end does not expect from the peer (by its name).
+    #[error("unexpected {0} message")]
+    Unexpected(&'static str),
+    /// A control frame that did not decode.
+    #[error("malformed control frame: {0}")]
+    Malformed(String),
+    /// The control channel was blocked: the peer did not read it for the silence limit.
+    #[error("the peer stopped reading its control channel")]
+    NotReading,
+}
+
+/// A new connection's place among those that have not registered yet, held until it has
+/// registered (or failed to); what it holds is the relay's business.
+pub type Admission = Box<dyn std::any::Any + Send + Sync>;
+
+/// Asked for every new agent connection before anything else is done with it: its
+/// [`Admission`], or `None` to refuse it at once.
+pub type Admit = Arc<dyn Fn(SocketAddr) -> Option<Admission> + Send + Sync>;
+
+/// The answer to an exchange the peer opened: the response head and its body, or the code to
+/// reset the exchange with.
+pub type Answer = Result<(ResponseHead, TunnelBody), StreamCode>;
+
+/// What serves the exchanges the peer opens: forwards one request (head already checked against
+/// [`RequestHandler::limits`]) and returns the answer.
+pub trait RequestHandler: Send + Sync + 'static {
+    /// Handles one request.
+    fn handle(&self, head: RequestHead, body: TunnelBody) -> BoxFuture<'_, Answer>;
+
+    /// The frame limits every request head is checked against.
+    fn limits(&self) -> Limits;
+}
+
+/// One tunnel between a relay and an agent, from either end.
+pub trait Tunnel: Send + Sync + std::fmt::Debug + 'static {
+    /// Opens an exchange: sends the request head and streams `body`, and resolves with the
+    /// response head and its streaming body. Dropping the future or the body cancels the
+    /// exchange. `client` is the ingress client the answer is for, when there is one: the credit
+    /// its body holds counts against that client's budget too (see [`crate::stall`]).
+    fn open(
+        &self,
+        head: RequestHead,
+        body: TunnelBody,
+        client: Option<IpAddr>,
+    ) -> BoxFuture<'_, Result<(ResponseHead, TunnelBody), ExchangeError>>;
+
+    /// Serves the exchanges the peer opens with `handler`, each in a task on `tasks` that stops
+    /// when `cancel` fires, until the tunnel ends; returns why it ended.
+    fn serve(
+        &self,
+        handler: Arc<dyn RequestHandler>,
+        tasks: TaskTracker,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'_, CloseReason>;
+
+    /// Closes the tunnel with a code.
+    fn close(&self, code: CloseCode);
+
+    /// After [`Tunnel::close`]: waits (bounded) until the peer has seen the close, so that
+    /// messages queued before it (a go-away) are not lost. Immediate where the transport's own
+    /// close already guarantees that.
+    fn flush_close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    /// True once the tunnel is closed (by either end).
+    fn is_closed(&self) -> bool;
+
+    /// Resolves when the tunnel is closed, with the reason.
+    fn closed(&self) -> BoxFuture<'_, CloseReason>;
+
+    /// The peer's address.
+    fn remote_addr(&self) -> SocketAddr;
+
+    /// Which transport carries the tunnel.
+    fn transport(&self) -> TransportKind;
+}

@@ -1,0 +1,140 @@
+//! Bodies on QUIC streams: a stream's bytes read as a body ([`RecvBody`], or framed with
+//! [`quictun_core::framing::FramedBody`]), and a stream as a [`BodySink`] for the one pump.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use quictun_core::body::{BodyError, BodySink, SinkError, TunnelBody};
+use quictun_core::framing::{FramedBody, Framing, data_frame_header, encode_trailers_frame};
+use quictun_proto::{Limits, StreamCode};
+use quinn::VarInt;
+use tracing::debug;
+
+/// Largest chunk handed out by a body read from a stream at a time.
+pub const MAX_CHUNK: usize = 64 * 1024;
+
+/// A body streamed from a QUIC receive stream, chunk by chunk, without copying. Dropping it
+/// before the end tells the peer to stop sending (quinn sends STOP_SENDING).
+pub struct RecvBody {
+    recv: quinn::RecvStream,
+    done: bool,
+}
+
+impl RecvBody {
+    /// Streams the rest of `recv` as a body.
+    pub fn new(recv: quinn::RecvStream) -> Self {
+        Self { recv, done: false }
+    }
+}
+
+fn read_error(e: quinn::ReadError) -> BodyError {
+    match e {
+        quinn::ReadError::Reset(code) => BodyError::Reset(StreamCode::from_wire(code.into_inner())),
+        quinn::ReadError::ConnectionLost(c) => BodyError::ConnectionLost(c.to_string()),
+        other => BodyError::Closed(other.to_string()),
+    }
+}
+
+impl Body for RecvBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        // `read_chunk` is cancel-safe, so a fresh future per poll loses nothing.
+        let read = this.recv.read_chunk(MAX_CHUNK, true);
+        let result = ready!(std::pin::pin!(read).poll(cx));
+        Poll::Ready(match result {
+            Ok(Some(chunk)) => Some(Ok(Frame::data(chunk.bytes))),
+            Ok(None) => {
+                this.done = true;
+                None
+            }
+            Err(e) => {
+                this.done = true;
+                Some(Err(read_error(e)))
+            }
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+/// The body that follows a head on `recv`, laid out as the head announced.
+pub fn recv_body(recv: quinn::RecvStream, framing: Framing, limits: Limits) -> TunnelBody {
+    match framing {
+        Framing::Raw => RecvBody::new(recv).boxed_unsync(),
+        Framing::Framed { .. } => FramedBody::new(RecvBody::new(recv), limits).boxed_unsync(),
+    }
+}
+
+/// A QUIC send stream as the sink of one body, laid out as `framing` says.
+pub struct QuicSink {
+    send: quinn::SendStream,
+    framing: Framing,
+}
+
+impl QuicSink {
+    /// Sends a body on `send` (its head already written).
+    pub fn new(send: quinn::SendStream, framing: Framing) -> Self {
+        Self { send, framing }
+    }
+}
+
+fn write_error(e: quinn::WriteError) -> SinkError {
+    match e {
+        quinn::WriteError::Stopped(_) => SinkError::Stopped,
+        _ => SinkError::Lost,
+    }
+}
+
+impl BodySink for QuicSink {
+    async fn send_data(&mut self, data: Bytes) -> Result<(), SinkError> {
+        match self.framing {
+            Framing::Raw => self.send.write_chunk(data).await.map_err(write_error),
+            Framing::Framed { .. } => {
+                let mut frame = [data_frame_header(data.len()), data];
+                self.send.write_all_chunks(&mut frame).await.map_err(write_error)
+            }
+        }
+    }
+
+    async fn send_trailers(&mut self, trailers: HeaderMap) -> Result<(), SinkError> {
+        let Framing::Framed { max_trailers } = self.framing else {
+            debug!(fields = trailers.len(), "trailers dropped: the body is not framed");
+            return Ok(());
+        };
+        let encoded =
+            encode_trailers_frame(&trailers, max_trailers).map_err(|e| SinkError::TrailersTooLarge(e.to_string()))?;
+        self.send.write_chunk(encoded).await.map_err(write_error)
+    }
+
+    async fn finish(&mut self) -> Result<(), SinkError> {
+        // Finishing a stream the peer already stopped is harmless; the peer learns of it either way.
+        let _already_closed = self.send.finish();
+        Ok(())
+    }
+
+    fn reset(&mut self, code: StreamCode) {
+        reset(&mut self.send, code);
+    }
+}
+
+/// Resets a send stream with `code`, ignoring a stream that is already closed.
+pub fn reset(send: &mut quinn::SendStream, code: StreamCode) {
+    let _already_closed = send.reset(VarInt::from_u32(code.to_u32()));
+}
+
+/// Stops a receive stream with `code`, ignoring a stream that is already closed.
+pub fn stop(recv: &mut quinn::RecvStream, code: StreamCode) {
+    let _already_closed = recv.stop(VarInt::from_u32(code.to_u32()));
+}

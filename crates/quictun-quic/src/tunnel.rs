@@ -1,0 +1,216 @@
+//! The QUIC tunnel: one connection, a bidirectional stream per exchange. Either end opens
+//! exchanges ([`QuicTunnel::open`]: the relay for ingress requests, the agent for egress ones)
+//! and serves the ones its peer opens.
+//!
+//! The opening side opens the stream itself (no extra round trip), writes the request head,
+//! streams the request body from a task that lives exactly as long as the answer, and reads the
+//! response head; the response body is then read from the stream chunk by chunk.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quictun_core::body::{AbortOnDrop, TunnelBody, WithUpload, empty_body, pump};
+use quictun_core::framing::Framing;
+use quictun_core::stall::StallScope;
+use quictun_core::tunnel::{BoxFuture, CloseReason, ExchangeError, RequestHandler, TransportKind, Tunnel};
+use quictun_proto::{CloseCode, Limits, RequestHead, ResponseHead, StreamCode, frame};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::body::{QuicSink, recv_body, reset, stop};
+use crate::frames::{ReadFrameError, read_frame, read_frame_within, write_frame};
+
+/// Longest wait for a free stream slot on the connection.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline for the head frame of a stream the peer opened.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A tunnel over one QUIC connection.
+#[derive(Debug)]
+pub struct QuicTunnel {
+    conn: quinn::Connection,
+    limits: Limits,
+    stall: StallScope,
+    /// The code this end closed with, for its own close reason (quinn does not keep it).
+    closed_with: Mutex<Option<CloseCode>>,
+}
+
+impl QuicTunnel {
+    /// A tunnel over `conn`; bodies read from it are watched in `stall`.
+    pub fn new(conn: quinn::Connection, limits: Limits, stall: StallScope) -> Self {
+        Self { conn, limits, stall, closed_with: Mutex::new(None) }
+    }
+
+    /// The underlying connection.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    fn reason(&self, err: quinn::ConnectionError) -> CloseReason {
+        use quinn::ConnectionError as E;
+        match err {
+            E::ApplicationClosed(_) => {
+                crate::peer_close_code(&err).map_or(CloseReason::Ended, CloseReason::ClosedByPeer)
+            }
+            E::LocallyClosed => {
+                CloseReason::Closed(self.closed_with.lock().ok().and_then(|c| *c).unwrap_or(CloseCode::Normal))
+            }
+            E::TimedOut => CloseReason::IdleTimeout,
+            other => CloseReason::Failed(other.to_string()),
+        }
+    }
+
+    async fn run_exchange(
+        &self,
+        head: RequestHead,
+        body: TunnelBody,
+        client: Option<IpAddr>,
+    ) -> Result<(ResponseHead, TunnelBody), ExchangeError> {
+        // Encoded before the stream opens: a head too large for the tunnel sends nothing.
+        let head_frame =
+            frame::encode(&head, self.limits.max_head_frame).map_err(|e| ExchangeError::HeadTooLarge(e.to_string()))?;
+        let (mut send, mut recv) = match tokio::time::timeout(OPEN_TIMEOUT, self.conn.open_bi()).await {
+            Ok(Ok(streams)) => streams,
+            Ok(Err(_)) => return Err(ExchangeError::NotOpened),
+            Err(_) => return Err(ExchangeError::Busy),
+        };
+        send.write_chunk(Bytes::from(head_frame)).await.map_err(|_| ExchangeError::Lost)?;
+        let upload = if head.has_body {
+            let mut sink = QuicSink::new(send, Framing::new(head.framed_body, &self.limits));
+            let upload = async move {
+                if let Err(err) = pump(body, &mut sink, StreamCode::Cancelled).await {
+                    debug!(%err, "request body upload ended early");
+                }
+            };
+            Some(tokio::spawn(upload.in_current_span()))
+        } else {
+            // Finishing right after the head lets the peer see the end at once.
+            let _already_closed = send.finish();
+            None
+        };
+        let upload = upload.map(AbortOnDrop::new);
+        let response: ResponseHead = read_frame(&mut recv, self.limits.max_head_frame).await.map_err(from_read)?;
+        response.validate(&self.limits).map_err(|e| ExchangeError::Protocol(e.to_string()))?;
+        let body = recv_body(recv, Framing::new(response.framed_body, &self.limits), self.limits);
+        let body = self.stall.watch(body, &response.headers, client);
+        Ok((response, WithUpload::wrap(body, upload.and_then(AbortOnDrop::into_inner))))
+    }
+}
+
+fn from_read(err: ReadFrameError) -> ExchangeError {
+    match err {
+        ReadFrameError::Reset(code) => ExchangeError::Reset(code),
+        ReadFrameError::ConnectionLost(_) | ReadFrameError::Closed => ExchangeError::Lost,
+        other => ExchangeError::Protocol(other.to_string()),
+    }
+}
+
+impl Tunnel for QuicTunnel {
+    fn open(
+        &self,
+        head: RequestHead,
+        body: TunnelBody,
+        client: Option<IpAddr>,
+    ) -> BoxFuture<'_, Result<(ResponseHead, TunnelBody), ExchangeError>> {
+        Box::pin(self.run_exchange(head, body, client))
+    }
+
+    fn serve(
+        &self,
+        handler: Arc<dyn RequestHandler>,
+        tasks: TaskTracker,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'_, CloseReason> {
+        Box::pin(async move {
+            loop {
+                match self.conn.accept_bi().await {
+                    Ok((send, recv)) => {
+                        let (handler, stall) = (handler.clone(), self.stall.clone());
+                        let work = async move { serve_stream(handler.as_ref(), send, recv, &stall).await };
+                        quictun_core::spawn_cancellable(&tasks, &cancel, work.in_current_span());
+                    }
+                    Err(err) => return self.reason(err),
+                }
+            }
+        })
+    }
+
+    fn close(&self, code: CloseCode) {
+        if let Ok(mut closed_with) = self.closed_with.lock() {
+            closed_with.get_or_insert(code);
+        }
+        crate::close(&self.conn, code);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
+    }
+
+    fn closed(&self) -> BoxFuture<'_, CloseReason> {
+        Box::pin(async { self.reason(self.conn.closed().await) })
+    }
+
+    fn remote_addr(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+
+    fn transport(&self) -> TransportKind {
+        TransportKind::Quic
+    }
+}
+
+/// Serves one stream the peer opened: reads and checks the request head (a bad one resets the
+/// stream with its code), hands the request to `handler`, and streams the answer back (or resets
+/// the stream with the handler's code). The request body is watched in `stall`.
+pub async fn serve_stream(
+    handler: &dyn RequestHandler,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    stall: &StallScope,
+) {
+    let limits = handler.limits();
+    let head: RequestHead = match read_frame_within(&mut recv, limits.max_head_frame, HEAD_TIMEOUT).await {
+        Ok(head) => head,
+        Err(err) => {
+            let code = err.stream_code();
+            warn!(%err, code = code.as_str(), "bad stream from peer");
+            reset(&mut send, code);
+            stop(&mut recv, code);
+            return;
+        }
+    };
+    let span = info_span!("stream", request_id = %head.request_id, upstream = %head.upstream);
+    if let Err(err) = head.validate(&limits) {
+        span.in_scope(|| warn!(%err, "invalid request head"));
+        reset(&mut send, StreamCode::Malformed);
+        stop(&mut recv, StreamCode::Malformed);
+        return;
+    }
+    let body = if head.has_body {
+        let framing = Framing::new(head.framed_body, &limits);
+        stall.watch(recv_body(recv, framing, limits), &head.headers, None)
+    } else {
+        stop(&mut recv, StreamCode::NoError);
+        empty_body()
+    };
+    async {
+        match handler.handle(head, body).await {
+            Ok((response_head, body)) => {
+                if write_frame(&mut send, &response_head, limits.max_head_frame).await.is_err() {
+                    return reset(&mut send, StreamCode::Cancelled);
+                }
+                let mut sink = QuicSink::new(send, Framing::new(response_head.framed_body, &limits));
+                match pump(body, &mut sink, StreamCode::UpstreamFailed).await {
+                    Ok(bytes) => debug!(status = response_head.status, bytes, "response sent"),
+                    Err(err) => debug!(%err, "response body ended early"),
+                }
+            }
+            Err(code) => reset(&mut send, code),
+        }
+    }
+    .instrument(span)
+    .await;
+}
