@@ -1,6 +1,6 @@
 //! Inputs shared by the micro-benchmarks: realistic head frames and control messages.
 
-use quictun_proto::{Header, RequestHead, ResponseHead, StreamKind};
+use quictun_proto::{Header, RequestHead, ResponseHead, Target};
 use uuid::Uuid;
 
 /// A request head like a browser's: a dozen headers.
@@ -22,9 +22,8 @@ pub fn browser_request() -> RequestHead {
         ("x-quictun-request-id", "9b2d5f1e-2c3a-4e8f-9d7b-1a2b3c4d5e6f"),
     ];
     RequestHead {
-        kind: StreamKind::Http,
+        target: Target::Http("app".into()),
         request_id: Uuid::from_u128(0x9b2d_5f1e_2c3a_4e8f_9d7b_1a2b_3c4d_5e6f),
-        upstream: "app".into(),
         method: "GET".into(),
         uri: "/dashboard/projects?page=2&sort=updated".into(),
         headers: headers.iter().map(|(n, v)| Header { name: (*n).into(), value: v.as_bytes().to_vec() }).collect(),

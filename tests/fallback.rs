@@ -22,7 +22,7 @@ async fn auto_falls_back_to_grpc_when_udp_is_blocked_and_moves_back_to_quic() {
 
     let mut options = Harness::options_for(proxy.addr, "agent-1", "secret-1", &h.cert.pin.to_string());
     options.transport = Transport::Auto;
-    options.grpc_relay = h.relay().grpc_addr().unwrap().to_string();
+    options.grpc_relay = h.relay().grpc_addr().unwrap().into();
     options.quic_handshake_timeout = Duration::from_millis(500);
     options.quic_probe_interval = Duration::from_millis(200);
     let agent = Agent::start(options).await.unwrap();

@@ -38,7 +38,7 @@ async fn routes_and_upstreams_change_without_dropping_anything(transport: Transp
     let app = config.upstreams.iter_mut().find(|u| u.name == "app").unwrap();
     app.targets = vec![format!("{}/bytes", h.upstream.url())];
     config.clients.retain(|c| c.id != "agent-3");
-    assert_eq!(h.relay().reload(&config), 2);
+    assert_eq!(h.relay().reload(&config).unwrap(), 2);
 
     // The agent applies version 2 when its config_sync arrives.
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -60,3 +60,29 @@ async fn routes_and_upstreams_change_without_dropping_anything(transport: Transp
 }
 
 quictun_tests::on_both_transports!(routes_and_upstreams_change_without_dropping_anything);
+
+/// A reload whose configuration no longer resolves (here a client's token file is gone) is
+/// refused as a whole, naming the key: no client is dropped silently, and the running
+/// configuration keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_does_not_resolve_changes_nothing_and_names_the_key() {
+    let h = Harness::start().await;
+    let _agent = h.agent("agent-1").await;
+    let session = h.relay().sessions().get("agent-1").unwrap().session_id;
+    let dir = std::env::temp_dir().join(format!("quictun-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token_file = dir.join("agent-1.token");
+    std::fs::write(&token_file, "secret-1\n").unwrap();
+    let mut config = relay_config_on(Harness::listeners_of(h.relay()), &h.upstream.url(), &h.config);
+    let index = config.clients.iter().position(|c| c.id == "agent-1").unwrap();
+    config.clients[index].token = None;
+    config.clients[index].token_file = Some(token_file.clone());
+    assert_eq!(h.relay().reload(&config).unwrap(), 2);
+
+    std::fs::remove_file(&token_file).unwrap();
+    let err = h.relay().reload(&config).unwrap_err().to_string();
+    assert!(err.contains(&format!("clients[{index}].token_file")), "{err}");
+    assert_eq!(h.relay().sessions().get("agent-1").unwrap().session_id, session);
+    assert_eq!(h.client.get("app.test", "/hello").await.status, StatusCode::OK);
+    let _ = std::fs::remove_dir_all(dir);
+}

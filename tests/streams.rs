@@ -23,9 +23,8 @@ const WAIT: Duration = Duration::from_secs(20);
 
 fn head(path: &str) -> RequestHead {
     RequestHead {
-        kind: StreamKind::Http,
+        target: Target::Http("app".into()),
         request_id: Uuid::new_v4(),
-        upstream: "app".into(),
         method: "GET".into(),
         uri: path.into(),
         headers: vec![Header { name: "host".into(), value: b"app.test".to_vec() }],
@@ -48,7 +47,10 @@ async fn reset_code_for(conn: &quinn::Connection, bytes: &[u8]) -> Option<Stream
 /// Frames that must each be reset with the given code.
 fn bad_frames() -> Vec<(&'static str, Vec<u8>, StreamCode)> {
     let mut unknown_kind = frame::encode(&head("/hello"), 65536).unwrap();
-    unknown_kind[frame::LEN_PREFIX] = 7; // the StreamKind variant index
+    unknown_kind[frame::LEN_PREFIX] = 7; // the Target variant index
+    // Target::Http("app") read as Target::Tcp("app"): not host:port, refused when decoded.
+    let mut bad_address = frame::encode(&head("/hello"), 65536).unwrap();
+    bad_address[frame::LEN_PREFIX] = 1;
     let mut truncated = 100u32.to_be_bytes().to_vec();
     truncated.extend_from_slice(&[0; 10]);
     let mut too_many_headers = head("/hello");
@@ -57,6 +59,7 @@ fn bad_frames() -> Vec<(&'static str, Vec<u8>, StreamCode)> {
         ("garbage payload", vec![0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff], StreamCode::Malformed),
         ("length over the limit", vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3], StreamCode::HeadTooLarge),
         ("unknown stream kind", unknown_kind, StreamCode::Malformed),
+        ("tcp target that is not host:port", bad_address, StreamCode::Malformed),
         ("truncated frame", truncated, StreamCode::Malformed),
         ("too many headers", frame::encode(&too_many_headers, 1 << 20).unwrap(), StreamCode::Malformed),
     ]
@@ -115,7 +118,7 @@ async fn agent_resets_malformed_streams_and_keeps_serving_the_others() {
     }
     // A stream for an upstream the agent does not know.
     let mut unknown = head("/hello");
-    unknown.upstream = "nope".into();
+    unknown.target = Target::Http("nope".into());
     assert_eq!(
         reset_code_for(&conn, &frame::encode(&unknown, 65536).unwrap()).await,
         Some(StreamCode::UnknownUpstream)
@@ -213,7 +216,7 @@ async fn relay_resets_malformed_agent_streams_and_keeps_the_session() {
     }
     // A well-formed stream of a kind the relay does not take from agents (egress is HTTP only).
     let mut tcp = head("/x");
-    tcp.kind = StreamKind::Tcp;
+    tcp.target = Target::Tcp("127.0.0.1:22".parse().unwrap());
     assert_eq!(reset_code_for(&conn, &frame::encode(&tcp, 65536).unwrap()).await, Some(StreamCode::KindUnsupported));
 
     assert!(conn.close_reason().is_none());

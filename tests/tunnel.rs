@@ -343,7 +343,7 @@ async fn an_agent_can_trust_the_relay_by_a_ca_file(transport: Transport) {
     options.trust = quictun_core::Trust::CaFile(ca_file.clone());
     options.server_name = "localhost".into();
     options.transport = transport;
-    options.grpc_relay = relay.grpc_addr().unwrap().to_string();
+    options.grpc_relay = relay.grpc_addr().unwrap().into();
     let agent = Agent::start(options.clone()).await.unwrap();
     assert!(agent.wait_connected(None, WAIT).await.is_some(), "CA-verified agent did not connect");
     let client = quictun_tests::HttpClient::new(relay.http_addr());

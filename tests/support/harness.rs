@@ -199,7 +199,7 @@ impl Harness {
         let mut options = Self::options_for(self.relay().quic_addr(), client_id, token, pin);
         options.transport = self.config.transport;
         if let Some(grpc) = self.relay().grpc_addr() {
-            options.grpc_relay = grpc.to_string();
+            options.grpc_relay = grpc.into();
         }
         options
     }

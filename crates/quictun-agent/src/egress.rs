@@ -24,7 +24,7 @@ use quictun_core::edge::host::{HostError, request_authority};
 use quictun_core::framing::may_have_trailers;
 use quictun_core::http::{headers_from_wire, headers_to_wire, strip_hop_by_hop};
 use quictun_core::tunnel::Tunnel;
-use quictun_proto::{RequestHead, StreamKind};
+use quictun_proto::{RequestHead, Target};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -186,9 +186,8 @@ fn request_head(req: &Request<Incoming>, peer: SocketAddr, request_id: Uuid) -> 
     }
     let has_body = !http_body::Body::is_end_stream(req.body());
     Ok(RequestHead {
-        kind: StreamKind::Http,
+        target: Target::Egress,
         request_id,
-        upstream: String::new(),
         method: req.method().as_str().to_owned(),
         uri: req.uri().path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
         headers: headers_to_wire(&headers),

@@ -9,7 +9,7 @@ use http_body_util::BodyExt;
 use quictun_core::body::TunnelBody;
 use quictun_core::tunnel::{BoxFuture, RequestHandler};
 use quictun_core::upstream_http::UpstreamHttp;
-use quictun_proto::{Limits, RequestHead, ResponseHead, StreamCode, StreamKind};
+use quictun_proto::{Limits, RequestHead, ResponseHead, StreamCode, Target};
 use tracing::warn;
 
 use crate::AgentOptions;
@@ -66,7 +66,7 @@ impl Forwarder {
     /// request head must already be validated; failures are the code to reset the exchange with.
     pub async fn forward(&self, head: RequestHead, body: TunnelBody) -> Result<(ResponseHead, TunnelBody), StreamCode> {
         let upstreams = self.upstreams();
-        let target = upstreams.pick(&head.upstream).ok_or_else(|| {
+        let target = head.target.upstream().and_then(|name| upstreams.pick(name)).ok_or_else(|| {
             warn!("request for an unknown upstream");
             StreamCode::UnknownUpstream
         })?;
@@ -83,7 +83,11 @@ impl RequestHandler for Forwarder {
         Box::pin(async move {
             let metrics = &self.metrics;
             let active = ActiveStream::new(&metrics.active_streams);
-            let upstream = head.upstream.clone();
+            // The metric label: the upstream's name, or the TCP tunnel's address.
+            let upstream = match &head.target {
+                Target::Tcp(addr) => addr.to_string(),
+                other => other.upstream().unwrap_or_default().to_owned(),
+            };
             let sent = metrics.bytes_to_upstream.clone();
             let body = body
                 .map_frame(move |frame| {
@@ -94,17 +98,19 @@ impl RequestHandler for Forwarder {
                 })
                 .boxed_unsync();
             let started = Instant::now();
-            let answered = match head.kind {
-                StreamKind::Tcp => {
+            let answered = match &head.target {
+                Target::Tcp(addr) => {
                     let timeout = self.connect_timeout;
-                    crate::tcp::connect(&head.upstream, self.allowed_targets.as_deref(), timeout, body).await
+                    crate::tcp::connect(addr, self.allowed_targets.as_deref(), timeout, body).await
                 }
-                StreamKind::Http | StreamKind::Upgrade => self.forward(head, body).await,
+                Target::Http(_) | Target::Upgrade(_) => self.forward(head, body).await,
+                // Egress requests go the other way, to the relay.
+                Target::Egress => Err(StreamCode::KindUnsupported),
             };
             let (head, body) = match answered {
                 Ok(answered) => answered,
                 Err(code) => {
-                    metrics.request(&upstream, &format!("{code:?}"), None);
+                    metrics.request(&upstream, code.as_str(), None);
                     return Err(code);
                 }
             };

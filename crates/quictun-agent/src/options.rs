@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use quictun_core::Trust;
 use quictun_core::stall::StallLimits;
-use quictun_proto::{Limits, Token};
+use quictun_proto::{HostPort, Limits, Token};
 use quictun_quic::Tuning;
 
-use quictun_core::config::read_token_file;
+use quictun_core::config::SecretSources;
 
 use crate::config::{AgentConfigFile, ConfigError, LocalUpstream, Transport};
 
@@ -19,12 +19,12 @@ pub const TOKEN_ENV: &str = "QUICTUN_TOKEN";
 /// Everything the agent needs to run.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
-    /// The relay's `HOST:PORT` (QUIC, UDP).
-    pub relay: String,
+    /// The relay's address (QUIC, UDP).
+    pub relay: HostPort,
     /// How to reach the relay.
     pub transport: Transport,
-    /// The relay's gRPC `HOST:PORT` (TCP).
-    pub grpc_relay: String,
+    /// The relay's gRPC address (TCP).
+    pub grpc_relay: HostPort,
     /// Longest a QUIC handshake may take (shorter in `auto` mode, to fall back quickly).
     pub quic_handshake_timeout: Duration,
     /// How often `auto` mode re-probes QUIC while on gRPC.
@@ -107,9 +107,14 @@ impl AgentOptions {
         if a.relay.trim().is_empty() {
             return Err(invalid("agent.relay", "missing relay address (HOST:PORT)".into()));
         }
-        if !a.relay.contains(':') {
-            return Err(invalid("agent.relay", format!("{:?} has no port (HOST:PORT)", a.relay)));
-        }
+        let relay: HostPort =
+            a.relay.parse().map_err(|e: quictun_proto::HostPortError| invalid("agent.relay", e.to_string()))?;
+        let grpc_relay = match &a.grpc_relay {
+            Some(text) => {
+                text.parse().map_err(|e: quictun_proto::HostPortError| invalid("agent.grpc_relay", e.to_string()))?
+            }
+            None => relay.with_port(DEFAULT_GRPC_PORT),
+        };
         if a.stream_window < 64 * 1024 || a.connection_window < a.stream_window.saturating_mul(2) {
             return Err(invalid(
                 "agent.connection_window",
@@ -127,15 +132,17 @@ impl AgentOptions {
             (Some(_), Some(_)) => return Err(invalid("agent.pin", "set pin or ca, not both".into())),
             (None, None) => return Err(invalid("agent.pin", "missing pin (sha256:…) or ca file".into())),
         };
-        let token = match (a.token, a.token_env, a.token_file) {
-            (Some(token), _, _) if !token.is_empty() => token,
-            (_, Some(var), _) => match std::env::var(&var) {
-                Ok(value) if !value.is_empty() => Token::new(value),
-                _ => return Err(invalid("agent.token_env", format!("environment variable {var} is not set"))),
-            },
-            (_, _, Some(path)) => read_token_file(&path).map_err(|message| invalid("agent.token_file", message))?,
-            _ => match std::env::var(TOKEN_ENV) {
-                Ok(value) if !value.is_empty() => Token::new(value),
+        let sources = SecretSources {
+            key: "token",
+            inline: a.token.as_ref(),
+            env: a.token_env.as_deref(),
+            file: a.token_file.as_deref(),
+        };
+        let token = match sources.resolve().map_err(|e| invalid(&format!("agent.{}", e.key), e.message))? {
+            Some(token) => token,
+            // Nothing configured: the environment's QUICTUN_TOKEN.
+            None => match std::env::var(TOKEN_ENV) {
+                Ok(value) if !value.trim().is_empty() => Token::new(value.trim()),
                 _ => {
                     return Err(invalid(
                         "agent.token",
@@ -150,13 +157,9 @@ impl AgentOptions {
                     .map_err(|e| invalid(&format!("upstreams[{i}].targets"), e.to_string()))?;
             }
         }
-        let server_name = a.server_name.unwrap_or_else(|| relay_host(&a.relay).to_owned());
-        let grpc_relay = a.grpc_relay.unwrap_or_else(|| {
-            let host = relay_host(&a.relay);
-            if host.contains(':') { format!("[{host}]:4434") } else { format!("{host}:4434") }
-        });
+        let server_name = a.server_name.unwrap_or_else(|| relay.host().to_owned());
         Ok(Self {
-            relay: a.relay,
+            relay,
             transport: a.transport,
             grpc_relay,
             quic_handshake_timeout: match a.transport {
@@ -197,15 +200,12 @@ impl AgentOptions {
     }
 }
 
-/// The host part of `HOST:PORT` (brackets of an IPv6 literal removed).
-pub fn relay_host(relay: &str) -> &str {
-    let host = relay.rsplit_once(':').map_or(relay, |(host, _)| host);
-    host.trim_start_matches('[').trim_end_matches(']')
-}
+/// The relay's gRPC port when `grpc_relay` is not set.
+pub const DEFAULT_GRPC_PORT: u16 = 4434;
 
 /// A wildcard bind address in the relay's address family (IPv4 when it cannot be resolved yet).
-pub async fn default_bind(relay: &str) -> SocketAddr {
-    let v6 = matches!(tokio::net::lookup_host(relay).await.map(|mut a| a.next()), Ok(Some(SocketAddr::V6(_))));
+pub async fn default_bind(relay: &HostPort) -> SocketAddr {
+    let v6 = matches!(quictun_core::resolve(relay).await, Ok(SocketAddr::V6(_)));
     if v6 { SocketAddr::from(([0u16; 8], 0)) } else { SocketAddr::from(([0, 0, 0, 0], 0)) }
 }
 
@@ -253,8 +253,19 @@ mod tests {
     }
 
     #[test]
-    fn relay_host_strips_port_and_brackets() {
-        assert_eq!(relay_host("relay.example.com:4433"), "relay.example.com");
-        assert_eq!(relay_host("[::1]:4433"), "::1");
+    fn the_grpc_address_and_server_name_follow_the_relay_host() {
+        for (relay, host, grpc) in [
+            ("relay.example.com:4433", "relay.example.com", "relay.example.com:4434"),
+            ("[::1]:4433", "::1", "[::1]:4434"),
+        ] {
+            let pin = quictun_core::Pin::of(b"x");
+            let text = format!("[agent]\nrelay = \"{relay}\"\nclient_id = \"c\"\ntoken = \"t\"\npin = \"{pin}\"\n");
+            let options = AgentOptions::from_config(toml::from_str(&text).unwrap(), Path::new("a.toml")).unwrap();
+            assert_eq!((options.server_name.as_str(), options.grpc_relay.to_string()), (host, grpc.to_owned()));
+        }
+        let pin = quictun_core::Pin::of(b"x");
+        let text = format!("[agent]\nrelay = \"relay\"\nclient_id = \"c\"\ntoken = \"t\"\npin = \"{pin}\"\n");
+        let err = AgentOptions::from_config(toml::from_str(&text).unwrap(), Path::new("a.toml")).unwrap_err();
+        assert!(err.to_string().contains("agent.relay"), "{err}");
     }
 }

@@ -1,4 +1,4 @@
-//! TCP tunnels on the agent: a [`quictun_proto::StreamKind::Tcp`] stream names the `host:port` to
+//! TCP tunnels on the agent: a [`quictun_proto::Target::Tcp`] stream names the `host:port` to
 //! reach. The agent checks it against its allow list, connects under the connect timeout, answers
 //! status 200, then splices the stream and the connection (each side's FIN passed on as a
 //! half-close).
@@ -7,26 +7,21 @@ use std::time::Duration;
 
 use quictun_core::body::TunnelBody;
 use quictun_core::upgrade::spawn_splice;
-use quictun_proto::{ResponseHead, StreamCode};
+use quictun_proto::{HostPort, ResponseHead, StreamCode};
 use tokio::net::TcpStream;
 use tracing::warn;
 
 use crate::upstreams::host_port_allowed;
 
-/// Connects to `target` (`host:port`) and splices it to the relay's stream.
+/// Connects to `target` and splices it to the relay's stream.
 pub async fn connect(
-    target: &str,
+    target: &HostPort,
     allow: Option<&[String]>,
     timeout: Duration,
     from_relay: TunnelBody,
 ) -> Result<(ResponseHead, TunnelBody), StreamCode> {
-    let Some((host, port)) = target.rsplit_once(':').and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
-    else {
-        warn!(%target, "TCP target is not host:port");
-        return Err(StreamCode::Malformed);
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if allow.is_some_and(|allow| !host_port_allowed(host, target, allow)) {
+    let (host, port) = (target.host(), target.port());
+    if allow.is_some_and(|allow| !host_port_allowed(host, &target.to_string(), allow)) {
         warn!(%target, "refusing TCP target not in allowed_targets");
         return Err(StreamCode::TargetNotAllowed);
     }

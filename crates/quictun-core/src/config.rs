@@ -53,6 +53,58 @@ pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     parse_toml(&text, path)
 }
 
+/// Where a secret (a client's or an agent's token, the admin token) comes from: inline, from an
+/// environment variable, or from a file; at most one of them. The one rule for the relay and the
+/// agent.
+#[derive(Debug, Clone, Copy)]
+pub struct SecretSources<'a> {
+    /// The key of the inline value (`token`, `admin_token`); the others are named after it
+    /// (`token_env`, `token_file`).
+    pub key: &'a str,
+    /// The inline value (an empty one counts as unset).
+    pub inline: Option<&'a quictun_proto::Token>,
+    /// The name of an environment variable holding it.
+    pub env: Option<&'a str>,
+    /// A file holding it.
+    pub file: Option<&'a Path>,
+}
+
+/// Why a secret could not be had: the key at fault and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretError {
+    /// The key: `token`, `token_env`, `token_file` (or the admin token's).
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl SecretSources<'_> {
+    /// The secret, or `None` when no source is set. More than one source, an unset or empty
+    /// variable, or an unreadable or empty file are errors, never skipped.
+    pub fn resolve(self) -> Result<Option<quictun_proto::Token>, SecretError> {
+        let error = |suffix: &str, message: String| SecretError { key: format!("{}{suffix}", self.key), message };
+        let inline = self.inline.filter(|token| !token.is_empty());
+        let set = [inline.is_some(), self.env.is_some(), self.file.is_some()].iter().filter(|s| **s).count();
+        if set > 1 {
+            let key = self.key;
+            return Err(error("", format!("set one of {key}, {key}_env, {key}_file")));
+        }
+        if let Some(token) = inline {
+            return Ok(Some(token.clone()));
+        }
+        if let Some(var) = self.env {
+            return match std::env::var(var) {
+                Ok(value) if !value.trim().is_empty() => Ok(Some(quictun_proto::Token::new(value.trim()))),
+                _ => Err(error("_env", format!("environment variable {var} is not set"))),
+            };
+        }
+        match self.file {
+            Some(path) => read_token_file(path).map(Some).map_err(|message| error("_file", message)),
+            None => Ok(None),
+        }
+    }
+}
+
 /// Reads a token file: the whole file, surrounding whitespace removed; an empty file is an error.
 pub fn read_token_file(path: &Path) -> Result<quictun_proto::Token, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -61,4 +113,33 @@ pub fn read_token_file(path: &Path) -> Result<quictun_proto::Token, String> {
         return Err(format!("{} is empty", path.display()));
     }
     Ok(quictun_proto::Token::new(token))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quictun_proto::Token;
+
+    fn sources<'a>(inline: Option<&'a Token>, env: Option<&'a str>, file: Option<&'a Path>) -> SecretSources<'a> {
+        SecretSources { key: "token", inline, env, file }
+    }
+
+    #[test]
+    fn one_source_gives_the_secret_and_none_gives_nothing() {
+        let token = Token::new("t");
+        assert_eq!(sources(Some(&token), None, None).resolve().unwrap().unwrap().expose(), "t");
+        assert!(sources(None, None, None).resolve().unwrap().is_none());
+        assert!(sources(Some(&Token::new("")), None, None).resolve().unwrap().is_none(), "empty counts as unset");
+    }
+
+    #[test]
+    fn two_sources_a_missing_variable_or_file_are_errors_naming_the_key() {
+        let token = Token::new("t");
+        let two = sources(Some(&token), Some("X"), None).resolve().unwrap_err();
+        assert_eq!(two.key, "token");
+        let unset = sources(None, Some("QUICTUN_TEST_SURELY_UNSET"), None).resolve().unwrap_err();
+        assert_eq!(unset.key, "token_env");
+        let missing = sources(None, None, Some(Path::new("/nonexistent/token"))).resolve().unwrap_err();
+        assert_eq!(missing.key, "token_file");
+    }
 }

@@ -78,10 +78,10 @@ pub struct ResolveError {
     pub why: String,
 }
 
-/// The first address `name` (`host:port`) resolves to.
-pub async fn resolve(name: &str) -> Result<std::net::SocketAddr, ResolveError> {
-    let failed = |why: String| ResolveError { name: name.to_owned(), why };
-    let mut addrs = tokio::net::lookup_host(name).await.map_err(|e| failed(e.to_string()))?;
+/// The first address `name` resolves to.
+pub async fn resolve(name: &quictun_proto::HostPort) -> Result<std::net::SocketAddr, ResolveError> {
+    let failed = |why: String| ResolveError { name: name.to_string(), why };
+    let mut addrs = tokio::net::lookup_host((name.host(), name.port())).await.map_err(|e| failed(e.to_string()))?;
     addrs.next().ok_or_else(|| failed("no address".into()))
 }
 

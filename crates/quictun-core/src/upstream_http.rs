@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use quictun_proto::{RequestHead, ResponseHead, StreamCode, StreamKind};
+use quictun_proto::{RequestHead, ResponseHead, StreamCode};
 use tracing::{debug, warn};
 
 use crate::body::{BodyError, TunnelBody, empty_body};
@@ -121,7 +121,7 @@ impl UpstreamHttp {
         head: RequestHead,
         body: TunnelBody,
     ) -> Result<(ResponseHead, TunnelBody), StreamCode> {
-        let upgrade = head.kind == StreamKind::Upgrade;
+        let upgrade = matches!(head.target, quictun_proto::Target::Upgrade(_));
         let (request_body, from_peer) = if upgrade { (empty_body(), Some(body)) } else { (body, None) };
         let uri = target.uri_for(&head.uri).map_err(|_| StreamCode::Malformed)?;
         let method = Method::from_bytes(head.method.as_bytes()).map_err(|_| StreamCode::Malformed)?;

@@ -260,7 +260,7 @@ impl Exchanges {
             warn!(id, %err, "invalid request head");
             return self.send_reset(id, StreamCode::Malformed);
         }
-        let span = info_span!("exchange", request_id = %head.request_id, upstream = %head.upstream);
+        let span = info_span!("exchange", request_id = %head.request_id, target = %head.target);
         let body = match body {
             Some(events) => {
                 let body = EventBody::new(events, id, self.urgent.clone(), Abandon::Stop, slot.clone());

@@ -16,6 +16,7 @@
 pub mod codes;
 pub mod control;
 pub mod frame;
+pub mod host_port;
 pub mod limits;
 pub mod secret;
 pub mod stream;
@@ -25,9 +26,10 @@ pub use control::{
     Accepted, AgentConfig, ControlMessage, GoAway, Heartbeat, Register, RejectCode, Rejected, UpstreamSpec,
 };
 pub use frame::FrameError;
+pub use host_port::{HostPort, HostPortError};
 pub use limits::Limits;
 pub use secret::Token;
-pub use stream::{BodyFrameHeader, HeadError, Header, RequestHead, ResponseHead, StreamKind, Trailers};
+pub use stream::{BodyFrameHeader, HeadError, Header, RequestHead, ResponseHead, Target, Trailers};
 
 /// The ALPN protocol identifier both sides must negotiate.
 pub const ALPN: &[u8] = b"quictun/1";
@@ -39,5 +41,6 @@ pub const ALPN: &[u8] = b"quictun/1";
 /// headers the relay adds on top of a client's 128 ([`limits::ADDED_HEADERS`]).
 ///
 /// 3: [`Accepted`] carries the heartbeat misses both ends apply, so the relay sets the silence
-/// limit for both.
+/// limit for both; a request head names its [`Target`] by kind (an upstream, a `host:port`, the
+/// relay's egress routes) instead of a kind and an overloaded string.
 pub const PROTOCOL_VERSION: u16 = 3;

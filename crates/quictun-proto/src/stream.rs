@@ -16,18 +16,59 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::host_port::HostPort;
 use crate::limits::Limits;
 
-/// What a data stream carries. The bincode variant index is on the wire: only append.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum StreamKind {
-    /// 0: an HTTP request and its response.
-    Http,
-    /// 1: a raw TCP connection: the head's `upstream` is the `host:port` to connect to, the
-    /// agent answers status 200 once connected, then bytes flow both ways.
-    Tcp,
-    /// 2: an HTTP request that upgrades (WebSocket); raw bytes both ways after the 101.
-    Upgrade,
+/// What a data stream carries, and where it goes. The bincode variant index is on the wire: only
+/// append.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Target {
+    /// 0: an HTTP request (relay → agent) for the agent's upstream of this name.
+    Http(String),
+    /// 1: a raw TCP connection (relay → agent) to this address; the agent answers status 200
+    /// once connected, then bytes flow both ways.
+    Tcp(HostPort),
+    /// 2: an HTTP request (relay → agent) that upgrades (WebSocket), for the agent's upstream of
+    /// this name; raw bytes both ways after the 101.
+    Upgrade(String),
+    /// 3: an egress request (agent → relay), routed by the relay's egress routes.
+    Egress,
+}
+
+impl Target {
+    /// The kind, for logs and metric labels: `http`, `tcp`, `upgrade` or `egress`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Http(_) => "http",
+            Self::Tcp(_) => "tcp",
+            Self::Upgrade(_) => "upgrade",
+            Self::Egress => "egress",
+        }
+    }
+
+    /// The upstream name, for the kinds that name one.
+    pub fn upstream(&self) -> Option<&str> {
+        match self {
+            Self::Http(name) | Self::Upgrade(name) => Some(name),
+            Self::Tcp(_) | Self::Egress => None,
+        }
+    }
+
+    /// True for the kinds whose bodies are raw bytes both ways (never framed).
+    pub fn is_raw(&self) -> bool {
+        matches!(self, Self::Tcp(_) | Self::Upgrade(_))
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Http(name) => write!(f, "http {name}"),
+            Self::Tcp(addr) => write!(f, "tcp {addr}"),
+            Self::Upgrade(name) => write!(f, "upgrade {name}"),
+            Self::Egress => f.write_str("egress"),
+        }
+    }
 }
 
 /// One header: a name and its raw value bytes (values need not be UTF-8).
@@ -42,12 +83,10 @@ pub struct Header {
 /// The first frame of a data stream, from the side that opened it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestHead {
-    /// What the stream carries.
-    pub kind: StreamKind,
+    /// What the stream carries, and where it goes.
+    pub target: Target,
     /// The relay's id for this request, echoed in logs and `x-quictun-request-id`.
     pub request_id: Uuid,
-    /// The upstream name the request is for.
-    pub upstream: String,
     /// HTTP method.
     pub method: String,
     /// Path and query (origin form), such as `/api?x=1`.
@@ -162,8 +201,8 @@ impl RequestHead {
         if !self.uri.starts_with('/') && self.uri != "*" {
             return Err(HeadError::InvalidRequestLine("uri must be origin-form"));
         }
-        if self.framed_body && self.kind != StreamKind::Http {
-            return Err(HeadError::InvalidRequestLine("only http streams have framed bodies"));
+        if self.framed_body && self.target.is_raw() {
+            return Err(HeadError::InvalidRequestLine("tcp and upgrade streams have raw bodies"));
         }
         Ok(())
     }

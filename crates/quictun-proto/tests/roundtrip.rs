@@ -71,8 +71,15 @@ fn headers() -> impl Strategy<Value = Vec<Header>> {
     )
 }
 
-fn kind() -> impl Strategy<Value = StreamKind> {
-    prop_oneof![Just(StreamKind::Http), Just(StreamKind::Tcp), Just(StreamKind::Upgrade)]
+fn target() -> impl Strategy<Value = Target> {
+    let host_port =
+        ("[a-z0-9.-]{1,40}", 1..=u16::MAX).prop_map(|(host, port)| format!("{host}:{port}").parse().unwrap());
+    prop_oneof![
+        text().prop_map(Target::Http),
+        host_port.prop_map(Target::Tcp),
+        text().prop_map(Target::Upgrade),
+        Just(Target::Egress),
+    ]
 }
 
 proptest! {
@@ -85,8 +92,8 @@ proptest! {
     }
 
     #[test]
-    fn request_heads_round_trip(kind in kind(), id in any::<u128>(), upstream in text(), method in text(), uri in text(), headers in headers(), has_body in any::<bool>(), framed_body in any::<bool>()) {
-        let head = RequestHead { kind, request_id: Uuid::from_u128(id), upstream, method, uri, headers, has_body, framed_body };
+    fn request_heads_round_trip(target in target(), id in any::<u128>(), method in text(), uri in text(), headers in headers(), has_body in any::<bool>(), framed_body in any::<bool>()) {
+        let head = RequestHead { target, request_id: Uuid::from_u128(id), method, uri, headers, has_body, framed_body };
         let bytes = frame::encode(&head, Limits::default().max_head_frame).unwrap();
         let (back, _) = frame::decode::<RequestHead>(&bytes, Limits::default().max_head_frame).unwrap().unwrap();
         prop_assert_eq!(back, head);

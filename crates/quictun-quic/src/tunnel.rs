@@ -182,7 +182,7 @@ pub async fn serve_stream(
             return;
         }
     };
-    let span = info_span!("stream", request_id = %head.request_id, upstream = %head.upstream);
+    let span = info_span!("stream", request_id = %head.request_id, target = %head.target);
     if let Err(err) = head.validate(&limits) {
         span.in_scope(|| warn!(%err, "invalid request head"));
         reset(&mut send, StreamCode::Malformed);

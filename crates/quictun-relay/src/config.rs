@@ -4,16 +4,22 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 pub use quictun_core::config::ConfigError;
-use quictun_core::config::{load_toml, parse_toml, read_token_file};
+use quictun_core::config::{SecretSources, load_toml, parse_toml};
 use std::time::Duration;
 
 use quictun_proto::Token;
 use serde::Deserialize;
 
-/// The whole relay configuration file.
+/// The whole relay configuration file, as written. Values that need the file system, the
+/// environment or cross references (tokens, routes, egress targets) are resolved once, when the
+/// relay compiles it for use (see [`crate::Relay::start`] and [`crate::Relay::reload`]), with
+/// errors that name the key.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
+    /// The file it was read from, for errors (`<inline>` when parsed from text without one).
+    #[serde(skip)]
+    pub source: PathBuf,
     /// Listeners, certificate and tuning.
     #[serde(default)]
     pub relay: RelaySection,
@@ -61,7 +67,7 @@ pub struct TcpEntry {
     /// The group whose agents serve it.
     pub group: String,
     /// `host:port` as the agent sees it.
-    pub upstream: String,
+    pub upstream: quictun_proto::HostPort,
 }
 
 /// The `[relay]` section.
@@ -331,20 +337,23 @@ fn default_prefix() -> String {
 impl RelayConfig {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let config: Self = load_toml(path)?;
+        let mut config: Self = load_toml(path)?;
+        config.source = path.to_owned();
         config.validate(path)?;
         Ok(config)
     }
 
     /// Parses and validates configuration text; `file` names it in errors.
     pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
-        let config: Self = parse_toml(text, file)?;
+        let mut config: Self = parse_toml(text, file)?;
+        config.source = file.to_owned();
         config.validate(file)?;
         Ok(config)
     }
 
-    /// Checks cross references: every route's upstream exists, ids and names are unique, every
-    /// client has exactly one token source, tokens from the environment are set.
+    /// Checks what the file alone decides: ranges, pairs of keys, unique ids and names. What
+    /// needs more (tokens, targets, route references) is checked when the configuration is
+    /// compiled, once.
     pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
         let invalid = |key: String, message: String| ConfigError::invalid(file, key, message);
         let r = &self.relay;
@@ -356,9 +365,6 @@ impl RelayConfig {
         }
         if r.admin_token.is_some() && r.admin_token_file.is_some() {
             return Err(invalid("relay.admin_token".into(), "set one of admin_token, admin_token_file".into()));
-        }
-        if let Some(path) = &r.admin_token_file {
-            read_token_file(path).map_err(|message| invalid("relay.admin_token_file".into(), message))?;
         }
         if r.https_cert.is_some() != r.https_key.is_some() {
             return Err(invalid("relay.https_cert".into(), "set both https_cert and https_key, or neither".into()));
@@ -397,33 +403,8 @@ impl RelayConfig {
             if self.clients[..i].iter().any(|c| c.id == client.id) {
                 return Err(invalid(format!("clients[{i}].id"), format!("duplicate client id {:?}", client.id)));
             }
-            let sources = [client.token.is_some(), client.token_env.is_some(), client.token_file.is_some()];
-            match sources.iter().filter(|set| **set).count() {
-                0 => {
-                    return Err(invalid(
-                        format!("clients[{i}].token"),
-                        "missing token, token_env or token_file".into(),
-                    ));
-                }
-                1 => {}
-                _ => return Err(invalid(format!("clients[{i}]"), "set one of token, token_env, token_file".into())),
-            }
-            if let Some(var) = &client.token_env
-                && std::env::var(var).map(|v| v.is_empty()).unwrap_or(true)
-            {
-                return Err(invalid(
-                    format!("clients[{i}].token_env"),
-                    format!("environment variable {var} is not set"),
-                ));
-            }
-            if let Some(path) = &client.token_file {
-                read_token_file(path).map_err(|message| invalid(format!("clients[{i}].token_file"), message))?;
-            }
         }
         for (i, route) in self.egress_routes.iter().enumerate() {
-            if let Err(err) = quictun_core::upstream_http::Target::parse(&route.target) {
-                return Err(invalid(format!("egress_routes[{i}].target"), err.to_string()));
-            }
             if route.host.trim().is_empty() {
                 return Err(invalid(format!("egress_routes[{i}].host"), "must not be empty".into()));
             }
@@ -432,31 +413,11 @@ impl RelayConfig {
             if self.upstreams[..i].iter().any(|u| u.name == upstream.name) {
                 return Err(invalid(format!("upstreams[{i}].name"), format!("duplicate upstream {:?}", upstream.name)));
             }
-            if upstream.balance == crate::balance::Balance::Hash
-                && upstream.hash_header.as_deref().is_none_or(|h| http::HeaderName::from_bytes(h.as_bytes()).is_err())
-            {
-                return Err(invalid(
-                    format!("upstreams[{i}].hash_header"),
-                    "hash balancing needs a valid hash_header".into(),
-                ));
-            }
             if upstream.targets.is_empty() {
                 return Err(invalid(format!("upstreams[{i}].targets"), "needs at least one target".into()));
             }
         }
-        for (i, tcp) in self.tcp.iter().enumerate() {
-            let port = tcp.upstream.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok());
-            if port.is_none() {
-                return Err(invalid(format!("tcp[{i}].upstream"), format!("{:?} is not host:port", tcp.upstream)));
-            }
-        }
         for (i, route) in self.routes.iter().enumerate() {
-            if !self.upstreams.iter().any(|u| u.name == route.upstream) {
-                return Err(invalid(
-                    format!("routes[{i}].upstream"),
-                    format!("no upstream named {:?}", route.upstream),
-                ));
-            }
             if route.max_in_flight == Some(0) {
                 return Err(invalid(format!("routes[{i}].max_in_flight"), "must be at least 1".into()));
             }
@@ -467,21 +428,39 @@ impl RelayConfig {
         Ok(())
     }
 
-    /// The admin endpoint's bearer token, inline or from its file.
-    pub fn admin_token(&self) -> Option<Token> {
-        self.relay
-            .admin_token
-            .clone()
-            .or_else(|| self.relay.admin_token_file.as_ref().and_then(|path| read_token_file(path).ok()))
+    /// The admin endpoint's bearer token, inline or from its file (read now).
+    pub fn admin_token(&self) -> Result<Option<Token>, ConfigError> {
+        let sources = SecretSources {
+            key: "admin_token",
+            inline: self.relay.admin_token.as_ref(),
+            env: None,
+            file: self.relay.admin_token_file.as_deref(),
+        };
+        sources.resolve().map_err(|e| ConfigError::invalid(&self.source, format!("relay.{}", e.key), e.message))
     }
 
-    /// The token of a client: inline, from its environment variable, or from its file.
-    pub fn client_token(client: &ClientEntry) -> Option<Token> {
-        client
-            .token
-            .clone()
-            .or_else(|| client.token_env.as_ref().and_then(|var| std::env::var(var).ok()).map(Token::new))
-            .or_else(|| client.token_file.as_ref().and_then(|path| read_token_file(path).ok()))
+    /// The token of client `i`: inline, from its environment variable, or from its file (read
+    /// now); exactly one must be set.
+    pub fn client_token(&self, i: usize) -> Result<Token, ConfigError> {
+        let client = &self.clients[i];
+        let sources = SecretSources {
+            key: "token",
+            inline: client.token.as_ref(),
+            env: client.token_env.as_deref(),
+            file: client.token_file.as_deref(),
+        };
+        let invalid =
+            |key: &str, message: String| ConfigError::invalid(&self.source, format!("clients[{i}].{key}"), message);
+        match sources.resolve() {
+            Ok(Some(token)) => Ok(token),
+            Ok(None) => Err(invalid("token", "missing token, token_env or token_file".into())),
+            Err(e) => Err(invalid(&e.key, e.message)),
+        }
+    }
+
+    /// An error about `key` of this configuration's file.
+    pub fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::invalid(&self.source, key, message)
     }
 }
 
@@ -496,16 +475,16 @@ mod tests {
         let file = dir.join("token");
         std::fs::write(&file, "from-a-file\n").unwrap();
         let text = format!("[[clients]]\nid = \"a\"\ngroup = \"g\"\ntoken_file = \"{}\"\n", file.display());
-        let config = RelayConfig::parse(&text, Path::new("r.toml")).unwrap();
-        assert_eq!(RelayConfig::client_token(&config.clients[0]).unwrap().expose(), "from-a-file");
+        let token = |text: &str| RelayConfig::parse(text, Path::new("r.toml")).unwrap().client_token(0);
+        assert_eq!(token(&text).unwrap().expose(), "from-a-file");
         let both = format!("{text}token = \"x\"\n");
-        assert!(RelayConfig::parse(&both, Path::new("r.toml")).unwrap_err().to_string().contains("one of"));
+        assert!(token(&both).unwrap_err().to_string().contains("one of"));
         let missing = "[[clients]]\nid = \"a\"\ngroup = \"g\"\ntoken_file = \"/nonexistent/token\"\n";
-        assert!(
-            RelayConfig::parse(missing, Path::new("r.toml")).unwrap_err().to_string().contains("clients[0].token_file")
-        );
+        assert!(token(missing).unwrap_err().to_string().contains("clients[0].token_file"));
+        let none = "[[clients]]\nid = \"a\"\ngroup = \"g\"\n";
+        assert!(token(none).unwrap_err().to_string().contains("clients[0].token"));
         std::fs::write(&file, "  \n").unwrap();
-        assert!(RelayConfig::parse(&text, Path::new("r.toml")).unwrap_err().to_string().contains("empty"));
+        assert!(token(&text).unwrap_err().to_string().contains("empty"));
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -546,7 +525,8 @@ mod tests {
     #[test]
     fn dangling_route_is_named() {
         let text = "[[routes]]\nhost = \"a\"\nupstream = \"nope\"\n";
-        let err = RelayConfig::parse(text, Path::new("r.toml")).unwrap_err().to_string();
+        let config = RelayConfig::parse(text, Path::new("r.toml")).unwrap();
+        let err = crate::router::Router::new(&config).unwrap_err().to_string();
         assert!(err.contains("routes[0].upstream"), "{err}");
     }
 }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use quictun_core::body::TunnelBody;
 use quictun_core::tunnel::{BoxFuture, RequestHandler};
-use quictun_proto::{Header, Limits, RequestHead, ResponseHead, StreamCode, StreamKind};
+use quictun_proto::{Header, Limits, RequestHead, ResponseHead, StreamCode, Target};
 use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -35,7 +35,7 @@ impl EgressHandler {
     }
 
     async fn forward(&self, head: RequestHead, body: TunnelBody) -> Result<(ResponseHead, TunnelBody), StreamCode> {
-        if head.kind != StreamKind::Http {
+        if head.target != Target::Egress {
             return Err(StreamCode::KindUnsupported);
         }
         let host = head.headers.iter().find(|h| h.name.eq_ignore_ascii_case("host")).map(|h| h.value.clone());

@@ -66,6 +66,9 @@ pub enum RelayError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The configuration did not compile (a token, a route, a target).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// The HTTPS ingress's certificate could not be loaded or used.
     #[error("HTTPS ingress certificate: {0}")]
     HttpsCert(quictun_core::tls::TlsError),
@@ -112,7 +115,8 @@ impl Relay {
     pub async fn start(config: RelayConfig, cert: CertKey) -> Result<Self, RelayError> {
         let pin = cert.pin();
         let cert_for_https = cert.clone();
-        let shared = Arc::new(Shared::new(&config));
+        let shared = Arc::new(Shared::new(&config)?);
+        let admin_token = config.admin_token()?;
         let settings = &shared.settings;
         let tuning = Tuning {
             // Streams an *agent* may open towards the relay: the control stream and its egress
@@ -189,7 +193,7 @@ impl Relay {
         shared.tasks.spawn(quictun_core::admin::serve(
             admin_listener,
             Arc::new(admin::RelayPages(shared.clone())),
-            config.admin_token(),
+            admin_token,
             shared.stopped.clone(),
             shared.tasks.clone(),
         ));
@@ -248,17 +252,18 @@ impl Relay {
     /// Applies a new configuration without dropping connections or requests in flight: routes,
     /// upstreams and clients change at once (agents get theirs by config_sync, versioned).
     /// Listeners, limits and timeouts (`[relay]`) and `[[tcp]]` entries are fixed at start; a
-    /// change to them is reported and needs a restart. Returns the new version.
-    pub fn reload(&self, config: &RelayConfig) -> u64 {
+    /// change to them is reported and needs a restart. Returns the new version; a configuration
+    /// that does not compile (a token file gone, a route to no upstream) changes nothing.
+    pub fn reload(&self, config: &RelayConfig) -> Result<u64, ConfigError> {
         if config.relay != self.shared.settings {
             tracing::warn!("changes to [relay] take effect only after a restart");
         }
         if config.tcp != self.tcp_entries {
             tracing::warn!("changes to [[tcp]] take effect only after a restart");
         }
-        let version = self.shared.reload(config);
+        let version = self.shared.reload(config)?;
         info!(version, "configuration reloaded");
-        version
+        Ok(version)
     }
 
     /// The session manager (live agents).

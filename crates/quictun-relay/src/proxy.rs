@@ -22,7 +22,7 @@ use quictun_core::edge::path::{self, PathError};
 use quictun_core::framing::may_have_trailers;
 use quictun_core::http::{accepts_trailers, connection_listed, headers_from_wire, is_hop_by_hop, wire_header};
 use quictun_core::tunnel::ExchangeError;
-use quictun_proto::{Header, RequestHead, StreamCode, StreamKind};
+use quictun_proto::{Header, RequestHead, StreamCode, Target};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, field, info_span, warn};
@@ -380,9 +380,12 @@ async fn forward(
         return Err(ProxyError::TooManyHeaders { count: headers.len(), max: shared.limits.max_header_count });
     }
     let head = RequestHead {
-        kind: if is_upgrade { StreamKind::Upgrade } else { StreamKind::Http },
+        target: if is_upgrade {
+            Target::Upgrade(route.upstream.to_string())
+        } else {
+            Target::Http(route.upstream.to_string())
+        },
         request_id,
-        upstream: route.upstream.to_string(),
         method: req.method().as_str().to_owned(),
         uri: target,
         headers,

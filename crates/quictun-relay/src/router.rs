@@ -13,7 +13,7 @@ use quictun_core::upstream_http::Target;
 
 use crate::balance::Balance;
 
-use crate::config::RelayConfig;
+use crate::config::{ConfigError, RelayConfig};
 
 /// How a route matches the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,29 +78,39 @@ pub struct Router {
 }
 
 impl Router {
-    /// Compiles the routes of `config` (which must have passed validation).
-    pub fn new(config: &RelayConfig) -> Self {
-        let routes = config
-            .routes
-            .iter()
-            .filter_map(|r| {
-                let upstream = config.upstreams.iter().find(|u| u.name == r.upstream)?;
-                Some(Route {
-                    host: HostMatch::parse(&r.host),
-                    path_prefix: r.path_prefix.clone(),
-                    upstream: Arc::from(upstream.name.as_str()),
-                    group: Arc::from(upstream.group.as_str()),
-                    in_flight: r.max_in_flight.map(|n| Arc::new(Semaphore::new(n as usize))),
-                    max_body_bytes: r.max_body_bytes,
-                    balance: upstream.balance,
-                    hash_header: upstream
-                        .hash_header
-                        .as_deref()
-                        .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
-                })
-            })
-            .collect();
-        Self { routes }
+    /// Compiles the routes of `config`; a route naming no upstream, or an upstream whose hash
+    /// header is not a header name, is an error naming the key.
+    pub fn new(config: &RelayConfig) -> Result<Self, ConfigError> {
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for (i, r) in config.routes.iter().enumerate() {
+            let Some((j, upstream)) = config.upstreams.iter().enumerate().find(|(_, u)| u.name == r.upstream) else {
+                return Err(
+                    config.invalid(format!("routes[{i}].upstream"), format!("no upstream named {:?}", r.upstream))
+                );
+            };
+            let hash_header = match (&upstream.hash_header, upstream.balance) {
+                (Some(name), _) => Some(http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                    config.invalid(format!("upstreams[{j}].hash_header"), format!("{name:?} is not a header name"))
+                })?),
+                (None, Balance::Hash) => {
+                    return Err(
+                        config.invalid(format!("upstreams[{j}].hash_header"), "hash balancing needs a hash_header")
+                    );
+                }
+                (None, _) => None,
+            };
+            routes.push(Route {
+                host: HostMatch::parse(&r.host),
+                path_prefix: r.path_prefix.clone(),
+                upstream: Arc::from(upstream.name.as_str()),
+                group: Arc::from(upstream.group.as_str()),
+                in_flight: r.max_in_flight.map(|n| Arc::new(Semaphore::new(n as usize))),
+                max_body_bytes: r.max_body_bytes,
+                balance: upstream.balance,
+                hash_header,
+            });
+        }
+        Ok(Self { routes })
     }
 
     /// The first route matching `host` (any case, port ignored) and `path`.
@@ -135,21 +145,21 @@ pub struct EgressRouter {
 }
 
 impl EgressRouter {
-    /// Compiles the egress routes of `config` (which must have passed validation).
-    pub fn new(config: &RelayConfig) -> Self {
-        let routes = config
-            .egress_routes
-            .iter()
-            .filter_map(|r| {
-                Some(EgressRoute {
-                    host: HostMatch::parse(&r.host),
-                    path_prefix: r.path_prefix.clone(),
-                    target: Target::parse(&r.target).ok()?,
-                    groups: r.groups.clone(),
-                })
-            })
-            .collect();
-        Self { routes }
+    /// Compiles the egress routes of `config`; a target that is not a URL is an error naming
+    /// the key.
+    pub fn new(config: &RelayConfig) -> Result<Self, ConfigError> {
+        let mut routes = Vec::with_capacity(config.egress_routes.len());
+        for (i, r) in config.egress_routes.iter().enumerate() {
+            let target = Target::parse(&r.target)
+                .map_err(|e| config.invalid(format!("egress_routes[{i}].target"), e.to_string()))?;
+            routes.push(EgressRoute {
+                host: HostMatch::parse(&r.host),
+                path_prefix: r.path_prefix.clone(),
+                target,
+                groups: r.groups.clone(),
+            });
+        }
+        Ok(Self { routes })
     }
 
     /// The first egress route matching `host` (any case, port ignored) and `path`.
@@ -180,7 +190,7 @@ mod tests {
             "[[upstreams]]\nname = \"a\"\ngroup = \"ga\"\ntargets = [\"http://x\"]\n\
              [[upstreams]]\nname = \"b\"\ngroup = \"gb\"\ntargets = [\"http://y\"]\n{routes}"
         );
-        Router::new(&RelayConfig::parse(&text, Path::new("t.toml")).unwrap())
+        Router::new(&RelayConfig::parse(&text, Path::new("t.toml")).unwrap()).unwrap()
     }
 
     fn upstream<'a>(r: &'a Router, host: &str, path: &str) -> Option<&'a str> {
@@ -211,7 +221,7 @@ mod tests {
     fn egress_routes_match_host_and_path_and_check_the_group() {
         let text = "[[egress_routes]]\nhost = \"api.partner.test\"\npath_prefix = \"/v1\"\ntarget = \"http://10.0.0.1:80\"\ngroups = [\"web\"]\n\
                     [[egress_routes]]\nhost = \"*\"\ntarget = \"h2c://10.0.0.2:80\"\n";
-        let r = EgressRouter::new(&RelayConfig::parse(text, Path::new("t.toml")).unwrap());
+        let r = EgressRouter::new(&RelayConfig::parse(text, Path::new("t.toml")).unwrap()).unwrap();
         let first = r.route("API.partner.test:443", "/v1/users").unwrap();
         assert_eq!(first.target.host_port(), "10.0.0.1:80");
         assert!(first.allows("web") && !first.allows("api"));

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::{Pending, PerKey, connection_budget};
-use crate::config::{RelayConfig, RelaySection};
+use crate::config::{ConfigError, RelayConfig, RelaySection};
 use crate::metrics::RelayMetrics;
 use crate::router::{EgressRouter, Router};
 use crate::sessions::{SessionCommand, SessionManager};
@@ -47,22 +47,22 @@ pub struct Live {
 }
 
 impl Live {
-    /// Builds the live view of a validated configuration; `version` numbers the agent configs.
-    pub fn new(config: &RelayConfig, version: u64) -> Self {
-        let clients = config
-            .clients
-            .iter()
-            .filter_map(|c| {
-                let token = RelayConfig::client_token(c)?;
-                Some((c.id.clone(), ClientAuth { group: c.group.clone(), token_digest: digest(token.expose()) }))
-            })
-            .collect();
+    /// Compiles `config` into the live view (tokens read, routes and targets resolved); `version`
+    /// numbers the agent configs. Anything that does not resolve is an error naming its key:
+    /// nothing is left out silently, at start or on reload.
+    pub fn new(config: &RelayConfig, version: u64) -> Result<Self, ConfigError> {
+        let mut clients = HashMap::with_capacity(config.clients.len());
+        for (i, c) in config.clients.iter().enumerate() {
+            let token = config.client_token(i)?;
+            clients.insert(c.id.clone(), ClientAuth { group: c.group.clone(), token_digest: digest(token.expose()) });
+        }
         let mut configs: HashMap<String, AgentConfig> = HashMap::new();
         for u in &config.upstreams {
             let entry = configs.entry(u.group.clone()).or_insert_with(|| AgentConfig { version, upstreams: vec![] });
             entry.upstreams.push(UpstreamSpec { name: u.name.clone(), targets: u.targets.clone() });
         }
-        Self { version, router: Router::new(config), egress: EgressRouter::new(config), clients, configs }
+        let (router, egress) = (Router::new(config)?, EgressRouter::new(config)?);
+        Ok(Self { version, router, egress, clients, configs })
     }
 
     /// Checks a registration: known client, right token (constant time), right group and protocol
@@ -142,15 +142,16 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Shared state for a validated configuration.
-    pub fn new(config: &RelayConfig) -> Self {
+    /// Shared state for a configuration, compiled (see [`Live::new`]).
+    pub fn new(config: &RelayConfig) -> Result<Self, ConfigError> {
+        let live = Live::new(config, 1)?;
         // The tunnel's limits, the same at every agent: the ingress's own (at most the client's
         // ceiling, see `validate`) plus the headers the relay adds.
         let limits = Limits::default();
         let reclaimer = Reclaimer::new(config.relay.stall_limits());
         let mut metrics = RelayMetrics::new();
         metrics.register_stall(reclaimer.metrics());
-        Self {
+        Ok(Self {
             settings: config.relay.clone(),
             limits,
             sessions: Arc::new(SessionManager::new()),
@@ -170,8 +171,8 @@ impl Shared {
             ))),
             requests_per_ip: PerKey::new(config.relay.max_requests_per_ip),
             pending: Pending::new(config.relay.max_pending_connections, config.relay.max_pending_per_network),
-            live: RwLock::new(Arc::new(Live::new(config, 1))),
-        }
+            live: RwLock::new(Arc::new(live)),
+        })
     }
 
     /// How long a proxied body may make no progress (`None`: no limit).
@@ -185,11 +186,12 @@ impl Shared {
     /// Swaps in the routes, upstreams and clients of `config` as one new version, atomically for
     /// every later request (requests in flight keep the route they were given). Each connected
     /// agent is pushed its group's new configuration; an agent whose client was removed, or moved
-    /// to another group, is disconnected. Returns the new version.
-    pub fn reload(&self, config: &RelayConfig) -> u64 {
+    /// to another group, is disconnected. Returns the new version; a configuration that does not
+    /// compile changes nothing.
+    pub fn reload(&self, config: &RelayConfig) -> Result<u64, ConfigError> {
         let live = {
             let mut slot = self.live.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let live = Arc::new(Live::new(config, slot.version + 1));
+            let live = Arc::new(Live::new(config, slot.version + 1)?);
             *slot = live.clone();
             live
         };
@@ -202,7 +204,7 @@ impl Shared {
                 tracing::warn!(client_id = %session.client_id, "could not queue config_sync; the agent gets it on reconnect");
             }
         }
-        live.version
+        Ok(live.version)
     }
 
     /// The current live configuration.
@@ -223,7 +225,7 @@ mod tests {
     fn live() -> Live {
         let text = "[[clients]]\nid = \"a\"\ntoken = \"secret\"\ngroup = \"web\"\n\
                     [[upstreams]]\nname = \"app\"\ngroup = \"web\"\ntargets = [\"http://127.0.0.1:1\"]\n";
-        Live::new(&RelayConfig::parse(text, Path::new("t.toml")).unwrap(), 1)
+        Live::new(&RelayConfig::parse(text, Path::new("t.toml")).unwrap(), 1).unwrap()
     }
 
     fn register(id: &str, token: &str, group: &str) -> Register {

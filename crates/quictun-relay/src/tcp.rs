@@ -1,6 +1,6 @@
 //! TCP tunnels on the relay: each `[[tcp]]` entry listens on a TCP port; every accepted connection
 //! is carried to an agent of the entry's group on its own stream
-//! ([`quictun_proto::StreamKind::Tcp`]), and spliced once the agent has connected to the
+//! ([`quictun_proto::Target::Tcp`]), and spliced once the agent has connected to the
 //! upstream. Each side's FIN is passed on as a half-close. A connection that cannot be carried
 //! (no agent, agent busy, upstream unreachable, the relay's connection budget or the client
 //! address's `max_requests_per_ip` reached) is closed at once.
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quictun_core::upgrade::{channel_body, splice};
-use quictun_proto::{RequestHead, StreamKind};
+use quictun_proto::{RequestHead, Target};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info_span, warn};
 use uuid::Uuid;
@@ -63,9 +63,8 @@ async fn carry(stream: TcpStream, peer: SocketAddr, request_id: Uuid, entry: Arc
         return warn!("TCP connection refused: the agent is at its stream limit");
     };
     let head = RequestHead {
-        kind: StreamKind::Tcp,
+        target: Target::Tcp(entry.upstream.clone()),
         request_id,
-        upstream: entry.upstream.clone(),
         method: "CONNECT".into(),
         uri: "/".into(),
         headers: vec![quictun_proto::Header { name: "x-forwarded-for".into(), value: peer.ip().to_string().into() }],

@@ -1,5 +1,5 @@
 //! WebSocket and other HTTP/1.1 upgrades on the ingress: the request goes to the agent as a
-//! [`quictun_proto::StreamKind::Upgrade`] stream with its `Connection: upgrade` and `Upgrade`
+//! [`quictun_proto::Target::Upgrade`] stream with its `Connection: upgrade` and `Upgrade`
 //! headers; when the agent answers 101 the client's connection is spliced to the stream (raw bytes
 //! both ways, half-closes passed on) in a task the relay owns. Upgraded connections have no idle
 //! timeout: WebSocket connections are idle by nature and have their own pings.

@@ -44,6 +44,7 @@ fn load_options(args: AgentArgs) -> Result<Vec<AgentOptions>, Failure> {
     if let Some(token) = args.token {
         a.token = Some(Token::new(token));
         a.token_env = None;
+        a.token_file = None;
     }
     if let Some(admin) = args.admin_listen {
         a.admin_listen = Some(admin);

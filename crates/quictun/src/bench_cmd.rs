@@ -65,7 +65,7 @@ pub async fn agents(args: BenchAgentsArgs) -> Result<(), Failure> {
         let shared = match &endpoint {
             Some(endpoint) => endpoint,
             None => {
-                let bind = quictun_agent::options::default_bind(&args.relay).await;
+                let bind = quictun_agent::options::default_bind(&options.relay).await;
                 let (created, _) = quictun_quic::endpoint::client_endpoint(bind, &options.trust, &options.tuning)
                     .map_err(Failure::runtime)?;
                 endpoint.insert(created)

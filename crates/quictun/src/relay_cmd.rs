@@ -76,7 +76,10 @@ pub async fn run(args: RelayArgs) -> Result<(), Failure> {
     let (cert, generated) = load_or_generate_cert(&config)?;
     let first_client = config.clients.first().map(|c| c.id.clone());
     let cert_path = config.relay.cert.clone();
-    let relay = Relay::start(config, cert).await.map_err(Failure::runtime)?;
+    let relay = Relay::start(config, cert).await.map_err(|err| match err {
+        quictun_relay::RelayError::Config(_) => Failure::usage(err),
+        other => Failure::runtime(other),
+    })?;
     let pin = relay.pin().map(|p| p.to_string()).unwrap_or_default();
     println!("quictun relay");
     println!("  QUIC (agents)  udp://{}", relay.quic_addr());
@@ -127,10 +130,9 @@ async fn serve_until_shutdown(relay: &Relay, args: &RelayArgs) {
                 stamp = now;
             }
         }
-        match load_config(args) {
-            Ok(config) => {
-                println!("configuration reloaded from {} (version {})", path.display(), relay.reload(&config))
-            }
+        let loaded = load_config(args).and_then(|config| relay.reload(&config).map_err(|e| Failure::Usage(e.into())));
+        match loaded {
+            Ok(version) => println!("configuration reloaded from {} (version {version})", path.display()),
             Err(Failure::Usage(err) | Failure::Runtime(err)) => {
                 tracing::error!(error = %format!("{err:#}"), "configuration reload refused; the running configuration stays");
                 println!("configuration reload refused: {err:#}");
