@@ -66,7 +66,7 @@ impl Forwarder {
     /// request head must already be validated; failures are the code to reset the exchange with.
     pub async fn forward(&self, head: RequestHead, body: TunnelBody) -> Result<(ResponseHead, TunnelBody), StreamCode> {
         let upstreams = self.upstreams();
-        let target = head.target.upstream().and_then(|name| upstreams.pick(name)).ok_or_else(|| {
+        let target = head.target.upstream().and_then(|name| upstreams.next_target(name)).ok_or_else(|| {
             warn!("request for an unknown upstream");
             StreamCode::UnknownUpstream
         })?;
@@ -163,8 +163,8 @@ mod tests {
         let forwarder = Forwarder::new(&options, Arc::new(AgentMetrics::new()));
         forwarder.install_fresh(table(5, "http://127.0.0.1:5"));
         assert!(!forwarder.install(table(4, "http://127.0.0.1:4")), "version 4 after 5 must be ignored");
-        assert_eq!(forwarder.upstreams().pick("app").unwrap().host_port(), "127.0.0.1:5");
+        assert_eq!(forwarder.upstreams().next_target("app").unwrap().host_port(), "127.0.0.1:5");
         assert!(forwarder.install(table(6, "http://127.0.0.1:6")));
-        assert_eq!(forwarder.upstreams().pick("app").unwrap().host_port(), "127.0.0.1:6");
+        assert_eq!(forwarder.upstreams().next_target("app").unwrap().host_port(), "127.0.0.1:6");
     }
 }

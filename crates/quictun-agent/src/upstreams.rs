@@ -74,7 +74,7 @@ impl UpstreamTable {
     }
 
     /// The next target of `name` in rotation.
-    pub fn pick(&self, name: &str) -> Option<&Target> {
+    pub fn next_target(&self, name: &str) -> Option<&Target> {
         let upstream = self.upstreams.get(name)?;
         let n = upstream.targets.len();
         if n == 0 {
@@ -108,13 +108,13 @@ mod tests {
     fn rotation_and_local_precedence() {
         let table = UpstreamTable::build(&pushed(&["http://a:1", "http://b:2"]), &[], None);
         assert_eq!(table.version(), 3);
-        let first = table.pick("app").unwrap().host_port();
-        let second = table.pick("app").unwrap().host_port();
+        let first = table.next_target("app").unwrap().host_port();
+        let second = table.next_target("app").unwrap().host_port();
         assert_ne!(first, second);
         let local = [LocalUpstream { name: "app".into(), targets: vec!["http://local:9".into()] }];
         let table = UpstreamTable::build(&pushed(&["http://a:1"]), &local, None);
-        assert_eq!(table.pick("app").unwrap().host_port(), "local:9");
-        assert!(table.pick("other").is_none());
+        assert_eq!(table.next_target("app").unwrap().host_port(), "local:9");
+        assert!(table.next_target("other").is_none());
     }
 
     #[test]
@@ -125,9 +125,9 @@ mod tests {
             &[],
             Some(&allow),
         );
-        let picked: Vec<String> = (0..4).map(|_| table.pick("app").unwrap().host_port()).collect();
+        let picked: Vec<String> = (0..4).map(|_| table.next_target("app").unwrap().host_port()).collect();
         assert!(!picked.iter().any(|p| p.starts_with("10.")), "{picked:?}");
         let none = UpstreamTable::build(&pushed(&["http://10.0.0.5:22"]), &[], Some(&allow));
-        assert!(none.pick("app").is_none());
+        assert!(none.next_target("app").is_none());
     }
 }

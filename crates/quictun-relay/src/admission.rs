@@ -47,6 +47,7 @@ impl<K: Eq + Hash + Clone> PerKey<K> {
     }
 
     /// Units held for `key` now.
+    #[cfg(test)]
     pub fn held(&self, key: &K) -> usize {
         self.held.get(key).map_or(0, |n| *n)
     }
@@ -120,6 +121,26 @@ pub fn connection_budget(configured: usize, soft_limit: Option<u64>) -> usize {
     let Some(limit) = soft_limit else { return usize::MAX >> 4 };
     let budget = (limit / 4 * 3).min(limit.saturating_sub(RESERVED_DESCRIPTORS)).max(16);
     usize::try_from(budget).unwrap_or(usize::MAX >> 4)
+}
+
+/// The slots one exchange holds until its response body ends (or its upgraded connection
+/// closes): its stream on the agent, its place on the route and under its client's cap.
+pub struct Slots {
+    _agent: tokio::sync::OwnedSemaphorePermit,
+    _route: Option<tokio::sync::OwnedSemaphorePermit>,
+    _address: Held<std::net::IpAddr>,
+}
+
+impl Slots {
+    /// Holds the stream slot on the agent's connection, the route's slot (when the route is
+    /// limited) and the client address's place.
+    pub fn new(
+        agent: tokio::sync::OwnedSemaphorePermit,
+        route: Option<tokio::sync::OwnedSemaphorePermit>,
+        address: Held<std::net::IpAddr>,
+    ) -> Self {
+        Self { _agent: agent, _route: route, _address: address }
+    }
 }
 
 #[cfg(test)]

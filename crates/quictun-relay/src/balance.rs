@@ -7,16 +7,13 @@
 //!   goes; requests without the header go round-robin.
 //!
 //! An agent is unhealthy while in cooldown after repeated failures, or while its heartbeats lag
-//! ([`crate::sessions::Session::is_healthy`]); unhealthy agents are used only when no healthy one
-//! is left.
+//! ([`Candidate::is_healthy`]); unhealthy agents are used only when no healthy one is left.
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use serde::Deserialize;
 use uuid::Uuid;
-
-use crate::sessions::Session;
 
 /// How an upstream's requests are spread over the agents of its group.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -42,25 +39,38 @@ pub struct Choice<'a> {
     pub exclude: Option<Uuid>,
 }
 
-fn rendezvous(key: &[u8], session: &Session) -> u64 {
+/// What the balancer needs to know of an agent (a session, in the relay).
+pub trait Candidate {
+    /// Identifies this connection of the agent.
+    fn id(&self) -> Uuid;
+    /// The agent's stable name, hashed by [`Balance::Hash`].
+    fn name(&self) -> &str;
+    /// False while it takes no new requests (closed, or draining).
+    fn is_available(&self) -> bool;
+    /// False while in cooldown or while its heartbeats lag.
+    fn is_healthy(&self) -> bool;
+    /// Requests in flight on it.
+    fn in_flight(&self) -> u32;
+}
+
+fn rendezvous(key: &[u8], candidate: &impl Candidate) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut hasher);
-    session.client_id.hash(&mut hasher);
+    candidate.name().hash(&mut hasher);
     hasher.finish()
 }
 
 /// Chooses among `members` (in group order) with `cursor` for rotation.
-pub fn choose(members: &[Arc<Session>], cursor: usize, choice: &Choice<'_>) -> Option<Arc<Session>> {
-    let usable: Vec<&Arc<Session>> =
-        members.iter().filter(|s| s.is_available() && Some(s.session_id) != choice.exclude).collect();
-    let healthy: Vec<&Arc<Session>> = usable.iter().copied().filter(|s| s.is_healthy()).collect();
+pub fn choose<C: Candidate>(members: &[Arc<C>], cursor: usize, choice: &Choice<'_>) -> Option<Arc<C>> {
+    let usable: Vec<&Arc<C>> = members.iter().filter(|s| s.is_available() && Some(s.id()) != choice.exclude).collect();
+    let healthy: Vec<&Arc<C>> = usable.iter().copied().filter(|s| s.is_healthy()).collect();
     let pool = if healthy.is_empty() { usable } else { healthy };
     if pool.is_empty() {
         return None;
     }
     let n = pool.len();
     let chosen = match (choice.balance, choice.key) {
-        (Balance::Hash, Some(key)) => pool.iter().max_by_key(|s| rendezvous(key, s)).copied(),
+        (Balance::Hash, Some(key)) => pool.iter().max_by_key(|s| rendezvous(key, s.as_ref())).copied(),
         (Balance::LeastInFlight, _) => (0..n).map(|i| pool[(cursor + i) % n]).min_by_key(|s| s.in_flight()),
         _ => Some(pool[cursor % n]),
     };
@@ -71,6 +81,7 @@ pub fn choose(members: &[Arc<Session>], cursor: usize, choice: &Choice<'_>) -> O
 mod tests {
     use super::*;
     use crate::fake_tunnel::{FakeTunnel, session_on};
+    use crate::sessions::Session;
 
     fn session(id: &str) -> Arc<Session> {
         session_on(id, "g", FakeTunnel::default())

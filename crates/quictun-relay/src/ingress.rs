@@ -28,7 +28,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use crate::admission::PerKey;
 use crate::conn_clock::{BusyGuard, ClockedStream, ConnClock, Expired};
 use crate::metrics::Reject;
-use crate::proxy::{self, IngressBody, Peer};
+use crate::proxy::{self, IngressBody, Peer, Scheme};
 use crate::state::Shared;
 
 /// hyper's smallest allowed read buffer.
@@ -84,25 +84,6 @@ impl Body for Tracked {
 async fn refuse(mut stream: TcpStream, answer: &'static [u8]) {
     let _sent = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer)).await;
     let _closed = stream.shutdown().await;
-}
-
-/// Whether an ingress speaks plain HTTP or HTTPS (told to upstreams in `x-forwarded-proto`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scheme {
-    /// Plain HTTP/1.1, and HTTP/2 with prior knowledge (h2c).
-    Http,
-    /// TLS with ALPN `h2` or `http/1.1`.
-    Https,
-}
-
-impl Scheme {
-    /// The scheme's name, as in `x-forwarded-proto`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Http => "http",
-            Self::Https => "https",
-        }
-    }
 }
 
 /// What every accepted connection is served with.

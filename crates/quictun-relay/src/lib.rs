@@ -16,25 +16,25 @@
 //!
 //! [`Relay::start`] binds everything and returns a [`Relay`] handle; [`Relay::shutdown`] drains.
 
-pub mod admin;
-pub mod admission;
-pub mod balance;
-pub mod body;
+mod admin;
+mod admission;
+mod balance;
+mod body;
 pub mod config;
-pub mod conn_clock;
-pub mod egress;
+mod conn_clock;
+mod egress;
 #[cfg(test)]
 mod fake_tunnel;
-pub mod ingress;
-pub mod metrics;
-pub mod proxy;
-pub mod quic;
-pub mod registration;
-pub mod router;
-pub mod sessions;
-pub mod state;
-pub mod tcp;
-pub mod upgrade;
+mod ingress;
+mod metrics;
+mod proxy;
+mod quic;
+mod registration;
+mod router;
+mod sessions;
+mod state;
+mod tcp;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,8 +45,9 @@ use quictun_core::tls::CertKey;
 use quictun_quic::Tuning;
 use tracing::{Instrument, info};
 
+pub use balance::Balance;
 pub use config::{ConfigError, RelayConfig};
-pub use sessions::SessionManager;
+pub use sessions::{Session, SessionManager};
 
 use crate::state::Shared;
 

@@ -198,6 +198,7 @@ impl RelayMetrics {
     }
 
     /// How many refusals of one kind so far.
+    #[cfg(test)]
     pub fn rejected(&self, reason: Reject) -> u64 {
         self.rejects.get_or_create(&ReasonLabel { reason }).get()
     }

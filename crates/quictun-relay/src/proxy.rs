@@ -4,7 +4,7 @@
 //! request body in a task owned by the response, and waits for the response head under a deadline.
 //! Every failure maps to the error table of the contract (404, 502, 503, 504).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -23,15 +23,13 @@ use quictun_core::framing::may_have_trailers;
 use quictun_core::http::{accepts_trailers, connection_listed, headers_from_wire, is_hop_by_hop, wire_header};
 use quictun_core::tunnel::ExchangeError;
 use quictun_proto::{Header, RequestHead, StreamCode, Target};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, field, info_span, warn};
 use uuid::Uuid;
 
-use crate::admission::Held;
+use crate::admission::Slots;
 use crate::balance::Choice;
 use crate::body::{BodySlot, Metered, Tripped};
-use crate::ingress::Scheme;
 use crate::metrics::Reject;
 use crate::sessions::Session;
 use crate::state::Shared;
@@ -148,15 +146,27 @@ pub enum IngressBody {
         /// The body, from whichever transport, counted and watched for progress.
         body: Metered<TunnelBody>,
         /// The stream slot on the agent's connection and on the route, held until the body ends.
-        slots: Slots,
+        _slots: Slots,
     },
 }
 
-/// The slots one exchange holds until its response body ends (or its upgraded connection closes).
-pub struct Slots {
-    _agent: OwnedSemaphorePermit,
-    _route: Option<OwnedSemaphorePermit>,
-    _address: Held<IpAddr>,
+/// Whether an ingress speaks plain HTTP or HTTPS (told to upstreams in `x-forwarded-proto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// Plain HTTP/1.1, and HTTP/2 with prior knowledge (h2c).
+    Http,
+    /// TLS with ALPN `h2` or `http/1.1`.
+    Https,
+}
+
+impl Scheme {
+    /// The scheme's name, as in `x-forwarded-proto`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Https => "https",
+        }
+    }
 }
 
 /// What a request body is checked for on its way, known once it failed.
@@ -240,7 +250,7 @@ pub struct Peer {
 
 /// What a request's metrics need to know after it was answered.
 #[derive(Default)]
-struct Outcome {
+struct RequestMetrics {
     route: Option<Arc<str>>,
     head_latency: Option<Duration>,
 }
@@ -250,7 +260,7 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: Peer) -> 
     let request_id = Uuid::new_v4();
     let span =
         info_span!("request", %request_id, method = %req.method(), path = %req.uri().path(), client_id = field::Empty);
-    let mut outcome = Outcome::default();
+    let mut outcome = RequestMetrics::default();
     let mut response = match forward(&shared, req, peer, request_id, &mut outcome).instrument(span.clone()).await {
         Ok(response) => response,
         Err(err) => {
@@ -326,10 +336,10 @@ async fn agent_after_startup(shared: &Shared, group: &Arc<str>) -> Result<Arc<Se
     if !left.is_zero() && !shared.shutdown.is_cancelled() {
         debug!(?left, %group, "no agent yet: waiting for one to register");
         shared.metrics.waiting_for_agent.inc();
-        shared.sessions.wait_until(left, |sessions| sessions.pick(group).is_some()).await;
+        shared.sessions.wait_until(left, |sessions| sessions.choose(group, &Choice::default()).is_some()).await;
         shared.metrics.waiting_for_agent.dec();
     }
-    shared.sessions.pick(group).ok_or_else(|| ProxyError::NoAgent(group.clone()))
+    shared.sessions.choose(group, &Choice::default()).ok_or_else(|| ProxyError::NoAgent(group.clone()))
 }
 
 async fn forward(
@@ -337,7 +347,7 @@ async fn forward(
     mut req: Request<Incoming>,
     peer: Peer,
     request_id: Uuid,
-    outcome: &mut Outcome,
+    outcome: &mut RequestMetrics,
 ) -> Result<Response<IngressBody>, ProxyError> {
     let authority = request_authority(req.version(), req.uri(), req.headers())?;
     let host = authority.as_str();
@@ -455,7 +465,7 @@ async fn forward(
         headers_from_wire(response_head.headers)
     };
     let headers = headers.map_err(|e| ProxyError::BadResponse(e.to_string()))?;
-    let slots = Slots { _agent: agent_slot, _route: route_slot, _address: address_slot };
+    let slots = Slots::new(agent_slot, route_slot, address_slot);
     if let Some(pending) = upgrade
         && switching
     {
@@ -467,7 +477,7 @@ async fn forward(
         return Ok(response);
     }
     let body = Metered::new(body, shared.metrics.bytes_from_agent.clone(), shared.stream_idle_timeout());
-    let mut response = Response::new(IngressBody::Tunnel { body, slots });
+    let mut response = Response::new(IngressBody::Tunnel { body, _slots: slots });
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     Ok(response)

@@ -235,12 +235,8 @@ impl SessionManager {
         self.generation.send_modify(|g| *g += 1);
     }
 
-    /// The next available session of `group`, rotating over its healthy members.
-    pub fn pick(&self, group: &str) -> Option<Arc<Session>> {
-        self.choose(group, &Choice::default())
-    }
-
-    /// A session of `group` chosen by `choice` (see [`crate::balance`]).
+    /// A session of `group` chosen by `choice` (see [`crate::balance`]; the default choice
+    /// rotates over the group's healthy members).
     pub fn choose(&self, group: &str, choice: &Choice<'_>) -> Option<Arc<Session>> {
         let group = self.by_group.get(group)?;
         let cursor = group.cursor.fetch_add(1, Ordering::Relaxed);
@@ -292,6 +288,28 @@ impl SessionManager {
         })
         .await
         .is_ok()
+    }
+}
+
+impl crate::balance::Candidate for Session {
+    fn id(&self) -> Uuid {
+        self.session_id
+    }
+
+    fn name(&self) -> &str {
+        &self.client_id
+    }
+
+    fn is_available(&self) -> bool {
+        Session::is_available(self)
+    }
+
+    fn is_healthy(&self) -> bool {
+        Session::is_healthy(self)
+    }
+
+    fn in_flight(&self) -> u32 {
+        Session::in_flight(self)
     }
 }
 

@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info_span, warn};
 use uuid::Uuid;
 
+use crate::balance::Choice;
 use crate::config::TcpEntry;
 use crate::metrics::Reject;
 use crate::state::Shared;
@@ -53,7 +54,7 @@ pub async fn serve(listener: TcpListener, entry: TcpEntry, shared: Arc<Shared>) 
 
 /// Carries one accepted connection through an agent of the entry's group.
 async fn carry(stream: TcpStream, peer: SocketAddr, request_id: Uuid, entry: Arc<TcpEntry>, shared: Arc<Shared>) {
-    let Some(session) = shared.sessions.pick(&entry.group) else {
+    let Some(session) = shared.sessions.choose(&entry.group, &Choice::default()) else {
         shared.metrics.reject(Reject::no_agent);
         return warn!(group = %entry.group, "TCP connection refused: no agent of the group is connected");
     };

@@ -11,7 +11,7 @@ use quictun_core::upgrade::{FrameSender, splice};
 use quictun_proto::Header;
 use tracing::{Instrument, debug};
 
-use crate::proxy::Slots;
+use crate::admission::Slots;
 use crate::state::Shared;
 
 /// The headers hop-by-hop stripping removed that an upgrade must carry to the upstream.
