@@ -13,16 +13,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use quictun_core::body::{BodyError, TunnelBody};
+use quictun_core::edge::forwarded::{Hop, TrustedProxies, tunnel_request_headers};
 use quictun_core::edge::host::{HostError, request_authority};
+use quictun_core::edge::serve::{plain_text, serve_with_drain};
 use quictun_core::framing::may_have_trailers;
-use quictun_core::http::{headers_from_wire, headers_to_wire, strip_hop_by_hop};
+use quictun_core::http::headers_from_wire;
 use quictun_core::tunnel::Tunnel;
 use quictun_proto::{RequestHead, Target};
 use tokio::net::TcpListener;
@@ -104,23 +105,8 @@ async fn accept_loop(listener: TcpListener, egress: Arc<Egress>, stop: Cancellat
             async move { Ok::<_, Infallible>(egress.handle(req, peer).await) }
         });
         let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-        let stop = stop.clone();
-        tasks.spawn(
-            async move {
-                let mut conn = std::pin::pin!(conn);
-                let result = tokio::select! {
-                    result = conn.as_mut() => result,
-                    _ = stop.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                };
-                if let Err(err) = result {
-                    debug!(%err, "egress connection ended with an error");
-                }
-            }
-            .instrument(info_span!("egress", %peer)),
-        );
+        let serve = serve_with_drain(conn, stop.clone().cancelled_owned(), "egress");
+        tasks.spawn(serve.instrument(info_span!("egress", %peer)));
     }
 }
 
@@ -167,30 +153,20 @@ impl Egress {
 /// The head of an egress request: hop-by-hop headers dropped (`TE: trailers` kept), the one
 /// Host set (see [`request_authority`]: HTTP/2 and absolute-form requests carry it in the URI),
 /// `x-forwarded-for` extended.
+/// The head of an egress request. Its clients are the machines next to the agent: their
+/// forwarding headers are extended (as from a trusted proxy), by the ingress's own rules.
 fn request_head(req: &Request<Incoming>, peer: SocketAddr, request_id: Uuid) -> Result<RequestHead, HostError> {
-    let mut headers = req.headers().clone();
-    let authority = request_authority(req.version(), req.uri(), &headers)?;
-    let host = HeaderValue::from_str(authority.as_str()).map_err(|_| HostError::Invalid(authority.to_string()))?;
-    let framed_body = may_have_trailers(req.version(), &headers);
-    strip_hop_by_hop(&mut headers);
-    headers.insert(header::HOST, host);
-    let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(previous) => format!("{previous}, {}", peer.ip()),
-        None => peer.ip().to_string(),
-    };
-    if let Ok(value) = HeaderValue::from_str(&forwarded) {
-        headers.insert("x-forwarded-for", value);
-    }
-    if let Ok(value) = HeaderValue::from_str(&request_id.to_string()) {
-        headers.insert("x-quictun-request-id", value);
-    }
+    let authority = request_authority(req.version(), req.uri(), req.headers())?;
+    let framed_body = may_have_trailers(req.version(), req.headers());
+    let hop = Hop { client: peer.ip(), proto: "http", host: authority.as_str() };
+    let headers = tunnel_request_headers(&TrustedProxies::any(), req.headers(), &hop, &request_id.to_string());
     let has_body = !http_body::Body::is_end_stream(req.body());
     Ok(RequestHead {
         target: Target::Egress,
         request_id,
         method: req.method().as_str().to_owned(),
         uri: req.uri().path_and_query().map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned()),
-        headers: headers_to_wire(&headers),
+        headers,
         has_body,
         framed_body: has_body && framed_body,
     })
@@ -198,12 +174,5 @@ fn request_head(req: &Request<Incoming>, peer: SocketAddr, request_id: Uuid) -> 
 
 /// A plain-text answer the egress listener gives itself.
 fn text(status: StatusCode, message: &str) -> Response<TunnelBody> {
-    let body = http_body_util::Full::new(Bytes::from(format!("{message}\n"))).map_err(|never| match never {});
-    let mut response = Response::new(body.boxed_unsync());
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    response
+    plain_text(status, message, |bytes| http_body_util::Full::new(bytes).map_err(|never| match never {}).boxed_unsync())
 }

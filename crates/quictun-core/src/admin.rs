@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{Instrument, warn};
 
 /// A complete admin response.
 pub type AdminReply = Response<Full<Bytes>>;
@@ -143,15 +143,11 @@ pub async fn serve(
         });
         let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         let stop = stop.clone();
-        tasks.spawn(async move {
+        let serve = async move {
             let _slot = slot;
-            tokio::select! {
-                result = conn => if let Err(err) = result {
-                    debug!(%err, %peer, "admin connection error");
-                },
-                _ = stop.cancelled() => {}
-            }
-        });
+            crate::edge::serve::serve_with_drain(conn, stop.cancelled_owned(), "admin").await;
+        };
+        tasks.spawn(serve.instrument(tracing::debug_span!("admin", %peer)));
     }
 }
 

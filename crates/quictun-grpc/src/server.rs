@@ -115,7 +115,6 @@ async fn serve_connection(
         .max_frame_size(window::FRAME)
         .keep_alive_interval(Some(Duration::from_secs(10)));
     let conn = builder.serve_connection(TokioIo::new(tls), service);
-    tokio::pin!(conn);
     // Resolves when the tunnel RPC has not started in time (and never once it has).
     let no_tunnel_yet = async {
         tokio::time::sleep(TLS_TIMEOUT).await;
@@ -123,6 +122,9 @@ async fn serve_connection(
             std::future::pending::<()>().await;
         }
     };
+    // `quictun_core::edge::serve::serve_with_drain` with a third way out; written here because
+    // the generic helper's future cannot be proven `Send` for hyper's HTTP/2 connection type.
+    tokio::pin!(conn);
     let result = tokio::select! {
         result = &mut conn => result,
         () = no_tunnel_yet => return debug!("no tunnel RPC in time: connection closed"),

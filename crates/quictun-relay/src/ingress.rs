@@ -19,6 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use quictun_core::body::BodyError;
+use quictun_core::edge::serve::serve_with_drain;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -222,24 +223,14 @@ impl Connection {
             }
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let mut conn = std::pin::pin!(conn);
-        let result = async {
+        let stop = async {
+            shared.shutdown.cancelled().await;
             tokio::select! {
-                result = conn.as_mut() => return result,
-                _ = shared.shutdown.cancelled() => {}
-            }
-            tokio::select! {
-                result = conn.as_mut() => return result,
                 _ = clock.first_request() => {}
                 _ = tokio::time::sleep(FRESH_GRACE) => {}
             }
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-        .await;
-        if let Err(err) = result {
-            debug!(%err, "ingress connection ended with an error");
-        }
+        };
+        serve_with_drain(conn, stop, "ingress").await;
     }
 }
 

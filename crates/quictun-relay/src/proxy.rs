@@ -11,16 +11,17 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use quictun_core::body::{BodyError, TunnelBody};
-use quictun_core::edge::forwarded::{Hop, forwarding_headers, is_forwarding_header};
+use quictun_core::edge::forwarded::{Hop, tunnel_request_headers};
 use quictun_core::edge::host::{HostError, request_authority};
 use quictun_core::edge::path::{self, PathError};
+use quictun_core::edge::serve::plain_text;
 use quictun_core::framing::may_have_trailers;
-use quictun_core::http::{accepts_trailers, connection_listed, headers_from_wire, is_hop_by_hop, wire_header};
+use quictun_core::http::headers_from_wire;
 use quictun_core::tunnel::ExchangeError;
 use quictun_proto::{Header, RequestHead, StreamCode, Target};
 use tokio::time::Instant;
@@ -37,7 +38,7 @@ use crate::upgrade;
 use quictun_core::upgrade::{channel_body, is_upgrade_request, upgrade_headers_from_wire};
 
 /// The header carrying the relay's request id, on every response.
-pub const REQUEST_ID_HEADER: &str = "x-quictun-request-id";
+pub use quictun_core::edge::forwarded::REQUEST_ID_HEADER;
 
 /// Why a request could not be proxied, and so which status it gets.
 #[derive(Debug, thiserror::Error)]
@@ -125,15 +126,7 @@ impl ProxyError {
     }
 
     fn into_response(self) -> Response<IngressBody> {
-        let status = self.status();
-        let mut response = Response::new(IngressBody::Full(Some(Bytes::from(format!("{self}\n")))));
-        *response.status_mut() = status;
-        let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        response
+        plain_text(self.status(), &self.to_string(), |bytes| IngressBody::Full(Some(bytes)))
     }
 }
 
@@ -294,29 +287,8 @@ fn forwarded_headers(
     peer: Peer,
     request_id: Uuid,
 ) -> Vec<Header> {
-    let headers = req.headers();
-    let listed = connection_listed(headers);
     let hop = Hop { client: peer.addr.ip(), proto: peer.scheme.as_str(), host };
-    let forwarding = forwarding_headers(&shared.settings.trusted_proxies, headers, &hop);
-    let mut wire = Vec::with_capacity(headers.len() + 6);
-    for (name, value) in headers {
-        let ours = *name == header::HOST
-            || name == REQUEST_ID_HEADER
-            || (is_forwarding_header(name) && !forwarding.keeps(name));
-        if !ours && !is_hop_by_hop(name) && !listed.contains(name) {
-            wire.push(wire_header(name, value));
-        }
-    }
-    let mut set = |name: &str, value: String| wire.push(Header { name: name.to_owned(), value: value.into_bytes() });
-    set("host", host.to_owned());
-    for (name, value) in forwarding.set {
-        set(name, value);
-    }
-    set(REQUEST_ID_HEADER, request_id.to_string());
-    if accepts_trailers(headers) {
-        set("te", "trailers".to_owned());
-    }
-    wire
+    tunnel_request_headers(&shared.settings.trusted_proxies, req.headers(), &hop, &request_id.to_string())
 }
 
 /// Failures that say the agent (or what is behind it) is unwell, as opposed to the request.

@@ -18,8 +18,14 @@
 
 use std::net::IpAddr;
 
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, header};
 use ipnet::IpNet;
+use quictun_proto::Header;
+
+use crate::http::{accepts_trailers, connection_listed, is_hop_by_hop, wire_header};
+
+/// The header carrying quictun's request id, to the upstream and back to the client.
+pub const REQUEST_ID_HEADER: &str = "x-quictun-request-id";
 
 /// The headers the forwarding policy owns (dropped from untrusted clients).
 pub const FORWARDING_HEADERS: [&str; 6] =
@@ -38,6 +44,12 @@ impl TrustedProxies {
     /// Trusts these networks (a bare address is a /32 or /128).
     pub fn new(networks: Vec<IpNet>) -> Self {
         Self(networks)
+    }
+
+    /// Trusts every client: for the agent's egress listener, whose clients are the machines next
+    /// to it (their forwarding headers are extended, not replaced).
+    pub fn any() -> Self {
+        Self(vec![IpNet::V4(ipnet::Ipv4Net::default()), IpNet::V6(ipnet::Ipv6Net::default())])
     }
 
     /// Parses `10.0.0.0/8`, `192.0.2.7` or `2001:db8::/32`.
@@ -120,6 +132,40 @@ impl Forwarding {
     pub fn keeps(&self, name: &HeaderName) -> bool {
         self.keep_incoming && !self.set.iter().any(|(set, _)| *set == name.as_str())
     }
+}
+
+/// A request's headers as they cross the tunnel, for the ingress and the egress alike: the
+/// client's end-to-end headers (without hop-by-hop ones, those its `Connection` lists, its `Host`,
+/// its request id, and the forwarding headers the policy drops), then `Host` (the routed host),
+/// the forwarding headers of the policy, the request id, and `TE: trailers` when the client
+/// accepts trailers.
+pub fn tunnel_request_headers(
+    trusted: &TrustedProxies,
+    headers: &HeaderMap,
+    hop: &Hop<'_>,
+    request_id: &str,
+) -> Vec<Header> {
+    let listed = connection_listed(headers);
+    let forwarding = forwarding_headers(trusted, headers, hop);
+    let mut wire = Vec::with_capacity(headers.len() + 6);
+    for (name, value) in headers {
+        let ours = *name == header::HOST
+            || name == REQUEST_ID_HEADER
+            || (is_forwarding_header(name) && !forwarding.keeps(name));
+        if !ours && !is_hop_by_hop(name) && !listed.contains(name) {
+            wire.push(wire_header(name, value));
+        }
+    }
+    let mut set = |name: &str, value: String| wire.push(Header { name: name.to_owned(), value: value.into_bytes() });
+    set("host", hop.host.to_owned());
+    for (name, value) in forwarding.set {
+        set(name, value);
+    }
+    set(REQUEST_ID_HEADER, request_id.to_owned());
+    if accepts_trailers(headers) {
+        set("te", "trailers".to_owned());
+    }
+    wire
 }
 
 #[cfg(test)]

@@ -2,8 +2,11 @@
 //!
 //! - [`path`]: canonical paths (dot-segments, escapes, hidden separators).
 //! - [`host`]: the one host of a request (absolute form, `:authority`, `Host`).
-//! - [`forwarded`]: the forwarding-header policy (`X-Forwarded-*`, `Forwarded`, `X-Real-IP`).
+//! - [`forwarded`]: the forwarding-header policy (`X-Forwarded-*`, `Forwarded`, `X-Real-IP`), and
+//!   a request's headers as they cross the tunnel, for the ingress and the egress.
+//! - [`serve`]: serving a connection with a drain, and plain-text answers, for every listener.
 
 pub mod forwarded;
 pub mod host;
 pub mod path;
+pub mod serve;
