@@ -10,6 +10,7 @@ use std::time::Duration;
 use quictun_agent::Agent;
 use quictun_core::Trust;
 use quictun_quic::Tuning;
+use quictun_relay::config::RelaySection;
 use quictun_tests::client::wait_for_metric;
 use quictun_tests::raw::RawReply;
 use quictun_tests::{Harness, HarnessConfig, admin_get, metric};
@@ -18,8 +19,9 @@ use tokio::net::{TcpSocket, TcpStream};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn with_relay(extra: &str) -> HarnessConfig {
-    HarnessConfig { relay_extra: extra.to_owned(), ..Default::default() }
+/// The harness's knobs with `edit` applied to the `[relay]` section.
+fn with_relay(edit: impl Fn(&mut RelaySection) + Send + Sync + 'static) -> HarnessConfig {
+    HarnessConfig::with_relay(move |config| edit(&mut config.relay))
 }
 
 /// A TCP connection to `addr` from `source` (any 127.x address works on loopback).
@@ -42,7 +44,11 @@ async fn get_from(source: &str, addr: SocketAddr, path: &str) -> RawReply {
 
 #[tokio::test]
 async fn one_address_cannot_take_every_stream_of_an_agent() {
-    let h = Harness::start_with(with_relay("max_requests_per_ip = 4\nmin_upload_rate = 0")).await;
+    let h = Harness::start_with(with_relay(|r| {
+        r.max_requests_per_ip = 4;
+        r.min_upload_rate = 0;
+    }))
+    .await;
     let _agent = h.agent("agent-1").await;
     let addr = h.relay().http_addr();
     // Slow uploads from one address: 4 are taken, the rest refused at once.
@@ -67,7 +73,7 @@ async fn one_address_cannot_take_every_stream_of_an_agent() {
 
 #[tokio::test]
 async fn an_upload_slower_than_the_minimum_pace_gets_408() {
-    let h = Harness::start_with(with_relay("min_upload_rate = 1000")).await;
+    let h = Harness::start_with(with_relay(|r| r.min_upload_rate = 1000)).await;
     let _agent = h.agent("agent-1").await;
     let mut stream = connect_from("127.0.0.1", h.relay().http_addr()).await;
     stream.write_all(b"POST /sha256 HTTP/1.1\r\nhost: app.test\r\ncontent-length: 100000\r\n\r\n").await.unwrap();
@@ -97,7 +103,11 @@ async fn an_upload_slower_than_the_minimum_pace_gets_408() {
 
 #[tokio::test]
 async fn a_connection_that_sends_nothing_is_closed_after_the_header_timeout() {
-    let h = Harness::start_with(with_relay("header_read_timeout_secs = 1\nkeep_alive_timeout_secs = 75")).await;
+    let h = Harness::start_with(with_relay(|r| {
+        r.header_read_timeout_secs = 1;
+        r.keep_alive_timeout_secs = 75;
+    }))
+    .await;
     let mut silent = connect_from("127.0.0.1", h.relay().http_addr()).await;
     let started = tokio::time::Instant::now();
     let mut buf = [0u8; 64];
@@ -119,8 +129,13 @@ async fn unregistered_connection(source: &str, relay: SocketAddr, h: &Harness) -
 
 #[tokio::test]
 async fn one_network_cannot_fill_the_slots_of_unregistered_connections() {
-    let config = "max_pending_connections = 8\nmax_pending_per_network = 4\nhandshake_rate_per_ip = 0\nregister_timeout_secs = 30";
-    let h = Harness::start_with(with_relay(config)).await;
+    let h = Harness::start_with(with_relay(|r| {
+        r.max_pending_connections = 8;
+        r.max_pending_per_network = 4;
+        r.handshake_rate_per_ip = 0;
+        r.register_timeout_secs = 30;
+    }))
+    .await;
     let relay = h.relay().quic_addr();
     // Four handshakes from 127.0.0.0/24 that never register hold that network's places…
     let mut held = Vec::new();

@@ -28,8 +28,11 @@ async fn agent_with_app_at(h: &Harness, client_id: &str, target: String) -> Agen
 
 #[tokio::test]
 async fn hash_balancing_keeps_each_user_on_one_agent() {
-    let config =
-        HarnessConfig { app_extra: "balance = \"hash\"\nhash_header = \"x-user\"".into(), ..Default::default() };
+    let config = HarnessConfig::with_relay(|config| {
+        let app = config.upstreams.iter_mut().find(|u| u.name == "app").unwrap();
+        app.balance = quictun_relay::Balance::Hash;
+        app.hash_header = Some("x-user".into());
+    });
     let h = Harness::start_with(config).await;
     let _a = agent_with_app_at(&h, "agent-1", format!("{}/bytes", h.upstream.url())).await;
     let _b = h.agent("agent-3").await;

@@ -4,15 +4,15 @@
 //! byte for byte and over h2c.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+use quictun_core::edge::forwarded::TrustedProxies;
+use quictun_proto::Token;
+use quictun_tests::harness::route;
 use quictun_tests::raw::{H2c, raw_get};
 use quictun_tests::{Harness, HarnessConfig, admin_get};
 
 /// `files.test` serves only `/public` (of the `app` upstream); everything else there is 404.
 fn files_route() -> HarnessConfig {
-    HarnessConfig {
-        extra_tables: "[[routes]]\nhost = \"files.test\"\npath_prefix = \"/public\"\nupstream = \"app\"\n".into(),
-        ..Default::default()
-    }
+    HarnessConfig::with_relay(|config| config.routes.push(route("files.test", "/public", "app")))
 }
 
 /// The header lines the upstream's `/headers` page saw, by name (values of repeated ones joined
@@ -133,7 +133,9 @@ async fn forwarding_headers_from_clients_are_replaced() {
 
 #[tokio::test]
 async fn a_trusted_proxy_keeps_its_forwarding_chain() {
-    let config = HarnessConfig { relay_extra: "trusted_proxies = [\"127.0.0.0/8\"]".into(), ..Default::default() };
+    let config = HarnessConfig::with_relay(|config| {
+        config.relay.trusted_proxies = TrustedProxies::new(vec!["127.0.0.0/8".parse().unwrap()]);
+    });
     let h = Harness::start_with(config).await;
     let _agent = h.agent("agent-1").await;
     let addr = h.relay().http_addr();
@@ -156,7 +158,7 @@ async fn a_trusted_proxy_keeps_its_forwarding_chain() {
 
 #[tokio::test]
 async fn the_admin_bearer_scheme_is_case_insensitive() {
-    let config = HarnessConfig { relay_extra: "admin_token = \"adm\"".into(), ..Default::default() };
+    let config = HarnessConfig::with_relay(|config| config.relay.admin_token = Some(Token::new("adm")));
     let h = Harness::start_with(config).await;
     let admin = h.relay().admin_addr();
     for scheme in ["Bearer", "bearer", "BEARER"] {

@@ -5,6 +5,7 @@
 //! the error table (404 no route, 403 group not allowed, 502 unreachable target, 503 no relay).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
@@ -12,6 +13,7 @@ use quictun_agent::egress::EgressServer;
 use quictun_agent::{Agent, Transport};
 use quictun_tests::client::chunked;
 use quictun_tests::grpc_echo::{EchoClient, EchoServer, Msg};
+use quictun_tests::harness::egress_route;
 use quictun_tests::{Harness, HarnessConfig, HttpClient, pattern, sha256_hex};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -21,12 +23,12 @@ const WAIT: Duration = Duration::from_secs(20);
 async fn harness(transport: Transport, grpc_target: &str) -> Harness {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let mut h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
-    let upstream = h.upstream.url();
-    h.config.extra_tables = format!(
-        "[[egress_routes]]\nhost = \"partner.test\"\ntarget = \"{upstream}\"\ngroups = [\"web\"]\n\
-         [[egress_routes]]\nhost = \"grpc.test\"\ntarget = \"{grpc_target}\"\n\
-         [[egress_routes]]\nhost = \"down.test\"\ntarget = \"http://{closed}\"\n"
-    );
+    let routes = [
+        egress_route("partner.test", &h.upstream.url(), &["web"]),
+        egress_route("grpc.test", grpc_target, &[]),
+        egress_route("down.test", &format!("http://{closed}"), &[]),
+    ];
+    h.config.edit = Arc::new(move |config| config.egress_routes.extend(routes.iter().cloned()));
     h.restart_relay().await;
     h
 }

@@ -26,8 +26,7 @@ async fn harness(transport: Transport, server: &EchoServer, scheme: &str) -> Har
     let config = HarnessConfig {
         transport,
         app_target: Some(format!("{scheme}://{}", server.addr())),
-        relay_extra: "https_listen = \"127.0.0.1:0\"".into(),
-        ..Default::default()
+        ..HarnessConfig::with_relay(|config| config.relay.https_listen = Some("127.0.0.1:0".parse().unwrap()))
     };
     Harness::start_with(config).await
 }

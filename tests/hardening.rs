@@ -8,6 +8,7 @@ use std::time::Duration;
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use quictun_agent::Agent;
+use quictun_relay::config::RelaySection;
 use quictun_tests::client::{body, chunked};
 use quictun_tests::{Harness, HarnessConfig, admin_get, metric};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,8 +16,9 @@ use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn with_relay(extra: &str) -> HarnessConfig {
-    HarnessConfig { relay_extra: extra.to_owned(), ..Default::default() }
+/// The harness's knobs with `edit` applied to the `[relay]` section.
+fn with_relay(edit: impl Fn(&mut RelaySection) + Send + Sync + 'static) -> HarnessConfig {
+    HarnessConfig::with_relay(move |config| edit(&mut config.relay))
 }
 
 /// Reads until the peer closes (or 10 s pass); returns what arrived.
@@ -29,7 +31,7 @@ async fn read_to_close(stream: &mut TcpStream) -> String {
 
 #[tokio::test]
 async fn metrics_count_requests_bytes_and_agents_behind_a_bearer_token() {
-    let h = Harness::start_with(with_relay("admin_token = \"adm-secret\"")).await;
+    let h = Harness::start_with(with_relay(|r| r.admin_token = Some(quictun_proto::Token::new("adm-secret")))).await;
     let _agent = h.agent("agent-1").await;
     let admin = h.relay().admin_addr();
     assert_eq!(h.client.get("app.test", "/hello").await.status, StatusCode::OK);
@@ -126,7 +128,7 @@ async fn bodies_over_the_route_limit_get_413() {
 
 #[tokio::test]
 async fn connections_per_address_are_limited() {
-    let h = Harness::start_with(with_relay("max_connections_per_ip = 3")).await;
+    let h = Harness::start_with(with_relay(|r| r.max_connections_per_ip = 3)).await;
     let _agent = h.agent("agent-1").await;
     let addr = h.relay().http_addr();
     let mut held = Vec::new();
@@ -163,7 +165,11 @@ impl HttpClientOnce {
 
 #[tokio::test]
 async fn slow_request_heads_get_408_and_idle_connections_close() {
-    let h = Harness::start_with(with_relay("header_read_timeout_secs = 1\nkeep_alive_timeout_secs = 2")).await;
+    let h = Harness::start_with(with_relay(|r| {
+        r.header_read_timeout_secs = 1;
+        r.keep_alive_timeout_secs = 2;
+    }))
+    .await;
     let _agent = h.agent("agent-1").await;
     let addr = h.relay().http_addr();
 
@@ -188,7 +194,7 @@ async fn slow_request_heads_get_408_and_idle_connections_close() {
 
 #[tokio::test]
 async fn a_stalled_response_body_is_cut_after_the_stream_idle_timeout() {
-    let h = Harness::start_with(with_relay("stream_idle_timeout_secs = 1")).await;
+    let h = Harness::start_with(with_relay(|r| r.stream_idle_timeout_secs = 1)).await;
     let _agent = h.agent("agent-1").await;
     let response = h.client.send(Method::GET, "app.test", "/chunks", quictun_tests::client::empty()).await;
     assert_eq!(response.status(), StatusCode::OK);
@@ -237,7 +243,7 @@ async fn an_upstream_that_does_not_accept_gets_504() {
 
 #[tokio::test]
 async fn just_after_startup_a_request_waits_for_its_agent_to_register() {
-    let h = Harness::start_with(with_relay("startup_grace_secs = 30")).await;
+    let h = Harness::start_with(with_relay(|r| r.startup_grace_secs = 30)).await;
     let client = h.client.clone();
     let early = tokio::spawn(async move { client.get("app.test", "/hello").await });
     // The request is parked on the relay (no agent yet)…

@@ -3,13 +3,15 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use quictun_agent::config::{AgentConfigFile, AgentSection};
 use quictun_agent::{Agent, AgentOptions, Transport};
 use quictun_core::tls::GeneratedCert;
 use quictun_proto::Token;
-use quictun_relay::{Relay, RelayConfig};
+use quictun_relay::config::{ClientEntry, EgressRouteEntry, RouteEntry, TcpEntry, UpstreamEntry};
+use quictun_relay::{Balance, Relay, RelayConfig};
 
 use crate::client::HttpClient;
 use crate::upstream::Upstream;
@@ -18,8 +20,12 @@ use crate::upstream::Upstream;
 pub const CLIENTS: [(&str, &str, &str); 3] =
     [("agent-1", "secret-1", "web"), ("agent-2", "secret-2", "api"), ("agent-3", "secret-3", "web")];
 
+/// An edit of the typed relay configuration the harness builds (limits, extra routes, egress
+/// routes): the way a test changes what it needs, with the compiler checking the keys.
+pub type RelayEdit = Arc<dyn Fn(&mut RelayConfig) + Send + Sync>;
+
 /// Knobs of the harness relay.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HarnessConfig {
     pub max_streams_per_agent: u32,
     pub response_timeout_secs: u64,
@@ -28,14 +34,10 @@ pub struct HarnessConfig {
     pub app_target: Option<String>,
     /// The transport the harness's agents use.
     pub transport: Transport,
-    /// Extra `key = value` lines for the `[relay]` section.
-    pub relay_extra: String,
     /// `host:port` targets of `[[tcp]]` tunnels (group `web`, listening on 127.0.0.1:0).
     pub tcp_upstreams: Vec<String>,
-    /// Extra lines for the `app` upstream (`balance = ...`).
-    pub app_extra: String,
-    /// Extra tables at the end of the configuration (`[[egress_routes]]` ...).
-    pub extra_tables: String,
+    /// Applied last to the configuration the harness built.
+    pub edit: RelayEdit,
 }
 
 impl Default for HarnessConfig {
@@ -46,11 +48,16 @@ impl Default for HarnessConfig {
             heartbeat_interval_ms: 200,
             app_target: None,
             transport: Transport::Quic,
-            relay_extra: String::new(),
             tcp_upstreams: Vec::new(),
-            app_extra: String::new(),
-            extra_tables: String::new(),
+            edit: Arc::new(|_| {}),
         }
+    }
+}
+
+impl HarnessConfig {
+    /// The default knobs, with `edit` applied to the relay configuration.
+    pub fn with_relay(edit: impl Fn(&mut RelayConfig) + Send + Sync + 'static) -> Self {
+        Self { edit: Arc::new(edit), ..Self::default() }
     }
 }
 
@@ -83,38 +90,81 @@ pub struct Listen {
 pub fn relay_config_on(listen: Listen, upstream: &str, cfg: &HarnessConfig) -> RelayConfig {
     let Listen { quic, grpc, http } = listen;
     let app = cfg.app_target.clone().unwrap_or_else(|| upstream.to_owned());
-    let mut text = format!(
-        "[relay]\nquic_listen = \"{quic}\"\nhttp_listen = \"{http}\"\nadmin_listen = \"127.0.0.1:0\"\ngrpc_listen = \"{grpc}\"\n\
-         heartbeat_interval_ms = {hb}\nmax_streams_per_agent = {ms}\nresponse_timeout_secs = {rt}\ndrain_timeout_secs = 5\n",
-        hb = cfg.heartbeat_interval_ms,
-        ms = cfg.max_streams_per_agent,
-        rt = cfg.response_timeout_secs,
-    );
-    text.push_str(&cfg.relay_extra);
-    text.push('\n');
-    if !cfg.relay_extra.contains("startup_grace_secs") {
-        // Tests expect 502 at once when no agent is connected.
-        text.push_str("startup_grace_secs = 0\n");
+    let mut config = RelayConfig::default();
+    let relay = &mut config.relay;
+    relay.quic_listen = quic;
+    relay.http_listen = http;
+    relay.admin_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    relay.grpc_listen = grpc;
+    relay.heartbeat_interval_ms = cfg.heartbeat_interval_ms;
+    relay.max_streams_per_agent = cfg.max_streams_per_agent;
+    relay.response_timeout_secs = cfg.response_timeout_secs;
+    relay.drain_timeout_secs = 5;
+    // Tests expect 502 at once when no agent is connected.
+    relay.startup_grace_secs = 0;
+    config.clients = CLIENTS
+        .iter()
+        .map(|(id, token, group)| ClientEntry {
+            id: (*id).to_owned(),
+            token: Some(Token::new(*token)),
+            token_env: None,
+            token_file: None,
+            group: (*group).to_owned(),
+        })
+        .collect();
+    let upstream_entry = |name: &str, group: &str, target: &str| UpstreamEntry {
+        name: name.to_owned(),
+        group: group.to_owned(),
+        targets: vec![target.to_owned()],
+        balance: Balance::default(),
+        hash_header: None,
+    };
+    config.upstreams = vec![
+        upstream_entry("app", "web", &app),
+        upstream_entry("api", "api", upstream),
+        upstream_entry("ghost", "nobody", upstream),
+    ];
+    config.routes = vec![
+        route("app.test", "/", "app"),
+        route("*.wild.test", "/", "app"),
+        route("api.test", "/", "api"),
+        route("nobody.test", "/", "ghost"),
+        RouteEntry { max_in_flight: Some(2), max_body_bytes: Some(4096), ..route("limited.test", "/", "app") },
+    ];
+    config.tcp = cfg
+        .tcp_upstreams
+        .iter()
+        .map(|upstream| TcpEntry {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            group: "web".into(),
+            upstream: upstream.parse().expect("tcp upstream is host:port"),
+        })
+        .collect();
+    (cfg.edit)(&mut config);
+    config.source = "<test>".into();
+    config.validate(Path::new("<test>")).expect("harness configuration is valid");
+    config
+}
+
+/// A route for `host` and `path_prefix` to `upstream`, without limits.
+pub fn route(host: &str, path_prefix: &str, upstream: &str) -> RouteEntry {
+    RouteEntry {
+        host: host.to_owned(),
+        path_prefix: path_prefix.to_owned(),
+        upstream: upstream.to_owned(),
+        max_in_flight: None,
+        max_body_bytes: None,
     }
-    for (id, token, group) in CLIENTS {
-        text.push_str(&format!("[[clients]]\nid = \"{id}\"\ntoken = \"{token}\"\ngroup = \"{group}\"\n"));
+}
+
+/// An egress route for `host` to `target`, for `groups` (every group when empty).
+pub fn egress_route(host: &str, target: &str, groups: &[&str]) -> EgressRouteEntry {
+    EgressRouteEntry {
+        host: host.to_owned(),
+        path_prefix: "/".into(),
+        target: target.to_owned(),
+        groups: groups.iter().map(|g| (*g).to_owned()).collect(),
     }
-    text.push_str(&format!(
-        "[[upstreams]]\nname = \"app\"\ngroup = \"web\"\ntargets = [\"{app}\"]\n{app_extra}\n\
-         [[upstreams]]\nname = \"api\"\ngroup = \"api\"\ntargets = [\"{upstream}\"]\n\
-         [[upstreams]]\nname = \"ghost\"\ngroup = \"nobody\"\ntargets = [\"{upstream}\"]\n\
-         [[routes]]\nhost = \"app.test\"\nupstream = \"app\"\n\
-         [[routes]]\nhost = \"*.wild.test\"\npath_prefix = \"/\"\nupstream = \"app\"\n\
-         [[routes]]\nhost = \"api.test\"\nupstream = \"api\"\n\
-         [[routes]]\nhost = \"nobody.test\"\nupstream = \"ghost\"\n\
-         [[routes]]\nhost = \"limited.test\"\nupstream = \"app\"\nmax_in_flight = 2\nmax_body_bytes = 4096\n",
-        app_extra = cfg.app_extra,
-    ));
-    for upstream in &cfg.tcp_upstreams {
-        text.push_str(&format!("[[tcp]]\nlisten = \"127.0.0.1:0\"\ngroup = \"web\"\nupstream = \"{upstream}\"\n"));
-    }
-    text.push_str(&cfg.extra_tables);
-    RelayConfig::parse(&text, Path::new("<test>")).unwrap()
 }
 
 impl Harness {

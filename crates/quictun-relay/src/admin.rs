@@ -13,7 +13,7 @@ use http::StatusCode;
 use quictun_core::admin::{AdminPages, AdminReply, reply};
 use serde::Serialize;
 
-use crate::state::Shared;
+use crate::state::Runtime;
 
 /// One session as `/api/sessions` shows it.
 #[derive(Debug, Serialize)]
@@ -36,8 +36,8 @@ pub struct SessionInfo {
     pub in_flight: u32,
 }
 
-fn sessions(shared: &Shared) -> Vec<SessionInfo> {
-    let mut list: Vec<SessionInfo> = shared
+fn sessions(runtime: &Runtime) -> Vec<SessionInfo> {
+    let mut list: Vec<SessionInfo> = runtime
         .sessions
         .all()
         .iter()
@@ -57,7 +57,7 @@ fn sessions(shared: &Shared) -> Vec<SessionInfo> {
 }
 
 /// The relay's pages on the shared admin server.
-pub struct RelayPages(pub Arc<Shared>);
+pub struct RelayPages(pub Arc<Runtime>);
 
 impl AdminPages for RelayPages {
     fn ready(&self) -> bool {

@@ -14,7 +14,7 @@ use serde::Deserialize;
 /// environment or cross references (tokens, routes, egress targets) are resolved once, when the
 /// relay compiles it for use (see [`crate::Relay::start`] and [`crate::Relay::reload`]), with
 /// errors that name the key.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
     /// The file it was read from, for errors (`<inline>` when parsed from text without one).

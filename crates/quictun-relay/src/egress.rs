@@ -16,11 +16,11 @@ use quictun_proto::{Header, Limits, RequestHead, ResponseHead, StreamCode, Targe
 use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::state::Shared;
+use crate::state::RelayState;
 
 /// Serves the egress requests of one agent session.
 pub struct EgressHandler {
-    shared: Arc<Shared>,
+    shared: Arc<RelayState>,
     group: Arc<str>,
     /// Egress requests in flight for this session (`max_egress_streams_per_agent`); the QUIC
     /// transport bounds them by stream count too, the gRPC one only here.
@@ -29,7 +29,7 @@ pub struct EgressHandler {
 
 impl EgressHandler {
     /// A handler for an agent of `group`.
-    pub fn new(shared: Arc<Shared>, group: Arc<str>) -> Self {
+    pub fn new(shared: Arc<RelayState>, group: Arc<str>) -> Self {
         let in_flight = Arc::new(Semaphore::new(shared.settings.max_egress_streams_per_agent as usize));
         Self { shared, group, in_flight }
     }
@@ -50,24 +50,24 @@ impl EgressHandler {
             Err(err) => return Ok(refusal(400, &format!("bad request: {err}"))),
         }
         let path = head.uri.split('?').next().unwrap_or("/");
-        let live = self.shared.live();
+        let live = self.shared.live.current();
         let Some(route) = live.egress.route(&host, path) else {
             debug!(%host, path, "no egress route");
-            self.shared.metrics.egress("-", "404");
+            self.shared.runtime.metrics.egress("-", "404");
             return Ok(refusal(404, &format!("no egress route for host {host:?} and path {path:?}")));
         };
         if !route.allows(&self.group) {
             warn!(%host, group = %self.group, "egress route not open to this group");
-            self.shared.metrics.egress(&route.target.host_port(), "403");
+            self.shared.runtime.metrics.egress(&route.target.host_port(), "403");
             return Ok(refusal(403, &format!("egress to {host:?} is not allowed for group {:?}", self.group)));
         }
         let target = route.target.clone();
         drop(live);
         let Ok(slot) = self.in_flight.clone().try_acquire_owned() else {
-            self.shared.metrics.egress(&target.host_port(), "Overloaded");
+            self.shared.runtime.metrics.egress(&target.host_port(), "Overloaded");
             return Err(StreamCode::Overloaded);
         };
-        let answered = self.shared.egress_http.send(&target, head, body).await.map(|(head, body)| {
+        let answered = self.shared.runtime.egress_http.send(&target, head, body).await.map(|(head, body)| {
             // The slot is held until the response body is done.
             let body = body.map_frame(move |frame| {
                 let _held = &slot;
@@ -77,9 +77,9 @@ impl EgressHandler {
         });
         let outcome = match &answered {
             Ok((head, _)) => head.status.to_string(),
-            Err(code) => format!("{code:?}"),
+            Err(code) => code.as_str().to_owned(),
         };
-        self.shared.metrics.egress(&target.host_port(), &outcome);
+        self.shared.runtime.metrics.egress(&target.host_port(), &outcome);
         answered
     }
 }
@@ -106,6 +106,6 @@ impl RequestHandler for EgressHandler {
     }
 
     fn limits(&self) -> Limits {
-        self.shared.limits
+        self.shared.settings.limits
     }
 }

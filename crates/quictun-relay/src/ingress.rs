@@ -30,7 +30,7 @@ use crate::admission::PerKey;
 use crate::conn_clock::{BusyGuard, ClockedStream, ConnClock, Expired};
 use crate::metrics::Reject;
 use crate::proxy::{self, IngressBody, Peer, Scheme};
-use crate::state::Shared;
+use crate::state::RelayState;
 
 /// hyper's smallest allowed read buffer.
 const MIN_BUF: usize = 8192;
@@ -39,7 +39,7 @@ content-type: text/plain\r\ncontent-length: 41\r\n\r\ntoo many connections from 
 const AT_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\nconnection: close\r\n\
 content-type: text/plain\r\ncontent-length: 36\r\n\r\nthe relay is at its connection limit\n";
 
-fn builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
+fn builder(shared: &RelayState) -> auto::Builder<TokioExecutor> {
     let settings = &shared.settings;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper's own head timeout is a backstop only: the connection clock answers 408 first.
@@ -89,7 +89,7 @@ async fn refuse(mut stream: TcpStream, answer: &'static [u8]) {
 
 /// What every accepted connection is served with.
 struct Ingress {
-    shared: Arc<Shared>,
+    shared: Arc<RelayState>,
     builder: auto::Builder<TokioExecutor>,
     /// The TLS acceptor of an HTTPS ingress.
     tls: Option<TlsAcceptor>,
@@ -110,19 +110,19 @@ impl Ingress {
     /// handshake, within the header timeout.
     fn admit(&self, stream: TcpStream, peer: SocketAddr) {
         let shared = &self.shared;
-        let Ok(budget_slot) = shared.connections.clone().try_acquire_owned() else {
-            shared.metrics.reject(Reject::connection_limit);
+        let Ok(budget_slot) = shared.runtime.connections.clone().try_acquire_owned() else {
+            shared.runtime.metrics.reject(Reject::connection_limit);
             debug!(%peer, "ingress connection budget exhausted");
-            shared.tasks.spawn(refuse(stream, AT_CAPACITY));
+            shared.runtime.tasks.spawn(refuse(stream, AT_CAPACITY));
             return;
         };
         let Some(ip_slot) = self.per_ip.admit(peer.ip()) else {
-            shared.metrics.reject(Reject::ip_limit);
+            shared.runtime.metrics.reject(Reject::ip_limit);
             debug!(%peer, "too many connections from this address");
-            shared.tasks.spawn(refuse(stream, TOO_MANY_CONNECTIONS));
+            shared.runtime.tasks.spawn(refuse(stream, TOO_MANY_CONNECTIONS));
             return;
         };
-        let connections = shared.metrics.ingress_connections.clone();
+        let connections = shared.runtime.metrics.ingress_connections.clone();
         connections.inc();
         let conn = Connection {
             shared: shared.clone(),
@@ -133,7 +133,7 @@ impl Ingress {
             header_timeout: self.header_timeout,
             idle_timeout: self.idle_timeout,
         };
-        let (tls, stopped) = (self.tls.clone(), shared.stopped.clone());
+        let (tls, stopped) = (self.tls.clone(), shared.runtime.stopped.clone());
         let handshake_timeout = self.header_timeout;
         self.conns.spawn(
             async move {
@@ -143,7 +143,7 @@ impl Ingress {
                         Ok(Ok(stream)) => conn.serve(stream).await,
                         Ok(Err(err)) => debug!(%err, "TLS handshake failed"),
                         Err(_) => {
-                            conn.shared.metrics.reject(Reject::header_timeout);
+                            conn.shared.runtime.metrics.reject(Reject::header_timeout);
                             debug!(timeout = ?handshake_timeout, "TLS handshake too slow, connection closed");
                         }
                     }
@@ -184,7 +184,7 @@ impl Ingress {
 
 /// One accepted connection and what serving it needs.
 struct Connection {
-    shared: Arc<Shared>,
+    shared: Arc<RelayState>,
     builder: auto::Builder<TokioExecutor>,
     clock: Arc<ConnClock>,
     peer: SocketAddr,
@@ -204,8 +204,8 @@ impl Connection {
         let Self { shared, builder, clock, peer, scheme, header_timeout, idle_timeout } = self;
         let metrics_shared = shared.clone();
         let on_expired = Box::new(move |why| match why {
-            Expired::Head => metrics_shared.metrics.reject(Reject::header_timeout),
-            Expired::FirstByte => metrics_shared.metrics.reject(Reject::first_byte_timeout),
+            Expired::Head => metrics_shared.runtime.metrics.reject(Reject::header_timeout),
+            Expired::FirstByte => metrics_shared.runtime.metrics.reject(Reject::first_byte_timeout),
             Expired::Idle => {}
         });
         let stream = ClockedStream::new(stream, clock.clone(), header_timeout, idle_timeout, peer, on_expired);
@@ -224,7 +224,7 @@ impl Connection {
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         let stop = async {
-            shared.shutdown.cancelled().await;
+            shared.runtime.shutdown.cancelled().await;
             tokio::select! {
                 _ = clock.first_request() => {}
                 _ = tokio::time::sleep(FRESH_GRACE) => {}
@@ -237,7 +237,7 @@ impl Connection {
 /// Serves the ingress until shutdown, then drains connections for up to the drain timeout: the
 /// listener closes (after taking the connections already queued in the kernel), requests in
 /// flight finish, idle keep-alive connections close. With `tls` it is an HTTPS ingress.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, tls: Option<Arc<rustls::ServerConfig>>) {
+pub async fn serve(listener: TcpListener, shared: Arc<RelayState>, tls: Option<Arc<rustls::ServerConfig>>) {
     let ingress = Ingress {
         builder: builder(&shared),
         tls: tls.map(TlsAcceptor::from),
@@ -249,7 +249,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, tls: Option<Arc<r
     };
     loop {
         tokio::select! {
-            _ = ingress.shared.shutdown.cancelled() => break,
+            _ = ingress.shared.runtime.shutdown.cancelled() => break,
             (stream, peer) = quictun_core::accept_tcp(&listener, "ingress") => ingress.admit(stream, peer),
         }
     }

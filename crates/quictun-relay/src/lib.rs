@@ -49,7 +49,7 @@ pub use balance::Balance;
 pub use config::{ConfigError, RelayConfig};
 pub use sessions::{Session, SessionManager};
 
-use crate::state::Shared;
+use crate::state::RelayState;
 
 /// Errors starting the relay.
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +77,7 @@ pub enum RelayError {
 
 /// A running relay.
 pub struct Relay {
-    shared: Arc<Shared>,
+    shared: Arc<RelayState>,
     endpoint: quinn::Endpoint,
     ingresses: Vec<tokio::task::JoinHandle<()>>,
     quic_addr: SocketAddr,
@@ -116,7 +116,7 @@ impl Relay {
     pub async fn start(config: RelayConfig, cert: CertKey) -> Result<Self, RelayError> {
         let pin = cert.pin();
         let cert_for_https = cert.clone();
-        let shared = Arc::new(Shared::new(&config)?);
+        let shared = Arc::new(RelayState::new(&config)?);
         let admin_token = config.admin_token()?;
         let settings = &shared.settings;
         let tuning = Tuning {
@@ -141,9 +141,9 @@ impl Relay {
         })?;
         let (http_listener, http_addr) = bind_tcp("HTTP", settings.http_listen).await?;
         let (admin_listener, admin_addr) = bind_tcp("admin", settings.admin_listen).await?;
-        shared.tasks.spawn(shared.reclaimer.clone().run(shared.stopped.clone()));
+        shared.runtime.tasks.spawn(shared.runtime.reclaimer.clone().run(shared.runtime.stopped.clone()));
         if settings.transport.quic() {
-            shared.tasks.spawn(quic::accept_loop(endpoint.clone(), shared.clone()));
+            shared.runtime.tasks.spawn(quic::accept_loop(endpoint.clone(), shared.clone()));
         }
         let grpc_addr = if settings.transport.grpc() {
             let (listener, addr) = bind_tcp("gRPC", settings.grpc_listen).await?;
@@ -151,7 +151,7 @@ impl Relay {
             let on_agent: quictun_grpc::server::OnAgent = Arc::new(move |control, tunnel, admission| {
                 let shared = on_agent_shared.clone();
                 let serve = registration::serve_agent(control, tunnel, shared, admission);
-                on_agent_shared.tasks.spawn(serve.in_current_span());
+                on_agent_shared.runtime.tasks.spawn(serve.in_current_span());
             });
             let admit_shared = shared.clone();
             let admit: quictun_core::tunnel::Admit = Arc::new(move |peer| {
@@ -160,16 +160,16 @@ impl Relay {
             });
             let setup = quictun_grpc::server::Listener {
                 tls: Arc::new(grpc_tls),
-                limits: shared.limits,
+                limits: shared.settings.limits,
                 on_agent,
                 admit,
-                stall: shared.reclaimer.clone(),
+                stall: shared.runtime.reclaimer.clone(),
             };
-            shared.tasks.spawn(quictun_grpc::server::serve(
+            shared.runtime.tasks.spawn(quictun_grpc::server::serve(
                 listener,
                 Arc::new(setup),
-                shared.stopped.clone(),
-                shared.tasks.clone(),
+                shared.runtime.stopped.clone(),
+                shared.runtime.tasks.clone(),
             ));
             Some(addr)
         } else {
@@ -179,24 +179,25 @@ impl Relay {
         for entry in &config.tcp {
             let (listener, addr) = bind_tcp("TCP tunnel", entry.listen).await?;
             tcp_addrs.push(addr);
-            shared.tasks.spawn(tcp::serve(listener, entry.clone(), shared.clone()));
+            let timeout = Duration::from_secs(settings.response_timeout_secs);
+            shared.runtime.tasks.spawn(tcp::serve(listener, entry.clone(), shared.runtime.clone(), timeout));
         }
-        let mut ingresses = vec![shared.tasks.spawn(ingress::serve(http_listener, shared.clone(), None))];
+        let mut ingresses = vec![shared.runtime.tasks.spawn(ingress::serve(http_listener, shared.clone(), None))];
         let https_addr = match settings.https_listen {
             Some(addr) => {
                 let tls = https_config(settings, &cert_for_https)?;
                 let (listener, addr) = bind_tcp("HTTPS", addr).await?;
-                ingresses.push(shared.tasks.spawn(ingress::serve(listener, shared.clone(), Some(tls))));
+                ingresses.push(shared.runtime.tasks.spawn(ingress::serve(listener, shared.clone(), Some(tls))));
                 Some(addr)
             }
             None => None,
         };
-        shared.tasks.spawn(quictun_core::admin::serve(
+        shared.runtime.tasks.spawn(quictun_core::admin::serve(
             admin_listener,
-            Arc::new(admin::RelayPages(shared.clone())),
+            Arc::new(admin::RelayPages(shared.runtime.clone())),
             admin_token,
-            shared.stopped.clone(),
-            shared.tasks.clone(),
+            shared.runtime.stopped.clone(),
+            shared.runtime.tasks.clone(),
         ));
         info!(%quic_addr, ?grpc_addr, %http_addr, ?https_addr, %admin_addr, "relay listening");
         let tcp_entries = config.tcp.clone();
@@ -256,7 +257,7 @@ impl Relay {
     /// change to them is reported and needs a restart. Returns the new version; a configuration
     /// that does not compile (a token file gone, a route to no upstream) changes nothing.
     pub fn reload(&self, config: &RelayConfig) -> Result<u64, ConfigError> {
-        if config.relay != self.shared.settings {
+        if config.relay != **self.shared.settings {
             tracing::warn!("changes to [relay] take effect only after a restart");
         }
         if config.tcp != self.tcp_entries {
@@ -269,15 +270,15 @@ impl Relay {
 
     /// The session manager (live agents).
     pub fn sessions(&self) -> &Arc<SessionManager> {
-        &self.shared.sessions
+        &self.shared.runtime.sessions
     }
 
     /// Graceful shutdown: stop accepting, send go-away to agents, let in-flight requests finish up
     /// to the drain timeout, then close every connection.
     pub async fn shutdown(self) {
         info!("relay shutting down");
-        self.shared.shutdown.cancel();
-        self.shared.tasks.close();
+        self.shared.runtime.shutdown.cancel();
+        self.shared.runtime.tasks.close();
         // The ingress tasks end once their connections drained, or at the drain timeout.
         let drain = Duration::from_secs(self.shared.settings.drain_timeout_secs);
         let ingresses = futures_util::future::join_all(self.ingresses);
@@ -285,12 +286,12 @@ impl Relay {
             tracing::warn!("ingress did not stop after the drain timeout");
         }
         quictun_quic::close_endpoint(&self.endpoint, quictun_proto::CloseCode::GoingAway);
-        for session in self.shared.sessions.all() {
+        for session in self.shared.runtime.sessions.all() {
             session.tunnel.close(quictun_proto::CloseCode::GoingAway);
         }
-        self.shared.stopped.cancel();
-        if tokio::time::timeout(Duration::from_secs(2), self.shared.tasks.wait()).await.is_err() {
-            tracing::warn!(tasks = self.shared.tasks.len(), "tasks still running after shutdown");
+        self.shared.runtime.stopped.cancel();
+        if tokio::time::timeout(Duration::from_secs(2), self.shared.runtime.tasks.wait()).await.is_err() {
+            tracing::warn!(tasks = self.shared.runtime.tasks.len(), "tasks still running after shutdown");
         }
         self.endpoint.wait_idle().await;
         info!("relay stopped");
@@ -298,10 +299,10 @@ impl Relay {
 
     /// Stops at once: every connection is closed without a drain (for tests and fatal errors).
     pub fn abort(&self) {
-        self.shared.shutdown.cancel();
-        self.shared.stopped.cancel();
+        self.shared.runtime.shutdown.cancel();
+        self.shared.runtime.stopped.cancel();
         quictun_quic::close_endpoint(&self.endpoint, quictun_proto::CloseCode::GoingAway);
-        for session in self.shared.sessions.all() {
+        for session in self.shared.runtime.sessions.all() {
             session.tunnel.close(quictun_proto::CloseCode::GoingAway);
         }
     }

@@ -33,7 +33,7 @@ use crate::balance::Choice;
 use crate::body::{BodySlot, Metered, Tripped};
 use crate::metrics::Reject;
 use crate::sessions::Session;
-use crate::state::Shared;
+use crate::state::RelayState;
 use crate::upgrade;
 use quictun_core::upgrade::{channel_body, is_upgrade_request, upgrade_headers_from_wire};
 
@@ -187,9 +187,10 @@ impl BodyChecks {
 /// it arrives slower than `min_upload_rate`. A body of no declared length (chunked, HTTP/2 without
 /// `Content-Length`, gRPC streams) may pause as long as it likes within the idle timeout:
 /// streaming uploads are paced by their application.
-fn request_body(shared: &Shared, body: Incoming, max_body: Option<u64>) -> (TunnelBody, BodyChecks) {
+fn request_body(shared: &RelayState, body: Incoming, max_body: Option<u64>) -> (TunnelBody, BodyChecks) {
     let declared = body.size_hint().exact().is_some_and(|len| len > 0);
-    let mut body = Metered::new(body, shared.metrics.bytes_to_agent.clone(), shared.stream_idle_timeout());
+    let mut body =
+        Metered::new(body, shared.runtime.metrics.bytes_to_agent.clone(), shared.settings.stream_idle_timeout());
     let mut checks = BodyChecks::default();
     if let Some(max) = max_body {
         let tripped;
@@ -249,7 +250,7 @@ struct RequestMetrics {
 }
 
 /// Answers one ingress request; never fails (errors become responses).
-pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: Peer) -> Response<IngressBody> {
+pub async fn handle(shared: Arc<RelayState>, req: Request<Incoming>, peer: Peer) -> Response<IngressBody> {
     let request_id = Uuid::new_v4();
     let span =
         info_span!("request", %request_id, method = %req.method(), path = %req.uri().path(), client_id = field::Empty);
@@ -264,13 +265,13 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: Peer) -> 
                 _ => warn!(%err, status = err.status().as_u16(), "request failed"),
             });
             if let Some(reason) = err.reject_reason() {
-                shared.metrics.reject(reason);
+                shared.runtime.metrics.reject(reason);
             }
             err.into_response()
         }
     };
     let route = outcome.route.as_deref().unwrap_or("-");
-    shared.metrics.request(route, response.status().as_u16(), outcome.head_latency);
+    shared.runtime.metrics.request(route, response.status().as_u16(), outcome.head_latency);
     if let Ok(value) = HeaderValue::from_str(&request_id.to_string()) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
@@ -281,7 +282,7 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: Peer) -> 
 /// `Connection` header names) dropped, `Host` set to the host the request was routed on, the
 /// forwarding headers set by the policy of [`quictun_core::edge::forwarded`], the request id set.
 fn forwarded_headers(
-    shared: &Shared,
+    shared: &RelayState,
     req: &Request<Incoming>,
     host: &str,
     peer: Peer,
@@ -302,20 +303,20 @@ fn counts_against_the_agent(err: &ExchangeError) -> bool {
 
 /// Just after the relay started, agents are still reconnecting: wait (up to the end of the
 /// startup grace) for one of `group` to register rather than failing at once.
-async fn agent_after_startup(shared: &Shared, group: &Arc<str>) -> Result<Arc<Session>, ProxyError> {
+async fn agent_after_startup(shared: &RelayState, group: &Arc<str>) -> Result<Arc<Session>, ProxyError> {
     let grace = Duration::from_secs(shared.settings.startup_grace_secs);
-    let left = grace.saturating_sub(shared.started.elapsed());
-    if !left.is_zero() && !shared.shutdown.is_cancelled() {
+    let left = grace.saturating_sub(shared.runtime.started.elapsed());
+    if !left.is_zero() && !shared.runtime.shutdown.is_cancelled() {
         debug!(?left, %group, "no agent yet: waiting for one to register");
-        shared.metrics.waiting_for_agent.inc();
-        shared.sessions.wait_until(left, |sessions| sessions.choose(group, &Choice::default()).is_some()).await;
-        shared.metrics.waiting_for_agent.dec();
+        shared.runtime.metrics.waiting_for_agent.inc();
+        shared.runtime.sessions.wait_until(left, |sessions| sessions.choose(group, &Choice::default()).is_some()).await;
+        shared.runtime.metrics.waiting_for_agent.dec();
     }
-    shared.sessions.choose(group, &Choice::default()).ok_or_else(|| ProxyError::NoAgent(group.clone()))
+    shared.runtime.sessions.choose(group, &Choice::default()).ok_or_else(|| ProxyError::NoAgent(group.clone()))
 }
 
 async fn forward(
-    shared: &Shared,
+    shared: &RelayState,
     mut req: Request<Incoming>,
     peer: Peer,
     request_id: Uuid,
@@ -326,7 +327,7 @@ async fn forward(
     // Routed and forwarded in its canonical form: the upstream sees the path the route matched.
     let target = path::normalize(req.uri().path_and_query().map_or("/", |pq| pq.as_str()))?.into_owned();
     let path = target.split('?').next().unwrap_or("/");
-    let live = shared.live();
+    let live = shared.live.current();
     let route = live
         .router
         .route(host, path)
@@ -337,7 +338,7 @@ async fn forward(
     {
         return Err(ProxyError::BodyTooLarge(max));
     }
-    let address_slot = shared.requests_per_ip.admit(peer.addr.ip()).ok_or(ProxyError::AddressBusy)?;
+    let address_slot = shared.runtime.requests_per_ip.admit(peer.addr.ip()).ok_or(ProxyError::AddressBusy)?;
     let route_slot = match &route.in_flight {
         Some(slots) => {
             Some(slots.clone().try_acquire_owned().map_err(|_| ProxyError::RouteBusy(route.upstream.clone()))?)
@@ -347,7 +348,7 @@ async fn forward(
     let hash_key = route.hash_header.as_ref().and_then(|h| req.headers().get(h)).map(|v| v.as_bytes().to_vec());
     let (group, balance) = (route.group.clone(), route.balance);
     let choice = |exclude| Choice { balance, key: hash_key.as_deref(), exclude };
-    let session = match shared.sessions.choose(&group, &choice(None)) {
+    let session = match shared.runtime.sessions.choose(&group, &choice(None)) {
         Some(session) => session,
         None => agent_after_startup(shared, &group).await?,
     };
@@ -358,8 +359,8 @@ async fn forward(
     if is_upgrade {
         headers.extend(upgrade::upgrade_headers(req.headers()));
     }
-    if headers.len() > shared.limits.max_header_count {
-        return Err(ProxyError::TooManyHeaders { count: headers.len(), max: shared.limits.max_header_count });
+    if headers.len() > shared.settings.limits.max_header_count {
+        return Err(ProxyError::TooManyHeaders { count: headers.len(), max: shared.settings.limits.max_header_count });
     }
     let head = RequestHead {
         target: if is_upgrade {
@@ -380,7 +381,7 @@ async fn forward(
     let (upgrade, body, checks) = if is_upgrade {
         let on_upgrade = hyper::upgrade::on(&mut req);
         let (to_agent, body) = channel_body();
-        let body = Metered::new(body, shared.metrics.bytes_to_agent.clone(), None);
+        let body = Metered::new(body, shared.runtime.metrics.bytes_to_agent.clone(), None);
         (Some(upgrade::Pending { on_upgrade, to_agent }), body.boxed_unsync(), BodyChecks::default())
     } else {
         let (body, checks) = request_body(shared, req.into_body(), max_body);
@@ -391,7 +392,7 @@ async fn forward(
     let body = BodySlot::new(body);
     let (mut session, mut agent_slot) = (session, agent_slot);
     // Kept for a retry only where another agent could take it (not on the common single-agent path).
-    let retry_head = (shared.sessions.group_len(&group) > 1).then(|| head.clone());
+    let retry_head = (shared.runtime.sessions.group_len(&group) > 1).then(|| head.clone());
     let client = Some(peer.addr.ip());
     let mut attempt = tokio::time::timeout(deadline, session.tunnel.open(head, body.body(), client)).await;
     // A stream that could not be opened sent nothing: the request goes once to another agent.
@@ -399,7 +400,7 @@ async fn forward(
         && matches!(attempt, Ok(Err(ExchangeError::NotOpened)))
         && body.untouched()
     {
-        let other = shared.sessions.choose(&group, &choice(Some(session.session_id)));
+        let other = shared.runtime.sessions.choose(&group, &choice(Some(session.session_id)));
         if let Some((other, permit)) = other.and_then(|o| o.try_stream_permit().map(|p| (o, p))) {
             session.record_failure();
             warn!(from = %session.client_id, to = %other.client_id, "stream could not be opened: retrying on another agent");
@@ -441,14 +442,15 @@ async fn forward(
     if let Some(pending) = upgrade
         && switching
     {
-        let body = Metered::new(body, shared.metrics.bytes_from_agent.clone(), None).boxed_unsync();
-        upgrade::splice_client(shared, pending, body, slots);
+        let body = Metered::new(body, shared.runtime.metrics.bytes_from_agent.clone(), None).boxed_unsync();
+        upgrade::splice_client(&shared.runtime, pending, body, slots);
         let mut response = Response::new(IngressBody::Full(None));
         *response.status_mut() = status;
         *response.headers_mut() = headers;
         return Ok(response);
     }
-    let body = Metered::new(body, shared.metrics.bytes_from_agent.clone(), shared.stream_idle_timeout());
+    let body =
+        Metered::new(body, shared.runtime.metrics.bytes_from_agent.clone(), shared.settings.stream_idle_timeout());
     let mut response = Response::new(IngressBody::Tunnel { body, _slots: slots });
     *response.status_mut() = status;
     *response.headers_mut() = headers;

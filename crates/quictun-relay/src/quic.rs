@@ -16,12 +16,12 @@ use crate::admission::{PendingRefused, PendingSlot};
 
 use crate::metrics::Reject;
 use crate::registration::serve_agent;
-use crate::state::Shared;
+use crate::state::RelayState;
 
 /// New connections per address, or `None` without a limit.
 type HandshakeLimiter = governor::DefaultKeyedRateLimiter<IpAddr>;
 
-fn handshake_limiter(shared: &Shared) -> Option<HandshakeLimiter> {
+fn handshake_limiter(shared: &RelayState) -> Option<HandshakeLimiter> {
     let rate = NonZeroU32::new(shared.settings.handshake_rate_per_ip)?;
     let burst = NonZeroU32::new(shared.settings.handshake_burst_per_ip).unwrap_or(rate);
     Some(governor::RateLimiter::keyed(governor::Quota::per_second(rate).allow_burst(burst)))
@@ -32,15 +32,15 @@ const LIMITER_SWEEP: Duration = Duration::from_secs(10);
 
 /// A place for a new agent connection from `ip` among those not registered yet, or `None` (the
 /// refusal counted) when the relay's or the client network's places are all taken.
-pub fn admit_pending(shared: &Shared, ip: IpAddr) -> Option<PendingSlot> {
-    match shared.pending.admit(ip) {
+pub fn admit_pending(shared: &RelayState, ip: IpAddr) -> Option<PendingSlot> {
+    match shared.runtime.pending.admit(ip) {
         Ok(slot) => Some(slot),
         Err(why) => {
             let reason = match why {
                 PendingRefused::Global => Reject::pending_connections,
                 PendingRefused::Network => Reject::pending_network,
             };
-            shared.metrics.reject(reason);
+            shared.runtime.metrics.reject(reason);
             debug!(%ip, ?why, "new agent connection refused: too many not registered yet");
             None
         }
@@ -50,7 +50,7 @@ pub fn admit_pending(shared: &Shared, ip: IpAddr) -> Option<PendingSlot> {
 /// Accepts QUIC connections until shutdown (see [`quictun_quic::accept`]). A new connection
 /// over its address's handshake rate, or beyond the pending-connection caps (the relay's, its
 /// network's), is refused at once, before any cryptography.
-pub async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+pub async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<RelayState>) {
     let limiter = handshake_limiter(&shared).map(Arc::new);
     if let Some(limiter) = limiter.clone() {
         // Addresses that stopped connecting are forgotten.
@@ -61,12 +61,12 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
                 limiter.retain_recent();
             }
         };
-        quictun_core::spawn_cancellable(&shared.tasks, &shared.stopped, sweep);
+        quictun_core::spawn_cancellable(&shared.runtime.tasks, &shared.runtime.stopped, sweep);
     }
     let admit_shared = shared.clone();
     let admit: Admit = Arc::new(move |remote: SocketAddr| {
         if limiter.as_ref().is_some_and(|l| l.check_key(&remote.ip()).is_err()) {
-            admit_shared.metrics.reject(Reject::handshake_rate);
+            admit_shared.runtime.metrics.reject(Reject::handshake_rate);
             debug!(%remote, "new connections from this address over the handshake rate: refused");
             return None;
         }
@@ -76,15 +76,21 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     let agent_shared = shared.clone();
     let on_agent: OnAgent = Arc::new(move |control, tunnel, admission| {
         let serve = serve_agent(control, tunnel, agent_shared.clone(), admission);
-        agent_shared.tasks.spawn(serve.in_current_span());
+        agent_shared.runtime.tasks.spawn(serve.in_current_span());
     });
     let listener = Listener {
         admit,
         on_agent,
-        limits: shared.limits,
+        limits: shared.settings.limits,
         register_timeout: Duration::from_secs(shared.settings.register_timeout_secs),
-        stall: shared.reclaimer.clone(),
+        stall: shared.runtime.reclaimer.clone(),
         stream_window: u64::from(shared.settings.stream_window),
     };
-    quictun_quic::accept::serve(endpoint, Arc::new(listener), shared.shutdown.clone(), shared.tasks.clone()).await;
+    quictun_quic::accept::serve(
+        endpoint,
+        Arc::new(listener),
+        shared.runtime.shutdown.clone(),
+        shared.runtime.tasks.clone(),
+    )
+    .await;
 }

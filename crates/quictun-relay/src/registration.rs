@@ -17,7 +17,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::egress::EgressHandler;
 use crate::sessions::{Session, SessionCommand};
-use crate::state::Shared;
+use crate::state::RelayState;
 
 /// How long a rejected agent gets to read the rejection before the connection is closed.
 const REJECT_LINGER: Duration = Duration::from_secs(2);
@@ -37,7 +37,7 @@ async fn reject<C: ControlIo>(control: &mut C, tunnel: &dyn Tunnel, rejected: Re
 pub async fn serve_agent<C: ControlIo>(
     mut control: C,
     tunnel: Arc<dyn Tunnel>,
-    shared: Arc<Shared>,
+    shared: Arc<RelayState>,
     admission: Admission,
 ) {
     let register_timeout = Duration::from_secs(shared.settings.register_timeout_secs);
@@ -55,18 +55,18 @@ pub async fn serve_agent<C: ControlIo>(
         }
     };
     let span = info_span!("session", client_id = %register.client_id, transport = tunnel.transport().as_str());
-    let live = shared.live();
+    let live = shared.live.current();
     let authenticated = live.authenticate(&register);
     // Registered or refused: no longer pending either way.
     drop(admission);
     let group = match authenticated {
-        Ok(group) if !shared.shutdown.is_cancelled() => group,
+        Ok(group) if !shared.runtime.shutdown.is_cancelled() => group,
         Ok(_) => {
             let rejected = Rejected { code: RejectCode::ShuttingDown, message: "relay is shutting down".into() };
             return reject(&mut control, tunnel.as_ref(), rejected).await;
         }
         Err(rejected) => {
-            shared.metrics.reject(crate::metrics::Reject::registration);
+            shared.runtime.metrics.reject(crate::metrics::Reject::registration);
             span.in_scope(|| warn!(code = ?rejected.code, reason = %rejected.message, "registration rejected"));
             return reject(&mut control, tunnel.as_ref(), rejected).await;
         }
@@ -92,18 +92,18 @@ pub async fn serve_agent<C: ControlIo>(
         if let Err(err) = control.send(ControlMessage::Accepted(accepted)).await {
             return warn!(%err, "could not send accepted");
         }
-        if let Some(old) = shared.sessions.insert(session.clone()) {
+        if let Some(old) = shared.runtime.sessions.insert(session.clone()) {
             info!(old_session = %old.session_id, "replaced an older connection of this client");
         }
         info!(session_id = %session.session_id, group = %session.group, agent_version = %register.agent_version, "agent registered");
         // The agent's egress requests are served while the session lasts.
         let egress = CancellationToken::new();
         let handler = Arc::new(EgressHandler::new(shared.clone(), Arc::from(session.group.as_ref())));
-        let (egress_tunnel, tasks, cancel) = (tunnel.clone(), shared.tasks.clone(), egress.clone());
+        let (egress_tunnel, tasks, cancel) = (tunnel.clone(), shared.runtime.tasks.clone(), egress.clone());
         let serve_egress = async move {
             egress_tunnel.serve(handler, tasks, cancel).await;
         };
-        quictun_core::spawn_cancellable(&shared.tasks, &egress, serve_egress.in_current_span());
+        quictun_core::spawn_cancellable(&shared.runtime.tasks, &egress, serve_egress.in_current_span());
         let mut heartbeats = Heartbeats::new(shared.settings.heartbeat_interval(), shared.settings.heartbeat_misses);
         let mut role = RelayRole { session: &session, shared: &shared, commands: command_rx, going_away: false };
         let ended = quictun_core::session::run(&mut control, tunnel.as_ref(), &mut heartbeats, &mut role).await;
@@ -112,7 +112,7 @@ pub async fn serve_agent<C: ControlIo>(
             Ok(never) => match never {},
         };
         egress.cancel();
-        shared.sessions.remove(&session);
+        shared.runtime.sessions.remove(&session);
         info!(session_id = %session.session_id, %reason, "agent disconnected");
     }
     .instrument(span)
@@ -123,7 +123,7 @@ pub async fn serve_agent<C: ControlIo>(
 /// go-away, and sends config_sync and its own go-away.
 struct RelayRole<'a> {
     session: &'a Arc<Session>,
-    shared: &'a Shared,
+    shared: &'a RelayState,
     commands: mpsc::Receiver<SessionCommand>,
     going_away: bool,
 }
@@ -145,7 +145,7 @@ impl Role for RelayRole<'_> {
             ControlMessage::GoAway(go) => {
                 info!(reason = %go.reason, drain_ms = go.drain_ms, "agent going away");
                 self.session.set_draining();
-                self.shared.sessions.remove(self.session);
+                self.shared.runtime.sessions.remove(self.session);
                 Ok(())
             }
             other => Err(ProtocolViolation::Unexpected(message_name(&other))),
@@ -154,7 +154,7 @@ impl Role for RelayRole<'_> {
 
     async fn next(&mut self) -> Action<Infallible> {
         tokio::select! {
-            _ = self.shared.shutdown.cancelled(), if !self.going_away => {
+            _ = self.shared.runtime.shutdown.cancelled(), if !self.going_away => {
                 // The session stays in use: requests the ingress accepted before the signal still
                 // need it while the relay drains. The agent learns to expect the close.
                 self.going_away = true;

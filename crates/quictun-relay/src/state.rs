@@ -1,4 +1,5 @@
-//! State shared by the relay's tasks: the live configuration, sessions, shutdown plumbing.
+//! What the relay's tasks share, split by lifetime: [`Settings`] (fixed at start), [`LiveConfig`]
+//! (swapped whole on reload), [`Runtime`] (sessions, admission, metrics, shutdown).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -109,13 +110,62 @@ impl Live {
     }
 }
 
-/// Everything the relay's tasks share.
+/// What is fixed at start: the `[relay]` section (read through `Deref`) and the tunnel's frame
+/// limits.
 #[derive(Debug)]
-pub struct Shared {
-    /// Static settings (listeners, timeouts, limits).
-    pub settings: RelaySection,
-    /// Frame limits on the tunnel.
+pub struct Settings {
+    relay: RelaySection,
+    /// Frame limits on the tunnel, the same at every agent: the ingress's own (at most the
+    /// client's ceiling, see `RelayConfig::validate`) plus the headers the relay adds.
     pub limits: Limits,
+}
+
+impl std::ops::Deref for Settings {
+    type Target = RelaySection;
+
+    fn deref(&self) -> &RelaySection {
+        &self.relay
+    }
+}
+
+impl Settings {
+    /// How long a proxied body may make no progress (`None`: no limit).
+    pub fn stream_idle_timeout(&self) -> Option<std::time::Duration> {
+        match self.relay.stream_idle_timeout_secs {
+            0 => None,
+            secs => Some(std::time::Duration::from_secs(secs)),
+        }
+    }
+}
+
+/// The live configuration (routes, clients, agent configs, egress routes), swapped whole on
+/// reload: a request takes the current one and keeps it to its end.
+#[derive(Debug)]
+pub struct LiveConfig(RwLock<Arc<Live>>);
+
+impl LiveConfig {
+    /// The current live configuration.
+    pub fn current(&self) -> Arc<Live> {
+        match self.0.read() {
+            Ok(live) => live.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Compiles `config` as the next version and swaps it in; nothing changes when it does not
+    /// compile.
+    fn replace(&self, config: &RelayConfig) -> Result<Arc<Live>, ConfigError> {
+        let mut slot = self.0.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let live = Arc::new(Live::new(config, slot.version + 1)?);
+        *slot = live.clone();
+        Ok(live)
+    }
+}
+
+/// What lives as long as the relay process: sessions, admission tables, metrics, tasks and the
+/// shutdown signals.
+#[derive(Debug)]
+pub struct Runtime {
     /// Live sessions.
     pub sessions: Arc<SessionManager>,
     /// Cancelled when the relay starts shutting down (stop accepting, go-away, drain).
@@ -138,22 +188,27 @@ pub struct Shared {
     pub requests_per_ip: Arc<PerKey<std::net::IpAddr>>,
     /// Agent connections not registered yet.
     pub pending: Pending,
-    live: RwLock<Arc<Live>>,
 }
 
-impl Shared {
-    /// Shared state for a configuration, compiled (see [`Live::new`]).
+/// What the relay's tasks share, split by lifetime.
+#[derive(Debug)]
+pub struct RelayState {
+    /// Fixed at start.
+    pub settings: Arc<Settings>,
+    /// Swapped whole on reload.
+    pub live: LiveConfig,
+    /// As long as the process.
+    pub runtime: Arc<Runtime>,
+}
+
+impl RelayState {
+    /// The state of a relay for `config`, compiled (see [`Live::new`]).
     pub fn new(config: &RelayConfig) -> Result<Self, ConfigError> {
         let live = Live::new(config, 1)?;
-        // The tunnel's limits, the same at every agent: the ingress's own (at most the client's
-        // ceiling, see `validate`) plus the headers the relay adds.
-        let limits = Limits::default();
         let reclaimer = Reclaimer::new(config.relay.stall_limits());
         let mut metrics = RelayMetrics::new();
         metrics.register_stall(reclaimer.metrics());
-        Ok(Self {
-            settings: config.relay.clone(),
-            limits,
+        let runtime = Runtime {
             sessions: Arc::new(SessionManager::new()),
             shutdown: CancellationToken::new(),
             stopped: CancellationToken::new(),
@@ -171,16 +226,12 @@ impl Shared {
             ))),
             requests_per_ip: PerKey::new(config.relay.max_requests_per_ip),
             pending: Pending::new(config.relay.max_pending_connections, config.relay.max_pending_per_network),
-            live: RwLock::new(Arc::new(live)),
+        };
+        Ok(Self {
+            settings: Arc::new(Settings { relay: config.relay.clone(), limits: Limits::default() }),
+            live: LiveConfig(RwLock::new(Arc::new(live))),
+            runtime: Arc::new(runtime),
         })
-    }
-
-    /// How long a proxied body may make no progress (`None`: no limit).
-    pub fn stream_idle_timeout(&self) -> Option<std::time::Duration> {
-        match self.settings.stream_idle_timeout_secs {
-            0 => None,
-            secs => Some(std::time::Duration::from_secs(secs)),
-        }
     }
 
     /// Swaps in the routes, upstreams and clients of `config` as one new version, atomically for
@@ -189,30 +240,17 @@ impl Shared {
     /// to another group, is disconnected. Returns the new version; a configuration that does not
     /// compile changes nothing.
     pub fn reload(&self, config: &RelayConfig) -> Result<u64, ConfigError> {
-        let live = {
-            let mut slot = self.live.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let live = Arc::new(Live::new(config, slot.version + 1)?);
-            *slot = live.clone();
-            live
-        };
-        for session in self.sessions.all() {
+        let live = self.live.replace(config)?;
+        for session in self.runtime.sessions.all() {
             if live.group_of(&session.client_id) != Some(&*session.group) {
                 tracing::info!(client_id = %session.client_id, "client removed or regrouped by the reload: disconnecting");
                 session.tunnel.close(quictun_proto::CloseCode::Rejected);
-                self.sessions.remove(&session);
+                self.runtime.sessions.remove(&session);
             } else if !session.command(SessionCommand::ConfigSync(live.agent_config(&session.group))) {
                 tracing::warn!(client_id = %session.client_id, "could not queue config_sync; the agent gets it on reconnect");
             }
         }
         Ok(live.version)
-    }
-
-    /// The current live configuration.
-    pub fn live(&self) -> Arc<Live> {
-        match self.live.read() {
-            Ok(live) => live.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
     }
 }
 

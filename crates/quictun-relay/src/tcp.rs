@@ -18,33 +18,33 @@ use uuid::Uuid;
 use crate::balance::Choice;
 use crate::config::TcpEntry;
 use crate::metrics::Reject;
-use crate::state::Shared;
+use crate::state::Runtime;
 
 /// Accepts connections on one `[[tcp]]` listener until shutdown.
-pub async fn serve(listener: TcpListener, entry: TcpEntry, shared: Arc<Shared>) {
+pub async fn serve(listener: TcpListener, entry: TcpEntry, runtime: Arc<Runtime>, response_timeout: Duration) {
     let entry = Arc::new(entry);
     loop {
         let (stream, peer) = tokio::select! {
-            _ = shared.shutdown.cancelled() => break,
+            _ = runtime.shutdown.cancelled() => break,
             accepted = quictun_core::accept_tcp(&listener, "TCP tunnel") => accepted,
         };
-        let Ok(budget_slot) = shared.connections.clone().try_acquire_owned() else {
-            shared.metrics.reject(Reject::connection_limit);
+        let Ok(budget_slot) = runtime.connections.clone().try_acquire_owned() else {
+            runtime.metrics.reject(Reject::connection_limit);
             debug!(%peer, "TCP connection refused: the relay's connection budget is exhausted");
             continue;
         };
-        let Some(address_slot) = shared.requests_per_ip.admit(peer.ip()) else {
-            shared.metrics.reject(Reject::ip_requests);
+        let Some(address_slot) = runtime.requests_per_ip.admit(peer.ip()) else {
+            runtime.metrics.reject(Reject::ip_requests);
             debug!(%peer, "TCP connection refused: too many from this address");
             continue;
         };
-        let (shared2, entry2) = (shared.clone(), entry.clone());
+        let (runtime2, entry2) = (runtime.clone(), entry.clone());
         let id = Uuid::new_v4();
         let span =
             info_span!("tcp", request_id = %id, %peer, upstream = %entry.upstream, client_id = tracing::field::Empty);
-        shared.tasks.spawn(
+        runtime.tasks.spawn(
             async move {
-                carry(stream, peer, id, entry2, shared2).await;
+                carry(stream, peer, id, entry2, runtime2, response_timeout).await;
                 drop((budget_slot, address_slot));
             }
             .instrument(span),
@@ -53,14 +53,21 @@ pub async fn serve(listener: TcpListener, entry: TcpEntry, shared: Arc<Shared>) 
 }
 
 /// Carries one accepted connection through an agent of the entry's group.
-async fn carry(stream: TcpStream, peer: SocketAddr, request_id: Uuid, entry: Arc<TcpEntry>, shared: Arc<Shared>) {
-    let Some(session) = shared.sessions.choose(&entry.group, &Choice::default()) else {
-        shared.metrics.reject(Reject::no_agent);
+async fn carry(
+    stream: TcpStream,
+    peer: SocketAddr,
+    request_id: Uuid,
+    entry: Arc<TcpEntry>,
+    runtime: Arc<Runtime>,
+    response_timeout: Duration,
+) {
+    let Some(session) = runtime.sessions.choose(&entry.group, &Choice::default()) else {
+        runtime.metrics.reject(Reject::no_agent);
         return warn!(group = %entry.group, "TCP connection refused: no agent of the group is connected");
     };
     tracing::Span::current().record("client_id", &*session.client_id);
     let Some(_slot) = session.try_stream_permit() else {
-        shared.metrics.reject(Reject::agent_busy);
+        runtime.metrics.reject(Reject::agent_busy);
         return warn!("TCP connection refused: the agent is at its stream limit");
     };
     let head = RequestHead {
@@ -73,7 +80,7 @@ async fn carry(stream: TcpStream, peer: SocketAddr, request_id: Uuid, entry: Arc
         framed_body: false,
     };
     let (to_agent, body) = channel_body();
-    let deadline = Duration::from_secs(shared.settings.response_timeout_secs);
+    let deadline = response_timeout;
     let from_agent = match tokio::time::timeout(deadline, session.tunnel.open(head, body, Some(peer.ip()))).await {
         Ok(Ok((head, from_agent))) if head.status == 200 => from_agent,
         Ok(Ok((head, _))) => return warn!(status = head.status, "agent refused the TCP connection"),
@@ -82,6 +89,6 @@ async fn carry(stream: TcpStream, peer: SocketAddr, request_id: Uuid, entry: Arc
     };
     tokio::select! {
         () = splice(stream, from_agent, to_agent) => debug!("TCP connection ended"),
-        () = shared.stopped.cancelled() => debug!("TCP connection cut at shutdown"),
+        () = runtime.stopped.cancelled() => debug!("TCP connection cut at shutdown"),
     }
 }

@@ -12,7 +12,7 @@ use quictun_proto::Header;
 use tracing::{Instrument, debug};
 
 use crate::admission::Slots;
-use crate::state::Shared;
+use crate::state::Runtime;
 
 /// The headers hop-by-hop stripping removed that an upgrade must carry to the upstream.
 pub fn upgrade_headers(headers: &http::HeaderMap) -> Vec<Header> {
@@ -33,9 +33,9 @@ pub struct Pending {
 
 /// Splices the client's connection to the agent's stream once hyper hands it over; the task holds
 /// the stream slots and stops when both directions end or the relay stops.
-pub fn splice_client(shared: &Shared, pending: Pending, from_agent: TunnelBody, slots: Slots) {
-    let stopped = shared.stopped.clone();
-    shared.tasks.spawn(
+pub fn splice_client(runtime: &Runtime, pending: Pending, from_agent: TunnelBody, slots: Slots) {
+    let stopped = runtime.stopped.clone();
+    runtime.tasks.spawn(
         async move {
             let _slots = slots;
             let upgraded = match pending.on_upgrade.await {

@@ -25,24 +25,20 @@ pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(3 * HEARTBEAT_MS);
 /// One chaos test at a time: they measure latency and memory and must not disturb each other.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Takes the suite's turn (held for the whole test) when running as root with nftables; `None`
-/// after saying loudly that the test was skipped.
-pub async fn privileged(test: &str) -> Option<tokio::sync::MutexGuard<'static, ()>> {
-    if !is_privileged(test) {
-        return None;
-    }
-    Some(SERIAL.lock().await)
+/// Takes the suite's turn (held for the whole test); fails the test when not running as root with
+/// nftables.
+pub async fn privileged(test: &str) -> tokio::sync::MutexGuard<'static, ()> {
+    // The tests run only where `build.rs` found root and nft, or under CI, where their lack fails.
+    assert!(is_privileged(), "chaos: {test} needs root and nftables (network namespaces, packet loss)");
+    SERIAL.lock().await
 }
 
-fn is_privileged(test: &str) -> bool {
+fn is_privileged() -> bool {
     let root = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")?.split_whitespace().next()?.parse::<u32>().ok()))
         == Some(0);
     let nft = std::process::Command::new("nft").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !(root && nft) {
-        eprintln!("chaos: {test} SKIPPED: needs root and nftables (network namespaces, packet loss)");
-    }
     root && nft
 }
 
