@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use quictun_agent::Agent;
-use quictun_agent::config::LocalUpstream;
+use quictun_agent::upstreams::{LocalTargets, Target};
 use quictun_tests::client::empty;
 use quictun_tests::{Harness, HarnessConfig};
 
@@ -18,7 +18,7 @@ const WAIT: Duration = Duration::from_secs(20);
 
 async fn agent_with_app_at(h: &Harness, client_id: &str, target: String) -> Agent {
     let mut options = h.agent_options(client_id);
-    options.local_upstreams = vec![LocalUpstream { name: "app".into(), targets: vec![target] }];
+    options.local_upstreams = vec![LocalTargets { name: "app".into(), targets: vec![Target::parse(&target).unwrap()] }];
     let agent = Agent::start(options).await.unwrap();
     agent.wait_connected(None, WAIT).await.unwrap();
     let id = client_id.to_owned();

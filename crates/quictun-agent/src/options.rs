@@ -11,7 +11,8 @@ use quictun_quic::Tuning;
 
 use quictun_core::config::SecretSources;
 
-use crate::config::{AgentConfigFile, ConfigError, LocalUpstream, Transport};
+use crate::config::{AgentConfigFile, ConfigError, Transport};
+use crate::upstreams::{LocalTargets, Target};
 
 /// The environment variable consulted for the token when none is configured.
 pub const TOKEN_ENV: &str = "QUICTUN_TOKEN";
@@ -42,7 +43,7 @@ pub struct AgentOptions {
     /// Local UDP address (chosen from the relay's address family when `None`).
     pub bind: Option<SocketAddr>,
     /// The agent's own upstreams.
-    pub local_upstreams: Vec<LocalUpstream>,
+    pub local_upstreams: Vec<LocalTargets>,
     /// Allow list for pushed targets.
     pub allowed_targets: Option<Vec<String>>,
     /// Upstream connect timeout.
@@ -151,11 +152,13 @@ impl AgentOptions {
                 }
             },
         };
+        let mut local_upstreams = Vec::with_capacity(config.upstreams.len());
         for (i, upstream) in config.upstreams.iter().enumerate() {
-            for target in &upstream.targets {
-                crate::upstreams::Target::parse(target)
-                    .map_err(|e| invalid(&format!("upstreams[{i}].targets"), e.to_string()))?;
-            }
+            let targets = upstream.targets.iter().map(|target| {
+                Target::parse(target).map_err(|e| invalid(&format!("upstreams[{i}].targets"), e.to_string()))
+            });
+            local_upstreams
+                .push(LocalTargets { name: upstream.name.clone(), targets: targets.collect::<Result<_, _>>()? });
         }
         let server_name = a.server_name.unwrap_or_else(|| relay.host().to_owned());
         Ok(Self {
@@ -173,7 +176,7 @@ impl AgentOptions {
             group: a.group,
             token,
             bind: a.bind,
-            local_upstreams: config.upstreams,
+            local_upstreams,
             allowed_targets: a.allowed_targets,
             connect_timeout: Duration::from_secs(a.upstream_connect_timeout_secs.max(1)),
             response_timeout: Duration::from_secs(a.upstream_response_timeout_secs.max(1)),

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use quictun_proto::AgentConfig;
 use tracing::warn;
 
-use crate::config::LocalUpstream;
 pub use quictun_core::upstream_http::{InvalidTarget, Target};
 
 /// Checks a target against allow-list entries (`host:port` or `host:*`).
@@ -20,6 +19,15 @@ pub fn host_port_allowed(host: &str, host_port: &str, allow: &[String]) -> bool 
         Some(entry_host) => entry_host.eq_ignore_ascii_case(host),
         None => entry.eq_ignore_ascii_case(host_port),
     })
+}
+
+/// A local upstream, its targets parsed once (when the options are validated).
+#[derive(Debug, Clone)]
+pub struct LocalTargets {
+    /// The name routes refer to.
+    pub name: String,
+    /// Base URLs, tried in rotation.
+    pub targets: Vec<Target>,
 }
 
 #[derive(Debug)]
@@ -39,7 +47,7 @@ impl UpstreamTable {
     /// Merges the relay's `pushed` configuration with the agent's `local` upstreams (which win on
     /// a name clash). Pushed targets that do not parse, or are not in `allow` when it is set, are
     /// dropped with a warning.
-    pub fn build(pushed: &AgentConfig, local: &[LocalUpstream], allow: Option<&[String]>) -> Self {
+    pub fn build(pushed: &AgentConfig, local: &[LocalTargets], allow: Option<&[String]>) -> Self {
         let mut upstreams = HashMap::new();
         for spec in &pushed.upstreams {
             let targets: Vec<Target> = spec
@@ -62,8 +70,8 @@ impl UpstreamTable {
             }
         }
         for spec in local {
-            let targets: Vec<Target> = spec.targets.iter().filter_map(|t| Target::parse(t).ok()).collect();
-            upstreams.insert(spec.name.clone(), Upstream { targets, cursor: AtomicUsize::new(0) });
+            upstreams
+                .insert(spec.name.clone(), Upstream { targets: spec.targets.clone(), cursor: AtomicUsize::new(0) });
         }
         Self { version: pushed.version, upstreams }
     }
@@ -111,7 +119,7 @@ mod tests {
         let first = table.next_target("app").unwrap().host_port();
         let second = table.next_target("app").unwrap().host_port();
         assert_ne!(first, second);
-        let local = [LocalUpstream { name: "app".into(), targets: vec!["http://local:9".into()] }];
+        let local = [LocalTargets { name: "app".into(), targets: vec![Target::parse("http://local:9").unwrap()] }];
         let table = UpstreamTable::build(&pushed(&["http://a:1"]), &local, None);
         assert_eq!(table.next_target("app").unwrap().host_port(), "local:9");
         assert!(table.next_target("other").is_none());
