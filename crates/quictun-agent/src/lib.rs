@@ -118,7 +118,7 @@ pub struct Agent {
     state: watch::Receiver<AgentState>,
     relay_tunnel: egress::RelayTunnel,
     shutdown: CancellationToken,
-    endpoint: quinn::Endpoint,
+    endpoint: quictun_quic::Endpoint,
     task: JoinHandle<Result<(), AgentError>>,
     admin_addr: Option<SocketAddr>,
     admin_tasks: TaskTracker,
@@ -140,7 +140,7 @@ impl Agent {
 
     /// Starts an agent on an existing QUIC endpoint (one process may hold many agents on one UDP
     /// socket). The endpoint is only used to dial; trust comes from `options`.
-    pub fn start_on(options: AgentOptions, endpoint: quinn::Endpoint) -> Result<Self, AgentError> {
+    pub fn start_on(options: AgentOptions, endpoint: quictun_quic::Endpoint) -> Result<Self, AgentError> {
         let quic = ClientSetup::new(&options.trust, &options.tuning)?;
         let grpc = grpc::GrpcSetup::new(&options)?;
         let reclaimer = Reclaimer::new(options.stall);
@@ -286,7 +286,7 @@ struct Dialer {
     options: Arc<AgentOptions>,
     /// The connection egress requests use, while there is one.
     relay_tunnel: watch::Sender<Option<Arc<dyn Tunnel>>>,
-    endpoint: quinn::Endpoint,
+    endpoint: quictun_quic::Endpoint,
     quic: ClientSetup,
     grpc: grpc::GrpcSetup,
     /// Watches bodies from the relay for stalled readers.

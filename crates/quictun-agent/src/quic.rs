@@ -15,7 +15,7 @@ use crate::{AgentError, AgentOptions};
 /// Dials the relay, verifies it, and opens the control stream.
 pub async fn dial(
     options: &AgentOptions,
-    endpoint: &quinn::Endpoint,
+    endpoint: &quictun_quic::Endpoint,
     setup: &ClientSetup,
     reclaimer: &Reclaimer,
 ) -> Result<(ControlChannel, Arc<QuicTunnel>), Attempt> {
@@ -34,7 +34,7 @@ pub async fn dial(
 }
 
 /// Whether a QUIC handshake with the relay completes now (the connection is closed at once).
-pub async fn probe(options: &AgentOptions, endpoint: &quinn::Endpoint, setup: &ClientSetup) -> bool {
+pub async fn probe(options: &AgentOptions, endpoint: &quictun_quic::Endpoint, setup: &ClientSetup) -> bool {
     let Ok(addr) = quictun_core::resolve(&options.relay).await else { return false };
     quictun_quic::dial::probe(endpoint, setup, addr, &options.server_name, options.quic_handshake_timeout).await
 }

@@ -17,6 +17,8 @@ pub mod frames;
 pub mod tunnel;
 
 pub use endpoint::{Congestion, Tuning};
+/// A QUIC endpoint (a UDP socket and its connections), as the relay and the agent hold it.
+pub use quinn::Endpoint;
 pub use tunnel::QuicTunnel;
 
 /// Closes `conn` with a quictun close code.

@@ -78,7 +78,7 @@ pub enum RelayError {
 /// A running relay.
 pub struct Relay {
     shared: Arc<RelayState>,
-    endpoint: quinn::Endpoint,
+    endpoint: quictun_quic::Endpoint,
     ingresses: Vec<tokio::task::JoinHandle<()>>,
     quic_addr: SocketAddr,
     grpc_addr: Option<SocketAddr>,

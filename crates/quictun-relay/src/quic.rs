@@ -50,7 +50,7 @@ pub fn admit_pending(shared: &RelayState, ip: IpAddr) -> Option<PendingSlot> {
 /// Accepts QUIC connections until shutdown (see [`quictun_quic::accept`]). A new connection
 /// over its address's handshake rate, or beyond the pending-connection caps (the relay's, its
 /// network's), is refused at once, before any cryptography.
-pub async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<RelayState>) {
+pub async fn accept_loop(endpoint: quictun_quic::Endpoint, shared: Arc<RelayState>) {
     let limiter = handshake_limiter(&shared).map(Arc::new);
     if let Some(limiter) = limiter.clone() {
         // Addresses that stopped connecting are forgotten.
