@@ -4,10 +4,12 @@
 //! - [`procs`]: starting and watching the processes (peak RSS, CPU time).
 //! - [`load`]: the load generator (keep-alive HTTP/1.1 workers, HdrHistogram).
 //! - [`workloads`]: small, large, slow-mix, many, lossy, wan, grpc, egress, slow-clients.
+//! - [`floor`]: quinn alone doing the minimal exchange, the floor under the QUIC rows.
 //! - [`netem`]: random packet loss with nftables.
 //! - [`wan`]: an emulated WAN link (network namespace, TUN devices, a userspace forwarder).
 //! - [`report`] and [`svg`]: JSON, Markdown and SVG output.
 
+pub mod floor;
 pub mod grpc_echo;
 pub mod load;
 pub mod netem;
@@ -44,6 +46,8 @@ pub enum Workload {
     Egress,
     /// Small requests beside clients that never read their downloads.
     SlowClients,
+    /// quinn alone doing the minimal exchange (QUIC only): the floor under the QUIC rows.
+    Floor,
 }
 
 impl std::str::FromStr for Workload {
@@ -59,8 +63,9 @@ impl std::str::FromStr for Workload {
             "grpc" => Ok(Self::Grpc),
             "egress" => Ok(Self::Egress),
             "slow-clients" => Ok(Self::SlowClients),
+            "floor" => Ok(Self::Floor),
             other => Err(format!(
-                "unknown workload {other:?} (small, large, slow-mix, many, lossy, wan, grpc, egress, slow-clients)"
+                "unknown workload {other:?} (small, floor, large, slow-mix, many, lossy, wan, grpc, egress, slow-clients)"
             )),
         }
     }
@@ -157,6 +162,7 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<report::Report> {
                 Workload::Grpc => workloads::grpc(opts, mode).await,
                 Workload::Egress => workloads::egress(opts, mode).await,
                 Workload::SlowClients => workloads::slow_clients(opts, mode).await,
+                Workload::Floor => floor::floor(opts, mode).await,
             };
             match result {
                 Ok(mut r) => rows.append(&mut r),

@@ -8,11 +8,14 @@
 //! - [`accept`]: the relay's accept loop (admission before any cryptography, handshake and
 //!   control stream under deadlines, in the connection's own task).
 //! - [`dial`]: the agent's dial and probe, with failures typed as fatal or retryable.
+//! - [`floor`]: quinn alone doing the minimal exchange, the floor `quictun bench` shows beside
+//!   the tunnel.
 
 pub mod accept;
 pub mod body;
 pub mod dial;
 pub mod endpoint;
+pub mod floor;
 pub mod frames;
 pub mod tunnel;
 

@@ -9,7 +9,7 @@ use quictun_agent::{Agent, AgentOptions};
 use quictun_proto::Token;
 
 use crate::Failure;
-use crate::cli::{BenchAgentsArgs, BenchArgs};
+use crate::cli::{BenchAgentsArgs, BenchArgs, BenchFloorArgs};
 
 /// How long a benchmark egress request may wait for its answer's head.
 const EGRESS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -87,5 +87,15 @@ pub async fn agents(args: BenchAgentsArgs) -> Result<(), Failure> {
     for agent in agents {
         agent.abort();
     }
+    Ok(())
+}
+
+/// Serves quinn's minimal exchange (see [`quictun_quic::floor`]) with the tunnel's transport
+/// settings until the process is stopped.
+pub async fn floor(args: BenchFloorArgs) -> Result<(), Failure> {
+    let cert = quictun_core::tls::CertKey::load(&args.cert, &args.key).map_err(Failure::usage)?;
+    let endpoint = quictun_quic::endpoint::server_endpoint(args.listen, cert, &quictun_quic::Tuning::default())
+        .map_err(Failure::runtime)?;
+    quictun_quic::floor::serve(endpoint, args.answer).await;
     Ok(())
 }

@@ -39,6 +39,9 @@ pub enum Command {
     /// Run many agents in one process (used by `bench`).
     #[command(hide = true)]
     BenchAgents(BenchAgentsArgs),
+    /// Serve quinn's minimal exchange, the floor under the QUIC tunnel (used by `bench`).
+    #[command(hide = true)]
+    BenchFloor(BenchFloorArgs),
 }
 
 /// Flags of `quictun bench`.
@@ -50,9 +53,13 @@ pub struct BenchArgs {
     /// Transports to compare (quic, grpc, direct), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "quic,grpc,direct")]
     pub transports: Vec<quictun_bench::Mode>,
-    /// Workloads (small, large, slow-mix, many, lossy, wan, grpc, egress, slow-clients),
+    /// Workloads (small, floor, large, slow-mix, many, lossy, wan, grpc, egress, slow-clients),
     /// comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "small,slow-mix,large,many,lossy,wan,grpc,egress,slow-clients")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "small,floor,slow-mix,large,many,lossy,wan,grpc,egress,slow-clients"
+    )]
     pub workloads: Vec<quictun_bench::Workload>,
     /// Length of each timed run, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
@@ -107,6 +114,23 @@ pub struct BenchAgentsArgs {
     /// Also serve egress requests on ADDR, sent through the first agent's connection.
     #[arg(long, value_name = "ADDR")]
     pub egress_listen: Option<std::net::SocketAddr>,
+}
+
+/// Flags of `quictun bench-floor`.
+#[derive(Debug, Args)]
+pub struct BenchFloorArgs {
+    /// UDP address to serve on.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// The server certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// Bytes in each answer.
+    #[arg(long, value_name = "BYTES", default_value_t = 1024)]
+    pub answer: usize,
 }
 
 /// Flags of `quictun upstream`.

@@ -77,6 +77,7 @@ fn main() -> ExitCode {
             Command::Upstream(args) => demo_upstream::run(args).await,
             Command::Bench(args) => bench_cmd::run(args).await,
             Command::BenchAgents(args) => bench_cmd::agents(args).await,
+            Command::BenchFloor(args) => bench_cmd::floor(args).await,
         }
     });
     match result {

@@ -342,7 +342,9 @@ fn bench_smoke_runs_every_workload_on_every_transport() {
     for transport in ["quic", "grpc"] {
         assert!(has("many", transport) && has("lossy", transport), "no many/lossy row for {transport}");
     }
-    let timed = ["small", "grpc", "egress", "slow-clients"];
+    // quinn's floor, beside the QUIC rows.
+    assert!(has("floor", "quic"), "no floor row");
+    let timed = ["small", "floor", "grpc", "egress", "slow-clients"];
     for row in rows.iter().filter(|r| timed.contains(&r["workload"].as_str().unwrap_or(""))) {
         assert_eq!(row["errors"], 0, "{row}");
         assert!(row["requests"].as_u64().unwrap() > 0, "{row}");

@@ -1,0 +1,158 @@
+//! The floor under the QUIC tunnel: quinn alone, with the tunnel's TLS provider and transport
+//! settings, doing the minimal exchange (a request on a fresh bidirectional stream, then an
+//! answer of the same size) and nothing else: no HTTP, no heads, no routing. `quictun bench`
+//! runs it beside the tunnel (`--workloads floor`) so that every microsecond the tunnel adds on
+//! top has an owner.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quictun_proto::CloseCode;
+use tokio::task::JoinSet;
+
+use crate::endpoint::ClientSetup;
+
+/// The largest request the floor server reads.
+pub const MAX_REQUEST: usize = 1 << 20;
+
+/// Serves the minimal exchange on `endpoint` until it closes: each request is read to its end
+/// and answered with `answer` bytes. Each connection and each exchange runs in a task owned by
+/// this function (they end with it).
+pub async fn serve(endpoint: crate::Endpoint, answer: usize) {
+    let answer = Bytes::from(vec![b'x'; answer]);
+    let mut connections = JoinSet::new();
+    while let Some(incoming) = endpoint.accept().await {
+        let answer = answer.clone();
+        connections.spawn(async move {
+            let Ok(conn) = incoming.await else { return };
+            let mut exchanges = JoinSet::new();
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let answer = answer.clone();
+                exchanges.spawn(async move {
+                    if recv.read_to_end(MAX_REQUEST).await.is_ok() && send.write_chunk(answer).await.is_ok() {
+                        let _already_finished = send.finish();
+                    }
+                });
+                // Reap what finished, so the set holds only exchanges in flight.
+                while exchanges.try_join_next().is_some() {}
+            }
+        });
+        while connections.try_join_next().is_some() {}
+    }
+}
+
+/// Why a floor run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FloorError {
+    /// The handshake with the floor server failed.
+    #[error("connecting to the floor server at {addr}: {why}")]
+    Connect {
+        /// The server.
+        addr: SocketAddr,
+        /// quinn's words.
+        why: String,
+    },
+    /// An exchange failed (the run counts on every exchange succeeding).
+    #[error("exchange failed: {0}")]
+    Exchange(String),
+}
+
+/// What a floor run measured.
+#[derive(Debug, Clone, Copy)]
+pub struct FloorRun {
+    /// Exchanges completed.
+    pub exchanges: u64,
+    /// How long the run took.
+    pub elapsed: Duration,
+}
+
+/// Connects to the floor server at `addr` (verified by `setup`).
+pub async fn connect(
+    endpoint: &crate::Endpoint,
+    setup: &ClientSetup,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<quinn::Connection, FloorError> {
+    let failed = |why: String| FloorError::Connect { addr, why };
+    let connecting =
+        endpoint.connect_with(setup.config.clone(), addr, server_name).map_err(|e| failed(e.to_string()))?;
+    match tokio::time::timeout(Duration::from_secs(5), connecting).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(err)) => Err(failed(err.to_string())),
+        Err(_) => Err(failed("no handshake within 5 s".into())),
+    }
+}
+
+/// Runs `concurrency` exchanges at a time of `size`-byte requests on `conn` for `duration`, each
+/// on a fresh stream, and closes the connection.
+pub async fn run(
+    conn: quinn::Connection,
+    size: usize,
+    concurrency: usize,
+    duration: Duration,
+) -> Result<FloorRun, FloorError> {
+    let request = Bytes::from(vec![b'q'; size]);
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut workers = JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (conn, request, done) = (conn.clone(), request.clone(), done.clone());
+        workers.spawn(async move {
+            while Instant::now() < deadline {
+                let (mut send, mut recv) = conn.open_bi().await.map_err(|e| FloorError::Exchange(e.to_string()))?;
+                send.write_chunk(request.clone()).await.map_err(|e| FloorError::Exchange(e.to_string()))?;
+                let _already_finished = send.finish();
+                recv.read_to_end(MAX_REQUEST).await.map_err(|e| FloorError::Exchange(e.to_string()))?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<(), FloorError>(())
+        });
+    }
+    let mut failure = None;
+    while let Some(worker) = workers.join_next().await {
+        match worker {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => failure = Some(err),
+            Err(join) => failure = Some(FloorError::Exchange(join.to_string())),
+        }
+    }
+    let elapsed = started.elapsed();
+    crate::close(&conn, CloseCode::Normal);
+    match failure {
+        Some(err) => Err(err),
+        None => Ok(FloorRun { exchanges: done.load(Ordering::Relaxed), elapsed }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Tuning;
+    use quictun_core::Trust;
+    use quictun_core::tls::GeneratedCert;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_floor_exchanges_over_real_quic() {
+        let cert = GeneratedCert::self_signed(&[]).unwrap();
+        let server = crate::endpoint::server_endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            cert.cert_key().unwrap(),
+            &Tuning::default(),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let serving = tokio::spawn(serve(server.clone(), 1024));
+        let trust = Trust::Pin(cert.pin);
+        let (client, setup) =
+            crate::endpoint::client_endpoint("127.0.0.1:0".parse().unwrap(), &trust, &Tuning::default()).unwrap();
+        let conn = connect(&client, &setup, addr, "localhost").await.unwrap();
+        let run = run(conn, 1024, 8, Duration::from_millis(300)).await.unwrap();
+        assert!(run.exchanges > 0, "{run:?}");
+        server.close(0u32.into(), b"done");
+        serving.abort();
+    }
+}
