@@ -4,15 +4,16 @@
 //! from its ingress to agents, one QUIC stream per request.
 //!
 //! - [`config`]: the `relay.toml` file.
-//! - [`state`]: the live configuration (routes, clients, agent configs) and shared plumbing.
-//! - [`sessions`]: client_id → session, group → sessions.
-//! - [`registration`]: registration and the session loop (heartbeats, config_sync, go-away), for
-//!   any transport.
-//! - [`quic`]: the QUIC transport: accept loop, handshake, control stream. The gRPC transport
-//!   (`quictun-grpc`) feeds the same registration from its own listener.
-//! - [`router`]: host and path routing.
-//! - [`ingress`] and [`proxy`]: the HTTP server and the per-request forwarding.
-//! - [`tcp`]: TCP tunnels (`[[tcp]]`), one stream per connection.
+//! - `state`: what the tasks share, by lifetime: settings, the live configuration (routes,
+//!   clients, agent configs, compiled once), the runtime (sessions, admission, metrics, shutdown).
+//! - `sessions`: client_id → session, group → sessions; `balance` chooses among them.
+//! - `registration`: registration, then the relay's side of the shared control session
+//!   (`quictun_core::session`), for any transport.
+//! - `quic`: admission rules for QUIC agents, handed to `quictun_quic::accept`. The gRPC
+//!   transport (`quictun-grpc`) feeds the same registration from its own listener.
+//! - `router`: host and path routing.
+//! - `ingress` and `proxy`: the HTTP server and the per-request forwarding.
+//! - `tcp`: TCP tunnels (`[[tcp]]`), one stream per connection.
 //!
 //! [`Relay::start`] binds everything and returns a [`Relay`] handle; [`Relay::shutdown`] drains.
 

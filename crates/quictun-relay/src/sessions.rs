@@ -108,8 +108,8 @@ impl Session {
         self.health.failures.store(0, Ordering::Relaxed);
     }
 
-    /// Records a failed exchange; after [`FAILURES_BEFORE_COOLDOWN`] in a row the agent is left
-    /// out for [`COOLDOWN`] (while a healthy agent of its group exists).
+    /// Records a failed exchange; after `FAILURES_BEFORE_COOLDOWN` in a row the agent is left
+    /// out for `COOLDOWN` (while a healthy agent of its group exists).
     pub fn record_failure(&self) {
         let failures = self.health.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures >= u64::from(FAILURES_BEFORE_COOLDOWN) {
@@ -235,7 +235,7 @@ impl SessionManager {
         self.generation.send_modify(|g| *g += 1);
     }
 
-    /// A session of `group` chosen by `choice` (see [`crate::balance`]; the default choice
+    /// A session of `group` chosen by `choice` (see the balance module; the default choice
     /// rotates over the group's healthy members).
     pub fn choose(&self, group: &str, choice: &Choice<'_>) -> Option<Arc<Session>> {
         let group = self.by_group.get(group)?;
