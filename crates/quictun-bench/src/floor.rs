@@ -5,28 +5,18 @@
 //! Beside the `small` rows it shows how much of the tunnel's cost is quinn's.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use quictun_core::Trust;
 use quictun_quic::Tuning;
 
-use crate::procs::{Proc, free_port, wait_until};
+use crate::procs::{Proc, free_port, generate_cert, own_cpu_time, wait_until};
 use crate::report::Row;
 use crate::{BenchOptions, Mode};
 
 /// The size of each request and answer.
 const EXCHANGE_BYTES: usize = 1024;
-
-/// CPU time this process has used (user + system), from `/proc/self/stat`.
-fn own_cpu_time() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(Duration::from_millis(ticks * 10))
-}
 
 /// A scratch directory removed on drop.
 struct Scratch(PathBuf);
@@ -37,14 +27,6 @@ impl Drop for Scratch {
     }
 }
 
-fn quictun(exe: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(exe).args(args).output().with_context(|| format!("running quictun {args:?}"))?;
-    if !out.status.success() {
-        bail!("quictun {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// quinn's floor at each of the small workload's concurrencies (QUIC only: for the other
 /// transports there are no rows).
 pub async fn floor(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
@@ -53,10 +35,8 @@ pub async fn floor(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> 
     }
     let dir = Scratch(std::env::temp_dir().join(format!("quictun-floor-{}-{}", std::process::id(), fastrand::u64(..))));
     std::fs::create_dir_all(&dir.0)?;
+    let pin: quictun_core::Pin = generate_cert(&opts.exe, &dir.0)?.parse().map_err(|e| anyhow::anyhow!("pin: {e}"))?;
     let certs = dir.0.join("certs");
-    quictun(&opts.exe, &["cert", "gen", "--out", &certs.to_string_lossy()])?;
-    let pin = quictun(&opts.exe, &["cert", "pin", &certs.join("relay.crt").to_string_lossy()])?;
-    let pin: quictun_core::Pin = pin.trim().parse().map_err(|e| anyhow::anyhow!("pin: {e}"))?;
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port(true)?));
     let args = [
         "bench-floor".to_owned(),

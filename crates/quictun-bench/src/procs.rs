@@ -107,10 +107,7 @@ impl Proc {
 
     /// CPU time used so far (user + system), from `/proc/PID/stat`.
     pub fn cpu_time(&self) -> Option<Duration> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        Some(Duration::from_millis(ticks * 10))
+        cpu_time_of(&format!("/proc/{}/stat", self.pid()))
     }
 
     /// Fails if the process has exited.
@@ -127,6 +124,35 @@ impl Drop for Proc {
         let _already_gone = self.child.kill();
         let _reaped = self.child.wait();
     }
+}
+
+/// CPU time (user + system) from a `/proc/…/stat` file.
+fn cpu_time_of(stat: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(stat).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// CPU time this process (the load generator) has used so far.
+pub fn own_cpu_time() -> Option<Duration> {
+    cpu_time_of("/proc/self/stat")
+}
+
+/// Runs `exe args…` to completion and returns its standard output.
+pub fn run_to_end(exe: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(exe).args(args).output().with_context(|| format!("running quictun {args:?}"))?;
+    if !out.status.success() {
+        bail!("quictun {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Generates a certificate in `dir/certs` (`relay.crt`, `relay.key`) and returns its pin.
+pub fn generate_cert(exe: &Path, dir: &Path) -> anyhow::Result<String> {
+    let certs = dir.join("certs");
+    run_to_end(exe, &["cert", "gen", "--out", &certs.to_string_lossy()])?;
+    Ok(run_to_end(exe, &["cert", "pin", &certs.join("relay.crt").to_string_lossy()])?.trim().to_owned())
 }
 
 /// A free TCP or UDP port on 127.0.0.1 (bound, then released).
@@ -285,15 +311,7 @@ impl Stack {
         };
         let egress = if with_egress { Some(SocketAddr::from(([127, 0, 0, 1], free_port(false)?))) } else { None };
         let dir = self.dir.clone();
-        let run = |args: &[&str]| -> anyhow::Result<String> {
-            let out = Command::new(exe).args(args).output()?;
-            if !out.status.success() {
-                bail!("quictun {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-            }
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        };
-        run(&["cert", "gen", "--out", &dir.join("certs").to_string_lossy()])?;
-        let pin = run(&["cert", "pin", &dir.join("certs/relay.crt").to_string_lossy()])?.trim().to_owned();
+        let pin = generate_cert(exe, &dir)?;
         self.quic_port = free_port(true)?;
         self.grpc_port = free_port(false)?;
         let http: SocketAddr = format!("127.0.0.1:{}", free_port(false)?).parse()?;

@@ -36,16 +36,6 @@ pub enum Target {
 }
 
 impl Target {
-    /// The kind, for logs and metric labels: `http`, `tcp`, `upgrade` or `egress`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Http(_) => "http",
-            Self::Tcp(_) => "tcp",
-            Self::Upgrade(_) => "upgrade",
-            Self::Egress => "egress",
-        }
-    }
-
     /// The upstream name, for the kinds that name one.
     pub fn upstream(&self) -> Option<&str> {
         match self {
