@@ -1,15 +1,22 @@
-//! The `floor` workload: quinn alone (see [`quictun_quic::floor`]), with the tunnel's TLS
-//! provider and transport settings, doing the minimal exchange at the small workload's
-//! concurrencies: a 1 KiB request on a fresh stream, a 1 KiB answer. The server is a process of
-//! its own (`quictun bench-floor`), the client is this process; the CPU per exchange counts both.
-//! Beside the `small` rows it shows how much of the tunnel's cost is quinn's.
+//! The `floor` workload: each transport's carrier alone, with the tunnel's TLS provider and
+//! transport settings, doing the minimal exchange (a 1 KiB request, a 1 KiB answer) at the small
+//! workload's concurrencies:
+//! - QUIC: quinn alone (see [`quictun_quic::floor`]), each exchange on a fresh stream;
+//! - gRPC: tonic over HTTP/2 over TLS alone (see [`quictun_grpc::floor`]), exchanges as messages
+//!   on one RPC, as the gRPC transport carries them.
+//!
+//! The server is a process of its own (`quictun bench-floor`), the client is this process; the
+//! CPU per exchange counts both. Beside the `small` rows it shows how much of the tunnel's cost is
+//! the carrier's, and what each design costs before the tunnel adds anything.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use quictun_core::Trust;
 use quictun_quic::Tuning;
+use rustls::pki_types::ServerName;
 
 use crate::procs::{Proc, free_port, generate_cert, own_cpu_time, wait_until};
 use crate::report::Row;
@@ -27,19 +34,23 @@ impl Drop for Scratch {
     }
 }
 
-/// quinn's floor at each of the small workload's concurrencies (QUIC only: for the other
-/// transports there are no rows).
+/// The floor of `mode`'s transport at each of the small workload's concurrencies: quinn alone
+/// for QUIC, tonic over HTTP/2 over TLS alone for gRPC (no rows for `direct`).
 pub async fn floor(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
-    if mode != Mode::Quic {
-        return Ok(Vec::new());
-    }
+    let transport = match mode {
+        Mode::Quic => "quic",
+        Mode::Grpc => "grpc",
+        Mode::Direct => return Ok(Vec::new()),
+    };
     let dir = Scratch(std::env::temp_dir().join(format!("quictun-floor-{}-{}", std::process::id(), fastrand::u64(..))));
     std::fs::create_dir_all(&dir.0)?;
     let pin: quictun_core::Pin = generate_cert(&opts.exe, &dir.0)?.parse().map_err(|e| anyhow::anyhow!("pin: {e}"))?;
     let certs = dir.0.join("certs");
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port(true)?));
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port(mode == Mode::Quic)?));
     let args = [
         "bench-floor".to_owned(),
+        "--transport".to_owned(),
+        transport.to_owned(),
         "--listen".to_owned(),
         addr.to_string(),
         "--cert".to_owned(),
@@ -50,42 +61,117 @@ pub async fn floor(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> 
         EXCHANGE_BYTES.to_string(),
     ];
     let mut server = Proc::spawn(&opts.exe, &args, &dir.0.join("floor.log"), "the floor server")?;
-    let (endpoint, setup) =
-        quictun_quic::endpoint::client_endpoint("127.0.0.1:0".parse()?, &Trust::Pin(pin), &Tuning::default())?;
-    // Ready once a handshake completes.
-    wait_until("the floor server", Duration::from_secs(20), async || {
-        match quictun_quic::floor::connect(&endpoint, &setup, addr, "localhost").await {
-            Ok(conn) => {
-                quictun_quic::close(&conn, quictun_proto::CloseCode::Normal);
-                true
-            }
-            Err(_) => false,
+    let client = FloorClient::new(mode, pin)?;
+    // Ready once a connection completes its handshake.
+    wait_until("the floor server", Duration::from_secs(20), async || match client.connect(addr).await {
+        Ok(FloorConnection::Quic(probe)) => {
+            probe.close();
+            true
         }
+        Ok(FloorConnection::Grpc(_)) => true,
+        Err(_) => false,
     })
     .await?;
     let mut rows = Vec::new();
     for &concurrency in &opts.concurrency {
         server.check_alive()?;
-        let conn = quictun_quic::floor::connect(&endpoint, &setup, addr, "localhost").await?;
+        let connection = client.connect(addr).await?;
         let cpu_before = (server.cpu_time(), own_cpu_time());
-        let run = quictun_quic::floor::run(conn, EXCHANGE_BYTES, concurrency, opts.duration).await?;
+        let (exchanges, elapsed) = connection.run(concurrency, opts.duration).await?;
         let cpu = match (cpu_before, (server.cpu_time(), own_cpu_time())) {
             ((Some(s0), Some(c0)), (Some(s1), Some(c1))) => Some((s1 - s0) + (c1 - c0)),
             _ => None,
         };
-        let rate = run.exchanges as f64 / run.elapsed.as_secs_f64();
-        let cpu_us = cpu.filter(|_| run.exchanges > 0).map(|cpu| cpu.as_secs_f64() * 1e6 / run.exchanges as f64);
+        let rate = exchanges as f64 / elapsed.as_secs_f64();
+        let cpu_us = cpu.filter(|_| exchanges > 0).map(|cpu| cpu.as_secs_f64() * 1e6 / exchanges as f64);
         rows.push(Row {
             workload: "floor".into(),
             transport: mode.name().into(),
             variant: format!("c={concurrency}"),
             requests_per_sec: Some(rate),
-            requests: run.exchanges,
+            requests: exchanges,
             tunnel_cpu_us_per_request: cpu_us,
-            note: "quinn alone: 1 KiB each way on a fresh stream; CPU of both ends".into(),
+            note: client.note().into(),
             ..Row::default()
         });
     }
-    quictun_quic::close_endpoint(&endpoint, quictun_proto::CloseCode::Normal);
+    client.close();
     Ok(rows)
+}
+
+/// The client end of one transport's floor.
+enum FloorClient {
+    /// quinn: a client endpoint and its configuration.
+    Quic(quictun_quic::Endpoint, quictun_quic::endpoint::ClientSetup),
+    /// tonic: the TLS configuration (ALPN `h2`).
+    Grpc(Arc<rustls::ClientConfig>),
+}
+
+/// One connection to a floor server.
+enum FloorConnection {
+    Quic(quictun_quic::floor::FloorClient),
+    Grpc(Box<quictun_grpc::floor::FloorClient>),
+}
+
+impl FloorClient {
+    /// The client end for `mode` (QUIC or gRPC), trusting the server by `pin`.
+    fn new(mode: Mode, pin: quictun_core::Pin) -> anyhow::Result<Self> {
+        let trust = Trust::Pin(pin);
+        Ok(match mode {
+            Mode::Grpc => {
+                let (tls, _) = quictun_core::tls::client_config_with_alpn(&trust, b"h2")?;
+                Self::Grpc(Arc::new(tls))
+            }
+            _ => {
+                let (endpoint, setup) =
+                    quictun_quic::endpoint::client_endpoint("127.0.0.1:0".parse()?, &trust, &Tuning::default())?;
+                Self::Quic(endpoint, setup)
+            }
+        })
+    }
+
+    /// What the rows measure.
+    fn note(&self) -> &'static str {
+        match self {
+            Self::Quic(..) => "quinn alone: 1 KiB each way on a fresh stream; CPU of both ends",
+            Self::Grpc(_) => "tonic over TLS alone: 1 KiB messages each way on one RPC; CPU of both ends",
+        }
+    }
+
+    /// A fresh connection to the server at `addr`.
+    async fn connect(&self, addr: SocketAddr) -> anyhow::Result<FloorConnection> {
+        Ok(match self {
+            Self::Quic(endpoint, setup) => {
+                FloorConnection::Quic(quictun_quic::floor::connect(endpoint, setup, addr, "localhost").await?)
+            }
+            Self::Grpc(tls) => {
+                let name = ServerName::try_from("localhost")?;
+                FloorConnection::Grpc(Box::new(quictun_grpc::floor::connect(addr, name, tls.clone()).await?))
+            }
+        })
+    }
+
+    /// Closes the client's endpoint, if it has one.
+    fn close(&self) {
+        if let Self::Quic(endpoint, _) = self {
+            quictun_quic::close_endpoint(endpoint, quictun_proto::CloseCode::Normal);
+        }
+    }
+}
+
+impl FloorConnection {
+    /// Runs `concurrency` exchanges at a time for `duration`; returns how many completed and in
+    /// what time.
+    async fn run(self, concurrency: usize, duration: Duration) -> anyhow::Result<(u64, Duration)> {
+        Ok(match self {
+            Self::Quic(client) => {
+                let run = client.run(EXCHANGE_BYTES, concurrency, duration).await?;
+                (run.exchanges, run.elapsed)
+            }
+            Self::Grpc(client) => {
+                let run = client.run(EXCHANGE_BYTES, concurrency, duration).await?;
+                (run.exchanges, run.elapsed)
+            }
+        })
+    }
 }

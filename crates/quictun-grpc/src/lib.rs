@@ -22,9 +22,12 @@
 //!   same at both ends, with its one reader.
 //! - [`server`]: the relay side ([`server::serve`]).
 //! - [`client`]: the agent side ([`client::dial`]).
+//! - [`floor`]: tonic alone doing the minimal exchange, the floor under the gRPC rows of
+//!   `quictun bench`.
 
 pub mod client;
 pub mod exchange;
+pub mod floor;
 pub mod flow;
 pub mod messages;
 pub mod mux;

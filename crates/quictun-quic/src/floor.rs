@@ -69,26 +69,43 @@ pub struct FloorRun {
     pub elapsed: Duration,
 }
 
+/// A connection to the floor server.
+#[derive(Debug)]
+pub struct FloorClient {
+    conn: quinn::Connection,
+}
+
 /// Connects to the floor server at `addr` (verified by `setup`).
 pub async fn connect(
     endpoint: &crate::Endpoint,
     setup: &ClientSetup,
     addr: SocketAddr,
     server_name: &str,
-) -> Result<quinn::Connection, FloorError> {
+) -> Result<FloorClient, FloorError> {
     let failed = |why: String| FloorError::Connect { addr, why };
     let connecting =
         endpoint.connect_with(setup.config.clone(), addr, server_name).map_err(|e| failed(e.to_string()))?;
     match tokio::time::timeout(Duration::from_secs(5), connecting).await {
-        Ok(Ok(conn)) => Ok(conn),
+        Ok(Ok(conn)) => Ok(FloorClient { conn }),
         Ok(Err(err)) => Err(failed(err.to_string())),
         Err(_) => Err(failed("no handshake within 5 s".into())),
     }
 }
 
-/// Runs `concurrency` exchanges at a time of `size`-byte requests on `conn` for `duration`, each
-/// on a fresh stream, and closes the connection.
-pub async fn run(
+impl FloorClient {
+    /// Closes the connection.
+    pub fn close(self) {
+        crate::close(&self.conn, CloseCode::Normal);
+    }
+
+    /// Runs `concurrency` exchanges at a time of `size`-byte requests for `duration`, each on a
+    /// fresh stream, and closes the connection.
+    pub async fn run(self, size: usize, concurrency: usize, duration: Duration) -> Result<FloorRun, FloorError> {
+        run(self.conn, size, concurrency, duration).await
+    }
+}
+
+async fn run(
     conn: quinn::Connection,
     size: usize,
     concurrency: usize,
@@ -149,8 +166,8 @@ mod tests {
         let trust = Trust::Pin(cert.pin);
         let (client, setup) =
             crate::endpoint::client_endpoint("127.0.0.1:0".parse().unwrap(), &trust, &Tuning::default()).unwrap();
-        let conn = connect(&client, &setup, addr, "localhost").await.unwrap();
-        let run = run(conn, 1024, 8, Duration::from_millis(300)).await.unwrap();
+        let floor = connect(&client, &setup, addr, "localhost").await.unwrap();
+        let run = floor.run(1024, 8, Duration::from_millis(300)).await.unwrap();
         assert!(run.exchanges > 0, "{run:?}");
         server.close(0u32.into(), b"done");
         serving.abort();

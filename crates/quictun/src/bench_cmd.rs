@@ -9,7 +9,7 @@ use quictun_agent::{Agent, AgentOptions};
 use quictun_proto::Token;
 
 use crate::Failure;
-use crate::cli::{BenchAgentsArgs, BenchArgs, BenchFloorArgs};
+use crate::cli::{BenchAgentsArgs, BenchArgs, BenchFloorArgs, FloorTransport};
 
 /// How long a benchmark egress request may wait for its answer's head.
 const EGRESS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -90,12 +90,22 @@ pub async fn agents(args: BenchAgentsArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Serves quinn's minimal exchange (see [`quictun_quic::floor`]) with the tunnel's transport
-/// settings until the process is stopped.
+/// Serves one transport's minimal exchange alone (see [`quictun_quic::floor`] and
+/// [`quictun_grpc::floor`]) with the tunnel's TLS and transport settings until the process is
+/// stopped.
 pub async fn floor(args: BenchFloorArgs) -> Result<(), Failure> {
     let cert = quictun_core::tls::CertKey::load(&args.cert, &args.key).map_err(Failure::usage)?;
-    let endpoint = quictun_quic::endpoint::server_endpoint(args.listen, cert, &quictun_quic::Tuning::default())
-        .map_err(Failure::runtime)?;
-    quictun_quic::floor::serve(endpoint, args.answer).await;
+    match args.transport {
+        FloorTransport::Grpc => {
+            let tls = quictun_core::tls::server_config_with_alpn(cert, b"h2").map_err(Failure::usage)?;
+            let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(Failure::runtime)?;
+            quictun_grpc::floor::serve(listener, std::sync::Arc::new(tls), args.answer).await;
+        }
+        FloorTransport::Quic => {
+            let endpoint = quictun_quic::endpoint::server_endpoint(args.listen, cert, &quictun_quic::Tuning::default())
+                .map_err(Failure::runtime)?;
+            quictun_quic::floor::serve(endpoint, args.answer).await;
+        }
+    }
     Ok(())
 }

@@ -39,7 +39,8 @@ pub enum Command {
     /// Run many agents in one process (used by `bench`).
     #[command(hide = true)]
     BenchAgents(BenchAgentsArgs),
-    /// Serve quinn's minimal exchange, the floor under the QUIC tunnel (used by `bench`).
+    /// Serve the minimal exchange of one transport alone (quinn, or tonic over TLS): the floor
+    /// under the tunnel (used by `bench`).
     #[command(hide = true)]
     BenchFloor(BenchFloorArgs),
 }
@@ -116,12 +117,24 @@ pub struct BenchAgentsArgs {
     pub egress_listen: Option<std::net::SocketAddr>,
 }
 
+/// The transport whose bare exchange `quictun bench-floor` serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FloorTransport {
+    /// quinn alone, on UDP.
+    Quic,
+    /// tonic over HTTP/2 over TLS alone, on TCP.
+    Grpc,
+}
+
 /// Flags of `quictun bench-floor`.
 #[derive(Debug, Args)]
 pub struct BenchFloorArgs {
-    /// UDP address to serve on.
+    /// Address to serve on (UDP for quic, TCP for grpc).
     #[arg(long, value_name = "ADDR")]
     pub listen: SocketAddr,
+    /// Which transport's floor to serve.
+    #[arg(long, value_enum, default_value_t = FloorTransport::Quic)]
+    pub transport: FloorTransport,
     /// The server certificate (PEM).
     #[arg(long, value_name = "FILE")]
     pub cert: PathBuf,

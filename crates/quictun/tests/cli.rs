@@ -342,8 +342,8 @@ fn bench_smoke_runs_every_workload_on_every_transport() {
     for transport in ["quic", "grpc"] {
         assert!(has("many", transport) && has("lossy", transport), "no many/lossy row for {transport}");
     }
-    // quinn's floor, beside the QUIC rows.
-    assert!(has("floor", "quic"), "no floor row");
+    // Each carrier's floor (quinn alone, tonic alone), beside its tunnel rows.
+    assert!(has("floor", "quic") && has("floor", "grpc"), "no floor row for each transport");
     let timed = ["small", "floor", "grpc", "egress", "slow-clients"];
     for row in rows.iter().filter(|r| timed.contains(&r["workload"].as_str().unwrap_or(""))) {
         assert_eq!(row["errors"], 0, "{row}");
