@@ -64,8 +64,7 @@ impl EgressServer {
         relays: Vec<RelayTunnel>,
         response_timeout: Duration,
     ) -> Result<Self, AgentError> {
-        let listener = TcpListener::bind(listen)
-            .await
+        let listener = quictun_core::listen_tcp(listen)
             .map_err(|e| AgentError::Endpoint(format!("egress listener on {listen}: {e}")))?;
         let addr = listener.local_addr().map_err(|e| AgentError::Endpoint(format!("egress listener: {e}")))?;
         let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());

@@ -89,6 +89,13 @@ pub trait BodySink: Send {
     /// Ends the body with `code`, so that the peer never takes a truncated body for a whole one.
     fn reset(&mut self, code: StreamCode);
 
+    /// Sends what the sink held back to send together with the body's first bytes (a QUIC
+    /// response head). [`pump`] calls it before it waits for the source, so that nothing held
+    /// back waits on a slow body.
+    fn flush(&mut self) -> impl Future<Output = Result<(), SinkError>> + Send {
+        std::future::ready(Ok(()))
+    }
+
     /// Resolves when the peer will not read more (it stopped the exchange, or the tunnel is
     /// gone). A transport whose writes report that by themselves never resolves it.
     fn stopped(&mut self) -> impl Future<Output = ()> + Send {
@@ -124,10 +131,13 @@ where
         // A frame that is ready is taken at once; only a wait for one also watches for a stop.
         let frame = match futures_util::FutureExt::now_or_never(body.frame()) {
             Some(frame) => frame,
-            None => tokio::select! {
-                frame = body.frame() => frame,
-                () = guard.sink.stopped() => return Err(PumpError::Sink(SinkError::Stopped)),
-            },
+            None => {
+                guard.sink.flush().await?;
+                tokio::select! {
+                    frame = body.frame() => frame,
+                    () = guard.sink.stopped() => return Err(PumpError::Sink(SinkError::Stopped)),
+                }
+            }
         };
         let Some(frame) = frame else { break };
         let frame = match frame {

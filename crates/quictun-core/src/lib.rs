@@ -97,6 +97,21 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// Pending connections a TCP listener may queue before it accepts them (the kernel caps it at
+/// `net.core.somaxconn`). Tokio's default of 1024 made a burst of new clients overflow the queue:
+/// the ones dropped retry their SYN only after a second, and `quictun bench`'s many workload (10k
+/// clients at once) measured mostly those retries.
+pub const LISTEN_BACKLOG: u32 = 65_535;
+
+/// Binds a TCP listener on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as a restarted
+/// server needs while old connections linger in TIME_WAIT).
+pub fn listen_tcp(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Runs `work` on `tasks` until it finishes or `cancel` fires, whichever comes first.
 pub fn spawn_cancellable<F>(
     tasks: &tokio_util::task::TaskTracker,
@@ -116,6 +131,20 @@ pub fn spawn_cancellable<F>(
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn a_listener_binds_with_a_deep_backlog_and_can_rebind_at_once() {
+        let listener = super::listen_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // A connection left in TIME_WAIT by the old listener does not stop a restart on the port.
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        drop(server);
+        drop(client);
+        drop(listener);
+        let again = super::listen_tcp(addr).unwrap();
+        assert_eq!(again.local_addr().unwrap(), addr);
+    }
+
     #[tokio::test]
     async fn accepted_connections_do_not_wait_for_nagle() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

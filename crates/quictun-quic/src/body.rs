@@ -21,13 +21,15 @@ pub const MAX_CHUNK: usize = 64 * 1024;
 /// before the end tells the peer to stop sending (quinn sends STOP_SENDING).
 pub struct RecvBody {
     recv: quinn::RecvStream,
+    /// Body bytes already read with the head, handed out first.
+    start: Option<Bytes>,
     done: bool,
 }
 
 impl RecvBody {
-    /// Streams the rest of `recv` as a body.
-    pub fn new(recv: quinn::RecvStream) -> Self {
-        Self { recv, done: false }
+    /// Streams `start` (the body bytes read together with the head), then the rest of `recv`.
+    pub fn new(recv: quinn::RecvStream, start: Bytes) -> Self {
+        Self { recv, start: Some(start).filter(|b| !b.is_empty()), done: false }
     }
 }
 
@@ -47,6 +49,9 @@ impl Body for RecvBody {
         let this = self.get_mut();
         if this.done {
             return Poll::Ready(None);
+        }
+        if let Some(start) = this.start.take() {
+            return Poll::Ready(Some(Ok(Frame::data(start))));
         }
         // `read_chunk` is cancel-safe, so a fresh future per poll loses nothing.
         let read = this.recv.read_chunk(MAX_CHUNK, true);
@@ -69,11 +74,12 @@ impl Body for RecvBody {
     }
 }
 
-/// The body that follows a head on `recv`, laid out as the head announced.
-pub fn recv_body(recv: quinn::RecvStream, framing: Framing, limits: Limits) -> TunnelBody {
+/// The body that follows a head on `recv` (`start` being the part of it read with the head), laid
+/// out as the head announced.
+pub fn recv_body(recv: quinn::RecvStream, start: Bytes, framing: Framing, limits: Limits) -> TunnelBody {
     match framing {
-        Framing::Raw => RecvBody::new(recv).boxed_unsync(),
-        Framing::Framed { .. } => FramedBody::new(RecvBody::new(recv), limits).boxed_unsync(),
+        Framing::Raw => RecvBody::new(recv, start).boxed_unsync(),
+        Framing::Framed { .. } => FramedBody::new(RecvBody::new(recv, start), limits).boxed_unsync(),
     }
 }
 
@@ -81,12 +87,34 @@ pub fn recv_body(recv: quinn::RecvStream, framing: Framing, limits: Limits) -> T
 pub struct QuicSink {
     send: quinn::SendStream,
     framing: Framing,
+    /// The encoded head, when it goes out with the body's first bytes (or its end) in one write.
+    head: Option<Bytes>,
 }
 
 impl QuicSink {
     /// Sends a body on `send` (its head already written).
     pub fn new(send: quinn::SendStream, framing: Framing) -> Self {
-        Self { send, framing }
+        Self { send, framing, head: None }
+    }
+
+    /// Sends the encoded `head`, then a body on `send`. The head is written together with the
+    /// body's first bytes when they are already there, so that a small answer is one write and
+    /// one end (each write takes the connection's lock, which its driver holds while it sends);
+    /// [`BodySink::flush`] sends it alone before the pump waits for a slow body.
+    pub fn with_head(send: quinn::SendStream, framing: Framing, head: Bytes) -> Self {
+        Self { send, framing, head: Some(head) }
+    }
+
+    /// Writes `chunks` after the held-back head, if any, in one call.
+    async fn write_after_head(&mut self, chunks: &mut [Bytes]) -> Result<(), SinkError> {
+        match self.head.take() {
+            None if chunks.len() == 1 => self.send.write_chunk(chunks[0].clone()).await.map_err(write_error),
+            None => self.send.write_all_chunks(chunks).await.map_err(write_error),
+            Some(head) => {
+                let mut all: Vec<Bytes> = std::iter::once(head).chain(chunks.iter().cloned()).collect();
+                self.send.write_all_chunks(&mut all).await.map_err(write_error)
+            }
+        }
     }
 }
 
@@ -100,11 +128,8 @@ fn write_error(e: quinn::WriteError) -> SinkError {
 impl BodySink for QuicSink {
     async fn send_data(&mut self, data: Bytes) -> Result<(), SinkError> {
         match self.framing {
-            Framing::Raw => self.send.write_chunk(data).await.map_err(write_error),
-            Framing::Framed { .. } => {
-                let mut frame = [data_frame_header(data.len()), data];
-                self.send.write_all_chunks(&mut frame).await.map_err(write_error)
-            }
+            Framing::Raw => self.write_after_head(&mut [data]).await,
+            Framing::Framed { .. } => self.write_after_head(&mut [data_frame_header(data.len()), data]).await,
         }
     }
 
@@ -115,10 +140,18 @@ impl BodySink for QuicSink {
         };
         let encoded =
             encode_trailers_frame(&trailers, max_trailers).map_err(|e| SinkError::TrailersTooLarge(e.to_string()))?;
-        self.send.write_chunk(encoded).await.map_err(write_error)
+        self.write_after_head(&mut [encoded]).await
+    }
+
+    async fn flush(&mut self) -> Result<(), SinkError> {
+        match self.head.take() {
+            Some(head) => self.send.write_chunk(head).await.map_err(write_error),
+            None => Ok(()),
+        }
     }
 
     async fn finish(&mut self) -> Result<(), SinkError> {
+        self.flush().await?;
         // Finishing a stream the peer already stopped is harmless; the peer learns of it either way.
         let _already_closed = self.send.finish();
         Ok(())

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use quictun_core::control::{ControlCodec, ControlError, ControlIo};
 use quictun_proto::frame::{self, FrameError, LEN_PREFIX};
@@ -55,32 +56,42 @@ impl From<quinn::ReadError> for ReadFrameError {
     }
 }
 
-impl From<quinn::ReadExactError> for ReadFrameError {
-    fn from(e: quinn::ReadExactError) -> Self {
-        match e {
-            quinn::ReadExactError::FinishedEarly(_) => Self::Truncated,
-            quinn::ReadExactError::ReadError(e) => e.into(),
+/// Reads the head frame that opens an exchange's stream, and returns it with the bytes that came
+/// after it (the start of the body). The stream is read a chunk at a time, without copying when a
+/// chunk holds the whole frame: a head and the body that followed it in one packet take one read
+/// (each read takes the connection's lock, which its driver holds while it sends). The length
+/// prefix is checked against `max` before anything is buffered.
+pub async fn read_head<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<(T, Bytes), ReadFrameError> {
+    let mut buffered = BytesMut::new();
+    loop {
+        // Never more than the rest of the largest frame: a peer cannot make us buffer a body.
+        let room = (LEN_PREFIX + max).saturating_sub(buffered.len()).max(1);
+        let Some(chunk) = recv.read_chunk(room, true).await? else {
+            return Err(ReadFrameError::Truncated);
+        };
+        if buffered.is_empty() {
+            // The common case: the whole frame is in the first chunk, decoded in place.
+            if let Some((head, used)) = frame::decode(&chunk.bytes, max)? {
+                return Ok((head, chunk.bytes.slice(used..)));
+            }
+        }
+        buffered.extend_from_slice(&chunk.bytes);
+        if let Some((head, used)) = frame::decode(&buffered, max)? {
+            return Ok((head, buffered.split_off(used).freeze()));
         }
     }
 }
 
-/// Reads one frame: the length prefix is checked against `max` before the payload is allocated.
-pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream, max: usize) -> Result<T, ReadFrameError> {
-    let mut prefix = [0u8; LEN_PREFIX];
-    recv.read_exact(&mut prefix).await?;
-    let len = frame::payload_len(prefix, max)?;
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload).await?;
-    Ok(frame::decode_payload(&payload)?)
-}
-
-/// [`read_frame`] with a deadline.
-pub async fn read_frame_within<T: DeserializeOwned>(
+/// [`read_head`] with a deadline.
+pub async fn read_head_within<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     max: usize,
     deadline: Duration,
-) -> Result<T, ReadFrameError> {
-    tokio::time::timeout(deadline, read_frame(recv, max)).await.map_err(|_| ReadFrameError::Timeout(deadline))?
+) -> Result<(T, Bytes), ReadFrameError> {
+    tokio::time::timeout(deadline, read_head(recv, max)).await.map_err(|_| ReadFrameError::Timeout(deadline))?
 }
 
 /// Why a frame could not be written.
@@ -94,7 +105,7 @@ pub enum WriteFrameError {
     Write(#[from] quinn::WriteError),
 }
 
-/// Encodes and writes one frame.
+/// Encodes and writes one frame (a head, for a peer written by hand: tests and tools).
 pub async fn write_frame<T: Serialize>(
     send: &mut quinn::SendStream,
     msg: &T,
@@ -144,5 +155,87 @@ impl ControlIo for ControlChannel {
     fn finish(&mut self) {
         // Already finished or reset: nothing left to do.
         let _already_closed = self.writer.get_mut().finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Tuning;
+    use quictun_core::Trust;
+    use quictun_core::tls::GeneratedCert;
+    use quictun_proto::ResponseHead;
+
+    fn head() -> ResponseHead {
+        ResponseHead { status: 200, headers: vec![], framed_body: false }
+    }
+
+    /// A real QUIC connection: the client's send half of a fresh stream and the server's receive
+    /// half, for `write` to fill and `read_head` to read.
+    async fn stream_pair(write: impl AsyncFnOnce(&mut quinn::SendStream)) -> (quinn::RecvStream, quinn::Connection) {
+        let cert = GeneratedCert::self_signed(&[]).unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let server = crate::endpoint::server_endpoint(any, cert.cert_key().unwrap(), &Tuning::default()).unwrap();
+        let (client, setup) = crate::endpoint::client_endpoint(any, &Trust::Pin(cert.pin), &Tuning::default()).unwrap();
+        let addr = server.local_addr().unwrap();
+        let connecting = client.connect_with(setup.config, addr, "localhost").unwrap();
+        let (conn, accepted) = tokio::join!(connecting, async { server.accept().await.unwrap().await.unwrap() });
+        let conn = conn.unwrap();
+        let mut send = conn.open_bi().await.unwrap().0;
+        write(&mut send).await;
+        let (_, recv) = accepted.accept_bi().await.unwrap();
+        (recv, conn)
+    }
+
+    use std::net::SocketAddr;
+
+    #[tokio::test]
+    async fn a_head_and_the_body_after_it_come_apart_whether_written_together_or_in_pieces() {
+        let encoded = frame::encode(&head(), 1024).unwrap();
+        let together = [encoded.clone(), b"body".to_vec()].concat();
+        let (mut recv, _conn) = stream_pair(async |send| {
+            send.write_all(&together).await.unwrap();
+            send.finish().unwrap();
+        })
+        .await;
+        let (read, start): (ResponseHead, Bytes) = read_head(&mut recv, 1024).await.unwrap();
+        assert_eq!(read, head());
+        let mut body = start.to_vec();
+        body.extend(recv.read_to_end(1024).await.unwrap());
+        assert_eq!(body, b"body");
+
+        // One byte per write: the head is put together across chunks.
+        let (mut recv, _conn) = stream_pair(async |send| {
+            for byte in &together {
+                send.write_all(&[*byte]).await.unwrap();
+            }
+            send.finish().unwrap();
+        })
+        .await;
+        let (read, start): (ResponseHead, Bytes) = read_head(&mut recv, 1024).await.unwrap();
+        assert_eq!(read, head());
+        let mut body = start.to_vec();
+        body.extend(recv.read_to_end(1024).await.unwrap());
+        assert_eq!(body, b"body");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_or_cut_head_is_refused() {
+        let (mut recv, _conn) = stream_pair(async |send| {
+            send.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+            send.write_all(&[0; 64]).await.unwrap();
+        })
+        .await;
+        let refused = read_head::<ResponseHead>(&mut recv, 1024).await;
+        assert!(matches!(refused, Err(ReadFrameError::Frame(FrameError::TooLarge { .. }))), "{refused:?}");
+
+        let encoded = frame::encode(&head(), 1024).unwrap();
+        let (mut recv, _conn) = stream_pair(async |send| {
+            send.write_all(&encoded[..encoded.len() - 1]).await.unwrap();
+            send.finish().unwrap();
+        })
+        .await;
+        let cut = read_head::<ResponseHead>(&mut recv, 1024).await;
+        assert!(matches!(cut, Err(ReadFrameError::Truncated)), "{cut:?}");
     }
 }

@@ -7,6 +7,7 @@
 //! response head; the response body is then read from the stream chunk by chunk.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::body::{QuicSink, recv_body, reset, stop};
-use crate::frames::{ReadFrameError, read_frame, read_frame_within, write_frame};
+use crate::frames::{ReadFrameError, read_head, read_head_within};
 
 /// Longest wait for a free stream slot on the connection.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -36,12 +37,16 @@ pub struct QuicTunnel {
     stall: StallScope,
     /// The code this end closed with, for its own close reason (quinn does not keep it).
     closed_with: Mutex<Option<CloseCode>>,
+    /// Set once the connection is known to be closed (by this end, or seen failing by the serve
+    /// loop or a waiter): [`Tunnel::is_closed`] is asked for every request the balancer routes,
+    /// and asking quinn takes the connection's lock, which its driver holds while it sends.
+    known_closed: AtomicBool,
 }
 
 impl QuicTunnel {
     /// A tunnel over `conn`; bodies read from it are watched in `stall`.
     pub fn new(conn: quinn::Connection, limits: Limits, stall: StallScope) -> Self {
-        Self { conn, limits, stall, closed_with: Mutex::new(None) }
+        Self { conn, limits, stall, closed_with: Mutex::new(None), known_closed: AtomicBool::new(false) }
     }
 
     /// The underlying connection.
@@ -51,6 +56,7 @@ impl QuicTunnel {
 
     fn reason(&self, err: quinn::ConnectionError) -> CloseReason {
         use quinn::ConnectionError as E;
+        self.known_closed.store(true, Ordering::Relaxed);
         match err {
             E::ApplicationClosed(_) => {
                 crate::peer_close_code(&err).map_or(CloseReason::Ended, CloseReason::ClosedByPeer)
@@ -74,7 +80,10 @@ impl QuicTunnel {
             frame::encode(&head, self.limits.max_head_frame).map_err(|e| ExchangeError::HeadTooLarge(e.to_string()))?;
         let (mut send, mut recv) = match tokio::time::timeout(OPEN_TIMEOUT, self.conn.open_bi()).await {
             Ok(Ok(streams)) => streams,
-            Ok(Err(_)) => return Err(ExchangeError::NotOpened),
+            Ok(Err(err)) => {
+                self.reason(err);
+                return Err(ExchangeError::NotOpened);
+            }
             Err(_) => return Err(ExchangeError::Busy),
         };
         send.write_chunk(Bytes::from(head_frame)).await.map_err(|_| ExchangeError::Lost)?;
@@ -92,9 +101,10 @@ impl QuicTunnel {
             None
         };
         let upload = upload.map(AbortOnDrop::new);
-        let response: ResponseHead = read_frame(&mut recv, self.limits.max_head_frame).await.map_err(from_read)?;
+        let (response, start): (ResponseHead, _) =
+            read_head(&mut recv, self.limits.max_head_frame).await.map_err(from_read)?;
         response.validate(&self.limits).map_err(|e| ExchangeError::Protocol(e.to_string()))?;
-        let body = recv_body(recv, Framing::new(response.framed_body, &self.limits), self.limits);
+        let body = recv_body(recv, start, Framing::new(response.framed_body, &self.limits), self.limits);
         let body = self.stall.watch(body, &response.headers, client);
         Ok((response, WithUpload::wrap(body, upload.and_then(AbortOnDrop::into_inner))))
     }
@@ -142,11 +152,14 @@ impl Tunnel for QuicTunnel {
         if let Ok(mut closed_with) = self.closed_with.lock() {
             closed_with.get_or_insert(code);
         }
+        self.known_closed.store(true, Ordering::Relaxed);
         crate::close(&self.conn, code);
     }
 
     fn is_closed(&self) -> bool {
-        self.conn.close_reason().is_some()
+        // The serve loop, which every session runs, sees a closed connection at once; until then
+        // the lock-free flag is the answer.
+        self.known_closed.load(Ordering::Relaxed)
     }
 
     fn closed(&self) -> BoxFuture<'_, CloseReason> {
@@ -172,8 +185,8 @@ pub async fn serve_stream(
     stall: &StallScope,
 ) {
     let limits = handler.limits();
-    let head: RequestHead = match read_frame_within(&mut recv, limits.max_head_frame, HEAD_TIMEOUT).await {
-        Ok(head) => head,
+    let (head, start): (RequestHead, _) = match read_head_within(&mut recv, limits.max_head_frame, HEAD_TIMEOUT).await {
+        Ok(read) => read,
         Err(err) => {
             let code = err.stream_code();
             warn!(%err, code = code.as_str(), "bad stream from peer");
@@ -191,7 +204,7 @@ pub async fn serve_stream(
     }
     let body = if head.has_body {
         let framing = Framing::new(head.framed_body, &limits);
-        stall.watch(recv_body(recv, framing, limits), &head.headers, None)
+        stall.watch(recv_body(recv, start, framing, limits), &head.headers, None)
     } else {
         stop(&mut recv, StreamCode::NoError);
         empty_body()
@@ -199,10 +212,16 @@ pub async fn serve_stream(
     async {
         match handler.handle(head, body).await {
             Ok((response_head, body)) => {
-                if write_frame(&mut send, &response_head, limits.max_head_frame).await.is_err() {
-                    return reset(&mut send, StreamCode::Cancelled);
-                }
-                let mut sink = QuicSink::new(send, Framing::new(response_head.framed_body, &limits));
+                let encoded = match frame::encode(&response_head, limits.max_head_frame) {
+                    Ok(encoded) => Bytes::from(encoded),
+                    Err(err) => {
+                        warn!(%err, "response head too large");
+                        return reset(&mut send, StreamCode::UpstreamFailed);
+                    }
+                };
+                // The head goes out with the body's first bytes when they are already there.
+                let framing = Framing::new(response_head.framed_body, &limits);
+                let mut sink = QuicSink::with_head(send, framing, encoded);
                 match pump(body, &mut sink, StreamCode::UpstreamFailed).await {
                     Ok(bytes) => debug!(status = response_head.status, bytes, "response sent"),
                     Err(err) => debug!(%err, "response body ended early"),

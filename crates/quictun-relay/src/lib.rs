@@ -107,7 +107,7 @@ fn https_config(
 
 async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), RelayError> {
     let err = |source| RelayError::Bind { what, addr, source };
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
+    let listener = quictun_core::listen_tcp(addr).map_err(err)?;
     let bound = listener.local_addr().map_err(err)?;
     Ok((listener, bound))
 }

@@ -130,9 +130,10 @@ pub async fn serve(listener: TcpListener, stop: CancellationToken) {
     }
 }
 
-/// Binds the demo upstream.
+/// Binds the demo upstream (with the relay's deep backlog: benchmarks open thousands of
+/// connections to it at once).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    quictun_core::listen_tcp(addr)
 }
 
 /// `quictun upstream`: serves until Ctrl-C or SIGTERM.
