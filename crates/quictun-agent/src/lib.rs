@@ -36,7 +36,7 @@ use quictun_core::backoff::Backoff;
 use quictun_core::body::AbortOnDrop;
 use quictun_core::stall::Reclaimer;
 use quictun_core::tls::PinMismatch;
-use quictun_core::tunnel::Tunnel;
+use quictun_core::tunnel::{CloseReason, Tunnel};
 use quictun_proto::RejectCode;
 use quictun_quic::endpoint::{ClientSetup, EndpointError};
 use tokio::sync::watch;
@@ -365,6 +365,9 @@ impl Dialer {
     }
 }
 
+/// How long the reconnects of a restarted relay's agents are spread over.
+const RESTARTED_RELAY_SPREAD: Duration = Duration::from_millis(250);
+
 async fn run(
     dialer: Dialer,
     forwarder: Arc<Forwarder>,
@@ -391,6 +394,18 @@ async fn run(
             Ok(SessionEnd::Shutdown) => break Ok(()),
             Ok(SessionEnd::Switched) => continue,
             Ok(SessionEnd::Replaced) => break Err(AgentError::Replaced(options.client_id.clone())),
+            Ok(SessionEnd::Lost(CloseReason::PeerRestarted)) => {
+                // The relay answered: it is up again. Reconnect at once, spread over a moment so
+                // that a relay's agents do not all handshake in the same millisecond.
+                backoff.reset();
+                let delay = RESTARTED_RELAY_SPREAD.mul_f64(fastrand::f64());
+                info!(?delay, "the relay restarted: reconnecting");
+                state.send_replace(AgentState::Reconnecting { reason: CloseReason::PeerRestarted.to_string() });
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => continue,
+                    _ = shutdown.cancelled() => break Ok(()),
+                }
+            }
             Ok(SessionEnd::Lost(reason)) => {
                 backoff.reset();
                 info!(%reason, "connection to relay ended");

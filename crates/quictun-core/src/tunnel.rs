@@ -102,6 +102,9 @@ pub enum CloseReason {
     Silent(std::time::Duration),
     /// The transport heard nothing from the peer for its idle timeout.
     IdleTimeout,
+    /// The peer no longer knows the connection: it restarted and answered with a verified
+    /// stateless reset (QUIC). It is up again, so a reconnect can go at once.
+    PeerRestarted,
     /// The peer broke the control protocol.
     Protocol(ProtocolViolation),
     /// The connection failed (reset, a transport error, the network gone), in the transport's words.
@@ -126,6 +129,7 @@ impl std::fmt::Display for CloseReason {
             Self::Ended => f.write_str("the peer ended the tunnel"),
             Self::Silent(after) => write!(f, "peer silent for {:.1}s", after.as_secs_f64()),
             Self::IdleTimeout => f.write_str("nothing heard from the peer: idle timeout"),
+            Self::PeerRestarted => f.write_str("the peer restarted (stateless reset)"),
             Self::Protocol(violation) => write!(f, "protocol violation: {violation}"),
             Self::Failed(why) => write!(f, "connection failed: {why}"),
         }

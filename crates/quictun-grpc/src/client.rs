@@ -135,7 +135,9 @@ pub async fn dial(
         .connect_timeout(timeout)
         .initial_stream_window_size(window::STREAM)
         .initial_connection_window_size(window::CONNECTION)
-        .http2_keep_alive_interval(Duration::from_secs(10))
+        .http2_keep_alive_interval(crate::PING_INTERVAL)
+        .keep_alive_timeout(crate::PING_TIMEOUT)
+        .keep_alive_while_idle(true)
         .connect_with_connector(connector)
         .await
         .map_err(|e| connect_err(&e))?;

@@ -36,6 +36,14 @@ pub mod tunnel;
 
 pub use tunnel::GrpcTunnel;
 
+/// HTTP/2 PINGs, sent by both ends: a peer that answers none for [`PING_TIMEOUT`] after a
+/// [`PING_INTERVAL`] of silence is dead, so a dead relay or agent is found within about 3 s (as the
+/// QUIC transport's idle timeout finds it), not at TCP's retransmission timeout.
+pub const PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long a PING may go unanswered before the connection is closed.
+pub const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// HTTP/2 flow-control windows, set on both ends (without them bulk throughput collapses).
 pub mod window {
     /// Per-stream window.

@@ -113,7 +113,8 @@ async fn serve_connection(
         .initial_stream_window_size(window::STREAM)
         .initial_connection_window_size(window::CONNECTION)
         .max_frame_size(window::FRAME)
-        .keep_alive_interval(Some(Duration::from_secs(10)));
+        .keep_alive_interval(Some(crate::PING_INTERVAL))
+        .keep_alive_timeout(crate::PING_TIMEOUT);
     let conn = builder.serve_connection(TokioIo::new(tls), service);
     // Resolves when the tunnel RPC has not started in time (and never once it has).
     let no_tunnel_yet = async {

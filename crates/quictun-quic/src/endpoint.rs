@@ -137,14 +137,67 @@ pub fn bind_udp(addr: SocketAddr, buffer: usize) -> Result<UdpSocket, EndpointEr
     Ok(socket.into())
 }
 
-/// A QUIC server endpoint on `addr` with the relay's certificate.
+/// Bytes derived (HKDF-SHA256) from a relay's private key for one `purpose`: stable across
+/// restarts of the same relay, and secret as that key is.
+fn derived_from_key<const N: usize>(private_key: &rustls::pki_types::PrivateKeyDer<'_>, purpose: &[u8]) -> [u8; N] {
+    struct Len(usize);
+    impl ring::hkdf::KeyType for Len {
+        fn len(&self) -> usize {
+            self.0
+        }
+    }
+    let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"quictun relay key derivation v1");
+    let prk = salt.extract(private_key.secret_der());
+    let mut out = [0u8; N];
+    // HKDF-SHA256 gives up to 8160 bytes; the N used here are 8 and 32.
+    if let Ok(okm) = prk.expand(&[purpose], Len(N)) {
+        let _filled = okm.fill(&mut out);
+    }
+    out
+}
+
+/// What lets a restarted relay end the connections it lost at once, derived from its private
+/// key so that they survive the restart: the key that signs its stateless resets (RFC 9000,
+/// 10.3), and the key its connection IDs are made with. quinn's defaults are random per process:
+/// a restarted relay then finds an old connection's IDs invalid and stays silent (and a reset it
+/// sent could not be verified), and the agent waited for its idle timeout. With these, the
+/// agent's next packet draws a reset it verifies, and it reconnects at once.
+#[derive(Debug)]
+pub struct RestartKeys {
+    /// Signs stateless resets.
+    pub reset: ring::hmac::Key,
+    /// Keys the connection-ID generator (IDs carry a hash checked on arrival).
+    pub cid: u64,
+}
+
+impl RestartKeys {
+    /// The keys of the relay whose private key is `private_key`.
+    pub fn of(private_key: &rustls::pki_types::PrivateKeyDer<'_>) -> Self {
+        let reset = derived_from_key::<32>(private_key, b"stateless reset key");
+        let cid = derived_from_key::<8>(private_key, b"connection id key");
+        Self { reset: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset), cid: u64::from_le_bytes(cid) }
+    }
+
+    /// The endpoint configuration that uses them.
+    pub fn endpoint_config(self) -> quinn::EndpointConfig {
+        let mut config = quinn::EndpointConfig::new(Arc::new(self.reset));
+        let cid = self.cid;
+        config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid)));
+        config
+    }
+}
+
+/// A QUIC server endpoint on `addr` with the relay's certificate, and [`RestartKeys`] derived
+/// from its private key.
 pub fn server_endpoint(addr: SocketAddr, cert: CertKey, tuning: &Tuning) -> Result<quinn::Endpoint, EndpointError> {
+    let restart_keys = RestartKeys::of(&cert.key);
     let crypto =
         QuicServerConfig::try_from(tls::server_config(cert)?).map_err(|e| EndpointError::Crypto(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(tuning.transport_config()));
     let socket = bind_udp(addr, tuning.udp_buffer)?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), socket, runtime::default_runtime_or_err()?)
+    let endpoint_config = restart_keys.endpoint_config();
+    quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime::default_runtime_or_err()?)
         .map_err(|source| EndpointError::Socket { addr, source })
 }
 
@@ -193,5 +246,23 @@ mod runtime {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             source: std::io::Error::other("no async runtime found (call from within tokio)"),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quictun_core::tls::GeneratedCert;
+
+    #[test]
+    fn restart_keys_are_the_same_for_the_same_private_key_and_differ_across_keys() {
+        let (one, other) = (GeneratedCert::self_signed(&[]).unwrap(), GeneratedCert::self_signed(&[]).unwrap());
+        let key = |cert: &GeneratedCert| RestartKeys::of(&cert.cert_key().unwrap().key);
+        let (first, again, different) = (key(&one), key(&one), key(&other));
+        let sign = |keys: &RestartKeys| ring::hmac::sign(&keys.reset, b"connection id").as_ref().to_vec();
+        assert_eq!(sign(&first), sign(&again), "a restarted relay must sign resets as before");
+        assert_eq!(first.cid, again.cid, "a restarted relay must accept its old connection IDs");
+        assert_ne!(sign(&first), sign(&different));
+        assert_ne!(first.cid, different.cid);
     }
 }

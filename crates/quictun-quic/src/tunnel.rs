@@ -65,6 +65,7 @@ impl QuicTunnel {
                 CloseReason::Closed(self.closed_with.lock().ok().and_then(|c| *c).unwrap_or(CloseCode::Normal))
             }
             E::TimedOut => CloseReason::IdleTimeout,
+            E::Reset => CloseReason::PeerRestarted,
             other => CloseReason::Failed(other.to_string()),
         }
     }

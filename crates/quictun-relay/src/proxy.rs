@@ -292,6 +292,12 @@ fn forwarded_headers(
     tunnel_request_headers(&shared.settings.trusted_proxies, req.headers(), &hop, &request_id.to_string())
 }
 
+/// Whether a request with `method` may be sent twice (RFC 9110, 9.2.2: GET, HEAD, OPTIONS, TRACE,
+/// PUT, DELETE).
+fn is_idempotent(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE")
+}
+
 /// Failures that say the agent (or what is behind it) is unwell, as opposed to the request.
 fn counts_against_the_agent(err: &ExchangeError) -> bool {
     match err {
@@ -394,16 +400,24 @@ async fn forward(
     // Kept for a retry only where another agent could take it (not on the common single-agent path).
     let retry_head = (shared.runtime.sessions.group_len(&group) > 1).then(|| head.clone());
     let client = Some(peer.addr.ip());
+    let idempotent = is_idempotent(&head.method);
     let mut attempt = tokio::time::timeout(deadline, session.tunnel.open(head, body.body(), client)).await;
-    // A stream that could not be opened sent nothing: the request goes once to another agent.
+    // The request goes once to another agent when that is safe: a stream that could not be opened
+    // sent nothing, and an idempotent request (RFC 9110, 9.2.2) whose body no transport has read
+    // may run again where the agent died under it (its tunnel was lost before an answer).
+    let retry_safe = match &attempt {
+        Ok(Err(ExchangeError::NotOpened)) => true,
+        Ok(Err(ExchangeError::Lost)) => idempotent,
+        _ => false,
+    };
     if let Some(head) = retry_head
-        && matches!(attempt, Ok(Err(ExchangeError::NotOpened)))
+        && retry_safe
         && body.untouched()
     {
         let other = shared.runtime.sessions.choose(&group, &choice(Some(session.session_id)));
         if let Some((other, permit)) = other.and_then(|o| o.try_stream_permit().map(|p| (o, p))) {
             session.record_failure();
-            warn!(from = %session.client_id, to = %other.client_id, "stream could not be opened: retrying on another agent");
+            warn!(from = %session.client_id, to = %other.client_id, "agent unreachable before it answered: retrying on another agent");
             (session, agent_slot) = (other, permit);
             tracing::Span::current().record("client_id", &*session.client_id);
             attempt = tokio::time::timeout(deadline, session.tunnel.open(head, body.body(), client)).await;
