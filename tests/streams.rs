@@ -193,6 +193,7 @@ async fn scripted_agent(h: &Harness, client_id: &str, token: &str) -> (quinn::En
             group: String::new(),
             token: Token::new(token),
             agent_version: "scripted".into(),
+            instance_id: uuid::Uuid::new_v4(),
         }))
         .await
         .unwrap();

@@ -264,30 +264,48 @@ async fn the_agent_comes_back_after_a_relay_restart(transport: Transport) {
     assert_eq!(reply.text(), "hello");
 }
 
-async fn a_second_agent_with_the_same_client_id_replaces_the_first(transport: Transport) {
-    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
+async fn replicas_sharing_a_client_id_serve_side_by_side_up_to_the_relays_cap(transport: Transport) {
+    let config = HarnessConfig::with_relay(|c| c.relay.max_instances_per_client = 2);
+    let h = Harness::start_with(HarnessConfig { transport, ..config }).await;
+    // Two processes of one deployment: the same client_id and token, each its own instance.
     let first = h.agent("agent-1").await;
-    let first_session = h.relay().sessions().get("agent-1").unwrap().session_id;
-
     let second = Agent::start(h.agent_options("agent-1")).await.unwrap();
-    let second_session = second.wait_connected(None, WAIT).await.unwrap();
-    assert!(
-        h.relay()
-            .sessions()
-            .wait_until(WAIT, |s| s.get("agent-1").is_some_and(|x| x.session_id == second_session))
-            .await
-    );
-    assert_ne!(first_session, second_session);
+    second.wait_connected(None, WAIT).await.unwrap();
+    assert!(h.relay().sessions().wait_until(WAIT, |s| s.instances("agent-1").len() == 2).await);
+    let instances = h.relay().sessions().instances("agent-1");
+    assert_ne!(instances[0].instance_id, instances[1].instance_id);
+    assert_eq!(h.relay().sessions().group("web").len(), 2, "replicas are siblings in their group");
+    for _ in 0..10 {
+        assert_eq!(h.client.get("app.test", "/hello").await.status, StatusCode::OK);
+    }
+    let admin = quictun_tests::HttpClient::new(h.relay().admin_addr());
+    let listed: serde_json::Value = serde_json::from_slice(&admin.get("admin", "/api/sessions").await.body).unwrap();
+    let agent_1: Vec<_> = listed.as_array().unwrap().iter().filter(|s| s["client_id"] == "agent-1").collect();
+    assert_eq!(agent_1.len(), 2, "/api/sessions shows each instance: {listed}");
+    assert_ne!(agent_1[0]["instance_id"], agent_1[1]["instance_id"]);
 
-    // The replaced agent stops instead of fighting back.
-    let result = tokio::time::timeout(WAIT, first.wait()).await.expect("replaced agent kept running");
-    assert!(matches!(result, Err(AgentError::Replaced(_))), "{result:?}");
-    assert_eq!(h.relay().sessions().len(), 1);
-    assert_eq!(h.relay().sessions().group("web").len(), 1);
-    assert_eq!(h.client.get("app.test", "/hello").await.status, StatusCode::OK);
+    // A third is over the cap: refused, with the reason, and it keeps trying (it may join later).
+    let third = Agent::start(h.agent_options("agent-1")).await.unwrap();
+    let mut state = third.state();
+    let refused = tokio::time::timeout(WAIT, state.wait_for(|s| matches!(s, AgentState::Reconnecting { .. })))
+        .await
+        .expect("the third instance was not refused")
+        .unwrap()
+        .clone();
     assert!(
-        matches!(*second.state().borrow(), AgentState::Connected { session_id, .. } if session_id == second_session)
+        matches!(&refused, AgentState::Reconnecting { reason } if reason.contains("max_instances_per_client")),
+        "{refused:?}"
     );
+    assert_eq!(h.relay().sessions().instances("agent-1").len(), 2);
+    third.shutdown().await.unwrap();
+
+    // One replica stops: the other goes on serving, alone.
+    second.shutdown().await.unwrap();
+    assert!(h.relay().sessions().wait_until(WAIT, |s| s.instances("agent-1").len() == 1).await);
+    for _ in 0..5 {
+        assert_eq!(h.client.get("app.test", "/hello").await.status, StatusCode::OK);
+    }
+    assert!(matches!(*first.state().borrow(), AgentState::Connected { .. }));
 }
 
 async fn requests_rotate_over_the_agents_of_a_group_and_sessions_leave_nothing_behind(transport: Transport) {
@@ -431,7 +449,7 @@ quictun_tests::on_both_transports!(
     a_wrong_pin_is_refused_naming_both_fingerprints,
     an_agent_killed_mid_request_gives_502_and_others_go_on,
     the_agent_comes_back_after_a_relay_restart,
-    a_second_agent_with_the_same_client_id_replaces_the_first,
+    replicas_sharing_a_client_id_serve_side_by_side_up_to_the_relays_cap,
     requests_rotate_over_the_agents_of_a_group_and_sessions_leave_nothing_behind,
     an_agent_can_trust_the_relay_by_a_ca_file,
     the_admin_endpoint_reports_health_and_live_sessions,

@@ -70,8 +70,9 @@ pub enum AgentError {
     /// The relay's certificate could not be verified (CA mode), or TLS failed for good.
     #[error("TLS: {0}")]
     Tls(String),
-    /// Another agent registered with the same client_id and took over this one's session.
-    #[error("another agent registered with client_id {0:?} and replaced this one")]
+    /// A session with this agent's own client_id and instance id took over this one's (replicas
+    /// with the same client_id are other instances and never do; this is a copied instance id).
+    #[error("another session of client_id {0:?} with this agent's instance id replaced this one")]
     Replaced(String),
     /// The local endpoint could not be set up.
     #[error("{0}")]
@@ -173,6 +174,7 @@ impl Agent {
         let (link_tx, relay_tunnel) = watch::channel(None);
         let sweeper = AbortOnDrop::new(tokio::spawn(reclaimer.clone().run(shutdown.clone())));
         let dialer = Dialer {
+            instance_id: Uuid::new_v4(),
             options: Arc::new(options),
             relay_tunnel: link_tx,
             endpoint: endpoint.clone(),
@@ -284,6 +286,9 @@ impl Agent {
 /// Everything needed to reach the relay over either transport.
 struct Dialer {
     options: Arc<AgentOptions>,
+    /// This agent among the replicas sharing its client_id: drawn once, kept across reconnects,
+    /// so that a reconnect replaces this agent's own old session and no other replica's.
+    instance_id: Uuid,
     /// The connection egress requests use, while there is one.
     relay_tunnel: watch::Sender<Option<Arc<dyn Tunnel>>>,
     endpoint: quictun_quic::Endpoint,
@@ -314,7 +319,8 @@ impl Dialer {
         // Egress requests go over this tunnel while it lasts (the relay serves them once it has
         // registered the agent).
         self.relay_tunnel.send_replace(Some(tunnel.clone()));
-        let served = session::register_and_serve(&self.options, control, tunnel, forwarder, state, stop).await;
+        let served =
+            session::register_and_serve(&self.options, self.instance_id, control, tunnel, forwarder, state, stop).await;
         self.relay_tunnel.send_replace(None);
         served
     }

@@ -29,7 +29,8 @@ pub enum SessionEnd {
     Shutdown,
     /// A better transport became available; this session drained and closed.
     Switched,
-    /// The relay closed the session because another agent registered with the same client_id.
+    /// The relay closed the session because a session with this agent's client_id and instance id
+    /// registered after it.
     Replaced,
     /// The tunnel ended; reconnect.
     Lost(CloseReason),
@@ -76,6 +77,7 @@ impl<E: Into<RetryReason>> From<E> for Attempt {
 /// Registers on `control` and serves `tunnel` until it ends or the agent is asked to stop.
 pub async fn register_and_serve<C: ControlIo>(
     options: &AgentOptions,
+    instance_id: uuid::Uuid,
     mut control: C,
     tunnel: Arc<dyn Tunnel>,
     forwarder: &Arc<Forwarder>,
@@ -88,6 +90,7 @@ pub async fn register_and_serve<C: ControlIo>(
         group: options.group.clone(),
         token: options.token.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        instance_id,
     };
     control.send(ControlMessage::Register(register)).await?;
     let accepted = match control.recv_within(REGISTER_TIMEOUT).await? {

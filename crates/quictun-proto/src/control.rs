@@ -44,6 +44,10 @@ pub struct Register {
     pub token: Token,
     /// The agent's software version, for logs.
     pub agent_version: String,
+    /// Random per agent process, the same for all its reconnects: sessions of one client with
+    /// different instance ids are replicas and serve side by side; a new session of the same
+    /// instance replaces that instance's old one.
+    pub instance_id: Uuid,
 }
 
 /// Registration succeeded.
@@ -81,6 +85,9 @@ pub enum RejectCode {
     ShuttingDown,
     /// 4: the relay could not take the session (for example: at its session limit).
     Unavailable,
+    /// 5: the client already has as many instances connected as the relay allows
+    /// (`max_instances_per_client`); one may join when another leaves.
+    TooManyInstances,
 }
 
 impl RejectCode {

@@ -43,4 +43,7 @@ pub const ALPN: &[u8] = b"quictun/1";
 /// 3: [`Accepted`] carries the heartbeat misses both ends apply, so the relay sets the silence
 /// limit for both; a request head names its [`Target`] by kind (an upstream, a `host:port`, the
 /// relay's egress routes) instead of a kind and an overloaded string.
-pub const PROTOCOL_VERSION: u16 = 3;
+///
+/// 4: [`Register`] carries the agent process's instance id, so that replicas sharing a client id
+/// serve side by side (and a relay may refuse one more with [`RejectCode::TooManyInstances`]).
+pub const PROTOCOL_VERSION: u16 = 4;

@@ -39,13 +39,14 @@ fn heartbeat() -> impl Strategy<Value = Heartbeat> {
 
 fn control() -> impl Strategy<Value = ControlMessage> {
     prop_oneof![
-        (any::<u16>(), text(), text(), text(), text()).prop_map(|(v, c, g, t, a)| {
+        (any::<u16>(), text(), text(), text(), text(), any::<u128>()).prop_map(|(v, c, g, t, a, i)| {
             ControlMessage::Register(Register {
                 protocol_version: v,
                 client_id: c,
                 group: g,
                 token: Token::new(t),
                 agent_version: a,
+                instance_id: Uuid::from_u128(i),
             })
         }),
         (any::<u128>(), any::<u32>(), any::<u32>(), agent_config()).prop_map(|(id, hb, misses, config)| {

@@ -3,8 +3,9 @@
 //!
 //! - `GET /healthz`, `GET /readyz` (503 once the relay drains);
 //! - `GET /metrics`: see [`crate::metrics`];
-//! - `GET /api/sessions`: the connected agents as JSON: client_id, group, session id, remote
-//!   address, transport, connected since (Unix seconds), heartbeat RTT, in-flight streams.
+//! - `GET /api/sessions`: the connected agents as JSON, one entry per instance (agent process) of
+//!   each client: client_id, instance id, group, session id, remote address, transport, connected
+//!   since (Unix seconds), heartbeat RTT, in-flight streams.
 
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
@@ -20,6 +21,8 @@ use crate::state::Runtime;
 pub struct SessionInfo {
     /// The agent's identity.
     pub client_id: String,
+    /// The agent process, among the replicas sharing `client_id`.
+    pub instance_id: String,
     /// Its group.
     pub group: String,
     /// The session id.
@@ -43,6 +46,7 @@ fn sessions(runtime: &Runtime) -> Vec<SessionInfo> {
         .iter()
         .map(|s| SessionInfo {
             client_id: s.client_id.to_string(),
+            instance_id: s.instance_id.to_string(),
             group: s.group.to_string(),
             session_id: s.session_id.to_string(),
             remote_addr: s.remote().to_string(),
@@ -52,7 +56,7 @@ fn sessions(runtime: &Runtime) -> Vec<SessionInfo> {
             in_flight: s.in_flight(),
         })
         .collect();
-    list.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+    list.sort_by(|a, b| (&a.client_id, a.connected_since).cmp(&(&b.client_id, b.connected_since)));
     list
 }
 

@@ -45,6 +45,9 @@ pub trait Candidate {
     fn id(&self) -> Uuid;
     /// The agent's stable name, hashed by [`Balance::Hash`].
     fn name(&self) -> &str;
+    /// The agent process among the replicas sharing `name`, hashed with it (so that a key's
+    /// requests spread over replicas too, and stay on one while it lives).
+    fn instance(&self) -> Uuid;
     /// False while it takes no new requests (closed, or draining).
     fn is_available(&self) -> bool;
     /// False while in cooldown or while its heartbeats lag.
@@ -57,6 +60,7 @@ fn rendezvous(key: &[u8], candidate: &impl Candidate) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut hasher);
     candidate.name().hash(&mut hasher);
+    candidate.instance().hash(&mut hasher);
     hasher.finish()
 }
 

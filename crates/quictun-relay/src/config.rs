@@ -102,6 +102,10 @@ pub struct RelaySection {
     pub heartbeat_misses: u32,
     /// Concurrent streams (in-flight requests) per agent connection.
     pub max_streams_per_agent: u32,
+    /// Agent processes (instances) one client may have connected at once: replicas of one
+    /// deployment sharing a client_id and token serve side by side; one more is refused with a
+    /// clear error until another leaves.
+    pub max_instances_per_client: usize,
     /// Concurrent egress requests an agent may send through its connection (QUIC streams it
     /// opens); more wait for a free one.
     pub max_egress_streams_per_agent: u32,
@@ -182,6 +186,7 @@ impl Default for RelaySection {
             heartbeat_interval_ms: 5_000,
             heartbeat_misses: 3,
             max_streams_per_agent: 1024,
+            max_instances_per_client: 16,
             max_egress_streams_per_agent: 16,
             stream_window: quictun_quic::Tuning::default().stream_window,
             connection_window: quictun_quic::Tuning::default().connection_window,
@@ -395,6 +400,9 @@ impl RelayConfig {
         }
         if r.stall_timeout_ms < 100 {
             return Err(invalid("relay.stall_timeout_ms".into(), "must be at least 100".into()));
+        }
+        if r.max_instances_per_client == 0 {
+            return Err(invalid("relay.max_instances_per_client".into(), "must be at least 1".into()));
         }
         if r.max_streams_per_agent == 0 {
             return Err(invalid("relay.max_streams_per_agent".into(), "must be at least 1".into()));

@@ -57,10 +57,16 @@ impl Tunnel for FakeTunnel {
     }
 }
 
-/// A session of client `id` in `group` over `tunnel`, heard from just now.
+/// A session of client `id` in `group` over `tunnel`, heard from just now (every such session of
+/// one client is the same instance: a new one replaces the old).
 pub(crate) fn session_on(id: &str, group: &str, tunnel: FakeTunnel) -> Arc<Session> {
+    instance_on(id, uuid::Uuid::nil(), group, tunnel)
+}
+
+/// A session of instance `instance` of client `id` in `group` over `tunnel`.
+pub(crate) fn instance_on(id: &str, instance: uuid::Uuid, group: &str, tunnel: FakeTunnel) -> Arc<Session> {
     let (commands, _) = tokio::sync::mpsc::channel(1);
-    let s = Arc::new(Session::new(id, group, Arc::new(tunnel), 16, Duration::from_secs(60), commands));
+    let s = Arc::new(Session::new(id, instance, group, Arc::new(tunnel), 16, Duration::from_secs(60), commands));
     s.heard();
     s
 }

@@ -74,6 +74,7 @@ pub async fn serve_agent<C: ControlIo>(
     let (commands, command_rx) = mpsc::channel(8);
     let session = Arc::new(Session::new(
         &register.client_id,
+        register.instance_id,
         &group,
         tunnel.clone(),
         shared.settings.max_streams_per_agent,
@@ -89,13 +90,27 @@ pub async fn serve_agent<C: ControlIo>(
     };
     drop(live);
     async {
+        let max_instances = shared.settings.max_instances_per_client;
+        match shared.runtime.sessions.insert(session.clone(), max_instances) {
+            Ok(Some(old)) => info!(old_session = %old.session_id, "replaced this instance's older connection"),
+            Ok(None) => {}
+            Err(full) => {
+                shared.runtime.metrics.reject(crate::metrics::Reject::registration);
+                let message = format!(
+                    "client {} has {} instances connected, the most this relay allows (max_instances_per_client)",
+                    register.client_id, full.connected
+                );
+                warn!(instance_id = %register.instance_id, "{message}");
+                let rejected = Rejected { code: RejectCode::TooManyInstances, message };
+                return reject(&mut control, tunnel.as_ref(), rejected).await;
+            }
+        }
         if let Err(err) = control.send(ControlMessage::Accepted(accepted)).await {
+            shared.runtime.sessions.remove(&session);
             return warn!(%err, "could not send accepted");
         }
-        if let Some(old) = shared.runtime.sessions.insert(session.clone()) {
-            info!(old_session = %old.session_id, "replaced an older connection of this client");
-        }
-        info!(session_id = %session.session_id, group = %session.group, agent_version = %register.agent_version, "agent registered");
+        let instances = shared.runtime.sessions.instances(&session.client_id).len();
+        info!(session_id = %session.session_id, instance_id = %session.instance_id, instances, group = %session.group, agent_version = %register.agent_version, "agent registered");
         // The agent's egress requests are served while the session lasts.
         let egress = CancellationToken::new();
         let handler = Arc::new(EgressHandler::new(shared.clone(), Arc::from(session.group.as_ref())));

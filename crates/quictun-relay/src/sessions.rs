@@ -1,7 +1,11 @@
-//! The session manager: client_id → live agent session, group → connected agents.
+//! The session manager: client_id → its live instances (one session each), group → connected
+//! agents.
 //!
-//! A new session with a client_id already present replaces (and closes) the old one. Removal is
-//! keyed by session id, so a replaced session's late cleanup never removes its successor.
+//! Agent processes that share a client_id (replicas of one deployment) are instances of it, told
+//! apart by the instance id each process draws at start: they serve side by side, as siblings in
+//! their group. A new session of an instance already present (the same process reconnecting)
+//! replaces (and closes) that instance's old one. Removal is keyed by session id, so a replaced
+//! session's late cleanup never removes its successor.
 //! Nothing is held across an `.await`, and the two maps are never locked at the same time.
 
 use std::net::SocketAddr;
@@ -29,6 +33,8 @@ pub enum SessionCommand {
 pub struct Session {
     /// The agent's identity.
     pub client_id: Arc<str>,
+    /// The agent process (one of possibly several replicas of `client_id`).
+    pub instance_id: Uuid,
     /// The group it serves.
     pub group: Arc<str>,
     /// Unique per connection.
@@ -70,6 +76,7 @@ impl Session {
     /// A session for a registered connection; `commands` reaches its control task.
     pub fn new(
         client_id: &str,
+        instance_id: Uuid,
         group: &str,
         tunnel: Arc<dyn Tunnel>,
         max_streams: u32,
@@ -78,6 +85,7 @@ impl Session {
     ) -> Self {
         Self {
             client_id: Arc::from(client_id),
+            instance_id,
             group: Arc::from(group),
             session_id: Uuid::new_v4(),
             tunnel,
@@ -172,16 +180,24 @@ impl Session {
     }
 }
 
+/// A registration refused because its client has as many instances as allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{connected} instances of this client are connected already")]
+pub struct TooManyInstances {
+    /// Instances connected.
+    pub connected: usize,
+}
+
 #[derive(Debug, Default)]
 struct Group {
     members: Vec<Arc<Session>>,
     cursor: AtomicUsize,
 }
 
-/// All live sessions, by client and by group.
+/// All live sessions, by client (each instance's) and by group.
 #[derive(Debug)]
 pub struct SessionManager {
-    by_client: DashMap<Arc<str>, Arc<Session>>,
+    by_client: DashMap<Arc<str>, Vec<Arc<Session>>>,
     by_group: DashMap<Arc<str>, Group>,
     generation: watch::Sender<u64>,
 }
@@ -198,14 +214,31 @@ impl SessionManager {
         Self::default()
     }
 
-    /// Adds a session. A previous session with the same client_id is removed and its connection
-    /// closed with [`CloseCode::Replaced`]; it is returned.
+    /// Adds a session. A previous session of the same client instance is removed and its
+    /// connection closed with [`CloseCode::Replaced`]; it is returned. Other instances of the
+    /// client stay, up to `max_instances` in all: a new instance beyond that is refused (and the
+    /// count returned), atomically with the others' registrations.
     ///
-    /// The new session joins its group before it becomes the client's current one, and the old
-    /// connection is closed last, so whoever reacts to that close sees the finished state.
-    pub fn insert(&self, session: Arc<Session>) -> Option<Arc<Session>> {
-        self.by_group.entry(session.group.clone()).or_default().members.push(session.clone());
-        let old = self.by_client.insert(session.client_id.clone(), session);
+    /// The new session is in place (as its instance's and in its group) before the old connection
+    /// is closed, so whoever reacts to that close sees the finished state.
+    pub fn insert(
+        &self,
+        session: Arc<Session>,
+        max_instances: usize,
+    ) -> Result<Option<Arc<Session>>, TooManyInstances> {
+        let old = {
+            let mut instances = self.by_client.entry(session.client_id.clone()).or_default();
+            let connected = instances.len();
+            match instances.iter_mut().find(|s| s.instance_id == session.instance_id) {
+                Some(slot) => Some(std::mem::replace(slot, session.clone())),
+                None if connected >= max_instances => return Err(TooManyInstances { connected }),
+                None => {
+                    instances.push(session.clone());
+                    None
+                }
+            }
+        };
+        self.by_group.entry(session.group.clone()).or_default().members.push(session);
         if let Some(old) = &old {
             self.remove_from_group(old);
         }
@@ -213,12 +246,20 @@ impl SessionManager {
         if let Some(old) = &old {
             old.tunnel.close(CloseCode::Replaced);
         }
-        old
+        Ok(old)
     }
 
-    /// Removes `session` if it is still the current one for its client. Returns whether it was.
+    /// Removes `session` if it is still the current one for its instance. Returns whether it was.
     pub fn remove(&self, session: &Session) -> bool {
-        let removed = self.by_client.remove_if(&session.client_id, |_, s| s.session_id == session.session_id).is_some();
+        let removed = match self.by_client.get_mut(&session.client_id) {
+            Some(mut instances) => {
+                let before = instances.len();
+                instances.retain(|s| s.session_id != session.session_id);
+                instances.len() < before
+            }
+            None => false,
+        };
+        self.by_client.remove_if(&session.client_id, |_, instances| instances.is_empty());
         self.remove_from_group(session);
         self.bump();
         removed
@@ -243,14 +284,24 @@ impl SessionManager {
         crate::balance::choose(&group.members, cursor, choice)
     }
 
-    /// The current session of a client.
+    /// The most recent session of a client (of its most recently connected instance).
     pub fn get(&self, client_id: &str) -> Option<Arc<Session>> {
-        self.by_client.get(client_id).map(|s| s.clone())
+        self.by_client.get(client_id).and_then(|instances| instances.last().cloned())
+    }
+
+    /// The live sessions of a client, one per instance, oldest first.
+    pub fn instances(&self, client_id: &str) -> Vec<Arc<Session>> {
+        self.by_client.get(client_id).map(|instances| instances.clone()).unwrap_or_default()
+    }
+
+    /// Whether `instance_id` of `client_id` has a live session.
+    pub fn has_instance(&self, client_id: &str, instance_id: Uuid) -> bool {
+        self.by_client.get(client_id).is_some_and(|instances| instances.iter().any(|s| s.instance_id == instance_id))
     }
 
     /// Number of live sessions.
     pub fn len(&self) -> usize {
-        self.by_client.len()
+        self.by_client.iter().map(|instances| instances.len()).sum()
     }
 
     /// True when no agent is connected.
@@ -260,7 +311,7 @@ impl SessionManager {
 
     /// Every live session (a snapshot).
     pub fn all(&self) -> Vec<Arc<Session>> {
-        self.by_client.iter().map(|e| e.value().clone()).collect()
+        self.by_client.iter().flat_map(|e| e.value().clone()).collect()
     }
 
     /// How many sessions a group has.
@@ -298,6 +349,10 @@ impl crate::balance::Candidate for Session {
 
     fn name(&self) -> &str {
         &self.client_id
+    }
+
+    fn instance(&self) -> Uuid {
+        self.instance_id
     }
 
     fn is_available(&self) -> bool {
@@ -342,12 +397,12 @@ mod tests {
         };
         let first = session_on("agent-1", "web", FakeTunnel { on_close: Some(Box::new(on_close)) });
         let other = session_on("agent-2", "web", FakeTunnel::default());
-        assert!(manager.insert(first.clone()).is_none());
-        assert!(manager.insert(other.clone()).is_none());
+        assert!(manager.insert(first.clone(), 8).unwrap().is_none());
+        assert!(manager.insert(other.clone(), 8).unwrap().is_none());
         let _ = watcher.set(manager.clone());
 
         let second = session_on("agent-1", "web", FakeTunnel::default());
-        let old = manager.insert(second.clone()).expect("the first session is replaced");
+        let old = manager.insert(second.clone(), 8).unwrap().expect("the first session is replaced");
         assert_eq!(old.session_id, first.session_id);
         let expected =
             SeenAtClose { current: Some(second.session_id), group: vec![other.session_id, second.session_id] };

@@ -273,6 +273,7 @@ mod tests {
             group: group.into(),
             token: Token::new(token),
             agent_version: "test".into(),
+            instance_id: uuid::Uuid::nil(),
         }
     }
 

@@ -102,13 +102,20 @@ pub async fn run(args: AgentArgs) -> Result<(), Failure> {
     result
 }
 
-/// Prints a line each time the agent registers with the relay; returns when the agent stops.
+/// Prints a line each time the agent registers with the relay, and one when a session it had is
+/// lost; returns when the agent stops.
 async fn report_connections(state: &mut tokio::sync::watch::Receiver<AgentState>) {
+    let mut connected = false;
     loop {
         let now = state.borrow_and_update().clone();
         match now {
             AgentState::Connected { session_id, relay } => {
+                connected = true;
                 println!("quictun agent connected to {relay} (session {session_id})");
+            }
+            AgentState::Reconnecting { reason } if connected => {
+                connected = false;
+                println!("quictun agent lost the relay ({reason}): reconnecting");
             }
             AgentState::Stopped => return,
             AgentState::Connecting | AgentState::Reconnecting { .. } => {}

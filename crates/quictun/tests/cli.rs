@@ -74,6 +74,12 @@ impl Proc {
         }
     }
 
+    /// Sends SIGTERM (a graceful stop, as systemd and Kubernetes send).
+    fn terminate(&self) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    }
+
     /// Waits for exit (bounded: the process is killed after [`WAIT`]) and returns the status code
     /// and stderr.
     fn wait_exit(mut self) -> (i32, String) {
@@ -437,12 +443,31 @@ fn an_agent_serves_again_within_seconds_of_a_killed_relay_restarting_on_its_port
 
 #[test]
 fn steady_gets_lose_nothing_when_one_of_two_quic_agents_is_killed() {
-    steady_gets_lose_nothing_when_one_of_two_agents_is_killed("quic");
+    steady_gets_lose_nothing_when_one_of_two_agents_goes("quic", Departure::Kill);
 }
 
 #[test]
 fn steady_gets_lose_nothing_when_one_of_two_grpc_agents_is_killed() {
-    steady_gets_lose_nothing_when_one_of_two_agents_is_killed("grpc");
+    steady_gets_lose_nothing_when_one_of_two_agents_goes("grpc", Departure::Kill);
+}
+
+#[test]
+fn steady_gets_lose_nothing_when_one_of_two_quic_agents_is_stopped_for_a_deploy() {
+    steady_gets_lose_nothing_when_one_of_two_agents_goes("quic", Departure::Terminate);
+}
+
+#[test]
+fn steady_gets_lose_nothing_when_one_of_two_grpc_agents_is_stopped_for_a_deploy() {
+    steady_gets_lose_nothing_when_one_of_two_agents_goes("grpc", Departure::Terminate);
+}
+
+/// How an agent leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Departure {
+    /// SIGKILL: it says nothing.
+    Kill,
+    /// SIGTERM: a rolling deploy's stop.
+    Terminate,
 }
 
 /// The agent flags that pick `transport` on a relay with gRPC listener `grpc`.
@@ -454,7 +479,7 @@ fn transport_args(transport: &'static str, grpc: &str) -> Vec<String> {
     args
 }
 
-fn steady_gets_lose_nothing_when_one_of_two_agents_is_killed(transport: &'static str) {
+fn steady_gets_lose_nothing_when_one_of_two_agents_goes(transport: &'static str, departure: Departure) {
     let dir = TempDir::new();
     let upstream = Proc::spawn(&["upstream", "--listen", "127.0.0.1:0"], &dir);
     let upstream_url = upstream.line_with("listening on").rsplit(' ').next().unwrap().to_owned();
@@ -511,8 +536,15 @@ fn steady_gets_lose_nothing_when_one_of_two_agents_is_killed(transport: &'static
         })
         .collect();
     std::thread::sleep(Duration::from_secs(1));
-    drop(victim); // SIGKILL: the agent says nothing.
-    std::thread::sleep(Duration::from_secs(5));
+    match departure {
+        Departure::Kill => drop(victim),
+        Departure::Terminate => {
+            victim.terminate();
+            let (code, err) = victim.wait_exit();
+            assert_eq!(code, 0, "a stopped agent exits cleanly: {err}");
+        }
+    }
+    std::thread::sleep(Duration::from_secs(3));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (mut sent, mut failed, mut slowest) = (0, Vec::new(), Duration::ZERO);
     for client in clients {
@@ -520,7 +552,7 @@ fn steady_gets_lose_nothing_when_one_of_two_agents_is_killed(transport: &'static
         (sent, slowest) = (sent + n, slowest.max(s));
         failed.extend(f);
     }
-    eprintln!("{transport}: {sent} GETs, {} failed, slowest {} ms", failed.len(), slowest.as_millis());
+    eprintln!("{transport}, {departure:?}: {sent} GETs, {} failed, slowest {} ms", failed.len(), slowest.as_millis());
     assert!(failed.is_empty(), "GETs failed although a sibling was up: {failed:?}");
     // Held at most until the dead agent's connection times out (3 s), then retried.
     assert!(slowest < Duration::from_secs(5), "slowest GET took {slowest:?}");

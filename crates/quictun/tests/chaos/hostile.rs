@@ -75,6 +75,7 @@ async fn hostile_connection(
                 group: String::new(),
                 token: Token::new("not-the-token"),
                 agent_version: "hostile".into(),
+                instance_id: uuid::Uuid::new_v4(),
             });
             if let Ok((mut send, mut recv)) = conn.open_bi().await {
                 let _ = send.write_all(&frame::encode(&register, 64 * 1024).unwrap()).await;

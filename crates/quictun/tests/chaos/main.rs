@@ -242,3 +242,40 @@ async fn slowloris_does_not_stop_others() {
     assert!(!during.is_empty());
     assert!(busy_p99 <= quiet_p99 * 2 + TIMER_SLACK, "p99 {busy_p99:?} vs quiet {quiet_p99:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(chaos_capable), ignore = "needs root and nftables (network namespaces, packet loss)")]
+async fn a_five_second_partition_is_found_in_seconds_and_heals_by_itself() {
+    let _turn = privileged("a_five_second_partition").await;
+    let ns = Netns::new("p");
+    // The default heartbeats (5 s, 3 misses): what finds the partition here is QUIC's idle timeout.
+    let scene = Scene::start(Some(&ns.name), &ns.host_ip, "heartbeat_interval_ms = 5000").await;
+    let relay_at = format!("{}:{}", ns.host_ip, scene.quic.port()).parse().unwrap();
+    let mut agent = scene.agent(1, relay_at).await;
+    let client = client();
+    assert_eq!(request(&client, "GET", scene.http, "/", Bytes::new()).await.map(|r| r.0), Ok(200));
+
+    // Every packet between agent and relay dropped, both ways, for 5 s.
+    let cut = Instant::now();
+    let partition = ns.loss(100, scene.quic.port());
+    let relay_found = scene.sessions_until(WAIT, "the relay drops the session", <[_]>::is_empty).await;
+    let lost = agent.line_with("lost the relay").await;
+    let agent_found = cut.elapsed();
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(cut.elapsed())).await;
+    drop(partition);
+    let healed = Instant::now();
+    agent.line_with("connected to").await;
+    let back = scene.sessions_until(WAIT, "one session again", |s| s.len() == 1).await;
+    let recovered = healed.elapsed();
+    assert_eq!(request(&client, "GET", scene.http, "/", Bytes::new()).await.map(|r| r.0), Ok(200));
+    let sessions = scene.sessions().await;
+    eprintln!(
+        "chaos: 5 s partition: the relay dropped the session {relay_found:.1?} after the cut, the agent noticed \
+         after {agent_found:.1?} ({lost}); serving again {recovered:.1?} after the heal ({back:.1?} to see it); \
+         {} session(s)",
+        sessions.len()
+    );
+    assert_eq!(sessions.len(), 1, "no duplicate sessions after the heal: {sessions:?}");
+    assert!(relay_found < Duration::from_secs(4), "the relay took {relay_found:?}");
+    assert!(agent_found < Duration::from_secs(4), "the agent took {agent_found:?}");
+}

@@ -200,10 +200,16 @@ impl Scene {
         admin: &str,
     ) -> (Proc, SocketAddr, SocketAddr, SocketAddr, String) {
         let d = dir.0.display();
+        // Short heartbeats unless the test sets its own (`heartbeat_interval_ms` in `extra`).
+        let heartbeat = if extra.contains("heartbeat_interval_ms") {
+            String::new()
+        } else {
+            format!("heartbeat_interval_ms = {HEARTBEAT_MS}\n")
+        };
         let mut config = format!(
             "[relay]\nquic_listen = \"{quic}\"\nhttp_listen = \"{http}\"\nadmin_listen = \"{admin}\"\n\
              transport = \"quic\"\ncert = \"{d}/relay.crt\"\nkey = \"{d}/relay.key\"\n\
-             heartbeat_interval_ms = {HEARTBEAT_MS}\ndrain_timeout_secs = 2\n{extra}\n"
+             {heartbeat}drain_timeout_secs = 2\n{extra}\n"
         );
         for i in 1..=AGENTS {
             config.push_str(&format!("[[clients]]\nid = \"agent-{i}\"\ntoken = \"token-{i}\"\ngroup = \"web\"\n"));
@@ -396,13 +402,16 @@ impl Netns {
     }
 
     /// Drops `percent`% of UDP packets between the namespace and `relay_port`, in both
-    /// directions, with nftables `numgen` on each side's input hook.
+    /// directions, with nftables `numgen` on each side's input hook (100: all of them, a
+    /// partition).
     pub fn loss(&self, percent: u32, relay_port: u16) -> Loss {
         let table = format!("qtc_loss_{}", std::process::id());
+        // 100% is a partition: every packet dropped (nft refuses `mod 100 < 100`).
+        let chance = if percent >= 100 { String::new() } else { format!(" numgen random mod 100 < {percent}") };
         let rules = |matcher: String| {
             format!(
                 "table inet {table} {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    \
-                 {matcher} numgen random mod 100 < {percent} drop\n  }}\n}}\n"
+                 {matcher}{chance} drop\n  }}\n}}\n"
             )
         };
         nft(None, &rules(format!("ip saddr {} udp dport {relay_port}", self.ns_ip)));
