@@ -35,7 +35,8 @@ impl Drop for Scratch {
 }
 
 /// The floor of `mode`'s transport at each of the small workload's concurrencies: quinn alone
-/// for QUIC, tonic over HTTP/2 over TLS alone for gRPC (no rows for `direct`).
+/// for QUIC, tonic over HTTP/2 over TLS alone for gRPC (no rows for `direct`); for QUIC also
+/// quinn's single-stream rate over the large workload's size.
 pub async fn floor(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
     let transport = match mode {
         Mode::Quic => "quic",
@@ -45,40 +46,15 @@ pub async fn floor(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> 
     let dir = Scratch(std::env::temp_dir().join(format!("quictun-floor-{}-{}", std::process::id(), fastrand::u64(..))));
     std::fs::create_dir_all(&dir.0)?;
     let pin: quictun_core::Pin = generate_cert(&opts.exe, &dir.0)?.parse().map_err(|e| anyhow::anyhow!("pin: {e}"))?;
-    let certs = dir.0.join("certs");
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port(mode == Mode::Quic)?));
-    let args = [
-        "bench-floor".to_owned(),
-        "--transport".to_owned(),
-        transport.to_owned(),
-        "--listen".to_owned(),
-        addr.to_string(),
-        "--cert".to_owned(),
-        certs.join("relay.crt").to_string_lossy().into_owned(),
-        "--key".to_owned(),
-        certs.join("relay.key").to_string_lossy().into_owned(),
-        "--answer".to_owned(),
-        EXCHANGE_BYTES.to_string(),
-    ];
-    let mut server = Proc::spawn(&opts.exe, &args, &dir.0.join("floor.log"), "the floor server")?;
     let client = FloorClient::new(mode, pin)?;
-    // Ready once a connection completes its handshake.
-    wait_until("the floor server", Duration::from_secs(20), async || match client.connect(addr).await {
-        Ok(FloorConnection::Quic(probe)) => {
-            probe.close();
-            true
-        }
-        Ok(FloorConnection::Grpc(_)) => true,
-        Err(_) => false,
-    })
-    .await?;
+    let mut server = start_server(opts, transport, &dir.0, EXCHANGE_BYTES as u64, &client).await?;
     let mut rows = Vec::new();
     for &concurrency in &opts.concurrency {
-        server.check_alive()?;
-        let connection = client.connect(addr).await?;
-        let cpu_before = (server.cpu_time(), own_cpu_time());
+        server.proc.check_alive()?;
+        let connection = client.connect(server.addr).await?;
+        let cpu_before = (server.proc.cpu_time(), own_cpu_time());
         let (exchanges, elapsed) = connection.run(concurrency, opts.duration).await?;
-        let cpu = match (cpu_before, (server.cpu_time(), own_cpu_time())) {
+        let cpu = match (cpu_before, (server.proc.cpu_time(), own_cpu_time())) {
             ((Some(s0), Some(c0)), (Some(s1), Some(c1))) => Some((s1 - s0) + (c1 - c0)),
             _ => None,
         };
@@ -95,8 +71,77 @@ pub async fn floor(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> 
             ..Row::default()
         });
     }
+    drop(server);
+    if matches!(client, FloorClient::Quic(..)) {
+        rows.push(single_stream(opts, &dir.0, &client).await?);
+    }
     client.close();
     Ok(rows)
+}
+
+/// A floor server (`quictun bench-floor`) of `transport` answering `answer` bytes, ready once a
+/// connection completes its handshake.
+async fn start_server(
+    opts: &BenchOptions,
+    transport: &str,
+    dir: &std::path::Path,
+    answer: u64,
+    client: &FloorClient,
+) -> anyhow::Result<FloorServer> {
+    let certs = dir.join("certs");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port(transport == "quic")?));
+    let args = [
+        "bench-floor".to_owned(),
+        "--transport".to_owned(),
+        transport.to_owned(),
+        "--listen".to_owned(),
+        addr.to_string(),
+        "--cert".to_owned(),
+        certs.join("relay.crt").to_string_lossy().into_owned(),
+        "--key".to_owned(),
+        certs.join("relay.key").to_string_lossy().into_owned(),
+        "--answer".to_owned(),
+        answer.to_string(),
+    ];
+    let log = dir.join(format!("floor-{answer}.log"));
+    let proc = Proc::spawn(&opts.exe, &args, &log, "the floor server")?;
+    wait_until("the floor server", Duration::from_secs(20), async || match client.connect(addr).await {
+        Ok(FloorConnection::Quic(probe)) => {
+            probe.close();
+            true
+        }
+        Ok(FloorConnection::Grpc(_)) => true,
+        Err(_) => false,
+    })
+    .await?;
+    Ok(FloorServer { proc, addr })
+}
+
+/// A running floor server.
+struct FloorServer {
+    proc: Proc,
+    addr: SocketAddr,
+}
+
+/// quinn's single-stream rate: one answer of the large workload's size on one stream, read as it
+/// comes (the floor under the `large` rows).
+async fn single_stream(opts: &BenchOptions, dir: &std::path::Path, client: &FloorClient) -> anyhow::Result<Row> {
+    let mut server = start_server(opts, "quic", dir, opts.large_bytes, client).await?;
+    server.proc.check_alive()?;
+    let FloorConnection::Quic(connection) = client.connect(server.addr).await? else {
+        anyhow::bail!("the single-stream floor is QUIC's");
+    };
+    let (bytes, elapsed) = connection.download().await?;
+    anyhow::ensure!(bytes == opts.large_bytes, "the floor server sent {bytes} of {} bytes", opts.large_bytes);
+    Ok(Row {
+        workload: "floor".into(),
+        transport: "quic".into(),
+        variant: format!("download {} MiB", opts.large_bytes >> 20),
+        mb_per_sec: Some(bytes as f64 / elapsed.as_secs_f64() / 1e6),
+        requests: 1,
+        note: "quinn alone: one stream, the answer read as it comes".into(),
+        ..Row::default()
+    })
 }
 
 /// The client end of one transport's floor.

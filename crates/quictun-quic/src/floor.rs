@@ -18,23 +18,36 @@ use crate::endpoint::ClientSetup;
 /// The largest request the floor server reads.
 pub const MAX_REQUEST: usize = 1 << 20;
 
+/// Answers larger than this are written in chunks of this size (a 1 GiB answer is streamed from
+/// one 64 KiB buffer, as the tunnel streams bodies).
+const ANSWER_CHUNK: usize = 64 * 1024;
+
 /// Serves the minimal exchange on `endpoint` until it closes: each request is read to its end
 /// and answered with `answer` bytes. Each connection and each exchange runs in a task owned by
 /// this function (they end with it).
-pub async fn serve(endpoint: crate::Endpoint, answer: usize) {
-    let answer = Bytes::from(vec![b'x'; answer]);
+pub async fn serve(endpoint: crate::Endpoint, answer: u64) {
+    let chunk = Bytes::from(vec![b'x'; usize::try_from(answer).unwrap_or(usize::MAX).min(ANSWER_CHUNK)]);
     let mut connections = JoinSet::new();
     while let Some(incoming) = endpoint.accept().await {
-        let answer = answer.clone();
+        let chunk = chunk.clone();
         connections.spawn(async move {
             let Ok(conn) = incoming.await else { return };
             let mut exchanges = JoinSet::new();
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                let answer = answer.clone();
+                let chunk = chunk.clone();
                 exchanges.spawn(async move {
-                    if recv.read_to_end(MAX_REQUEST).await.is_ok() && send.write_chunk(answer).await.is_ok() {
-                        let _already_finished = send.finish();
+                    if recv.read_to_end(MAX_REQUEST).await.is_err() {
+                        return;
                     }
+                    let mut left = answer;
+                    while left > 0 {
+                        let n = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
+                        if send.write_chunk(chunk.slice(..n)).await.is_err() {
+                            return;
+                        }
+                        left -= n as u64;
+                    }
+                    let _already_finished = send.finish();
                 });
                 // Reap what finished, so the set holds only exchanges in flight.
                 while exchanges.try_join_next().is_some() {}
@@ -103,6 +116,24 @@ impl FloorClient {
     pub async fn run(self, size: usize, concurrency: usize, duration: Duration) -> Result<FloorRun, FloorError> {
         run(self.conn, size, concurrency, duration).await
     }
+
+    /// One exchange whose answer is read to its end as fast as it comes, on one stream (quinn's
+    /// single-stream rate, the floor under the tunnel's large transfers); closes the connection.
+    /// Returns the bytes received and the time taken.
+    pub async fn download(self) -> Result<(u64, Duration), FloorError> {
+        let failed = |e: &dyn std::fmt::Display| FloorError::Exchange(e.to_string());
+        let started = Instant::now();
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| failed(&e))?;
+        send.write_chunk(Bytes::from_static(b"q")).await.map_err(|e| failed(&e))?;
+        let _already_finished = send.finish();
+        let mut received = 0u64;
+        while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.map_err(|e| failed(&e))? {
+            received += chunk.bytes.len() as u64;
+        }
+        let elapsed = started.elapsed();
+        crate::close(&self.conn, CloseCode::Normal);
+        Ok((received, elapsed))
+    }
 }
 
 async fn run(
@@ -169,6 +200,20 @@ mod tests {
         let floor = connect(&client, &setup, addr, "localhost").await.unwrap();
         let run = floor.run(1024, 8, Duration::from_millis(300)).await.unwrap();
         assert!(run.exchanges > 0, "{run:?}");
+        // A large answer is streamed whole.
+        server.close(0u32.into(), b"next");
+        serving.abort();
+        let server = crate::endpoint::server_endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            cert.cert_key().unwrap(),
+            &Tuning::default(),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let serving = tokio::spawn(serve(server.clone(), 3 * ANSWER_CHUNK as u64 + 5));
+        let floor = connect(&client, &setup, addr, "localhost").await.unwrap();
+        let (bytes, _) = floor.download().await.unwrap();
+        assert_eq!(bytes, 3 * ANSWER_CHUNK as u64 + 5);
         server.close(0u32.into(), b"done");
         serving.abort();
     }

@@ -97,9 +97,13 @@ pub async fn floor(args: BenchFloorArgs) -> Result<(), Failure> {
     let cert = quictun_core::tls::CertKey::load(&args.cert, &args.key).map_err(Failure::usage)?;
     match args.transport {
         FloorTransport::Grpc => {
+            let answer = usize::try_from(args.answer)
+                .ok()
+                .filter(|&n| n <= quictun_grpc::messages::MAX_CHUNK)
+                .ok_or_else(|| Failure::usage(anyhow::anyhow!("--answer: at most 65536 bytes for the gRPC floor")))?;
             let tls = quictun_core::tls::server_config_with_alpn(cert, b"h2").map_err(Failure::usage)?;
             let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(Failure::runtime)?;
-            quictun_grpc::floor::serve(listener, std::sync::Arc::new(tls), args.answer).await;
+            quictun_grpc::floor::serve(listener, std::sync::Arc::new(tls), answer).await;
         }
         FloorTransport::Quic => {
             let endpoint = quictun_quic::endpoint::server_endpoint(args.listen, cert, &quictun_quic::Tuning::default())

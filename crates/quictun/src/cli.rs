@@ -141,9 +141,10 @@ pub struct BenchFloorArgs {
     /// Its private key (PEM).
     #[arg(long, value_name = "FILE")]
     pub key: PathBuf,
-    /// Bytes in each answer.
+    /// Bytes in each answer (QUIC: streamed in 64 KiB chunks, any size; gRPC: one message, at
+    /// most 64 KiB).
     #[arg(long, value_name = "BYTES", default_value_t = 1024)]
-    pub answer: usize,
+    pub answer: u64,
 }
 
 /// Flags of `quictun upstream`.
