@@ -104,6 +104,37 @@ impl tokio_stream::Stream for EndingStream {
 
 use std::future::Future as _;
 
+/// A gRPC client of the tunnel's carrier, connected and ready: TCP (no Nagle), TLS with `tls`,
+/// HTTP/2 with the transport's windows and PINGs. Used by the agent's dial and by the floor.
+pub async fn connect_grpc(
+    addr: SocketAddr,
+    server_name: ServerName<'static>,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> Result<tonic::client::Grpc<tonic::transport::Channel>, tonic::transport::Error> {
+    let connector = tower::service_fn(move |_uri: http::Uri| {
+        let (tls, server_name) = (tls.clone(), server_name.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            let stream = tokio_rustls::TlsConnector::from(tls).connect(server_name, tcp).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(stream))
+        }
+    });
+    let channel = tonic::transport::Endpoint::from_static("https://quictun-relay")
+        .connect_timeout(timeout)
+        .initial_stream_window_size(window::STREAM)
+        .initial_connection_window_size(window::CONNECTION)
+        .http2_keep_alive_interval(crate::PING_INTERVAL)
+        .keep_alive_timeout(crate::PING_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .connect_with_connector(connector)
+        .await?;
+    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(crate::messages::MAX_CHUNK * 2);
+    grpc.ready().await?;
+    Ok(grpc)
+}
+
 /// Dials the relay's gRPC listener and opens the tunnel RPC. Bodies from the relay are watched
 /// for stalled readers in `stall`.
 pub async fn dial(
@@ -122,27 +153,7 @@ pub async fn dial(
             DialError::Connect { addr, message }
         }
     };
-    let connector = tower::service_fn(move |_uri: http::Uri| {
-        let (tls, server_name) = (tls.clone(), server_name.clone());
-        async move {
-            let tcp = tokio::net::TcpStream::connect(addr).await?;
-            tcp.set_nodelay(true)?;
-            let stream = tokio_rustls::TlsConnector::from(tls).connect(server_name, tcp).await?;
-            Ok::<_, std::io::Error>(TokioIo::new(stream))
-        }
-    });
-    let channel = tonic::transport::Endpoint::from_static("https://quictun-relay")
-        .connect_timeout(timeout)
-        .initial_stream_window_size(window::STREAM)
-        .initial_connection_window_size(window::CONNECTION)
-        .http2_keep_alive_interval(crate::PING_INTERVAL)
-        .keep_alive_timeout(crate::PING_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .connect_with_connector(connector)
-        .await
-        .map_err(|e| connect_err(&e))?;
-    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(crate::messages::MAX_CHUNK * 2);
-    grpc.ready().await.map_err(|e| connect_err(&e))?;
+    let mut grpc = connect_grpc(addr, server_name, tls, timeout).await.map_err(|e| connect_err(&e))?;
     let (outbound, senders) = Outbound::new();
     let ending = CancellationToken::new();
     let request = tonic::Request::new(EndingStream {

@@ -127,24 +127,8 @@ pub async fn connect(
 ) -> Result<FloorClient, FloorError> {
     let failed =
         |why: &(dyn std::error::Error + 'static)| FloorError::Connect { addr, why: quictun_core::error_chain(why) };
-    let connector = tower::service_fn(move |_uri: http::Uri| {
-        let (tls, server_name) = (tls.clone(), server_name.clone());
-        async move {
-            let tcp = tokio::net::TcpStream::connect(addr).await?;
-            tcp.set_nodelay(true)?;
-            let stream = tokio_rustls::TlsConnector::from(tls).connect(server_name, tcp).await?;
-            Ok::<_, std::io::Error>(TokioIo::new(stream))
-        }
-    });
-    let channel = tonic::transport::Endpoint::from_static("https://quictun-floor")
-        .connect_timeout(HANDSHAKE_TIMEOUT)
-        .initial_stream_window_size(window::STREAM)
-        .initial_connection_window_size(window::CONNECTION)
-        .connect_with_connector(connector)
-        .await
-        .map_err(|e| failed(&e))?;
-    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_CHUNK * 2);
-    grpc.ready().await.map_err(|e| failed(&e))?;
+    let mut grpc =
+        crate::client::connect_grpc(addr, server_name, tls, HANDSHAKE_TIMEOUT).await.map_err(|e| failed(&e))?;
     // Room for every request a run keeps in flight (the sender never waits in a run).
     let (requests, outbound) = mpsc::channel(4096);
     let path = PathAndQuery::from_static(CONNECT_PATH);

@@ -470,6 +470,57 @@ enum Departure {
     Terminate,
 }
 
+/// A relay (real process, default settings, every listener on a free port) routing every host to
+/// an upstream process, with clients `office-1` (token `one`) and `office-2` (token `two`) in
+/// group `web`; and how an agent of `transport` reaches it.
+struct Stack {
+    dir: TempDir,
+    _upstream: Proc,
+    _relay: Proc,
+    quic: String,
+    grpc: String,
+    http: String,
+    pin: String,
+    transport: &'static str,
+}
+
+impl Stack {
+    fn start(transport: &'static str) -> Self {
+        let dir = TempDir::new();
+        let upstream = Proc::spawn(&["upstream", "--listen", "127.0.0.1:0"], &dir);
+        let upstream_url = upstream.line_with("listening on").rsplit(' ').next().unwrap().to_owned();
+        let config = dir.join("relay.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[relay]\nquic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\ngrpc_listen = \"127.0.0.1:0\"\n\
+                 admin_listen = \"127.0.0.1:0\"\n\
+                 [[clients]]\nid = \"office-1\"\ntoken = \"one\"\ngroup = \"web\"\n\
+                 [[clients]]\nid = \"office-2\"\ntoken = \"two\"\ngroup = \"web\"\n\
+                 [[upstreams]]\nname = \"app\"\ngroup = \"web\"\ntargets = [\"{upstream_url}\"]\n\
+                 [[routes]]\nhost = \"*\"\nupstream = \"app\"\n"
+            ),
+        )
+        .unwrap();
+        let relay = Proc::spawn(&["relay", "--config", config.to_str().unwrap()], &dir);
+        let quic = relay.line_with("udp://").rsplit("udp://").next().unwrap().trim().to_owned();
+        let grpc = relay.line_with("tcp://").rsplit("tcp://").next().unwrap().trim().to_owned();
+        let http = relay.line_with("HTTP ingress").rsplit("http://").next().unwrap().trim().to_owned();
+        let pin = relay.line_with("pin").split_whitespace().last().unwrap().to_owned();
+        Self { dir, _upstream: upstream, _relay: relay, quic, grpc, http, pin, transport }
+    }
+
+    /// Agent `id` with `token` (default settings), once it reports its registration.
+    fn agent(&self, id: &str, token: &str) -> Proc {
+        let mut args = vec!["agent", "--relay", &self.quic, "--pin", &self.pin, "--client-id", id, "--token", token];
+        let transport = transport_args(self.transport, &self.grpc);
+        args.extend(transport.iter().map(String::as_str));
+        let agent = Proc::spawn(&args, &self.dir);
+        agent.line_with("connected to");
+        agent
+    }
+}
+
 /// The agent flags that pick `transport` on a relay with gRPC listener `grpc`.
 fn transport_args(transport: &'static str, grpc: &str) -> Vec<String> {
     let mut args = vec!["--transport".to_owned(), transport.to_owned()];
@@ -480,38 +531,10 @@ fn transport_args(transport: &'static str, grpc: &str) -> Vec<String> {
 }
 
 fn steady_gets_lose_nothing_when_one_of_two_agents_goes(transport: &'static str, departure: Departure) {
-    let dir = TempDir::new();
-    let upstream = Proc::spawn(&["upstream", "--listen", "127.0.0.1:0"], &dir);
-    let upstream_url = upstream.line_with("listening on").rsplit(' ').next().unwrap().to_owned();
-    let config = dir.join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[relay]\nquic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\ngrpc_listen = \"127.0.0.1:0\"\n\
-             admin_listen = \"127.0.0.1:0\"\n\
-             [[clients]]\nid = \"office-1\"\ntoken = \"one\"\ngroup = \"web\"\n\
-             [[clients]]\nid = \"office-2\"\ntoken = \"two\"\ngroup = \"web\"\n\
-             [[upstreams]]\nname = \"app\"\ngroup = \"web\"\ntargets = [\"{upstream_url}\"]\n\
-             [[routes]]\nhost = \"*\"\nupstream = \"app\"\n"
-        ),
-    )
-    .unwrap();
-    let relay = Proc::spawn(&["relay", "--config", config.to_str().unwrap()], &dir);
-    let quic = relay.line_with("udp://").rsplit("udp://").next().unwrap().trim().to_owned();
-    let grpc = relay.line_with("tcp://").rsplit("tcp://").next().unwrap().trim().to_owned();
-    let http = relay.line_with("HTTP ingress").rsplit("http://").next().unwrap().trim().to_owned();
-    let pin = relay.line_with("pin").split_whitespace().last().unwrap().to_owned();
-    // Default settings on both agents.
-    let agent = |id: &str, token: &str| {
-        let mut args = vec!["agent", "--relay", &quic, "--pin", &pin, "--client-id", id, "--token", token];
-        let transport = transport_args(transport, &grpc);
-        args.extend(transport.iter().map(String::as_str));
-        let agent = Proc::spawn(&args, &dir);
-        agent.line_with("connected to");
-        agent
-    };
-    let victim = agent("office-1", "one");
-    let _survivor = agent("office-2", "two");
+    let stack = Stack::start(transport);
+    let http = stack.http.clone();
+    let victim = stack.agent("office-1", "one");
+    let _survivor = stack.agent("office-2", "two");
 
     // Steady GETs from two clients, one at a time each, while office-1 is killed mid-way.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -569,31 +592,9 @@ fn a_request_on_a_killed_grpc_agent_gets_its_502_within_seconds() {
 }
 
 fn a_request_on_a_killed_agent_gets_its_502_within_seconds(transport: &'static str) {
-    let dir = TempDir::new();
-    let upstream = Proc::spawn(&["upstream", "--listen", "127.0.0.1:0"], &dir);
-    let upstream_url = upstream.line_with("listening on").rsplit(' ').next().unwrap().to_owned();
-    let config = dir.join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[relay]\nquic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\ngrpc_listen = \"127.0.0.1:0\"\n\
-             admin_listen = \"127.0.0.1:0\"\n\
-             [[clients]]\nid = \"office-1\"\ntoken = \"one\"\ngroup = \"web\"\n\
-             [[upstreams]]\nname = \"app\"\ngroup = \"web\"\ntargets = [\"{upstream_url}\"]\n\
-             [[routes]]\nhost = \"*\"\nupstream = \"app\"\n"
-        ),
-    )
-    .unwrap();
-    let relay = Proc::spawn(&["relay", "--config", config.to_str().unwrap()], &dir);
-    let quic = relay.line_with("udp://").rsplit("udp://").next().unwrap().trim().to_owned();
-    let grpc = relay.line_with("tcp://").rsplit("tcp://").next().unwrap().trim().to_owned();
-    let http = relay.line_with("HTTP ingress").rsplit("http://").next().unwrap().trim().to_owned();
-    let pin = relay.line_with("pin").split_whitespace().last().unwrap().to_owned();
-    let mut args = vec!["agent", "--relay", &quic, "--pin", &pin, "--client-id", "office-1", "--token", "one"];
-    let transport_flags = transport_args(transport, &grpc);
-    args.extend(transport_flags.iter().map(String::as_str));
-    let agent = Proc::spawn(&args, &dir);
-    agent.line_with("connected to");
+    let stack = Stack::start(transport);
+    let http = stack.http.clone();
+    let agent = stack.agent("office-1", "one");
     assert!(time_until_served(&http, "/hello", WAIT).is_some());
 
     // A request the upstream holds for 20 s is in flight when the only agent dies (SIGKILL).
