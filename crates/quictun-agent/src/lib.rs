@@ -396,34 +396,27 @@ async fn run(
                 other => other,
             },
         };
-        let reason = match attempt {
+        let (reason, delay) = match attempt {
             Ok(SessionEnd::Shutdown) => break Ok(()),
             Ok(SessionEnd::Switched) => continue,
             Ok(SessionEnd::Replaced) => break Err(AgentError::Replaced(options.client_id.clone())),
-            Ok(SessionEnd::Lost(CloseReason::PeerRestarted)) => {
-                // The relay answered: it is up again. Reconnect at once, spread over a moment so
-                // that a relay's agents do not all handshake in the same millisecond.
-                backoff.reset();
-                let delay = RESTARTED_RELAY_SPREAD.mul_f64(fastrand::f64());
-                info!(?delay, "the relay restarted: reconnecting");
-                state.send_replace(AgentState::Reconnecting { reason: CloseReason::PeerRestarted.to_string() });
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => continue,
-                    _ = shutdown.cancelled() => break Ok(()),
-                }
-            }
             Ok(SessionEnd::Lost(reason)) => {
                 backoff.reset();
                 info!(%reason, "connection to relay ended");
-                reason.to_string()
+                // A relay that answered with a reset is up again: reconnect at once, spread over
+                // a moment so that its agents do not all handshake in the same millisecond.
+                let delay = match reason {
+                    CloseReason::PeerRestarted => RESTARTED_RELAY_SPREAD.mul_f64(fastrand::f64()),
+                    _ => backoff.next_delay(),
+                };
+                (reason.to_string(), delay)
             }
             Err(Attempt::Fatal(err)) => break Err(err),
             Err(Attempt::Retry(reason)) => {
                 warn!(%reason, "could not connect to relay");
-                reason.to_string()
+                (reason.to_string(), backoff.next_delay())
             }
         };
-        let delay = backoff.next_delay();
         info!(?delay, "reconnecting");
         state.send_replace(AgentState::Reconnecting { reason });
         tokio::select! {

@@ -107,14 +107,14 @@ impl QuicSink {
 
     /// Writes `chunks` after the held-back head, if any, in one call.
     async fn write_after_head(&mut self, chunks: &mut [Bytes]) -> Result<(), SinkError> {
-        match self.head.take() {
-            None if chunks.len() == 1 => self.send.write_chunk(chunks[0].clone()).await.map_err(write_error),
-            None => self.send.write_all_chunks(chunks).await.map_err(write_error),
+        let written = match self.head.take() {
+            None => self.send.write_all_chunks(chunks).await,
             Some(head) => {
                 let mut all: Vec<Bytes> = std::iter::once(head).chain(chunks.iter().cloned()).collect();
-                self.send.write_all_chunks(&mut all).await.map_err(write_error)
+                self.send.write_all_chunks(&mut all).await
             }
-        }
+        };
+        written.map_err(write_error)
     }
 }
 

@@ -137,23 +137,13 @@ pub fn bind_udp(addr: SocketAddr, buffer: usize) -> Result<UdpSocket, EndpointEr
     Ok(socket.into())
 }
 
-/// Bytes derived (HKDF-SHA256) from a relay's private key for one `purpose`: stable across
-/// restarts of the same relay, and secret as that key is.
-fn derived_from_key<const N: usize>(private_key: &rustls::pki_types::PrivateKeyDer<'_>, purpose: &[u8]) -> [u8; N] {
-    struct Len(usize);
-    impl ring::hkdf::KeyType for Len {
-        fn len(&self) -> usize {
-            self.0
-        }
-    }
-    let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"quictun relay key derivation v1");
-    let prk = salt.extract(private_key.secret_der());
-    let mut out = [0u8; N];
-    // HKDF-SHA256 gives up to 8160 bytes; the N used here are 8 and 32.
-    if let Ok(okm) = prk.expand(&[purpose], Len(N)) {
-        let _filled = okm.fill(&mut out);
-    }
-    out
+/// 32 bytes derived from a relay's private key for one `purpose`: stable across restarts of the
+/// same relay, and secret as that key is. HKDF-SHA256 (RFC 5869) with one block of output,
+/// written with HMAC so that nothing can fail: extract, then expand `purpose` with counter 1.
+fn derived_from_key(private_key: &rustls::pki_types::PrivateKeyDer<'_>, purpose: &[u8]) -> ring::hmac::Tag {
+    use ring::hmac::{HMAC_SHA256, Key, sign};
+    let prk = sign(&Key::new(HMAC_SHA256, b"quictun relay key derivation v1"), private_key.secret_der());
+    sign(&Key::new(HMAC_SHA256, prk.as_ref()), &[purpose, &[1]].concat())
 }
 
 /// What lets a restarted relay end the connections it lost at once, derived from its private
@@ -173,9 +163,10 @@ pub struct RestartKeys {
 impl RestartKeys {
     /// The keys of the relay whose private key is `private_key`.
     pub fn of(private_key: &rustls::pki_types::PrivateKeyDer<'_>) -> Self {
-        let reset = derived_from_key::<32>(private_key, b"stateless reset key");
-        let cid = derived_from_key::<8>(private_key, b"connection id key");
-        Self { reset: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset), cid: u64::from_le_bytes(cid) }
+        let reset = derived_from_key(private_key, b"stateless reset key");
+        let cid = derived_from_key(private_key, b"connection id key");
+        let cid = cid.as_ref().first_chunk::<8>().map_or(0, |bytes| u64::from_le_bytes(*bytes));
+        Self { reset: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref()), cid }
     }
 
     /// The endpoint configuration that uses them.

@@ -183,34 +183,30 @@ mod tests {
     use quictun_core::Trust;
     use quictun_core::tls::GeneratedCert;
 
+    /// A floor server answering `answer` bytes, with its address and its task.
+    fn floor_server(cert: &GeneratedCert, answer: u64) -> (crate::Endpoint, SocketAddr, tokio::task::JoinHandle<()>) {
+        let any = "127.0.0.1:0".parse().unwrap();
+        let server = crate::endpoint::server_endpoint(any, cert.cert_key().unwrap(), &Tuning::default()).unwrap();
+        let addr = server.local_addr().unwrap();
+        (server.clone(), addr, tokio::spawn(serve(server, answer)))
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_floor_exchanges_over_real_quic() {
         let cert = GeneratedCert::self_signed(&[]).unwrap();
-        let server = crate::endpoint::server_endpoint(
-            "127.0.0.1:0".parse().unwrap(),
-            cert.cert_key().unwrap(),
-            &Tuning::default(),
-        )
-        .unwrap();
-        let addr = server.local_addr().unwrap();
-        let serving = tokio::spawn(serve(server.clone(), 1024));
         let trust = Trust::Pin(cert.pin);
         let (client, setup) =
             crate::endpoint::client_endpoint("127.0.0.1:0".parse().unwrap(), &trust, &Tuning::default()).unwrap();
+
+        let (server, addr, serving) = floor_server(&cert, 1024);
         let floor = connect(&client, &setup, addr, "localhost").await.unwrap();
         let run = floor.run(1024, 8, Duration::from_millis(300)).await.unwrap();
         assert!(run.exchanges > 0, "{run:?}");
-        // A large answer is streamed whole.
         server.close(0u32.into(), b"next");
         serving.abort();
-        let server = crate::endpoint::server_endpoint(
-            "127.0.0.1:0".parse().unwrap(),
-            cert.cert_key().unwrap(),
-            &Tuning::default(),
-        )
-        .unwrap();
-        let addr = server.local_addr().unwrap();
-        let serving = tokio::spawn(serve(server.clone(), 3 * ANSWER_CHUNK as u64 + 5));
+
+        // A large answer is streamed whole.
+        let (server, addr, serving) = floor_server(&cert, 3 * ANSWER_CHUNK as u64 + 5);
         let floor = connect(&client, &setup, addr, "localhost").await.unwrap();
         let (bytes, _) = floor.download().await.unwrap();
         assert_eq!(bytes, 3 * ANSWER_CHUNK as u64 + 5);

@@ -292,12 +292,6 @@ fn forwarded_headers(
     tunnel_request_headers(&shared.settings.trusted_proxies, req.headers(), &hop, &request_id.to_string())
 }
 
-/// Whether a request with `method` may be sent twice (RFC 9110, 9.2.2: GET, HEAD, OPTIONS, TRACE,
-/// PUT, DELETE).
-fn is_idempotent(method: &str) -> bool {
-    matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE")
-}
-
 /// Failures that say the agent (or what is behind it) is unwell, as opposed to the request.
 fn counts_against_the_agent(err: &ExchangeError) -> bool {
     match err {
@@ -361,6 +355,8 @@ async fn forward(
     tracing::Span::current().record("client_id", &*session.client_id);
     let agent_slot = session.try_stream_permit().ok_or(ProxyError::Exchange(ExchangeError::Busy))?;
     let is_upgrade = is_upgrade_request(req.version(), req.headers());
+    // May run twice (RFC 9110, 9.2.2), should the agent die under it.
+    let idempotent = req.method().is_idempotent();
     let mut headers = forwarded_headers(shared, &req, host, peer, request_id);
     if is_upgrade {
         headers.extend(upgrade::upgrade_headers(req.headers()));
@@ -400,7 +396,6 @@ async fn forward(
     // Kept for a retry only where another agent could take it (not on the common single-agent path).
     let retry_head = (shared.runtime.sessions.group_len(&group) > 1).then(|| head.clone());
     let client = Some(peer.addr.ip());
-    let idempotent = is_idempotent(&head.method);
     let mut attempt = tokio::time::timeout(deadline, session.tunnel.open(head, body.body(), client)).await;
     // The request goes once to another agent when that is safe: a stream that could not be opened
     // sent nothing, and an idempotent request (RFC 9110, 9.2.2) whose body no transport has read

@@ -480,6 +480,7 @@ struct Stack {
     quic: String,
     grpc: String,
     http: String,
+    admin: String,
     pin: String,
     transport: &'static str,
 }
@@ -506,8 +507,25 @@ impl Stack {
         let quic = relay.line_with("udp://").rsplit("udp://").next().unwrap().trim().to_owned();
         let grpc = relay.line_with("tcp://").rsplit("tcp://").next().unwrap().trim().to_owned();
         let http = relay.line_with("HTTP ingress").rsplit("http://").next().unwrap().trim().to_owned();
+        let admin_line = relay.line_with("admin ");
+        let admin = admin_line.rsplit("http://").next().unwrap().trim().trim_end_matches("/api/sessions").to_owned();
         let pin = relay.line_with("pin").split_whitespace().last().unwrap().to_owned();
-        Self { dir, _upstream: upstream, _relay: relay, quic, grpc, http, pin, transport }
+        Self { dir, _upstream: upstream, _relay: relay, quic, grpc, http, admin, pin, transport }
+    }
+
+    /// Waits (polling `/api/sessions`) until the relay has `n` requests in flight on its agents.
+    fn wait_in_flight(&self, n: u64) {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let reply = try_http_get(&self.admin, "/api/sessions").unwrap_or_default();
+            let body = reply.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+            let sessions: Vec<serde_json::Value> = serde_json::from_str(body).unwrap_or_default();
+            if sessions.iter().filter_map(|s| s["in_flight"].as_u64()).sum::<u64>() >= n {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "never {n} requests in flight: {reply}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Agent `id` with `token` (default settings), once it reports its registration.
@@ -602,7 +620,7 @@ fn a_request_on_a_killed_agent_gets_its_502_within_seconds(transport: &'static s
         let http = http.clone();
         std::thread::spawn(move || try_http_get(&http, "/delay/20000"))
     };
-    std::thread::sleep(Duration::from_millis(300));
+    stack.wait_in_flight(1);
     drop(agent);
     let killed = std::time::Instant::now();
     let answer = in_flight.join().unwrap().unwrap();
