@@ -1,9 +1,10 @@
 //! A UDP forwarder between one agent and the relay that can black-hole every packet, so an agent
-//! can vanish without a word (as after `kill -9` or a cable pull).
+//! can vanish without a word (as after `kill -9` or a cable pull), and that can record what the
+//! agent sent (to replay it).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
@@ -13,6 +14,7 @@ pub struct UdpProxy {
     /// Where the agent should send.
     pub addr: SocketAddr,
     blackhole: Arc<AtomicBool>,
+    recording: Arc<Mutex<Option<Vec<Vec<u8>>>>>,
     stop: CancellationToken,
 }
 
@@ -30,10 +32,12 @@ impl UdpProxy {
         back.connect(target).await.unwrap();
         let addr = front.local_addr().unwrap();
         let blackhole = Arc::new(AtomicBool::new(false));
+        let recording = Arc::new(Mutex::new(None::<Vec<Vec<u8>>>));
         let stop = CancellationToken::new();
         let (client_tx, mut client_rx) = tokio::sync::watch::channel(None::<SocketAddr>);
         {
             let (front, back, blackhole, stop) = (front.clone(), back.clone(), blackhole.clone(), stop.clone());
+            let recording = recording.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 loop {
@@ -42,6 +46,9 @@ impl UdpProxy {
                         r = front.recv_from(&mut buf) => match r { Ok(r) => r, Err(_) => continue },
                     };
                     client_tx.send_replace(Some(from));
+                    if let Some(recorded) = recording.lock().unwrap().as_mut() {
+                        recorded.push(buf[..n].to_vec());
+                    }
                     if !blackhole.load(Ordering::Relaxed) {
                         let _ = back.send(&buf[..n]).await;
                     }
@@ -64,12 +71,23 @@ impl UdpProxy {
                 }
             });
         }
-        Self { addr, blackhole, stop }
+        Self { addr, blackhole, recording, stop }
     }
 
     /// Drops every packet from now on, both ways.
     pub fn blackhole(&self) {
         self.blackhole.store(true, Ordering::Relaxed);
+    }
+
+    /// Keeps a copy of every datagram the client sends from now on, forwarded or black-holed
+    /// (what an on-path attacker could record, or intercept).
+    pub fn record(&self) {
+        *self.recording.lock().unwrap() = Some(Vec::new());
+    }
+
+    /// The datagrams recorded since [`UdpProxy::record`], in order.
+    pub fn recorded(&self) -> Vec<Vec<u8>> {
+        self.recording.lock().unwrap().clone().unwrap_or_default()
     }
 
     /// Forwards packets again.

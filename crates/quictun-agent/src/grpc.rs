@@ -4,10 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use quictun_core::control::ControlIo;
 use quictun_core::stall::Reclaimer;
 use quictun_core::tls::PinVerifier;
 use quictun_grpc::GrpcTunnel;
 use quictun_grpc::mux::GrpcControl;
+use quictun_proto::ControlMessage;
 use rustls::pki_types::ServerName;
 
 use crate::session::{Attempt, RetryReason};
@@ -32,18 +34,22 @@ impl GrpcSetup {
     }
 }
 
-/// Dials the relay over gRPC.
+/// Dials the relay over gRPC and sends `register` on the control lane.
 pub async fn dial(
     options: &AgentOptions,
     setup: &GrpcSetup,
     reclaimer: &Reclaimer,
+    register: ControlMessage,
 ) -> Result<(GrpcControl, Arc<GrpcTunnel>), Attempt> {
     let server_name = ServerName::try_from(options.server_name.clone())
         .map_err(|e| Attempt::Fatal(AgentError::Tls(format!("server name {:?}: {e}", options.server_name))))?;
     let addr = quictun_core::resolve(&options.grpc_relay).await.map_err(RetryReason::from)?;
     let stall = reclaimer.scope(u64::from(quictun_grpc::flow::EXCHANGE_WINDOW));
     match quictun_grpc::client::dial(addr, server_name, setup.tls.clone(), options.limits, DIAL_TIMEOUT, stall).await {
-        Ok(dialed) => Ok(dialed),
+        Ok((mut control, tunnel)) => {
+            control.send(register).await.map_err(RetryReason::from)?;
+            Ok((control, tunnel))
+        }
         Err(err) => {
             if let Some(mismatch) = setup.pin_verifier.as_ref().and_then(|v| v.last_mismatch()) {
                 return Err(Attempt::Fatal(AgentError::PinMismatch(mismatch)));

@@ -319,8 +319,7 @@ impl Dialer {
         // Egress requests go over this tunnel while it lasts (the relay serves them once it has
         // registered the agent).
         self.relay_tunnel.send_replace(Some(tunnel.clone()));
-        let served =
-            session::register_and_serve(&self.options, self.instance_id, control, tunnel, forwarder, state, stop).await;
+        let served = session::register_and_serve(&self.options, control, tunnel, forwarder, state, stop).await;
         self.relay_tunnel.send_replace(None);
         served
     }
@@ -331,7 +330,8 @@ impl Dialer {
         state: &watch::Sender<AgentState>,
         stop: &session::Stop,
     ) -> Result<SessionEnd, Attempt> {
-        let dial = quic::dial(&self.options, &self.endpoint, &self.quic, &self.reclaimer);
+        let register = session::register_message(&self.options, self.instance_id);
+        let dial = quic::dial(&self.options, &self.endpoint, &self.quic, &self.reclaimer, register);
         self.serve_dialed(dial, forwarder, state, stop).await
     }
 
@@ -341,7 +341,9 @@ impl Dialer {
         state: &watch::Sender<AgentState>,
         stop: &session::Stop,
     ) -> Result<SessionEnd, Attempt> {
-        self.serve_dialed(grpc::dial(&self.options, &self.grpc, &self.reclaimer), forwarder, state, stop).await
+        let register = session::register_message(&self.options, self.instance_id);
+        self.serve_dialed(grpc::dial(&self.options, &self.grpc, &self.reclaimer, register), forwarder, state, stop)
+            .await
     }
 
     /// gRPC while QUIC is probed in the background; a successful probe drains the gRPC session

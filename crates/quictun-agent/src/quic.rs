@@ -9,24 +9,33 @@ use quictun_quic::dial::DialError;
 use quictun_quic::endpoint::ClientSetup;
 use quictun_quic::frames::ControlChannel;
 
+use quictun_proto::ControlMessage;
+use tracing::debug;
+
 use crate::session::Attempt;
 use crate::{AgentError, AgentOptions};
 
-/// Dials the relay, verifies it, and opens the control stream.
+/// Dials the relay, verifies it, opens the control stream and sends `register` on it (as 0-RTT
+/// data when this process reached the relay before: see [`quictun_quic::dial::dial`]).
 pub async fn dial(
     options: &AgentOptions,
     endpoint: &quictun_quic::Endpoint,
     setup: &ClientSetup,
     reclaimer: &Reclaimer,
+    register: ControlMessage,
 ) -> Result<(ControlChannel, Arc<QuicTunnel>), Attempt> {
     let stall = reclaimer.scope(u64::from(options.tuning.stream_window));
     let dialed = async {
         let addr = quictun_core::resolve(&options.relay).await?;
         let timeout = options.quic_handshake_timeout;
-        quictun_quic::dial::dial(endpoint, setup, addr, &options.server_name, timeout, options.limits, stall).await
+        let target = (addr, options.server_name.as_str());
+        quictun_quic::dial::dial(endpoint, setup, target, timeout, options.limits, stall, register).await
     };
     match dialed.await {
-        Ok((control, tunnel)) => Ok((control, Arc::new(tunnel))),
+        Ok(dialed) => {
+            debug!(handshake = ?dialed.handshake, "reached the relay");
+            Ok((dialed.control, Arc::new(dialed.tunnel)))
+        }
         Err(DialError::PinMismatch(mismatch)) => Err(Attempt::Fatal(AgentError::PinMismatch(mismatch))),
         Err(err) if err.is_fatal() => Err(Attempt::Fatal(AgentError::Tls(err.to_string()))),
         Err(err) => Err(err.into()),

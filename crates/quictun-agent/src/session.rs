@@ -74,25 +74,28 @@ impl<E: Into<RetryReason>> From<E> for Attempt {
     }
 }
 
-/// Registers on `control` and serves `tunnel` until it ends or the agent is asked to stop.
-pub async fn register_and_serve<C: ControlIo>(
-    options: &AgentOptions,
-    instance_id: uuid::Uuid,
-    mut control: C,
-    tunnel: Arc<dyn Tunnel>,
-    forwarder: &Arc<Forwarder>,
-    state: &watch::Sender<AgentState>,
-    stop: &Stop,
-) -> Result<SessionEnd, Attempt> {
-    let register = Register {
+/// The register message this agent process presents to the relay.
+pub fn register_message(options: &AgentOptions, instance_id: uuid::Uuid) -> ControlMessage {
+    ControlMessage::Register(Register {
         protocol_version: quictun_proto::PROTOCOL_VERSION,
         client_id: options.client_id.clone(),
         group: options.group.clone(),
         token: options.token.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         instance_id,
-    };
-    control.send(ControlMessage::Register(register)).await?;
+    })
+}
+
+/// Waits for the relay's answer to the register message the dial sent on `control` (see
+/// [`register_message`]), then serves `tunnel` until it ends or the agent is asked to stop.
+pub async fn register_and_serve<C: ControlIo>(
+    options: &AgentOptions,
+    mut control: C,
+    tunnel: Arc<dyn Tunnel>,
+    forwarder: &Arc<Forwarder>,
+    state: &watch::Sender<AgentState>,
+    stop: &Stop,
+) -> Result<SessionEnd, Attempt> {
     let accepted = match control.recv_within(REGISTER_TIMEOUT).await? {
         ControlMessage::Accepted(accepted) => accepted,
         ControlMessage::Rejected(rejected) => {

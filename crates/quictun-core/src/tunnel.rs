@@ -207,6 +207,14 @@ pub trait Tunnel: Send + Sync + std::fmt::Debug + 'static {
     /// True once the tunnel is closed (by either end).
     fn is_closed(&self) -> bool;
 
+    /// Resolves once the transport's handshake is complete, true, or false when the tunnel
+    /// failed first. Until then the peer's data may be QUIC 0-RTT data, which an attacker who
+    /// recorded it can replay: nothing that changes the relay's state may act on it before this
+    /// resolves true. Immediate where data only flows after the handshake (the default).
+    fn handshake_complete(&self) -> BoxFuture<'_, bool> {
+        Box::pin(std::future::ready(true))
+    }
+
     /// Resolves when the tunnel is closed, with the reason.
     fn closed(&self) -> BoxFuture<'_, CloseReason>;
 

@@ -74,10 +74,21 @@ async fn serve_connection(
     admission: Admission,
     listener: Arc<Listener>,
 ) {
-    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(err)) => return debug!(%err, %remote, "QUIC handshake failed"),
-        Err(_) => return debug!(%remote, "QUIC handshake timed out"),
+    let connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
+        Err(err) => return debug!(%err, %remote, "QUIC connection refused"),
+    };
+    // The connection is used before its handshake completes, so that a register the agent sent
+    // as 0-RTT data is read at once and answered in the same round trip; registration enters the
+    // session only once `handshake` completes (see `Tunnel::handshake_complete`), because 0-RTT
+    // data can be replayed. On the server side `into_0rtt` always succeeds.
+    let (conn, handshake) = match connecting.into_0rtt() {
+        Ok((conn, handshake)) => (conn, Some(handshake)),
+        Err(connecting) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+            Ok(Ok(conn)) => (conn, None),
+            Ok(Err(err)) => return debug!(%err, %remote, "QUIC handshake failed"),
+            Err(_) => return debug!(%remote, "QUIC handshake timed out"),
+        },
     };
     let (send, recv) = match tokio::time::timeout(listener.register_timeout, conn.accept_bi()).await {
         Ok(Ok(streams)) => streams,
@@ -88,6 +99,10 @@ async fn serve_connection(
         }
     };
     let control = ControlChannel::new(send, recv, listener.limits.max_control_frame);
-    let tunnel = QuicTunnel::new(conn, listener.limits, listener.stall.scope(listener.stream_window));
+    let stall = listener.stall.scope(listener.stream_window);
+    let tunnel = match handshake {
+        Some(handshake) => QuicTunnel::early(conn, handshake, listener.limits, stall),
+        None => QuicTunnel::new(conn, listener.limits, stall),
+    };
     (listener.on_agent)(control, Arc::new(tunnel), admission);
 }

@@ -178,12 +178,27 @@ impl RestartKeys {
     }
 }
 
+/// Session tickets sent on each agent connection. A reconnect attempt uses one up even when it
+/// fails (during a partition, say), so a few are kept for the attempt that gets through.
+const TICKETS_PER_CONNECTION: usize = 4;
+
+/// TLS sessions the relay keeps for resumption (a few hundred bytes each): the tickets of 2,048
+/// agents; the oldest are dropped first. An agent whose ticket was dropped does a full handshake.
+const RESUMPTION_CACHE: usize = 8192;
+
 /// A QUIC server endpoint on `addr` with the relay's certificate, and [`RestartKeys`] derived
 /// from its private key.
 pub fn server_endpoint(addr: SocketAddr, cert: CertKey, tuning: &Tuning) -> Result<quinn::Endpoint, EndpointError> {
     let restart_keys = RestartKeys::of(&cert.key);
-    let crypto =
-        QuicServerConfig::try_from(tls::server_config(cert)?).map_err(|e| EndpointError::Crypto(e.to_string()))?;
+    let mut tls = tls::server_config(cert)?;
+    // Resumption and 0-RTT for reconnecting agents. rustls accepts early data only with tickets
+    // kept here (stateful resumption), each taken once: a replayed ClientHello finds its ticket
+    // gone and its 0-RTT data is refused. Such tickets do not survive a restart, so an agent's
+    // first reconnect to a restarted relay is a full handshake (its pin checked again).
+    tls.max_early_data_size = u32::MAX;
+    tls.session_storage = rustls::server::ServerSessionMemoryCache::new(RESUMPTION_CACHE);
+    tls.send_tls13_tickets = TICKETS_PER_CONNECTION;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Crypto(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(tuning.transport_config()));
     let socket = bind_udp(addr, tuning.udp_buffer)?;
@@ -220,7 +235,11 @@ pub struct ClientSetup {
 impl ClientSetup {
     /// Builds the client configuration for `trust`.
     pub fn new(trust: &Trust, tuning: &Tuning) -> Result<Self, EndpointError> {
-        let (rustls_config, pin_verifier) = tls::client_config(trust)?;
+        let (mut rustls_config, pin_verifier) = tls::client_config(trust)?;
+        // A reconnect to a relay this process reached before resumes its TLS session (no
+        // certificate to send or check) and sends its register as 0-RTT data. The tickets are
+        // kept in memory (rustls' default cache), per relay name.
+        rustls_config.enable_early_data = true;
         let crypto = QuicClientConfig::try_from(rustls_config).map_err(|e| EndpointError::Crypto(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(Arc::new(tuning.transport_config()));

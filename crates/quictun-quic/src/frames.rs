@@ -135,6 +135,11 @@ impl ControlChannel {
         let codec = ControlCodec::new(max_frame);
         Self { reader: FramedRead::new(recv, codec), writer: FramedWrite::new(send, codec) }
     }
+
+    /// True when the peer opened this stream as 0-RTT data (before the handshake completed).
+    pub fn is_0rtt(&self) -> bool {
+        self.reader.get_ref().is_0rtt()
+    }
 }
 
 impl ControlIo for ControlChannel {

@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::Shared;
 use quictun_core::body::{AbortOnDrop, TunnelBody, WithUpload, empty_body, pump};
 use quictun_core::framing::Framing;
 use quictun_core::stall::StallScope;
@@ -41,12 +43,41 @@ pub struct QuicTunnel {
     /// loop or a waiter): [`Tunnel::is_closed`] is asked for every request the balancer routes,
     /// and asking quinn takes the connection's lock, which its driver holds while it sends.
     known_closed: AtomicBool,
+    /// Completes with the handshake, for a connection accepted before it completed (0.5-RTT,
+    /// so that an agent's 0-RTT register is read at once); `None` when it was already complete.
+    handshake: Handshake,
+}
+
+/// The handshake of a connection used before it completed.
+#[derive(Clone)]
+struct Handshake(Option<Shared<quinn::ZeroRttAccepted>>);
+
+impl std::fmt::Debug for Handshake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Handshake(early)" } else { "Handshake(complete)" })
+    }
 }
 
 impl QuicTunnel {
-    /// A tunnel over `conn`; bodies read from it are watched in `stall`.
+    /// A tunnel over `conn`, whose handshake is complete; bodies read from it are watched in `stall`.
     pub fn new(conn: quinn::Connection, limits: Limits, stall: StallScope) -> Self {
-        Self { conn, limits, stall, closed_with: Mutex::new(None), known_closed: AtomicBool::new(false) }
+        Self::with_handshake(conn, Handshake(None), limits, stall)
+    }
+
+    /// A tunnel over `conn` whose handshake completes with `handshake` (see
+    /// [`quinn::Connecting::into_0rtt`]): data read before it did may be replayed 0-RTT data.
+    pub fn early(
+        conn: quinn::Connection,
+        handshake: quinn::ZeroRttAccepted,
+        limits: Limits,
+        stall: StallScope,
+    ) -> Self {
+        Self::with_handshake(conn, Handshake(Some(handshake.shared())), limits, stall)
+    }
+
+    fn with_handshake(conn: quinn::Connection, handshake: Handshake, limits: Limits, stall: StallScope) -> Self {
+        let (closed_with, known_closed) = (Mutex::new(None), AtomicBool::new(false));
+        Self { conn, limits, stall, closed_with, known_closed, handshake }
     }
 
     /// The underlying connection.
@@ -165,6 +196,18 @@ impl Tunnel for QuicTunnel {
 
     fn closed(&self) -> BoxFuture<'_, CloseReason> {
         Box::pin(async { self.reason(self.conn.closed().await) })
+    }
+
+    fn handshake_complete(&self) -> BoxFuture<'_, bool> {
+        let handshake = self.handshake.0.clone();
+        Box::pin(async move {
+            if let Some(handshake) = handshake {
+                // Resolves when the handshake completes or the connection fails, whichever is
+                // first (the value itself only says whether 0-RTT was accepted).
+                handshake.await;
+            }
+            self.conn.close_reason().is_none()
+        })
     }
 
     fn remote_addr(&self) -> SocketAddr {

@@ -69,6 +69,8 @@ impl AdminPages for RelayPages {
     }
 
     fn metrics(&self) -> String {
+        let pending = i64::try_from(self.0.pending.count()).unwrap_or(i64::MAX);
+        self.0.metrics.pending_agents.set(pending);
         self.0.metrics.render(&self.0.sessions)
     }
 

@@ -73,6 +73,7 @@ pub fn network_of(ip: IpAddr) -> IpAddr {
 /// Places for agent connections that have not registered yet.
 #[derive(Debug, Clone)]
 pub struct Pending {
+    max: usize,
     global: Arc<Semaphore>,
     per_network: Arc<PerKey<IpAddr>>,
 }
@@ -96,7 +97,13 @@ pub struct PendingSlot {
 impl Pending {
     /// `max` pending connections in all, `max_per_network` from one network (0: no cap).
     pub fn new(max: usize, max_per_network: usize) -> Self {
-        Self { global: Arc::new(Semaphore::new(max.max(1))), per_network: PerKey::new(max_per_network) }
+        let max = max.max(1);
+        Self { max, global: Arc::new(Semaphore::new(max)), per_network: PerKey::new(max_per_network) }
+    }
+
+    /// Connections holding a place now (handshaking, or not registered yet).
+    pub fn count(&self) -> usize {
+        self.max.saturating_sub(self.global.available_permits())
     }
 
     /// A place for a new connection from `ip`.
@@ -179,7 +186,9 @@ mod tests {
             (1..=3).map(|i| pending.admit(format!("198.51.100.{i}").parse().unwrap()).unwrap()).collect();
         assert_eq!(pending.admit("198.51.100.200".parse().unwrap()).unwrap_err(), PendingRefused::Network);
         assert!(pending.admit("203.0.113.1".parse().unwrap()).is_ok(), "another network still gets in");
+        assert_eq!(pending.count(), 3, "the refused and the dropped hold nothing");
         drop(held);
+        assert_eq!(pending.count(), 0);
         let mut more = Vec::new();
         for i in 0..10 {
             if let Ok(slot) = pending.admit(format!("10.{i}.0.1").parse().unwrap()) {

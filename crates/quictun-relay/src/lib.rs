@@ -151,7 +151,8 @@ impl Relay {
             let on_agent_shared = shared.clone();
             let on_agent: quictun_grpc::server::OnAgent = Arc::new(move |control, tunnel, admission| {
                 let shared = on_agent_shared.clone();
-                let serve = registration::serve_agent(control, tunnel, shared, admission);
+                let handshake = metrics::RegisterHandshake::complete;
+                let serve = registration::serve_agent(control, tunnel, shared, admission, handshake);
                 on_agent_shared.runtime.tasks.spawn(serve.in_current_span());
             });
             let admit_shared = shared.clone();

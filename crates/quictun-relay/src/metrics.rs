@@ -62,6 +62,24 @@ pub enum Reject {
     pending_connections,
     /// A new agent connection while too many from its network were.
     pending_network,
+    /// A register sent as 0-RTT data whose handshake never completed (a replay, or a client
+    /// that vanished): nothing was registered.
+    unconfirmed_0rtt,
+}
+
+/// How an agent's register reached the relay.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RegisterHandshake {
+    /// After the handshake (a full one, or a resumed one without early data).
+    complete,
+    /// As 0-RTT data in a resumed TLS session, answered in the same round trip.
+    zero_rtt,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabel {
+    handshake: RegisterHandshake,
 }
 
 /// Labels of one answered request.
@@ -104,6 +122,7 @@ pub struct RelayMetrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabel, Histogram, fn() -> Histogram>,
     rejects: Family<ReasonLabel, Counter>,
+    registrations: Family<HandshakeLabel, Counter>,
     egress: Family<EgressLabels, Counter>,
     active_streams: Gauge,
     agents: Family<TransportLabel, Gauge>,
@@ -111,6 +130,8 @@ pub struct RelayMetrics {
     pub ingress_connections: Gauge,
     /// Requests waiting for an agent of their group during the startup grace.
     pub waiting_for_agent: Gauge,
+    /// Agent connections handshaking or not registered yet (set when rendered).
+    pub pending_agents: Gauge,
     /// Request body bytes sent to agents.
     pub bytes_to_agent: Counter,
     /// Response body bytes received from agents.
@@ -133,6 +154,12 @@ impl RelayMetrics {
         registry.register("request_duration_seconds", "Request head in to response head out", latency.clone());
         let rejects = Family::<ReasonLabel, Counter>::default();
         registry.register("rejects", "Requests and registrations refused, by reason", rejects.clone());
+        let registrations = Family::<HandshakeLabel, Counter>::default();
+        registry.register(
+            "registrations",
+            "Agent sessions registered, by how the register arrived (after the handshake, or as 0-RTT data)",
+            registrations.clone(),
+        );
         let egress = Family::<EgressLabels, Counter>::default();
         registry.register(
             "egress_requests",
@@ -153,6 +180,12 @@ impl RelayMetrics {
             "Requests waiting for an agent after startup",
             waiting_for_agent.clone(),
         );
+        let pending_agents = Gauge::default();
+        registry.register(
+            "pending_agent_connections",
+            "Agent connections handshaking or not registered yet",
+            pending_agents.clone(),
+        );
         let bytes_to_agent = bytes.get_or_create(&DirectionLabel { direction: "to_agent" }).clone();
         let bytes_from_agent = bytes.get_or_create(&DirectionLabel { direction: "from_agent" }).clone();
         for transport in TransportKind::ALL {
@@ -163,11 +196,13 @@ impl RelayMetrics {
             requests,
             latency,
             rejects,
+            registrations,
             egress,
             active_streams,
             agents,
             ingress_connections,
             waiting_for_agent,
+            pending_agents,
             bytes_to_agent,
             bytes_from_agent,
         }
@@ -195,6 +230,11 @@ impl RelayMetrics {
     /// Counts one refusal.
     pub fn reject(&self, reason: Reject) {
         self.rejects.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Counts one registered session.
+    pub fn registered(&self, handshake: RegisterHandshake) {
+        self.registrations.get_or_create(&HandshakeLabel { handshake }).inc();
     }
 
     /// How many refusals of one kind so far.

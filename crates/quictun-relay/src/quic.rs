@@ -14,7 +14,7 @@ use tracing::{Instrument, debug};
 
 use crate::admission::{PendingRefused, PendingSlot};
 
-use crate::metrics::Reject;
+use crate::metrics::{RegisterHandshake, Reject};
 use crate::registration::serve_agent;
 use crate::state::RelayState;
 
@@ -75,7 +75,8 @@ pub async fn accept_loop(endpoint: quictun_quic::Endpoint, shared: Arc<RelayStat
     });
     let agent_shared = shared.clone();
     let on_agent: OnAgent = Arc::new(move |control, tunnel, admission| {
-        let serve = serve_agent(control, tunnel, agent_shared.clone(), admission);
+        let handshake = if control.is_0rtt() { RegisterHandshake::zero_rtt } else { RegisterHandshake::complete };
+        let serve = serve_agent(control, tunnel, agent_shared.clone(), admission, handshake);
         agent_shared.runtime.tasks.spawn(serve.in_current_span());
     });
     let listener = Listener {

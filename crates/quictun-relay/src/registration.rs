@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use quictun_core::control::{ControlError, ControlIo, message_name};
 use quictun_core::heartbeat::Heartbeats;
 use quictun_core::session::{Action, Role};
@@ -13,9 +14,10 @@ use quictun_core::tunnel::{Admission, ProtocolViolation, Tunnel};
 use quictun_proto::{Accepted, CloseCode, ControlMessage, GoAway, RejectCode, Rejected};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::egress::EgressHandler;
+use crate::metrics::RegisterHandshake;
 use crate::sessions::{Session, SessionCommand};
 use crate::state::RelayState;
 
@@ -33,12 +35,14 @@ async fn reject<C: ControlIo>(control: &mut C, tunnel: &dyn Tunnel, rejected: Re
 }
 
 /// Registers the agent on `control` and serves its session until the connection ends.
-/// `admission` holds the connection's place among those not registered yet until then.
+/// `admission` holds the connection's place among those not registered yet until then;
+/// `handshake` says how the register came (for the metrics).
 pub async fn serve_agent<C: ControlIo>(
     mut control: C,
     tunnel: Arc<dyn Tunnel>,
     shared: Arc<RelayState>,
     admission: Admission,
+    handshake: RegisterHandshake,
 ) {
     let register_timeout = Duration::from_secs(shared.settings.register_timeout_secs);
     let register = match control.recv_within(register_timeout).await {
@@ -53,6 +57,17 @@ pub async fn serve_agent<C: ControlIo>(
             tunnel.close(code);
             return warn!(%err, "no valid register message");
         }
+    };
+    // A register that came as QUIC 0-RTT data can be replayed by whoever recorded it. While the
+    // handshake is not complete it is answered at once (so that the agent is registered after one
+    // round trip), but a session enters the session manager, replacing an older one, only once
+    // the handshake completes: a replay never completes it (that takes the agent's keys), so it
+    // changes nothing. rustls also refuses a replayed ticket's early data (see the endpoint).
+    let mut handshake_complete = tunnel.handshake_complete();
+    let early = match (&mut handshake_complete).now_or_never() {
+        Some(true) => false,
+        Some(false) => return debug!("connection failed during registration"),
+        None => true,
     };
     let span = info_span!("session", client_id = %register.client_id, transport = tunnel.transport().as_str());
     let live = shared.live.current();
@@ -91,26 +106,42 @@ pub async fn serve_agent<C: ControlIo>(
     drop(live);
     async {
         let max_instances = shared.settings.max_instances_per_client;
+        let too_many = |connected: usize| {
+            shared.runtime.metrics.reject(crate::metrics::Reject::registration);
+            let message = format!(
+                "client {} has {connected} instances connected, the most this relay allows (max_instances_per_client)",
+                register.client_id
+            );
+            warn!(instance_id = %register.instance_id, "{message}");
+            Rejected { code: RejectCode::TooManyInstances, message }
+        };
+        if early {
+            let sessions = &shared.runtime.sessions;
+            let connected = sessions.instances(&session.client_id).len();
+            if connected >= max_instances && !sessions.has_instance(&session.client_id, session.instance_id) {
+                return reject(&mut control, tunnel.as_ref(), too_many(connected)).await;
+            }
+            if let Err(err) = control.send(ControlMessage::Accepted(accepted.clone())).await {
+                return warn!(%err, "could not send accepted");
+            }
+        }
+        if early && !matches!(tokio::time::timeout(register_timeout, handshake_complete).await, Ok(true)) {
+            shared.runtime.metrics.reject(crate::metrics::Reject::unconfirmed_0rtt);
+            tunnel.close(CloseCode::HandshakeTimeout);
+            return warn!("0-RTT register whose handshake never completed: not registered (a replay, or the agent vanished)");
+        }
         match shared.runtime.sessions.insert(session.clone(), max_instances) {
             Ok(Some(old)) => info!(old_session = %old.session_id, "replaced this instance's older connection"),
             Ok(None) => {}
-            Err(full) => {
-                shared.runtime.metrics.reject(crate::metrics::Reject::registration);
-                let message = format!(
-                    "client {} has {} instances connected, the most this relay allows (max_instances_per_client)",
-                    register.client_id, full.connected
-                );
-                warn!(instance_id = %register.instance_id, "{message}");
-                let rejected = Rejected { code: RejectCode::TooManyInstances, message };
-                return reject(&mut control, tunnel.as_ref(), rejected).await;
-            }
+            Err(full) => return reject(&mut control, tunnel.as_ref(), too_many(full.connected)).await,
         }
-        if let Err(err) = control.send(ControlMessage::Accepted(accepted)).await {
+        if !early && let Err(err) = control.send(ControlMessage::Accepted(accepted)).await {
             shared.runtime.sessions.remove(&session);
             return warn!(%err, "could not send accepted");
         }
+        shared.runtime.metrics.registered(handshake);
         let instances = shared.runtime.sessions.instances(&session.client_id).len();
-        info!(session_id = %session.session_id, instance_id = %session.instance_id, instances, group = %session.group, agent_version = %register.agent_version, "agent registered");
+        info!(session_id = %session.session_id, instance_id = %session.instance_id, instances, group = %session.group, agent_version = %register.agent_version, ?handshake, "agent registered");
         // The agent's egress requests are served while the session lasts.
         let egress = CancellationToken::new();
         let handler = Arc::new(EgressHandler::new(shared.clone(), Arc::from(session.group.as_ref())));
