@@ -1,5 +1,6 @@
 //! Load balancing over the agents of a group, end to end: sticky consistent hashing on a header,
-//! and an agent whose requests fail repeatedly is taken out (cooldown) while a healthy one serves.
+//! an agent whose requests fail repeatedly is taken out (cooldown) while a healthy one serves,
+//! and an agent gone silent is left out before QUIC declares it dead.
 //!
 //! The two agents of group `web` reach different upstream paths, so the answer tells which agent
 //! served: agent-1 maps `app` to `/bytes` (`/5` → 200 with 5 bytes), agent-3 uses the relay's
@@ -11,8 +12,8 @@ use std::time::Duration;
 use http::{Method, StatusCode};
 use quictun_agent::Agent;
 use quictun_agent::upstreams::{LocalTargets, Target};
-use quictun_tests::client::empty;
-use quictun_tests::{Harness, HarnessConfig};
+use quictun_tests::client::{admin_get, body, empty};
+use quictun_tests::{Harness, HarnessConfig, UdpProxy};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -70,4 +71,52 @@ async fn an_agent_failing_repeatedly_is_cooled_down() {
     let failures = statuses.iter().filter(|s| **s == StatusCode::BAD_GATEWAY).count();
     assert!(failures <= 3, "the failing agent kept getting requests: {statuses:?}");
     assert!(statuses[8..].iter().all(|s| *s == StatusCode::OK), "{statuses:?}");
+}
+
+/// `silent_ms` of `client_id`'s session in the relay's `/api/sessions`, when it has one.
+async fn silent_ms(h: &Harness, client_id: &str) -> Option<Option<u64>> {
+    let page = admin_get(h.relay().admin_addr(), "/api/sessions", None).await;
+    let sessions: Vec<serde_json::Value> = serde_json::from_str(&page.text()).unwrap();
+    let session = sessions.iter().find(|s| s["client_id"] == client_id)?;
+    Some(session["silent_ms"].as_u64())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_agent_is_left_out_before_it_is_declared_dead() {
+    // Heartbeats every 5 s (the default): only the transport can notice within seconds.
+    let h = Harness::start_with(HarnessConfig { heartbeat_interval_ms: 5000, ..Default::default() }).await;
+    let proxy = UdpProxy::start(h.relay().quic_addr()).await;
+    let silent =
+        Agent::start(Harness::options_for(proxy.addr, "agent-1", "secret-1", &h.cert.pin.to_string())).await.unwrap();
+    silent.wait_connected(None, WAIT).await.unwrap();
+    let _sibling = h.agent("agent-3").await;
+    assert!(h.relay().sessions().wait_until(WAIT, |s| s.get("agent-1").is_some()).await);
+    assert_eq!(silent_ms(&h, "agent-1").await, Some(None), "a live agent is not suspect");
+
+    // agent-1 vanishes without a word. The relay suspects it once nothing has arrived for
+    // 1.25 s, while its session is still there (QUIC declares it dead after 2 s).
+    proxy.blackhole();
+    let suspected = async {
+        let mut look = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            look.tick().await;
+            match silent_ms(&h, "agent-1").await {
+                Some(Some(ms)) => return ms,
+                Some(None) => {}
+                None => panic!("agent-1 was declared dead before it was suspected"),
+            }
+        }
+    };
+    let silent_ms = tokio::time::timeout(WAIT, suspected).await.expect("agent-1 was never suspected");
+    assert!(silent_ms >= 1250, "suspected after {silent_ms} ms of silence");
+
+    // New requests go to the sibling: a POST is not retried elsewhere, so one sent to agent-1
+    // would fail with 502 once agent-1 is declared dead.
+    for i in 0..10 {
+        let reply = h.client.request(Method::POST, "app.test", "/echo", body(format!("request {i}"))).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.text(), format!("request {i}"));
+    }
+    assert!(h.relay().sessions().wait_until(WAIT, |s| s.get("agent-1").is_none()).await, "agent-1 never declared dead");
+    silent.abort();
 }

@@ -207,6 +207,13 @@ pub trait Tunnel: Send + Sync + std::fmt::Debug + 'static {
     /// True once the tunnel is closed (by either end).
     fn is_closed(&self) -> bool;
 
+    /// Datagrams received from the peer so far, where the transport counts them (QUIC): a count
+    /// that stops moving while the peer should be sending (keep-alives, acknowledgements) means
+    /// it has gone silent, before the transport's idle timeout declares it dead.
+    fn datagrams_received(&self) -> Option<u64> {
+        None
+    }
+
     /// Resolves once the transport's handshake is complete, true, or false when the tunnel
     /// failed first. Until then the peer's data may be QUIC 0-RTT data, which an attacker who
     /// recorded it can replay: nothing that changes the relay's state may act on it before this

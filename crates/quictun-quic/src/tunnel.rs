@@ -198,6 +198,10 @@ impl Tunnel for QuicTunnel {
         Box::pin(async { self.reason(self.conn.closed().await) })
     }
 
+    fn datagrams_received(&self) -> Option<u64> {
+        Some(self.conn.stats().udp_rx.datagrams)
+    }
+
     fn handshake_complete(&self) -> BoxFuture<'_, bool> {
         let handshake = self.handshake.0.clone();
         Box::pin(async move {

@@ -33,10 +33,14 @@ pub struct SessionInfo {
     pub transport: &'static str,
     /// Registration time, Unix seconds.
     pub connected_since: u64,
-    /// Last heartbeat round-trip time in milliseconds.
+    /// Last heartbeat round-trip time in milliseconds (to the microsecond).
     pub rtt_ms: Option<f64>,
     /// Streams in flight now.
     pub in_flight: u32,
+    /// How long nothing has arrived from the agent, in milliseconds, once it is suspect (over
+    /// 1.25 s): the balancer leaves it out while a sibling answers. Absent while it is heard.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub silent_ms: Option<u64>,
 }
 
 fn sessions(runtime: &Runtime) -> Vec<SessionInfo> {
@@ -52,8 +56,10 @@ fn sessions(runtime: &Runtime) -> Vec<SessionInfo> {
             remote_addr: s.remote().to_string(),
             transport: s.tunnel.transport().as_str(),
             connected_since: s.connected_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-            rtt_ms: s.rtt().map(|d| d.as_secs_f64() * 1000.0),
+            // Whole microseconds: 0.276, not 0.27599999999999997.
+            rtt_ms: s.rtt().map(|d| (d.as_micros() as f64) / 1000.0),
             in_flight: s.in_flight(),
+            silent_ms: s.silent_for().map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         })
         .collect();
     list.sort_by(|a, b| (&a.client_id, a.connected_since).cmp(&(&b.client_id, b.connected_since)));

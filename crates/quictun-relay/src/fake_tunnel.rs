@@ -18,6 +18,8 @@ type OnClose = Box<dyn Fn(CloseCode) + Send + Sync>;
 #[derive(Default)]
 pub(crate) struct FakeTunnel {
     pub(crate) on_close: Option<OnClose>,
+    /// The datagram count it reports, when it counts (set by the test).
+    pub(crate) datagrams: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl std::fmt::Debug for FakeTunnel {
@@ -54,6 +56,9 @@ impl Tunnel for FakeTunnel {
     }
     fn transport(&self) -> TransportKind {
         TransportKind::Quic
+    }
+    fn datagrams_received(&self) -> Option<u64> {
+        self.datagrams.as_ref().map(|count| count.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
 

@@ -27,6 +27,7 @@ mod egress;
 #[cfg(test)]
 mod fake_tunnel;
 mod ingress;
+mod liveness;
 mod metrics;
 mod proxy;
 mod quic;
@@ -143,6 +144,8 @@ impl Relay {
         let (http_listener, http_addr) = bind_tcp("HTTP", settings.http_listen).await?;
         let (admin_listener, admin_addr) = bind_tcp("admin", settings.admin_listen).await?;
         shared.runtime.tasks.spawn(shared.runtime.reclaimer.clone().run(shared.runtime.stopped.clone()));
+        let watch_silence = liveness::watch(shared.runtime.sessions.clone());
+        quictun_core::spawn_cancellable(&shared.runtime.tasks, &shared.runtime.stopped, watch_silence);
         if settings.transport.quic() {
             shared.runtime.tasks.spawn(quic::accept_loop(endpoint.clone(), shared.clone()));
         }

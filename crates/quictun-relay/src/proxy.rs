@@ -23,7 +23,7 @@ use quictun_core::edge::serve::plain_text;
 use quictun_core::framing::may_have_trailers;
 use quictun_core::http::headers_from_wire;
 use quictun_core::tunnel::ExchangeError;
-use quictun_proto::{Header, RequestHead, StreamCode, Target};
+use quictun_proto::{Header, RequestHead, ResponseHead, StreamCode, Target};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, field, info_span, warn};
 use uuid::Uuid;
@@ -315,6 +315,25 @@ async fn agent_after_startup(shared: &RelayState, group: &Arc<str>) -> Result<Ar
     shared.runtime.sessions.choose(group, &Choice::default()).ok_or_else(|| ProxyError::NoAgent(group.clone()))
 }
 
+/// The answer to `exchange`, or [`ExchangeError::Lost`] when the agent goes silent first (see
+/// [`crate::liveness`]) while no transport has read any of the request body: the request can then
+/// move to a sibling at once, rather than wait for the agent to be declared dead. Once part of
+/// the body has gone, the answer is awaited.
+async fn answer_or_silence<F>(exchange: F, session: &Session, body: &BodySlot) -> F::Output
+where
+    F: Future<Output = Result<(ResponseHead, TunnelBody), ExchangeError>>,
+{
+    let mut exchange = std::pin::pin!(exchange);
+    tokio::select! {
+        answer = &mut exchange => return answer,
+        () = session.went_silent() => {}
+    }
+    if body.untouched() {
+        return Err(ExchangeError::Lost);
+    }
+    exchange.await
+}
+
 async fn forward(
     shared: &RelayState,
     mut req: Request<Incoming>,
@@ -396,10 +415,16 @@ async fn forward(
     // Kept for a retry only where another agent could take it (not on the common single-agent path).
     let retry_head = (shared.runtime.sessions.group_len(&group) > 1).then(|| head.clone());
     let client = Some(peer.addr.ip());
-    let mut attempt = tokio::time::timeout(deadline, session.tunnel.open(head, body.body(), client)).await;
+    let first = session.tunnel.open(head, body.body(), client);
+    let mut attempt = if retry_head.is_some() && idempotent {
+        tokio::time::timeout(deadline, answer_or_silence(first, &session, &body)).await
+    } else {
+        tokio::time::timeout(deadline, first).await
+    };
     // The request goes once to another agent when that is safe: a stream that could not be opened
     // sent nothing, and an idempotent request (RFC 9110, 9.2.2) whose body no transport has read
-    // may run again where the agent died under it (its tunnel was lost before an answer).
+    // may run again where the agent died under it (its tunnel was lost before an answer, or it
+    // went silent while the request waited for one).
     let retry_safe = match &attempt {
         Ok(Err(ExchangeError::NotOpened)) => true,
         Ok(Err(ExchangeError::Lost)) => idempotent,
@@ -464,4 +489,57 @@ async fn forward(
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+
+    use http_body_util::BodyExt;
+    use quictun_core::body::empty_body;
+
+    use super::*;
+    use crate::fake_tunnel::{FakeTunnel, session_on};
+    use crate::sessions::SILENT_AFTER;
+
+    fn silent_session() -> Arc<Session> {
+        let datagrams = Some(Arc::new(AtomicU64::new(1)));
+        let session = session_on("a", "g", FakeTunnel { datagrams, ..FakeTunnel::default() });
+        session.observe_datagrams();
+        session
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_whose_body_is_untouched_leaves_an_agent_that_goes_silent() {
+        let session = silent_session();
+        let body = BodySlot::new(empty_body());
+        let never_answered = std::future::pending();
+        let waiting = answer_or_silence(never_answered, &session, &body);
+        let mut waiting = std::pin::pin!(waiting);
+        assert!(futures_util::poll!(&mut waiting).is_pending());
+        tokio::time::advance(SILENT_AFTER + Duration::from_millis(1)).await;
+        session.observe_datagrams();
+        assert!(matches!(waiting.await, Err(ExchangeError::Lost)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_whose_body_went_out_waits_for_its_answer() {
+        let session = silent_session();
+        let body = BodySlot::new(empty_body());
+        // The transport took the body: the request may have reached the agent.
+        let _taken = body.body().frame().await;
+        assert!(!body.untouched());
+        let answer = async {
+            tokio::time::sleep(SILENT_AFTER * 2).await;
+            Err(ExchangeError::Reset(StreamCode::UpstreamFailed))
+        };
+        let waiting = answer_or_silence(answer, &session, &body);
+        let mut waiting = std::pin::pin!(waiting);
+        assert!(futures_util::poll!(&mut waiting).is_pending());
+        tokio::time::advance(SILENT_AFTER + Duration::from_millis(1)).await;
+        session.observe_datagrams();
+        assert!(session.silent_for().is_some());
+        assert!(matches!(waiting.await, Err(ExchangeError::Reset(StreamCode::UpstreamFailed))));
+    }
 }

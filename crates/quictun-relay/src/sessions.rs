@@ -51,6 +51,12 @@ pub struct Session {
     health: Health,
 }
 
+/// `datagrams_moved_ms` before the first look.
+const NOT_LOOKED_AT: u64 = u64::MAX;
+
+/// Silence after which an agent is suspect: its keep-alive interval (1 s) and a margin.
+pub const SILENT_AFTER: Duration = Duration::from_millis(1250);
+
 /// Consecutive failed exchanges after which an agent is put in cooldown.
 pub const FAILURES_BEFORE_COOLDOWN: u32 = 3;
 /// How long an agent stays out after repeated failures.
@@ -64,6 +70,25 @@ struct Health {
     cooldown_until_ms: AtomicU64,
     last_heard_ms: AtomicU64,
     lag_limit: Duration,
+    /// The peer's datagram count when last looked at, and when it last moved.
+    datagrams: AtomicU64,
+    datagrams_moved_ms: AtomicU64,
+    went_silent: tokio::sync::Notify,
+    /// Whether the last look found it silent.
+    seen_silent: AtomicBool,
+}
+
+/// What one look at a session's datagram count found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// Heard from recently, as before.
+    Heard,
+    /// Heard from again after a silence.
+    HeardAgain,
+    /// Silent for this long, and it was already.
+    Silent(Duration),
+    /// Silent for this long: it has just crossed [`SILENT_AFTER`].
+    WentSilent(Duration),
 }
 
 impl Health {
@@ -102,6 +127,10 @@ impl Session {
                 last_heard_ms: AtomicU64::new(0),
                 // A heartbeat is answered within an interval; two missed ones mean trouble.
                 lag_limit: heartbeat_interval * 2,
+                datagrams: AtomicU64::new(0),
+                datagrams_moved_ms: AtomicU64::new(NOT_LOOKED_AT),
+                went_silent: tokio::sync::Notify::new(),
+                seen_silent: AtomicBool::new(false),
             },
         }
     }
@@ -128,12 +157,61 @@ impl Session {
         }
     }
 
-    /// False while the agent is in cooldown or its heartbeats lag.
+    /// False while the agent is in cooldown, its heartbeats lag, or it has gone silent.
     pub fn is_healthy(&self) -> bool {
         let now = self.health.now_ms();
         let lagging = now.saturating_sub(self.health.last_heard_ms.load(Ordering::Relaxed))
             > u64::try_from(self.health.lag_limit.as_millis()).unwrap_or(u64::MAX);
-        now >= self.health.cooldown_until_ms.load(Ordering::Relaxed) && !lagging
+        now >= self.health.cooldown_until_ms.load(Ordering::Relaxed) && !lagging && self.silent_for().is_none()
+    }
+
+    /// Looks at the tunnel's datagram count (see [`crate::liveness`]) and says what changed; wakes
+    /// [`Session::went_silent`] waiters when the agent has just gone silent.
+    pub fn observe_datagrams(&self) -> Liveness {
+        let now = self.health.now_ms();
+        match self.tunnel.datagrams_received() {
+            Some(count) if count == self.health.datagrams.load(Ordering::Relaxed) => {}
+            Some(count) => {
+                self.health.datagrams.store(count, Ordering::Relaxed);
+                self.health.datagrams_moved_ms.store(now, Ordering::Relaxed);
+            }
+            // The transport does not count (gRPC: HTTP/2 PINGs watch the peer instead).
+            None => self.health.datagrams_moved_ms.store(now, Ordering::Relaxed),
+        }
+        let silent = self.silent_for();
+        let was_silent = self.health.seen_silent.swap(silent.is_some(), Ordering::Relaxed);
+        match (was_silent, silent) {
+            (false, None) => Liveness::Heard,
+            (true, None) => Liveness::HeardAgain,
+            (true, Some(silent)) => Liveness::Silent(silent),
+            (false, Some(silent)) => {
+                self.health.went_silent.notify_waiters();
+                Liveness::WentSilent(silent)
+            }
+        }
+    }
+
+    /// Resolves once the agent is silent (see [`Session::silent_for`]).
+    pub async fn went_silent(&self) {
+        loop {
+            let notified = self.health.went_silent.notified();
+            if self.silent_for().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// How long nothing has arrived from the agent, once that is over [`SILENT_AFTER`]: it
+    /// sends at least a keep-alive each second, so it is likely gone, and the balancer leaves it
+    /// out (while a sibling answers) until it is heard again or declared dead.
+    pub fn silent_for(&self) -> Option<Duration> {
+        let moved = self.health.datagrams_moved_ms.load(Ordering::Relaxed);
+        if moved == NOT_LOOKED_AT {
+            return None;
+        }
+        let silent = Duration::from_millis(self.health.now_ms().saturating_sub(moved));
+        (silent > SILENT_AFTER).then_some(silent)
     }
 
     /// The agent's address as the relay sees it.
@@ -395,7 +473,8 @@ mod tests {
                 *seen.lock().unwrap() = Some(SeenAtClose { current: m.get("agent-1").map(|s| s.session_id), group });
             }
         };
-        let first = session_on("agent-1", "web", FakeTunnel { on_close: Some(Box::new(on_close)) });
+        let first =
+            session_on("agent-1", "web", FakeTunnel { on_close: Some(Box::new(on_close)), ..FakeTunnel::default() });
         let other = session_on("agent-2", "web", FakeTunnel::default());
         assert!(manager.insert(first.clone(), 8).unwrap().is_none());
         assert!(manager.insert(other.clone(), 8).unwrap().is_none());
