@@ -152,9 +152,33 @@ pub struct LocalUpstream {
 
 impl AgentConfigFile {
     /// Reads and parses a configuration file (validation happens once flags are merged).
+    /// Relative paths in it (`ca`, `token_file`) are taken against the file's directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse { file: path.to_owned(), message: e.to_string() })
+        let mut config: Self =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse { file: path.to_owned(), message: e.to_string() })?;
+        for file in [&mut config.agent.ca, &mut config.agent.token_file].into_iter().flatten() {
+            quictun_core::config::resolve_in_place(path, file);
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_are_read_against_the_files_directory() {
+        let dir = std::env::temp_dir().join(format!("quictun-agent-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("agent.toml");
+        let text = "[agent]\nrelay = \"h:1\"\nclient_id = \"c\"\nca = \"ca.pem\"\ntoken_file = \"/abs/token\"\n";
+        std::fs::write(&file, text).unwrap();
+        let config = AgentConfigFile::load(&file).unwrap();
+        assert_eq!(config.agent.ca, Some(dir.join("ca.pem")));
+        assert_eq!(config.agent.token_file, Some(PathBuf::from("/abs/token")), "absolute paths stay");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -117,8 +117,9 @@ pub async fn register_and_serve<C: ControlIo>(
     ));
     let span = info_span!("session", client_id = %options.client_id, session_id = %accepted.session_id);
     span.in_scope(|| {
-        let upstreams: Vec<String> = forwarder.upstreams().names().map(str::to_owned).collect();
-        info!(relay = %tunnel.remote_addr(), config_version = accepted.config.version, ?upstreams, "registered with relay");
+        let table = forwarder.upstreams();
+        let upstreams = table.names().collect::<Vec<_>>().join(", ");
+        info!(relay = %tunnel.remote_addr(), config_version = accepted.config.version, %upstreams, "registered with relay");
     });
     state.send_replace(AgentState::Connected { session_id: accepted.session_id, relay: tunnel.remote_addr() });
     let interval = Duration::from_millis(u64::from(accepted.heartbeat_interval_ms.max(50)));

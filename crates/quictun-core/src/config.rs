@@ -47,6 +47,21 @@ pub fn parse_toml<T: DeserializeOwned>(text: &str, file: &Path) -> Result<T, Con
     toml::from_str(text).map_err(|e| ConfigError::Parse { file: file.to_owned(), message: e.to_string() })
 }
 
+/// `path` as read from the configuration file `file`: a relative path is taken against the
+/// file's own directory, as nginx and systemd read the paths in theirs, so that what a
+/// configuration means does not depend on where the process was started.
+pub fn relative_to_file(file: &Path, path: &Path) -> std::path::PathBuf {
+    match file.parent() {
+        Some(dir) if path.is_relative() => dir.join(path),
+        _ => path.to_owned(),
+    }
+}
+
+/// Resolves `path` in place with [`relative_to_file`].
+pub fn resolve_in_place(file: &Path, path: &mut std::path::PathBuf) {
+    *path = relative_to_file(file, path);
+}
+
 /// Reads and parses a TOML file.
 pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;

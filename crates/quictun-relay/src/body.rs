@@ -92,6 +92,11 @@ impl Pace {
 }
 
 impl<B> Metered<B> {
+    /// Body bytes that went through so far.
+    pub fn bytes_seen(&self) -> u64 {
+        self.seen
+    }
+
     /// Counts the bytes of `inner` into `bytes`; `idle_timeout` ends a body silent that long.
     pub fn new(inner: B, bytes: Counter, idle_timeout: Option<Duration>) -> Self {
         Self { inner, bytes, limit: None, seen: 0, idle_timeout, idle: None, pace: None }

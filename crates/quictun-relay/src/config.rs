@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 pub use quictun_core::config::ConfigError;
-use quictun_core::config::{SecretSources, load_toml, parse_toml};
+use quictun_core::config::{SecretSources, parse_toml};
 use std::time::Duration;
 
 use quictun_proto::Token;
@@ -92,10 +92,17 @@ pub struct RelaySection {
     pub transport: TransportChoice,
     /// QUIC congestion controller: `bbr` (default) or `cubic`.
     pub congestion: quictun_quic::Congestion,
+    /// The name (or address) agents reach this relay at, for the agent command it prints; by
+    /// default the machine's host name.
+    pub public_name: Option<String>,
     /// PEM certificate; generated when missing.
     pub cert: PathBuf,
     /// PEM private key; generated when missing.
     pub key: PathBuf,
+    /// True when `cert` or `key` was named (in the file, or by a flag): then a missing file is an
+    /// error, never a reason to make a new identity that pinned agents would refuse.
+    #[serde(skip)]
+    pub identity_named: bool,
     /// Heartbeat interval sent to agents, in milliseconds.
     pub heartbeat_interval_ms: u32,
     /// A peer silent for this many heartbeat intervals is dropped.
@@ -181,8 +188,10 @@ impl Default for RelaySection {
             grpc_listen: SocketAddr::from(([0, 0, 0, 0], 4434)),
             transport: TransportChoice::All,
             congestion: quictun_quic::Congestion::Bbr,
+            public_name: None,
             cert: PathBuf::from("certs/relay.crt"),
             key: PathBuf::from("certs/relay.key"),
+            identity_named: false,
             heartbeat_interval_ms: 5_000,
             heartbeat_misses: 3,
             max_streams_per_agent: 1024,
@@ -340,12 +349,34 @@ fn default_prefix() -> String {
 }
 
 impl RelayConfig {
-    /// Reads and validates a configuration file.
+    /// Reads and validates a configuration file. Relative paths in it (`cert`, `key`,
+    /// `https_cert`, `https_key`, `admin_token_file`, a client's `token_file`, and the default
+    /// `certs/relay.crt` and `certs/relay.key`) are taken against the file's directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let mut config: Self = load_toml(path)?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
+        let mut config: Self = parse_toml(&text, path)?;
+        let table: toml::Table = parse_toml(&text, path)?;
+        let relay = table.get("relay").and_then(toml::Value::as_table);
+        config.relay.identity_named = relay.is_some_and(|r| r.contains_key("cert") || r.contains_key("key"));
+        config.resolve_paths(path);
         config.source = path.to_owned();
         config.validate(path)?;
         Ok(config)
+    }
+
+    fn resolve_paths(&mut self, file: &Path) {
+        use quictun_core::config::resolve_in_place;
+        let r = &mut self.relay;
+        for path in [&mut r.cert, &mut r.key] {
+            resolve_in_place(file, path);
+        }
+        for path in [&mut r.https_cert, &mut r.https_key, &mut r.admin_token_file].into_iter().flatten() {
+            resolve_in_place(file, path);
+        }
+        for path in self.clients.iter_mut().filter_map(|c| c.token_file.as_mut()) {
+            resolve_in_place(file, path);
+        }
     }
 
     /// Parses and validates configuration text; `file` names it in errors.
@@ -501,6 +532,9 @@ mod tests {
         let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/relay.toml"));
         let config = RelayConfig::load(path).unwrap();
         assert!(!config.routes.is_empty());
+        // The identity lives beside the file, wherever the relay is started from.
+        assert_eq!(config.relay.cert, path.parent().unwrap().join("certs/relay.crt"));
+        assert!(!config.relay.identity_named, "the example leaves the identity to be generated");
     }
 
     #[test]

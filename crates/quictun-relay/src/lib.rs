@@ -17,6 +17,7 @@
 //!
 //! [`Relay::start`] binds everything and returns a [`Relay`] handle; [`Relay::shutdown`] drains.
 
+mod access;
 mod admin;
 mod admission;
 mod balance;
@@ -204,7 +205,10 @@ impl Relay {
             shared.runtime.stopped.clone(),
             shared.runtime.tasks.clone(),
         ));
-        info!(%quic_addr, ?grpc_addr, %http_addr, ?https_addr, %admin_addr, "relay listening");
+        let off = || "off".to_owned();
+        let (grpc, https) =
+            (grpc_addr.map_or_else(off, |a| a.to_string()), https_addr.map_or_else(off, |a| a.to_string()));
+        info!(%quic_addr, grpc_addr = %grpc, %http_addr, https_addr = %https, %admin_addr, "relay listening");
         let tcp_entries = config.tcp.clone();
         Ok(Self {
             shared,

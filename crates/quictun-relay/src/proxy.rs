@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, field, info_span, warn};
 use uuid::Uuid;
 
+use crate::access::AccessEntry;
 use crate::admission::Slots;
 use crate::balance::Choice;
 use crate::body::{BodySlot, Metered, Tripped};
@@ -140,7 +141,17 @@ pub enum IngressBody {
         body: Metered<TunnelBody>,
         /// The stream slot on the agent's connection and on the route, held until the body ends.
         _slots: Slots,
+        /// The access-log line, written when the body ends or is dropped.
+        access: Option<Box<AccessEntry>>,
     },
+}
+
+impl Drop for IngressBody {
+    fn drop(&mut self) {
+        if let Self::Tunnel { body, access: Some(entry), .. } = self {
+            entry.log(body.bytes_seen());
+        }
+    }
 }
 
 /// Whether an ingress speaks plain HTTP or HTTPS (told to upstreams in `x-forwarded-proto`).
@@ -242,11 +253,13 @@ pub struct Peer {
     pub scheme: Scheme,
 }
 
-/// What a request's metrics need to know after it was answered.
+/// What a request's metrics and access-log line need to know after it was answered.
 #[derive(Default)]
 struct RequestMetrics {
     route: Option<Arc<str>>,
     head_latency: Option<Duration>,
+    host: Option<String>,
+    client_id: Option<Arc<str>>,
 }
 
 /// Answers one ingress request; never fails (errors become responses).
@@ -254,6 +267,9 @@ pub async fn handle(shared: Arc<RelayState>, req: Request<Incoming>, peer: Peer)
     let request_id = Uuid::new_v4();
     let span =
         info_span!("request", %request_id, method = %req.method(), path = %req.uri().path(), client_id = field::Empty);
+    let access_log = tracing::enabled!(target: "quictun::access", tracing::Level::INFO);
+    let (started, method) = (std::time::Instant::now(), req.method().clone());
+    let path = if access_log { req.uri().path().to_owned() } else { String::new() };
     let mut outcome = RequestMetrics::default();
     let mut response = match forward(&shared, req, peer, request_id, &mut outcome).instrument(span.clone()).await {
         Ok(response) => response,
@@ -274,6 +290,22 @@ pub async fn handle(shared: Arc<RelayState>, req: Request<Incoming>, peer: Peer)
     shared.runtime.metrics.request(route, response.status().as_u16(), outcome.head_latency);
     if let Ok(value) = HeaderValue::from_str(&request_id.to_string()) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    if access_log {
+        let entry = AccessEntry {
+            request_id,
+            client: peer.addr,
+            method,
+            host: outcome.host,
+            path,
+            status: response.status().as_u16(),
+            client_id: outcome.client_id,
+            started,
+        };
+        match response.body_mut() {
+            IngressBody::Tunnel { access, .. } => *access = Some(Box::new(entry)),
+            IngressBody::Full(bytes) => entry.log(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+        }
     }
     response
 }
@@ -343,6 +375,7 @@ async fn forward(
 ) -> Result<Response<IngressBody>, ProxyError> {
     let authority = request_authority(req.version(), req.uri(), req.headers())?;
     let host = authority.as_str();
+    outcome.host = Some(host.to_owned());
     // Routed and forwarded in its canonical form: the upstream sees the path the route matched.
     let target = path::normalize(req.uri().path_and_query().map_or("/", |pq| pq.as_str()))?.into_owned();
     let path = target.split('?').next().unwrap_or("/");
@@ -372,6 +405,7 @@ async fn forward(
         None => agent_after_startup(shared, &group).await?,
     };
     tracing::Span::current().record("client_id", &*session.client_id);
+    outcome.client_id = Some(session.client_id.clone());
     let agent_slot = session.try_stream_permit().ok_or(ProxyError::Exchange(ExchangeError::Busy))?;
     let is_upgrade = is_upgrade_request(req.version(), req.headers());
     // May run twice (RFC 9110, 9.2.2), should the agent die under it.
@@ -440,6 +474,7 @@ async fn forward(
             warn!(from = %session.client_id, to = %other.client_id, "agent unreachable before it answered: retrying on another agent");
             (session, agent_slot) = (other, permit);
             tracing::Span::current().record("client_id", &*session.client_id);
+            outcome.client_id = Some(session.client_id.clone());
             attempt = tokio::time::timeout(deadline, session.tunnel.open(head, body.body(), client)).await;
         }
     }
@@ -485,7 +520,7 @@ async fn forward(
     }
     let body =
         Metered::new(body, shared.runtime.metrics.bytes_from_agent.clone(), shared.settings.stream_idle_timeout());
-    let mut response = Response::new(IngressBody::Tunnel { body, _slots: slots });
+    let mut response = Response::new(IngressBody::Tunnel { body, _slots: slots, access: None });
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     Ok(response)

@@ -13,6 +13,19 @@ pub struct Cli {
     /// What to run.
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines on stderr as text (coloured on a terminal, unless NO_COLOR is set) or as JSON,
+    /// one object per line.
+    #[arg(long, global = true, value_enum, env = "QUICTUN_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (for journald, Loki, Elasticsearch…).
+    Json,
 }
 
 /// The commands.
@@ -157,6 +170,7 @@ pub struct UpstreamArgs {
 
 /// Flags of `quictun relay`; they override the configuration file.
 #[derive(Debug, Args)]
+#[command(override_usage = "quictun relay [--config <FILE>] [OPTIONS]")]
 pub struct RelayArgs {
     /// Configuration file (TOML, see config/relay.toml).
     #[arg(long, value_name = "FILE")]
@@ -189,6 +203,7 @@ pub struct RelayArgs {
 
 /// Flags of `quictun agent`; they override the configuration file.
 #[derive(Debug, Args)]
+#[command(override_usage = "quictun agent [--config <FILE>] [OPTIONS]")]
 pub struct AgentArgs {
     /// Configuration file (TOML, see config/agent.toml).
     #[arg(long, value_name = "FILE")]

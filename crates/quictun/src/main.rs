@@ -2,7 +2,8 @@
 //!
 //! One binary: `relay`, `agent`, `cert gen`, `cert pin`, `demo`. Exit status: 0 success,
 //! 2 usage or configuration error, 1 runtime failure. Logs go to stderr through `tracing`
-//! (level from `RUST_LOG`, `info` by default); stdout carries only the command's own output.
+//! (level from `RUST_LOG`, `info` by default; text, or JSON with `--log-format json`); stdout
+//! carries only the command's own output.
 
 mod agent_cmd;
 mod bench_cmd;
@@ -17,7 +18,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{CertCommand, Cli, Command};
+use crate::cli::{CertCommand, Cli, Command, LogFormat};
 
 /// How a command failed, which decides the exit status.
 #[derive(Debug)]
@@ -40,10 +41,20 @@ impl Failure {
     }
 }
 
-fn init_logging() {
+/// Logs to stderr at `RUST_LOG` (`info` by default): text, coloured only on a terminal and
+/// without `NO_COLOR` (<https://no-color.org>), or JSON lines.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => {
+            let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+            builder.with_ansi(std::io::stderr().is_terminal() && !no_color).init();
+        }
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit, as servers do: the relay's connection
@@ -58,7 +69,7 @@ fn raise_file_limit() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(cli.log_format);
     raise_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -83,12 +94,51 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(err)) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", describe(&err));
             ExitCode::from(2)
         }
         Err(Failure::Runtime(err)) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", describe(&err));
             ExitCode::from(1)
         }
+    }
+}
+
+/// An error and its causes on one line, each said once: many errors already include their
+/// cause's text (`binding 0.0.0.0:8080: Address already in use`), and the cause would otherwise
+/// follow it again.
+fn describe(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("binding 0.0.0.0:8080: {source}")]
+    struct Bind {
+        #[source]
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let err = anyhow::Error::new(Bind { source: io }).context("starting the relay");
+        let text = describe(&err);
+        assert_eq!(text.matches("address in use").count() + text.matches("Address in use").count(), 1, "{text}");
+        assert!(text.starts_with("starting the relay: binding 0.0.0.0:8080: "), "{text}");
     }
 }

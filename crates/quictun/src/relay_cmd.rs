@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use anyhow::anyhow;
+use quictun_agent::options::DEFAULT_GRPC_PORT;
 use quictun_core::tls::{CertKey, GeneratedCert};
 use quictun_relay::{Relay, RelayConfig};
 
@@ -36,19 +37,59 @@ fn load_config(args: &RelayArgs) -> Result<RelayConfig, Failure> {
     }
     if let Some(cert) = &args.cert {
         r.cert = cert.clone();
+        r.identity_named = true;
     }
     if let Some(key) = &args.key {
         r.key = key.clone();
+        r.identity_named = true;
     }
     config.validate(&origin).map_err(Failure::usage)?;
     Ok(config)
 }
 
-/// Loads the certificate, or generates and writes one when neither file exists.
+/// The machine's host name (what a generated certificate names besides localhost).
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// The command that connects an agent to this relay, ready to paste on the agent's host: the
+/// relay's public name, its ports (the gRPC one only when it is not the agent's default), the pin,
+/// and the token through `QUICTUN_TOKEN`, which keeps it out of `ps` and shell history.
+fn agent_command(
+    public_name: &str,
+    quic: std::net::SocketAddr,
+    grpc: Option<std::net::SocketAddr>,
+    pin: &str,
+    client: &str,
+) -> String {
+    let host = if public_name.contains(':') { format!("[{public_name}]") } else { public_name.to_owned() };
+    let mut command = format!(
+        "QUICTUN_TOKEN=<{client}'s token> quictun agent --relay {host}:{} --pin {pin} --client-id {client}",
+        quic.port()
+    );
+    if let Some(grpc) = grpc.filter(|g| g.port() != DEFAULT_GRPC_PORT) {
+        command.push_str(&format!(" --grpc-relay {host}:{}", grpc.port()));
+    }
+    command
+}
+
+/// Loads the certificate, or, when neither file exists and the configuration did not name
+/// them, generates and writes a new identity (and says so, with its pin).
 fn load_or_generate_cert(config: &RelayConfig) -> Result<(CertKey, bool), Failure> {
     let (cert, key) = (&config.relay.cert, &config.relay.key);
     match (cert.exists(), key.exists()) {
         (true, true) => Ok((CertKey::load(cert, key).map_err(Failure::usage)?, false)),
+        (false, false) if config.relay.identity_named => Err(Failure::usage(anyhow!(
+            "the relay's certificate {} and key {} do not exist (generate them with `quictun cert gen --out {}`, \
+             or remove `cert` and `key` from the configuration to have them generated)",
+            cert.display(),
+            key.display(),
+            cert.parent().map_or_else(|| ".".into(), |d| d.display().to_string())
+        ))),
         (false, false) => {
             let mut sans = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
             if let Ok(host) = std::fs::read_to_string("/etc/hostname") {
@@ -59,7 +100,15 @@ fn load_or_generate_cert(config: &RelayConfig) -> Result<(CertKey, bool), Failur
             }
             let generated = GeneratedCert::self_signed(&sans).map_err(Failure::runtime)?;
             generated.write(cert, key).map_err(Failure::runtime)?;
-            Ok((generated.cert_key().map_err(Failure::runtime)?, true))
+            let cert_key = generated.cert_key().map_err(Failure::runtime)?;
+            let pin = cert_key.pin().map(|p| p.to_string()).unwrap_or_default();
+            tracing::warn!(
+                cert = %cert.display(),
+                key = %key.display(),
+                %pin,
+                "no certificate yet: generated a new relay identity; agents pinned to another one will refuse it"
+            );
+            Ok((cert_key, true))
         }
         (true, false) => {
             Err(Failure::usage(anyhow!("{} exists but the key {} is missing", cert.display(), key.display())))
@@ -75,6 +124,7 @@ pub async fn run(args: RelayArgs) -> Result<(), Failure> {
     let config = load_config(&args)?;
     let (cert, generated) = load_or_generate_cert(&config)?;
     let first_client = config.clients.first().map(|c| c.id.clone());
+    let public_name = config.relay.public_name.clone().unwrap_or_else(host_name);
     let cert_path = config.relay.cert.clone();
     let relay = Relay::start(config, cert).await.map_err(|err| match err {
         quictun_relay::RelayError::Config(_) => Failure::usage(err),
@@ -93,11 +143,8 @@ pub async fn run(args: RelayArgs) -> Result<(), Failure> {
     println!("  admin          http://{}/api/sessions", relay.admin_addr());
     println!("  certificate    {}{}", cert_path.display(), if generated { " (generated)" } else { "" });
     println!("  pin            {pin}");
-    println!(
-        "  agent command  quictun agent --relay <THIS_HOST>:{} --pin {pin} --client-id {} --token <TOKEN>",
-        relay.quic_addr().port(),
-        first_client.as_deref().unwrap_or("<ID>")
-    );
+    let client = first_client.as_deref().unwrap_or("<ID>");
+    println!("  agent command  {}", agent_command(&public_name, relay.quic_addr(), relay.grpc_addr(), &pin, client));
     serve_until_shutdown(&relay, &args).await;
     relay.shutdown().await;
     Ok(())
@@ -145,4 +192,25 @@ async fn serve_until_shutdown(relay: &Relay, args: &RelayArgs) {
 fn modified(path: &Path) -> Option<(std::time::SystemTime, u64)> {
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_command_names_the_relay_its_ports_and_keeps_the_token_off_the_command_line() {
+        let quic = "0.0.0.0:4433".parse().unwrap();
+        let default_grpc = Some("0.0.0.0:4434".parse().unwrap());
+        let command = agent_command("relay.example.com", quic, default_grpc, "sha256:ab", "office-1");
+        assert_eq!(
+            command,
+            "QUICTUN_TOKEN=<office-1's token> quictun agent --relay relay.example.com:4433 --pin sha256:ab --client-id office-1"
+        );
+        let other_grpc = Some("0.0.0.0:9443".parse().unwrap());
+        let command = agent_command("2001:db8::1", quic, other_grpc, "sha256:ab", "office-1");
+        assert!(command.contains("--relay [2001:db8::1]:4433"), "{command}");
+        assert!(command.ends_with("--grpc-relay [2001:db8::1]:9443"), "{command}");
+        assert!(!command.contains("--token"));
+    }
 }

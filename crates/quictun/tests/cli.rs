@@ -41,10 +41,12 @@ impl Proc {
     }
 
     fn spawn_command(mut command: Command, dir: &Path) -> Self {
+        if !command.get_envs().any(|(key, _)| key == "RUST_LOG") {
+            command.env("RUST_LOG", "warn");
+        }
         let mut child = command
             .current_dir(dir)
             .env_remove("QUICTUN_TOKEN")
-            .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -230,6 +232,7 @@ fn relay_generates_a_cert_and_real_agents_are_refused_for_a_wrong_pin_or_token()
     std::fs::write(
         &config,
         "[relay]\nquic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         grpc_listen = \"127.0.0.1:0\"\npublic_name = \"127.0.0.1\"\n\
          [[clients]]\nid = \"office-1\"\ntoken = \"right\"\ngroup = \"web\"\n",
     )
     .unwrap();
@@ -238,7 +241,18 @@ fn relay_generates_a_cert_and_real_agents_are_refused_for_a_wrong_pin_or_token()
     let pin = relay.line_with("pin").split_whitespace().last().unwrap().to_owned();
     let command = relay.line_with("agent command");
     assert!(command.contains(&pin) && command.contains("--client-id office-1"), "{command}");
+    assert!(!command.contains("--token"), "the token belongs in QUICTUN_TOKEN: {command}");
     assert!(dir.join("certs/relay.crt").exists() && dir.join("certs/relay.key").exists());
+
+    // The printed command, pasted with the real token, connects (over QUIC, or gRPC on the port
+    // it names).
+    let pasted = command.split_once("agent command").unwrap().1.trim().replace("<office-1's token>", "right");
+    let mut shell = Command::new("sh");
+    // `exec env`: the agent replaces the shell, so that dropping the process stops it.
+    shell.arg("-c").arg(format!("exec env {}", pasted.replace(" quictun ", &format!(" {BIN} "))));
+    let agent = Proc::spawn_command(shell, &dir);
+    agent.line_with("quictun agent connected");
+    drop(agent);
 
     let wrong_pin = format!("sha256:{}", "ab".repeat(32));
     let agent = Proc::spawn(
@@ -631,4 +645,95 @@ fn a_request_on_a_killed_agent_gets_its_502_within_seconds(transport: &'static s
     assert!(answered < Duration::from_secs(5), "the 502 came {answered:?} after the agent died");
     let after = try_http_get(&http, "/hello").unwrap();
     assert!(after.starts_with("HTTP/1.1 502"), "a request after the death must fail at once: {after}");
+}
+
+#[test]
+fn relative_paths_in_a_config_file_are_read_against_its_directory() {
+    let dir = TempDir::new();
+    let etc = dir.join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(etc.join("office.token"), "right\n").unwrap();
+    let listeners = "quic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+                     grpc_listen = \"127.0.0.1:0\"\n";
+    let clients = "[[clients]]\nid = \"office-1\"\ntoken_file = \"office.token\"\ngroup = \"web\"\n";
+    let config = etc.join("relay.toml");
+    std::fs::write(&config, format!("[relay]\n{listeners}{clients}")).unwrap();
+
+    // Started from another directory: the identity is made beside the file, not in ./certs, and
+    // the token file is found beside it too.
+    let relay = Proc::spawn(&["relay", "--config", config.to_str().unwrap()], &dir);
+    let generated = relay.line_with("certificate");
+    assert!(generated.contains(etc.join("certs/relay.crt").to_str().unwrap()), "{generated}");
+    assert!(etc.join("certs/relay.key").exists());
+    assert!(!dir.join("certs").exists(), "an identity was made where the relay was started");
+    let (status, err) = {
+        relay.terminate();
+        relay.wait_exit()
+    };
+    assert_eq!(status, 0, "{err}");
+    assert!(err.contains("generated a new relay identity"), "the new identity was not announced: {err}");
+
+    // A certificate the file names must exist: no new identity in its place.
+    let named = etc.join("named.toml");
+    std::fs::write(&named, format!("[relay]\n{listeners}cert = \"tls/relay.crt\"\nkey = \"tls/relay.key\"\n{clients}"))
+        .unwrap();
+    let out = Command::new(BIN)
+        .args(["relay", "--config", named.to_str().unwrap()])
+        .current_dir(dir.join("."))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains(etc.join("tls/relay.crt").to_str().unwrap()), "{}", stderr(&out));
+    assert!(!etc.join("tls").exists());
+}
+
+#[test]
+fn each_request_gets_one_access_line_in_text_without_colour_or_in_json() {
+    for format in ["text", "json"] {
+        let dir = TempDir::new();
+        let mut command = Command::new(BIN);
+        command.args(["--log-format", format, "demo", "--http-listen", "127.0.0.1:0"]);
+        command.env("RUST_LOG", "warn,quictun::access=info").env_remove("NO_COLOR");
+        let demo = Proc::spawn_command(command, &dir);
+        let line = demo.line_with("curl -i");
+        let addr =
+            line.split_whitespace().last().unwrap().trim_start_matches("http://").trim_end_matches('/').to_owned();
+        assert!(http_get(&addr, "/").starts_with("HTTP/1.1 200"));
+        assert!(http_get(&addr, "/bytes/1000").starts_with("HTTP/1.1 200"));
+        assert!(http_get(&addr, "/nowhere/../..").starts_with("HTTP/1.1 400"));
+        demo.terminate();
+        let (status, err) = demo.wait_exit();
+        assert_eq!(status, 0, "{err}");
+        assert!(!err.contains('\x1b'), "colour codes in a log that is not a terminal: {err}");
+        let access: Vec<&str> = err.lines().filter(|l| l.contains("quictun::access")).collect();
+        assert_eq!(access.len(), 3, "one line per request: {err}");
+        if format == "text" {
+            assert!(access[1].contains("GET /bytes/1000 200") && access[1].contains("bytes=1000"), "{}", access[1]);
+            assert!(access[1].contains("client_id=demo"), "{}", access[1]);
+            assert!(access[2].contains(" 400 ") && access[2].contains("client_id=-"), "{}", access[2]);
+            continue;
+        }
+        let lines: Vec<serde_json::Value> = access.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let fields = &lines[1]["fields"];
+        assert_eq!(fields["method"], "GET");
+        assert_eq!(fields["path"], "/bytes/1000");
+        assert_eq!(fields["status"], 200);
+        assert_eq!(fields["bytes"], 1000);
+        assert_eq!(fields["client_id"], "demo");
+        assert_eq!(fields["host"], "demo", "the Host header http_get sends");
+        assert!(fields["duration_ms"].as_f64().unwrap() > 0.0);
+        assert!(fields["request_id"].as_str().unwrap().len() == 36);
+        assert_eq!(lines[2]["fields"]["status"], 400);
+    }
+}
+
+#[test]
+fn a_mistyped_flag_gets_a_suggestion_and_the_whole_usage_line() {
+    let out = quictun(&["relay", "--quic-listn", "0.0.0.0:4433"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("a similar argument exists: '--quic-listen'"), "{err}");
+    assert!(err.contains("Usage: quictun relay [--config <FILE>] [OPTIONS]"), "{err}");
+    let out = quictun(&["agnet"]);
+    assert!(stderr(&out).contains("a similar subcommand exists: 'agent'"), "{}", stderr(&out));
 }

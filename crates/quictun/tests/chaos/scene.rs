@@ -199,7 +199,6 @@ impl Scene {
         http: &str,
         admin: &str,
     ) -> (Proc, SocketAddr, SocketAddr, SocketAddr, String) {
-        let d = dir.0.display();
         // Short heartbeats unless the test sets its own (`heartbeat_interval_ms` in `extra`).
         let heartbeat = if extra.contains("heartbeat_interval_ms") {
             String::new()
@@ -208,8 +207,7 @@ impl Scene {
         };
         let mut config = format!(
             "[relay]\nquic_listen = \"{quic}\"\nhttp_listen = \"{http}\"\nadmin_listen = \"{admin}\"\n\
-             transport = \"quic\"\ncert = \"{d}/relay.crt\"\nkey = \"{d}/relay.key\"\n\
-             {heartbeat}drain_timeout_secs = 2\n{extra}\n"
+             transport = \"quic\"\n{heartbeat}drain_timeout_secs = 2\n{extra}\n"
         );
         for i in 1..=AGENTS {
             config.push_str(&format!("[[clients]]\nid = \"agent-{i}\"\ntoken = \"token-{i}\"\ngroup = \"web\"\n"));
@@ -218,6 +216,7 @@ impl Scene {
             "[[upstreams]]\nname = \"app\"\ngroup = \"web\"\ntargets = [\"http://{upstream}\"]\n\
              [[routes]]\nhost = \"*\"\nupstream = \"app\"\n"
         ));
+        // The identity is generated beside the file at the first start and kept across restarts.
         let path = dir.0.join("relay.toml");
         std::fs::write(&path, config).unwrap();
         let log = dir.0.join(format!("relay-{}.log", fastrand::u32(..)));
