@@ -257,3 +257,11 @@ async fn just_after_startup_a_request_waits_for_its_agent_to_register() {
     let reply = tokio::time::timeout(WAIT, early).await.expect("the early request hung").unwrap();
     assert_eq!((reply.status, reply.text().as_str()), (StatusCode::OK, "hello"));
 }
+
+#[tokio::test]
+async fn a_request_that_waited_out_the_startup_grace_says_it_waited() {
+    let h = Harness::start_with(with_relay(|r| r.startup_grace_secs = 1)).await;
+    let reply = h.client.get("app.test", "/hello").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+    assert!(reply.text().contains("waited") && reply.text().contains("startup_grace_secs"), "{}", reply.text());
+}

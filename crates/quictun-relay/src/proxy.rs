@@ -69,6 +69,18 @@ pub enum ProxyError {
     /// The route's group has no connected agent.
     #[error("no agent of group {0:?} is connected")]
     NoAgent(Arc<str>),
+    /// The route's group had no connected agent, and none registered during the relay's
+    /// startup grace (`startup_grace_secs`), which the request waited through.
+    #[error(
+        "no agent of group {group:?} is connected (waited {:.1} s for one to register after the relay started: startup_grace_secs)",
+        waited.as_secs_f64()
+    )]
+    NoAgentAfterWaiting {
+        /// The group.
+        group: Arc<str>,
+        /// How long the request waited.
+        waited: Duration,
+    },
     /// The exchange with the agent failed before a response head arrived.
     #[error(transparent)]
     Exchange(#[from] ExchangeError),
@@ -105,7 +117,7 @@ impl ProxyError {
             Self::UploadTooSlow(_) => StatusCode::REQUEST_TIMEOUT,
             Self::AddressBusy => StatusCode::SERVICE_UNAVAILABLE,
             Self::Exchange(err) => StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::BAD_GATEWAY),
-            Self::NoAgent(_) | Self::BadResponse(_) => StatusCode::BAD_GATEWAY,
+            Self::NoAgent(_) | Self::NoAgentAfterWaiting { .. } | Self::BadResponse(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -115,7 +127,7 @@ impl ProxyError {
             Self::BadHost(_) | Self::BadPath(_) => Reject::bad_request,
             Self::TooManyHeaders { .. } | Self::Exchange(ExchangeError::HeadTooLarge(_)) => Reject::headers_too_large,
             Self::NoRoute { .. } => Reject::no_route,
-            Self::NoAgent(_) => Reject::no_agent,
+            Self::NoAgent(_) | Self::NoAgentAfterWaiting { .. } => Reject::no_agent,
             Self::Exchange(ExchangeError::Busy) => Reject::agent_busy,
             Self::RouteBusy(_) => Reject::route_busy,
             Self::BodyTooLarge(_) => Reject::body_too_large,
@@ -338,13 +350,23 @@ fn counts_against_the_agent(err: &ExchangeError) -> bool {
 async fn agent_after_startup(shared: &RelayState, group: &Arc<str>) -> Result<Arc<Session>, ProxyError> {
     let grace = Duration::from_secs(shared.settings.startup_grace_secs);
     let left = grace.saturating_sub(shared.runtime.started.elapsed());
-    if !left.is_zero() && !shared.runtime.shutdown.is_cancelled() {
-        debug!(?left, %group, "no agent yet: waiting for one to register");
-        shared.runtime.metrics.waiting_for_agent.inc();
-        shared.runtime.sessions.wait_until(left, |sessions| sessions.choose(group, &Choice::default()).is_some()).await;
-        shared.runtime.metrics.waiting_for_agent.dec();
+    if left.is_zero() || shared.runtime.shutdown.is_cancelled() {
+        return shared
+            .runtime
+            .sessions
+            .choose(group, &Choice::default())
+            .ok_or_else(|| ProxyError::NoAgent(group.clone()));
     }
-    shared.runtime.sessions.choose(group, &Choice::default()).ok_or_else(|| ProxyError::NoAgent(group.clone()))
+    debug!(left_ms = left.as_millis(), %group, "no agent yet: waiting for one to register");
+    let waiting = Instant::now();
+    shared.runtime.metrics.waiting_for_agent.inc();
+    shared.runtime.sessions.wait_until(left, |sessions| sessions.choose(group, &Choice::default()).is_some()).await;
+    shared.runtime.metrics.waiting_for_agent.dec();
+    shared
+        .runtime
+        .sessions
+        .choose(group, &Choice::default())
+        .ok_or_else(|| ProxyError::NoAgentAfterWaiting { group: group.clone(), waited: waiting.elapsed() })
 }
 
 /// The answer to `exchange`, or [`ExchangeError::Lost`] when the agent goes silent first (see

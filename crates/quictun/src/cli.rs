@@ -49,6 +49,14 @@ pub enum Command {
     /// Compare the QUIC and gRPC transports (and no tunnel) with real processes; writes JSON,
     /// Markdown and SVG charts.
     Bench(BenchArgs),
+    /// Print a shell completion script: `quictun completions bash > /etc/bash_completion.d/quictun`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `quictun man | man -l -`.
+    Man,
     /// Run many agents in one process (used by `bench`).
     #[command(hide = true)]
     BenchAgents(BenchAgentsArgs),

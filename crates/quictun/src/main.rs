@@ -16,7 +16,7 @@ mod signal;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 use crate::cli::{CertCommand, Cli, Command, LogFormat};
 
@@ -87,6 +87,13 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Upstream(args) => demo_upstream::run(args).await,
             Command::Bench(args) => bench_cmd::run(args).await,
+            Command::Completions { shell } => {
+                clap_complete::generate(shell, &mut Cli::command(), "quictun", &mut std::io::stdout());
+                Ok(())
+            }
+            Command::Man => clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .map_err(|err| Failure::runtime(anyhow::anyhow!("writing the manual page: {err}"))),
             Command::BenchAgents(args) => bench_cmd::agents(args).await,
             Command::BenchFloor(args) => bench_cmd::floor(args).await,
         }

@@ -737,3 +737,19 @@ fn a_mistyped_flag_gets_a_suggestion_and_the_whole_usage_line() {
     let out = quictun(&["agnet"]);
     assert!(stderr(&out).contains("a similar subcommand exists: 'agent'"), "{}", stderr(&out));
 }
+
+#[test]
+fn completions_and_a_manual_page_are_generated_from_the_flags() {
+    let bash = quictun(&["completions", "bash"]);
+    assert!(bash.status.success(), "{}", stderr(&bash));
+    let script = String::from_utf8_lossy(&bash.stdout);
+    assert!(script.contains("_quictun()") && script.contains("--quic-listen"), "not a bash completion script");
+    for shell in ["zsh", "fish"] {
+        assert!(quictun(&["completions", shell]).status.success(), "{shell}");
+    }
+    let man = quictun(&["man"]);
+    assert!(man.status.success(), "{}", stderr(&man));
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(page.starts_with(".ie") || page.contains(".TH quictun"), "not a roff page");
+    assert!(page.contains("relay") && page.contains("agent"));
+}
