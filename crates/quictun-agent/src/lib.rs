@@ -18,6 +18,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod diagnose;
 pub mod egress;
 pub mod forward;
 pub mod grpc;
@@ -51,7 +52,7 @@ pub use options::AgentOptions;
 
 use crate::forward::Forwarder;
 use crate::metrics::AgentMetrics;
-use crate::session::{Attempt, SessionEnd};
+use crate::session::{Attempt, RetryReason, SessionEnd};
 
 /// Why the agent stopped for good.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -392,7 +393,12 @@ async fn run(
             Transport::Grpc => dialer.over_grpc(&forwarder, &state, &stop).await,
             Transport::Auto => match dialer.over_quic(&forwarder, &state, &stop).await {
                 Err(Attempt::Retry(reason)) => {
-                    warn!(%reason, grpc_relay = %options.grpc_relay, "QUIC unavailable: falling back to gRPC over TCP");
+                    let grpc_relay = &options.grpc_relay;
+                    if matches!(&reason, RetryReason::QuicSilent(silence) if silence.calls_for_grpc()) {
+                        warn!(%reason, %grpc_relay, "falling back to gRPC over TCP");
+                    } else {
+                        warn!(%reason, %grpc_relay, "no QUIC session; trying gRPC over TCP as well");
+                    }
                     dialer.over_grpc_probing_quic(&forwarder, &state, &shutdown).await
                 }
                 other => other,

@@ -37,6 +37,9 @@ pub async fn dial(
             Ok((dialed.control, Arc::new(dialed.tunnel)))
         }
         Err(DialError::PinMismatch(mismatch)) => Err(Attempt::Fatal(AgentError::PinMismatch(mismatch))),
+        Err(DialError::TimedOut { addr, .. }) => {
+            Err(crate::diagnose::why_quic_is_silent(addr, &options.grpc_relay).await.into())
+        }
         Err(err) if err.is_fatal() => Err(Attempt::Fatal(AgentError::Tls(err.to_string()))),
         Err(err) => Err(err.into()),
     }

@@ -45,6 +45,9 @@ pub enum RetryReason {
     /// Dialing over QUIC failed.
     #[error("QUIC: {0}")]
     Quic(#[from] quictun_quic::dial::DialError),
+    /// No QUIC handshake completed, and TCP probes say why.
+    #[error("QUIC: {0}")]
+    QuicSilent(#[from] crate::diagnose::QuicSilence),
     /// Dialing over gRPC failed.
     #[error("gRPC: {0}")]
     Grpc(#[from] quictun_grpc::client::DialError),

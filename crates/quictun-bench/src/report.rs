@@ -80,10 +80,33 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "".into(), |v| format!("{v:.digits$}"))
 }
 
+/// What each column of the table means, under it.
+const COLUMNS: &str = "
+## Columns
+
+- **workload**: what was sent (see `quictun bench --help`); **transport**: `quic` and `grpc` go
+  through a relay and an agent, `direct` goes straight to the upstream (the ceiling);
+  **variant**: concurrency (`c=64`: 64 requests in flight), direction, or size.
+- **req/s**: requests (or exchanges) completed per second over the run.
+- **p50 / p99 / p99.9 ms**: request latency percentiles, client side, first byte sent to last
+  byte received.
+- **errors**: requests that failed or got a non-2xx answer.
+- **MB/s**: body bytes per second (10^6 bytes), for transfer workloads.
+- **relay / agent peak MiB**: the processes' highest resident memory during the row.
+- **relay KiB/session**: relay memory per connected agent session (the `many` workload).
+- **tunnel CPU µs/req**: CPU time of the relay and the agent together, divided by requests; for
+  `floor` rows, of both ends of the bare carrier.
+- **note**: what else the row needs to be read right.
+";
+
 impl Report {
     /// The Markdown table.
     pub fn markdown(&self) -> String {
-        let mut md = format!("Machine: {}  \nDate: {}  \nCommand: `{}`\n\n", self.machine, self.date, self.command);
+        let mut md = format!(
+            "# quictun benchmark: QUIC and gRPC transports against no tunnel\n\n\
+             Machine: {}  \nDate: {}  \nCommand: `{}`\n\n",
+            self.machine, self.date, self.command
+        );
         md.push_str("| workload | transport | variant | req/s | p50 ms | p99 ms | p99.9 ms | errors | MB/s | relay peak MiB | agent peak MiB | relay KiB/session | tunnel CPU µs/req | note |\n");
         md.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
         for r in &self.rows {
@@ -106,6 +129,7 @@ impl Report {
                 r.note
             ));
         }
+        md.push_str(COLUMNS);
         md
     }
 

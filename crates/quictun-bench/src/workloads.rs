@@ -13,7 +13,12 @@ use crate::procs::{Mode, Stack, Topology};
 use crate::report::{Latency, Row};
 
 fn spinner(message: String) -> ProgressBar {
+    use std::io::IsTerminal;
     let bar = ProgressBar::new_spinner();
+    if !std::io::stderr().is_terminal() {
+        // Redirected to a file or a CI log: a plain line every few seconds, not a spinner.
+        bar.set_draw_target(indicatif::ProgressDrawTarget::term_like_with_hz(Box::new(LogLines::default()), 1));
+    }
     bar.set_style(
         ProgressStyle::with_template("{spinner} {msg} {pos} requests ({per_sec})")
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
@@ -21,6 +26,62 @@ fn spinner(message: String) -> ProgressBar {
     bar.set_message(message);
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
+}
+
+/// How often progress is written when stderr is not a terminal.
+const LOG_LINE_EVERY: Duration = Duration::from_secs(5);
+
+/// A progress "terminal" that writes the bar as a plain line on stderr at most every
+/// [`LOG_LINE_EVERY`], ignoring cursor movements.
+#[derive(Debug, Default)]
+struct LogLines {
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl LogLines {
+    fn line(&self, text: &str) -> std::io::Result<()> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(());
+        }
+        let Ok(mut last) = self.last.lock() else { return Ok(()) };
+        if last.is_some_and(|at| at.elapsed() < LOG_LINE_EVERY) {
+            return Ok(());
+        }
+        *last = Some(std::time::Instant::now());
+        use std::io::Write;
+        writeln!(std::io::stderr(), "{text}")
+    }
+}
+
+impl indicatif::TermLike for LogLines {
+    fn width(&self) -> u16 {
+        200
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.line(s)
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.line(s)
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn mib(kib: Option<u64>) -> Option<f64> {

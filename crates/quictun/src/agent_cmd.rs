@@ -102,10 +102,10 @@ pub async fn run(args: AgentArgs) -> Result<(), Failure> {
     result
 }
 
-/// Prints a line each time the agent registers with the relay, and one when a session it had is
-/// lost; returns when the agent stops.
+/// Prints a line each time the agent registers with the relay, one when a session it had is
+/// lost, and why the first attempts fail (until one succeeds); returns when the agent stops.
 async fn report_connections(state: &mut tokio::sync::watch::Receiver<AgentState>) {
-    let mut connected = false;
+    let (mut connected, mut last_failure) = (false, String::new());
     loop {
         let now = state.borrow_and_update().clone();
         match now {
@@ -116,6 +116,11 @@ async fn report_connections(state: &mut tokio::sync::watch::Receiver<AgentState>
             AgentState::Reconnecting { reason } if connected => {
                 connected = false;
                 println!("quictun agent lost the relay ({reason}): reconnecting");
+            }
+            // Each different reason once, not every retry.
+            AgentState::Reconnecting { reason } if reason != last_failure => {
+                println!("quictun agent cannot connect to the relay: {reason} (retrying)");
+                last_failure = reason;
             }
             AgentState::Stopped => return,
             AgentState::Connecting | AgentState::Reconnecting { .. } => {}

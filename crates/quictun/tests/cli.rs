@@ -44,13 +44,10 @@ impl Proc {
         if !command.get_envs().any(|(key, _)| key == "RUST_LOG") {
             command.env("RUST_LOG", "warn");
         }
-        let mut child = command
-            .current_dir(dir)
-            .env_remove("QUICTUN_TOKEN")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        if !command.get_envs().any(|(key, _)| key == "QUICTUN_TOKEN") {
+            command.env_remove("QUICTUN_TOKEN");
+        }
+        let mut child = command.current_dir(dir).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let (tx, lines) = mpsc::channel();
         let stdout = child.stdout.take().unwrap();
         std::thread::spawn(move || {
@@ -752,4 +749,26 @@ fn completions_and_a_manual_page_are_generated_from_the_flags() {
     let page = String::from_utf8_lossy(&man.stdout);
     assert!(page.starts_with(".ie") || page.contains(".TH quictun"), "not a roff page");
     assert!(page.contains("relay") && page.contains("agent"));
+}
+
+#[test]
+fn an_agent_pointed_at_the_relays_http_port_is_told_so() {
+    let dir = TempDir::new();
+    let config = dir.join("relay.toml");
+    std::fs::write(
+        &config,
+        "[relay]\nquic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         grpc_listen = \"127.0.0.1:0\"\n[[clients]]\nid = \"office-1\"\ntoken = \"right\"\ngroup = \"web\"\n",
+    )
+    .unwrap();
+    let relay = Proc::spawn(&["relay", "--config", config.to_str().unwrap()], &dir);
+    let http = relay.line_with("HTTP ingress").rsplit("http://").next().unwrap().trim().to_owned();
+    let pin = relay.line_with("pin").split_whitespace().last().unwrap().to_owned();
+    let port = http.rsplit(':').next().unwrap().to_owned();
+    let mut agent = Command::new(BIN);
+    agent.args(["agent", "--relay", &http, "--pin", &pin, "--client-id", "office-1", "--transport", "quic"]);
+    agent.env("QUICTUN_TOKEN", "right");
+    let agent = Proc::spawn_command(agent, &dir);
+    let told = agent.line_with("cannot connect");
+    assert!(told.contains(&format!("is {port} the relay's HTTP port?")), "{told}");
 }
