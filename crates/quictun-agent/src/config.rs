@@ -51,6 +51,8 @@ pub struct AgentSection {
     pub token_env: Option<String>,
     /// A file holding the token (surrounding whitespace is ignored).
     pub token_file: Option<PathBuf>,
+    /// How the agent writes its log lines: `text` or `json`.
+    pub log_format: quictun_core::config::LogFormat,
     /// The local UDP address to dial from (a wildcard of the relay's address family by default).
     pub bind: Option<SocketAddr>,
     /// When set, targets pushed by the relay are used only if their `host:port` is listed here
@@ -98,6 +100,7 @@ impl Default for AgentSection {
             token: None,
             token_env: None,
             token_file: None,
+            log_format: quictun_core::config::LogFormat::Text,
             bind: None,
             allowed_targets: None,
             upstream_connect_timeout_secs: 5,

@@ -42,6 +42,18 @@ impl ConfigError {
     }
 }
 
+/// How log lines are written: `log_format` in the relay's and the agent's file (`--log-format`
+/// and `QUICTUN_LOG_FORMAT` win over it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (coloured on a terminal, unless `NO_COLOR` is set).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// Parses TOML text; `file` names it in errors.
 pub fn parse_toml<T: DeserializeOwned>(text: &str, file: &Path) -> Result<T, ConfigError> {
     toml::from_str(text).map_err(|e| ConfigError::Parse { file: file.to_owned(), message: e.to_string() })

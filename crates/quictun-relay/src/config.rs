@@ -92,6 +92,8 @@ pub struct RelaySection {
     pub transport: TransportChoice,
     /// QUIC congestion controller: `bbr` (default) or `cubic`.
     pub congestion: quictun_quic::Congestion,
+    /// How the relay writes its log lines: `text` or `json`.
+    pub log_format: quictun_core::config::LogFormat,
     /// The name (or address) agents reach this relay at, for the agent command it prints; by
     /// default the machine's host name.
     pub public_name: Option<String>,
@@ -188,6 +190,7 @@ impl Default for RelaySection {
             grpc_listen: SocketAddr::from(([0, 0, 0, 0], 4434)),
             transport: TransportChoice::All,
             congestion: quictun_quic::Congestion::Bbr,
+            log_format: quictun_core::config::LogFormat::Text,
             public_name: None,
             cert: PathBuf::from("certs/relay.crt"),
             key: PathBuf::from("certs/relay.key"),

@@ -159,7 +159,13 @@ pub async fn serve_agent<C: ControlIo>(
         };
         egress.cancel();
         shared.runtime.sessions.remove(&session);
-        info!(session_id = %session.session_id, %reason, "agent disconnected");
+        match reason.peer_code() {
+            // The agent said goodbye (a deploy, Ctrl-C): it drained before closing.
+            Some(CloseCode::GoingAway | CloseCode::Normal) => {
+                info!(session_id = %session.session_id, %reason, "agent stopped gracefully");
+            }
+            _ => info!(session_id = %session.session_id, %reason, "agent connection lost"),
+        }
     }
     .instrument(span)
     .await;

@@ -14,9 +14,9 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
     /// Log lines on stderr as text (coloured on a terminal, unless NO_COLOR is set) or as JSON,
-    /// one object per line.
-    #[arg(long, global = true, value_enum, env = "QUICTUN_LOG_FORMAT", default_value = "text")]
-    pub log_format: LogFormat,
+    /// one object per line [default: the configuration file's log_format, else text].
+    #[arg(long, global = true, value_enum, env = "QUICTUN_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
 }
 
 /// How log lines are written.

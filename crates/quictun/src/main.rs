@@ -57,6 +57,24 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// `log_format` from the relay's or the agent's configuration file, read before the rest of it
+/// (logging starts first). A file that cannot be read here is reported when the command loads it.
+fn configured_log_format(command: &Command) -> LogFormat {
+    let (path, section) = match command {
+        Command::Relay(args) => (args.config.as_deref(), "relay"),
+        Command::Agent(args) => (args.config.as_deref(), "agent"),
+        _ => (None, ""),
+    };
+    let configured = path
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|table| table.get(section)?.get("log_format")?.as_str().map(str::to_owned));
+    match configured.as_deref() {
+        Some("json") => LogFormat::Json,
+        _ => LogFormat::Text,
+    }
+}
+
 /// Raises the soft limit on open files to the hard limit, as servers do: the relay's connection
 /// budget is sized from it (three quarters of it, the rest kept for the admin endpoint and the
 /// agents), and a default soft limit of 1024 would cap a public relay at a few hundred clients.
@@ -69,7 +87,7 @@ fn raise_file_limit() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    init_logging(cli.log_format.unwrap_or_else(|| configured_log_format(&cli.command)));
     raise_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,

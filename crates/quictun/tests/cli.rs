@@ -772,3 +772,23 @@ fn an_agent_pointed_at_the_relays_http_port_is_told_so() {
     let told = agent.line_with("cannot connect");
     assert!(told.contains(&format!("is {port} the relay's HTTP port?")), "{told}");
 }
+
+#[test]
+fn log_format_json_in_the_config_file_makes_json_log_lines() {
+    let dir = TempDir::new();
+    let config = dir.join("relay.toml");
+    std::fs::write(
+        &config,
+        "[relay]\nlog_format = \"json\"\nquic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n\
+         admin_listen = \"127.0.0.1:0\"\ngrpc_listen = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let relay = Proc::spawn(&["relay", "--config", config.to_str().unwrap()], &dir);
+    relay.line_with("pin");
+    relay.terminate();
+    let (status, err) = relay.wait_exit();
+    assert_eq!(status, 0, "{err}");
+    let first = err.lines().next().expect("the generated identity is logged at warn");
+    let line: serde_json::Value = serde_json::from_str(first).unwrap_or_else(|e| panic!("{e}: {first}"));
+    assert_eq!(line["level"], "WARN");
+}
