@@ -80,6 +80,11 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "".into(), |v| format!("{v:.digits$}"))
 }
 
+/// A value for a chart title: `74.9k`, `812`.
+fn short_value(value: f64) -> String {
+    if value >= 1000.0 { format!("{:.1}k", value / 1000.0) } else { format!("{value:.0}") }
+}
+
 /// What each column of the table means, under it.
 const COLUMNS: &str = "
 ## Columns
@@ -204,10 +209,21 @@ impl Report {
                     (v.clone(), values)
                 })
                 .collect();
-            charts.push((
-                format!("throughput-{workload}.svg"),
-                svg::bar_chart(&format!("{workload}: throughput"), unit, &transports, &groups),
-            ));
+            // No tunnel ("direct") is often ten times the tunnels: it goes in the title, so that
+            // the axis is scaled to the tunnels being compared.
+            let direct = transports.iter().position(|t| t == "direct");
+            let mut title = format!("{workload}: throughput");
+            let (mut shown, mut groups) = (transports.clone(), groups);
+            if let Some(d) = direct.filter(|_| transports.len() > 1) {
+                let without: Vec<String> =
+                    groups.iter().map(|(v, values)| format!("{v} {}", short_value(values[d]))).collect();
+                title.push_str(&format!(" (no tunnel: {})", without.join(", ")));
+                shown.remove(d);
+                for (_, values) in &mut groups {
+                    values.remove(d);
+                }
+            }
+            charts.push((format!("throughput-{workload}.svg"), svg::bar_chart(&title, unit, &shown, &groups)));
         }
         charts
     }

@@ -121,6 +121,14 @@ pub fn bar_chart(title: &str, unit: &str, series: &[String], groups: &[(String, 
                 bar_w * 0.95,
                 h
             );
+            // The value itself above its bar.
+            let _ = writeln!(
+                svg,
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"10\">{}</text>",
+                gx + i as f64 * bar_w + bar_w * 0.475,
+                TOP + ph - h - 3.0,
+                short(*value)
+            );
         }
         let _ = writeln!(
             svg,
@@ -141,7 +149,13 @@ fn nice_ceiling(max: f64) -> f64 {
 }
 
 fn short(value: f64) -> String {
-    if value >= 1000.0 { format!("{:.1}k", value / 1000.0) } else { format!("{value:.0}") }
+    if value >= 1000.0 {
+        format!("{:.1}k", value / 1000.0)
+    } else if value >= 10.0 || value.fract() == 0.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.2}")
+    }
 }
 
 #[cfg(test)]
@@ -154,6 +168,7 @@ mod tests {
         assert!(cdf.starts_with("<svg") && cdf.trim_end().ends_with("</svg>") && cdf.contains("polyline"));
         let bars = bar_chart("b", "req/s", &["quic".into(), "grpc".into()], &[("c=1".into(), vec![10.0, 5.0])]);
         assert_eq!(bars.matches("<rect x=").count(), 3 + 2, "{bars}");
+        assert!(bars.contains(">10</text>") && bars.contains(">5</text>"), "every bar has its value: {bars}");
         assert_eq!(nice_ceiling(730.0), 1000.0);
         assert_eq!(nice_ceiling(180.0), 200.0);
     }
