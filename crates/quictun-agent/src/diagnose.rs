@@ -28,7 +28,8 @@ pub enum QuicSilence {
     /// The relay's gRPC port answers over TCP while QUIC gets no answer: UDP is blocked on the
     /// way (or the relay does not serve QUIC).
     #[error(
-        "no QUIC answer from {quic} while the relay's gRPC port {grpc} answers over TCP: UDP is blocked on the way, or the relay serves gRPC only"
+        "no QUIC answer from {quic} while the relay's gRPC port {grpc} answers over TCP: UDP is blocked on the way, or the relay serves no QUIC on UDP {}",
+        quic.port()
     )]
     UdpBlocked {
         /// The QUIC address.

@@ -151,7 +151,8 @@ pub async fn serve_agent<C: ControlIo>(
         };
         quictun_core::spawn_cancellable(&shared.runtime.tasks, &egress, serve_egress.in_current_span());
         let mut heartbeats = Heartbeats::new(shared.settings.heartbeat_interval(), shared.settings.heartbeat_misses);
-        let mut role = RelayRole { session: &session, shared: &shared, commands: command_rx, going_away: false };
+        let mut role =
+            RelayRole { session: &session, shared: &shared, commands: command_rx, going_away: false, agent_left: false };
         let ended = quictun_core::session::run(&mut control, tunnel.as_ref(), &mut heartbeats, &mut role).await;
         let reason = match ended {
             Err(reason) => reason,
@@ -159,12 +160,12 @@ pub async fn serve_agent<C: ControlIo>(
         };
         egress.cancel();
         shared.runtime.sessions.remove(&session);
-        match reason.peer_code() {
-            // The agent said goodbye (a deploy, Ctrl-C): it drained before closing.
-            Some(CloseCode::GoingAway | CloseCode::Normal) => {
-                info!(session_id = %session.session_id, %reason, "agent stopped gracefully");
-            }
-            _ => info!(session_id = %session.session_id, %reason, "agent connection lost"),
+        let said_goodbye = role.agent_left || matches!(reason.peer_code(), Some(CloseCode::GoingAway | CloseCode::Normal));
+        if said_goodbye {
+            // A deploy, Ctrl-C: the agent drained before closing.
+            info!(session_id = %session.session_id, %reason, "agent stopped gracefully");
+        } else {
+            info!(session_id = %session.session_id, %reason, "agent connection lost");
         }
     }
     .instrument(span)
@@ -178,6 +179,8 @@ struct RelayRole<'a> {
     shared: &'a RelayState,
     commands: mpsc::Receiver<SessionCommand>,
     going_away: bool,
+    /// The agent said go-away: it is stopping (a deploy, Ctrl-C) and drains first.
+    agent_left: bool,
 }
 
 impl Role for RelayRole<'_> {
@@ -196,6 +199,7 @@ impl Role for RelayRole<'_> {
         match msg {
             ControlMessage::GoAway(go) => {
                 info!(reason = %go.reason, drain_ms = go.drain_ms, "agent going away");
+                self.agent_left = true;
                 self.session.set_draining();
                 self.shared.runtime.sessions.remove(self.session);
                 Ok(())
