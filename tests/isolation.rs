@@ -23,6 +23,11 @@ const STALLED_DOWNLOADS: usize = 20;
 /// gRPC's once the flow-control window of each is counted.
 const STALLED_UPLOADS: usize = 40;
 const WAIT: Duration = Duration::from_secs(20);
+/// Heartbeats every second (a 3 s timeout, five times stricter than the default 15 s): with the
+/// harness's 200 ms (0.6 s timeout), the two cores busy moving the stalled bodies sometimes
+/// delayed a heartbeat past it, and the session was dropped for a scheduling hiccup rather
+/// than for a stalled tunnel.
+const HEARTBEAT_MS: u32 = 1000;
 const SAMPLES: usize = 200;
 
 /// p99 under twice the quiet one, and nothing failed. The 5 ms of slack absorbs the scheduler
@@ -45,7 +50,8 @@ fn session_of(h: &Harness) -> uuid::Uuid {
 
 async fn non_reading_downloads_do_not_stall_the_tunnel(transport: Transport) {
     let _serial = SERIAL.lock().await;
-    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
+    let h = Harness::start_with(HarnessConfig { transport, heartbeat_interval_ms: HEARTBEAT_MS, ..Default::default() })
+        .await;
     let _agent = h.agent("agent-1").await;
     let session = session_of(&h);
     let quiet = h.client.latencies("app.test", "/hello", SAMPLES).await;
@@ -65,7 +71,8 @@ async fn non_reading_downloads_do_not_stall_the_tunnel(transport: Transport) {
 
 async fn h2c_clients_with_a_zero_window_do_not_stall_the_tunnel(transport: Transport) {
     let _serial = SERIAL.lock().await;
-    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
+    let h = Harness::start_with(HarnessConfig { transport, heartbeat_interval_ms: HEARTBEAT_MS, ..Default::default() })
+        .await;
     let _agent = h.agent("agent-1").await;
     let session = session_of(&h);
     let quiet = h.client.latencies("app.test", "/hello", SAMPLES).await;
@@ -85,7 +92,8 @@ async fn h2c_clients_with_a_zero_window_do_not_stall_the_tunnel(transport: Trans
 
 async fn an_upstream_that_does_not_read_uploads_does_not_stall_the_tunnel(transport: Transport) {
     let _serial = SERIAL.lock().await;
-    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
+    let h = Harness::start_with(HarnessConfig { transport, heartbeat_interval_ms: HEARTBEAT_MS, ..Default::default() })
+        .await;
     let mut options = h.agent_options("agent-1");
     options.admin_listen = Some("127.0.0.1:0".parse().unwrap());
     let agent = Agent::start(options).await.unwrap();

@@ -425,7 +425,7 @@ async fn run(
                 (reason.to_string(), backoff.next_delay())
             }
         };
-        info!(?delay, "reconnecting");
+        info!(delay_ms = delay.as_millis(), "reconnecting");
         state.send_replace(AgentState::Reconnecting { reason });
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
