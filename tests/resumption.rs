@@ -30,6 +30,16 @@ async fn cut_until_lost(h: &Harness, proxy: &UdpProxy, agent: &Agent) {
     tokio::time::timeout(WAIT, lost).await.expect("the agent never noticed").unwrap();
 }
 
+/// A harness relay and agent-1 reaching it through a forwarder; returns them with its session.
+async fn agent_through_a_forwarder() -> (Harness, UdpProxy, Agent, uuid::Uuid) {
+    let h = Harness::start().await;
+    let proxy = UdpProxy::start(h.relay().quic_addr()).await;
+    let options = Harness::options_for(proxy.addr, "agent-1", "secret-1", &h.cert.pin.to_string());
+    let agent = Agent::start(options).await.unwrap();
+    let first = agent.wait_connected(None, WAIT).await.expect("agent did not connect");
+    (h, proxy, agent, first)
+}
+
 async fn relay_metric(h: &Harness, sample: &str) -> Option<f64> {
     metric(&admin_get(h.relay().admin_addr(), "/metrics", None).await.text(), sample)
 }
@@ -50,11 +60,7 @@ async fn wait_metric_at_most(h: &Harness, sample: &str, max: f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_registers_in_0rtt_and_a_replay_of_it_registers_nothing() {
-    let h = Harness::start().await;
-    let proxy = UdpProxy::start(h.relay().quic_addr()).await;
-    let options = Harness::options_for(proxy.addr, "agent-1", "secret-1", &h.cert.pin.to_string());
-    let agent = Agent::start(options).await.unwrap();
-    let first = agent.wait_connected(None, WAIT).await.expect("agent did not connect");
+    let (h, proxy, agent, first) = agent_through_a_forwarder().await;
     assert_eq!(relay_metric(&h, FULL).await, Some(1.0), "the first connection is a full handshake");
 
     // Cut the path until both ends have given the connection up, then heal it.
@@ -99,11 +105,7 @@ async fn a_reconnect_registers_in_0rtt_and_a_replay_of_it_registers_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_intercepted_0rtt_register_played_first_by_an_attacker_registers_nothing() {
-    let h = Harness::start().await;
-    let proxy = UdpProxy::start(h.relay().quic_addr()).await;
-    let options = Harness::options_for(proxy.addr, "agent-1", "secret-1", &h.cert.pin.to_string());
-    let agent = Agent::start(options).await.unwrap();
-    let first = agent.wait_connected(None, WAIT).await.expect("agent did not connect");
+    let (h, proxy, agent, first) = agent_through_a_forwarder().await;
     cut_until_lost(&h, &proxy, &agent).await;
 
     // The attacker intercepts the agent's reconnect (it never reaches the relay) and plays its

@@ -133,6 +133,19 @@ impl Drop for TempDir {
     }
 }
 
+/// Writes `dir/relay.toml`: every listener on a free loopback port, then `relay_keys` (more keys
+/// of `[relay]`) and `rest` (sections); returns its path.
+fn loopback_relay_config(dir: &Path, relay_keys: &str, rest: &str) -> std::path::PathBuf {
+    let config = dir.join("relay.toml");
+    let listeners = "quic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+                     grpc_listen = \"127.0.0.1:0\"\n";
+    std::fs::write(&config, format!("[relay]\n{listeners}{relay_keys}{rest}")).unwrap();
+    config
+}
+
+/// The `[[clients]]` entry the relay tests use.
+const OFFICE_CLIENT: &str = "[[clients]]\nid = \"office-1\"\ntoken = \"right\"\ngroup = \"web\"\n";
+
 fn http_get(addr: &str, path: &str) -> String {
     try_http_get(addr, path).unwrap()
 }
@@ -225,14 +238,7 @@ fn cert_gen_writes_a_private_key_and_cert_pin_agrees() {
 #[test]
 fn relay_generates_a_cert_and_real_agents_are_refused_for_a_wrong_pin_or_token() {
     let dir = TempDir::new();
-    let config = dir.join("relay.toml");
-    std::fs::write(
-        &config,
-        "[relay]\nquic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-         grpc_listen = \"127.0.0.1:0\"\npublic_name = \"127.0.0.1\"\n\
-         [[clients]]\nid = \"office-1\"\ntoken = \"right\"\ngroup = \"web\"\n",
-    )
-    .unwrap();
+    let config = loopback_relay_config(&dir, "public_name = \"127.0.0.1\"\n", OFFICE_CLIENT);
     let relay = Proc::spawn(&["relay", "--config", config.to_str().unwrap()], &dir);
     let quic = relay.line_with("udp://").rsplit("udp://").next().unwrap().trim().to_owned();
     let pin = relay.line_with("pin").split_whitespace().last().unwrap().to_owned();
@@ -650,11 +656,8 @@ fn relative_paths_in_a_config_file_are_read_against_its_directory() {
     let etc = dir.join("etc");
     std::fs::create_dir_all(&etc).unwrap();
     std::fs::write(etc.join("office.token"), "right\n").unwrap();
-    let listeners = "quic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-                     grpc_listen = \"127.0.0.1:0\"\n";
     let clients = "[[clients]]\nid = \"office-1\"\ntoken_file = \"office.token\"\ngroup = \"web\"\n";
-    let config = etc.join("relay.toml");
-    std::fs::write(&config, format!("[relay]\n{listeners}{clients}")).unwrap();
+    let config = loopback_relay_config(&etc, "", clients);
 
     // Started from another directory: the identity is made beside the file, not in ./certs, and
     // the token file is found beside it too.
@@ -671,9 +674,7 @@ fn relative_paths_in_a_config_file_are_read_against_its_directory() {
     assert!(err.contains("generated a new relay identity"), "the new identity was not announced: {err}");
 
     // A certificate the file names must exist: no new identity in its place.
-    let named = etc.join("named.toml");
-    std::fs::write(&named, format!("[relay]\n{listeners}cert = \"tls/relay.crt\"\nkey = \"tls/relay.key\"\n{clients}"))
-        .unwrap();
+    let named = loopback_relay_config(&etc, "cert = \"tls/relay.crt\"\nkey = \"tls/relay.key\"\n", clients);
     let out = Command::new(BIN)
         .args(["relay", "--config", named.to_str().unwrap()])
         .current_dir(dir.join("."))
@@ -754,13 +755,7 @@ fn completions_and_a_manual_page_are_generated_from_the_flags() {
 #[test]
 fn an_agent_pointed_at_the_relays_http_port_is_told_so() {
     let dir = TempDir::new();
-    let config = dir.join("relay.toml");
-    std::fs::write(
-        &config,
-        "[relay]\nquic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-         grpc_listen = \"127.0.0.1:0\"\n[[clients]]\nid = \"office-1\"\ntoken = \"right\"\ngroup = \"web\"\n",
-    )
-    .unwrap();
+    let config = loopback_relay_config(&dir, "", OFFICE_CLIENT);
     let relay = Proc::spawn(&["relay", "--config", config.to_str().unwrap()], &dir);
     let http = relay.line_with("HTTP ingress").rsplit("http://").next().unwrap().trim().to_owned();
     let pin = relay.line_with("pin").split_whitespace().last().unwrap().to_owned();
@@ -776,13 +771,7 @@ fn an_agent_pointed_at_the_relays_http_port_is_told_so() {
 #[test]
 fn log_format_json_in_the_config_file_makes_json_log_lines() {
     let dir = TempDir::new();
-    let config = dir.join("relay.toml");
-    std::fs::write(
-        &config,
-        "[relay]\nlog_format = \"json\"\nquic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n\
-         admin_listen = \"127.0.0.1:0\"\ngrpc_listen = \"127.0.0.1:0\"\n",
-    )
-    .unwrap();
+    let config = loopback_relay_config(&dir, "log_format = \"json\"\n", "");
     let relay = Proc::spawn(&["relay", "--config", config.to_str().unwrap()], &dir);
     relay.line_with("pin");
     relay.terminate();
