@@ -30,14 +30,15 @@ const WAIT: Duration = Duration::from_secs(20);
 const HEARTBEAT_MS: u32 = 1000;
 const SAMPLES: usize = 200;
 
-/// p99 under twice the quiet one, and nothing failed. The 5 ms of slack absorbs the scheduler
-/// noise of a shared 2-core test machine on millisecond latencies; what this guards against is
-/// requests that wait for seconds behind the stalled ones and a session lost to heartbeats that
-/// could not get through.
+/// p99 under twice the quiet one, and nothing failed. The 25 ms of slack absorbs the scheduler
+/// noise of a shared 2-core test machine on millisecond latencies (a CI run saw p99 21.7 ms beside
+/// a quiet 5.4 ms, max 49 ms, with 5 ms of slack); what this guards against is requests that wait
+/// behind the stalled ones, which is seconds (until the stalled readers' credit is reclaimed), and
+/// a session lost to heartbeats that could not get through.
 fn assert_isolated(quiet: Latencies, loaded: Latencies) {
     assert_eq!(loaded.failures, 0, "requests failed beside the stalled readers: {loaded:?}");
     assert!(
-        loaded.p99 <= quiet.p99 * 2 + Duration::from_millis(5),
+        loaded.p99 <= quiet.p99 * 2 + Duration::from_millis(25),
         "p99 beside the stalled readers {:?}, quiet {:?} ({loaded:?})",
         loaded.p99,
         quiet.p99
