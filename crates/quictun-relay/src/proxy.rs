@@ -270,6 +270,8 @@ pub struct Peer {
 struct RequestMetrics {
     route: Option<Arc<str>>,
     head_latency: Option<Duration>,
+    /// Whether the access log is on: the host is kept for it only then.
+    access_log: bool,
     host: Option<String>,
     client_id: Option<Arc<str>>,
 }
@@ -282,7 +284,7 @@ pub async fn handle(shared: Arc<RelayState>, req: Request<Incoming>, peer: Peer)
     let access_log = tracing::enabled!(target: "quictun::access", tracing::Level::INFO);
     let (started, method) = (std::time::Instant::now(), req.method().clone());
     let path = if access_log { req.uri().path().to_owned() } else { String::new() };
-    let mut outcome = RequestMetrics::default();
+    let mut outcome = RequestMetrics { access_log, ..RequestMetrics::default() };
     let mut response = match forward(&shared, req, peer, request_id, &mut outcome).instrument(span.clone()).await {
         Ok(response) => response,
         Err(err) => {
@@ -397,7 +399,9 @@ async fn forward(
 ) -> Result<Response<IngressBody>, ProxyError> {
     let authority = request_authority(req.version(), req.uri(), req.headers())?;
     let host = authority.as_str();
-    outcome.host = Some(host.to_owned());
+    if outcome.access_log {
+        outcome.host = Some(host.to_owned());
+    }
     // Routed and forwarded in its canonical form: the upstream sees the path the route matched.
     let target = path::normalize(req.uri().path_and_query().map_or("/", |pq| pq.as_str()))?.into_owned();
     let path = target.split('?').next().unwrap_or("/");

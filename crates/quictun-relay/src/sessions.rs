@@ -162,7 +162,7 @@ impl Session {
         let now = self.health.now_ms();
         let lagging = now.saturating_sub(self.health.last_heard_ms.load(Ordering::Relaxed))
             > u64::try_from(self.health.lag_limit.as_millis()).unwrap_or(u64::MAX);
-        now >= self.health.cooldown_until_ms.load(Ordering::Relaxed) && !lagging && self.silent_for().is_none()
+        now >= self.health.cooldown_until_ms.load(Ordering::Relaxed) && !lagging && self.silent_at(now).is_none()
     }
 
     /// Looks at the tunnel's datagram count (see [`crate::liveness`]) and says what changed; wakes
@@ -206,11 +206,16 @@ impl Session {
     /// sends at least a keep-alive each second, so it is likely gone, and the balancer leaves it
     /// out (while a sibling answers) until it is heard again or declared dead.
     pub fn silent_for(&self) -> Option<Duration> {
+        self.silent_at(self.health.now_ms())
+    }
+
+    /// [`Session::silent_for`] at `now_ms` (one clock read serves every check of a choice).
+    fn silent_at(&self, now_ms: u64) -> Option<Duration> {
         let moved = self.health.datagrams_moved_ms.load(Ordering::Relaxed);
         if moved == NOT_LOOKED_AT {
             return None;
         }
-        let silent = Duration::from_millis(self.health.now_ms().saturating_sub(moved));
+        let silent = Duration::from_millis(now_ms.saturating_sub(moved));
         (silent > SILENT_AFTER).then_some(silent)
     }
 
