@@ -14,23 +14,42 @@ use quictun_proto::{Limits, StreamCode};
 use quinn::VarInt;
 use tracing::debug;
 
-/// Largest chunk handed out by a body read from a stream at a time.
-pub const MAX_CHUNK: usize = 64 * 1024;
+/// Most received chunks (each at most one packet's payload) taken from quinn in one read and
+/// handed on as one body chunk.
+pub const READ_BATCH: usize = 16;
 
-/// A body streamed from a QUIC receive stream, chunk by chunk, without copying. Dropping it
-/// before the end tells the peer to stop sending (quinn sends STOP_SENDING).
+/// A body streamed from a QUIC receive stream. Each poll takes every chunk quinn holds for the
+/// stream, up to [`READ_BATCH`], under one take of the connection's lock: one chunk is handed on
+/// as it is (no copy: a small answer's end), several are joined into one (bulk: one copy of
+/// packet-sized pieces saves a poll of every body layer above, and hyper's write, per packet).
+/// Dropping it before the end tells the peer to stop sending (quinn sends STOP_SENDING).
 pub struct RecvBody {
     recv: quinn::RecvStream,
     /// Body bytes already read with the head, handed out first.
     start: Option<Bytes>,
+    /// Where a read puts its chunks; empty between polls.
+    batch: [Bytes; READ_BATCH],
     done: bool,
 }
 
 impl RecvBody {
     /// Streams `start` (the body bytes read together with the head), then the rest of `recv`.
     pub fn new(recv: quinn::RecvStream, start: Bytes) -> Self {
-        Self { recv, start: Some(start).filter(|b| !b.is_empty()), done: false }
+        Self { recv, start: Some(start).filter(|b| !b.is_empty()), batch: Default::default(), done: false }
     }
+}
+
+/// The first `n` chunks of `batch` as one, leaving `batch` empty.
+fn join_chunks(batch: &mut [Bytes], n: usize) -> Bytes {
+    let taken = &mut batch[..n];
+    if let [one] = taken {
+        return std::mem::take(one);
+    }
+    let mut joined = bytes::BytesMut::with_capacity(taken.iter().map(Bytes::len).sum());
+    for chunk in taken {
+        joined.extend_from_slice(&std::mem::take(chunk));
+    }
+    joined.freeze()
 }
 
 fn read_error(e: quinn::ReadError) -> BodyError {
@@ -53,11 +72,11 @@ impl Body for RecvBody {
         if let Some(start) = this.start.take() {
             return Poll::Ready(Some(Ok(Frame::data(start))));
         }
-        // `read_chunk` is cancel-safe, so a fresh future per poll loses nothing.
-        let read = this.recv.read_chunk(MAX_CHUNK, true);
+        // `read_chunks` is cancel-safe, so a fresh future per poll loses nothing.
+        let read = this.recv.read_chunks(&mut this.batch);
         let result = ready!(std::pin::pin!(read).poll(cx));
         Poll::Ready(match result {
-            Ok(Some(chunk)) => Some(Ok(Frame::data(chunk.bytes))),
+            Ok(Some(n)) => Some(Ok(Frame::data(join_chunks(&mut this.batch, n)))),
             Ok(None) => {
                 this.done = true;
                 None
@@ -170,4 +189,25 @@ pub fn reset(send: &mut quinn::SendStream, code: StreamCode) {
 /// Stops a receive stream with `code`, ignoring a stream that is already closed.
 pub fn stop(recv: &mut quinn::RecvStream, code: StreamCode) {
     let _already_closed = recv.stop(VarInt::from_u32(code.to_u32()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_chunk_is_handed_on_as_it_is_and_several_are_joined_in_order() {
+        let mut batch: [Bytes; READ_BATCH] = Default::default();
+        let one = Bytes::from_static(b"only");
+        batch[0] = one.clone();
+        let out = join_chunks(&mut batch, 1);
+        assert_eq!(out.as_ptr(), one.as_ptr(), "a single chunk is not copied");
+        assert!(batch.iter().all(Bytes::is_empty));
+
+        for (i, part) in [&b"ab"[..], b"", b"cde", b"f"].into_iter().enumerate() {
+            batch[i] = Bytes::copy_from_slice(part);
+        }
+        assert_eq!(join_chunks(&mut batch, 4), Bytes::from_static(b"abcdef"));
+        assert!(batch.iter().all(Bytes::is_empty), "the batch holds nothing between reads");
+    }
 }
