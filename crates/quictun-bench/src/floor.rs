@@ -147,7 +147,7 @@ async fn single_stream(opts: &BenchOptions, dir: &std::path::Path, client: &Floo
 /// The client end of one transport's floor.
 enum FloorClient {
     /// quinn: a client endpoint and its configuration.
-    Quic(quictun_quic::Endpoint, quictun_quic::endpoint::ClientSetup),
+    Quic(quictun_quic::Endpoint, Box<quictun_quic::endpoint::ClientSetup>),
     /// tonic: the TLS configuration (ALPN `h2`).
     Grpc(Arc<rustls::ClientConfig>),
 }
@@ -170,7 +170,7 @@ impl FloorClient {
             _ => {
                 let (endpoint, setup) =
                     quictun_quic::endpoint::client_endpoint("127.0.0.1:0".parse()?, &trust, &Tuning::default())?;
-                Self::Quic(endpoint, setup)
+                Self::Quic(endpoint, Box::new(setup))
             }
         })
     }

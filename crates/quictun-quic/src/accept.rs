@@ -38,6 +38,8 @@ pub struct Listener {
     pub stall: Reclaimer,
     /// The stream window (what one stalled body may hold).
     pub stream_window: u64,
+    /// Accepts each connection with the transport settings for its path.
+    pub acceptor: crate::endpoint::Acceptor,
 }
 
 /// Accepts QUIC connections on `endpoint` until `shutdown`; each is served in its own task on
@@ -74,7 +76,7 @@ async fn serve_connection(
     admission: Admission,
     listener: Arc<Listener>,
 ) {
-    let connecting = match incoming.accept() {
+    let connecting = match listener.acceptor.accept(incoming) {
         Ok(connecting) => connecting,
         Err(err) => return debug!(%err, %remote, "QUIC connection refused"),
     };

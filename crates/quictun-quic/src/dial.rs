@@ -101,7 +101,7 @@ fn connect(
     server_name: &str,
 ) -> Result<quinn::Connecting, DialError> {
     endpoint
-        .connect_with(setup.config.clone(), addr, server_name)
+        .connect_with(setup.config_for(addr), addr, server_name)
         .map_err(|e| DialError::Endpoint { addr, why: e.to_string() })
 }
 

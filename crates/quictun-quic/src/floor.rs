@@ -25,13 +25,14 @@ const ANSWER_CHUNK: usize = 64 * 1024;
 /// Serves the minimal exchange on `endpoint` until it closes: each request is read to its end
 /// and answered with `answer` bytes. Each connection and each exchange runs in a task owned by
 /// this function (they end with it).
-pub async fn serve(endpoint: crate::Endpoint, answer: u64) {
+pub async fn serve(endpoint: crate::Endpoint, acceptor: crate::endpoint::Acceptor, answer: u64) {
     let chunk = Bytes::from(vec![b'x'; usize::try_from(answer).unwrap_or(usize::MAX).min(ANSWER_CHUNK)]);
     let mut connections = JoinSet::new();
     while let Some(incoming) = endpoint.accept().await {
-        let chunk = chunk.clone();
+        let (chunk, acceptor) = (chunk.clone(), acceptor.clone());
         connections.spawn(async move {
-            let Ok(conn) = incoming.await else { return };
+            let Ok(connecting) = acceptor.accept(incoming) else { return };
+            let Ok(conn) = connecting.await else { return };
             let mut exchanges = JoinSet::new();
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                 let chunk = chunk.clone();
@@ -97,7 +98,7 @@ pub async fn connect(
 ) -> Result<FloorClient, FloorError> {
     let failed = |why: String| FloorError::Connect { addr, why };
     let connecting =
-        endpoint.connect_with(setup.config.clone(), addr, server_name).map_err(|e| failed(e.to_string()))?;
+        endpoint.connect_with(setup.config_for(addr), addr, server_name).map_err(|e| failed(e.to_string()))?;
     match tokio::time::timeout(Duration::from_secs(5), connecting).await {
         Ok(Ok(conn)) => Ok(FloorClient { conn }),
         Ok(Err(err)) => Err(failed(err.to_string())),
@@ -186,9 +187,10 @@ mod tests {
     /// A floor server answering `answer` bytes, with its address and its task.
     fn floor_server(cert: &GeneratedCert, answer: u64) -> (crate::Endpoint, SocketAddr, tokio::task::JoinHandle<()>) {
         let any = "127.0.0.1:0".parse().unwrap();
-        let server = crate::endpoint::server_endpoint(any, cert.cert_key().unwrap(), &Tuning::default()).unwrap();
+        let (server, acceptor) =
+            crate::endpoint::server_endpoint(any, cert.cert_key().unwrap(), &Tuning::default()).unwrap();
         let addr = server.local_addr().unwrap();
-        (server.clone(), addr, tokio::spawn(serve(server, answer)))
+        (server.clone(), addr, tokio::spawn(serve(server, acceptor, answer)))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -180,7 +180,7 @@ mod tests {
     async fn stream_pair(write: impl AsyncFnOnce(&mut quinn::SendStream)) -> (quinn::RecvStream, quinn::Connection) {
         let cert = GeneratedCert::self_signed(&[]).unwrap();
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let server = crate::endpoint::server_endpoint(any, cert.cert_key().unwrap(), &Tuning::default()).unwrap();
+        let (server, _) = crate::endpoint::server_endpoint(any, cert.cert_key().unwrap(), &Tuning::default()).unwrap();
         let (client, setup) = crate::endpoint::client_endpoint(any, &Trust::Pin(cert.pin), &Tuning::default()).unwrap();
         let addr = server.local_addr().unwrap();
         let connecting = client.connect_with(setup.config, addr, "localhost").unwrap();

@@ -136,7 +136,7 @@ impl Relay {
         };
         let grpc_tls = quictun_core::tls::server_config_with_alpn(cert.clone(), b"h2")
             .map_err(quictun_quic::endpoint::EndpointError::from)?;
-        let endpoint = quictun_quic::endpoint::server_endpoint(settings.quic_listen, cert, &tuning)?;
+        let (endpoint, acceptor) = quictun_quic::endpoint::server_endpoint(settings.quic_listen, cert, &tuning)?;
         let quic_addr = endpoint.local_addr().map_err(|source| RelayError::Bind {
             what: "QUIC",
             addr: settings.quic_listen,
@@ -148,7 +148,7 @@ impl Relay {
         let watch_silence = liveness::watch(shared.runtime.sessions.clone());
         quictun_core::spawn_cancellable(&shared.runtime.tasks, &shared.runtime.stopped, watch_silence);
         if settings.transport.quic() {
-            shared.runtime.tasks.spawn(quic::accept_loop(endpoint.clone(), shared.clone()));
+            shared.runtime.tasks.spawn(quic::accept_loop(endpoint.clone(), acceptor, shared.clone()));
         }
         let grpc_addr = if settings.transport.grpc() {
             let (listener, addr) = bind_tcp("gRPC", settings.grpc_listen).await?;

@@ -49,8 +49,13 @@ pub fn admit_pending(shared: &RelayState, ip: IpAddr) -> Option<PendingSlot> {
 
 /// Accepts QUIC connections until shutdown (see [`quictun_quic::accept`]). A new connection
 /// over its address's handshake rate, or beyond the pending-connection caps (the relay's, its
-/// network's), is refused at once, before any cryptography.
-pub async fn accept_loop(endpoint: quictun_quic::Endpoint, shared: Arc<RelayState>) {
+/// network's), is refused at once, before any cryptography; the others are accepted through
+/// `acceptor` (transport settings by path).
+pub async fn accept_loop(
+    endpoint: quictun_quic::Endpoint,
+    acceptor: quictun_quic::endpoint::Acceptor,
+    shared: Arc<RelayState>,
+) {
     let limiter = handshake_limiter(&shared).map(Arc::new);
     if let Some(limiter) = limiter.clone() {
         // Addresses that stopped connecting are forgotten.
@@ -86,6 +91,7 @@ pub async fn accept_loop(endpoint: quictun_quic::Endpoint, shared: Arc<RelayStat
         register_timeout: Duration::from_secs(shared.settings.register_timeout_secs),
         stall: shared.runtime.reclaimer.clone(),
         stream_window: u64::from(shared.settings.stream_window),
+        acceptor,
     };
     quictun_quic::accept::serve(
         endpoint,

@@ -106,9 +106,10 @@ pub async fn floor(args: BenchFloorArgs) -> Result<(), Failure> {
             quictun_grpc::floor::serve(listener, std::sync::Arc::new(tls), answer).await;
         }
         FloorTransport::Quic => {
-            let endpoint = quictun_quic::endpoint::server_endpoint(args.listen, cert, &quictun_quic::Tuning::default())
-                .map_err(Failure::runtime)?;
-            quictun_quic::floor::serve(endpoint, args.answer).await;
+            let (endpoint, acceptor) =
+                quictun_quic::endpoint::server_endpoint(args.listen, cert, &quictun_quic::Tuning::default())
+                    .map_err(Failure::runtime)?;
+            quictun_quic::floor::serve(endpoint, acceptor, args.answer).await;
         }
     }
     Ok(())
