@@ -58,6 +58,8 @@ fn load_options(args: AgentArgs) -> Result<Vec<AgentOptions>, Failure> {
 /// Runs the agent (one connection per relay) until Ctrl-C or SIGTERM (drain), or a fatal error
 /// on any relay (exit 1).
 pub async fn run(args: AgentArgs) -> Result<(), Failure> {
+    // Caught from the start, so that a stop during start-up drains instead of killing.
+    let shutdown = crate::signal::shutdown();
     let all_options = load_options(args)?;
     let egress_listen = all_options.first().and_then(|o| o.egress_listen);
     let response_timeout = all_options.first().map(|o| o.response_timeout).unwrap_or_default();
@@ -84,7 +86,7 @@ pub async fn run(args: AgentArgs) -> Result<(), Failure> {
     });
     let stopped = futures_util::future::select_all(reports);
     tokio::select! {
-        _ = crate::signal::shutdown() => {}
+        () = shutdown => {}
         _ = stopped => {}
     }
     // Drain every connection; the first fatal error (if any) is the exit status.

@@ -131,6 +131,8 @@ pub async fn run(args: RelayArgs) -> Result<(), Failure> {
         other => Failure::runtime(other),
     })?;
     let pin = relay.pin().map(|p| p.to_string()).unwrap_or_default();
+    // Caught from here on: a stop or a reload signal right after the banner is not fatal.
+    let (shutdown, hangups) = (crate::signal::shutdown(), crate::signal::hangups());
     println!("quictun relay");
     println!("  QUIC (agents)  udp://{}", relay.quic_addr());
     if let Some(grpc) = relay.grpc_addr() {
@@ -145,7 +147,7 @@ pub async fn run(args: RelayArgs) -> Result<(), Failure> {
     println!("  pin            {pin}");
     let client = first_client.as_deref().unwrap_or("<ID>");
     println!("  agent command  {}", agent_command(&public_name, relay.quic_addr(), relay.grpc_addr(), &pin, client));
-    serve_until_shutdown(&relay, &args).await;
+    serve_until_shutdown(&relay, &args, shutdown, hangups).await;
     relay.shutdown().await;
     Ok(())
 }
@@ -153,16 +155,24 @@ pub async fn run(args: RelayArgs) -> Result<(), Failure> {
 /// How often the configuration file is checked for changes.
 const CONFIG_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Serves until Ctrl-C or SIGTERM. Meanwhile the configuration file is reloaded on SIGHUP and when
-/// it changes on disk; a file with an error is refused with a message and the running
-/// configuration stays.
-async fn serve_until_shutdown(relay: &Relay, args: &RelayArgs) {
-    let shutdown = crate::signal::shutdown();
+/// Serves until `shutdown` (Ctrl-C or SIGTERM). Meanwhile the configuration file is reloaded on
+/// SIGHUP (`hangups`) and when it changes on disk; a file with an error is refused with a message
+/// and the running configuration stays.
+async fn serve_until_shutdown(
+    relay: &Relay,
+    args: &RelayArgs,
+    shutdown: impl Future<Output = ()>,
+    mut hangups: crate::signal::Hangups,
+) {
     tokio::pin!(shutdown);
     let Some(path) = args.config.clone() else {
-        return shutdown.await;
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = hangups.recv() => tracing::info!("SIGHUP: no configuration file to reload (the relay runs on flags)"),
+            }
+        }
     };
-    let mut hangups = crate::signal::hangups();
     let mut poll = tokio::time::interval(CONFIG_POLL);
     let mut stamp = modified(&path);
     loop {

@@ -1,26 +1,24 @@
 //! Waiting for Ctrl-C or SIGTERM, and SIGHUP (reload).
 
-/// Resolves on Ctrl-C (SIGINT) or SIGTERM.
-pub async fn shutdown() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM. The signals are caught from the moment this is called
+/// (not from the first poll), so that a SIGTERM sent right after the banner (a quick service stop)
+/// still drains instead of killing the process.
+pub fn shutdown() -> impl Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (term, interrupt) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        match (term, interrupt) {
+            (Ok(mut term), Ok(mut interrupt)) => {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
+                    _ = interrupt.recv() => {}
                     _ = term.recv() => {}
                 }
             }
-            Err(err) => {
-                tracing::warn!(%err, "cannot listen for SIGTERM; Ctrl-C only");
+            (Err(err), _) | (_, Err(err)) => {
+                tracing::warn!(%err, "cannot listen for SIGTERM or SIGINT; waiting for Ctrl-C only");
                 let _ctrl_c = tokio::signal::ctrl_c().await;
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ctrl_c = tokio::signal::ctrl_c().await;
     }
 }
 
