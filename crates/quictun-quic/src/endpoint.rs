@@ -67,6 +67,10 @@ pub struct Tuning {
     pub udp_buffer: usize,
     /// Congestion controller.
     pub congestion: Congestion,
+    /// Largest packet (UDP payload) to send to a peer on this host; loopback's own limit applies
+    /// too. Each connection keeps a send buffer of this size for as long as it lives, so an end
+    /// with many connections (the relay) may want less than the most loopback carries.
+    pub loopback_packet: u16,
 }
 
 impl Default for Tuning {
@@ -80,6 +84,7 @@ impl Default for Tuning {
             keep_alive: Duration::from_secs(5),
             udp_buffer: 4 << 20,
             congestion: Congestion::Cubic,
+            loopback_packet: MAX_UDP_PAYLOAD,
         }
     }
 }
@@ -105,27 +110,39 @@ fn loopback_udp_payload(peer: SocketAddr) -> u16 {
 impl Tuning {
     /// The quinn transport configuration for a connection with `peer`.
     ///
-    /// A peer on this host gets packets as large as loopback carries, found by MTU discovery (a
-    /// few probes at the start): quinn's costs are per packet (building, encrypting, tracking,
-    /// acknowledging, and a system call each), so 64 KB packets instead of 1,452-byte ones halve
-    /// the CPU per byte of a bulk transfer. Segmentation offload (GSO) is off for such a peer:
-    /// quinn 0.11 batches up to 10 packets of the path MTU in one send, and a batch over 64 KiB
-    /// is refused by the kernel (`EMSGSIZE`) and lost, which makes quinn's black-hole detection
-    /// fall back to 1,200-byte packets (quinn-rs/quinn#2201); with 64 KB packets one send per
-    /// packet is what GSO would have saved anyway. Other peers keep quinn's defaults: discovery
-    /// up to 1,452 bytes, with GSO.
+    /// A peer on this host gets packets as large as loopback carries (up to
+    /// [`Tuning::loopback_packet`]) from the first one: quinn's costs are per packet (building,
+    /// encrypting, tracking, acknowledging, and a system call each), so 64 KB packets instead of
+    /// 1,452-byte ones halve the CPU per byte of a bulk transfer. They start at that size rather
+    /// than being found by MTU discovery, whose probes (a dozen packets of up to 64 KB, at every
+    /// connection) cost the relay memory per session; discovery stays on to fall back if the
+    /// loopback MTU is smaller. The initial congestion window holds ten such packets (quinn's
+    /// CUBIC starts at 14,720 bytes, less than one packet, and would send nothing). Segmentation
+    /// offload (GSO) is off for such a peer: quinn 0.11 batches up to 10 packets of the path MTU
+    /// in one send, and a batch over 64 KiB is refused by the kernel (`EMSGSIZE`) and lost, which
+    /// makes quinn's black-hole detection fall back to 1,200-byte packets (quinn-rs/quinn#2201);
+    /// with 64 KB packets one send per packet is what GSO would have saved anyway. Other peers
+    /// keep quinn's defaults: discovery up to 1,452 bytes, with GSO.
     pub fn transport_config_for(&self, peer: SocketAddr) -> TransportConfig {
-        let mut t = self.transport_config();
-        if is_loopback(peer) {
-            let mut mtu = quinn::MtuDiscoveryConfig::default();
-            mtu.upper_bound(loopback_udp_payload(peer));
-            t.mtu_discovery_config(Some(mtu)).enable_segmentation_offload(false);
+        if !is_loopback(peer) {
+            return self.transport_config();
         }
+        let packet = loopback_udp_payload(peer).min(self.loopback_packet);
+        let mut t = self.transport_with_window(Some(10 * u64::from(packet)));
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(packet);
+        t.initial_mtu(packet).mtu_discovery_config(Some(mtu)).enable_segmentation_offload(false);
         t
     }
 
     /// The quinn transport configuration for these settings, for a peer on another host.
     pub fn transport_config(&self) -> TransportConfig {
+        self.transport_with_window(None)
+    }
+
+    /// These settings, with at least `initial_window` bytes as the congestion controller's
+    /// initial window when given.
+    fn transport_with_window(&self, initial_window: Option<u64>) -> TransportConfig {
         let mut t = TransportConfig::default();
         t.max_concurrent_bidi_streams(VarInt::from_u32(self.max_concurrent_streams))
             .max_concurrent_uni_streams(VarInt::from_u32(0))
@@ -134,11 +151,29 @@ impl Tuning {
             .send_window(self.send_window)
             .keep_alive_interval(Some(self.keep_alive))
             .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok());
-        if self.congestion == Congestion::Bbr {
-            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        match self.congestion {
+            Congestion::Bbr => {
+                let mut bbr = quinn::congestion::BbrConfig::default();
+                if let Some(window) = initial_window {
+                    bbr.initial_window(window.max(default_window(&bbr)));
+                }
+                t.congestion_controller_factory(Arc::new(bbr));
+            }
+            Congestion::Cubic => {
+                if let Some(window) = initial_window {
+                    let mut cubic = quinn::congestion::CubicConfig::default();
+                    cubic.initial_window(window.max(default_window(&cubic)));
+                    t.congestion_controller_factory(Arc::new(cubic));
+                }
+            }
         }
         t
     }
+}
+
+/// The initial congestion window a controller configuration starts with.
+fn default_window<C: quinn::congestion::ControllerFactory + Clone>(config: &C) -> u64 {
+    Arc::new(config.clone()).build(std::time::Instant::now(), 1200).window()
 }
 
 /// Binds a UDP socket with the requested buffer sizes and logs what the kernel granted (Linux caps
@@ -359,14 +394,13 @@ mod tests {
         assert_eq!(loopback_udp_payload("[::1]:1".parse().unwrap()), 65_488);
     }
 
-    /// A bulk transfer between two endpoints on this host: the sender's packets grow to what
-    /// loopback carries and stay there (no send the kernel refuses, so no black hole detected).
-    #[tokio::test]
-    async fn a_loopback_peer_gets_packets_as_large_as_loopback_carries() {
+    /// Sends 32 MiB from a client with `tuning` to a server on this host; returns the sender's
+    /// path statistics.
+    async fn path_after_a_bulk_send(tuning: Tuning) -> quinn::PathStats {
         let cert = GeneratedCert::self_signed(&[]).unwrap();
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let (server, acceptor) = server_endpoint(any, cert.cert_key().unwrap(), &Tuning::default()).unwrap();
-        let (client, setup) = client_endpoint(any, &Trust::Pin(cert.pin), &Tuning::default()).unwrap();
+        let (client, setup) = client_endpoint(any, &Trust::Pin(cert.pin), &tuning).unwrap();
         let addr = server.local_addr().unwrap();
         let received = tokio::spawn(async move {
             let conn = acceptor.accept(server.accept().await.unwrap()).unwrap().await.unwrap();
@@ -380,22 +414,28 @@ mod tests {
         let conn = client.connect_with(setup.config_for(addr), addr, "localhost").unwrap().await.unwrap();
         let (mut send, _recv) = conn.open_bi().await.unwrap();
         let chunk = bytes::Bytes::from(vec![7u8; 1 << 20]);
-        let mut sent = 0;
-        // MTU discovery runs alongside the data; give it up to 10 s of sending to get there.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while conn.stats().path.current_mtu < 60_000 && std::time::Instant::now() < deadline {
-            send.write_chunk(chunk.clone()).await.unwrap();
-            sent += chunk.len();
-        }
         for _ in 0..32 {
             send.write_chunk(chunk.clone()).await.unwrap();
-            sent += chunk.len();
         }
         send.finish().unwrap();
-        assert_eq!(received.await.unwrap(), sent);
-        let path = conn.stats().path;
-        assert!(path.current_mtu >= 60_000, "MTU {} after {sent} bytes", path.current_mtu);
-        assert_eq!(path.black_holes_detected, 0, "{path:?}");
+        assert_eq!(received.await.unwrap(), 32 << 20);
+        conn.stats().path
+    }
+
+    /// On this host, packets start as large as loopback carries and stay so through a bulk
+    /// transfer: no send the kernel refuses, so no black hole detected.
+    #[tokio::test]
+    async fn a_loopback_peer_gets_packets_as_large_as_loopback_carries() {
+        for congestion in [Congestion::Cubic, Congestion::Bbr] {
+            let path = path_after_a_bulk_send(Tuning { congestion, ..Tuning::default() }).await;
+            assert_eq!(path.current_mtu, 65_507, "{congestion:?}: {path:?}");
+            assert_eq!(path.black_holes_detected, 0, "{congestion:?}: {path:?}");
+            assert_eq!(path.sent_plpmtud_probes, 0, "{congestion:?}: no probing needed: {path:?}");
+        }
+
+        let capped = path_after_a_bulk_send(Tuning { loopback_packet: 16 * 1024, ..Tuning::default() }).await;
+        assert_eq!(capped.current_mtu, 16 * 1024, "{capped:?}");
+        assert_eq!(capped.black_holes_detected, 0, "{capped:?}");
     }
 
     #[test]
