@@ -89,6 +89,9 @@ impl Default for Tuning {
     }
 }
 
+/// quinn's own upper bound for MTU discovery (its default): the packet size on other paths.
+const DEFAULT_PACKET: u16 = 1452;
+
 /// Largest UDP payload quinn can be told to receive or to try (RFC 9000's limit for the
 /// `max_udp_payload_size` transport parameter).
 const MAX_UDP_PAYLOAD: u16 = 65_527;
@@ -98,14 +101,28 @@ pub fn is_loopback(peer: SocketAddr) -> bool {
     peer.ip().to_canonical().is_loopback()
 }
 
-/// The largest UDP payload a loopback path carries: `lo`'s MTU is 65,536 bytes, less the IP and
-/// UDP headers (and a UDP datagram can hold no more than 65,507 bytes over IPv4).
-fn loopback_udp_payload(peer: SocketAddr) -> u16 {
-    match peer.ip().to_canonical() {
-        std::net::IpAddr::V4(_) => 65_507,
-        std::net::IpAddr::V6(_) => 65_488,
-    }
+/// The largest UDP payload a loopback path to `peer` carries: the loopback interface's MTU less
+/// the IP and UDP headers (and no more than a UDP datagram holds: 65,507 bytes over IPv4).
+/// `None` where the MTU cannot be read (not Linux).
+fn loopback_udp_payload(peer: SocketAddr) -> Option<u16> {
+    let mtu: u32 = std::fs::read_to_string("/sys/class/net/lo/mtu").ok()?.trim().parse().ok()?;
+    udp_payload_within(mtu, peer)
 }
+
+/// The largest UDP payload to `peer` in an IP packet of `mtu` bytes.
+fn udp_payload_within(mtu: u32, peer: SocketAddr) -> Option<u16> {
+    let (headers, most) = match peer.ip().to_canonical() {
+        std::net::IpAddr::V4(_) => (20 + 8, 65_507),
+        std::net::IpAddr::V6(_) => (40 + 8, 65_527),
+    };
+    u16::try_from(mtu.checked_sub(headers)?.min(most)).ok()
+}
+
+/// Packets quinn 0.11 batches into one GSO send at most.
+const GSO_SEGMENTS: u32 = 10;
+
+/// Most bytes one UDP send may carry (a GSO batch is one UDP datagram to the kernel).
+const MAX_UDP_SEND: u32 = 65_507;
 
 impl Tuning {
     /// The quinn transport configuration for a connection with `peer`.
@@ -116,22 +133,25 @@ impl Tuning {
     /// 1,452-byte ones halve the CPU per byte of a bulk transfer. They start at that size rather
     /// than being found by MTU discovery, whose probes (a dozen packets of up to 64 KB, at every
     /// connection) cost the relay memory per session; discovery stays on to fall back if the
-    /// loopback MTU is smaller. The initial congestion window holds ten such packets (quinn's
-    /// CUBIC starts at 14,720 bytes, less than one packet, and would send nothing). Segmentation
-    /// offload (GSO) is off for such a peer: quinn 0.11 batches up to 10 packets of the path MTU
-    /// in one send, and a batch over 64 KiB is refused by the kernel (`EMSGSIZE`) and lost, which
-    /// makes quinn's black-hole detection fall back to 1,200-byte packets (quinn-rs/quinn#2201);
-    /// with 64 KB packets one send per packet is what GSO would have saved anyway. Other peers
-    /// keep quinn's defaults: discovery up to 1,452 bytes, with GSO.
+    /// loopback MTU shrinks. The size comes from the loopback interface's MTU (65,536 unless
+    /// changed). The initial congestion window holds ten such packets (quinn's CUBIC starts at
+    /// 12,000 bytes, less than one packet, and would send nothing). Segmentation offload (GSO)
+    /// stays on only when ten packets fit in one send: quinn 0.11 batches up to 10 packets of the
+    /// path MTU in one send, and a batch over 64 KiB is refused by the kernel (`EMSGSIZE`) and
+    /// lost, which makes quinn's black-hole detection fall back to 1,200-byte packets
+    /// (quinn-rs/quinn#2201); with 64 KB packets one send per packet is what GSO would have saved
+    /// anyway. Other peers, and all peers where the loopback MTU cannot be read, keep quinn's
+    /// defaults: discovery up to 1,452 bytes, with GSO.
     pub fn transport_config_for(&self, peer: SocketAddr) -> TransportConfig {
-        if !is_loopback(peer) {
+        let loopback = if is_loopback(peer) { loopback_udp_payload(peer) } else { None };
+        let Some(packet) = loopback.map(|most| most.min(self.loopback_packet)).filter(|&p| p > DEFAULT_PACKET) else {
             return self.transport_config();
-        }
-        let packet = loopback_udp_payload(peer).min(self.loopback_packet);
+        };
         let mut t = self.transport_with_window(Some(10 * u64::from(packet)));
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(packet);
-        t.initial_mtu(packet).mtu_discovery_config(Some(mtu)).enable_segmentation_offload(false);
+        let gso = u32::from(packet) * GSO_SEGMENTS <= MAX_UDP_SEND;
+        t.initial_mtu(packet).mtu_discovery_config(Some(mtu)).enable_segmentation_offload(gso);
         t
     }
 
@@ -389,9 +409,14 @@ mod tests {
         for peer in ["10.0.0.1:4433", "[2001:db8::1]:4433", "[::ffff:10.0.0.1]:4433", "0.0.0.0:4433"] {
             assert!(!is_loopback(peer.parse().unwrap()), "{peer}");
         }
-        assert_eq!(loopback_udp_payload("127.0.0.1:1".parse().unwrap()), 65_507);
-        assert_eq!(loopback_udp_payload("[::ffff:127.0.0.1]:1".parse().unwrap()), 65_507);
-        assert_eq!(loopback_udp_payload("[::1]:1".parse().unwrap()), 65_488);
+        let (v4, mapped, v6) =
+            ("127.0.0.1:1".parse().unwrap(), "[::ffff:127.0.0.1]:1".parse().unwrap(), "[::1]:1".parse().unwrap());
+        assert_eq!(udp_payload_within(65_536, v4), Some(65_507));
+        assert_eq!(udp_payload_within(65_536, mapped), Some(65_507));
+        assert_eq!(udp_payload_within(65_536, v6), Some(65_488));
+        assert_eq!(udp_payload_within(9_000, v4), Some(8_972));
+        assert_eq!(udp_payload_within(1_000_000, v6), Some(65_527));
+        assert_eq!(udp_payload_within(20, v4), None);
     }
 
     /// Sends 32 MiB from a client with `tuning` to a server on this host; returns the sender's
@@ -426,15 +451,16 @@ mod tests {
     /// transfer: no send the kernel refuses, so no black hole detected.
     #[tokio::test]
     async fn a_loopback_peer_gets_packets_as_large_as_loopback_carries() {
+        let most = loopback_udp_payload("127.0.0.1:1".parse().unwrap()).expect("Linux: the loopback MTU is readable");
         for congestion in [Congestion::Cubic, Congestion::Bbr] {
             let path = path_after_a_bulk_send(Tuning { congestion, ..Tuning::default() }).await;
-            assert_eq!(path.current_mtu, 65_507, "{congestion:?}: {path:?}");
+            assert_eq!(path.current_mtu, most, "{congestion:?}: {path:?}");
             assert_eq!(path.black_holes_detected, 0, "{congestion:?}: {path:?}");
             assert_eq!(path.sent_plpmtud_probes, 0, "{congestion:?}: no probing needed: {path:?}");
         }
 
         let capped = path_after_a_bulk_send(Tuning { loopback_packet: 16 * 1024, ..Tuning::default() }).await;
-        assert_eq!(capped.current_mtu, 16 * 1024, "{capped:?}");
+        assert_eq!(capped.current_mtu, most.min(16 * 1024), "{capped:?}");
         assert_eq!(capped.black_holes_detected, 0, "{capped:?}");
     }
 
