@@ -101,21 +101,18 @@ pub fn is_loopback(peer: SocketAddr) -> bool {
     peer.ip().to_canonical().is_loopback()
 }
 
-/// The largest UDP payload a loopback path to `peer` carries: the loopback interface's MTU less
-/// the IP and UDP headers (and no more than a UDP datagram holds: 65,507 bytes over IPv4).
-/// `None` where the MTU cannot be read (not Linux).
-fn loopback_udp_payload(peer: SocketAddr) -> Option<u16> {
+/// The largest UDP payload a loopback path carries over either IP version: the loopback
+/// interface's MTU less the IPv6 and UDP headers (the larger ones, so that one configuration
+/// serves IPv4 and IPv6 peers alike). `None` where the MTU cannot be read (not Linux).
+fn loopback_udp_payload() -> Option<u16> {
     let mtu: u32 = std::fs::read_to_string("/sys/class/net/lo/mtu").ok()?.trim().parse().ok()?;
-    udp_payload_within(mtu, peer)
+    udp_payload_within(mtu)
 }
 
-/// The largest UDP payload to `peer` in an IP packet of `mtu` bytes.
-fn udp_payload_within(mtu: u32, peer: SocketAddr) -> Option<u16> {
-    let (headers, most) = match peer.ip().to_canonical() {
-        std::net::IpAddr::V4(_) => (20 + 8, 65_507),
-        std::net::IpAddr::V6(_) => (40 + 8, 65_527),
-    };
-    u16::try_from(mtu.checked_sub(headers)?.min(most)).ok()
+/// The largest UDP payload in an IP packet of `mtu` bytes, over IPv6 and IPv4 alike (an IPv4
+/// UDP datagram holds at most 65,507 bytes).
+fn udp_payload_within(mtu: u32) -> Option<u16> {
+    u16::try_from(mtu.checked_sub(40 + 8)?.min(65_507)).ok()
 }
 
 /// Packets quinn 0.11 batches into one GSO send at most.
@@ -134,7 +131,7 @@ impl Tuning {
     /// than being found by MTU discovery, whose probes (a dozen packets of up to 64 KB, at every
     /// connection) cost the relay memory per session; discovery stays on to fall back if the
     /// loopback MTU shrinks. The size comes from the loopback interface's MTU (65,536 unless
-    /// changed). The initial congestion window holds ten such packets (quinn's CUBIC starts at
+    /// changed, so 65,488 bytes: what IPv6 carries, so that one size serves both versions). The initial congestion window holds ten such packets (quinn's CUBIC starts at
     /// 12,000 bytes, less than one packet, and would send nothing). Segmentation offload (GSO)
     /// stays on only when ten packets fit in one send: quinn 0.11 batches up to 10 packets of the
     /// path MTU in one send, and a batch over 64 KiB is refused by the kernel (`EMSGSIZE`) and
@@ -143,7 +140,7 @@ impl Tuning {
     /// anyway. Other peers, and all peers where the loopback MTU cannot be read, keep quinn's
     /// defaults: discovery up to 1,452 bytes, with GSO.
     pub fn transport_config_for(&self, peer: SocketAddr) -> TransportConfig {
-        let loopback = if is_loopback(peer) { loopback_udp_payload(peer) } else { None };
+        let loopback = if is_loopback(peer) { loopback_udp_payload() } else { None };
         let Some(packet) = loopback.map(|most| most.min(self.loopback_packet)).filter(|&p| p > DEFAULT_PACKET) else {
             return self.transport_config();
         };
@@ -409,21 +406,17 @@ mod tests {
         for peer in ["10.0.0.1:4433", "[2001:db8::1]:4433", "[::ffff:10.0.0.1]:4433", "0.0.0.0:4433"] {
             assert!(!is_loopback(peer.parse().unwrap()), "{peer}");
         }
-        let (v4, mapped, v6) =
-            ("127.0.0.1:1".parse().unwrap(), "[::ffff:127.0.0.1]:1".parse().unwrap(), "[::1]:1".parse().unwrap());
-        assert_eq!(udp_payload_within(65_536, v4), Some(65_507));
-        assert_eq!(udp_payload_within(65_536, mapped), Some(65_507));
-        assert_eq!(udp_payload_within(65_536, v6), Some(65_488));
-        assert_eq!(udp_payload_within(9_000, v4), Some(8_972));
-        assert_eq!(udp_payload_within(1_000_000, v6), Some(65_527));
-        assert_eq!(udp_payload_within(20, v4), None);
+        assert_eq!(udp_payload_within(65_536), Some(65_488));
+        assert_eq!(udp_payload_within(9_000), Some(8_952));
+        assert_eq!(udp_payload_within(1_000_000), Some(65_507));
+        assert_eq!(udp_payload_within(40), None);
     }
 
-    /// Sends 32 MiB from a client with `tuning` to a server on this host; returns the sender's
-    /// path statistics.
-    async fn path_after_a_bulk_send(tuning: Tuning) -> quinn::PathStats {
+    /// Sends 32 MiB from a client with `tuning` to a server on this host, both bound to `local`;
+    /// returns the sender's path statistics.
+    async fn path_after_a_bulk_send(local: &str, tuning: Tuning) -> quinn::PathStats {
         let cert = GeneratedCert::self_signed(&[]).unwrap();
-        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let any: SocketAddr = local.parse().unwrap();
         let (server, acceptor) = server_endpoint(any, cert.cert_key().unwrap(), &Tuning::default()).unwrap();
         let (client, setup) = client_endpoint(any, &Trust::Pin(cert.pin), &tuning).unwrap();
         let addr = server.local_addr().unwrap();
@@ -451,17 +444,25 @@ mod tests {
     /// transfer: no send the kernel refuses, so no black hole detected.
     #[tokio::test]
     async fn a_loopback_peer_gets_packets_as_large_as_loopback_carries() {
-        let most = loopback_udp_payload("127.0.0.1:1".parse().unwrap()).expect("Linux: the loopback MTU is readable");
+        let most = loopback_udp_payload().expect("Linux: the loopback MTU is readable");
         for congestion in [Congestion::Cubic, Congestion::Bbr] {
-            let path = path_after_a_bulk_send(Tuning { congestion, ..Tuning::default() }).await;
+            let path = path_after_a_bulk_send("127.0.0.1:0", Tuning { congestion, ..Tuning::default() }).await;
             assert_eq!(path.current_mtu, most, "{congestion:?}: {path:?}");
             assert_eq!(path.black_holes_detected, 0, "{congestion:?}: {path:?}");
             assert_eq!(path.sent_plpmtud_probes, 0, "{congestion:?}: no probing needed: {path:?}");
         }
 
-        let capped = path_after_a_bulk_send(Tuning { loopback_packet: 16 * 1024, ..Tuning::default() }).await;
+        let capped =
+            path_after_a_bulk_send("127.0.0.1:0", Tuning { loopback_packet: 16 * 1024, ..Tuning::default() }).await;
         assert_eq!(capped.current_mtu, most.min(16 * 1024), "{capped:?}");
         assert_eq!(capped.black_holes_detected, 0, "{capped:?}");
+
+        // The same size over IPv6, whose headers are larger, where the host has its loopback.
+        if std::net::UdpSocket::bind("[::1]:0").is_ok() {
+            let v6 = path_after_a_bulk_send("[::1]:0", Tuning::default()).await;
+            assert_eq!(v6.current_mtu, most, "{v6:?}");
+            assert_eq!(v6.black_holes_detected, 0, "{v6:?}");
+        }
     }
 
     #[test]
