@@ -122,9 +122,9 @@ const GSO_SEGMENTS: u32 = 10;
 const MAX_UDP_SEND: u32 = 65_507;
 
 impl Tuning {
-    /// The quinn transport configuration for a connection with `peer`.
+    /// The quinn transport configuration for a peer on this host ([`is_loopback`]).
     ///
-    /// A peer on this host gets packets as large as loopback carries (up to
+    /// Such a peer gets packets as large as loopback carries (up to
     /// [`Tuning::loopback_packet`]) from the first one: quinn's costs are per packet (building,
     /// encrypting, tracking, acknowledging, and a system call each), so 64 KB packets instead of
     /// 1,452-byte ones halve the CPU per byte of a bulk transfer. They start at that size rather
@@ -137,11 +137,11 @@ impl Tuning {
     /// path MTU in one send, and a batch over 64 KiB is refused by the kernel (`EMSGSIZE`) and
     /// lost, which makes quinn's black-hole detection fall back to 1,200-byte packets
     /// (quinn-rs/quinn#2201); with 64 KB packets one send per packet is what GSO would have saved
-    /// anyway. Other peers, and all peers where the loopback MTU cannot be read, keep quinn's
-    /// defaults: discovery up to 1,452 bytes, with GSO.
-    pub fn transport_config_for(&self, peer: SocketAddr) -> TransportConfig {
-        let loopback = if is_loopback(peer) { loopback_udp_payload() } else { None };
-        let Some(packet) = loopback.map(|most| most.min(self.loopback_packet)).filter(|&p| p > DEFAULT_PACKET) else {
+    /// anyway. Where the loopback MTU cannot be read this is [`Tuning::transport_config`], which
+    /// other peers get: quinn's discovery up to 1,452 bytes, with GSO.
+    pub fn loopback_transport_config(&self) -> TransportConfig {
+        let largest = loopback_udp_payload().map(|most| most.min(self.loopback_packet));
+        let Some(packet) = largest.filter(|&p| p > DEFAULT_PACKET) else {
             return self.transport_config();
         };
         let mut t = self.transport_with_window(Some(10 * u64::from(packet)));
@@ -278,7 +278,7 @@ const TICKETS_PER_CONNECTION: usize = 4;
 const RESUMPTION_CACHE: usize = 8192;
 
 /// Accepts each incoming connection with the transport configuration for its path (see
-/// [`Tuning::transport_config_for`]).
+/// [`Tuning::loopback_transport_config`]).
 #[derive(Clone)]
 pub struct Acceptor {
     /// For peers on this host; others get the endpoint's default configuration.
@@ -324,7 +324,7 @@ pub fn server_endpoint(
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(tuning.transport_config()));
     let mut loopback = config.clone();
-    loopback.transport_config(Arc::new(tuning.transport_config_for(SocketAddr::from(([127, 0, 0, 1], 0)))));
+    loopback.transport_config(Arc::new(tuning.loopback_transport_config()));
     let socket = bind_udp(addr, tuning.udp_buffer)?;
     let endpoint_config = endpoint_config(restart_keys.endpoint_config());
     let endpoint = quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime::default_runtime_or_err()?)
@@ -353,7 +353,7 @@ pub fn client_endpoint(
 pub struct ClientSetup {
     /// The quinn client configuration for a relay on another host.
     pub config: quinn::ClientConfig,
-    /// The same, for a relay on this host (see [`Tuning::transport_config_for`]).
+    /// The same, for a relay on this host (see [`Tuning::loopback_transport_config`]).
     loopback: quinn::ClientConfig,
     /// The pin verifier, when trust is by pin.
     pub pin_verifier: Option<Arc<PinVerifier>>,
@@ -371,7 +371,7 @@ impl ClientSetup {
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(Arc::new(tuning.transport_config()));
         let mut loopback = config.clone();
-        loopback.transport_config(Arc::new(tuning.transport_config_for(SocketAddr::from(([127, 0, 0, 1], 0)))));
+        loopback.transport_config(Arc::new(tuning.loopback_transport_config()));
         Ok(Self { config, loopback, pin_verifier })
     }
 

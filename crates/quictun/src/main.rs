@@ -65,13 +65,13 @@ fn configured_log_format(command: &Command) -> LogFormat {
         Command::Agent(args) => (args.config.as_deref(), "agent"),
         _ => (None, ""),
     };
-    let configured = path
+    let configured: Option<quictun_core::config::LogFormat> = path
         .and_then(|path| std::fs::read_to_string(path).ok())
         .and_then(|text| text.parse::<toml::Table>().ok())
-        .and_then(|table| table.get(section)?.get("log_format")?.as_str().map(str::to_owned));
-    match configured.as_deref() {
-        Some("json") => LogFormat::Json,
-        _ => LogFormat::Text,
+        .and_then(|table| table.get(section)?.get("log_format")?.clone().try_into().ok());
+    match configured {
+        Some(quictun_core::config::LogFormat::Json) => LogFormat::Json,
+        Some(quictun_core::config::LogFormat::Text) | None => LogFormat::Text,
     }
 }
 
