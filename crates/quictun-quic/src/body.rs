@@ -22,7 +22,9 @@ pub const READ_BATCH: usize = 16;
 /// stream, up to [`READ_BATCH`], under one take of the connection's lock: one chunk is handed on
 /// as it is (no copy: a small answer's end), several are joined into one (bulk: one copy of
 /// packet-sized pieces saves a poll of every body layer above, and hyper's write, per packet).
-/// Dropping it before the end tells the peer to stop sending (quinn sends STOP_SENDING).
+/// Dropped before the end, it tells the peer to stop sending (quinn sends STOP_SENDING), unless
+/// the end is already there: a consumer that knows the length (hyper, from `content-length`)
+/// stops polling at the last byte, before the FIN is read.
 pub struct RecvBody {
     recv: quinn::RecvStream,
     /// Body bytes already read with the head, handed out first.
@@ -57,6 +59,34 @@ fn read_error(e: quinn::ReadError) -> BodyError {
         quinn::ReadError::Reset(code) => BodyError::Reset(StreamCode::from_wire(code.into_inner())),
         quinn::ReadError::ConnectionLost(c) => BodyError::ConnectionLost(c.to_string()),
         other => BodyError::Closed(other.to_string()),
+    }
+}
+
+impl Drop for RecvBody {
+    fn drop(&mut self) {
+        if !self.done {
+            let _at_end = read_end_now(&mut self.recv);
+        }
+    }
+}
+
+/// Whether `recv` is at its end now: true when nothing but the peer's FIN is left (it is read, so
+/// dropping the stream sends nothing). Does not wait; unread data is consumed and gives false.
+///
+/// Without this every exchange whose end is known from its length would cost a STOP_SENDING
+/// frame, a packet and its acknowledgement: measured at about two more datagrams per small
+/// request when each connection carries few requests at a time (1,000 agents).
+fn read_end_now(recv: &mut quinn::RecvStream) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let read = recv.read_chunk(usize::MAX, true);
+    matches!(std::pin::pin!(read).poll(&mut cx), Poll::Ready(Ok(None)))
+}
+
+/// Closes a receive stream that is to be read no further: it stays quiet when its end is already
+/// there, and is stopped with `code` otherwise.
+pub fn close_recv(mut recv: quinn::RecvStream, code: StreamCode) {
+    if !read_end_now(&mut recv) {
+        stop(&mut recv, code);
     }
 }
 
@@ -209,5 +239,69 @@ mod tests {
         }
         assert_eq!(join_chunks(&mut batch, 4), Bytes::from_static(b"abcdef"));
         assert!(batch.iter().all(Bytes::is_empty), "the batch holds nothing between reads");
+    }
+
+    /// How many STOP_SENDING frames `pair`'s client has received, after a round trip on a fresh
+    /// stream (so that a frame queued before it has arrived).
+    async fn stops_received(pair: &crate::test_pair::Pair) -> u64 {
+        let (mut send, mut recv) = pair.client.open_bi().await.unwrap();
+        send.write_all(b"ping").await.unwrap();
+        send.finish().unwrap();
+        let (mut back, mut there) = pair.server.accept_bi().await.unwrap();
+        assert_eq!(there.read_to_end(16).await.unwrap(), b"ping");
+        back.write_all(b"pong").await.unwrap();
+        back.finish().unwrap();
+        assert_eq!(recv.read_to_end(16).await.unwrap(), b"pong");
+        pair.client.stats().frame_rx.stop_sending
+    }
+
+    /// A stream from the client to the server holding `data`, finished when `finish`; the
+    /// server's receive half once all of it (and the FIN) has arrived.
+    async fn received(pair: &crate::test_pair::Pair, data: &[u8], finish: bool) -> quinn::RecvStream {
+        let (mut send, _) = pair.client.open_bi().await.unwrap();
+        send.write_all(data).await.unwrap();
+        if finish {
+            send.finish().unwrap();
+        }
+        let (_, recv) = pair.server.accept_bi().await.unwrap();
+        if finish {
+            // Acknowledged by the server: the data and the FIN are there.
+            assert_eq!(send.stopped().await.unwrap(), None);
+        }
+        recv
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_at_its_last_byte_sends_no_stop_sending_and_one_dropped_early_does() {
+        let pair = crate::test_pair::connected().await;
+        // The whole answer came with the head (`read_head` reads chunks as they come), the FIN is
+        // left in quinn.
+        let mut recv = received(&pair, b"answer", true).await;
+        let start = recv.read_chunk(usize::MAX, true).await.unwrap().unwrap().bytes;
+        let mut body = RecvBody::new(recv, start);
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "answer");
+        drop(body); // as hyper does once content-length bytes are through
+        assert_eq!(stops_received(&pair).await, 0, "the whole body was read, yet the peer was stopped");
+
+        let body = RecvBody::new(received(&pair, b"not read", true).await, Bytes::new());
+        drop(body);
+        assert_eq!(stops_received(&pair).await, 1, "unread data must stop the peer");
+    }
+
+    #[tokio::test]
+    async fn closing_a_receive_stream_at_its_end_is_quiet_and_before_it_stops_the_peer() {
+        let pair = crate::test_pair::connected().await;
+        close_recv(received(&pair, b"", true).await, StreamCode::NoError);
+        assert_eq!(stops_received(&pair).await, 0);
+
+        let (mut send, _) = pair.client.open_bi().await.unwrap();
+        send.write_all(b"head").await.unwrap();
+        let (_, mut recv) = pair.server.accept_bi().await.unwrap();
+        let mut head = [0; 4];
+        recv.read_exact(&mut head).await.unwrap();
+        close_recv(recv, StreamCode::NoError); // the sender has not finished: more may come
+        assert_eq!(stops_received(&pair).await, 1);
+        assert_eq!(send.stopped().await.unwrap(), Some(VarInt::from_u32(StreamCode::NoError.to_u32())));
     }
 }

@@ -166,9 +166,7 @@ impl ControlIo for ControlChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Tuning;
-    use quictun_core::Trust;
-    use quictun_core::tls::GeneratedCert;
+    use crate::test_pair::Pair;
     use quictun_proto::ResponseHead;
 
     fn head() -> ResponseHead {
@@ -177,22 +175,13 @@ mod tests {
 
     /// A real QUIC connection: the client's send half of a fresh stream and the server's receive
     /// half, for `write` to fill and `read_head` to read.
-    async fn stream_pair(write: impl AsyncFnOnce(&mut quinn::SendStream)) -> (quinn::RecvStream, quinn::Connection) {
-        let cert = GeneratedCert::self_signed(&[]).unwrap();
-        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let (server, _) = crate::endpoint::server_endpoint(any, cert.cert_key().unwrap(), &Tuning::default()).unwrap();
-        let (client, setup) = crate::endpoint::client_endpoint(any, &Trust::Pin(cert.pin), &Tuning::default()).unwrap();
-        let addr = server.local_addr().unwrap();
-        let connecting = client.connect_with(setup.config, addr, "localhost").unwrap();
-        let (conn, accepted) = tokio::join!(connecting, async { server.accept().await.unwrap().await.unwrap() });
-        let conn = conn.unwrap();
-        let mut send = conn.open_bi().await.unwrap().0;
+    async fn stream_pair(write: impl AsyncFnOnce(&mut quinn::SendStream)) -> (quinn::RecvStream, Pair) {
+        let pair = crate::test_pair::connected().await;
+        let mut send = pair.client.open_bi().await.unwrap().0;
         write(&mut send).await;
-        let (_, recv) = accepted.accept_bi().await.unwrap();
-        (recv, conn)
+        let (_, recv) = pair.server.accept_bi().await.unwrap();
+        (recv, pair)
     }
-
-    use std::net::SocketAddr;
 
     #[tokio::test]
     async fn a_head_and_the_body_after_it_come_apart_whether_written_together_or_in_pieces() {

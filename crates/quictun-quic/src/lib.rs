@@ -19,6 +19,9 @@ pub mod floor;
 pub mod frames;
 pub mod tunnel;
 
+#[cfg(test)]
+pub(crate) mod test_pair;
+
 pub use endpoint::{Congestion, Tuning};
 /// A QUIC endpoint (a UDP socket and its connections), as the relay and the agent hold it.
 pub use quinn::Endpoint;

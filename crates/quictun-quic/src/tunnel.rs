@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::body::{QuicSink, recv_body, reset, stop};
+use crate::body::{QuicSink, close_recv, recv_body, reset, stop};
 use crate::frames::{ReadFrameError, read_head, read_head_within};
 
 /// Longest wait for a free stream slot on the connection.
@@ -254,7 +254,7 @@ pub async fn serve_stream(
         let framing = Framing::new(head.framed_body, &limits);
         stall.watch(recv_body(recv, start, framing, limits), &head.headers, None)
     } else {
-        stop(&mut recv, StreamCode::NoError);
+        close_recv(recv, StreamCode::NoError);
         empty_body()
     };
     async {

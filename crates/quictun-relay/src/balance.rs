@@ -64,21 +64,46 @@ fn rendezvous(key: &[u8], candidate: &impl Candidate) -> u64 {
     hasher.finish()
 }
 
-/// Chooses among `members` (in group order) with `cursor` for rotation.
+/// Chooses among `members` (in group order) with `cursor` for rotation: a healthy usable member
+/// if there is one, else any usable one.
+///
+/// Per request this must not cost in proportion to the group (a group may hold thousands of
+/// agents): round-robin stops at the first usable healthy member from the cursor on (an unhealthy
+/// member's turn passes to the next), and least-in-flight and hash read one counter or hash per
+/// member but check availability and health only of a member that would win.
 pub fn choose<C: Candidate>(members: &[Arc<C>], cursor: usize, choice: &Choice<'_>) -> Option<Arc<C>> {
-    let usable: Vec<&Arc<C>> = members.iter().filter(|s| s.is_available() && Some(s.id()) != choice.exclude).collect();
-    let healthy: Vec<&Arc<C>> = usable.iter().copied().filter(|s| s.is_healthy()).collect();
-    let pool = if healthy.is_empty() { usable } else { healthy };
-    if pool.is_empty() {
-        return None;
-    }
-    let n = pool.len();
+    let n = members.len();
+    let rotation = || (0..n).map(|i| &members[cursor.wrapping_add(i) % n]);
+    let usable = |s: &C| s.is_available() && Some(s.id()) != choice.exclude;
+    let healthy = |s: &C| usable(s) && s.is_healthy();
     let chosen = match (choice.balance, choice.key) {
-        (Balance::Hash, Some(key)) => pool.iter().max_by_key(|s| rendezvous(key, s.as_ref())).copied(),
-        (Balance::LeastInFlight, _) => (0..n).map(|i| pool[(cursor + i) % n]).min_by_key(|s| s.in_flight()),
-        _ => Some(pool[cursor % n]),
+        (Balance::Hash, Some(key)) => {
+            let score = |s: &C| std::cmp::Reverse(rendezvous(key, s));
+            lowest(rotation(), score, healthy).or_else(|| lowest(rotation(), score, usable))
+        }
+        (Balance::LeastInFlight, _) => {
+            lowest(rotation(), C::in_flight, healthy).or_else(|| lowest(rotation(), C::in_flight, usable))
+        }
+        _ => rotation().find(|s| healthy(s)).or_else(|| rotation().find(|s| usable(s))),
     };
     chosen.cloned()
+}
+
+/// The first member of `rotation` with the lowest `score` among those that `fit`; `fit` is asked
+/// only of a member that scores lower than the best so far.
+fn lowest<'a, C, K: Ord>(
+    rotation: impl Iterator<Item = &'a Arc<C>>,
+    score: impl Fn(&C) -> K,
+    fit: impl Fn(&C) -> bool,
+) -> Option<&'a Arc<C>> {
+    let mut best: Option<(K, &Arc<C>)> = None;
+    for member in rotation {
+        let k = score(member);
+        if best.as_ref().is_none_or(|(b, _)| k < *b) && fit(member) {
+            best = Some((k, member));
+        }
+    }
+    best.map(|(_, member)| member)
 }
 
 #[cfg(test)]
@@ -106,6 +131,88 @@ mod tests {
         assert_eq!(&*choose(&members, 0, &choice).unwrap().client_id, "c", "b is cooling down");
         let exclude = Choice { exclude: Some(members[2].session_id), ..choice };
         assert_eq!(&*choose(&members, 0, &exclude).unwrap().client_id, "a");
+    }
+
+    /// A candidate that counts how often its state is looked at.
+    #[derive(Default)]
+    struct Counted {
+        id: Uuid,
+        available: bool,
+        healthy: bool,
+        in_flight: u32,
+        looks: std::sync::atomic::AtomicU32,
+    }
+
+    impl Counted {
+        fn new(available: bool, healthy: bool, in_flight: u32) -> Arc<Self> {
+            Arc::new(Self { id: Uuid::new_v4(), available, healthy, in_flight, ..Self::default() })
+        }
+        fn look(&self) {
+            self.looks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    impl Candidate for Counted {
+        fn id(&self) -> Uuid {
+            self.id
+        }
+        fn name(&self) -> &str {
+            "counted"
+        }
+        fn instance(&self) -> Uuid {
+            self.id
+        }
+        fn is_available(&self) -> bool {
+            self.look();
+            self.available
+        }
+        fn is_healthy(&self) -> bool {
+            self.look();
+            self.healthy
+        }
+        fn in_flight(&self) -> u32 {
+            self.in_flight
+        }
+    }
+
+    fn looks(members: &[Arc<Counted>]) -> u32 {
+        members.iter().map(|m| m.looks.swap(0, std::sync::atomic::Ordering::Relaxed)).sum()
+    }
+
+    #[test]
+    fn a_choice_in_a_large_group_looks_at_few_members() {
+        let members: Vec<_> = (0..1000).map(|_| Counted::new(true, true, 5)).collect();
+        for balance in [Balance::RoundRobin, Balance::LeastInFlight] {
+            let choice = Choice { balance, ..Choice::default() };
+            let chosen = choose(&members, 417, &choice).unwrap();
+            assert_eq!(chosen.id, members[417].id, "{balance:?}: the cursor's member");
+            assert!(looks(&members) <= 2, "{balance:?} looked at more than the chosen member");
+        }
+        let choice = Choice { balance: Balance::Hash, key: Some(b"user-1"), exclude: None };
+        let first = choose(&members, 0, &choice).unwrap();
+        assert!(looks(&members) < 100, "hash checked the health of most members");
+        assert_eq!(choose(&members, 999, &choice).unwrap().id, first.id);
+    }
+
+    #[test]
+    fn round_robin_passes_over_unusable_members_and_falls_back_to_unhealthy_ones() {
+        let members = vec![
+            Counted::new(true, true, 0),
+            Counted::new(false, true, 0),
+            Counted::new(true, false, 0),
+            Counted::new(true, true, 0),
+        ];
+        let rr = Choice::default();
+        let picked: Vec<Uuid> = (0..4).map(|cursor| choose(&members, cursor, &rr).unwrap().id).collect();
+        assert_eq!(picked, [members[0].id, members[3].id, members[3].id, members[3].id]);
+        let excluded = Choice { exclude: Some(members[3].id), ..rr };
+        assert_eq!(choose(&members, 3, &excluded).unwrap().id, members[0].id, "wraps around");
+        let sick = vec![Counted::new(false, true, 0), Counted::new(true, false, 7), Counted::new(true, false, 3)];
+        assert_eq!(choose(&sick, 0, &rr).unwrap().id, sick[1].id, "an unhealthy agent rather than none");
+        let least = Choice { balance: Balance::LeastInFlight, ..rr };
+        assert_eq!(choose(&sick, 0, &least).unwrap().id, sick[2].id);
+        assert!(choose(&[Counted::new(false, true, 0)], 0, &rr).is_none());
+        assert!(choose::<Counted>(&[], 0, &rr).is_none());
     }
 
     #[tokio::test]
