@@ -68,9 +68,9 @@ fn rendezvous(key: &[u8], candidate: &impl Candidate) -> u64 {
 /// if there is one, else any usable one.
 ///
 /// Per request this must not cost in proportion to the group (a group may hold thousands of
-/// agents): round-robin stops at the first usable healthy member from the cursor on (an unhealthy
-/// member's turn passes to the next), and least-in-flight and hash read one counter or hash per
-/// member but check availability and health only of a member that would win.
+/// agents): round-robin looks at the member whose turn it is and, when it is out, at a few random
+/// ones ([`in_turn`]); least-in-flight and hash read one counter or hash per member but check
+/// availability and health only of a member that would win.
 pub fn choose<C: Candidate>(members: &[Arc<C>], cursor: usize, choice: &Choice<'_>) -> Option<Arc<C>> {
     let n = members.len();
     let rotation = || (0..n).map(|i| &members[cursor.wrapping_add(i) % n]);
@@ -84,9 +84,27 @@ pub fn choose<C: Candidate>(members: &[Arc<C>], cursor: usize, choice: &Choice<'
         (Balance::LeastInFlight, _) => {
             lowest(rotation(), C::in_flight, healthy).or_else(|| lowest(rotation(), C::in_flight, usable))
         }
-        _ => rotation().find(|s| healthy(s)).or_else(|| rotation().find(|s| usable(s))),
+        _ => in_turn(members, cursor, healthy).or_else(|| in_turn(members, cursor, usable)),
     };
     chosen.cloned()
+}
+
+/// Random members tried when the one whose turn it is does not fit, before all are tried in order.
+const RANDOM_PROBES: usize = 4;
+
+/// The member whose turn it is when it `fit`s; else a random one that fits, so that the turns of a
+/// member that is out spread evenly over the others (passing them to the next in line would give
+/// that one a double share); else the first that fits after it.
+fn in_turn<C>(members: &[Arc<C>], cursor: usize, fit: impl Fn(&C) -> bool) -> Option<&Arc<C>> {
+    let n = members.len();
+    let at = members.get(cursor % n.max(1))?;
+    if fit(at) {
+        return Some(at);
+    }
+    (0..RANDOM_PROBES)
+        .map(|_| &members[fastrand::usize(..n)])
+        .find(|s| fit(s))
+        .or_else(|| (1..n).map(|i| &members[cursor.wrapping_add(i) % n]).find(|s| fit(s)))
 }
 
 /// The first member of `rotation` with the lowest `score` among those that `fit`; `fit` is asked
@@ -195,20 +213,31 @@ mod tests {
     }
 
     #[test]
-    fn round_robin_passes_over_unusable_members_and_falls_back_to_unhealthy_ones() {
+    fn round_robin_spreads_the_turns_of_members_that_are_out_evenly_and_falls_back_to_unhealthy_ones() {
         let members = vec![
             Counted::new(true, true, 0),
             Counted::new(false, true, 0),
             Counted::new(true, false, 0),
             Counted::new(true, true, 0),
+            Counted::new(true, true, 0),
         ];
         let rr = Choice::default();
-        let picked: Vec<Uuid> = (0..4).map(|cursor| choose(&members, cursor, &rr).unwrap().id).collect();
-        assert_eq!(picked, [members[0].id, members[3].id, members[3].id, members[3].id]);
+        let mut picks = std::collections::HashMap::new();
+        for cursor in 0..5000 {
+            *picks.entry(choose(&members, cursor, &rr).unwrap().id).or_insert(0) += 1;
+        }
+        assert_eq!(picks.len(), 3, "only the healthy usable members: {picks:?}");
+        for id in [members[0].id, members[3].id, members[4].id] {
+            // 1,000 turns each, and a third of the 2,000 turns of the two that are out.
+            let share = picks[&id];
+            assert!((1_500..=1_834).contains(&share), "uneven: {share} of 5,000");
+        }
         let excluded = Choice { exclude: Some(members[3].id), ..rr };
-        assert_eq!(choose(&members, 3, &excluded).unwrap().id, members[0].id, "wraps around");
+        for cursor in 0..50 {
+            assert_ne!(choose(&members, cursor, &excluded).unwrap().id, members[3].id);
+        }
         let sick = vec![Counted::new(false, true, 0), Counted::new(true, false, 7), Counted::new(true, false, 3)];
-        assert_eq!(choose(&sick, 0, &rr).unwrap().id, sick[1].id, "an unhealthy agent rather than none");
+        assert_ne!(choose(&sick, 0, &rr).unwrap().id, sick[0].id, "an unhealthy agent rather than none");
         let least = Choice { balance: Balance::LeastInFlight, ..rr };
         assert_eq!(choose(&sick, 0, &least).unwrap().id, sick[2].id);
         assert!(choose(&[Counted::new(false, true, 0)], 0, &rr).is_none());
