@@ -384,12 +384,16 @@ impl ClientSetup {
 mod runtime {
     use super::*;
 
-    /// quinn's tokio runtime, or an error when called outside one.
+    /// quinn's tokio runtime with deferred drivers ([`crate::deferred`]), or an error when called
+    /// outside a tokio runtime.
     pub fn default_runtime_or_err() -> Result<Arc<dyn quinn::Runtime>, EndpointError> {
-        quinn::default_runtime().ok_or_else(|| EndpointError::Socket {
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            source: std::io::Error::other("no async runtime found (call from within tokio)"),
-        })
+        match tokio::runtime::Handle::try_current() {
+            Ok(_) => Ok(crate::deferred::DeferringRuntime::shared()),
+            Err(_) => Err(EndpointError::Socket {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                source: std::io::Error::other("no async runtime found (call from within tokio)"),
+            }),
+        }
     }
 }
 

@@ -3,6 +3,8 @@
 //! - [`endpoint`]: UDP sockets with large buffers, transport tuning, server and client setup.
 //! - [`frames`]: head frames on a stream, and the control stream ([`frames::ControlChannel`]).
 //! - [`body`]: a stream's bytes as a body, and a stream as the sink of the one body pump.
+//! - [`deferred`]: quinn's tokio runtime with its drivers run after the tasks that are ready, so
+//!   that one pass packs the writes of many streams.
 //! - [`tunnel`]: [`QuicTunnel`], the [`quictun_core::tunnel::Tunnel`] of one connection: a
 //!   stream per exchange, either end opening them.
 //! - [`accept`]: the relay's accept loop (admission before any cryptography, handshake and
@@ -13,6 +15,7 @@
 
 pub mod accept;
 pub mod body;
+pub mod deferred;
 pub mod dial;
 pub mod endpoint;
 pub mod floor;
