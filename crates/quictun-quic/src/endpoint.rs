@@ -118,6 +118,9 @@ fn udp_payload_within(mtu: u32) -> Option<u16> {
 /// Packets quinn 0.11 batches into one GSO send at most.
 const GSO_SEGMENTS: u32 = 10;
 
+/// Loopback-sized packets a loopback connection may send before its first acknowledgement.
+const INITIAL_WINDOW_PACKETS: u64 = 10;
+
 /// Most bytes one UDP send may carry (a GSO batch is one UDP datagram to the kernel).
 const MAX_UDP_SEND: u32 = 65_507;
 
@@ -131,20 +134,20 @@ impl Tuning {
     /// than being found by MTU discovery, whose probes (a dozen packets of up to 64 KB, at every
     /// connection) cost the relay memory per session; discovery stays on to fall back if the
     /// loopback MTU shrinks. The size comes from the loopback interface's MTU (65,536 unless
-    /// changed, so 65,488 bytes: what IPv6 carries, so that one size serves both versions). The initial congestion window holds ten such packets (quinn's CUBIC starts at
-    /// 12,000 bytes, less than one packet, and would send nothing). Segmentation offload (GSO)
-    /// stays on only when ten packets fit in one send: quinn 0.11 batches up to 10 packets of the
-    /// path MTU in one send, and a batch over 64 KiB is refused by the kernel (`EMSGSIZE`) and
-    /// lost, which makes quinn's black-hole detection fall back to 1,200-byte packets
-    /// (quinn-rs/quinn#2201); with 64 KB packets one send per packet is what GSO would have saved
-    /// anyway. Where the loopback MTU cannot be read this is [`Tuning::transport_config`], which
+    /// changed, so 65,488 bytes: what IPv6 carries, so that one size serves both versions). The
+    /// initial congestion window holds ten such packets (quinn's CUBIC starts at 12,000 bytes,
+    /// less than one packet, and would send nothing). Segmentation offload (GSO) stays on only
+    /// when ten packets fit in one send: quinn 0.11 batches up to ten packets of the path MTU in
+    /// one send, and a batch over 64 KiB is refused by the kernel (`EMSGSIZE`) and lost, which makes quinn's black-hole detection fall back to
+    /// 1,200-byte packets (quinn-rs/quinn#2201); with 64 KB packets one send per packet is what
+    /// GSO would have saved anyway. Where the loopback MTU cannot be read this is [`Tuning::transport_config`], which
     /// other peers get: quinn's discovery up to 1,452 bytes, with GSO.
     pub fn loopback_transport_config(&self) -> TransportConfig {
         let largest = loopback_udp_payload().map(|most| most.min(self.loopback_packet));
         let Some(packet) = largest.filter(|&p| p > DEFAULT_PACKET) else {
             return self.transport_config();
         };
-        let mut t = self.transport_with_window(Some(10 * u64::from(packet)));
+        let mut t = self.transport_with_window(Some(INITIAL_WINDOW_PACKETS * u64::from(packet)));
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(packet);
         let gso = u32::from(packet) * GSO_SEGMENTS <= MAX_UDP_SEND;
@@ -387,13 +390,12 @@ mod runtime {
     /// quinn's tokio runtime with deferred drivers ([`crate::deferred`]), or an error when called
     /// outside a tokio runtime.
     pub fn default_runtime_or_err() -> Result<Arc<dyn quinn::Runtime>, EndpointError> {
-        match tokio::runtime::Handle::try_current() {
-            Ok(_) => Ok(crate::deferred::DeferringRuntime::shared()),
-            Err(_) => Err(EndpointError::Socket {
+        tokio::runtime::Handle::try_current().map(|_| crate::deferred::DeferringRuntime::shared()).map_err(|_| {
+            EndpointError::Socket {
                 addr: SocketAddr::from(([0, 0, 0, 0], 0)),
                 source: std::io::Error::other("no async runtime found (call from within tokio)"),
-            }),
-        }
+            }
+        })
     }
 }
 

@@ -72,8 +72,7 @@ fn rendezvous(key: &[u8], candidate: &impl Candidate) -> u64 {
 /// ones ([`in_turn`]); least-in-flight and hash read one counter or hash per member but check
 /// availability and health only of a member that would win.
 pub fn choose<C: Candidate>(members: &[Arc<C>], cursor: usize, choice: &Choice<'_>) -> Option<Arc<C>> {
-    let n = members.len();
-    let rotation = || (0..n).map(|i| &members[cursor.wrapping_add(i) % n]);
+    let rotation = || rotation(members, cursor);
     let usable = |s: &C| s.is_available() && Some(s.id()) != choice.exclude;
     let healthy = |s: &C| usable(s) && s.is_healthy();
     let chosen = match (choice.balance, choice.key) {
@@ -89,6 +88,12 @@ pub fn choose<C: Candidate>(members: &[Arc<C>], cursor: usize, choice: &Choice<'
     chosen.cloned()
 }
 
+/// Every member once, from the one whose turn `cursor` says on.
+fn rotation<C>(members: &[Arc<C>], cursor: usize) -> impl Iterator<Item = &Arc<C>> {
+    let n = members.len();
+    (0..n).map(move |i| &members[cursor.wrapping_add(i) % n])
+}
+
 /// Random members tried when the one whose turn it is does not fit, before all are tried in order.
 const RANDOM_PROBES: usize = 4;
 
@@ -96,15 +101,15 @@ const RANDOM_PROBES: usize = 4;
 /// member that is out spread evenly over the others (passing them to the next in line would give
 /// that one a double share); else the first that fits after it.
 fn in_turn<C>(members: &[Arc<C>], cursor: usize, fit: impl Fn(&C) -> bool) -> Option<&Arc<C>> {
-    let n = members.len();
-    let at = members.get(cursor % n.max(1))?;
+    let mut in_order = rotation(members, cursor);
+    let at = in_order.next()?;
     if fit(at) {
         return Some(at);
     }
     (0..RANDOM_PROBES)
-        .map(|_| &members[fastrand::usize(..n)])
+        .map(|_| &members[fastrand::usize(..members.len())])
         .find(|s| fit(s))
-        .or_else(|| (1..n).map(|i| &members[cursor.wrapping_add(i) % n]).find(|s| fit(s)))
+        .or_else(|| in_order.find(|s| fit(s)))
 }
 
 /// The first member of `rotation` with the lowest `score` among those that `fit`; `fit` is asked
