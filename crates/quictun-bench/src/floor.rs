@@ -35,13 +35,14 @@ impl Drop for Scratch {
 }
 
 /// The floor of `mode`'s transport at each of the small workload's concurrencies: quinn alone
-/// for QUIC, tonic over HTTP/2 over TLS alone for gRPC (no rows for `direct`); for QUIC also
-/// quinn's single-stream rate over the large workload's size.
+/// for QUIC, tonic over HTTP/2 over TLS alone for gRPC, and for `direct` the HTTP floor (two
+/// plain proxies in place of relay and agent, see [`crate::http_floor`]); for QUIC also quinn's
+/// single-stream rate over the large workload's size.
 pub async fn floor(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
     let transport = match mode {
         Mode::Quic => "quic",
         Mode::Grpc => "grpc",
-        Mode::Direct => return Ok(Vec::new()),
+        Mode::Direct => return crate::http_floor::floor(opts).await,
     };
     let dir = Scratch(std::env::temp_dir().join(format!("quictun-floor-{}-{}", std::process::id(), fastrand::u64(..))));
     std::fs::create_dir_all(&dir.0)?;
@@ -52,12 +53,9 @@ pub async fn floor(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> 
     for &concurrency in &opts.concurrency {
         server.proc.check_alive()?;
         let connection = client.connect(server.addr).await?;
-        let cpu_before = (server.proc.cpu_time(), own_cpu_time());
+        let cpu_before = both_ends_cpu(&server.proc);
         let (exchanges, elapsed) = connection.run(concurrency, opts.duration).await?;
-        let cpu = match (cpu_before, (server.proc.cpu_time(), own_cpu_time())) {
-            ((Some(s0), Some(c0)), (Some(s1), Some(c1))) => Some((s1 - s0) + (c1 - c0)),
-            _ => None,
-        };
+        let cpu = cpu_before.zip(both_ends_cpu(&server.proc)).map(|(before, after)| after.saturating_sub(before));
         let rate = exchanges as f64 / elapsed.as_secs_f64();
         let cpu_us = cpu.filter(|_| exchanges > 0).map(|cpu| cpu.as_secs_f64() * 1e6 / exchanges as f64);
         rows.push(Row {
@@ -131,17 +129,25 @@ async fn single_stream(opts: &BenchOptions, dir: &std::path::Path, client: &Floo
     let FloorConnection::Quic(connection) = client.connect(server.addr).await? else {
         anyhow::bail!("the single-stream floor is QUIC's");
     };
+    let cpu_before = both_ends_cpu(&server.proc);
     let (bytes, elapsed) = connection.download().await?;
+    let cpu = cpu_before.zip(both_ends_cpu(&server.proc)).map(|(before, after)| after.saturating_sub(before));
     anyhow::ensure!(bytes == opts.large_bytes, "the floor server sent {bytes} of {} bytes", opts.large_bytes);
+    let cpu_note = cpu.map_or_else(String::new, |cpu| format!("; CPU of both ends {:.2} s", cpu.as_secs_f64()));
     Ok(Row {
         workload: "floor".into(),
         transport: "quic".into(),
         variant: format!("download {} MiB", opts.large_bytes >> 20),
         mb_per_sec: Some(bytes as f64 / elapsed.as_secs_f64() / 1e6),
         requests: 1,
-        note: "quinn alone: one stream, the answer read as it comes".into(),
+        note: format!("quinn alone: one stream, the answer read as it comes{cpu_note}"),
         ..Row::default()
     })
+}
+
+/// CPU time of the floor server and of this process (the client end) together.
+fn both_ends_cpu(server: &Proc) -> Option<Duration> {
+    Some(server.cpu_time()? + own_cpu_time()?)
 }
 
 /// The client end of one transport's floor.

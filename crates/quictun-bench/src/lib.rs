@@ -4,13 +4,15 @@
 //! - [`procs`]: starting and watching the processes (peak RSS, CPU time).
 //! - [`load`]: the load generator (keep-alive HTTP/1.1 workers, HdrHistogram).
 //! - [`workloads`]: small, large, slow-mix, many, lossy, wan, grpc, egress, slow-clients.
-//! - [`floor`]: quinn alone doing the minimal exchange, the floor under the QUIC rows.
+//! - [`floor`]: each carrier alone doing the minimal exchange, the floor under its tunnel rows.
+//! - [`http_floor`]: two plain HTTP proxies in place of relay and agent, the floor under both.
 //! - [`netem`]: random packet loss with nftables.
 //! - [`wan`]: an emulated WAN link (network namespace, TUN devices, a userspace forwarder).
 //! - [`report`] and [`svg`]: JSON, Markdown and SVG output.
 
 pub mod floor;
 pub mod grpc_echo;
+pub mod http_floor;
 pub mod load;
 pub mod netem;
 pub mod procs;
@@ -46,7 +48,8 @@ pub enum Workload {
     Egress,
     /// Small requests beside clients that never read their downloads.
     SlowClients,
-    /// quinn alone doing the minimal exchange (QUIC only): the floor under the QUIC rows.
+    /// Each carrier alone doing the minimal exchange (quinn, tonic), and two plain HTTP proxies
+    /// in place of relay and agent (`direct`): the floors under the tunnel rows.
     Floor,
 }
 

@@ -221,7 +221,8 @@ impl Drop for Stack {
     }
 }
 
-async fn tcp_ready(addr: SocketAddr) -> bool {
+/// True once something accepts TCP connections at `addr`.
+pub async fn tcp_ready(addr: SocketAddr) -> bool {
     tokio::net::TcpStream::connect(addr).await.is_ok()
 }
 
@@ -376,6 +377,11 @@ impl Stack {
         })
         .await?;
         Ok(())
+    }
+
+    /// Where a process of this stack called `name` writes its log.
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.log"))
     }
 
     /// Fails if any process of the stack has exited.

@@ -118,11 +118,15 @@ async fn measure(
 }
 
 /// Where a row's requests go and what it is called.
-struct RowSpec<'a> {
-    target: SocketAddr,
-    workload: &'a str,
-    variant: String,
-    note: String,
+pub(crate) struct RowSpec<'a> {
+    /// Where the requests go.
+    pub target: SocketAddr,
+    /// The row's workload.
+    pub workload: &'a str,
+    /// The row's variant.
+    pub variant: String,
+    /// The row's note.
+    pub note: String,
 }
 
 /// Runs 1 KiB GETs at `concurrency` against the stack's ingress and returns the row for them.
@@ -139,7 +143,7 @@ async fn small_requests(
 }
 
 /// Runs 1 KiB GETs at `concurrency` against `row.target`, measuring `stack`'s processes.
-async fn small_requests_to(
+pub(crate) async fn small_requests_to(
     opts: &BenchOptions,
     stack: &mut Stack,
     concurrency: usize,
@@ -286,9 +290,30 @@ pub async fn slow_mix(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row
     }])
 }
 
-/// Moves `size` bytes through `stack` in one direction; returns the time taken.
-async fn transfer(stack: &Stack, direction: &str, size: u64, label: String) -> anyhow::Result<Duration> {
+/// A bulk transfer's time, and the CPU time relay and agent spent on it.
+pub(crate) struct Transfer {
+    /// From the request to the last byte.
+    pub elapsed: Duration,
+    /// Relay + agent CPU time, when known.
+    pub cpu: Option<Duration>,
+}
+
+impl Transfer {
+    /// `size` bytes' rate in MB/s.
+    pub fn mb_per_sec(&self, size: u64) -> f64 {
+        size as f64 / 1e6 / self.elapsed.as_secs_f64()
+    }
+
+    /// The CPU time as a note ("relay + agent CPU 2.41 s"), or nothing.
+    pub fn cpu_note(&self) -> String {
+        self.cpu.map_or_else(String::new, |cpu| format!("relay + agent CPU {:.2} s", cpu.as_secs_f64()))
+    }
+}
+
+/// Moves `size` bytes through `stack` in one direction.
+pub(crate) async fn transfer(stack: &Stack, direction: &str, size: u64, label: String) -> anyhow::Result<Transfer> {
     let bar = spinner(label);
+    let cpu_before = tunnel_cpu(stack);
     let elapsed = if direction == "download" {
         let (bytes, elapsed) = load::download(stack.target, &format!("/bytes/{size}")).await?;
         anyhow::ensure!(bytes == size, "downloaded {bytes} of {size} bytes");
@@ -296,8 +321,9 @@ async fn transfer(stack: &Stack, direction: &str, size: u64, label: String) -> a
     } else {
         load::upload(stack.target, "/sink", size).await?
     };
+    let cpu = cpu_before.zip(tunnel_cpu(stack)).map(|(before, after)| after.saturating_sub(before));
     bar.finish_and_clear();
-    Ok(elapsed)
+    Ok(Transfer { elapsed, cpu })
 }
 
 /// A large download and a large upload.
@@ -310,21 +336,23 @@ pub async fn large(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> 
         for p in stack.relay.iter().chain(stack.agent.iter()) {
             p.reset_peak();
         }
-        let elapsed =
+        let done =
             transfer(&stack, direction, size, format!("large {} {direction} {} MiB", mode.name(), size >> 20)).await?;
+        let idle_note = match idle {
+            (Some(r), Some(a)) => {
+                format!("idle RSS relay {:.1} MiB, agent {:.1} MiB", r as f64 / 1024.0, a as f64 / 1024.0)
+            }
+            _ => String::new(),
+        };
+        let note = [idle_note, done.cpu_note()].into_iter().filter(|n| !n.is_empty()).collect::<Vec<_>>().join("; ");
         rows.push(Row {
             workload: "large".into(),
             transport: mode.name().into(),
             variant: direction.into(),
-            mb_per_sec: Some(size as f64 / 1e6 / elapsed.as_secs_f64()),
+            mb_per_sec: Some(done.mb_per_sec(size)),
             relay_peak_rss_mib: mib(stack.relay.as_ref().and_then(|p| p.peak_rss_kib())),
             agent_peak_rss_mib: mib(stack.agent.as_ref().and_then(|p| p.peak_rss_kib())),
-            note: match idle {
-                (Some(r), Some(a)) => {
-                    format!("idle RSS relay {:.1} MiB, agent {:.1} MiB", r as f64 / 1024.0, a as f64 / 1024.0)
-                }
-                _ => String::new(),
-            },
+            note,
             ..Row::default()
         });
     }
@@ -428,13 +456,13 @@ pub async fn wan(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
     let mut rows = vec![small_requests(opts, &mut stack, 16, "wan", "small c=16".into(), note.clone()).await?];
     let size = opts.wan_bytes;
     for direction in ["download", "upload"] {
-        let elapsed =
+        let done =
             transfer(&stack, direction, size, format!("wan {} {direction} {} MiB", mode.name(), size >> 20)).await?;
         rows.push(Row {
             workload: "wan".into(),
             transport: mode.name().into(),
             variant: format!("large {direction}"),
-            mb_per_sec: Some(size as f64 / 1e6 / elapsed.as_secs_f64()),
+            mb_per_sec: Some(done.mb_per_sec(size)),
             note: note.clone(),
             ..Row::default()
         });

@@ -9,7 +9,7 @@ use quictun_agent::{Agent, AgentOptions};
 use quictun_proto::Token;
 
 use crate::Failure;
-use crate::cli::{BenchAgentsArgs, BenchArgs, BenchFloorArgs, FloorTransport};
+use crate::cli::{BenchAgentsArgs, BenchArgs, BenchFloorArgs, BenchProxyArgs, FloorTransport};
 
 /// How long a benchmark egress request may wait for its answer's head.
 const EGRESS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -112,5 +112,13 @@ pub async fn floor(args: BenchFloorArgs) -> Result<(), Failure> {
             quictun_quic::floor::serve(endpoint, acceptor, args.answer).await;
         }
     }
+    Ok(())
+}
+
+/// Serves as a plain HTTP reverse proxy to one upstream (see [`quictun_bench::http_floor`]) until
+/// the process is stopped.
+pub async fn proxy(args: BenchProxyArgs) -> Result<(), Failure> {
+    let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(Failure::runtime)?;
+    quictun_bench::http_floor::serve_proxy(listener, args.upstream).await;
     Ok(())
 }

@@ -64,6 +64,10 @@ pub enum Command {
     /// under the tunnel (used by `bench`).
     #[command(hide = true)]
     BenchFloor(BenchFloorArgs),
+    /// Serve as a plain HTTP reverse proxy to one upstream: the HTTP floor under relay and agent
+    /// (used by `bench`).
+    #[command(hide = true)]
+    BenchProxy(BenchProxyArgs),
 }
 
 /// Flags of `quictun bench`.
@@ -166,6 +170,17 @@ pub struct BenchFloorArgs {
     /// most 64 KiB).
     #[arg(long, value_name = "BYTES", default_value_t = 1024)]
     pub answer: u64,
+}
+
+/// Flags of `quictun bench-proxy`.
+#[derive(Debug, Args)]
+pub struct BenchProxyArgs {
+    /// TCP address to serve on.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// The HTTP/1 upstream every request goes to.
+    #[arg(long, value_name = "ADDR")]
+    pub upstream: SocketAddr,
 }
 
 /// Flags of `quictun upstream`.

@@ -114,6 +114,7 @@ fn main() -> ExitCode {
                 .map_err(|err| Failure::runtime(anyhow::anyhow!("writing the manual page: {err}"))),
             Command::BenchAgents(args) => bench_cmd::agents(args).await,
             Command::BenchFloor(args) => bench_cmd::floor(args).await,
+            Command::BenchProxy(args) => bench_cmd::proxy(args).await,
         }
     });
     match result {

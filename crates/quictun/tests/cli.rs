@@ -365,8 +365,23 @@ fn bench_smoke_runs_every_workload_on_every_transport() {
     for transport in ["quic", "grpc"] {
         assert!(has("many", transport) && has("lossy", transport), "no many/lossy row for {transport}");
     }
-    // Each carrier's floor (quinn alone, tonic alone), beside its tunnel rows.
+    // Each carrier's floor (quinn alone, tonic alone), beside its tunnel rows, and the HTTP floor
+    // (two plain proxies in place of relay and agent) with its CPU per request and both bulk rows.
     assert!(has("floor", "quic") && has("floor", "grpc"), "no floor row for each transport");
+    let http_floor = |variant: &str| {
+        rows.iter()
+            .find(|r| r["workload"] == "floor" && r["transport"] == "direct" && r["variant"] == variant)
+            .unwrap_or_else(|| panic!("no HTTP floor row {variant:?}"))
+    };
+    for concurrency in [1, 4] {
+        let row = http_floor(&format!("http c={concurrency}"));
+        assert!(row["tunnel_cpu_us_per_request"].as_f64().is_some_and(|us| us > 0.0), "{row}");
+    }
+    for direction in ["download", "upload"] {
+        let row = http_floor(&format!("http {direction}"));
+        assert!(row["mb_per_sec"].as_f64().is_some_and(|rate| rate > 0.0), "{row}");
+        assert!(row["note"].as_str().unwrap().contains("CPU"), "{row}");
+    }
     let timed = ["small", "floor", "grpc", "egress", "slow-clients"];
     for row in rows.iter().filter(|r| timed.contains(&r["workload"].as_str().unwrap_or(""))) {
         assert_eq!(row["errors"], 0, "{row}");

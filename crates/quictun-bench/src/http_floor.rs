@@ -1,0 +1,144 @@
+//! The HTTP floor: what the relay and the agent cost as plain HTTP proxies, with no tunnel
+//! between them. Two reverse proxies stand in their places, chained over plain TCP:
+//!
+//! load generator → proxy (as the relay) → proxy (as the agent) → upstream
+//!
+//! Each proxy is hyper's HTTP/1 server in front of hyper-util's pooled client, the libraries the
+//! relay's ingress and the agent's upstream client use, with `TCP_NODELAY` on every socket, and
+//! does nothing else: no routing, no headers added, no TLS. Its rows (transport `direct`, variants
+//! `http …`) use the same load, the same upstream and the same CPU measure (both processes) as
+//! the tunnel's `small` and `large` rows: a tunnel cannot cost less per request than this chain
+//! unless it stops doing HTTP at one of its ends.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::BenchOptions;
+use crate::procs::{Mode, Proc, Stack, free_port, tcp_ready, wait_until};
+use crate::report::Row;
+use crate::workloads::{RowSpec, small_requests_to, transfer};
+
+/// What the rows measure.
+const NOTE: &str = "two hyper reverse proxies chained over plain TCP in place of relay and agent; CPU of both";
+
+/// A proxy's answer: the upstream's response, or an empty 502 when the upstream failed.
+type ProxyBody = Either<Incoming, Empty<Bytes>>;
+
+/// Serves HTTP/1 on `listener`, forwarding every request to `upstream` over pooled keep-alive
+/// connections, until the process is stopped (`quictun bench-proxy`).
+pub async fn serve_proxy(listener: TcpListener, upstream: SocketAddr) {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new()).build(connector);
+    let authority = upstream.to_string();
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            (stream, _) = quictun_core::accept_tcp(&listener, "bench proxy") => {
+                let (client, authority) = (client.clone(), authority.clone());
+                let service = hyper::service::service_fn(move |request| {
+                    forward(client.clone(), authority.clone(), request)
+                });
+                connections.spawn(async move {
+                    let served = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    if let Err(err) = served {
+                        tracing::debug!(%err, "bench proxy: connection ended");
+                    }
+                });
+            }
+            Some(_) = connections.join_next() => {}
+        }
+    }
+}
+
+/// Sends `request` on to `authority` and answers with its response (502 when that fails).
+async fn forward(
+    client: Client<HttpConnector, Incoming>,
+    authority: String,
+    mut request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let Ok(uri) = Uri::builder().scheme("http").authority(authority).path_and_query(path).build() else {
+        return Ok(status(StatusCode::BAD_REQUEST));
+    };
+    *request.uri_mut() = uri;
+    Ok(match client.request(request).await {
+        Ok(response) => response.map(Either::Left),
+        Err(err) => {
+            tracing::debug!(%err, "bench proxy: upstream request failed");
+            status(StatusCode::BAD_GATEWAY)
+        }
+    })
+}
+
+fn status(code: StatusCode) -> Response<ProxyBody> {
+    let mut response = Response::new(Either::Right(Empty::new()));
+    *response.status_mut() = code;
+    response
+}
+
+/// The HTTP floor's rows: 1 KiB GETs at the small workload's concurrencies, then the large
+/// workload's download and upload, through the chain of two proxies.
+pub async fn floor(opts: &BenchOptions) -> anyhow::Result<Vec<Row>> {
+    let mut stack = Stack::start(&opts.exe, Mode::Direct, 0).await?;
+    let upstream = stack.target;
+    let second = start_proxy(opts, &stack, "proxy-agent", upstream).await?;
+    let first = start_proxy(opts, &stack, "proxy-relay", second.1).await?;
+    stack.target = first.1;
+    stack.relay = Some(first.0);
+    stack.agent = Some(second.0);
+    let mut rows = Vec::new();
+    for &concurrency in &opts.concurrency {
+        let row = RowSpec {
+            target: stack.target,
+            workload: "floor",
+            variant: format!("http c={concurrency}"),
+            note: NOTE.into(),
+        };
+        rows.push(small_requests_to(opts, &mut stack, concurrency, row).await?);
+    }
+    for direction in ["download", "upload"] {
+        let label = format!("floor http {direction} {} MiB", opts.large_bytes >> 20);
+        let done = transfer(&stack, direction, opts.large_bytes, label).await?;
+        rows.push(Row {
+            workload: "floor".into(),
+            transport: Mode::Direct.name().into(),
+            variant: format!("http {direction}"),
+            mb_per_sec: Some(done.mb_per_sec(opts.large_bytes)),
+            requests: 1,
+            note: format!("{NOTE}; {}", done.cpu_note()),
+            ..Row::default()
+        });
+    }
+    stack.check_alive()?;
+    Ok(rows)
+}
+
+/// Starts one proxy (`quictun bench-proxy`) in front of `upstream`; returns it and its address
+/// once it accepts connections.
+async fn start_proxy(
+    opts: &BenchOptions,
+    stack: &Stack,
+    name: &str,
+    upstream: SocketAddr,
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port(false)?));
+    let args =
+        ["bench-proxy".to_owned(), "--listen".into(), addr.to_string(), "--upstream".into(), upstream.to_string()];
+    let proc = Proc::spawn(&opts.exe, &args, &stack.log_path(name), name)?;
+    wait_until(name, Duration::from_secs(20), async || tcp_ready(addr).await).await?;
+    Ok((proc, addr))
+}
