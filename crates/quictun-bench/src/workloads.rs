@@ -382,7 +382,7 @@ pub async fn many(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
         duration: Duration::from_secs(2),
         rate: None,
     };
-    let (result, _cpu) =
+    let (result, cpu) =
         measure(&mut stack, spec, format!("many {} {} streams", mode.name(), opts.many_streams)).await?;
     Ok(vec![Row {
         workload: "many".into(),
@@ -394,6 +394,7 @@ pub async fn many(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
         requests: result.ok,
         relay_kib_per_session: per_session,
         relay_peak_rss_mib: mib(stack.relay.as_ref().and_then(|p| p.peak_rss_kib())),
+        tunnel_cpu_us_per_request: cpu,
         note: "requests take 500 ms at the upstream".into(),
         ..Row::default()
     }])
