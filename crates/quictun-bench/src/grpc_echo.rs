@@ -94,7 +94,7 @@ pub async fn run(
         let (message, progress) = (message.clone(), progress.clone());
         callers.push(tokio::spawn(async move {
             let mut latency = new_histogram();
-            let (mut ok, mut errors) = (0u64, 0u64);
+            let (mut ok, mut in_window, mut errors) = (0u64, 0u64, 0u64);
             while Instant::now() < deadline {
                 let sent = Instant::now();
                 let path = PathAndQuery::from_static(UNARY_PATH);
@@ -105,19 +105,28 @@ pub async fn run(
                 match answered {
                     Ok(answer) if answer.get_ref().payload.len() == message.payload.len() => {
                         ok += 1;
+                        in_window += u64::from(Instant::now() <= deadline);
                         let _clamped = latency.record((sent.elapsed().as_micros().max(1) as u64).min(600_000_000));
                     }
                     _ => errors += 1,
                 }
                 progress.inc(1);
             }
-            (ok, errors, latency)
+            (ok, in_window, errors, latency)
         }));
     }
-    let mut result = LoadResult { ok: 0, errors: 0, elapsed: Duration::ZERO, latency: vec![new_histogram()] };
+    let mut result = LoadResult {
+        ok: 0,
+        in_window: 0,
+        window: duration,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latency: vec![new_histogram()],
+    };
     for caller in callers {
-        let (ok, errors, latency): (u64, u64, Histogram<u64>) = caller.await?;
+        let (ok, in_window, errors, latency): (u64, u64, u64, Histogram<u64>) = caller.await?;
         result.ok += ok;
+        result.in_window += in_window;
         result.errors += errors;
         let _same_bounds = result.latency[0].add(&latency);
     }

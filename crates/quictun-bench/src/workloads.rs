@@ -379,7 +379,7 @@ pub async fn many(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
         target: stack.target,
         classes: instant("/delay/500"),
         concurrency: opts.many_streams,
-        duration: Duration::from_secs(2),
+        duration: opts.duration,
         rate: None,
     };
     let (result, cpu) =
