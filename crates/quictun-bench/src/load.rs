@@ -332,6 +332,12 @@ mod tests {
             });
             Self(accept, addr)
         }
+
+        /// `concurrency` workers requesting `path` for `duration`, as fast as they go.
+        fn load(&self, path: &str, concurrency: usize, duration: Duration) -> LoadSpec {
+            let classes = vec![RequestClass { name: "test", path: path.into(), percent: 100 }];
+            LoadSpec { target: self.1, classes, concurrency, duration, rate: None }
+        }
     }
 
     impl Drop for OkServer {
@@ -343,16 +349,9 @@ mod tests {
     #[tokio::test]
     async fn every_worker_sends_a_request_even_when_it_first_runs_after_the_deadline() {
         let server = OkServer::start().await;
-        let spec = LoadSpec {
-            target: server.1,
-            classes: vec![RequestClass { name: "instant", path: "/".into(), percent: 100 }],
-            concurrency: 50,
-            // The window is over before any worker runs: each still sends its one request (as in
-            // `many`, where the generator may get to a worker only after the deadline).
-            duration: Duration::ZERO,
-            rate: None,
-        };
-        let result = run(&spec, &ProgressBar::hidden()).await.unwrap();
+        // The window is over before any worker runs: each still sends its one request (as in
+        // `many`, where the generator may get to a worker only after the deadline).
+        let result = run(&server.load("/", 50, Duration::ZERO), &ProgressBar::hidden()).await.unwrap();
         assert_eq!((result.ok, result.errors), (50, 0));
         assert_eq!(result.merged().len(), 50, "every request's latency is recorded");
     }
@@ -360,13 +359,7 @@ mod tests {
     #[tokio::test]
     async fn the_rate_counts_only_the_answers_that_came_within_the_window() {
         let server = OkServer::start().await;
-        let spec = LoadSpec {
-            target: server.1,
-            classes: vec![RequestClass { name: "slow", path: "/slow".into(), percent: 100 }],
-            concurrency: 10,
-            duration: Duration::from_millis(100),
-            rate: None,
-        };
+        let spec = server.load("/slow", 10, Duration::from_millis(100));
         let result = run(&spec, &ProgressBar::hidden()).await.unwrap();
         // Each worker's one request was sent in the window and answered after it.
         assert_eq!((result.ok, result.in_window, result.errors), (10, 0, 0));
