@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::uri::{Authority, InvalidUri, PathAndQuery, Scheme};
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode, Uri};
@@ -36,12 +37,13 @@ const NOTE: &str = "two hyper reverse proxies chained over plain TCP in place of
 type ProxyBody = Either<Incoming, Empty<Bytes>>;
 
 /// Serves HTTP/1 on `listener`, forwarding every request to `upstream` over pooled keep-alive
-/// connections, until the process is stopped (`quictun bench-proxy`).
-pub async fn serve_proxy(listener: TcpListener, upstream: SocketAddr) {
+/// connections, until the process is stopped (`quictun bench-proxy`). Fails only when `upstream`
+/// does not make a URI authority.
+pub async fn serve_proxy(listener: TcpListener, upstream: SocketAddr) -> Result<(), InvalidUri> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new()).build(connector);
-    let authority = upstream.to_string();
+    let authority: Authority = upstream.to_string().parse()?;
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -67,11 +69,11 @@ pub async fn serve_proxy(listener: TcpListener, upstream: SocketAddr) {
 /// Sends `request` on to `authority` and answers with its response (502 when that fails).
 async fn forward(
     client: Client<HttpConnector, Incoming>,
-    authority: String,
+    authority: Authority,
     mut request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
-    let Ok(uri) = Uri::builder().scheme("http").authority(authority).path_and_query(path).build() else {
+    let path = request.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let Ok(uri) = Uri::builder().scheme(Scheme::HTTP).authority(authority).path_and_query(path).build() else {
         return Ok(status(StatusCode::BAD_REQUEST));
     };
     *request.uri_mut() = uri;

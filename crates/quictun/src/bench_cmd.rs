@@ -119,6 +119,5 @@ pub async fn floor(args: BenchFloorArgs) -> Result<(), Failure> {
 /// the process is stopped.
 pub async fn proxy(args: BenchProxyArgs) -> Result<(), Failure> {
     let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(Failure::runtime)?;
-    quictun_bench::http_floor::serve_proxy(listener, args.upstream).await;
-    Ok(())
+    quictun_bench::http_floor::serve_proxy(listener, args.upstream).await.map_err(Failure::usage)
 }
