@@ -82,7 +82,7 @@ async fn agent_resets_malformed_streams_and_keeps_serving_the_others() {
     options.tuning = Tuning::default();
     let agent = Agent::start(options).await.unwrap();
 
-    let conn = acceptor.accept(endpoint.accept().await.unwrap()).unwrap().await.unwrap();
+    let conn = acceptor.accept(endpoint.accept().await.unwrap()).unwrap().connecting.await.unwrap();
     let (send, recv) = conn.accept_bi().await.unwrap();
     let mut control = ControlChannel::new(send, recv, 1 << 20);
     assert!(matches!(control.recv().await.unwrap(), ControlMessage::Register(r) if r.client_id == "agent-1"));

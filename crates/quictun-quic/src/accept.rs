@@ -76,8 +76,8 @@ async fn serve_connection(
     admission: Admission,
     listener: Arc<Listener>,
 ) {
-    let connecting = match listener.acceptor.accept(incoming) {
-        Ok(connecting) => connecting,
+    let (connecting, full_packets) = match listener.acceptor.accept(incoming) {
+        Ok(accepted) => (accepted.connecting, accepted.full_packets),
         Err(err) => return debug!(%err, %remote, "QUIC connection refused"),
     };
     // The connection is used before its handshake completes, so that a register the agent sent
@@ -106,5 +106,11 @@ async fn serve_connection(
         Some(handshake) => QuicTunnel::early(conn, handshake, listener.limits, stall),
         None => QuicTunnel::new(conn, listener.limits, stall),
     };
+    let conn = tunnel.connection().clone();
     (listener.on_agent)(control, Arc::new(tunnel), admission);
+    if let Some(permit) = full_packets {
+        // The connection's share of the full-size packet budget goes back when it closes.
+        let _reason = conn.closed().await;
+        drop(permit);
+    }
 }

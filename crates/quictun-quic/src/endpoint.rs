@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use quictun_core::tls::{self, CertKey, PinVerifier, TlsError, Trust};
 
@@ -71,6 +72,11 @@ pub struct Tuning {
     /// too. Each connection keeps a send buffer of this size for as long as it lives, so an end
     /// with many connections (the relay) may want less than the most loopback carries.
     pub loopback_packet: u16,
+    /// A server's budget for the exception: how many connections from this host at a time may
+    /// send packets as large as loopback carries although [`Tuning::loopback_packet`] is smaller
+    /// (the first ones to come; see [`Acceptor::accept`]). A bulk transfer to such a peer costs
+    /// about a fifth less CPU; each of them costs the larger send buffer.
+    pub loopback_full_packet_connections: usize,
 }
 
 impl Default for Tuning {
@@ -85,6 +91,7 @@ impl Default for Tuning {
             udp_buffer: 4 << 20,
             congestion: Congestion::Cubic,
             loopback_packet: MAX_UDP_PAYLOAD,
+            loopback_full_packet_connections: 0,
         }
     }
 }
@@ -286,16 +293,36 @@ const RESUMPTION_CACHE: usize = 8192;
 pub struct Acceptor {
     /// For peers on this host; others get the endpoint's default configuration.
     loopback: Arc<quinn::ServerConfig>,
+    /// Packets as large as loopback carries, for peers on this host while the budget
+    /// ([`Tuning::loopback_full_packet_connections`]) has room.
+    loopback_full: Option<(Arc<quinn::ServerConfig>, Arc<Semaphore>)>,
+}
+
+/// A connection [`Acceptor::accept`] took.
+pub struct Accepted {
+    /// Its handshake.
+    pub connecting: quinn::Connecting,
+    /// Its share of the full-size packet budget, when it got one: to be held for as long as the
+    /// connection lives (dropping it early lets one connection more have the larger buffer).
+    pub full_packets: Option<OwnedSemaphorePermit>,
 }
 
 impl Acceptor {
-    /// Accepts `incoming` (its handshake then runs in the returned future).
-    pub fn accept(&self, incoming: quinn::Incoming) -> Result<quinn::Connecting, quinn::ConnectionError> {
-        if is_loopback(incoming.remote_address()) {
-            incoming.accept_with(self.loopback.clone())
-        } else {
-            incoming.accept()
+    /// Accepts `incoming` (its handshake then runs in `connecting`): a peer on this host gets
+    /// loopback-sized packets, full-size while the budget has room.
+    pub fn accept(&self, incoming: quinn::Incoming) -> Result<Accepted, quinn::ConnectionError> {
+        if !is_loopback(incoming.remote_address()) {
+            return Ok(Accepted { connecting: incoming.accept()?, full_packets: None });
         }
+        let full = self.loopback_full.as_ref().and_then(|(config, budget)| {
+            budget.clone().try_acquire_owned().ok().map(|permit| (config.clone(), permit))
+        });
+        Ok(match full {
+            Some((config, permit)) => {
+                Accepted { connecting: incoming.accept_with(config)?, full_packets: Some(permit) }
+            }
+            None => Accepted { connecting: incoming.accept_with(self.loopback.clone())?, full_packets: None },
+        })
     }
 }
 
@@ -328,11 +355,18 @@ pub fn server_endpoint(
     config.transport_config(Arc::new(tuning.transport_config()));
     let mut loopback = config.clone();
     loopback.transport_config(Arc::new(tuning.loopback_transport_config()));
+    let loopback_full =
+        (tuning.loopback_full_packet_connections > 0 && tuning.loopback_packet < MAX_UDP_PAYLOAD).then(|| {
+            let mut full = config.clone();
+            let full_tuning = Tuning { loopback_packet: MAX_UDP_PAYLOAD, ..tuning.clone() };
+            full.transport_config(Arc::new(full_tuning.loopback_transport_config()));
+            (Arc::new(full), Arc::new(Semaphore::new(tuning.loopback_full_packet_connections)))
+        });
     let socket = bind_udp(addr, tuning.udp_buffer)?;
     let endpoint_config = endpoint_config(restart_keys.endpoint_config());
     let endpoint = quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime::default_runtime_or_err()?)
         .map_err(|source| EndpointError::Socket { addr, source })?;
-    Ok((endpoint, Acceptor { loopback: Arc::new(loopback) }))
+    Ok((endpoint, Acceptor { loopback: Arc::new(loopback), loopback_full }))
 }
 
 /// A QUIC client endpoint bound to `bind`, and the client configuration to dial the relay with.
@@ -427,7 +461,7 @@ mod tests {
         let (client, setup) = client_endpoint(any, &Trust::Pin(cert.pin), &tuning).unwrap();
         let addr = server.local_addr().unwrap();
         let received = tokio::spawn(async move {
-            let conn = acceptor.accept(server.accept().await.unwrap()).unwrap().await.unwrap();
+            let conn = acceptor.accept(server.accept().await.unwrap()).unwrap().connecting.await.unwrap();
             let (_send, mut recv) = conn.accept_bi().await.unwrap();
             let mut total = 0;
             while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.unwrap() {
@@ -469,6 +503,36 @@ mod tests {
             assert_eq!(v6.current_mtu, most, "{v6:?}");
             assert_eq!(v6.black_holes_detected, 0, "{v6:?}");
         }
+    }
+
+    /// A server that caps loopback packets at 16 KiB and may give full-size ones to one
+    /// connection at a time: the first connection gets them, the next the cap, and once the first
+    /// one's share is dropped the one after gets them again.
+    #[tokio::test]
+    async fn full_size_loopback_packets_go_to_as_many_connections_as_the_budget_holds() {
+        let most = loopback_udp_payload().expect("Linux: the loopback MTU is readable");
+        let cert = GeneratedCert::self_signed(&[]).unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let tuning = Tuning { loopback_packet: 16 * 1024, loopback_full_packet_connections: 1, ..Tuning::default() };
+        let (server, acceptor) = server_endpoint(any, cert.cert_key().unwrap(), &tuning).unwrap();
+        let (client, setup) = client_endpoint(any, &Trust::Pin(cert.pin), &Tuning::default()).unwrap();
+        let addr = server.local_addr().unwrap();
+        // One connection: the server's end, the packet size it sends, its share of the budget.
+        let connect = async || {
+            let dialled = client.connect_with(setup.config_for(addr), addr, "localhost").unwrap();
+            let accepted = acceptor.accept(server.accept().await.unwrap()).unwrap();
+            let (_client_end, conn) = tokio::join!(dialled, accepted.connecting);
+            let conn = conn.unwrap();
+            let mtu = conn.stats().path.current_mtu;
+            (conn, mtu, accepted.full_packets)
+        };
+        let (_first, first_mtu, first_share) = connect().await;
+        assert_eq!((first_mtu, first_share.is_some()), (most, true));
+        let (_second, second_mtu, second_share) = connect().await;
+        assert_eq!((second_mtu, second_share.is_some()), (most.min(16 * 1024), false));
+        drop(first_share);
+        let (_third, third_mtu, third_share) = connect().await;
+        assert_eq!((third_mtu, third_share.is_some()), (most, true));
     }
 
     #[test]

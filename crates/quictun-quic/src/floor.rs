@@ -31,8 +31,8 @@ pub async fn serve(endpoint: crate::Endpoint, acceptor: crate::endpoint::Accepto
     while let Some(incoming) = endpoint.accept().await {
         let (chunk, acceptor) = (chunk.clone(), acceptor.clone());
         connections.spawn(async move {
-            let Ok(connecting) = acceptor.accept(incoming) else { return };
-            let Ok(conn) = connecting.await else { return };
+            let Ok(accepted) = acceptor.accept(incoming) else { return };
+            let Ok(conn) = accepted.connecting.await else { return };
             let mut exchanges = JoinSet::new();
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                 let chunk = chunk.clone();
