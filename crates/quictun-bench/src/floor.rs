@@ -36,7 +36,8 @@ impl Drop for Scratch {
 
 /// The floor of `mode`'s transport at each of the small workload's concurrencies: quinn alone
 /// for QUIC, tonic over HTTP/2 over TLS alone for gRPC, and for `direct` the HTTP floor (two
-/// plain proxies in place of relay and agent, see [`crate::http_floor`]); for QUIC also quinn's
+/// plain proxies in place of relay and agent, and the same with TCP splices in their places, see
+/// [`crate::http_floor`]); for QUIC also quinn's
 /// single-stream rate over the large workload's size.
 pub async fn floor(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
     let transport = match mode {

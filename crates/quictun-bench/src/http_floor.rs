@@ -9,6 +9,11 @@
 //! `http …`) use the same load, the same upstream and the same CPU measure (both processes) as
 //! the tunnel's `small` and `large` rows: a tunnel cannot cost less per request than this chain
 //! unless it stops doing HTTP at one of its ends.
+//!
+//! What stopping would save is measured too: the same chain with the agent's place a TCP splice
+//! (each connection copied byte for byte to a fresh upstream connection, as a tunnel that does not
+//! speak HTTP to the upstream would; variants `http+splice …`), and with both places splices
+//! (no HTTP anywhere, as rathole forwards TCP; variants `splice …`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,7 +27,7 @@ use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 use crate::BenchOptions;
@@ -30,8 +35,46 @@ use crate::procs::{Mode, Proc, Stack, free_port, tcp_ready, wait_until};
 use crate::report::Row;
 use crate::workloads::{RowSpec, small_requests_to, transfer};
 
-/// What the rows measure.
-const NOTE: &str = "two hyper reverse proxies chained over plain TCP in place of relay and agent; CPU of both";
+/// What one place of the chain (the relay's or the agent's) does with the connections it accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hop {
+    /// A hyper reverse proxy ([`serve_proxy`]).
+    Http,
+    /// A TCP splice ([`serve_splice`]).
+    Splice,
+}
+
+/// One chain the floor measures: its label (the rows' variant prefix), what stands in the relay's
+/// place and in the agent's, and what its rows' note says.
+struct Chain {
+    label: &'static str,
+    relay: Hop,
+    agent: Hop,
+    note: &'static str,
+}
+
+/// The chains, most HTTP first: the tunnel's own shape, then an agent that only copies bytes, then
+/// no HTTP at all.
+const CHAINS: [Chain; 3] = [
+    Chain {
+        label: "http",
+        relay: Hop::Http,
+        agent: Hop::Http,
+        note: "two hyper reverse proxies chained over plain TCP in place of relay and agent; CPU of both",
+    },
+    Chain {
+        label: "http+splice",
+        relay: Hop::Http,
+        agent: Hop::Splice,
+        note: "a hyper reverse proxy as the relay, a TCP splice as the agent (no HTTP at the agent); CPU of both",
+    },
+    Chain {
+        label: "splice",
+        relay: Hop::Splice,
+        agent: Hop::Splice,
+        note: "two TCP splices in place of relay and agent (no HTTP at either); CPU of both",
+    },
+];
 
 /// A proxy's answer: the upstream's response, or an empty 502 when the upstream failed.
 type ProxyBody = Either<Incoming, Empty<Bytes>>;
@@ -92,13 +135,53 @@ fn status(code: StatusCode) -> Response<ProxyBody> {
     response
 }
 
-/// The HTTP floor's rows: 1 KiB GETs at the small workload's concurrencies, then the large
-/// workload's download and upload, through the chain of two proxies.
+/// Bytes a splice reads at once in each direction: the tunnel's own chunk size (tokio's default of
+/// 8 KiB made the splice's bulk rows count syscalls).
+const SPLICE_BUFFER: usize = 64 * 1024;
+
+/// Copies every connection accepted on `listener` byte for byte to a fresh connection to
+/// `upstream` (`TCP_NODELAY` on both), until the process is stopped (`quictun bench-proxy
+/// --splice`). A connection whose upstream cannot be reached is closed.
+pub async fn serve_splice(listener: TcpListener, upstream: SocketAddr) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            (mut client, _) = quictun_core::accept_tcp(&listener, "bench splice") => {
+                connections.spawn(async move {
+                    let spliced = async {
+                        let mut server = TcpStream::connect(upstream).await?;
+                        client.set_nodelay(true)?;
+                        server.set_nodelay(true)?;
+                        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, SPLICE_BUFFER, SPLICE_BUFFER)
+                            .await
+                    };
+                    if let Err(err) = spliced.await {
+                        tracing::debug!(%err, "bench splice: connection ended");
+                    }
+                });
+            }
+            Some(_) = connections.join_next() => {}
+        }
+    }
+}
+
+/// The HTTP floor's rows, for each chain: 1 KiB GETs at the small workload's concurrencies, then
+/// the large workload's download and upload.
 pub async fn floor(opts: &BenchOptions) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for chain in &CHAINS {
+        rows.extend(chain_rows(opts, chain).await?);
+    }
+    Ok(rows)
+}
+
+/// One chain's rows, on a stack of its own.
+async fn chain_rows(opts: &BenchOptions, chain: &Chain) -> anyhow::Result<Vec<Row>> {
+    let Chain { label, relay, agent, note } = *chain;
     let mut stack = Stack::start(&opts.exe, Mode::Direct, 0).await?;
     let upstream = stack.target;
-    let second = start_proxy(opts, &stack, "proxy-agent", upstream).await?;
-    let first = start_proxy(opts, &stack, "proxy-relay", second.1).await?;
+    let second = start_hop(opts, &stack, agent, "proxy-agent", upstream).await?;
+    let first = start_hop(opts, &stack, relay, "proxy-relay", second.1).await?;
     stack.target = first.1;
     stack.relay = Some(first.0);
     stack.agent = Some(second.0);
@@ -107,21 +190,21 @@ pub async fn floor(opts: &BenchOptions) -> anyhow::Result<Vec<Row>> {
         let row = RowSpec {
             target: stack.target,
             workload: "floor",
-            variant: format!("http c={concurrency}"),
-            note: NOTE.into(),
+            variant: format!("{label} c={concurrency}"),
+            note: note.into(),
         };
         rows.push(small_requests_to(opts, &mut stack, concurrency, row).await?);
     }
     for direction in ["download", "upload"] {
-        let label = format!("floor http {direction} {} MiB", opts.large_bytes >> 20);
-        let done = transfer(&stack, direction, opts.large_bytes, label).await?;
+        let progress = format!("floor {label} {direction} {} MiB", opts.large_bytes >> 20);
+        let done = transfer(&stack, direction, opts.large_bytes, progress).await?;
         rows.push(Row {
             workload: "floor".into(),
             transport: Mode::Direct.name().into(),
-            variant: format!("http {direction}"),
+            variant: format!("{label} {direction}"),
             mb_per_sec: Some(done.mb_per_sec(opts.large_bytes)),
             requests: 1,
-            note: format!("{NOTE}; {}", done.cpu_note()),
+            note: format!("{note}; {}", done.cpu_note()),
             ..Row::default()
         });
     }
@@ -129,17 +212,21 @@ pub async fn floor(opts: &BenchOptions) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// Starts one proxy (`quictun bench-proxy`) in front of `upstream`; returns it and its address
-/// once it accepts connections.
-async fn start_proxy(
+/// Starts one hop (`quictun bench-proxy`, with `--splice` for [`Hop::Splice`]) in front of
+/// `upstream`; returns it and its address once it accepts connections.
+async fn start_hop(
     opts: &BenchOptions,
     stack: &Stack,
+    hop: Hop,
     name: &str,
     upstream: SocketAddr,
 ) -> anyhow::Result<(Proc, SocketAddr)> {
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port(false)?));
-    let args =
-        ["bench-proxy".to_owned(), "--listen".into(), addr.to_string(), "--upstream".into(), upstream.to_string()];
+    let mut args =
+        vec!["bench-proxy".to_owned(), "--listen".into(), addr.to_string(), "--upstream".into(), upstream.to_string()];
+    if hop == Hop::Splice {
+        args.push("--splice".into());
+    }
     let proc = Proc::spawn(&opts.exe, &args, &stack.log_path(name), name)?;
     wait_until(name, Duration::from_secs(20), async || tcp_ready(addr).await).await?;
     Ok((proc, addr))

@@ -92,7 +92,8 @@ const COLUMNS: &str = "
 - **workload**: what was sent (see `quictun bench --help`); **transport**: `quic` and `grpc` go
   through a relay and an agent, `direct` goes straight to the upstream (the ceiling), except in
   the `floor` rows named `http …`, where it goes through two plain HTTP proxies in place of relay
-  and agent (the HTTP floor); **variant**: concurrency (`c=64`: 64 requests in flight), direction,
+  and agent (the HTTP floor), `http+splice …` (an HTTP proxy, then a TCP splice in the agent's
+  place) and `splice …` (two TCP splices, no HTTP); **variant**: concurrency (`c=64`: 64 requests in flight), direction,
   or size.
 - **req/s**: requests (or exchanges) completed per second over the run.
 - **p50 / p99 / p99.9 ms**: request latency percentiles, client side, first byte sent to last
@@ -102,7 +103,7 @@ const COLUMNS: &str = "
 - **relay / agent peak MiB**: the processes' highest resident memory during the row.
 - **relay KiB/session**: relay memory per connected agent session (the `many` workload).
 - **tunnel CPU µs/req**: CPU time of the relay and the agent together, divided by requests; for
-  `floor` rows, of both ends of the bare carrier, or of the two proxies (`http …`). Bulk rows
+  `floor` rows, of both ends of the bare carrier, or of the two proxies or splices. Bulk rows
   give the same CPU time for the whole transfer in their note.
 - **note**: what else the row needs to be read right.
 ";

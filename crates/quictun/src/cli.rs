@@ -181,6 +181,9 @@ pub struct BenchProxyArgs {
     /// The HTTP/1 upstream every request goes to.
     #[arg(long, value_name = "ADDR")]
     pub upstream: SocketAddr,
+    /// Copy each connection's bytes to a fresh upstream connection instead of proxying HTTP.
+    #[arg(long)]
+    pub splice: bool,
 }
 
 /// Flags of `quictun upstream`.

@@ -373,14 +373,17 @@ fn bench_smoke_runs_every_workload_on_every_transport() {
             .find(|r| r["workload"] == "floor" && r["transport"] == "direct" && r["variant"] == variant)
             .unwrap_or_else(|| panic!("no HTTP floor row {variant:?}"))
     };
-    for concurrency in [1, 4] {
-        let row = http_floor(&format!("http c={concurrency}"));
-        assert!(row["tunnel_cpu_us_per_request"].as_f64().is_some_and(|us| us > 0.0), "{row}");
-    }
-    for direction in ["download", "upload"] {
-        let row = http_floor(&format!("http {direction}"));
-        assert!(row["mb_per_sec"].as_f64().is_some_and(|rate| rate > 0.0), "{row}");
-        assert!(row["note"].as_str().unwrap().contains("CPU"), "{row}");
+    // Also with a TCP splice in the agent's place, and with splices in both places.
+    for chain in ["http", "http+splice", "splice"] {
+        for concurrency in [1, 4] {
+            let row = http_floor(&format!("{chain} c={concurrency}"));
+            assert!(row["tunnel_cpu_us_per_request"].as_f64().is_some_and(|us| us > 0.0), "{row}");
+        }
+        for direction in ["download", "upload"] {
+            let row = http_floor(&format!("{chain} {direction}"));
+            assert!(row["mb_per_sec"].as_f64().is_some_and(|rate| rate > 0.0), "{row}");
+            assert!(row["note"].as_str().unwrap().contains("CPU"), "{row}");
+        }
     }
     let timed = ["small", "floor", "grpc", "egress", "slow-clients"];
     for row in rows.iter().filter(|r| timed.contains(&r["workload"].as_str().unwrap_or(""))) {
