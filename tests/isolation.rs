@@ -30,19 +30,32 @@ const WAIT: Duration = Duration::from_secs(20);
 const HEARTBEAT_MS: u32 = 1000;
 const SAMPLES: usize = 200;
 
-/// p99 under twice the quiet one, and nothing failed. The 25 ms of slack absorbs the scheduler
-/// noise of a shared 2-core test machine on millisecond latencies (a CI run saw p99 21.7 ms beside
-/// a quiet 5.4 ms, max 49 ms, with 5 ms of slack); what this guards against is requests that wait
-/// behind the stalled ones, which is seconds (until the stalled readers' credit is reclaimed), and
-/// a session lost to heartbeats that could not get through.
-fn assert_isolated(quiet: Latencies, loaded: Latencies) {
+/// p99 under twice the quiet one plus the transport's slack (see [`slack`]), and nothing failed.
+/// What this guards against is requests that wait behind the stalled ones, which is seconds (until
+/// the stalled readers' credit is reclaimed, after a 1 s stall timeout), and a session lost to
+/// heartbeats that could not get through.
+fn assert_isolated(transport: Transport, quiet: Latencies, loaded: Latencies) {
     assert_eq!(loaded.failures, 0, "requests failed beside the stalled readers: {loaded:?}");
     assert!(
-        loaded.p99 <= quiet.p99 * 2 + Duration::from_millis(25),
+        loaded.p99 <= quiet.p99 * 2 + slack(transport),
         "p99 beside the stalled readers {:?}, quiet {:?} ({loaded:?})",
         loaded.p99,
         quiet.p99
     );
+}
+
+/// What millisecond latencies may gain beside the stalled readers on a shared 2-core test machine
+/// without anything waiting behind them.
+///
+/// QUIC: scheduler noise (a CI run saw p99 21.7 ms beside a quiet 5.4 ms, max 49 ms, with 5 ms of
+/// slack). gRPC, in addition, its one TCP connection: the load is measured as soon as the first
+/// stalled reader is reclaimed, while the other stalled uploads' windows are still crossing the
+/// connection, and a request head sent then waits behind the bytes already below the transport's
+/// priority lane (HTTP/2 and kernel send buffers). With a busy loop on one core that came to 30-90
+/// ms, for the first 50 requests (about 0.3 s) only; the next 150 were back at the quiet p99, and
+/// a CI run without the busy loop saw 74 ms once. The README's isolation section says this limit.
+fn slack(transport: Transport) -> Duration {
+    if matches!(transport, Transport::Grpc) { Duration::from_millis(150) } else { Duration::from_millis(25) }
 }
 
 fn session_of(h: &Harness) -> uuid::Uuid {
@@ -65,7 +78,7 @@ async fn non_reading_downloads_do_not_stall_the_tunnel(transport: Transport) {
     // is enforced: the signal that the stall is in place.
     wait_for_metric(h.relay().admin_addr(), "quictun_reclaimed_streams_total", 1.0, WAIT).await;
     let loaded = h.client.latencies("app.test", "/hello", SAMPLES).await;
-    assert_isolated(quiet, loaded);
+    assert_isolated(transport, quiet, loaded);
     assert_eq!(session_of(&h), session, "the agent lost its session");
     drop(stalled);
 }
@@ -86,7 +99,7 @@ async fn h2c_clients_with_a_zero_window_do_not_stall_the_tunnel(transport: Trans
     }
     wait_for_metric(h.relay().admin_addr(), "quictun_reclaimed_streams_total", 1.0, WAIT).await;
     let loaded = h.client.latencies("app.test", "/hello", SAMPLES).await;
-    assert_isolated(quiet, loaded);
+    assert_isolated(transport, quiet, loaded);
     assert_eq!(session_of(&h), session, "the agent lost its session");
     drop(held);
 }
@@ -111,7 +124,7 @@ async fn an_upstream_that_does_not_read_uploads_does_not_stall_the_tunnel(transp
     let agent_admin = agent.admin_addr().unwrap();
     wait_for_metric(agent_admin, "quictun_agent_reclaimed_streams_total", 1.0, WAIT).await;
     let loaded = h.client.latencies("app.test", "/hello", SAMPLES).await;
-    assert_isolated(quiet, loaded);
+    assert_isolated(transport, quiet, loaded);
     assert_eq!(session_of(&h), session, "the agent lost its session");
     for upload in uploads {
         upload.abort();
