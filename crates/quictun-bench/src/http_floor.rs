@@ -37,7 +37,7 @@ use crate::workloads::{RowSpec, small_requests_to, transfer};
 
 /// What one place of the chain (the relay's or the agent's) does with the connections it accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Hop {
+enum Hop {
     /// A hyper reverse proxy ([`serve_proxy`]).
     Http,
     /// A TCP splice ([`serve_splice`]).
@@ -87,22 +87,32 @@ pub async fn serve_proxy(listener: TcpListener, upstream: SocketAddr) -> Result<
     connector.set_nodelay(true);
     let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new()).build(connector);
     let authority: Authority = upstream.to_string().parse()?;
+    serve_each(listener, "bench proxy", move |stream| {
+        let (client, authority) = (client.clone(), authority.clone());
+        let service = hyper::service::service_fn(move |request| forward(client.clone(), authority.clone(), request));
+        async move {
+            let served =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            if let Err(err) = served {
+                tracing::debug!(%err, "bench proxy: connection ended");
+            }
+        }
+    })
+    .await
+}
+
+/// Accepts connections on `listener` (named `what` in logs) and serves each with `serve` on a task
+/// of its own, until the process is stopped.
+async fn serve_each<F, Fut>(listener: TcpListener, what: &'static str, mut serve: F) -> !
+where
+    F: FnMut(TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
-            (stream, _) = quictun_core::accept_tcp(&listener, "bench proxy") => {
-                let (client, authority) = (client.clone(), authority.clone());
-                let service = hyper::service::service_fn(move |request| {
-                    forward(client.clone(), authority.clone(), request)
-                });
-                connections.spawn(async move {
-                    let served = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                    if let Err(err) = served {
-                        tracing::debug!(%err, "bench proxy: connection ended");
-                    }
-                });
+            (stream, _) = quictun_core::accept_tcp(&listener, what) => {
+                connections.spawn(serve(stream));
             }
             Some(_) = connections.join_next() => {}
         }
@@ -142,27 +152,18 @@ const SPLICE_BUFFER: usize = 64 * 1024;
 /// Copies every connection accepted on `listener` byte for byte to a fresh connection to
 /// `upstream` (`TCP_NODELAY` on both), until the process is stopped (`quictun bench-proxy
 /// --splice`). A connection whose upstream cannot be reached is closed.
-pub async fn serve_splice(listener: TcpListener, upstream: SocketAddr) {
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            (mut client, _) = quictun_core::accept_tcp(&listener, "bench splice") => {
-                connections.spawn(async move {
-                    let spliced = async {
-                        let mut server = TcpStream::connect(upstream).await?;
-                        client.set_nodelay(true)?;
-                        server.set_nodelay(true)?;
-                        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, SPLICE_BUFFER, SPLICE_BUFFER)
-                            .await
-                    };
-                    if let Err(err) = spliced.await {
-                        tracing::debug!(%err, "bench splice: connection ended");
-                    }
-                });
-            }
-            Some(_) = connections.join_next() => {}
+pub async fn serve_splice(listener: TcpListener, upstream: SocketAddr) -> ! {
+    serve_each(listener, "bench splice", move |mut client| async move {
+        let spliced = async {
+            let mut server = TcpStream::connect(upstream).await?;
+            server.set_nodelay(true)?;
+            tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, SPLICE_BUFFER, SPLICE_BUFFER).await
+        };
+        if let Err(err) = spliced.await {
+            tracing::debug!(%err, "bench splice: connection ended");
         }
-    }
+    })
+    .await
 }
 
 /// The HTTP floor's rows, for each chain: 1 KiB GETs at the small workload's concurrencies, then

@@ -317,12 +317,11 @@ impl Acceptor {
         let full = self.loopback_full.as_ref().and_then(|(config, budget)| {
             budget.clone().try_acquire_owned().ok().map(|permit| (config.clone(), permit))
         });
-        Ok(match full {
-            Some((config, permit)) => {
-                Accepted { connecting: incoming.accept_with(config)?, full_packets: Some(permit) }
-            }
-            None => Accepted { connecting: incoming.accept_with(self.loopback.clone())?, full_packets: None },
-        })
+        let (config, full_packets) = match full {
+            Some((config, permit)) => (config, Some(permit)),
+            None => (self.loopback.clone(), None),
+        };
+        Ok(Accepted { connecting: incoming.accept_with(config)?, full_packets })
     }
 }
 

@@ -118,10 +118,10 @@ pub async fn floor(args: BenchFloorArgs) -> Result<(), Failure> {
 /// Serves as a plain HTTP reverse proxy, or with `--splice` as a TCP splice, to one upstream (see
 /// [`quictun_bench::http_floor`]) until the process is stopped.
 pub async fn proxy(args: BenchProxyArgs) -> Result<(), Failure> {
-    let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(Failure::runtime)?;
+    // The listen queue the relay's ingress has, as the proxy stands in its place.
+    let listener = quictun_core::listen_tcp(args.listen).map_err(Failure::runtime)?;
     if args.splice {
-        quictun_bench::http_floor::serve_splice(listener, args.upstream).await;
-        return Ok(());
+        quictun_bench::http_floor::serve_splice(listener, args.upstream).await
     }
     quictun_bench::http_floor::serve_proxy(listener, args.upstream).await.map_err(Failure::usage)
 }
