@@ -1,7 +1,8 @@
 //! Per-address budgets, end to end: requests in flight per client address, the minimum upload
 //! pace (408), agent connections not registered yet per network, and the first-byte timeout of a
-//! new ingress connection. The hostile clients come from 127.0.0.1 (or 127.0.0.0/24); the
-//! well-behaved ones from another address (127.0.1.1), as a different client would.
+//! new ingress connection, on both transports. The hostile clients come from 127.0.0.1 (or
+//! 127.0.2.0/24); the well-behaved ones from another address (127.0.1.1, or 127.0.0.1 for the real
+//! agent), as a different client would.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::net::SocketAddr;
@@ -13,15 +14,15 @@ use quictun_quic::Tuning;
 use quictun_relay::config::RelaySection;
 use quictun_tests::client::wait_for_metric;
 use quictun_tests::raw::RawReply;
-use quictun_tests::{Harness, HarnessConfig, admin_get, metric};
+use quictun_tests::{Harness, HarnessConfig, Transport, admin_get, metric};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// The harness's knobs with `edit` applied to the `[relay]` section.
-fn with_relay(edit: impl Fn(&mut RelaySection) + Send + Sync + 'static) -> HarnessConfig {
-    HarnessConfig::with_relay(move |config| edit(&mut config.relay))
+/// The harness's knobs on `transport`, with `edit` applied to the `[relay]` section.
+fn with_relay(transport: Transport, edit: impl Fn(&mut RelaySection) + Send + Sync + 'static) -> HarnessConfig {
+    HarnessConfig { transport, ..HarnessConfig::with_relay(move |config| edit(&mut config.relay)) }
 }
 
 /// A TCP connection to `addr` from `source` (any 127.x address works on loopback).
@@ -42,9 +43,8 @@ async fn get_from(source: &str, addr: SocketAddr, path: &str) -> RawReply {
     RawReply { status: text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0), text }
 }
 
-#[tokio::test]
-async fn one_address_cannot_take_every_stream_of_an_agent() {
-    let h = Harness::start_with(with_relay(|r| {
+async fn one_address_cannot_take_every_stream_of_an_agent(transport: Transport) {
+    let h = Harness::start_with(with_relay(transport, |r| {
         r.max_requests_per_ip = 4;
         r.min_upload_rate = 0;
     }))
@@ -71,9 +71,8 @@ async fn one_address_cannot_take_every_stream_of_an_agent() {
     assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("retry-after: 1"), "{answer}");
 }
 
-#[tokio::test]
-async fn an_upload_slower_than_the_minimum_pace_gets_408() {
-    let h = Harness::start_with(with_relay(|r| r.min_upload_rate = 1000)).await;
+async fn an_upload_slower_than_the_minimum_pace_gets_408(transport: Transport) {
+    let h = Harness::start_with(with_relay(transport, |r| r.min_upload_rate = 1000)).await;
     let _agent = h.agent("agent-1").await;
     let mut stream = connect_from("127.0.0.1", h.relay().http_addr()).await;
     stream.write_all(b"POST /sha256 HTTP/1.1\r\nhost: app.test\r\ncontent-length: 100000\r\n\r\n").await.unwrap();
@@ -101,9 +100,8 @@ async fn an_upload_slower_than_the_minimum_pace_gets_408() {
     assert_eq!(metric(&text, "quictun_rejects_total{reason=\"upload_too_slow\"}"), Some(1.0), "{text}");
 }
 
-#[tokio::test]
-async fn a_connection_that_sends_nothing_is_closed_after_the_header_timeout() {
-    let h = Harness::start_with(with_relay(|r| {
+async fn a_connection_that_sends_nothing_is_closed_after_the_header_timeout(transport: Transport) {
+    let h = Harness::start_with(with_relay(transport, |r| {
         r.header_read_timeout_secs = 1;
         r.keep_alive_timeout_secs = 75;
     }))
@@ -118,39 +116,61 @@ async fn a_connection_that_sends_nothing_is_closed_after_the_header_timeout() {
     assert_eq!(metric(&text, "quictun_rejects_total{reason=\"first_byte_timeout\"}"), Some(1.0), "{text}");
 }
 
-/// A QUIC connection to the relay that completes its handshake and then never registers.
-async fn unregistered_connection(source: &str, relay: SocketAddr, h: &Harness) -> Option<quinn::Connection> {
+/// A connection to the relay's agent listener of `transport`, from `source`, that never
+/// registers: a QUIC handshake completed and nothing sent (QUIC), a TCP connection that starts no
+/// TLS (gRPC: the relay admits connections as it accepts them). `None` when the relay refused it
+/// (QUIC: before any cryptography; gRPC: closed at once).
+async fn unregistered_connection(transport: Transport, source: &str, h: &Harness) -> Option<Unregistered> {
+    if transport == Transport::Grpc {
+        let mut stream = connect_from(source, h.agent_target()).await;
+        // A refused connection is closed at once; an admitted one is held (10 s for its TLS).
+        let mut byte = [0u8; 1];
+        return match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut byte)).await {
+            Ok(_) => None,
+            Err(_) => Some(Unregistered::Tcp(stream)),
+        };
+    }
     let trust = Trust::Pin(h.cert.pin);
     let bind: SocketAddr = format!("{source}:0").parse().unwrap();
     let (endpoint, _) = quictun_quic::endpoint::client_endpoint(bind, &trust, &Tuning::default()).unwrap();
-    let connecting = endpoint.connect(relay, "localhost").unwrap();
-    tokio::time::timeout(WAIT, connecting).await.expect("handshake hung").ok()
+    let connecting = endpoint.connect(h.agent_target(), "localhost").unwrap();
+    tokio::time::timeout(WAIT, connecting).await.expect("handshake hung").ok().map(Unregistered::Quic)
 }
 
-#[tokio::test]
-async fn one_network_cannot_fill_the_slots_of_unregistered_connections() {
-    let h = Harness::start_with(with_relay(|r| {
+/// A held [`unregistered_connection`].
+#[allow(dead_code)]
+enum Unregistered {
+    Quic(quinn::Connection),
+    Tcp(TcpStream),
+}
+
+async fn one_network_cannot_fill_the_slots_of_unregistered_connections(transport: Transport) {
+    let h = Harness::start_with(with_relay(transport, |r| {
         r.max_pending_connections = 8;
         r.max_pending_per_network = 4;
         r.handshake_rate_per_ip = 0;
         r.register_timeout_secs = 30;
     }))
     .await;
-    let relay = h.relay().quic_addr();
-    // Four handshakes from 127.0.0.0/24 that never register hold that network's places…
+    // Four connections from 127.0.2.0/24 that never register hold that network's places…
     let mut held = Vec::new();
     for i in 2..6 {
-        held.push(unregistered_connection(&format!("127.0.0.{i}"), relay, &h).await.expect("admitted"));
+        held.push(unregistered_connection(transport, &format!("127.0.2.{i}"), &h).await.expect("admitted"));
     }
-    // …so a fifth from the same network is refused, before any cryptography.
-    assert!(unregistered_connection("127.0.0.9", relay, &h).await.is_none());
+    // …so a fifth from the same network is refused (QUIC: before any cryptography).
+    assert!(unregistered_connection(transport, "127.0.2.9", &h).await.is_none(), "a fifth from one network admitted");
     let text = admin_get(h.relay().admin_addr(), "/metrics", None).await.text();
     assert_eq!(metric(&text, "quictun_rejects_total{reason=\"pending_network\"}"), Some(1.0), "{text}");
-    // A real agent from another network registers while they are still pending.
-    let mut options = h.agent_options("agent-1");
-    options.bind = Some("127.0.1.1:0".parse().unwrap());
-    let agent = Agent::start(options).await.unwrap();
+    // A real agent from another network (127.0.0.1) registers while they are still pending.
+    let agent = Agent::start(h.agent_options("agent-1")).await.unwrap();
     assert!(agent.wait_connected(None, WAIT).await.is_some(), "the real agent was kept out");
     drop(held);
     agent.shutdown().await.unwrap();
 }
+
+quictun_tests::on_both_transports!(
+    one_address_cannot_take_every_stream_of_an_agent,
+    an_upload_slower_than_the_minimum_pace_gets_408,
+    a_connection_that_sends_nothing_is_closed_after_the_header_timeout,
+    one_network_cannot_fill_the_slots_of_unregistered_connections,
+);

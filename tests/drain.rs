@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quictun_tests::Harness;
+use quictun_tests::{Harness, HarnessConfig, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -51,9 +51,8 @@ async fn one_request(addr: SocketAddr, path: &str) -> Outcome {
     Outcome::Answered { connected, result }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rolling_restart_under_load_loses_no_accepted_request() {
-    let mut h = Harness::start().await;
+async fn a_rolling_restart_under_load_loses_no_accepted_request(transport: Transport) {
+    let mut h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let _agent = h.agent("agent-1").await;
     let http = h.relay().http_addr();
     let outcomes = Arc::new(Mutex::new(Vec::new()));
@@ -140,3 +139,5 @@ async fn a_rolling_restart_under_load_loses_no_accepted_request() {
     );
     assert!(ok > 150, "only {ok} requests answered");
 }
+
+quictun_tests::on_both_transports!(a_rolling_restart_under_load_loses_no_accepted_request,);

@@ -8,7 +8,7 @@ use quictun_core::edge::forwarded::TrustedProxies;
 use quictun_proto::Token;
 use quictun_tests::harness::route;
 use quictun_tests::raw::{H2c, raw_get};
-use quictun_tests::{Harness, HarnessConfig, admin_get};
+use quictun_tests::{Harness, HarnessConfig, Transport, admin_get};
 
 /// `files.test` serves only `/public` (of the `app` upstream); everything else there is 404.
 fn files_route() -> HarnessConfig {
@@ -22,9 +22,8 @@ fn seen(page: &str, name: &str) -> Option<String> {
     (!values.is_empty()).then(|| values.join("|"))
 }
 
-#[tokio::test]
-async fn dot_segments_cannot_escape_a_routes_prefix() {
-    let h = Harness::start_with(files_route()).await;
+async fn dot_segments_cannot_escape_a_routes_prefix(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig { transport, ..files_route() }).await;
     let _agent = h.agent("agent-1").await;
     let addr = h.relay().http_addr();
     let host = "host: files.test";
@@ -54,9 +53,8 @@ async fn dot_segments_cannot_escape_a_routes_prefix() {
     assert_eq!((reply.status, reply.body.as_str()), (200, "/public/y"));
 }
 
-#[tokio::test]
-async fn the_upstream_sees_the_host_the_relay_routed_on() {
-    let h = Harness::start().await;
+async fn the_upstream_sees_the_host_the_relay_routed_on(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let _agent = h.agent("agent-1").await;
     let addr = h.relay().http_addr();
     // Absolute form wins over Host, and Host is rewritten to match.
@@ -82,9 +80,8 @@ async fn the_upstream_sees_the_host_the_relay_routed_on() {
     assert_eq!(h2.request("GET", "http://app.test/headers", &[("host", "app.test")]).await.status, 200);
 }
 
-#[tokio::test]
-async fn a_request_with_the_most_headers_the_ingress_takes_fits_the_tunnel() {
-    let h = Harness::start().await;
+async fn a_request_with_the_most_headers_the_ingress_takes_fits_the_tunnel(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let _agent = h.agent("agent-1").await;
     let addr = h.relay().http_addr();
     // 128 header lines in all (Host, Connection and 126 more): the ingress's limit. The relay adds
@@ -107,9 +104,8 @@ async fn a_request_with_the_most_headers_the_ingress_takes_fits_the_tunnel() {
     assert_eq!(h2.request("GET", "http://app.test/headers", &many).await.status, 431);
 }
 
-#[tokio::test]
-async fn forwarding_headers_from_clients_are_replaced() {
-    let h = Harness::start().await;
+async fn forwarding_headers_from_clients_are_replaced(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let _agent = h.agent("agent-1").await;
     let addr = h.relay().http_addr();
     let spoofed = [
@@ -131,12 +127,11 @@ async fn forwarding_headers_from_clients_are_replaced() {
     }
 }
 
-#[tokio::test]
-async fn a_trusted_proxy_keeps_its_forwarding_chain() {
+async fn a_trusted_proxy_keeps_its_forwarding_chain(transport: Transport) {
     let config = HarnessConfig::with_relay(|config| {
         config.relay.trusted_proxies = TrustedProxies::new(vec!["127.0.0.0/8".parse().unwrap()]);
     });
-    let h = Harness::start_with(config).await;
+    let h = Harness::start_with(HarnessConfig { transport, ..config }).await;
     let _agent = h.agent("agent-1").await;
     let addr = h.relay().http_addr();
     let headers = [
@@ -156,10 +151,9 @@ async fn a_trusted_proxy_keeps_its_forwarding_chain() {
     assert_eq!(seen(page, "forwarded").as_deref(), Some("for=203.0.113.9;proto=https"));
 }
 
-#[tokio::test]
-async fn the_admin_bearer_scheme_is_case_insensitive() {
+async fn the_admin_bearer_scheme_is_case_insensitive(transport: Transport) {
     let config = HarnessConfig::with_relay(|config| config.relay.admin_token = Some(Token::new("adm")));
-    let h = Harness::start_with(config).await;
+    let h = Harness::start_with(HarnessConfig { transport, ..config }).await;
     let admin = h.relay().admin_addr();
     for scheme in ["Bearer", "bearer", "BEARER"] {
         let line = format!("authorization: {scheme} adm");
@@ -168,3 +162,12 @@ async fn the_admin_bearer_scheme_is_case_insensitive() {
     }
     assert_eq!(admin_get(admin, "/metrics", None).await.status, http::StatusCode::UNAUTHORIZED);
 }
+
+quictun_tests::on_both_transports!(
+    dot_segments_cannot_escape_a_routes_prefix,
+    the_upstream_sees_the_host_the_relay_routed_on,
+    a_request_with_the_most_headers_the_ingress_takes_fits_the_tunnel,
+    forwarding_headers_from_clients_are_replaced,
+    a_trusted_proxy_keeps_its_forwarding_chain,
+    the_admin_bearer_scheme_is_case_insensitive,
+);

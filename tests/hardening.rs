@@ -10,15 +10,15 @@ use http_body_util::BodyExt;
 use quictun_agent::Agent;
 use quictun_relay::config::RelaySection;
 use quictun_tests::client::{body, chunked};
-use quictun_tests::{Harness, HarnessConfig, admin_get, metric};
+use quictun_tests::{Harness, HarnessConfig, Transport, admin_get, metric};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// The harness's knobs with `edit` applied to the `[relay]` section.
-fn with_relay(edit: impl Fn(&mut RelaySection) + Send + Sync + 'static) -> HarnessConfig {
-    HarnessConfig::with_relay(move |config| edit(&mut config.relay))
+/// The harness's knobs on `transport`, with `edit` applied to the `[relay]` section.
+fn with_relay(transport: Transport, edit: impl Fn(&mut RelaySection) + Send + Sync + 'static) -> HarnessConfig {
+    HarnessConfig { transport, ..HarnessConfig::with_relay(move |config| edit(&mut config.relay)) }
 }
 
 /// Reads until the peer closes (or 10 s pass); returns what arrived.
@@ -29,9 +29,10 @@ async fn read_to_close(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-#[tokio::test]
-async fn metrics_count_requests_bytes_and_agents_behind_a_bearer_token() {
-    let h = Harness::start_with(with_relay(|r| r.admin_token = Some(quictun_proto::Token::new("adm-secret")))).await;
+async fn metrics_count_requests_bytes_and_agents_behind_a_bearer_token(transport: Transport) {
+    let h =
+        Harness::start_with(with_relay(transport, |r| r.admin_token = Some(quictun_proto::Token::new("adm-secret"))))
+            .await;
     let _agent = h.agent("agent-1").await;
     let admin = h.relay().admin_addr();
     assert_eq!(h.client.get("app.test", "/hello").await.status, StatusCode::OK);
@@ -57,15 +58,15 @@ async fn metrics_count_requests_bytes_and_agents_behind_a_bearer_token() {
     assert_eq!(metric(&text, "quictun_requests_total{route=\"-\",status=\"404\"}"), Some(1.0));
     assert_eq!(metric(&text, "quictun_rejects_total{reason=\"no_route\"}"), Some(1.0));
     assert_eq!(metric(&text, "quictun_request_duration_seconds_count{route=\"app\"}"), Some(2.0));
-    assert_eq!(metric(&text, "quictun_connected_agents{transport=\"quic\"}"), Some(1.0));
+    let label = if transport == Transport::Grpc { "grpc" } else { "quic" };
+    assert_eq!(metric(&text, &format!("quictun_connected_agents{{transport=\"{label}\"}}")), Some(1.0), "{text}");
     assert_eq!(metric(&text, "quictun_active_streams"), Some(0.0));
     assert_eq!(metric(&text, "quictun_bytes_total{direction=\"to_agent\"}"), Some(1000.0));
     assert!(metric(&text, "quictun_bytes_total{direction=\"from_agent\"}").unwrap() >= 1005.0);
 }
 
-#[tokio::test]
-async fn the_agent_serves_health_readiness_and_metrics() {
-    let h = Harness::start().await;
+async fn the_agent_serves_health_readiness_and_metrics(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let mut options = h.agent_options("agent-1");
     options.admin_listen = Some("127.0.0.1:0".parse().unwrap());
     let agent = Agent::start(options).await.unwrap();
@@ -86,9 +87,8 @@ async fn the_agent_serves_health_readiness_and_metrics() {
     agent.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_route_at_its_in_flight_limit_answers_503_at_once() {
-    let h = Harness::start().await;
+async fn a_route_at_its_in_flight_limit_answers_503_at_once(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let _agent = h.agent("agent-1").await;
     let hanging: Vec<_> = (0..2)
         .map(|_| {
@@ -111,9 +111,8 @@ async fn a_route_at_its_in_flight_limit_answers_503_at_once() {
     assert_eq!(metric(&text, "quictun_rejects_total{reason=\"route_busy\"}"), Some(1.0));
 }
 
-#[tokio::test]
-async fn bodies_over_the_route_limit_get_413() {
-    let h = Harness::start().await;
+async fn bodies_over_the_route_limit_get_413(transport: Transport) {
+    let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let _agent = h.agent("agent-1").await;
     let declared = h.client.request(Method::POST, "limited.test", "/echo", body(vec![1u8; 8192])).await;
     assert_eq!(declared.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", declared.text());
@@ -126,9 +125,8 @@ async fn bodies_over_the_route_limit_get_413() {
     assert_eq!((big.status, big.body.len()), (StatusCode::OK, 200_000));
 }
 
-#[tokio::test]
-async fn connections_per_address_are_limited() {
-    let h = Harness::start_with(with_relay(|r| r.max_connections_per_ip = 3)).await;
+async fn connections_per_address_are_limited(transport: Transport) {
+    let h = Harness::start_with(with_relay(transport, |r| r.max_connections_per_ip = 3)).await;
     let _agent = h.agent("agent-1").await;
     let addr = h.relay().http_addr();
     let mut held = Vec::new();
@@ -163,9 +161,8 @@ impl HttpClientOnce {
     }
 }
 
-#[tokio::test]
-async fn slow_request_heads_get_408_and_idle_connections_close() {
-    let h = Harness::start_with(with_relay(|r| {
+async fn slow_request_heads_get_408_and_idle_connections_close(transport: Transport) {
+    let h = Harness::start_with(with_relay(transport, |r| {
         r.header_read_timeout_secs = 1;
         r.keep_alive_timeout_secs = 2;
     }))
@@ -192,9 +189,8 @@ async fn slow_request_heads_get_408_and_idle_connections_close() {
     assert_eq!(h.client.get("app.test", "/hello").await.status, StatusCode::OK);
 }
 
-#[tokio::test]
-async fn a_stalled_response_body_is_cut_after_the_stream_idle_timeout() {
-    let h = Harness::start_with(with_relay(|r| r.stream_idle_timeout_secs = 1)).await;
+async fn a_stalled_response_body_is_cut_after_the_stream_idle_timeout(transport: Transport) {
+    let h = Harness::start_with(with_relay(transport, |r| r.stream_idle_timeout_secs = 1)).await;
     let _agent = h.agent("agent-1").await;
     let response = h.client.send(Method::GET, "app.test", "/chunks", quictun_tests::client::empty()).await;
     assert_eq!(response.status(), StatusCode::OK);
@@ -223,11 +219,10 @@ async fn unresponsive_listener() -> (tokio::net::TcpListener, Vec<TcpStream>) {
     panic!("the accept queue never filled");
 }
 
-#[tokio::test]
-async fn an_upstream_that_does_not_accept_gets_504() {
+async fn an_upstream_that_does_not_accept_gets_504(transport: Transport) {
     let (listener, _fillers) = unresponsive_listener().await;
     let target = format!("http://{}", listener.local_addr().unwrap());
-    let h = Harness::start_with(HarnessConfig { app_target: Some(target), ..Default::default() }).await;
+    let h = Harness::start_with(HarnessConfig { transport, app_target: Some(target), ..Default::default() }).await;
     let mut options = h.agent_options("agent-1");
     options.connect_timeout = Duration::from_secs(1);
     let agent = Agent::start(options).await.unwrap();
@@ -241,9 +236,8 @@ async fn an_upstream_that_does_not_accept_gets_504() {
     agent.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn just_after_startup_a_request_waits_for_its_agent_to_register() {
-    let h = Harness::start_with(with_relay(|r| r.startup_grace_secs = 30)).await;
+async fn just_after_startup_a_request_waits_for_its_agent_to_register(transport: Transport) {
+    let h = Harness::start_with(with_relay(transport, |r| r.startup_grace_secs = 30)).await;
     let client = h.client.clone();
     let early = tokio::spawn(async move { client.get("app.test", "/hello").await });
     // The request is parked on the relay (no agent yet)…
@@ -258,10 +252,22 @@ async fn just_after_startup_a_request_waits_for_its_agent_to_register() {
     assert_eq!((reply.status, reply.text().as_str()), (StatusCode::OK, "hello"));
 }
 
-#[tokio::test]
-async fn a_request_that_waited_out_the_startup_grace_says_it_waited() {
-    let h = Harness::start_with(with_relay(|r| r.startup_grace_secs = 1)).await;
+async fn a_request_that_waited_out_the_startup_grace_says_it_waited(transport: Transport) {
+    let h = Harness::start_with(with_relay(transport, |r| r.startup_grace_secs = 1)).await;
     let reply = h.client.get("app.test", "/hello").await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
     assert!(reply.text().contains("waited") && reply.text().contains("startup_grace_secs"), "{}", reply.text());
 }
+
+quictun_tests::on_both_transports!(
+    metrics_count_requests_bytes_and_agents_behind_a_bearer_token,
+    the_agent_serves_health_readiness_and_metrics,
+    a_route_at_its_in_flight_limit_answers_503_at_once,
+    bodies_over_the_route_limit_get_413,
+    connections_per_address_are_limited,
+    slow_request_heads_get_408_and_idle_connections_close,
+    a_stalled_response_body_is_cut_after_the_stream_idle_timeout,
+    an_upstream_that_does_not_accept_gets_504,
+    just_after_startup_a_request_waits_for_its_agent_to_register,
+    a_request_that_waited_out_the_startup_grace_says_it_waited,
+);

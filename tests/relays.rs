@@ -11,13 +11,12 @@ use quictun_agent::{Agent, AgentOptions, AgentState, Transport};
 use quictun_proto::Token;
 use quictun_relay::Relay;
 use quictun_tests::harness::relay_config;
-use quictun_tests::{Harness, HttpClient};
+use quictun_tests::{Harness, HarnessConfig, HttpClient};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-#[tokio::test]
-async fn one_relay_down_the_other_still_serves() {
-    let mut h = Harness::start().await;
+async fn one_relay_down_the_other_still_serves(transport: Transport) {
+    let mut h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
     let any = "127.0.0.1:0".parse().unwrap();
     let second =
         Relay::start(relay_config(any, &h.upstream.url(), &h.config), h.cert.cert_key().unwrap()).await.unwrap();
@@ -25,7 +24,7 @@ async fn one_relay_down_the_other_still_serves() {
         agent: AgentSection {
             relay: h.relay().quic_addr().to_string(),
             relays: vec![second.quic_addr().to_string()],
-            transport: Transport::Quic,
+            transport,
             pin: Some(h.cert.pin.to_string()),
             client_id: "agent-1".into(),
             token: Some(Token::new("secret-1")),
@@ -33,8 +32,13 @@ async fn one_relay_down_the_other_still_serves() {
         },
         upstreams: vec![],
     };
-    let options = AgentOptions::for_each_relay(file, Path::new("<test>")).unwrap();
+    let mut options = AgentOptions::for_each_relay(file, Path::new("<test>")).unwrap();
     assert_eq!(options.len(), 2);
+    // Each relay's gRPC listener is on a port of its own here (the configuration's default is the
+    // relay's host, port 4434).
+    for (options, relay) in options.iter_mut().zip([h.relay(), &second]) {
+        options.grpc_relay = relay.grpc_addr().unwrap().into();
+    }
     let mut agents = Vec::new();
     for options in options {
         let agent = Agent::start(options).await.unwrap();
@@ -43,6 +47,10 @@ async fn one_relay_down_the_other_still_serves() {
     }
     assert!(h.relay().sessions().wait_until(WAIT, |s| s.get("agent-1").is_some()).await);
     assert!(second.sessions().wait_until(WAIT, |s| s.get("agent-1").is_some()).await);
+    for relay in [h.relay(), &second] {
+        let session = relay.sessions().get("agent-1").unwrap();
+        assert_eq!(session.tunnel.transport().as_str(), if transport == Transport::Grpc { "grpc" } else { "quic" });
+    }
     let through_second = HttpClient::new(second.http_addr());
     assert_eq!(h.client.get("app.test", "/hello").await.text(), "hello");
     assert_eq!(through_second.get("app.test", "/hello").await.text(), "hello");
@@ -62,6 +70,8 @@ async fn one_relay_down_the_other_still_serves() {
         agent.abort();
     }
 }
+
+quictun_tests::on_both_transports!(one_relay_down_the_other_still_serves);
 
 #[test]
 fn a_shared_grpc_relay_with_several_relays_is_refused() {

@@ -224,9 +224,12 @@ async fn a_wrong_pin_is_refused_naming_both_fingerprints(transport: Transport) {
     assert!(h.relay().sessions().is_empty());
 }
 
+/// The agent's process is killed: the relay sees what a `kill -9` shows it (nothing at all on
+/// QUIC, a reset TCP connection on gRPC; see [`quictun_tests::AgentPath::kill_agent`]) and the
+/// agent never says goodbye.
 async fn an_agent_killed_mid_request_gives_502_and_others_go_on(transport: Transport) {
     let h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
-    let web = h.agent("agent-1").await;
+    let (web, path) = h.agent_through_path("agent-1").await;
     let _api = h.agent("agent-2").await;
 
     let client = h.client.clone();
@@ -236,6 +239,7 @@ async fn an_agent_killed_mid_request_gives_502_and_others_go_on(transport: Trans
     let client = h.client.clone();
     let download = tokio::spawn(async move { client.get("api.test", &format!("/bytes/{}", 4 << 20)).await });
 
+    path.kill_agent();
     web.abort();
     let reply = tokio::time::timeout(WAIT, hanging).await.expect("request hung after the agent died").unwrap();
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());

@@ -13,6 +13,7 @@ use quictun_proto::Token;
 use quictun_relay::config::{ClientEntry, EgressRouteEntry, RouteEntry, TcpEntry, UpstreamEntry};
 use quictun_relay::{Balance, Relay, RelayConfig};
 
+use crate::AgentPath;
 use crate::client::HttpClient;
 use crate::upstream::Upstream;
 
@@ -274,13 +275,30 @@ impl Harness {
 
     /// Starts an agent and waits until the relay has registered it.
     pub async fn agent(&self, client_id: &str) -> Agent {
-        let agent = Agent::start(self.agent_options(client_id)).await.unwrap();
+        self.agent_with(self.agent_options(client_id)).await
+    }
+
+    /// Starts an agent with `options` and waits until the relay has registered it.
+    pub async fn agent_with(&self, options: AgentOptions) -> Agent {
+        let client_id = options.client_id.clone();
+        let agent = Agent::start(options).await.unwrap();
         agent.wait_connected(None, Duration::from_secs(20)).await.expect("agent did not connect");
-        let id = client_id.to_owned();
         assert!(
-            self.relay().sessions().wait_until(Duration::from_secs(20), |s| s.get(&id).is_some()).await,
+            self.relay().sessions().wait_until(Duration::from_secs(20), |s| s.get(&client_id).is_some()).await,
             "relay never registered {client_id}"
         );
         agent
+    }
+
+    /// Starts an agent (on the harness's transport) whose path to the relay goes through a
+    /// forwarder the test controls, and waits until the relay has registered it.
+    pub async fn agent_through_path(&self, client_id: &str) -> (Agent, AgentPath) {
+        let path = AgentPath::start(self.config.transport, self.agent_target()).await;
+        let mut options = self.agent_options(client_id);
+        match self.config.transport {
+            Transport::Grpc => options.grpc_relay = path.addr().into(),
+            _ => options.relay = path.addr().into(),
+        }
+        (self.agent_with(options).await, path)
     }
 }

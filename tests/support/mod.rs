@@ -5,15 +5,19 @@
 //! state, the upstream's own counters), each under a timeout.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod agent_path;
 pub mod client;
 pub mod grpc_echo;
 pub mod harness;
 pub mod raw;
+pub mod tcp_proxy;
 pub mod udp_proxy;
 pub mod upstream;
 
+pub use agent_path::AgentPath;
 pub use client::{HttpClient, Reply, admin_get, metric};
 pub use harness::{Harness, HarnessConfig};
+pub use tcp_proxy::TcpProxy;
 pub use udp_proxy::UdpProxy;
 pub use upstream::Upstream;
 
