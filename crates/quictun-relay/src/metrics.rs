@@ -5,6 +5,7 @@
 //! | `quictun_requests_total` | route, status | ingress requests answered |
 //! | `quictun_request_duration_seconds` | route | request head in → response head out |
 //! | `quictun_rejects_total` | reason | requests or agents refused (see [`Reject`]) |
+//! | `quictun_retries_total` | reason | requests sent again to another agent (see [`Retry`]) |
 //! | `quictun_bytes_total` | direction | body bytes: `to_agent` (request), `from_agent` (response) |
 //! | `quictun_active_streams` | | proxied exchanges in flight |
 //! | `quictun_connected_agents` | transport | registered agent sessions |
@@ -67,6 +68,20 @@ pub enum Reject {
     unconfirmed_0rtt,
 }
 
+/// Why a request was sent again, to another agent of its group.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Retry {
+    /// Its stream could not be opened on the first agent: nothing was sent.
+    not_opened,
+    /// The first agent's tunnel was lost before it answered (an idempotent request, whose body
+    /// no transport had read).
+    lost,
+    /// The first agent went silent while the request waited for its answer (the same kind of
+    /// request), before the transport declared it dead.
+    silent,
+}
+
 /// How an agent's register reached the relay.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -111,6 +126,11 @@ struct ReasonLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabel {
+    reason: Retry,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TransportLabel {
     transport: &'static str,
 }
@@ -122,6 +142,7 @@ pub struct RelayMetrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabel, Histogram, fn() -> Histogram>,
     rejects: Family<ReasonLabel, Counter>,
+    retries: Family<RetryLabel, Counter>,
     registrations: Family<HandshakeLabel, Counter>,
     egress: Family<EgressLabels, Counter>,
     active_streams: Gauge,
@@ -154,6 +175,8 @@ impl RelayMetrics {
         registry.register("request_duration_seconds", "Request head in to response head out", latency.clone());
         let rejects = Family::<ReasonLabel, Counter>::default();
         registry.register("rejects", "Requests and registrations refused, by reason", rejects.clone());
+        let retries = Family::<RetryLabel, Counter>::default();
+        registry.register("retries", "Requests sent again to another agent, by why", retries.clone());
         let registrations = Family::<HandshakeLabel, Counter>::default();
         registry.register(
             "registrations",
@@ -196,6 +219,7 @@ impl RelayMetrics {
             requests,
             latency,
             rejects,
+            retries,
             registrations,
             egress,
             active_streams,
@@ -230,6 +254,11 @@ impl RelayMetrics {
     /// Counts one refusal.
     pub fn reject(&self, reason: Reject) {
         self.rejects.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// Counts one request sent again to another agent.
+    pub fn retry(&self, reason: Retry) {
+        self.retries.get_or_create(&RetryLabel { reason }).inc();
     }
 
     /// Counts one registered session.

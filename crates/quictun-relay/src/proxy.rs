@@ -32,7 +32,7 @@ use crate::access::AccessEntry;
 use crate::admission::Slots;
 use crate::balance::Choice;
 use crate::body::{BodySlot, Metered, Tripped};
-use crate::metrics::Reject;
+use crate::metrics::{Reject, Retry};
 use crate::sessions::Session;
 use crate::state::RelayState;
 use crate::upgrade;
@@ -371,24 +371,27 @@ async fn agent_after_startup(shared: &RelayState, group: &Arc<str>) -> Result<Ar
         .ok_or_else(|| ProxyError::NoAgentAfterWaiting { group: group.clone(), waited: waiting.elapsed() })
 }
 
-/// The answer to `exchange`, or [`ExchangeError::Lost`] when the agent goes silent first (see
+/// The answer to `exchange`, or [`Silenced`] when the agent goes silent first (see
 /// [`crate::liveness`]) while no transport has read any of the request body: the request can then
 /// move to a sibling at once, rather than wait for the agent to be declared dead. Once part of
 /// the body has gone, the answer is awaited.
-async fn answer_or_silence<F>(exchange: F, session: &Session, body: &BodySlot) -> F::Output
+async fn answer_or_silence<F>(exchange: F, session: &Session, body: &BodySlot) -> Result<F::Output, Silenced>
 where
     F: Future<Output = Result<(ResponseHead, TunnelBody), ExchangeError>>,
 {
     let mut exchange = std::pin::pin!(exchange);
     tokio::select! {
-        answer = &mut exchange => return answer,
+        answer = &mut exchange => return Ok(answer),
         () = session.went_silent() => {}
     }
     if body.untouched() {
-        return Err(ExchangeError::Lost);
+        return Err(Silenced);
     }
-    exchange.await
+    Ok(exchange.await)
 }
+
+/// The agent went silent before it answered, and none of the request had gone to it.
+struct Silenced;
 
 async fn forward(
     shared: &RelayState,
@@ -476,28 +479,33 @@ async fn forward(
     let retry_head = (shared.runtime.sessions.group_len(&group) > 1).then(|| head.clone());
     let client = Some(peer.addr.ip());
     let first = session.tunnel.open(head, body.body(), client);
-    let mut attempt = if retry_head.is_some() && idempotent {
-        tokio::time::timeout(deadline, answer_or_silence(first, &session, &body)).await
+    let (mut attempt, silenced) = if retry_head.is_some() && idempotent {
+        match tokio::time::timeout(deadline, answer_or_silence(first, &session, &body)).await {
+            Ok(Ok(answer)) => (Ok(answer), false),
+            Ok(Err(Silenced)) => (Ok(Err(ExchangeError::Lost)), true),
+            Err(elapsed) => (Err(elapsed), false),
+        }
     } else {
-        tokio::time::timeout(deadline, first).await
+        (tokio::time::timeout(deadline, first).await, false)
     };
     // The request goes once to another agent when that is safe: a stream that could not be opened
     // sent nothing, and an idempotent request (RFC 9110, 9.2.2) whose body no transport has read
     // may run again where the agent died under it (its tunnel was lost before an answer, or it
     // went silent while the request waited for one).
-    let retry_safe = match &attempt {
-        Ok(Err(ExchangeError::NotOpened)) => true,
-        Ok(Err(ExchangeError::Lost)) => idempotent,
-        _ => false,
+    let retry = match &attempt {
+        Ok(Err(ExchangeError::NotOpened)) => Some(Retry::not_opened),
+        Ok(Err(ExchangeError::Lost)) if idempotent => Some(if silenced { Retry::silent } else { Retry::lost }),
+        _ => None,
     };
     if let Some(head) = retry_head
-        && retry_safe
+        && let Some(reason) = retry
         && body.untouched()
     {
         let other = shared.runtime.sessions.choose(&group, &choice(Some(session.session_id)));
         if let Some((other, permit)) = other.and_then(|o| o.try_stream_permit().map(|p| (o, p))) {
             session.record_failure();
-            warn!(from = %session.client_id, to = %other.client_id, "agent unreachable before it answered: retrying on another agent");
+            shared.runtime.metrics.retry(reason);
+            warn!(from = %session.client_id, to = %other.client_id, ?reason, "agent unreachable before it answered: retrying on another agent");
             (session, agent_slot) = (other, permit);
             tracing::Span::current().record("client_id", &*session.client_id);
             outcome.client_id = Some(session.client_id.clone());
@@ -581,7 +589,7 @@ mod tests {
         assert!(futures_util::poll!(&mut waiting).is_pending());
         tokio::time::advance(SILENT_AFTER + Duration::from_millis(1)).await;
         session.observe_datagrams();
-        assert!(matches!(waiting.await, Err(ExchangeError::Lost)));
+        assert!(matches!(waiting.await, Err(Silenced)));
     }
 
     #[tokio::test(start_paused = true)]
@@ -601,6 +609,6 @@ mod tests {
         tokio::time::advance(SILENT_AFTER + Duration::from_millis(1)).await;
         session.observe_datagrams();
         assert!(session.silent_for().is_some());
-        assert!(matches!(waiting.await, Err(ExchangeError::Reset(StreamCode::UpstreamFailed))));
+        assert!(matches!(waiting.await, Ok(Err(ExchangeError::Reset(StreamCode::UpstreamFailed)))));
     }
 }

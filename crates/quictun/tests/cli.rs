@@ -12,6 +12,16 @@ use std::time::Duration;
 const BIN: &str = env!("CARGO_BIN_EXE_quictun");
 const WAIT: Duration = Duration::from_secs(30);
 
+/// One timed or CPU-heavy test at a time: the tests that assert how long something took run
+/// serially, and never beside the benchmark smoke test (which keeps both cores busy), so that what
+/// they measure is the code, not a neighbour.
+static TIMED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Takes the timed tests' turn (held for the whole test; a failed test does not block the rest).
+fn timed_turn() -> std::sync::MutexGuard<'static, ()> {
+    TIMED.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn quictun(args: &[&str]) -> Output {
     Command::new(BIN).args(args).env_remove("QUICTUN_TOKEN").output().unwrap()
 }
@@ -73,10 +83,14 @@ impl Proc {
         }
     }
 
+    /// The process id.
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
     /// Sends SIGTERM (a graceful stop, as systemd and Kubernetes send).
     fn terminate(&self) {
-        let pid = self.child.as_ref().unwrap().id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        signal(&self.pid().to_string(), "TERM");
     }
 
     /// Waits for exit (bounded: the process is killed after [`WAIT`]) and returns the status code
@@ -328,8 +342,15 @@ fn demo_prints_a_curl_line_that_works() {
     assert!(big.ends_with(&"q".repeat(1000)), "download truncated");
 }
 
+/// Whether this run is CI's (`CI=true`), where nothing may be skipped: CI runs as root with
+/// nftables and `/dev/net/tun`, so every workload can run.
+fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
 #[test]
 fn bench_smoke_runs_every_workload_on_every_transport() {
+    let _turn = timed_turn();
     let dir = TempDir::new();
     let out = dir.join("results");
     let args = [
@@ -348,6 +369,8 @@ fn bench_smoke_runs_every_workload_on_every_transport() {
         "1",
         "--slow-clients",
         "3",
+        "--wan-mib",
+        "1",
         "--out",
         out.to_str().unwrap(),
     ];
@@ -385,8 +408,23 @@ fn bench_smoke_runs_every_workload_on_every_transport() {
             assert!(row["note"].as_str().unwrap().contains("CPU"), "{row}");
         }
     }
-    let timed = ["small", "floor", "grpc", "egress", "slow-clients"];
+    // lossy and wan need root, nftables and /dev/net/tun: without them their rows say why they
+    // were skipped; under CI, which has all three, a skipped row fails the test.
+    let skipped: Vec<_> = rows.iter().filter(|r| r["variant"] == "skipped").collect();
+    for row in &skipped {
+        eprintln!("bench smoke: {} on {} skipped: {}", row["workload"], row["transport"], row["note"]);
+    }
+    assert!(!(under_ci() && !skipped.is_empty()), "workloads skipped under CI: {skipped:?}");
+    let bulk = |r: &&serde_json::Value| r["workload"] == "wan" && r["variant"] != "small c=16";
+    let timed = ["small", "floor", "grpc", "egress", "slow-clients", "lossy", "wan"];
     for row in rows.iter().filter(|r| timed.contains(&r["workload"].as_str().unwrap_or(""))) {
+        if row["variant"] == "skipped" {
+            continue;
+        }
+        if bulk(&row) {
+            assert!(row["mb_per_sec"].as_f64().is_some_and(|rate| rate > 0.0), "{row}");
+            continue;
+        }
         assert_eq!(row["errors"], 0, "{row}");
         assert!(row["requests"].as_u64().unwrap() > 0, "{row}");
     }
@@ -398,29 +436,72 @@ fn bench_smoke_runs_every_workload_on_every_transport() {
 #[test]
 fn the_relay_reloads_on_sighup_and_on_file_change_and_refuses_a_broken_file() {
     let dir = TempDir::new();
+    let upstream = Proc::spawn(&["upstream", "--listen", "127.0.0.1:0"], &dir);
+    let upstream_url = upstream.line_with("listening on").rsplit(' ').next().unwrap().to_owned();
     let config = dir.join("relay.toml");
-    let base = "[relay]\nquic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-                grpc_listen = \"127.0.0.1:0\"\n\
-                [[upstreams]]\nname = \"app\"\ngroup = \"web\"\ntargets = [\"http://127.0.0.1:9\"]\n";
-    std::fs::write(&config, format!("{base}[[routes]]\nhost = \"a.test\"\nupstream = \"app\"\n")).unwrap();
+    let base = format!(
+        "[relay]\nquic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         grpc_listen = \"127.0.0.1:0\"\n{OFFICE_CLIENT}\
+         [[upstreams]]\nname = \"app\"\ngroup = \"web\"\ntargets = [\"{upstream_url}\"]\n"
+    );
+    let route = |host: &str, upstream: &str| format!("{base}[[routes]]\nhost = \"{host}\"\nupstream = \"{upstream}\"\n");
+    std::fs::write(&config, route("a.test", "app")).unwrap();
     let relay = Proc::spawn(&["relay", "--config", config.to_str().unwrap()], &dir);
-    relay.line_with("HTTP ingress");
+    let quic = relay.line_with("udp://").rsplit("udp://").next().unwrap().trim().to_owned();
+    let http = relay.line_with("HTTP ingress").rsplit("http://").next().unwrap().trim().to_owned();
+    let pin = relay.line_with("pin").split_whitespace().last().unwrap().to_owned();
+    let _agent = Proc::spawn(
+        &["agent", "--relay", &quic, "--pin", &pin, "--client-id", "office-1", "--token", "right", "--transport", "quic"],
+        &dir,
+    );
+    assert!(time_until_served_for(&http, "a.test", WAIT).is_some(), "a.test never served");
     let pid = relay.child.as_ref().unwrap().id().to_string();
-    let hangup = || assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    let hangup = || signal(&pid, "HUP");
+    let status_of = |host: &str| {
+        let answer = http_get_host(&http, host, "/hello");
+        answer.get(9..12).unwrap_or_default().to_owned()
+    };
 
-    // A route to an upstream that does not exist: refused, with the key named.
-    std::fs::write(&config, format!("{base}[[routes]]\nhost = \"b.test\"\nupstream = \"nope\"\n")).unwrap();
+    // A route to an upstream that does not exist: refused, with the key named, and the running
+    // configuration stays: a.test is served, b.test is not.
+    std::fs::write(&config, route("b.test", "nope")).unwrap();
     hangup();
     let refused = relay.line_with("reload refused");
     assert!(refused.contains("routes[0].upstream"), "{refused}");
+    assert_eq!((status_of("a.test").as_str(), status_of("b.test").as_str()), ("200", "404"));
 
-    std::fs::write(&config, format!("{base}[[routes]]\nhost = \"b.test\"\nupstream = \"app\"\n")).unwrap();
+    // Accepted: b.test is served at once, by the agent already connected, and a.test is gone.
+    std::fs::write(&config, route("b.test", "app")).unwrap();
     hangup();
     assert!(relay.line_with("configuration reloaded").contains("(version 2)"));
+    assert_eq!((status_of("a.test").as_str(), status_of("b.test").as_str()), ("404", "200"));
 
     // No signal: the relay notices the file changed.
-    std::fs::write(&config, format!("{base}[[routes]]\nhost = \"c.test\"\nupstream = \"app\"\n\n")).unwrap();
+    std::fs::write(&config, format!("{}\n", route("c.test", "app"))).unwrap();
     assert!(relay.line_with("configuration reloaded").contains("(version 3)"));
+    assert_eq!((status_of("b.test").as_str(), status_of("c.test").as_str()), ("404", "200"));
+}
+
+/// `GET path` for `host` on a fresh connection.
+fn http_get_host(addr: &str, host: &str, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+/// `GET /hello` for `host` until it answers 200 (every 20 ms, for at most `within`).
+fn time_until_served_for(addr: &str, host: &str, within: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < within {
+        if http_get_host(addr, host, "/hello").starts_with("HTTP/1.1 200") {
+            return Some(started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
 }
 
 /// `GET path` until it answers 200, polling every 20 ms for at most `within`; how long it took.
@@ -437,6 +518,7 @@ fn time_until_served(addr: &str, path: &str, within: Duration) -> Option<Duratio
 
 #[test]
 fn an_agent_serves_again_within_seconds_of_a_killed_relay_restarting_on_its_ports() {
+    let _turn = timed_turn();
     let dir = TempDir::new();
     let upstream = Proc::spawn(&["upstream", "--listen", "127.0.0.1:0"], &dir);
     let upstream_url = upstream.line_with("listening on").rsplit(' ').next().unwrap().to_owned();
@@ -471,9 +553,11 @@ fn an_agent_serves_again_within_seconds_of_a_killed_relay_restarting_on_its_port
     relay.line_with("HTTP ingress");
     let back = time_until_served(&http, "/hello", WAIT).expect("the agent never came back");
     eprintln!("relay restart to serving again: {} ms", back.as_millis());
-    // Before the stateless reset key it took the heartbeat timeout, about 15 s. Expected: the
-    // agent's next keep-alive (1 s), a verified reset, a reconnect (under 250 ms of spread).
-    assert!(back < Duration::from_secs(4), "the agent took {back:?} to serve again");
+    // The agent's next keep-alive (within 1 s), a verified stateless reset, a reconnect (under
+    // 250 ms of spread): 0.1-1.3 s in the README's runs, bound at 2 s. Without the reset the agent
+    // would wait for its idle timeout (3 s) and its backoff; before the reset key it took the
+    // heartbeat timeout, about 15 s.
+    assert!(back < Duration::from_secs(2), "the agent took {back:?} to serve again");
 }
 
 #[test]
@@ -484,6 +568,16 @@ fn steady_gets_lose_nothing_when_one_of_two_quic_agents_is_killed() {
 #[test]
 fn steady_gets_lose_nothing_when_one_of_two_grpc_agents_is_killed() {
     steady_gets_lose_nothing_when_one_of_two_agents_goes("grpc", Departure::Kill);
+}
+
+#[test]
+fn steady_gets_lose_nothing_when_one_of_two_quic_agents_hangs() {
+    steady_gets_lose_nothing_when_one_of_two_agents_goes("quic", Departure::Hang);
+}
+
+#[test]
+fn steady_gets_lose_nothing_when_one_of_two_grpc_agents_hangs() {
+    steady_gets_lose_nothing_when_one_of_two_agents_goes("grpc", Departure::Hang);
 }
 
 #[test]
@@ -501,8 +595,40 @@ fn steady_gets_lose_nothing_when_one_of_two_grpc_agents_is_stopped_for_a_deploy(
 enum Departure {
     /// SIGKILL: it says nothing.
     Kill,
+    /// SIGSTOP: the process hangs (its kernel still holds its sockets: TCP stays up), resumed
+    /// with SIGCONT once the test has measured.
+    Hang,
     /// SIGTERM: a rolling deploy's stop.
     Terminate,
+}
+
+/// QUIC's idle timeout at the default settings: a relay that hears nothing from an agent for this
+/// long declares it dead.
+const QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+/// gRPC's HTTP/2 PINGs at the default settings: sent after a second of silence, two seconds to
+/// answer: a silent agent is declared dead after this.
+const GRPC_PING_DEADLINE: Duration = Duration::from_secs(3);
+
+/// The longest any steady GET may take when one of two agents leaves: the README's claim for each
+/// transport and departure, with its margin.
+///
+/// - A QUIC agent killed or hung goes silent: the relay suspects it after 1.25 s without a
+///   datagram and moves the requests waiting on it to the sibling (1.72 s in the README's runs).
+///   The bound is QUIC's idle timeout itself, so that only that suspicion can meet it: a request
+///   that waited for the agent to be declared dead would take longer.
+/// - A killed gRPC agent's TCP connection is closed by its kernel, so the relay knows at once
+///   (12 ms measured; bound 0.25 s, where the fallback, HTTP/2 PINGs, would take 3 s).
+/// - A hung gRPC agent keeps its TCP connection: HTTP/2 PINGs declare it dead within 3 s, and the
+///   requests waiting on it move then (bound 1.5 × 3 s; its heartbeats would take 15 s).
+/// - An agent stopped for a deploy sends go-away first: no GET waits on it (11 ms measured; bound
+///   0.1 s, a tenth of the 1.25 s any silence or death detection would take).
+fn slowest_allowed(transport: &str, departure: Departure) -> Duration {
+    match (transport, departure) {
+        ("quic", Departure::Kill | Departure::Hang) => QUIC_IDLE_TIMEOUT,
+        (_, Departure::Kill) => Duration::from_millis(250),
+        (_, Departure::Hang) => GRPC_PING_DEADLINE * 3 / 2,
+        (_, Departure::Terminate) => Duration::from_millis(100),
+    }
 }
 
 /// A relay (real process, default settings, every listener on a free port) routing every host to
@@ -563,6 +689,27 @@ impl Stack {
         }
     }
 
+    /// Waits (polling `/api/sessions`) until the relay has `n` sessions.
+    fn wait_sessions(&self, n: usize) {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let reply = try_http_get(&self.admin, "/api/sessions").unwrap_or_default();
+            let body = reply.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+            let sessions: Vec<serde_json::Value> = serde_json::from_str(body).unwrap_or_default();
+            if sessions.len() == n {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "never {n} sessions: {reply}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The relay's `/metrics` page.
+    fn metrics(&self) -> String {
+        let reply = http_get(&self.admin, "/metrics");
+        reply.split_once("\r\n\r\n").map_or(String::new(), |(_, body)| body.to_owned())
+    }
+
     /// Agent `id` with `token` (default settings), once it reports its registration.
     fn agent(&self, id: &str, token: &str) -> Proc {
         let mut args = vec!["agent", "--relay", &self.quic, "--pin", &self.pin, "--client-id", id, "--token", token];
@@ -584,12 +731,13 @@ fn transport_args(transport: &'static str, grpc: &str) -> Vec<String> {
 }
 
 fn steady_gets_lose_nothing_when_one_of_two_agents_goes(transport: &'static str, departure: Departure) {
+    let _turn = timed_turn();
     let stack = Stack::start(transport);
     let http = stack.http.clone();
     let victim = stack.agent("office-1", "one");
     let _survivor = stack.agent("office-2", "two");
 
-    // Steady GETs from two clients, one at a time each, while office-1 is killed mid-way.
+    // Steady GETs from two clients, one at a time each, while office-1 leaves mid-way.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let clients: Vec<_> = (0..2)
         .map(|_| {
@@ -612,15 +760,15 @@ fn steady_gets_lose_nothing_when_one_of_two_agents_goes(transport: &'static str,
         })
         .collect();
     std::thread::sleep(Duration::from_secs(1));
+    let pid = victim.pid().to_string();
+    let mut victim = Some(victim);
     match departure {
-        Departure::Kill => drop(victim),
-        Departure::Terminate => {
-            victim.terminate();
-            let (code, err) = victim.wait_exit();
-            assert_eq!(code, 0, "a stopped agent exits cleanly: {err}");
-        }
+        Departure::Kill => drop(victim.take()),
+        Departure::Hang => signal(&pid, "STOP"),
+        Departure::Terminate => signal(&pid, "TERM"),
     }
-    std::thread::sleep(Duration::from_secs(3));
+    // Long enough for the slowest departure (a hung gRPC agent: 3 s) to be over.
+    std::thread::sleep(Duration::from_secs(5));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (mut sent, mut failed, mut slowest) = (0, Vec::new(), Duration::ZERO);
     for client in clients {
@@ -628,10 +776,46 @@ fn steady_gets_lose_nothing_when_one_of_two_agents_goes(transport: &'static str,
         (sent, slowest) = (sent + n, slowest.max(s));
         failed.extend(f);
     }
-    eprintln!("{transport}, {departure:?}: {sent} GETs, {} failed, slowest {} ms", failed.len(), slowest.as_millis());
+    let metrics = stack.metrics();
+    let retries = |reason: &str| metric(&metrics, &format!("quictun_retries_total{{reason=\"{reason}\"}}")).unwrap_or(0.0);
+    let (silent, lost) = (retries("silent"), retries("lost"));
+    eprintln!(
+        "{transport}, {departure:?}: {sent} GETs, {} failed, slowest {} ms; retried on the sibling: {silent} on \
+         silence, {lost} on a lost tunnel",
+        failed.len(),
+        slowest.as_millis()
+    );
     assert!(failed.is_empty(), "GETs failed although a sibling was up: {failed:?}");
-    // Held at most until the dead agent's connection times out (3 s), then retried.
-    assert!(slowest < Duration::from_secs(5), "slowest GET took {slowest:?}");
+    let allowed = slowest_allowed(transport, departure);
+    assert!(slowest < allowed, "slowest GET took {slowest:?} (allowed: {allowed:?})");
+    if transport == "quic" && departure != Departure::Terminate {
+        // The GETs that waited on the silent agent moved because it went silent, none because it
+        // was declared dead.
+        assert!(silent >= 1.0 && lost == 0.0, "silence retries {silent}, lost-tunnel retries {lost}\n{metrics}");
+    }
+    match (departure, victim) {
+        (Departure::Terminate, Some(victim)) => {
+            let (code, err) = victim.wait_exit();
+            assert_eq!(code, 0, "a stopped agent exits cleanly: {err}");
+        }
+        (Departure::Hang, Some(victim)) => {
+            // Resumed, it finds its session gone and registers again.
+            signal(&pid, "CONT");
+            victim.line_with("connected to");
+            stack.wait_sessions(2);
+        }
+        _ => {}
+    }
+}
+
+/// Sends `SIG{name}` to process `pid`.
+fn signal(pid: &str, name: &str) {
+    assert!(Command::new("kill").args([&format!("-{name}"), pid]).status().unwrap().success(), "kill -{name} {pid}");
+}
+
+/// The value of one sample (`name{labels} value`) in a metrics text, when present.
+fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 #[test]
@@ -640,11 +824,12 @@ fn a_request_on_a_killed_quic_agent_gets_its_502_within_seconds() {
 }
 
 #[test]
-fn a_request_on_a_killed_grpc_agent_gets_its_502_within_seconds() {
+fn a_request_on_a_killed_grpc_agent_gets_its_502_at_once() {
     a_request_on_a_killed_agent_gets_its_502_within_seconds("grpc");
 }
 
 fn a_request_on_a_killed_agent_gets_its_502_within_seconds(transport: &'static str) {
+    let _turn = timed_turn();
     let stack = Stack::start(transport);
     let http = stack.http.clone();
     let agent = stack.agent("office-1", "one");
@@ -662,8 +847,10 @@ fn a_request_on_a_killed_agent_gets_its_502_within_seconds(transport: &'static s
     let answered = killed.elapsed();
     eprintln!("{transport}: only agent killed: in-flight request answered {} ms later", answered.as_millis());
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
-    // Found dead at the QUIC idle timeout (3 s), where the heartbeats took 15 s.
-    assert!(answered < Duration::from_secs(5), "the 502 came {answered:?} after the agent died");
+    // QUIC finds the dead agent at its idle timeout (2 s; the heartbeats would take 15 s); gRPC at
+    // once, when the agent's kernel closes its TCP connection (HTTP/2 PINGs would take 3 s).
+    let allowed = if transport == "quic" { QUIC_IDLE_TIMEOUT * 3 / 2 } else { Duration::from_millis(500) };
+    assert!(answered < allowed, "the 502 came {answered:?} after the agent died (allowed: {allowed:?})");
     let after = try_http_get(&http, "/hello").unwrap();
     assert!(after.starts_with("HTTP/1.1 502"), "a request after the death must fail at once: {after}");
 }
