@@ -11,15 +11,18 @@ use std::time::Duration;
 use http::{Method, StatusCode};
 use quictun_agent::egress::EgressServer;
 use quictun_agent::{Agent, Transport};
+use quictun_relay::config::EgressRouteEntry;
 use quictun_tests::client::chunked;
 use quictun_tests::grpc_echo::{EchoClient, EchoServer, Msg};
 use quictun_tests::harness::egress_route;
+use quictun_tests::raw::raw_get;
 use quictun_tests::{Harness, HarnessConfig, HttpClient, pattern, sha256_hex};
 
 const WAIT: Duration = Duration::from_secs(20);
 
 /// A harness whose relay routes egress for `partner.test` (group web only) to the harness
-/// upstream, `grpc.test` to `grpc_target`, and `down.test` to a closed port.
+/// upstream, `grpc.test` to `grpc_target`, `down.test` to a closed port, and `files.test` under
+/// `/public` only to the harness upstream.
 async fn harness(transport: Transport, grpc_target: &str) -> Harness {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let mut h = Harness::start_with(HarnessConfig { transport, ..Default::default() }).await;
@@ -27,6 +30,7 @@ async fn harness(transport: Transport, grpc_target: &str) -> Harness {
         egress_route("partner.test", &h.upstream.url(), &["web"]),
         egress_route("grpc.test", grpc_target, &[]),
         egress_route("down.test", &format!("http://{closed}"), &[]),
+        EgressRouteEntry { path_prefix: "/public".into(), ..egress_route("files.test", &h.upstream.url(), &[]) },
     ];
     h.config.edit = Arc::new(move |config| config.egress_routes.extend(routes.iter().cloned()));
     h.restart_relay().await;
@@ -98,7 +102,33 @@ async fn egress_without_a_relay_connection_answers_503(transport: Transport) {
     web.abort();
 }
 
+/// Egress routes are matched on the canonical path, as ingress routes are: a dot-segment cannot
+/// climb out of `/public`, one hidden behind an encoded separator is refused, and the target
+/// receives the path the route matched.
+async fn egress_paths_are_canonical_before_routing(transport: Transport) {
+    let h = harness(transport, "http://127.0.0.1:1").await;
+    let web = h.agent("agent-1").await;
+    let (egress, _client) = egress_for(&web).await;
+    let addr = egress.local_addr();
+    let host = "host: files.test";
+    for target in ["/public/../secret", "/public/%2e%2e/secret", "/public//../secret"] {
+        let reply = raw_get(addr, target, &[host]).await;
+        assert_eq!(reply.status, 404, "{target}: {}", reply.text);
+        assert!(reply.body().contains("/secret"), "{target}: {}", reply.text);
+    }
+    for target in ["/public/..%2fsecret", "/public/..%5Csecret", "/public/..;/secret", "/.."] {
+        let reply = raw_get(addr, target, &[host]).await;
+        assert_eq!(reply.status, 400, "{target}: {}", reply.text);
+    }
+    let reply = raw_get(addr, "/public/a/./b/../c?x=../y", &[host]).await;
+    assert_eq!((reply.status, reply.body()), (200, "/public/a/c?x=../y"), "{}", reply.text);
+    let reply = raw_get(addr, "/public/%7Euser/group%2fproject", &[host]).await;
+    assert_eq!((reply.status, reply.body()), (200, "/public/~user/group%2Fproject"), "{}", reply.text);
+    egress.shutdown().await;
+}
+
 quictun_tests::on_both_transports!(
     egress_requests_reach_the_relays_targets_with_the_ingress_error_table,
-    egress_without_a_relay_connection_answers_503
+    egress_without_a_relay_connection_answers_503,
+    egress_paths_are_canonical_before_routing,
 );

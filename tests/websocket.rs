@@ -1,6 +1,7 @@
 //! WebSocket through the tunnel, on both transports: a real tokio-tungstenite client on the
 //! ingress, a real tokio-tungstenite server behind the agent. The 101 passes through, then text
-//! and binary messages echo both ways on the same stream, and a close from either side ends it.
+//! and binary messages echo both ways on the same stream, a close from either side ends it, and
+//! an idle one outlives every timeout.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::time::Duration;
@@ -95,4 +96,45 @@ async fn websocket_messages_echo_and_either_side_closes(transport: Transport) {
     }
 }
 
-quictun_tests::on_both_transports!(websocket_messages_echo_and_either_side_closes);
+/// The relay's and the agent's timeouts, every one set to a second.
+const SHORT: Duration = Duration::from_secs(1);
+
+/// An upgraded connection has no idle timeout: with every timeout of the relay and the agent set
+/// to a second (stream idle, keep-alive, request head, response head, upstream connect and
+/// response), a WebSocket left idle for three times that is still open both ways.
+async fn an_idle_websocket_outlives_every_timeout(transport: Transport) {
+    let target = echo_server().await;
+    let secs = SHORT.as_secs();
+    let config = HarnessConfig::with_relay(move |config| {
+        let relay = &mut config.relay;
+        relay.stream_idle_timeout_secs = secs;
+        relay.keep_alive_timeout_secs = secs;
+        relay.header_read_timeout_secs = secs;
+        relay.response_timeout_secs = secs;
+    });
+    let h = Harness::start_with(HarnessConfig {
+        transport,
+        app_target: Some(target),
+        response_timeout_secs: secs,
+        ..config
+    })
+    .await;
+    let mut options = h.agent_options("agent-1");
+    (options.connect_timeout, options.response_timeout) = (SHORT, SHORT);
+    let _agent = h.agent_with(options).await;
+
+    let mut ws = connect(&h).await;
+    ws.send(Message::text("before")).await.unwrap();
+    assert_eq!(next(&mut ws).await, Some(Message::text("before")));
+    // Nothing either way (tungstenite sends no pings of its own) for three times every timeout.
+    tokio::time::sleep(SHORT * 3).await;
+    ws.send(Message::text("after the silence")).await.unwrap();
+    assert_eq!(next(&mut ws).await, Some(Message::text("after the silence")));
+    ws.close(None).await.unwrap();
+    assert!(matches!(next(&mut ws).await, Some(Message::Close(_))));
+}
+
+quictun_tests::on_both_transports!(
+    websocket_messages_echo_and_either_side_closes,
+    an_idle_websocket_outlives_every_timeout
+);
