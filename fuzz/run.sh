@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 seconds="${1:-30}"
 export RUSTC_BOOTSTRAP=1
+# cargo fuzz has no --locked: check the lock file first, so that the build uses exactly it.
+cargo metadata --locked --format-version 1 >/dev/null
 cargo fuzz build
 for target in $(cargo fuzz list); do
   mkdir -p "corpus/$target"
