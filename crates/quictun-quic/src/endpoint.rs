@@ -496,11 +496,19 @@ mod tests {
         assert_eq!(capped.current_mtu, most.min(16 * 1024), "{capped:?}");
         assert_eq!(capped.black_holes_detected, 0, "{capped:?}");
 
-        // The same size over IPv6, whose headers are larger, where the host has its loopback.
-        if std::net::UdpSocket::bind("[::1]:0").is_ok() {
-            let v6 = path_after_a_bulk_send("[::1]:0", Tuning::default()).await;
-            assert_eq!(v6.current_mtu, most, "{v6:?}");
-            assert_eq!(v6.black_holes_detected, 0, "{v6:?}");
+        // The same size over IPv6, whose headers are larger, where the host has its loopback (CI's
+        // machines have: there a missing one fails the test).
+        match std::net::UdpSocket::bind("[::1]:0") {
+            Ok(_) => {
+                let v6 = path_after_a_bulk_send("[::1]:0", Tuning::default()).await;
+                assert_eq!(v6.current_mtu, most, "{v6:?}");
+                assert_eq!(v6.black_holes_detected, 0, "{v6:?}");
+            }
+            Err(err) => {
+                let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+                assert!(!ci, "no IPv6 loopback under CI: {err}");
+                eprintln!("the IPv6 half skipped: cannot bind [::1]: {err}");
+            }
         }
     }
 
