@@ -64,7 +64,9 @@ pub fn available() -> Result<(), String> {
     }
 }
 
-/// The running link; dropping it stops the forwarder and removes the namespace.
+/// The running link; dropping it stops the forwarder and removes the namespace, and
+/// [`WanLink::close`] waits until its TUN devices are gone too (the next link can then create
+/// them again at once).
 pub struct WanLink {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -85,6 +87,15 @@ fn tun_config(name: &str, address: &str, peer: &str) -> tun::Configuration {
 }
 
 impl WanLink {
+    /// Stops the forwarder and waits until its tasks, which hold the TUN devices, are gone; then
+    /// removes the namespace.
+    pub async fn close(mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+            let _cancelled = task.await;
+        }
+    }
+
     /// Builds the namespace, the two TUN devices and starts forwarding.
     pub fn start(impairment: Impairment) -> anyhow::Result<Self> {
         let _stale = ip(&["netns", "del", NETNS]);

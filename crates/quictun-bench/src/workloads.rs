@@ -451,7 +451,14 @@ pub async fn wan(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
             ..Row::default()
         }]);
     }
-    let _link = crate::wan::WanLink::start(crate::wan::Impairment::wan())?;
+    let link = crate::wan::WanLink::start(crate::wan::Impairment::wan())?;
+    let rows = wan_rows(opts, mode).await;
+    link.close().await;
+    rows
+}
+
+/// The rows of [`wan`], over the link it built.
+async fn wan_rows(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
     let mut stack = Stack::start_on(&opts.exe, mode, 1, Topology::Wan).await?;
     let note = "50 ms RTT, 1% loss each way, 100 Mbit/s between relay and agent".to_owned();
     let mut rows = vec![small_requests(opts, &mut stack, 16, "wan", "small c=16".into(), note.clone()).await?];
