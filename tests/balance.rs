@@ -11,8 +11,8 @@
 use std::time::Duration;
 
 use http::{Method, StatusCode};
-use quictun_agent::Agent;
 use quictun_agent::upstreams::{LocalTargets, Target};
+use quictun_agent::{Agent, AgentState};
 use quictun_tests::client::{admin_get, body, empty};
 use quictun_tests::{Harness, HarnessConfig, Transport};
 
@@ -129,11 +129,29 @@ async fn a_silent_agent_is_left_out_then_declared_dead(transport: Transport) {
     }
     assert!(h.relay().sessions().wait_until(WAIT, |s| s.get("agent-1").is_none()).await, "agent-1 never declared dead");
     let dead_after = cut.elapsed();
-    eprintln!("{transport:?}: silent agent declared dead {} ms after its path went silent", dead_after.as_millis());
+    // The agent finds the silent relay too: QUIC's idle timer, which restarts on the agent's own
+    // next PING (up to a second later), or gRPC's PINGs.
+    let mut state = silent.state();
+    tokio::time::timeout(WAIT, state.wait_for(|s| matches!(s, AgentState::Reconnecting { .. })))
+        .await
+        .expect("the agent never noticed the silent path")
+        .unwrap();
+    let agent_noticed = cut.elapsed();
+    eprintln!(
+        "{transport:?}: silent agent declared dead {} ms after its path went silent; the agent noticed after {} ms",
+        dead_after.as_millis(),
+        agent_noticed.as_millis()
+    );
     let deadline = if transport == Transport::Quic { QUIC_IDLE_TIMEOUT } else { GRPC_PING_DEADLINE };
     assert!(
         dead_after <= deadline * 3 / 2,
         "declared dead {dead_after:?} after the cut (the transport's deadline: {deadline:?})"
+    );
+    let agent_deadline =
+        if transport == Transport::Quic { QUIC_IDLE_TIMEOUT + Duration::from_secs(1) } else { deadline };
+    assert!(
+        agent_noticed <= agent_deadline * 3 / 2,
+        "the agent noticed after {agent_noticed:?} (allowed: {agent_deadline:?})"
     );
     for i in 0..10 {
         let reply = h.client.request(Method::POST, "app.test", "/echo", body(format!("after {i}"))).await;

@@ -33,7 +33,7 @@ const SAMPLES: usize = 1000;
 /// Requests measured right after the budgets first act, while the stalled bodies still move.
 const FIRST_SAMPLES: usize = 100;
 
-/// The README's claim: beside the stalled readers, once the budgets have acted, everyone else's
+/// The claim of docs/isolation.md: beside the stalled readers, once the budgets have acted, everyone else's
 /// p99 stays within twice its quiet value (plus one millisecond, the timer wheel's tick, which is
 /// what a quiet p99 of about a millisecond can gain from one late wake-up).
 fn assert_isolated(transport: Transport, quiet: Latencies, settled: Latencies) {
@@ -50,7 +50,7 @@ fn assert_isolated(transport: Transport, quiet: Latencies, settled: Latencies) {
 /// stall timeout (1 s) or longer. On QUIC the slowest of the first requests stays under 10 ms (its
 /// streams share no queue; 1-2 ms seen). On gRPC a head sent then can wait behind the stalled
 /// bodies' bytes already queued on its one TCP connection: 30-90 ms seen on a busy 2-core machine,
-/// for about 0.3 s (the README's isolation section says so); bound at 150 ms.
+/// for about 0.3 s (docs/isolation.md says so); bound at 150 ms.
 fn assert_nothing_waited(transport: Transport, first: Latencies) {
     assert_eq!(first.failures, 0, "requests failed while the budgets acted: {first:?}");
     let allowed = if transport == Transport::Grpc { Duration::from_millis(150) } else { Duration::from_millis(10) };

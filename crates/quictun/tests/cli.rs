@@ -567,7 +567,7 @@ fn an_agent_serves_again_within_seconds_of_a_killed_relay_restarting_on_its_port
     let back = time_until_served(&http, "/hello", WAIT).expect("the agent never came back");
     eprintln!("relay restart to serving again: {} ms", back.as_millis());
     // The agent's next keep-alive (within 1 s), a verified stateless reset, a reconnect (under
-    // 250 ms of spread): 0.1-1.3 s in the README's runs, bound at 2 s. Without the reset the agent
+    // 250 ms of spread): 0.1-1.3 s in docs/failures.md's runs, bound at 2 s. Without the reset the agent
     // would wait for its idle timeout (3 s) and its backoff; before the reset key it took the
     // heartbeat timeout, about 15 s.
     assert!(back < Duration::from_secs(2), "the agent took {back:?} to serve again");
@@ -622,11 +622,11 @@ const QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 /// answer: a silent agent is declared dead after this.
 const GRPC_PING_DEADLINE: Duration = Duration::from_secs(3);
 
-/// The longest any steady GET may take when one of two agents leaves: the README's claim for each
+/// The longest any steady GET may take when one of two agents leaves: the claim of docs/failures.md for each
 /// transport and departure, with its margin.
 ///
 /// - A QUIC agent killed or hung goes silent: the relay suspects it after 1.25 s without a
-///   datagram and moves the requests waiting on it to the sibling (1.72 s in the README's runs).
+///   datagram and moves the requests waiting on it to the sibling (1.47-1.72 s measured).
 ///   The bound is QUIC's idle timeout itself, so that only that suspicion can meet it: a request
 ///   that waited for the agent to be declared dead would take longer.
 /// - A killed gRPC agent's TCP connection is closed by its kernel, so the relay knows at once

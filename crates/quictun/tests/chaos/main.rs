@@ -154,7 +154,7 @@ async fn the_relay_killed_and_restarted_five_times_under_load() {
         assert!(agents.iter_mut().all(scene::Proc::is_running));
     }
     // Each time: the agents' next keep-alive (1 s), a verified stateless reset, a reconnect, with
-    // the new relay's start-up on top (0.1-1.3 s in the README's runs); without the reset they
+    // the new relay's start-up on top (0.1-1.3 s in docs/failures.md's runs); without the reset they
     // would wait out their idle timeout (3 s) and their backoff.
     for (round, back) in recoveries.iter().enumerate() {
         assert!(*back <= Duration::from_secs(2), "round {round}: the agents took {back:?} to come back");
@@ -303,4 +303,30 @@ async fn a_five_second_partition_is_found_in_seconds_and_heals_by_itself() {
     // Back within the agent's reconnect backoff at that point (full jitter, ceilings 1, 2, 4 s
     // since it noticed, 2-3 s into the 5 s partition): at most 4 s, bound at twice that.
     assert!(recovered <= Duration::from_secs(8), "serving again took {recovered:?} after the heal");
+}
+
+/// How long the idle session is watched.
+const IDLE_WATCH: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(chaos_capable), ignore = "needs root and nftables (network namespaces, packet loss)")]
+async fn an_idle_quic_session_costs_a_few_packets_a_second() {
+    let _turn = privileged("an_idle_quic_session").await;
+    let scene = Scene::start(None, "127.0.0.1", "").await;
+    let _agent = scene.agent(1, scene.quic).await;
+    // Past the registration's own packets (the handshake, config, the first heartbeats).
+    scene.sessions_until(WAIT, "one session", |s| s.len() == 1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let count = scene::PacketCount::start(scene.quic.port());
+    tokio::time::sleep(IDLE_WATCH).await;
+    let (to_relay, from_relay) = count.read();
+    let per_second = (to_relay + from_relay) as f64 / IDLE_WATCH.as_secs_f64();
+    eprintln!(
+        "chaos: an idle QUIC session over {IDLE_WATCH:?}: {to_relay} packets to the relay, {from_relay} back \
+         ({per_second:.1} a second)"
+    );
+    // The agent PINGs every idle second (the relay's silence check relies on it) and the relay ACKs
+    // each; the heartbeats add one each way per 5 s: about 2.6 a second (158 a minute measured).
+    assert!(to_relay as f64 >= IDLE_WATCH.as_secs_f64() * 0.9, "the agent's keep-alive is missing: {to_relay}");
+    assert!(per_second <= 4.0, "an idle session costs {per_second:.1} packets a second");
 }

@@ -456,3 +456,42 @@ impl Drop for Loss {
             .output();
     }
 }
+
+/// nftables counters of the UDP packets to and from a port on this host's input hook (loopback
+/// traffic crosses it once each way); removed on drop.
+pub struct PacketCount {
+    table: String,
+}
+
+impl PacketCount {
+    /// Starts counting the packets to `port` and from it.
+    pub fn start(port: u16) -> Self {
+        let table = format!("qtc_count_{}", std::process::id());
+        nft(
+            None,
+            &format!(
+                "table inet {table} {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    \
+                 udp dport {port} counter\n    udp sport {port} counter\n  }}\n}}\n"
+            ),
+        );
+        Self { table }
+    }
+
+    /// Packets counted so far: (to the port, from it).
+    pub fn read(&self) -> (u64, u64) {
+        let out = std::process::Command::new("nft").args(["list", "table", "inet", &self.table]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let counts: Vec<u64> = text
+            .lines()
+            .filter_map(|l| l.split("counter packets ").nth(1)?.split_whitespace().next()?.parse().ok())
+            .collect();
+        assert_eq!(counts.len(), 2, "two counters in {text}");
+        (counts[0], counts[1])
+    }
+}
+
+impl Drop for PacketCount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft").args(["delete", "table", "inet", &self.table]).output();
+    }
+}
