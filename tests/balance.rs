@@ -11,8 +11,8 @@
 use std::time::Duration;
 
 use http::{Method, StatusCode};
-use quictun_agent::upstreams::{LocalTargets, Target};
 use quictun_agent::{Agent, AgentState};
+use quictun_agent::{LocalTargets, Target};
 use quictun_tests::client::{admin_get, body, empty};
 use quictun_tests::{Harness, HarnessConfig, Transport};
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
-use quictun_agent::egress::EgressServer;
+use quictun_agent::EgressServer;
 use quictun_agent::{Agent, Transport};
 use quictun_relay::config::EgressRouteEntry;
 use quictun_tests::client::chunked;

@@ -17,7 +17,7 @@ fn transport_of(h: &Harness, client_id: &str) -> Option<&'static str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_falls_back_to_grpc_when_udp_is_blocked_and_moves_back_to_quic() {
     let h = Harness::start().await;
-    let proxy = UdpProxy::start(h.relay().quic_addr()).await;
+    let proxy = UdpProxy::start(h.relay().quic_addr().expect("QUIC listener")).await;
     proxy.blackhole();
 
     let mut options = Harness::options_for(proxy.addr, "agent-1", "secret-1", &h.cert.pin.to_string());

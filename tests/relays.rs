@@ -22,8 +22,8 @@ async fn one_relay_down_the_other_still_serves(transport: Transport) {
         Relay::start(relay_config(any, &h.upstream.url(), &h.config), h.cert.cert_key().unwrap()).await.unwrap();
     let file = AgentConfigFile {
         agent: AgentSection {
-            relay: h.relay().quic_addr().to_string(),
-            relays: vec![second.quic_addr().to_string()],
+            relay: h.relay().quic_addr().expect("QUIC listener").to_string(),
+            relays: vec![second.quic_addr().expect("QUIC listener").to_string()],
             transport,
             pin: Some(h.cert.pin.to_string()),
             client_id: "agent-1".into(),

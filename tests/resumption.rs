@@ -33,7 +33,7 @@ async fn cut_until_lost(h: &Harness, proxy: &UdpProxy, agent: &Agent) {
 /// A harness relay and agent-1 reaching it through a forwarder; returns them with its session.
 async fn agent_through_a_forwarder() -> (Harness, UdpProxy, Agent, uuid::Uuid) {
     let h = Harness::start().await;
-    let proxy = UdpProxy::start(h.relay().quic_addr()).await;
+    let proxy = UdpProxy::start(h.relay().quic_addr().expect("QUIC listener")).await;
     let options = Harness::options_for(proxy.addr, "agent-1", "secret-1", &h.cert.pin.to_string());
     let agent = Agent::start(options).await.unwrap();
     let first = agent.wait_connected(None, WAIT).await.expect("agent did not connect");
@@ -87,7 +87,7 @@ async fn a_reconnect_registers_in_0rtt_and_a_replay_of_it_registers_nothing() {
         loop {
             resend.tick().await;
             for datagram in &replay {
-                attacker.send_to(datagram, h.relay().quic_addr()).await.unwrap();
+                attacker.send_to(datagram, h.relay().quic_addr().expect("QUIC listener")).await.unwrap();
             }
             if relay_metric(&h, PENDING).await.is_some_and(|v| v >= 1.0) {
                 return;
@@ -126,7 +126,7 @@ async fn an_intercepted_0rtt_register_played_first_by_an_attacker_registers_noth
     let replay = tokio::time::timeout(WAIT, intercepted).await.expect("the agent did not try to reconnect");
     let attacker = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     for datagram in &replay {
-        attacker.send_to(datagram, h.relay().quic_addr()).await.unwrap();
+        attacker.send_to(datagram, h.relay().quic_addr().expect("QUIC listener")).await.unwrap();
     }
     wait_for_metric(h.relay().admin_addr(), UNCONFIRMED, 1.0, WAIT).await;
     assert!(h.relay().sessions().instances("agent-1").is_empty(), "the attacker's replay registered a session");

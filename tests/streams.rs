@@ -11,12 +11,11 @@ use std::time::Duration;
 use http::StatusCode;
 use quictun_agent::Agent;
 use quictun_core::Trust;
-use quictun_core::control::ControlIo;
 use quictun_core::tls::GeneratedCert;
 use quictun_proto::frame;
 use quictun_proto::*;
 use quictun_quic::Tuning;
-use quictun_quic::frames::{ControlChannel, read_head, write_frame};
+use quictun_tests::quinn_peer::{self, Control, read_frame, write_frame};
 use quictun_tests::{Harness, HarnessConfig, Transport, Upstream};
 use uuid::Uuid;
 
@@ -71,21 +70,16 @@ async fn agent_resets_malformed_streams_and_keeps_serving_the_others() {
     quictun_tests::init_logging();
     let upstream = Upstream::start().await;
     let cert = GeneratedCert::self_signed(&[]).unwrap();
-    let (endpoint, acceptor) = quictun_quic::endpoint::server_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        cert.cert_key().unwrap(),
-        &Tuning::default(),
-    )
-    .unwrap();
+    let endpoint = quinn_peer::server_endpoint("127.0.0.1:0".parse().unwrap(), cert.cert_key().unwrap());
 
     // The real agent, pointed at a scripted relay.
     let mut options = Harness::options_for(endpoint.local_addr().unwrap(), "agent-1", "t", &cert.pin.to_string());
     options.tuning = Tuning::default();
     let agent = Agent::start(options).await.unwrap();
 
-    let conn = acceptor.accept(endpoint.accept().await.unwrap()).unwrap().connecting.await.unwrap();
+    let conn = endpoint.accept().await.unwrap().await.unwrap();
     let (send, recv) = conn.accept_bi().await.unwrap();
-    let mut control = ControlChannel::new(send, recv, 1 << 20);
+    let mut control = Control::new(send, recv);
     assert!(matches!(control.recv().await.unwrap(), ControlMessage::Register(r) if r.client_id == "agent-1"));
     let config =
         AgentConfig { version: 1, upstreams: vec![UpstreamSpec { name: "app".into(), targets: vec![upstream.url()] }] };
@@ -96,21 +90,20 @@ async fn agent_resets_malformed_streams_and_keeps_serving_the_others() {
             heartbeat_misses: 3,
             config,
         }))
-        .await
-        .unwrap();
+        .await;
     let session = agent.wait_connected(None, WAIT).await.unwrap();
     // Answer the agent's heartbeats like a relay would.
     tokio::spawn(async move {
-        while let Ok(msg) = control.recv().await {
+        while let Some(msg) = control.recv().await {
             if let ControlMessage::Heartbeat(hb) = msg {
-                let _ = control.send(ControlMessage::HeartbeatAck(hb)).await;
+                control.send(ControlMessage::HeartbeatAck(hb)).await;
             }
         }
     });
 
     // A request in flight before the bad streams arrive.
     let (mut long_send, mut long_recv) = conn.open_bi().await.unwrap();
-    write_frame(&mut long_send, &head("/hang"), 65536).await.unwrap();
+    write_frame(&mut long_send, &head("/hang"), 65536).await;
     long_send.finish().unwrap();
     upstream.wait_hanging(1).await;
 
@@ -132,23 +125,23 @@ async fn agent_resets_malformed_streams_and_keeps_serving_the_others() {
     let mut trailers = http::HeaderMap::new();
     trailers.insert("x-checksum", "1".parse().unwrap());
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    write_frame(&mut send, &framed, 65536).await.unwrap();
+    write_frame(&mut send, &framed, 65536).await;
     send.write_all(&[0, 0, 0, 0, 3]).await.unwrap();
     send.write_all(b"abc").await.unwrap();
     send.write_all(&quictun_core::framing::encode_trailers_frame(&trailers, 4096).unwrap()).await.unwrap();
     send.finish().unwrap();
     let (response, start): (ResponseHead, _) =
-        tokio::time::timeout(WAIT, read_head(&mut recv, 65536)).await.unwrap().unwrap();
+        tokio::time::timeout(WAIT, read_frame(&mut recv, 65536)).await.unwrap().unwrap();
     assert_eq!(response.status, 200);
     assert_eq!(body_after(start, &mut recv).await, b"abc");
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    write_frame(&mut send, &framed, 65536).await.unwrap();
+    write_frame(&mut send, &framed, 65536).await;
     send.write_all(&[9, 0, 0, 0, 1, b'x']).await.unwrap();
     send.finish().unwrap();
-    let ended_in_reset = match tokio::time::timeout(WAIT, read_head::<ResponseHead>(&mut recv, 65536)).await {
-        Ok(Err(_)) => true,
+    let ended_in_reset = match tokio::time::timeout(WAIT, read_frame::<ResponseHead>(&mut recv, 65536)).await {
+        Ok(None) => true,
         // A reset after the head (whatever of the body came with it).
-        Ok(Ok(_head)) => matches!(
+        Ok(Some(_head)) => matches!(
             tokio::time::timeout(WAIT, recv.read_to_end(1024)).await.unwrap(),
             Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(_)))
         ),
@@ -158,16 +151,16 @@ async fn agent_resets_malformed_streams_and_keeps_serving_the_others() {
 
     // A good stream is served next to them.
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    write_frame(&mut send, &head("/hello"), 65536).await.unwrap();
+    write_frame(&mut send, &head("/hello"), 65536).await;
     send.finish().unwrap();
-    let (response, start): (ResponseHead, _) = read_head(&mut recv, 65536).await.unwrap();
+    let (response, start): (ResponseHead, _) = read_frame(&mut recv, 65536).await.unwrap();
     assert_eq!(response.status, 200);
     assert_eq!(body_after(start, &mut recv).await, b"hello");
 
     // The in-flight request was never disturbed.
     upstream.release();
     let (response, start): (ResponseHead, _) =
-        tokio::time::timeout(WAIT, read_head(&mut long_recv, 65536)).await.unwrap().unwrap();
+        tokio::time::timeout(WAIT, read_frame(&mut long_recv, 65536)).await.unwrap().unwrap();
     assert_eq!(response.status, 200);
     assert_eq!(body_after(start, &mut long_recv).await, b"released");
 
@@ -178,15 +171,11 @@ async fn agent_resets_malformed_streams_and_keeps_serving_the_others() {
 
 /// A scripted agent: registers with real credentials and answers heartbeats.
 async fn scripted_agent(h: &Harness, client_id: &str, token: &str) -> (quinn::Endpoint, quinn::Connection, Uuid) {
-    let (endpoint, setup) = quictun_quic::endpoint::client_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &Trust::Pin(h.cert.pin),
-        &Tuning::default(),
-    )
-    .unwrap();
-    let conn = endpoint.connect_with(setup.config, h.relay().quic_addr(), "localhost").unwrap().await.unwrap();
+    let endpoint = quinn_peer::client_endpoint("127.0.0.1:0".parse().unwrap(), &Trust::Pin(h.cert.pin));
+    let relay = h.relay().quic_addr().expect("QUIC listener");
+    let conn = endpoint.connect(relay, "localhost").unwrap().await.unwrap();
     let (send, recv) = conn.open_bi().await.unwrap();
-    let mut control = ControlChannel::new(send, recv, 1 << 20);
+    let mut control = Control::new(send, recv);
     control
         .send(ControlMessage::Register(Register {
             protocol_version: PROTOCOL_VERSION,
@@ -196,13 +185,12 @@ async fn scripted_agent(h: &Harness, client_id: &str, token: &str) -> (quinn::En
             agent_version: "scripted".into(),
             instance_id: uuid::Uuid::new_v4(),
         }))
-        .await
-        .unwrap();
+        .await;
     let ControlMessage::Accepted(accepted) = control.recv().await.unwrap() else { panic!("not accepted") };
     tokio::spawn(async move {
-        while let Ok(msg) = control.recv().await {
+        while let Some(msg) = control.recv().await {
             if let ControlMessage::Heartbeat(hb) = msg {
-                let _ = control.send(ControlMessage::HeartbeatAck(hb)).await;
+                control.send(ControlMessage::HeartbeatAck(hb)).await;
             }
         }
     });
@@ -233,19 +221,13 @@ async fn relay_resets_malformed_agent_streams_and_keeps_the_session() {
 async fn a_bad_control_frame_closes_only_that_connection() {
     let h = Harness::start().await;
     let _api = h.agent("agent-2").await;
-    let (endpoint, setup) = quictun_quic::endpoint::client_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &Trust::Pin(h.cert.pin),
-        &Tuning::default(),
-    )
-    .unwrap();
+    let endpoint = quinn_peer::client_endpoint("127.0.0.1:0".parse().unwrap(), &Trust::Pin(h.cert.pin));
     for bytes in [vec![0xff, 0xff, 0xff, 0xff], vec![0, 0, 0, 3, 9, 9, 9]] {
-        let conn =
-            endpoint.connect_with(setup.config.clone(), h.relay().quic_addr(), "localhost").unwrap().await.unwrap();
+        let conn = endpoint.connect(h.relay().quic_addr().expect("QUIC listener"), "localhost").unwrap().await.unwrap();
         let (mut send, _recv) = conn.open_bi().await.unwrap();
         send.write_all(&bytes).await.unwrap();
         let reason = tokio::time::timeout(WAIT, conn.closed()).await.expect("relay kept a bad connection");
-        assert_eq!(quictun_quic::peer_close_code(&reason), Some(CloseCode::Protocol), "{reason}");
+        assert_eq!(quinn_peer::peer_close_code(&reason), Some(CloseCode::Protocol), "{reason}");
     }
     assert_eq!(h.relay().sessions().len(), 1);
     assert_eq!(h.client.get("api.test", "/hello").await.status, StatusCode::OK);

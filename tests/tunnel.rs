@@ -361,7 +361,8 @@ async fn an_agent_can_trust_the_relay_by_a_ca_file(transport: Transport) {
     let ca_file = dir.join("ca.crt");
     std::fs::write(&ca_file, ca_cert.pem()).unwrap();
 
-    let mut options = Harness::options_for(relay.quic_addr(), "agent-1", "secret-1", &h.cert.pin.to_string());
+    let mut options =
+        Harness::options_for(relay.quic_addr().expect("QUIC listener"), "agent-1", "secret-1", &h.cert.pin.to_string());
     options.trust = quictun_core::Trust::CaFile(ca_file.clone());
     options.server_name = "localhost".into();
     options.transport = transport;

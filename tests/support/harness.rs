@@ -192,7 +192,7 @@ impl Harness {
     pub fn agent_target(&self) -> SocketAddr {
         match self.config.transport {
             Transport::Grpc => self.relay().grpc_addr().expect("gRPC listener"),
-            _ => self.relay().quic_addr(),
+            _ => self.relay().quic_addr().expect("QUIC listener"),
         }
     }
 
@@ -217,7 +217,11 @@ impl Harness {
 
     /// The listeners of a relay, to start its successor on.
     pub fn listeners_of(relay: &Relay) -> Listen {
-        Listen { quic: relay.quic_addr(), grpc: relay.grpc_addr().expect("gRPC listener"), http: relay.http_addr() }
+        Listen {
+            quic: relay.quic_addr().expect("QUIC listener"),
+            grpc: relay.grpc_addr().expect("gRPC listener"),
+            http: relay.http_addr(),
+        }
     }
 
     /// Starts a relay on `listen` (after the previous one stopped) and points the client at it.
@@ -247,7 +251,7 @@ impl Harness {
 
     /// Options for any identity, token and pin, on the harness's transport.
     pub fn agent_options_with(&self, client_id: &str, token: &str, pin: &str) -> AgentOptions {
-        let mut options = Self::options_for(self.relay().quic_addr(), client_id, token, pin);
+        let mut options = Self::options_for(self.relay().quic_addr().expect("QUIC listener"), client_id, token, pin);
         options.transport = self.config.transport;
         if let Some(grpc) = self.relay().grpc_addr() {
             options.grpc_relay = grpc.into();

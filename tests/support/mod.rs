@@ -9,6 +9,7 @@ pub mod agent_path;
 pub mod client;
 pub mod grpc_echo;
 pub mod harness;
+pub mod quinn_peer;
 pub mod raw;
 pub mod tcp_proxy;
 pub mod udp_proxy;

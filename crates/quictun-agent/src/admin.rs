@@ -7,8 +7,9 @@ use std::sync::Arc;
 use quictun_core::admin::{AdminPages, AdminReply};
 use tokio::sync::watch;
 
+use crate::error::AgentError;
 use crate::metrics::AgentMetrics;
-use crate::{AgentError, AgentState};
+use crate::state::AgentState;
 
 /// The agent's admin pages: ready while registered, metrics.
 pub struct AgentPages {
@@ -40,7 +41,7 @@ impl AdminPages for AgentPages {
 
 /// Binds the admin listener (synchronously, so [`crate::Agent::start_on`] stays synchronous).
 pub fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), AgentError> {
-    let err = |e: std::io::Error| AgentError::Admin { addr, message: e.to_string() };
+    let err = |source: std::io::Error| AgentError::Listener { what: "admin", addr, source };
     let listener = std::net::TcpListener::bind(addr).map_err(err)?;
     listener.set_nonblocking(true).map_err(err)?;
     let bound = listener.local_addr().map_err(err)?;

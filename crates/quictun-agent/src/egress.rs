@@ -33,7 +33,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
 
-use crate::AgentError;
+use crate::error::AgentError;
 
 /// One agent's connection to its relay, for egress: `None` while it has none.
 pub type RelayTunnel = watch::Receiver<Option<Arc<dyn Tunnel>>>;
@@ -64,9 +64,13 @@ impl EgressServer {
         relays: Vec<RelayTunnel>,
         response_timeout: Duration,
     ) -> Result<Self, AgentError> {
-        let listener = quictun_core::listen_tcp(listen)
-            .map_err(|e| AgentError::Endpoint(format!("egress listener on {listen}: {e}")))?;
-        let addr = listener.local_addr().map_err(|e| AgentError::Endpoint(format!("egress listener: {e}")))?;
+        let listener = quictun_core::listen_tcp(listen).map_err(|source| AgentError::Listener {
+            what: "egress",
+            addr: listen,
+            source,
+        })?;
+        let addr =
+            listener.local_addr().map_err(|source| AgentError::Listener { what: "egress", addr: listen, source })?;
         let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
         let egress = Arc::new(Egress { relays, response_timeout });
         tasks.spawn(accept_loop(listener, egress, stop.clone(), tasks.clone()));

@@ -8,16 +8,19 @@ use std::time::Duration;
 use quictun_core::control::{ControlError, ControlIo, message_name};
 use quictun_core::heartbeat::Heartbeats;
 use quictun_core::session::{Action, Role};
-use quictun_core::tunnel::{CloseReason, ProtocolViolation, Tunnel};
+use quictun_core::transport::{Connection, DialError};
+use quictun_core::tunnel::{CloseReason, ProtocolViolation, TransportKind, Tunnel};
 use quictun_proto::{CloseCode, ControlMessage, GoAway, Register};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::AgentOptions;
+use crate::error::AgentError;
 use crate::forward::Forwarder;
+use crate::state::AgentState;
 use crate::upstreams::UpstreamTable;
-use crate::{AgentError, AgentOptions, AgentState};
 
 /// Longest the relay may take to answer the register message.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,18 +42,18 @@ pub enum SessionEnd {
 /// Why an attempt to reach and register with the relay failed, when another attempt may work.
 #[derive(Debug, thiserror::Error)]
 pub enum RetryReason {
-    /// The relay's name did not resolve.
-    #[error(transparent)]
-    Resolve(#[from] quictun_core::ResolveError),
-    /// Dialing over QUIC failed.
-    #[error("QUIC: {0}")]
-    Quic(#[from] quictun_quic::dial::DialError),
+    /// Dialing over a transport failed.
+    #[error("{}: {source}", transport_name(*transport))]
+    Dial {
+        /// The transport dialed.
+        transport: TransportKind,
+        /// Why it failed.
+        #[source]
+        source: DialError,
+    },
     /// No QUIC handshake completed, and TCP probes say why.
     #[error("QUIC: {0}")]
     QuicSilent(#[from] crate::diagnose::QuicSilence),
-    /// Dialing over gRPC failed.
-    #[error("gRPC: {0}")]
-    Grpc(#[from] quictun_grpc::client::DialError),
     /// The register exchange failed (the channel failed or timed out).
     #[error("registering: {0}")]
     Register(#[from] ControlError),
@@ -60,6 +63,14 @@ pub enum RetryReason {
     /// The relay answered register with something else.
     #[error("relay answered register with an unexpected {0} message")]
     Unexpected(&'static str),
+}
+
+/// A transport's name as a user reads it.
+fn transport_name(kind: TransportKind) -> &'static str {
+    match kind {
+        TransportKind::Quic => "QUIC",
+        TransportKind::Grpc => "gRPC",
+    }
 }
 
 /// Why an attempt failed before a session was established.
@@ -89,16 +100,17 @@ pub fn register_message(options: &AgentOptions, instance_id: uuid::Uuid) -> Cont
     })
 }
 
-/// Waits for the relay's answer to the register message the dial sent on `control` (see
-/// [`register_message`]), then serves `tunnel` until it ends or the agent is asked to stop.
+/// Waits for the relay's answer to the register message the dial sent on `connection`'s
+/// control channel (see [`register_message`]), then serves its tunnel until it ends or the agent
+/// is asked to stop.
 pub async fn register_and_serve<C: ControlIo>(
     options: &AgentOptions,
-    mut control: C,
-    tunnel: Arc<dyn Tunnel>,
+    connection: Connection<C>,
     forwarder: &Arc<Forwarder>,
     state: &watch::Sender<AgentState>,
     stop: &Stop,
 ) -> Result<SessionEnd, Attempt> {
+    let Connection { mut control, tunnel, .. } = connection;
     let accepted = match control.recv_within(REGISTER_TIMEOUT).await? {
         ControlMessage::Accepted(accepted) => accepted,
         ControlMessage::Rejected(rejected) => {

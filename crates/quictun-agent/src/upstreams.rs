@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use quictun_proto::AgentConfig;
 use tracing::warn;
 
-pub use quictun_core::upstream_http::{InvalidTarget, Target};
+pub use quictun_core::upstream_http::Target;
 
 /// Checks a target against allow-list entries (`host:port` or `host:*`).
 fn allowed(target: &Target, allow: &[String]) -> bool {

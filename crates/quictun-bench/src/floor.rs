@@ -154,7 +154,7 @@ fn both_ends_cpu(server: &Proc) -> Option<Duration> {
 /// The client end of one transport's floor.
 enum FloorClient {
     /// quinn: a client endpoint and its configuration.
-    Quic(quictun_quic::Endpoint, Box<quictun_quic::endpoint::ClientSetup>),
+    Quic(Box<quictun_quic::floor::FloorDialer>),
     /// tonic: the TLS configuration (ALPN `h2`).
     Grpc(Arc<rustls::ClientConfig>),
 }
@@ -174,18 +174,18 @@ impl FloorClient {
                 let (tls, _) = quictun_core::tls::client_config_with_alpn(&trust, b"h2")?;
                 Self::Grpc(Arc::new(tls))
             }
-            _ => {
-                let (endpoint, setup) =
-                    quictun_quic::endpoint::client_endpoint("127.0.0.1:0".parse()?, &trust, &Tuning::default())?;
-                Self::Quic(endpoint, Box::new(setup))
-            }
+            _ => Self::Quic(Box::new(quictun_quic::floor::FloorDialer::new(
+                "127.0.0.1:0".parse()?,
+                &trust,
+                &Tuning::default(),
+            )?)),
         })
     }
 
     /// What the rows measure.
     fn note(&self) -> &'static str {
         match self {
-            Self::Quic(..) => "quinn alone: 1 KiB each way on a fresh stream; CPU of both ends",
+            Self::Quic(_) => "quinn alone: 1 KiB each way on a fresh stream; CPU of both ends",
             Self::Grpc(_) => "tonic over TLS alone: 1 KiB messages each way on one RPC; CPU of both ends",
         }
     }
@@ -193,9 +193,7 @@ impl FloorClient {
     /// A fresh connection to the server at `addr`.
     async fn connect(&self, addr: SocketAddr) -> anyhow::Result<FloorConnection> {
         Ok(match self {
-            Self::Quic(endpoint, setup) => {
-                FloorConnection::Quic(quictun_quic::floor::connect(endpoint, setup, addr, "localhost").await?)
-            }
+            Self::Quic(dialer) => FloorConnection::Quic(dialer.connect(addr, "localhost").await?),
             Self::Grpc(tls) => {
                 let name = ServerName::try_from("localhost")?;
                 FloorConnection::Grpc(Box::new(quictun_grpc::floor::connect(addr, name, tls.clone()).await?))
@@ -205,8 +203,8 @@ impl FloorClient {
 
     /// Closes the client's endpoint, if it has one.
     fn close(&self) {
-        if let Self::Quic(endpoint, _) = self {
-            quictun_quic::close_endpoint(endpoint, quictun_proto::CloseCode::Normal);
+        if let Self::Quic(dialer) = self {
+            dialer.close();
         }
     }
 }

@@ -7,6 +7,8 @@
 //! - [`body`]: bodies crossing a tunnel: the one pump into a transport's sink, uploads owned by
 //!   their answers.
 //! - [`session`]: the control-session loop both ends run after registration.
+//! - [`transport`]: the [`transport::Transport`] trait each transport implements once, from the
+//!   relay's bind and accept (admission by address first) to the agent's dial.
 //!
 //! Above it, transport-neutral:
 //! - [`http`]: HTTP heads in wire form (hop-by-hop stripping, conversion).
@@ -33,6 +35,7 @@ pub mod http;
 pub mod session;
 pub mod stall;
 pub mod tls;
+pub mod transport;
 pub mod tunnel;
 pub mod upgrade;
 pub mod upstream_http;

@@ -33,6 +33,9 @@ pub enum TlsError {
     /// A pin string is not `sha256:` followed by 64 hex digits.
     #[error("invalid pin {0:?}: expected sha256:<64 hex digits>")]
     InvalidPin(String),
+    /// The name a TLS client verifies the server by is not a DNS name or an address.
+    #[error("server name {0:?} is not a DNS name or an IP address")]
+    ServerName(String),
 }
 
 /// The crypto provider every quictun TLS configuration uses (ring).

@@ -15,7 +15,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use quictun_proto::{CloseCode, Limits, RequestHead, ResponseHead, StreamCode};
+use quictun_proto::frame::FrameError;
+use quictun_proto::{CloseCode, HeadError, Limits, RequestHead, ResponseHead, StreamCode};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -52,7 +53,9 @@ impl std::fmt::Display for TransportKind {
     }
 }
 
-/// Why an exchange failed before its response head arrived.
+/// Why an exchange failed before its response head arrived. Each failure says what may be done
+/// about it ([`ExchangeError::retry`]), whom it blames ([`ExchangeError::blame`]) and what the
+/// client is answered ([`ExchangeError::http_status`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExchangeError {
     /// The peer is at its concurrency limit; retrying later is safe (nothing was sent).
@@ -70,10 +73,54 @@ pub enum ExchangeError {
     Reset(StreamCode),
     /// The peer answered something unusable.
     #[error("invalid response from agent: {0}")]
-    Protocol(String),
+    Protocol(#[from] BadAnswer),
     /// The request head is larger than the tunnel carries; nothing was sent.
     #[error("request head too large for the tunnel: {0}")]
-    HeadTooLarge(String),
+    HeadTooLarge(#[source] FrameError),
+}
+
+/// What was wrong with a peer's answer to an exchange.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadAnswer {
+    /// The response head's frame did not decode.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The response head decoded but breaks a rule (its status, its header count).
+    #[error(transparent)]
+    Head(#[from] HeadError),
+    /// The stream ended inside the response head's frame.
+    #[error("the stream ended inside the response head")]
+    Truncated,
+    /// Body data came before the response head.
+    #[error("body before the response head")]
+    BodyBeforeHead,
+    /// No whole response head within the transport's deadline.
+    #[error("no response head in time")]
+    NoHead,
+}
+
+/// Whom a failure is on: what the relay counts it against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The agent, or the service behind it, failed: it counts towards the agent's cooldown.
+    Agent,
+    /// What the client sent (or did) caused it: nothing is counted against the agent.
+    Client,
+    /// Nobody whose failure the relay acts on: a limit was reached (a busy agent), or the agent
+    /// reported the request's own outcome (a timeout, an overload, a refusal).
+    Nobody,
+}
+
+/// Whether a request whose exchange failed may be sent again, to another agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Nothing reached the agent: any request may go elsewhere.
+    Safe,
+    /// The agent may have received the request but never answered: only an idempotent request
+    /// (RFC 9110, 9.2.2) whose body no transport has read may go elsewhere.
+    IfIdempotent,
+    /// The agent answered (or refused) it: the failure is the answer.
+    Never,
 }
 
 impl ExchangeError {
@@ -85,6 +132,28 @@ impl ExchangeError {
             Self::HeadTooLarge(_) => 431,
             Self::Reset(code) => code.http_status(),
             Self::NotOpened | Self::Lost | Self::Protocol(_) => 502,
+        }
+    }
+
+    /// Whom the failure is on: a lost or broken tunnel, or an upstream that refused or failed, is
+    /// the agent's; a head too large is the client's; a busy agent, or a reset with another code
+    /// (a timeout, an overload), is nobody's the relay counts.
+    pub fn blame(&self) -> Blame {
+        match self {
+            Self::NotOpened | Self::Lost | Self::Protocol(_) => Blame::Agent,
+            Self::Reset(StreamCode::UpstreamConnect | StreamCode::UpstreamFailed) => Blame::Agent,
+            Self::HeadTooLarge(_) => Blame::Client,
+            Self::Busy | Self::Reset(_) => Blame::Nobody,
+        }
+    }
+
+    /// Whether the request may go to another agent: a stream that could not be opened sent
+    /// nothing; a tunnel lost before the answer may have delivered the request.
+    pub fn retry(&self) -> Retry {
+        match self {
+            Self::NotOpened => Retry::Safe,
+            Self::Lost => Retry::IfIdempotent,
+            Self::Busy | Self::Reset(_) | Self::Protocol(_) | Self::HeadTooLarge(_) => Retry::Never,
         }
     }
 }

@@ -8,8 +8,12 @@ use std::time::Duration;
 
 use http::uri::PathAndQuery;
 use hyper_util::rt::TokioIo;
-use quictun_core::stall::StallScope;
-use quictun_proto::Limits;
+use quictun_core::Trust;
+use quictun_core::control::ControlIo;
+use quictun_core::stall::{Reclaimer, StallScope};
+use quictun_core::tls::{PinVerifier, TlsError};
+use quictun_core::transport::{Connection, DialError};
+use quictun_proto::{ControlMessage, HostPort, Limits};
 use rustls::pki_types::ServerName;
 use tokio_util::sync::CancellationToken;
 
@@ -19,34 +23,60 @@ use crate::mux::{GrpcControl, Outbound};
 use crate::tunnel::{Closer, GrpcTunnel, ReaderTask, Start};
 use crate::window;
 
-/// Why dialing failed.
-#[derive(Debug, thiserror::Error)]
-pub enum DialError {
-    /// The relay's certificate was refused by the agent's verifier (or the relay refused ours).
-    #[error("TLS with {addr}: {message}")]
-    Certificate {
-        /// The relay's address.
-        addr: SocketAddr,
-        /// The verifier's verdict, with its causes.
-        message: String,
-    },
-    /// TCP, TLS or HTTP/2 failed otherwise.
-    #[error("connecting to {addr}: {message}")]
-    Connect {
-        /// The relay's address.
-        addr: SocketAddr,
-        /// What failed, with its causes.
-        message: String,
-    },
-    /// The relay refused the tunnel RPC.
-    #[error("tunnel RPC refused: {0}")]
-    Rpc(String),
+/// What the agent dials the relay over gRPC with.
+pub struct GrpcDialOptions {
+    /// How the relay is verified.
+    pub trust: Trust,
+    /// The relay's gRPC address.
+    pub relay: HostPort,
+    /// The TLS server name.
+    pub server_name: String,
+    /// Frame limits.
+    pub limits: Limits,
+    /// Watches bodies from the relay for stalled readers.
+    pub stall: Reclaimer,
 }
 
-impl DialError {
-    /// True when retrying cannot help (the certificate was refused).
-    pub fn is_fatal(&self) -> bool {
-        matches!(self, Self::Certificate { .. })
+/// The agent's gRPC dialer: its TLS configuration (the agent's own verifier, ALPN `h2`) and the
+/// relay's address.
+pub struct GrpcDialer {
+    tls: Arc<rustls::ClientConfig>,
+    pin_verifier: Option<Arc<PinVerifier>>,
+    relay: HostPort,
+    server_name: ServerName<'static>,
+    limits: Limits,
+    stall: Reclaimer,
+}
+
+/// Longest TCP + TLS + HTTP/2 + the tunnel RPC may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl GrpcDialer {
+    /// A dialer with `options`' trust; a server name that is not a DNS name or an address is
+    /// refused.
+    pub fn new(options: GrpcDialOptions) -> Result<Self, TlsError> {
+        let GrpcDialOptions { trust, relay, server_name, limits, stall } = options;
+        let (config, pin_verifier) = quictun_core::tls::client_config_with_alpn(&trust, b"h2")?;
+        let server_name = ServerName::try_from(server_name.clone()).map_err(|_| TlsError::ServerName(server_name))?;
+        Ok(Self { tls: Arc::new(config), pin_verifier, relay, server_name, limits, stall })
+    }
+
+    /// Resolves the relay, dials it and sends `first` on the control lane.
+    pub(crate) async fn dial(&self, first: ControlMessage) -> Result<Connection<GrpcControl>, DialError> {
+        let addr = quictun_core::resolve(&self.relay).await?;
+        let stall = self.stall.scope(u64::from(crate::flow::EXCHANGE_WINDOW));
+        let dialed = dial(addr, self.server_name.clone(), self.tls.clone(), self.limits, DIAL_TIMEOUT, stall).await;
+        let (mut control, tunnel) =
+            dialed.map_err(|err| match self.pin_verifier.as_ref().and_then(|v| v.last_mismatch()) {
+                Some(mismatch) => DialError::PinMismatch(mismatch),
+                None => err,
+            })?;
+        control.send(first).await.map_err(|e| DialError::Failed {
+            what: "registering on the tunnel RPC",
+            addr,
+            source: e.into(),
+        })?;
+        Ok(Connection { control, tunnel, early_data: false })
     }
 }
 
@@ -137,7 +167,7 @@ pub async fn connect_grpc(
 
 /// Dials the relay's gRPC listener and opens the tunnel RPC. Bodies from the relay are watched
 /// for stalled readers in `stall`.
-pub async fn dial(
+async fn dial(
     addr: SocketAddr,
     server_name: ServerName<'static>,
     tls: Arc<rustls::ClientConfig>,
@@ -148,9 +178,9 @@ pub async fn dial(
     let connect_err = |err: &(dyn std::error::Error + 'static)| {
         let message = quictun_core::error_chain(err);
         if is_certificate_error(err) {
-            DialError::Certificate { addr, message }
+            DialError::Certificate(message.into())
         } else {
-            DialError::Connect { addr, message }
+            DialError::Failed { what: "gRPC connection", addr, source: message.into() }
         }
     };
     let mut grpc = connect_grpc(addr, server_name, tls, timeout).await.map_err(|e| connect_err(&e))?;
@@ -162,10 +192,12 @@ pub async fn dial(
         ended: false,
     });
     let path = PathAndQuery::from_static(crate::messages::CONNECT_PATH);
+    let rpc_failed =
+        |source: quictun_core::transport::BoxError| DialError::Failed { what: "the tunnel RPC", addr, source };
     let response = tokio::time::timeout(timeout, grpc.streaming(request, path, Codec::default()))
         .await
-        .map_err(|_| DialError::Rpc("no answer in time".into()))?
-        .map_err(|status| DialError::Rpc(status.message().to_owned()))?;
+        .map_err(|_| rpc_failed("no answer in time".into()))?
+        .map_err(|status| rpc_failed(status.message().to_owned().into()))?;
     let start = Start { end: End::Agent, senders, closer: Closer::EndStream(ending), limits, stall, remote: addr };
     Ok(GrpcTunnel::start(start, response.into_inner(), ReaderTask::Owned))
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use bytes::Bytes;
 use quictun_core::body::{AbortOnDrop, TunnelBody, WithUpload, empty_body, pump};
 use quictun_core::stall::StallScope;
-use quictun_core::tunnel::{ExchangeError, RequestHandler};
+use quictun_core::tunnel::{BadAnswer, ExchangeError, RequestHandler};
 use quictun_proto::{Limits, RequestHead, ResponseHead, StreamCode, frame};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -142,8 +142,7 @@ impl Exchanges {
         if self.is_closed() {
             return Err(ExchangeError::NotOpened);
         }
-        let encoded = frame::encode_payload(&head, self.limits.max_head_frame)
-            .map_err(|e| ExchangeError::HeadTooLarge(e.to_string()))?;
+        let encoded = frame::encode_payload(&head, self.limits.max_head_frame).map_err(ExchangeError::HeadTooLarge)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (mut events, credit) = self.insert(id);
         let slot = SlotRef::new(self.pending.clone(), id);
@@ -172,13 +171,13 @@ impl Exchanges {
                 abandoned.armed = false;
                 return Err(ExchangeError::Reset(code));
             }
-            Some(_) => return Err(ExchangeError::Protocol("body before the response head".into())),
+            Some(_) => return Err(BadAnswer::BodyBeforeHead.into()),
             None => {
                 abandoned.armed = false;
                 return Err(ExchangeError::Lost);
             }
         };
-        answer.validate(&self.limits).map_err(|e| ExchangeError::Protocol(e.to_string()))?;
+        answer.validate(&self.limits).map_err(BadAnswer::from)?;
         // The body takes over: it resets the exchange if dropped before its end.
         abandoned.armed = false;
         let upload = upload.and_then(AbortOnDrop::into_inner);

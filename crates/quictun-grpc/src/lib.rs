@@ -20,20 +20,26 @@
 //!   requests): opening one, and serving one the peer opened.
 //! - [`tunnel`]: [`GrpcTunnel`], the [`quictun_core::tunnel::Tunnel`] of one tunnel RPC, the
 //!   same at both ends, with its one reader.
-//! - [`server`]: the relay side ([`server::serve`]).
-//! - [`client`]: the agent side ([`client::dial`]).
+//! - `server`: the relay side ([`GrpcListener`]: admission by address before TLS, then TLS,
+//!   HTTP/2 and the tunnel RPC under deadlines).
+//! - `client`: the agent side ([`GrpcDialer`]).
+//! - `transport`: [`Grpc`], the implementation of [`quictun_core::transport::Transport`].
 //! - [`floor`]: tonic alone doing the minimal exchange, the floor under the gRPC rows of
 //!   `quictun bench`.
 
-pub mod client;
+mod client;
 pub mod exchange;
 pub mod floor;
 pub mod flow;
 pub mod messages;
 pub mod mux;
-pub mod server;
+mod server;
+mod transport;
 pub mod tunnel;
 
+pub use client::{GrpcDialOptions, GrpcDialer};
+pub use server::{GrpcBindOptions, GrpcListener};
+pub use transport::Grpc;
 pub use tunnel::GrpcTunnel;
 
 /// HTTP/2 PINGs, sent by both ends: a peer that answers none for [`PING_TIMEOUT`] after a

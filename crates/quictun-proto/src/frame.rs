@@ -20,7 +20,7 @@ fn wire_config() -> WireConfig {
 }
 
 /// Why a frame could not be encoded or decoded.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
     /// The length prefix (or an encoded message) exceeds the limit.
     #[error("frame of {len} bytes exceeds the limit of {max} bytes")]

@@ -36,7 +36,7 @@ pub struct RecvBody {
 
 impl RecvBody {
     /// Streams `start` (the body bytes read together with the head), then the rest of `recv`.
-    pub fn new(recv: quinn::RecvStream, start: Bytes) -> Self {
+    pub(crate) fn new(recv: quinn::RecvStream, start: Bytes) -> Self {
         Self { recv, start: Some(start).filter(|b| !b.is_empty()), batch: Default::default(), done: false }
     }
 }
@@ -84,7 +84,7 @@ fn read_end_now(recv: &mut quinn::RecvStream) -> bool {
 
 /// Closes a receive stream that is to be read no further: it stays quiet when its end is already
 /// there, and is stopped with `code` otherwise.
-pub fn close_recv(mut recv: quinn::RecvStream, code: StreamCode) {
+pub(crate) fn close_recv(mut recv: quinn::RecvStream, code: StreamCode) {
     if !read_end_now(&mut recv) {
         stop(&mut recv, code);
     }
@@ -125,7 +125,7 @@ impl Body for RecvBody {
 
 /// The body that follows a head on `recv` (`start` being the part of it read with the head), laid
 /// out as the head announced.
-pub fn recv_body(recv: quinn::RecvStream, start: Bytes, framing: Framing, limits: Limits) -> TunnelBody {
+pub(crate) fn recv_body(recv: quinn::RecvStream, start: Bytes, framing: Framing, limits: Limits) -> TunnelBody {
     match framing {
         Framing::Raw => RecvBody::new(recv, start).boxed_unsync(),
         Framing::Framed { .. } => FramedBody::new(RecvBody::new(recv, start), limits).boxed_unsync(),
@@ -142,7 +142,7 @@ pub struct QuicSink {
 
 impl QuicSink {
     /// Sends a body on `send` (its head already written).
-    pub fn new(send: quinn::SendStream, framing: Framing) -> Self {
+    pub(crate) fn new(send: quinn::SendStream, framing: Framing) -> Self {
         Self { send, framing, head: None }
     }
 
@@ -150,7 +150,7 @@ impl QuicSink {
     /// body's first bytes when they are already there, so that a small answer is one write and
     /// one end (each write takes the connection's lock, which its driver holds while it sends);
     /// [`BodySink::flush`] sends it alone before the pump waits for a slow body.
-    pub fn with_head(send: quinn::SendStream, framing: Framing, head: Bytes) -> Self {
+    pub(crate) fn with_head(send: quinn::SendStream, framing: Framing, head: Bytes) -> Self {
         Self { send, framing, head: Some(head) }
     }
 
@@ -212,12 +212,12 @@ impl BodySink for QuicSink {
 }
 
 /// Resets a send stream with `code`, ignoring a stream that is already closed.
-pub fn reset(send: &mut quinn::SendStream, code: StreamCode) {
+pub(crate) fn reset(send: &mut quinn::SendStream, code: StreamCode) {
     let _already_closed = send.reset(VarInt::from_u32(code.to_u32()));
 }
 
 /// Stops a receive stream with `code`, ignoring a stream that is already closed.
-pub fn stop(recv: &mut quinn::RecvStream, code: StreamCode) {
+pub(crate) fn stop(recv: &mut quinn::RecvStream, code: StreamCode) {
     let _already_closed = recv.stop(VarInt::from_u32(code.to_u32()));
 }
 

@@ -16,11 +16,11 @@ use std::time::Instant;
 
 /// quinn's tokio runtime, spawning drivers that defer once per wake ([`Deferred`]).
 #[derive(Debug)]
-pub struct DeferringRuntime(quinn::TokioRuntime);
+pub(crate) struct DeferringRuntime(quinn::TokioRuntime);
 
 impl DeferringRuntime {
     /// The runtime for endpoints made inside a tokio runtime, as quinn takes it.
-    pub fn shared() -> Arc<dyn quinn::Runtime> {
+    pub(crate) fn shared() -> Arc<dyn quinn::Runtime> {
         Arc::new(Self(quinn::TokioRuntime))
     }
 }

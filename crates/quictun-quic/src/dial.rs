@@ -1,68 +1,134 @@
-//! The agent's side of the QUIC transport: dialing the relay, with every failure typed as fatal
-//! (a wrong pin or certificate: retrying cannot help) or worth a retry.
+//! The agent's side of the QUIC transport: its endpoint (a UDP socket several agents may share,
+//! which can move to a new one), and dialing the relay with every failure typed (see
+//! [`quictun_core::transport::DialError`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use quictun_core::Trust;
 use quictun_core::control::ControlIo;
-use quictun_core::stall::StallScope;
-use quictun_core::tls::PinMismatch;
-use quictun_proto::{CloseCode, ControlMessage, Limits};
+use quictun_core::stall::{Reclaimer, StallScope};
+use quictun_core::transport::{Connection, DialError};
+use quictun_core::tunnel::TransportKind;
+use quictun_proto::{CloseCode, ControlMessage, HostPort, Limits};
 use tracing::debug;
 
-use crate::endpoint::ClientSetup;
+use crate::endpoint::{ClientSetup, EndpointError, Tuning, bind_udp, dialing_endpoint};
 use crate::frames::ControlChannel;
 use crate::tunnel::QuicTunnel;
 
-/// Why dialing the relay failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum DialError {
-    /// The relay's name did not resolve.
-    #[error(transparent)]
-    Resolve(#[from] quictun_core::ResolveError),
-    /// The relay's certificate does not match the pin.
-    #[error(transparent)]
-    PinMismatch(PinMismatch),
-    /// The relay's certificate was refused (CA mode: not valid for the name, or not signed by the CA).
-    #[error("the relay's certificate was refused: {0}")]
-    Certificate(String),
-    /// No handshake in time: nothing answers on that UDP port, or UDP is blocked.
-    #[error("no QUIC handshake with {addr} after {:.1} s", after.as_secs_f64())]
-    TimedOut {
-        /// The relay's address.
-        addr: SocketAddr,
-        /// How long it waited.
-        after: Duration,
-    },
-    /// The relay refused the connection (it is at a limit, or shutting down).
-    #[error("the relay at {0} refused the connection")]
-    Refused(SocketAddr),
-    /// The handshake failed otherwise.
-    #[error("QUIC handshake with {addr}: {why}")]
-    Handshake {
-        /// The relay's address.
-        addr: SocketAddr,
-        /// quinn's words.
-        why: String,
-    },
-    /// The local endpoint cannot dial that address.
-    #[error("cannot dial {addr}: {why}")]
-    Endpoint {
-        /// The relay's address.
-        addr: SocketAddr,
-        /// quinn's words.
-        why: String,
-    },
-    /// The control stream could not be opened.
-    #[error("opening the control stream: {0}")]
-    ControlStream(String),
+/// The agent's QUIC endpoint: the UDP socket its dials go from. It can move to a new socket (a
+/// new port or interface) without dropping its connections, and several agents of one process
+/// may share it.
+#[derive(Debug, Clone)]
+pub struct QuicEndpoint {
+    endpoint: quinn::Endpoint,
+    udp_buffer: usize,
 }
 
-impl DialError {
-    /// True when retrying cannot help (a wrong pin or certificate, an address the endpoint
-    /// cannot dial).
-    pub fn is_fatal(&self) -> bool {
-        matches!(self, Self::PinMismatch(_) | Self::Certificate(_) | Self::Endpoint { .. })
+impl QuicEndpoint {
+    /// A client endpoint bound to `bind`.
+    pub fn bind(bind: SocketAddr, tuning: &Tuning) -> Result<Self, EndpointError> {
+        Ok(Self { endpoint: dialing_endpoint(bind, tuning)?, udp_buffer: tuning.udp_buffer })
+    }
+
+    /// The local UDP address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// Moves the endpoint to a new UDP socket bound to `bind`: its connections migrate, streams
+    /// in flight go on. Returns the new local address.
+    pub fn rebind(&self, bind: SocketAddr) -> Result<SocketAddr, EndpointError> {
+        let socket = bind_udp(bind, self.udp_buffer)?;
+        let failed = |source| EndpointError::Socket { addr: bind, source };
+        let local = socket.local_addr().map_err(failed)?;
+        self.endpoint.rebind(socket).map_err(failed)?;
+        Ok(local)
+    }
+
+    /// Closes every connection of the endpoint with `code`, at once.
+    pub fn close(&self, code: CloseCode) {
+        crate::close_endpoint(&self.endpoint, code);
+    }
+
+    /// Waits until every connection of the endpoint is gone (its close delivered).
+    pub async fn wait_idle(&self) {
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// What the agent dials the relay over QUIC with.
+pub struct QuicDialOptions {
+    /// The endpoint the dials go from.
+    pub endpoint: QuicEndpoint,
+    /// How the relay is verified.
+    pub trust: Trust,
+    /// Transport settings.
+    pub tuning: Tuning,
+    /// The relay's QUIC address.
+    pub relay: HostPort,
+    /// The TLS server name.
+    pub server_name: String,
+    /// Longest a handshake may take.
+    pub handshake_timeout: Duration,
+    /// Frame limits.
+    pub limits: Limits,
+    /// Watches bodies from the relay for stalled readers.
+    pub stall: Reclaimer,
+}
+
+/// The agent's QUIC dialer.
+pub struct QuicDialer {
+    endpoint: QuicEndpoint,
+    setup: ClientSetup,
+    relay: HostPort,
+    server_name: String,
+    timeout: Duration,
+    limits: Limits,
+    stall: Reclaimer,
+    stream_window: u64,
+}
+
+impl QuicDialer {
+    /// A dialer with `options`' trust and settings.
+    pub fn new(options: QuicDialOptions) -> Result<Self, EndpointError> {
+        let QuicDialOptions { endpoint, trust, tuning, relay, server_name, handshake_timeout, limits, stall } = options;
+        let setup = ClientSetup::new(&trust, &tuning)?;
+        let stream_window = u64::from(tuning.stream_window);
+        Ok(Self { endpoint, setup, relay, server_name, timeout: handshake_timeout, limits, stall, stream_window })
+    }
+
+    /// The endpoint it dials from.
+    pub fn endpoint(&self) -> &QuicEndpoint {
+        &self.endpoint
+    }
+
+    /// Whether a QUIC handshake with the relay completes now (the connection is closed at once).
+    pub async fn probe(&self) -> bool {
+        let Ok(addr) = quictun_core::resolve(&self.relay).await else { return false };
+        let Ok(connecting) = connect(&self.endpoint.endpoint, &self.setup, addr, &self.server_name) else {
+            return false;
+        };
+        match handshake(connecting, &self.setup, addr, self.timeout).await {
+            Ok(conn) => {
+                crate::close(&conn, CloseCode::Normal);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Resolves the relay and dials it (see [`dial`]).
+    pub(crate) async fn dial(&self, first: ControlMessage) -> Result<Connection<ControlChannel>, DialError> {
+        let addr = quictun_core::resolve(&self.relay).await?;
+        let stall = self.stall.scope(self.stream_window);
+        let target = (addr, self.server_name.as_str());
+        let dialed =
+            dial(&self.endpoint.endpoint, &self.setup, target, self.timeout, self.limits, stall, first).await?;
+        debug!(handshake = ?dialed.handshake, "reached the relay");
+        let early_data = dialed.handshake == Handshake::ZeroRtt;
+        Ok(Connection { control: dialed.control, tunnel: std::sync::Arc::new(dialed.tunnel), early_data })
     }
 }
 
@@ -80,17 +146,19 @@ fn handshake_error(setup: &ClientSetup, addr: SocketAddr, err: quinn::Connection
         return DialError::PinMismatch(mismatch);
     }
     match err {
-        quinn::ConnectionError::TransportError(e) if is_certificate_alert(e.code) => {
-            DialError::Certificate(e.to_string())
-        }
+        quinn::ConnectionError::TransportError(e) if is_certificate_alert(e.code) => DialError::Certificate(e.into()),
         quinn::ConnectionError::ConnectionClosed(close)
             if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
         {
             DialError::Refused(addr)
         }
-        quinn::ConnectionError::TimedOut => DialError::TimedOut { addr, after: waited },
-        other => DialError::Handshake { addr, why: other.to_string() },
+        quinn::ConnectionError::TimedOut => timed_out(addr, waited),
+        other => DialError::Failed { what: "QUIC handshake", addr, source: other.into() },
     }
+}
+
+fn timed_out(addr: SocketAddr, after: Duration) -> DialError {
+    DialError::TimedOut { transport: TransportKind::Quic, addr, after }
 }
 
 /// Starts a connection to the relay at `addr`.
@@ -102,7 +170,7 @@ fn connect(
 ) -> Result<quinn::Connecting, DialError> {
     endpoint
         .connect_with(setup.config_for(addr), addr, server_name)
-        .map_err(|e| DialError::Endpoint { addr, why: e.to_string() })
+        .map_err(|e| DialError::Unreachable { addr, source: e.into() })
 }
 
 /// Completes a QUIC handshake with the relay at `addr` within `timeout`.
@@ -116,13 +184,13 @@ async fn handshake(
     match tokio::time::timeout(timeout, connecting).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(err)) => Err(handshake_error(setup, addr, err, started.elapsed())),
-        Err(_) => Err(DialError::TimedOut { addr, after: timeout }),
+        Err(_) => Err(timed_out(addr, timeout)),
     }
 }
 
 /// How a dial reached the relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Handshake {
+enum Handshake {
     /// A full or resumed handshake; the first message went after it.
     Complete,
     /// A resumed TLS session: the first message went as 0-RTT data, with the ClientHello.
@@ -130,13 +198,13 @@ pub enum Handshake {
 }
 
 /// A dialed relay: the control stream (its first message sent), the tunnel, and how.
-pub struct Dialed {
+struct Dialed {
     /// The control stream.
-    pub control: ControlChannel,
+    control: ControlChannel,
     /// The tunnel.
-    pub tunnel: QuicTunnel,
+    tunnel: QuicTunnel,
     /// How the handshake went.
-    pub handshake: Handshake,
+    handshake: Handshake,
 }
 
 /// Opens the control stream on `conn` and sends `first` on it.
@@ -145,9 +213,14 @@ async fn open_control(
     first: ControlMessage,
     max_frame: usize,
 ) -> Result<ControlChannel, DialError> {
-    let (send, recv) = conn.open_bi().await.map_err(|e| DialError::ControlStream(e.to_string()))?;
+    let failed = |source: quictun_core::transport::BoxError| DialError::Failed {
+        what: "opening the control stream",
+        addr: conn.remote_address(),
+        source,
+    };
+    let (send, recv) = conn.open_bi().await.map_err(|e| failed(e.into()))?;
     let mut control = ControlChannel::new(send, recv, max_frame);
-    control.send(first).await.map_err(|e| DialError::ControlStream(e.to_string()))?;
+    control.send(first).await.map_err(|e| failed(e.into()))?;
     Ok(control)
 }
 
@@ -159,7 +232,7 @@ async fn open_control(
 /// can answer it within one round trip. The relay acts on it only once the handshake completes
 /// (0-RTT data can be replayed). When the relay refuses the 0-RTT data (it restarted, or dropped
 /// the ticket), `first` is sent again on a new stream once the handshake completes.
-pub async fn dial(
+async fn dial(
     endpoint: &quinn::Endpoint,
     setup: &ClientSetup,
     target: (SocketAddr, &str),
@@ -178,7 +251,7 @@ pub async fn dial(
                 (control, accepted.await)
             });
             match early.await {
-                Err(_) => return Err(DialError::TimedOut { addr, after: timeout }),
+                Err(_) => return Err(timed_out(addr, timeout)),
                 Ok((Ok(control), true)) => (conn, control, Handshake::ZeroRtt),
                 Ok((_, _)) => {
                     if let Some(err) = conn.close_reason() {
@@ -198,23 +271,4 @@ pub async fn dial(
         }
     };
     Ok(Dialed { control, tunnel: QuicTunnel::new(conn, limits, stall), handshake: handshake_kind })
-}
-
-/// Whether a QUIC handshake with the relay at `addr` completes now (the connection is closed at
-/// once).
-pub async fn probe(
-    endpoint: &quinn::Endpoint,
-    setup: &ClientSetup,
-    addr: SocketAddr,
-    server_name: &str,
-    timeout: Duration,
-) -> bool {
-    let Ok(connecting) = connect(endpoint, setup, addr, server_name) else { return false };
-    match handshake(connecting, setup, addr, timeout).await {
-        Ok(conn) => {
-            crate::close(&conn, CloseCode::Normal);
-            true
-        }
-        Err(_) => false,
-    }
 }

@@ -271,7 +271,7 @@ impl RestartKeys {
     }
 
     /// The endpoint configuration that uses them.
-    pub fn endpoint_config(self) -> quinn::EndpointConfig {
+    pub(crate) fn endpoint_config(self) -> quinn::EndpointConfig {
         let mut config = quinn::EndpointConfig::new(Arc::new(self.reset));
         let cid = self.cid;
         config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid)));
@@ -301,7 +301,7 @@ pub struct Acceptor {
 /// A connection [`Acceptor::accept`] took.
 pub struct Accepted {
     /// Its handshake.
-    pub connecting: quinn::Connecting,
+    pub(crate) connecting: quinn::Connecting,
     /// Its share of the full-size packet budget, when it got one: to be held for as long as the
     /// connection lives (dropping it early lets one connection more have the larger buffer).
     pub full_packets: Option<OwnedSemaphorePermit>,
@@ -310,7 +310,7 @@ pub struct Accepted {
 impl Acceptor {
     /// Accepts `incoming` (its handshake then runs in `connecting`): a peer on this host gets
     /// loopback-sized packets, full-size while the budget has room.
-    pub fn accept(&self, incoming: quinn::Incoming) -> Result<Accepted, quinn::ConnectionError> {
+    pub(crate) fn accept(&self, incoming: quinn::Incoming) -> Result<Accepted, quinn::ConnectionError> {
         if !is_loopback(incoming.remote_address()) {
             return Ok(Accepted { connecting: incoming.accept()?, full_packets: None });
         }
@@ -335,7 +335,7 @@ fn endpoint_config(mut config: quinn::EndpointConfig) -> quinn::EndpointConfig {
 
 /// A QUIC server endpoint on `addr` with the relay's certificate, and [`RestartKeys`] derived
 /// from its private key; connections are to be accepted through the returned [`Acceptor`].
-pub fn server_endpoint(
+pub(crate) fn server_endpoint(
     addr: SocketAddr,
     cert: CertKey,
     tuning: &Tuning,
@@ -369,18 +369,23 @@ pub fn server_endpoint(
 }
 
 /// A QUIC client endpoint bound to `bind`, and the client configuration to dial the relay with.
-pub fn client_endpoint(
+pub(crate) fn client_endpoint(
     bind: SocketAddr,
     trust: &Trust,
     tuning: &Tuning,
 ) -> Result<(quinn::Endpoint, ClientSetup), EndpointError> {
     let setup = ClientSetup::new(trust, tuning)?;
-    let socket = bind_udp(bind, tuning.udp_buffer)?;
-    let config = endpoint_config(quinn::EndpointConfig::default());
-    let mut endpoint = quinn::Endpoint::new(config, None, socket, runtime::default_runtime_or_err()?)
-        .map_err(|source| EndpointError::Socket { addr: bind, source })?;
+    let mut endpoint = dialing_endpoint(bind, tuning)?;
     endpoint.set_default_client_config(setup.config.clone());
     Ok((endpoint, setup))
+}
+
+/// A QUIC endpoint bound to `bind` that only dials (each dial names its configuration).
+pub(crate) fn dialing_endpoint(bind: SocketAddr, tuning: &Tuning) -> Result<quinn::Endpoint, EndpointError> {
+    let socket = bind_udp(bind, tuning.udp_buffer)?;
+    let config = endpoint_config(quinn::EndpointConfig::default());
+    quinn::Endpoint::new(config, None, socket, runtime::default_runtime_or_err()?)
+        .map_err(|source| EndpointError::Socket { addr: bind, source })
 }
 
 /// What a client needs to dial: the quinn configurations and, when pinning, the verifier that can
@@ -388,7 +393,7 @@ pub fn client_endpoint(
 #[derive(Clone)]
 pub struct ClientSetup {
     /// The quinn client configuration for a relay on another host.
-    pub config: quinn::ClientConfig,
+    pub(crate) config: quinn::ClientConfig,
     /// The same, for a relay on this host (see [`Tuning::loopback_transport_config`]).
     loopback: quinn::ClientConfig,
     /// The pin verifier, when trust is by pin.
@@ -412,7 +417,7 @@ impl ClientSetup {
     }
 
     /// The configuration to dial the relay at `addr` with.
-    pub fn config_for(&self, addr: SocketAddr) -> quinn::ClientConfig {
+    pub(crate) fn config_for(&self, addr: SocketAddr) -> quinn::ClientConfig {
         if is_loopback(addr) { self.loopback.clone() } else { self.config.clone() }
     }
 }
@@ -422,7 +427,7 @@ mod runtime {
 
     /// quinn's tokio runtime with deferred drivers ([`crate::deferred`]), or an error when called
     /// outside a tokio runtime.
-    pub fn default_runtime_or_err() -> Result<Arc<dyn quinn::Runtime>, EndpointError> {
+    pub(crate) fn default_runtime_or_err() -> Result<Arc<dyn quinn::Runtime>, EndpointError> {
         tokio::runtime::Handle::try_current().map(|_| crate::deferred::DeferringRuntime::shared()).map_err(|_| {
             EndpointError::Socket {
                 addr: SocketAddr::from(([0, 0, 0, 0], 0)),

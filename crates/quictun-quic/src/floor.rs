@@ -13,7 +13,10 @@ use bytes::Bytes;
 use quictun_proto::CloseCode;
 use tokio::task::JoinSet;
 
-use crate::endpoint::ClientSetup;
+use quictun_core::Trust;
+use quictun_core::tls::CertKey;
+
+use crate::endpoint::{ClientSetup, EndpointError, Tuning};
 
 /// The largest request the floor server reads.
 pub const MAX_REQUEST: usize = 1 << 20;
@@ -22,39 +25,88 @@ pub const MAX_REQUEST: usize = 1 << 20;
 /// one 64 KiB buffer, as the tunnel streams bodies).
 const ANSWER_CHUNK: usize = 64 * 1024;
 
-/// Serves the minimal exchange on `endpoint` until it closes: each request is read to its end
-/// and answered with `answer` bytes. Each connection and each exchange runs in a task owned by
-/// this function (they end with it).
-pub async fn serve(endpoint: crate::Endpoint, acceptor: crate::endpoint::Acceptor, answer: u64) {
-    let chunk = Bytes::from(vec![b'x'; usize::try_from(answer).unwrap_or(usize::MAX).min(ANSWER_CHUNK)]);
-    let mut connections = JoinSet::new();
-    while let Some(incoming) = endpoint.accept().await {
-        let (chunk, acceptor) = (chunk.clone(), acceptor.clone());
-        connections.spawn(async move {
-            let Ok(accepted) = acceptor.accept(incoming) else { return };
-            let Ok(conn) = accepted.connecting.await else { return };
-            let mut exchanges = JoinSet::new();
-            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                let chunk = chunk.clone();
-                exchanges.spawn(async move {
-                    if recv.read_to_end(MAX_REQUEST).await.is_err() {
-                        return;
-                    }
-                    let mut left = answer;
-                    while left > 0 {
-                        let n = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
-                        if send.write_chunk(chunk.slice(..n)).await.is_err() {
-                            return;
-                        }
-                        left -= n as u64;
-                    }
-                    let _already_finished = send.finish();
-                });
-                // Reap what finished, so the set holds only exchanges in flight.
-                while exchanges.try_join_next().is_some() {}
+/// A floor server: a QUIC endpoint with the relay's transport setup that answers the minimal
+/// exchange.
+pub struct FloorServer {
+    endpoint: quinn::Endpoint,
+    acceptor: crate::endpoint::Acceptor,
+}
+
+impl FloorServer {
+    /// Binds the server on `addr` with `cert`.
+    pub fn bind(addr: SocketAddr, cert: CertKey, tuning: &Tuning) -> Result<Self, EndpointError> {
+        let (endpoint, acceptor) = crate::endpoint::server_endpoint(addr, cert, tuning)?;
+        Ok(Self { endpoint, acceptor })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// Serves until the endpoint closes: each request is read to its end and answered with
+    /// `answer` bytes. Each connection and each exchange runs in a task owned by this function
+    /// (they end with it).
+    pub async fn serve(self, answer: u64) {
+        let chunk = Bytes::from(vec![b'x'; usize::try_from(answer).unwrap_or(usize::MAX).min(ANSWER_CHUNK)]);
+        let mut connections = JoinSet::new();
+        while let Some(incoming) = self.endpoint.accept().await {
+            let (chunk, acceptor) = (chunk.clone(), self.acceptor.clone());
+            connections.spawn(async move {
+                let Ok(accepted) = acceptor.accept(incoming) else { return };
+                let Ok(conn) = accepted.connecting.await else { return };
+                serve_connection(conn, chunk, answer).await;
+            });
+            while connections.try_join_next().is_some() {}
+        }
+    }
+}
+
+/// Answers every exchange of one connection.
+async fn serve_connection(conn: quinn::Connection, chunk: Bytes, answer: u64) {
+    let mut exchanges = JoinSet::new();
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let chunk = chunk.clone();
+        exchanges.spawn(async move {
+            if recv.read_to_end(MAX_REQUEST).await.is_err() {
+                return;
             }
+            let mut left = answer;
+            while left > 0 {
+                let n = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
+                if send.write_chunk(chunk.slice(..n)).await.is_err() {
+                    return;
+                }
+                left -= n as u64;
+            }
+            let _already_finished = send.finish();
         });
-        while connections.try_join_next().is_some() {}
+        // Reap what finished, so the set holds only exchanges in flight.
+        while exchanges.try_join_next().is_some() {}
+    }
+}
+
+/// The client end of the floor: an endpoint and what it verifies the server with.
+pub struct FloorDialer {
+    endpoint: quinn::Endpoint,
+    setup: ClientSetup,
+}
+
+impl FloorDialer {
+    /// A client endpoint on `bind` trusting the server by `trust`.
+    pub fn new(bind: SocketAddr, trust: &Trust, tuning: &Tuning) -> Result<Self, EndpointError> {
+        let (endpoint, setup) = crate::endpoint::client_endpoint(bind, trust, tuning)?;
+        Ok(Self { endpoint, setup })
+    }
+
+    /// Connects to the floor server at `addr`.
+    pub async fn connect(&self, addr: SocketAddr, server_name: &str) -> Result<FloorClient, FloorError> {
+        connect(&self.endpoint, &self.setup, addr, server_name).await
+    }
+
+    /// Closes the endpoint's connections.
+    pub fn close(&self) {
+        crate::close_endpoint(&self.endpoint, CloseCode::Normal);
     }
 }
 
@@ -90,8 +142,8 @@ pub struct FloorClient {
 }
 
 /// Connects to the floor server at `addr` (verified by `setup`).
-pub async fn connect(
-    endpoint: &crate::Endpoint,
+async fn connect(
+    endpoint: &quinn::Endpoint,
     setup: &ClientSetup,
     addr: SocketAddr,
     server_name: &str,
@@ -180,39 +232,34 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Tuning;
-    use quictun_core::Trust;
     use quictun_core::tls::GeneratedCert;
 
     /// A floor server answering `answer` bytes, with its address and its task.
-    fn floor_server(cert: &GeneratedCert, answer: u64) -> (crate::Endpoint, SocketAddr, tokio::task::JoinHandle<()>) {
+    fn floor_server(cert: &GeneratedCert, answer: u64) -> (SocketAddr, tokio::task::JoinHandle<()>) {
         let any = "127.0.0.1:0".parse().unwrap();
-        let (server, acceptor) =
-            crate::endpoint::server_endpoint(any, cert.cert_key().unwrap(), &Tuning::default()).unwrap();
+        let server = FloorServer::bind(any, cert.cert_key().unwrap(), &Tuning::default()).unwrap();
         let addr = server.local_addr().unwrap();
-        (server.clone(), addr, tokio::spawn(serve(server, acceptor, answer)))
+        (addr, tokio::spawn(server.serve(answer)))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_floor_exchanges_over_real_quic() {
         let cert = GeneratedCert::self_signed(&[]).unwrap();
         let trust = Trust::Pin(cert.pin);
-        let (client, setup) =
-            crate::endpoint::client_endpoint("127.0.0.1:0".parse().unwrap(), &trust, &Tuning::default()).unwrap();
+        let client = FloorDialer::new("127.0.0.1:0".parse().unwrap(), &trust, &Tuning::default()).unwrap();
 
-        let (server, addr, serving) = floor_server(&cert, 1024);
-        let floor = connect(&client, &setup, addr, "localhost").await.unwrap();
+        let (addr, serving) = floor_server(&cert, 1024);
+        let floor = client.connect(addr, "localhost").await.unwrap();
         let run = floor.run(1024, 8, Duration::from_millis(300)).await.unwrap();
         assert!(run.exchanges > 0, "{run:?}");
-        server.close(0u32.into(), b"next");
         serving.abort();
 
         // A large answer is streamed whole.
-        let (server, addr, serving) = floor_server(&cert, 3 * ANSWER_CHUNK as u64 + 5);
-        let floor = connect(&client, &setup, addr, "localhost").await.unwrap();
+        let (addr, serving) = floor_server(&cert, 3 * ANSWER_CHUNK as u64 + 5);
+        let floor = client.connect(addr, "localhost").await.unwrap();
         let (bytes, _) = floor.download().await.unwrap();
         assert_eq!(bytes, 3 * ANSWER_CHUNK as u64 + 5);
-        server.close(0u32.into(), b"done");
         serving.abort();
+        client.close();
     }
 }

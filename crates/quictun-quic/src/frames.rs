@@ -8,12 +8,12 @@ use futures_util::{SinkExt, StreamExt};
 use quictun_core::control::{ControlCodec, ControlError, ControlIo};
 use quictun_proto::frame::{self, FrameError, LEN_PREFIX};
 use quictun_proto::{ControlMessage, StreamCode};
-use serde::{Serialize, de::DeserializeOwned};
+use serde::de::DeserializeOwned;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 /// Why a frame could not be read from a stream.
 #[derive(Debug, thiserror::Error)]
-pub enum ReadFrameError {
+pub(crate) enum ReadFrameError {
     /// The bytes were not a valid frame (too large, malformed).
     #[error(transparent)]
     Frame(#[from] FrameError),
@@ -61,7 +61,7 @@ impl From<quinn::ReadError> for ReadFrameError {
 /// chunk holds the whole frame: a head and the body that followed it in one packet take one read
 /// (each read takes the connection's lock, which its driver holds while it sends). The length
 /// prefix is checked against `max` before anything is buffered.
-pub async fn read_head<T: DeserializeOwned>(
+pub(crate) async fn read_head<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     max: usize,
 ) -> Result<(T, Bytes), ReadFrameError> {
@@ -86,34 +86,12 @@ pub async fn read_head<T: DeserializeOwned>(
 }
 
 /// [`read_head`] with a deadline.
-pub async fn read_head_within<T: DeserializeOwned>(
+pub(crate) async fn read_head_within<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     max: usize,
     deadline: Duration,
 ) -> Result<(T, Bytes), ReadFrameError> {
     tokio::time::timeout(deadline, read_head(recv, max)).await.map_err(|_| ReadFrameError::Timeout(deadline))?
-}
-
-/// Why a frame could not be written.
-#[derive(Debug, thiserror::Error)]
-pub enum WriteFrameError {
-    /// The message could not be encoded within the limit.
-    #[error(transparent)]
-    Frame(#[from] FrameError),
-    /// The stream or connection failed.
-    #[error(transparent)]
-    Write(#[from] quinn::WriteError),
-}
-
-/// Encodes and writes one frame (a head, for a peer written by hand: tests and tools).
-pub async fn write_frame<T: Serialize>(
-    send: &mut quinn::SendStream,
-    msg: &T,
-    max: usize,
-) -> Result<(), WriteFrameError> {
-    let bytes = frame::encode(msg, max)?;
-    send.write_all(&bytes).await?;
-    Ok(())
 }
 
 /// The send priority of the control stream: above every data stream (which keep quinn's 0).
@@ -128,7 +106,7 @@ pub struct ControlChannel {
 impl ControlChannel {
     /// Wraps the two halves of the control stream. Its data is sent before any data stream's
     /// (heartbeats never queue behind bodies).
-    pub fn new(send: quinn::SendStream, recv: quinn::RecvStream, max_frame: usize) -> Self {
+    pub(crate) fn new(send: quinn::SendStream, recv: quinn::RecvStream, max_frame: usize) -> Self {
         if send.set_priority(CONTROL_PRIORITY).is_err() {
             tracing::debug!("control stream closed before its priority was set");
         }

@@ -10,9 +10,9 @@ use crate::Tuning;
 /// Both ends of one connection, with the endpoints that drive them.
 pub struct Pair {
     /// The end that connected.
-    pub client: quinn::Connection,
+    pub(crate) client: quinn::Connection,
     /// The end that accepted.
-    pub server: quinn::Connection,
+    pub(crate) server: quinn::Connection,
     _endpoints: (quinn::Endpoint, quinn::Endpoint),
 }
 

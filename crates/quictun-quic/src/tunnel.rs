@@ -17,7 +17,7 @@ use futures_util::future::Shared;
 use quictun_core::body::{AbortOnDrop, TunnelBody, WithUpload, empty_body, pump};
 use quictun_core::framing::Framing;
 use quictun_core::stall::StallScope;
-use quictun_core::tunnel::{BoxFuture, CloseReason, ExchangeError, RequestHandler, TransportKind, Tunnel};
+use quictun_core::tunnel::{BadAnswer, BoxFuture, CloseReason, ExchangeError, RequestHandler, TransportKind, Tunnel};
 use quictun_proto::{CloseCode, Limits, RequestHead, ResponseHead, StreamCode, frame};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -46,6 +46,8 @@ pub struct QuicTunnel {
     /// Completes with the handshake, for a connection accepted before it completed (0.5-RTT,
     /// so that an agent's 0-RTT register is read at once); `None` when it was already complete.
     handshake: Handshake,
+    /// The connection's share of the relay's full-size loopback packet budget, while it lives.
+    _full_packets: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// The handshake of a connection used before it completed.
@@ -60,13 +62,13 @@ impl std::fmt::Debug for Handshake {
 
 impl QuicTunnel {
     /// A tunnel over `conn`, whose handshake is complete; bodies read from it are watched in `stall`.
-    pub fn new(conn: quinn::Connection, limits: Limits, stall: StallScope) -> Self {
+    pub(crate) fn new(conn: quinn::Connection, limits: Limits, stall: StallScope) -> Self {
         Self::with_handshake(conn, Handshake(None), limits, stall)
     }
 
     /// A tunnel over `conn` whose handshake completes with `handshake` (see
     /// [`quinn::Connecting::into_0rtt`]): data read before it did may be replayed 0-RTT data.
-    pub fn early(
+    pub(crate) fn early(
         conn: quinn::Connection,
         handshake: quinn::ZeroRttAccepted,
         limits: Limits,
@@ -77,12 +79,13 @@ impl QuicTunnel {
 
     fn with_handshake(conn: quinn::Connection, handshake: Handshake, limits: Limits, stall: StallScope) -> Self {
         let (closed_with, known_closed) = (Mutex::new(None), AtomicBool::new(false));
-        Self { conn, limits, stall, closed_with, known_closed, handshake }
+        Self { conn, limits, stall, closed_with, known_closed, handshake, _full_packets: None }
     }
 
-    /// The underlying connection.
-    pub fn connection(&self) -> &quinn::Connection {
-        &self.conn
+    /// Holds `permit` (a share of the relay's full-size packet budget) while the tunnel lives.
+    pub fn holding(mut self, permit: Option<tokio::sync::OwnedSemaphorePermit>) -> Self {
+        self._full_packets = permit;
+        self
     }
 
     fn reason(&self, err: quinn::ConnectionError) -> CloseReason {
@@ -108,8 +111,7 @@ impl QuicTunnel {
         client: Option<IpAddr>,
     ) -> Result<(ResponseHead, TunnelBody), ExchangeError> {
         // Encoded before the stream opens: a head too large for the tunnel sends nothing.
-        let head_frame =
-            frame::encode(&head, self.limits.max_head_frame).map_err(|e| ExchangeError::HeadTooLarge(e.to_string()))?;
+        let head_frame = frame::encode(&head, self.limits.max_head_frame).map_err(ExchangeError::HeadTooLarge)?;
         let (mut send, mut recv) = match tokio::time::timeout(OPEN_TIMEOUT, self.conn.open_bi()).await {
             Ok(Ok(streams)) => streams,
             Ok(Err(err)) => {
@@ -135,7 +137,7 @@ impl QuicTunnel {
         let upload = upload.map(AbortOnDrop::new);
         let (response, start): (ResponseHead, _) =
             read_head(&mut recv, self.limits.max_head_frame).await.map_err(from_read)?;
-        response.validate(&self.limits).map_err(|e| ExchangeError::Protocol(e.to_string()))?;
+        response.validate(&self.limits).map_err(BadAnswer::from)?;
         let body = recv_body(recv, start, Framing::new(response.framed_body, &self.limits), self.limits);
         let body = self.stall.watch(body, &response.headers, client);
         Ok((response, WithUpload::wrap(body, upload.and_then(AbortOnDrop::into_inner))))
@@ -146,7 +148,9 @@ fn from_read(err: ReadFrameError) -> ExchangeError {
     match err {
         ReadFrameError::Reset(code) => ExchangeError::Reset(code),
         ReadFrameError::ConnectionLost(_) | ReadFrameError::Closed => ExchangeError::Lost,
-        other => ExchangeError::Protocol(other.to_string()),
+        ReadFrameError::Frame(err) => BadAnswer::Frame(err).into(),
+        ReadFrameError::Truncated => BadAnswer::Truncated.into(),
+        ReadFrameError::Timeout(_) => BadAnswer::NoHead.into(),
     }
 }
 
@@ -226,7 +230,7 @@ impl Tunnel for QuicTunnel {
 /// Serves one stream the peer opened: reads and checks the request head (a bad one resets the
 /// stream with its code), hands the request to `handler`, and streams the answer back (or resets
 /// the stream with the handler's code). The request body is watched in `stall`.
-pub async fn serve_stream(
+pub(crate) async fn serve_stream(
     handler: &dyn RequestHandler,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,

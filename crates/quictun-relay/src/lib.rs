@@ -9,8 +9,8 @@
 //! - `sessions`: client_id → session, group → sessions; `balance` chooses among them.
 //! - `registration`: registration, then the relay's side of the shared control session
 //!   (`quictun_core::session`), for any transport.
-//! - `quic`: admission rules for QUIC agents, handed to `quictun_quic::accept`. The gRPC
-//!   transport (`quictun-grpc`) feeds the same registration from its own listener.
+//! - `agents`: the agent listeners, one per transport, chosen in one place, served by one accept
+//!   loop with the same admission rules (handshake rate, pending places) for every transport.
 //! - `router`: host and path routing.
 //! - `ingress` and `proxy`: the HTTP server and the per-request forwarding.
 //! - `tcp`: TCP tunnels (`[[tcp]]`), one stream per connection.
@@ -20,18 +20,19 @@
 mod access;
 mod admin;
 mod admission;
+mod agents;
 mod balance;
 mod body;
 pub mod config;
 mod conn_clock;
 mod egress;
+mod error;
 #[cfg(test)]
 mod fake_tunnel;
 mod ingress;
 mod liveness;
 mod metrics;
 mod proxy;
-mod quic;
 mod registration;
 mod router;
 mod sessions;
@@ -45,64 +46,35 @@ use std::time::Duration;
 
 use quictun_core::Pin;
 use quictun_core::tls::CertKey;
-use quictun_quic::Tuning;
-use tracing::{Instrument, info};
+use tracing::info;
 
 pub use balance::Balance;
 pub use config::{ConfigError, RelayConfig};
+pub use error::RelayError;
 pub use sessions::{Session, SessionManager};
 
+use crate::agents::AgentListeners;
 use crate::state::RelayState;
-
-/// The largest packet the relay sends to an agent on its own host. quinn keeps a send buffer of
-/// the packet size for each connection: at 16 KiB an idle session costs what it did with
-/// 1,452-byte packets, where 64 KiB packets added about 50 KiB per session (`quictun bench
-/// --workloads many`). Agents, with one connection each, send packets as large as loopback
-/// carries: a download (agent to relay) gets the most of it.
-const LOOPBACK_PACKET: u16 = 16 * 1024;
-
-/// Agents on the relay's host that get packets as large as loopback carries all the same, the
-/// first ones to connect (at most 16 × 48 KiB more send buffer): an upload to such an agent (relay
-/// to agent) costs about a fifth less CPU per GiB than with [`LOOPBACK_PACKET`].
-const LOOPBACK_FULL_PACKET_AGENTS: usize = 16;
-
-/// Errors starting the relay.
-#[derive(Debug, thiserror::Error)]
-pub enum RelayError {
-    /// The QUIC endpoint could not be set up.
-    #[error("QUIC listener: {0}")]
-    Quic(#[from] quictun_quic::endpoint::EndpointError),
-    /// A TCP listener could not be bound.
-    #[error("{what} listener on {addr}: {source}")]
-    Bind {
-        /// Which listener.
-        what: &'static str,
-        /// Its address.
-        addr: SocketAddr,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The configuration did not compile (a token, a route, a target).
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// The HTTPS ingress's certificate could not be loaded or used.
-    #[error("HTTPS ingress certificate: {0}")]
-    HttpsCert(quictun_core::tls::TlsError),
-}
 
 /// A running relay.
 pub struct Relay {
     shared: Arc<RelayState>,
-    endpoint: quictun_quic::Endpoint,
+    agents: AgentListeners,
     ingresses: Vec<tokio::task::JoinHandle<()>>,
-    quic_addr: SocketAddr,
-    grpc_addr: Option<SocketAddr>,
-    http_addr: SocketAddr,
-    https_addr: Option<SocketAddr>,
-    admin_addr: SocketAddr,
-    tcp_addrs: Vec<SocketAddr>,
+    addrs: Addrs,
     tcp_entries: Vec<config::TcpEntry>,
     pin: Option<Pin>,
+}
+
+/// Where a relay listens.
+#[derive(Debug, Clone)]
+struct Addrs {
+    quic: Option<SocketAddr>,
+    grpc: Option<SocketAddr>,
+    http: SocketAddr,
+    https: Option<SocketAddr>,
+    admin: SocketAddr,
+    tcp: Vec<SocketAddr>,
 }
 
 /// The HTTPS ingress's TLS configuration: its own certificate when `https_cert` is set, the
@@ -119,154 +91,125 @@ fn https_config(
     Ok(Arc::new(config))
 }
 
-async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), RelayError> {
+fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), RelayError> {
     let err = |source| RelayError::Bind { what, addr, source };
     let listener = quictun_core::listen_tcp(addr).map_err(err)?;
     let bound = listener.local_addr().map_err(err)?;
     Ok((listener, bound))
 }
 
-impl Relay {
-    /// Binds the QUIC endpoint and the HTTP ingress and starts serving.
-    pub async fn start(config: RelayConfig, cert: CertKey) -> Result<Self, RelayError> {
-        let pin = cert.pin();
-        let cert_for_https = cert.clone();
-        let shared = Arc::new(RelayState::new(&config)?);
-        let admin_token = config.admin_token()?;
+/// Every listener of a relay, bound and not yet served.
+struct Bound {
+    agents: AgentListeners,
+    http: tokio::net::TcpListener,
+    https: Option<(tokio::net::TcpListener, Arc<rustls::ServerConfig>)>,
+    admin: tokio::net::TcpListener,
+    tcp: Vec<(tokio::net::TcpListener, config::TcpEntry)>,
+    addrs: Addrs,
+}
+
+impl Bound {
+    /// Binds every listener of `config`: agents (by transport), HTTP and HTTPS ingress, admin,
+    /// TCP tunnels. Nothing is served yet.
+    async fn bind(shared: &RelayState, config: &RelayConfig, cert: &CertKey) -> Result<Self, RelayError> {
         let settings = &shared.settings;
-        let tuning = Tuning {
-            // Streams an *agent* may open towards the relay: the control stream and its egress
-            // requests. quinn allocates state up front for every stream the peer may open, so
-            // this stays modest; the relay's own streams are limited by `max_streams_per_agent`.
-            max_concurrent_streams: 1 + settings.max_egress_streams_per_agent,
-            idle_timeout: Duration::from_secs(30).max(settings.heartbeat_timeout() * 2),
-            keep_alive: settings.heartbeat_interval().min(Duration::from_secs(5)),
-            congestion: settings.congestion,
-            stream_window: settings.stream_window,
-            connection_window: settings.connection_window,
-            loopback_packet: LOOPBACK_PACKET,
-            loopback_full_packet_connections: LOOPBACK_FULL_PACKET_AGENTS,
-            ..Tuning::default()
-        };
-        let grpc_tls = quictun_core::tls::server_config_with_alpn(cert.clone(), b"h2")
-            .map_err(quictun_quic::endpoint::EndpointError::from)?;
-        let (endpoint, acceptor) = quictun_quic::endpoint::server_endpoint(settings.quic_listen, cert, &tuning)?;
-        let quic_addr = endpoint.local_addr().map_err(|source| RelayError::Bind {
-            what: "QUIC",
-            addr: settings.quic_listen,
-            source,
-        })?;
-        let (http_listener, http_addr) = bind_tcp("HTTP", settings.http_listen).await?;
-        let (admin_listener, admin_addr) = bind_tcp("admin", settings.admin_listen).await?;
-        shared.runtime.tasks.spawn(shared.runtime.reclaimer.clone().run(shared.runtime.stopped.clone()));
-        let watch_silence = liveness::watch(shared.runtime.sessions.clone());
-        quictun_core::spawn_cancellable(&shared.runtime.tasks, &shared.runtime.stopped, watch_silence);
-        if settings.transport.quic() {
-            shared.runtime.tasks.spawn(quic::accept_loop(endpoint.clone(), acceptor, shared.clone()));
-        }
-        let grpc_addr = if settings.transport.grpc() {
-            let (listener, addr) = bind_tcp("gRPC", settings.grpc_listen).await?;
-            let on_agent_shared = shared.clone();
-            let on_agent: quictun_grpc::server::OnAgent = Arc::new(move |control, tunnel, admission| {
-                let shared = on_agent_shared.clone();
-                let handshake = metrics::RegisterHandshake::complete;
-                let serve = registration::serve_agent(control, tunnel, shared, admission, handshake);
-                on_agent_shared.runtime.tasks.spawn(serve.in_current_span());
-            });
-            let admit_shared = shared.clone();
-            let admit: quictun_core::tunnel::Admit = Arc::new(move |peer| {
-                let slot = quic::admit_pending(&admit_shared, peer.ip())?;
-                Some(Box::new(slot) as quictun_core::tunnel::Admission)
-            });
-            let setup = quictun_grpc::server::Listener {
-                tls: Arc::new(grpc_tls),
-                limits: shared.settings.limits,
-                on_agent,
-                admit,
-                stall: shared.runtime.reclaimer.clone(),
-            };
-            shared.runtime.tasks.spawn(quictun_grpc::server::serve(
-                listener,
-                Arc::new(setup),
-                shared.runtime.stopped.clone(),
-                shared.runtime.tasks.clone(),
-            ));
-            Some(addr)
-        } else {
-            None
-        };
-        let mut tcp_addrs = Vec::with_capacity(config.tcp.len());
-        for entry in &config.tcp {
-            let (listener, addr) = bind_tcp("TCP tunnel", entry.listen).await?;
-            tcp_addrs.push(addr);
-            let timeout = Duration::from_secs(settings.response_timeout_secs);
-            shared.runtime.tasks.spawn(tcp::serve(listener, entry.clone(), shared.runtime.clone(), timeout));
-        }
-        let mut ingresses = vec![shared.runtime.tasks.spawn(ingress::serve(http_listener, shared.clone(), None))];
-        let https_addr = match settings.https_listen {
+        let agents = AgentListeners::bind(shared, cert).await?;
+        let (http, http_addr) = bind_tcp("HTTP", settings.http_listen)?;
+        let (admin, admin_addr) = bind_tcp("admin", settings.admin_listen)?;
+        let https = match settings.https_listen {
             Some(addr) => {
-                let tls = https_config(settings, &cert_for_https)?;
-                let (listener, addr) = bind_tcp("HTTPS", addr).await?;
-                ingresses.push(shared.runtime.tasks.spawn(ingress::serve(listener, shared.clone(), Some(tls))));
-                Some(addr)
+                let tls = https_config(settings, cert)?;
+                let (listener, addr) = bind_tcp("HTTPS", addr)?;
+                Some((listener, tls, addr))
             }
             None => None,
         };
-        shared.runtime.tasks.spawn(quictun_core::admin::serve(
-            admin_listener,
-            Arc::new(admin::RelayPages(shared.runtime.clone())),
-            admin_token,
-            shared.runtime.stopped.clone(),
-            shared.runtime.tasks.clone(),
-        ));
-        let off = || "off".to_owned();
-        let (grpc, https) =
-            (grpc_addr.map_or_else(off, |a| a.to_string()), https_addr.map_or_else(off, |a| a.to_string()));
-        info!(%quic_addr, grpc_addr = %grpc, %http_addr, https_addr = %https, %admin_addr, "relay listening");
-        let tcp_entries = config.tcp.clone();
-        Ok(Self {
-            shared,
-            endpoint,
-            ingresses,
-            quic_addr,
-            grpc_addr,
-            http_addr,
-            https_addr,
-            admin_addr,
-            tcp_addrs,
-            tcp_entries,
-            pin,
-        })
+        let mut tcp = Vec::with_capacity(config.tcp.len());
+        for entry in &config.tcp {
+            let (listener, addr) = bind_tcp("TCP tunnel", entry.listen)?;
+            tcp.push((listener, entry.clone(), addr));
+        }
+        let addrs = Addrs {
+            quic: agents.quic_addr(),
+            grpc: agents.grpc_addr(),
+            http: http_addr,
+            https: https.as_ref().map(|(_, _, addr)| *addr),
+            admin: admin_addr,
+            tcp: tcp.iter().map(|(_, _, addr)| *addr).collect(),
+        };
+        let https = https.map(|(listener, tls, _)| (listener, tls));
+        let tcp = tcp.into_iter().map(|(listener, entry, _)| (listener, entry)).collect();
+        Ok(Self { agents, http, https, admin, tcp, addrs })
     }
 
-    /// The bound QUIC (UDP) address.
-    pub fn quic_addr(&self) -> SocketAddr {
-        self.quic_addr
+    /// Serves every listener on the relay's tasks (with the relay's background work: the
+    /// stalled-reader sweep, the silence check); returns the ingress tasks, which a drain waits
+    /// for.
+    fn run(
+        self,
+        shared: &Arc<RelayState>,
+        admin_token: Option<quictun_proto::Token>,
+    ) -> (AgentListeners, Vec<tokio::task::JoinHandle<()>>) {
+        let runtime = &shared.runtime;
+        runtime.tasks.spawn(runtime.reclaimer.clone().run(runtime.stopped.clone()));
+        quictun_core::spawn_cancellable(&runtime.tasks, &runtime.stopped, liveness::watch(runtime.sessions.clone()));
+        self.agents.run(shared);
+        for (listener, entry) in self.tcp {
+            let timeout = Duration::from_secs(shared.settings.response_timeout_secs);
+            runtime.tasks.spawn(tcp::serve(listener, entry, runtime.clone(), timeout));
+        }
+        let mut ingresses = vec![runtime.tasks.spawn(ingress::serve(self.http, shared.clone(), None))];
+        if let Some((listener, tls)) = self.https {
+            ingresses.push(runtime.tasks.spawn(ingress::serve(listener, shared.clone(), Some(tls))));
+        }
+        let pages = Arc::new(admin::RelayPages(runtime.clone()));
+        let (stopped, tasks) = (runtime.stopped.clone(), runtime.tasks.clone());
+        runtime.tasks.spawn(quictun_core::admin::serve(self.admin, pages, admin_token, stopped, tasks));
+        (self.agents, ingresses)
+    }
+}
+
+impl Relay {
+    /// Binds every listener of `config` (agents, ingress, admin, TCP tunnels), then serves them.
+    pub async fn start(config: RelayConfig, cert: CertKey) -> Result<Self, RelayError> {
+        let shared = Arc::new(RelayState::new(&config)?);
+        let admin_token = config.admin_token()?;
+        let bound = Bound::bind(&shared, &config, &cert).await?;
+        let addrs = bound.addrs.clone();
+        let (agents, ingresses) = bound.run(&shared, admin_token);
+        let off = |addr: Option<SocketAddr>| addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
+        info!(quic_addr = %off(addrs.quic), grpc_addr = %off(addrs.grpc), http_addr = %addrs.http, https_addr = %off(addrs.https), admin_addr = %addrs.admin, "relay listening");
+        Ok(Self { shared, agents, ingresses, addrs, tcp_entries: config.tcp.clone(), pin: cert.pin() })
+    }
+
+    /// The bound QUIC (UDP) address, when QUIC is served.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.addrs.quic
     }
 
     /// The bound gRPC transport address, when gRPC is served.
     pub fn grpc_addr(&self) -> Option<SocketAddr> {
-        self.grpc_addr
+        self.addrs.grpc
     }
 
     /// The bound HTTP ingress address.
     pub fn http_addr(&self) -> SocketAddr {
-        self.http_addr
+        self.addrs.http
     }
 
     /// The bound HTTPS ingress address, when `https_listen` is set.
     pub fn https_addr(&self) -> Option<SocketAddr> {
-        self.https_addr
+        self.addrs.https
     }
 
     /// The bound admin endpoint address.
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin_addr
+        self.addrs.admin
     }
 
     /// The bound addresses of the `[[tcp]]` tunnels, in configuration order.
     pub fn tcp_addrs(&self) -> &[SocketAddr] {
-        &self.tcp_addrs
+        &self.addrs.tcp
     }
 
     /// The pin of the relay's certificate.
@@ -308,7 +251,7 @@ impl Relay {
         if tokio::time::timeout(drain + Duration::from_secs(1), ingresses).await.is_err() {
             tracing::warn!("ingress did not stop after the drain timeout");
         }
-        quictun_quic::close_endpoint(&self.endpoint, quictun_proto::CloseCode::GoingAway);
+        self.agents.close(quictun_proto::CloseCode::GoingAway);
         for session in self.shared.runtime.sessions.all() {
             session.tunnel.close(quictun_proto::CloseCode::GoingAway);
         }
@@ -316,7 +259,7 @@ impl Relay {
         if tokio::time::timeout(Duration::from_secs(2), self.shared.runtime.tasks.wait()).await.is_err() {
             tracing::warn!(tasks = self.shared.runtime.tasks.len(), "tasks still running after shutdown");
         }
-        self.endpoint.wait_idle().await;
+        self.agents.wait_idle().await;
         info!("relay stopped");
     }
 
@@ -324,7 +267,7 @@ impl Relay {
     pub fn abort(&self) {
         self.shared.runtime.shutdown.cancel();
         self.shared.runtime.stopped.cancel();
-        quictun_quic::close_endpoint(&self.endpoint, quictun_proto::CloseCode::GoingAway);
+        self.agents.close(quictun_proto::CloseCode::GoingAway);
         for session in self.shared.runtime.sessions.all() {
             session.tunnel.close(quictun_proto::CloseCode::GoingAway);
         }

@@ -10,8 +10,9 @@ use futures_util::FutureExt;
 use quictun_core::control::{ControlError, ControlIo, message_name};
 use quictun_core::heartbeat::Heartbeats;
 use quictun_core::session::{Action, Role};
-use quictun_core::tunnel::{Admission, ProtocolViolation, Tunnel};
-use quictun_proto::{Accepted, CloseCode, ControlMessage, GoAway, RejectCode, Rejected};
+use quictun_core::transport::Connection;
+use quictun_core::tunnel::{Admission, BoxFuture, ProtocolViolation, Tunnel};
+use quictun_proto::{Accepted, CloseCode, ControlMessage, GoAway, Register, RejectCode, Rejected};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -34,142 +35,223 @@ async fn reject<C: ControlIo>(control: &mut C, tunnel: &dyn Tunnel, rejected: Re
     tunnel.close(CloseCode::Rejected);
 }
 
-/// Registers the agent on `control` and serves its session until the connection ends.
-/// `admission` holds the connection's place among those not registered yet until then;
-/// `handshake` says how the register came (for the metrics).
-pub async fn serve_agent<C: ControlIo>(
-    mut control: C,
-    tunnel: Arc<dyn Tunnel>,
-    shared: Arc<RelayState>,
-    admission: Admission,
-    handshake: RegisterHandshake,
-) {
-    let register_timeout = Duration::from_secs(shared.settings.register_timeout_secs);
-    let register = match control.recv_within(register_timeout).await {
-        Ok(ControlMessage::Register(register)) => register,
-        Ok(other) => {
-            tunnel.close(CloseCode::Protocol);
-            return warn!(message = message_name(&other), "first control message was not register");
-        }
-        Err(err) => {
-            let code =
-                if matches!(err, ControlError::Timeout(_)) { CloseCode::HandshakeTimeout } else { CloseCode::Protocol };
-            tunnel.close(code);
-            return warn!(%err, "no valid register message");
-        }
-    };
-    // A register that came as QUIC 0-RTT data can be replayed by whoever recorded it. While the
-    // handshake is not complete it is answered at once (so that the agent is registered after one
-    // round trip), but a session enters the session manager, replacing an older one, only once
-    // the handshake completes: a replay never completes it (that takes the agent's keys), so it
-    // changes nothing. rustls also refuses a replayed ticket's early data (see the endpoint).
+/// Registers the agent of `connection` and serves its session until the connection ends.
+/// `admission` holds the connection's place among those not registered yet until then.
+///
+/// The register message decides the path. One that came after the handshake (or on a transport
+/// without early data) registers at once. One that came as QUIC 0-RTT data could be a replay by
+/// whoever recorded it: it is answered at once (so that the agent is registered after one round
+/// trip), but the session enters the session manager, replacing an older one of its instance,
+/// only once the handshake completes; a replay never completes it (that takes the agent's keys),
+/// so it changes nothing. rustls also refuses a replayed ticket's early data (see the endpoint).
+pub async fn serve_agent<C: ControlIo>(connection: Connection<C>, shared: Arc<RelayState>, admission: Admission) {
+    let Connection { mut control, tunnel, early_data } = connection;
+    let Some(register) = read_register(&mut control, tunnel.as_ref(), &shared).await else { return };
     let mut handshake_complete = tunnel.handshake_complete();
-    let early = match (&mut handshake_complete).now_or_never() {
-        Some(true) => false,
+    let arrival = match (&mut handshake_complete).now_or_never() {
+        Some(true) => Arrival::Confirmed,
         Some(false) => return debug!("connection failed during registration"),
-        None => true,
+        None => Arrival::Early(handshake_complete),
     };
     let span = info_span!("session", client_id = %register.client_id, transport = tunnel.transport().as_str());
-    let live = shared.live.current();
-    let authenticated = live.authenticate(&register);
-    // Registered or refused: no longer pending either way.
-    drop(admission);
-    let group = match authenticated {
-        Ok(group) if !shared.runtime.shutdown.is_cancelled() => group,
-        Ok(_) => {
-            let rejected = Rejected { code: RejectCode::ShuttingDown, message: "relay is shutting down".into() };
-            return reject(&mut control, tunnel.as_ref(), rejected).await;
+    let handshake = if early_data { RegisterHandshake::zero_rtt } else { RegisterHandshake::complete };
+    async {
+        let authenticated = shared.live.current().authenticate(&register);
+        // Registered or refused: no longer pending either way.
+        drop(admission);
+        let group = match authenticated {
+            Ok(_) if shared.runtime.shutdown.is_cancelled() => {
+                let rejected = Rejected { code: RejectCode::ShuttingDown, message: "relay is shutting down".into() };
+                return reject(&mut control, tunnel.as_ref(), rejected).await;
+            }
+            Ok(group) => group,
+            Err(rejected) => {
+                shared.runtime.metrics.reject(crate::metrics::Reject::registration);
+                warn!(code = ?rejected.code, reason = %rejected.message, "registration rejected");
+                return reject(&mut control, tunnel.as_ref(), rejected).await;
+            }
+        };
+        let (session, accepted, commands) = new_session(&register, &group, &tunnel, &shared);
+        let entered = match arrival {
+            Arrival::Confirmed => enter_confirmed(&mut control, &session, accepted, &shared).await,
+            Arrival::Early(handshake) => enter_early(&mut control, &session, accepted, handshake, &shared).await,
+        };
+        let Err(rejected) = entered else {
+            shared.runtime.metrics.registered(handshake);
+            let instances = shared.runtime.sessions.instances(&session.client_id).len();
+            info!(session_id = %session.session_id, instance_id = %session.instance_id, instances, group = %session.group, agent_version = %register.agent_version, ?handshake, "agent registered");
+            return run_session(control, session, commands, shared).await;
+        };
+        if let Some(rejected) = rejected {
+            reject(&mut control, tunnel.as_ref(), rejected).await;
         }
-        Err(rejected) => {
-            shared.runtime.metrics.reject(crate::metrics::Reject::registration);
-            span.in_scope(|| warn!(code = ?rejected.code, reason = %rejected.message, "registration rejected"));
-            return reject(&mut control, tunnel.as_ref(), rejected).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+/// How the register message arrived.
+enum Arrival<'a> {
+    /// After the handshake: it is the agent's.
+    Confirmed,
+    /// As 0-RTT data: it is the agent's once this resolves true.
+    Early(BoxFuture<'a, bool>),
+}
+
+/// The first control message, which must be register (under the registration deadline); the
+/// connection is closed otherwise.
+async fn read_register<C: ControlIo>(control: &mut C, tunnel: &dyn Tunnel, shared: &RelayState) -> Option<Register> {
+    let register_timeout = Duration::from_secs(shared.settings.register_timeout_secs);
+    match control.recv_within(register_timeout).await {
+        Ok(ControlMessage::Register(register)) => Some(register),
+        Ok(other) => {
+            tunnel.close(CloseCode::Protocol);
+            warn!(message = message_name(&other), "first control message was not register");
+            None
         }
-    };
+        Err(err) => {
+            let timed_out = matches!(err, ControlError::Timeout(_));
+            tunnel.close(if timed_out { CloseCode::HandshakeTimeout } else { CloseCode::Protocol });
+            warn!(%err, "no valid register message");
+            None
+        }
+    }
+}
+
+/// The session a register creates, the answer it gets, and its command channel.
+fn new_session(
+    register: &Register,
+    group: &str,
+    tunnel: &Arc<dyn Tunnel>,
+    shared: &RelayState,
+) -> (Arc<Session>, Accepted, mpsc::Receiver<SessionCommand>) {
     let (commands, command_rx) = mpsc::channel(8);
+    let settings = &shared.settings;
     let session = Arc::new(Session::new(
         &register.client_id,
         register.instance_id,
-        &group,
+        group,
         tunnel.clone(),
-        shared.settings.max_streams_per_agent,
-        shared.settings.heartbeat_interval(),
+        settings.max_streams_per_agent,
+        settings.heartbeat_interval(),
         commands,
     ));
     session.heard();
     let accepted = Accepted {
         session_id: session.session_id,
-        heartbeat_interval_ms: shared.settings.heartbeat_interval_ms,
-        heartbeat_misses: shared.settings.heartbeat_misses,
-        config: live.agent_config(&group),
+        heartbeat_interval_ms: settings.heartbeat_interval_ms,
+        heartbeat_misses: settings.heartbeat_misses,
+        config: shared.live.current().agent_config(group),
     };
-    drop(live);
-    async {
-        let max_instances = shared.settings.max_instances_per_client;
-        let too_many = |connected: usize| {
-            shared.runtime.metrics.reject(crate::metrics::Reject::registration);
-            let message = format!(
-                "client {} has {connected} instances connected, the most this relay allows (max_instances_per_client)",
-                register.client_id
-            );
-            warn!(instance_id = %register.instance_id, "{message}");
-            Rejected { code: RejectCode::TooManyInstances, message }
-        };
-        if early {
-            let sessions = &shared.runtime.sessions;
-            let connected = sessions.instances(&session.client_id).len();
-            if connected >= max_instances && !sessions.has_instance(&session.client_id, session.instance_id) {
-                return reject(&mut control, tunnel.as_ref(), too_many(connected)).await;
-            }
-            if let Err(err) = control.send(ControlMessage::Accepted(accepted.clone())).await {
-                return warn!(%err, "could not send accepted");
-            }
-        }
-        if early && !matches!(tokio::time::timeout(register_timeout, handshake_complete).await, Ok(true)) {
-            shared.runtime.metrics.reject(crate::metrics::Reject::unconfirmed_0rtt);
-            tunnel.close(CloseCode::HandshakeTimeout);
-            return warn!("0-RTT register whose handshake never completed: not registered (a replay, or the agent vanished)");
-        }
-        match shared.runtime.sessions.insert(session.clone(), max_instances) {
-            Ok(Some(old)) => info!(old_session = %old.session_id, "replaced this instance's older connection"),
-            Ok(None) => {}
-            Err(full) => return reject(&mut control, tunnel.as_ref(), too_many(full.connected)).await,
-        }
-        if !early && let Err(err) = control.send(ControlMessage::Accepted(accepted)).await {
-            shared.runtime.sessions.remove(&session);
-            return warn!(%err, "could not send accepted");
-        }
-        shared.runtime.metrics.registered(handshake);
-        let instances = shared.runtime.sessions.instances(&session.client_id).len();
-        info!(session_id = %session.session_id, instance_id = %session.instance_id, instances, group = %session.group, agent_version = %register.agent_version, ?handshake, "agent registered");
-        // The agent's egress requests are served while the session lasts.
-        let egress = CancellationToken::new();
-        let handler = Arc::new(EgressHandler::new(shared.clone(), Arc::from(session.group.as_ref())));
-        let (egress_tunnel, tasks, cancel) = (tunnel.clone(), shared.runtime.tasks.clone(), egress.clone());
-        let serve_egress = async move {
-            egress_tunnel.serve(handler, tasks, cancel).await;
-        };
-        quictun_core::spawn_cancellable(&shared.runtime.tasks, &egress, serve_egress.in_current_span());
-        let mut heartbeats = Heartbeats::new(shared.settings.heartbeat_interval(), shared.settings.heartbeat_misses);
-        let mut role =
-            RelayRole { session: &session, shared: &shared, commands: command_rx, going_away: false, agent_left: false };
-        let ended = quictun_core::session::run(&mut control, tunnel.as_ref(), &mut heartbeats, &mut role).await;
-        let reason = match ended {
-            Err(reason) => reason,
-            Ok(never) => match never {},
-        };
-        egress.cancel();
-        shared.runtime.sessions.remove(&session);
-        let said_goodbye = role.agent_left || matches!(reason.peer_code(), Some(CloseCode::GoingAway | CloseCode::Normal));
-        if said_goodbye {
-            // A deploy, Ctrl-C: the agent drained before closing.
-            info!(session_id = %session.session_id, %reason, "agent stopped gracefully");
-        } else {
-            info!(session_id = %session.session_id, %reason, "agent connection lost");
-        }
+    (session, accepted, command_rx)
+}
+
+/// Why a session did not enter: the rejection to send, or nothing (the connection is already
+/// closed or failed).
+type NotEntered = Option<Rejected>;
+
+/// A confirmed register: the session enters the manager (within the instance cap), then the
+/// agent is told.
+async fn enter_confirmed<C: ControlIo>(
+    control: &mut C,
+    session: &Arc<Session>,
+    accepted: Accepted,
+    shared: &RelayState,
+) -> Result<(), NotEntered> {
+    insert(session, shared)?;
+    if let Err(err) = control.send(ControlMessage::Accepted(accepted)).await {
+        shared.runtime.sessions.remove(session);
+        warn!(%err, "could not send accepted");
+        return Err(None);
     }
-    .instrument(span)
-    .await;
+    Ok(())
+}
+
+/// A 0-RTT register: answered at once (when the instance cap allows it), entered once the
+/// handshake completes; a handshake that never does (a replay, or an agent that vanished)
+/// registers nothing.
+async fn enter_early<C: ControlIo>(
+    control: &mut C,
+    session: &Arc<Session>,
+    accepted: Accepted,
+    handshake: BoxFuture<'_, bool>,
+    shared: &RelayState,
+) -> Result<(), NotEntered> {
+    let sessions = &shared.runtime.sessions;
+    let connected = sessions.instances(&session.client_id).len();
+    if connected >= shared.settings.max_instances_per_client
+        && !sessions.has_instance(&session.client_id, session.instance_id)
+    {
+        return Err(Some(too_many_instances(session, connected, shared)));
+    }
+    if let Err(err) = control.send(ControlMessage::Accepted(accepted)).await {
+        warn!(%err, "could not send accepted");
+        return Err(None);
+    }
+    let register_timeout = Duration::from_secs(shared.settings.register_timeout_secs);
+    if !matches!(tokio::time::timeout(register_timeout, handshake).await, Ok(true)) {
+        shared.runtime.metrics.reject(crate::metrics::Reject::unconfirmed_0rtt);
+        session.tunnel.close(CloseCode::HandshakeTimeout);
+        warn!("0-RTT register whose handshake never completed: not registered (a replay, or the agent vanished)");
+        return Err(None);
+    }
+    insert(session, shared)
+}
+
+/// Enters `session` in the manager, replacing an older one of its instance, within the
+/// instance cap.
+fn insert(session: &Arc<Session>, shared: &RelayState) -> Result<(), NotEntered> {
+    match shared.runtime.sessions.insert(session.clone(), shared.settings.max_instances_per_client) {
+        Ok(Some(old)) => info!(old_session = %old.session_id, "replaced this instance's older connection"),
+        Ok(None) => {}
+        Err(full) => return Err(Some(too_many_instances(session, full.connected, shared))),
+    }
+    Ok(())
+}
+
+/// The rejection of one instance more than `max_instances_per_client` (counted and logged).
+fn too_many_instances(session: &Session, connected: usize, shared: &RelayState) -> Rejected {
+    shared.runtime.metrics.reject(crate::metrics::Reject::registration);
+    let message = format!(
+        "client {} has {connected} instances connected, the most this relay allows (max_instances_per_client)",
+        session.client_id
+    );
+    warn!(instance_id = %session.instance_id, "{message}");
+    Rejected { code: RejectCode::TooManyInstances, message }
+}
+
+/// Serves a registered session (its egress requests, heartbeats, config_sync, go-away) until
+/// the connection ends, then removes it.
+async fn run_session<C: ControlIo>(
+    mut control: C,
+    session: Arc<Session>,
+    commands: mpsc::Receiver<SessionCommand>,
+    shared: Arc<RelayState>,
+) {
+    let tunnel = session.tunnel.clone();
+    // The agent's egress requests are served while the session lasts.
+    let egress = CancellationToken::new();
+    let handler = Arc::new(EgressHandler::new(shared.clone(), Arc::from(session.group.as_ref())));
+    let (egress_tunnel, tasks, cancel) = (tunnel.clone(), shared.runtime.tasks.clone(), egress.clone());
+    let serve_egress = async move {
+        egress_tunnel.serve(handler, tasks, cancel).await;
+    };
+    quictun_core::spawn_cancellable(&shared.runtime.tasks, &egress, serve_egress.in_current_span());
+    let mut heartbeats = Heartbeats::new(shared.settings.heartbeat_interval(), shared.settings.heartbeat_misses);
+    let mut role = RelayRole { session: &session, shared: &shared, commands, going_away: false, agent_left: false };
+    let reason = match quictun_core::session::run(&mut control, tunnel.as_ref(), &mut heartbeats, &mut role).await {
+        Err(reason) => reason,
+        Ok(never) => match never {},
+    };
+    egress.cancel();
+    shared.runtime.sessions.remove(&session);
+    let said_goodbye = role.agent_left || matches!(reason.peer_code(), Some(CloseCode::GoingAway | CloseCode::Normal));
+    if said_goodbye {
+        // A deploy, Ctrl-C: the agent drained before closing.
+        info!(session_id = %session.session_id, %reason, "agent stopped gracefully");
+    } else {
+        info!(session_id = %session.session_id, %reason, "agent connection lost");
+    }
 }
 
 /// What the relay does in a session beyond heartbeats: tracks the agent's health, takes its

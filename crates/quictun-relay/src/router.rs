@@ -74,7 +74,8 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 /// The routing table built from a validated configuration.
 #[derive(Debug, Clone, Default)]
 pub struct Router {
-    routes: Vec<Route>,
+    /// Shared, so that a request holds its route past a reload for a reference count.
+    routes: Vec<Arc<Route>>,
 }
 
 impl Router {
@@ -99,7 +100,7 @@ impl Router {
                 }
                 (None, _) => None,
             };
-            routes.push(Route {
+            routes.push(Arc::new(Route {
                 host: HostMatch::parse(&r.host),
                 path_prefix: r.path_prefix.clone(),
                 upstream: Arc::from(upstream.name.as_str()),
@@ -108,13 +109,13 @@ impl Router {
                 max_body_bytes: r.max_body_bytes,
                 balance: upstream.balance,
                 hash_header,
-            });
+            }));
         }
         Ok(Self { routes })
     }
 
     /// The first route matching `host` (any case, port ignored) and `path`.
-    pub fn route(&self, host: &str, path: &str) -> Option<&Route> {
+    pub fn route(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
         let host = normalize_host(host);
         self.routes.iter().find(|r| r.host.matches(&host) && prefix_matches(&r.path_prefix, path))
     }

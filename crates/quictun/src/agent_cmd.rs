@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use quictun_agent::EgressServer;
 use quictun_agent::config::AgentConfigFile;
-use quictun_agent::egress::EgressServer;
 use quictun_agent::{Agent, AgentOptions, AgentState};
 use quictun_proto::Token;
 

@@ -3,8 +3,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use quictun_agent::EgressServer;
 use quictun_agent::config::{AgentConfigFile, AgentSection};
-use quictun_agent::egress::EgressServer;
 use quictun_agent::{Agent, AgentOptions};
 use quictun_proto::Token;
 
@@ -65,9 +65,8 @@ pub async fn agents(args: BenchAgentsArgs) -> Result<(), Failure> {
         let shared = match &endpoint {
             Some(endpoint) => endpoint,
             None => {
-                let bind = quictun_agent::options::default_bind(&options.relay).await;
-                let (created, _) = quictun_quic::endpoint::client_endpoint(bind, &options.trust, &options.tuning)
-                    .map_err(Failure::runtime)?;
+                let bind = quictun_agent::default_bind(&options.relay).await;
+                let created = quictun_quic::QuicEndpoint::bind(bind, &options.tuning).map_err(Failure::runtime)?;
                 endpoint.insert(created)
             }
         };
@@ -106,10 +105,9 @@ pub async fn floor(args: BenchFloorArgs) -> Result<(), Failure> {
             quictun_grpc::floor::serve(listener, std::sync::Arc::new(tls), answer).await;
         }
         FloorTransport::Quic => {
-            let (endpoint, acceptor) =
-                quictun_quic::endpoint::server_endpoint(args.listen, cert, &quictun_quic::Tuning::default())
-                    .map_err(Failure::runtime)?;
-            quictun_quic::floor::serve(endpoint, acceptor, args.answer).await;
+            let server = quictun_quic::floor::FloorServer::bind(args.listen, cert, &quictun_quic::Tuning::default())
+                .map_err(Failure::runtime)?;
+            server.serve(args.answer).await;
         }
     }
     Ok(())

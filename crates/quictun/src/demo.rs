@@ -53,9 +53,10 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     let cert = GeneratedCert::self_signed(&[]).map_err(Failure::runtime)?;
     let relay = Relay::start(config, cert.cert_key().map_err(Failure::runtime)?).await.map_err(Failure::runtime)?;
 
+    let quic = relay.quic_addr().ok_or_else(|| Failure::runtime(anyhow!("the demo relay serves no QUIC")))?;
     let agent_file = AgentConfigFile {
         agent: AgentSection {
-            relay: relay.quic_addr().to_string(),
+            relay: quic.to_string(),
             pin: Some(cert.pin.to_string()),
             client_id: "demo".into(),
             token: Some(Token::new(token)),
@@ -70,7 +71,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     }
     let http = relay.http_addr();
     println!("quictun demo: relay, agent and upstream are running on loopback.");
-    println!("  relay   QUIC udp://{}  HTTP http://{http}  pin {}", relay.quic_addr(), cert.pin);
+    println!("  relay   QUIC udp://{quic}  HTTP http://{http}  pin {}", cert.pin);
     println!("  admin   http://{}/api/sessions", relay.admin_addr());
     println!("  agent   connected over QUIC, serving group \"demo\"");
     println!("  upstream http://{upstream_addr} (the agent's side of the tunnel)");

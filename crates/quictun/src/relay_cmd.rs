@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::anyhow;
-use quictun_agent::options::DEFAULT_GRPC_PORT;
+use quictun_agent::DEFAULT_GRPC_PORT;
 use quictun_core::tls::{CertKey, GeneratedCert};
 use quictun_relay::{Relay, RelayConfig};
 
@@ -61,17 +61,21 @@ fn host_name() -> String {
 /// and the token through `QUICTUN_TOKEN`, which keeps it out of `ps` and shell history.
 fn agent_command(
     public_name: &str,
-    quic: std::net::SocketAddr,
+    quic: Option<std::net::SocketAddr>,
     grpc: Option<std::net::SocketAddr>,
     pin: &str,
     client: &str,
 ) -> String {
     let host = if public_name.contains(':') { format!("[{public_name}]") } else { public_name.to_owned() };
+    // A relay serving gRPC only is named by its gRPC port, and the agent told to use gRPC.
+    let relay_port = quic.or(grpc).map_or(4433, |addr| addr.port());
     let mut command = format!(
-        "QUICTUN_TOKEN=<{client}'s token> quictun agent --relay {host}:{} --pin {pin} --client-id {client}",
-        quic.port()
+        "QUICTUN_TOKEN=<{client}'s token> quictun agent --relay {host}:{relay_port} --pin {pin} --client-id {client}"
     );
-    if let Some(grpc) = grpc.filter(|g| g.port() != DEFAULT_GRPC_PORT) {
+    if quic.is_none() {
+        command.push_str(" --transport grpc");
+    }
+    if let Some(grpc) = grpc.filter(|g| quic.is_none() || g.port() != DEFAULT_GRPC_PORT) {
         command.push_str(&format!(" --grpc-relay {host}:{}", grpc.port()));
     }
     command
@@ -134,7 +138,9 @@ pub async fn run(args: RelayArgs) -> Result<(), Failure> {
     // Caught from here on: a stop or a reload signal right after the banner is not fatal.
     let (shutdown, hangups) = (crate::signal::shutdown(), crate::signal::hangups());
     println!("quictun relay");
-    println!("  QUIC (agents)  udp://{}", relay.quic_addr());
+    if let Some(quic) = relay.quic_addr() {
+        println!("  QUIC (agents)  udp://{quic}");
+    }
     if let Some(grpc) = relay.grpc_addr() {
         println!("  gRPC (agents)  tcp://{grpc}");
     }
@@ -210,7 +216,7 @@ mod tests {
 
     #[test]
     fn the_agent_command_names_the_relay_its_ports_and_keeps_the_token_off_the_command_line() {
-        let quic = "0.0.0.0:4433".parse().unwrap();
+        let quic = Some("0.0.0.0:4433".parse().unwrap());
         let default_grpc = Some("0.0.0.0:4434".parse().unwrap());
         let command = agent_command("relay.example.com", quic, default_grpc, "sha256:ab", "office-1");
         assert_eq!(
@@ -222,5 +228,9 @@ mod tests {
         assert!(command.contains("--relay [2001:db8::1]:4433"), "{command}");
         assert!(command.ends_with("--grpc-relay [2001:db8::1]:9443"), "{command}");
         assert!(!command.contains("--token"));
+        // A relay serving gRPC only: the agent is told to dial its gRPC port over gRPC.
+        let command = agent_command("relay.example.com", None, default_grpc, "sha256:ab", "office-1");
+        assert!(command.contains("--relay relay.example.com:4434 --pin"), "{command}");
+        assert!(command.ends_with("--transport grpc --grpc-relay relay.example.com:4434"), "{command}");
     }
 }

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use quictun_core::Trust;
 use quictun_proto::{CloseCode, ControlMessage, PROTOCOL_VERSION, Register, Token, frame};
-use quictun_quic::Tuning;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
@@ -91,7 +90,7 @@ async fn hostile_connection(
             Ok((mut send, _recv)) => {
                 let _ = send.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3]).await;
                 let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
-                closed.is_ok_and(|reason| quictun_quic::peer_close_code(&reason) == Some(CloseCode::Protocol))
+                closed.is_ok_and(|reason| peer_close_code(&reason) == Some(CloseCode::Protocol))
             }
             Err(_) => false,
         },
@@ -132,6 +131,24 @@ async fn hostile_connection(
         }
     };
     if stopped { Outcome::Stopped } else { Outcome::Other }
+}
+
+/// A quinn client endpoint on `bind` that verifies the relay by `trust` with the agent's TLS
+/// configuration (ALPN `quictun/1`): hostile clients are written with quinn itself.
+fn quinn_client(bind: SocketAddr, trust: &Trust) -> quinn::Endpoint {
+    let (tls, _) = quictun_core::tls::client_config(trust).unwrap();
+    let config = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap()));
+    let mut endpoint = quinn::Endpoint::client(bind).unwrap();
+    endpoint.set_default_client_config(config);
+    endpoint
+}
+
+/// The quictun close code a peer closed with, when it did.
+fn peer_close_code(err: &quinn::ConnectionError) -> Option<CloseCode> {
+    match err {
+        quinn::ConnectionError::ApplicationClosed(close) => CloseCode::from_u64(close.error_code.into_inner()),
+        _ => None,
+    }
 }
 
 /// What the attack saw, per kind.
@@ -176,10 +193,7 @@ impl std::fmt::Display for Report {
 /// port and 100 connections of random bytes at the ingress.
 pub async fn attack(relay: SocketAddr, http: SocketAddr, pin: String) -> Report {
     let trust = Trust::Pin(pin.parse().unwrap());
-    let endpoint_at = |ip: [u8; 4]| {
-        let bind = SocketAddr::from((ip, 0));
-        quictun_quic::endpoint::client_endpoint(bind, &trust, &Tuning::default()).unwrap().0
-    };
+    let endpoint_at = |ip: [u8; 4]| quinn_client(SocketAddr::from((ip, 0)), &trust);
     let endpoints: Vec<quinn::Endpoint> = (0..NETWORKS).map(|n| endpoint_at([127, 1, n as u8, 1])).collect();
     let (h3, _) = quictun_core::tls::client_config_with_alpn(&trust, b"h3").unwrap();
     let wrong_alpn = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(h3).unwrap()));

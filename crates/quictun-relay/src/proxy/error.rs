@@ -1,0 +1,143 @@
+//! Why a request could not be proxied, and the `fail_to_proxy` phase: each failure carries its
+//! status, the metrics reason it counts under, whom it blames, and the headers its answer needs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, Response, StatusCode};
+use quictun_core::edge::host::HostError;
+use quictun_core::edge::path::PathError;
+use quictun_core::edge::serve::plain_text;
+use quictun_core::http::InvalidHeader;
+use quictun_core::tunnel::{BadAnswer, ExchangeError};
+
+use super::IngressBody;
+use crate::metrics::Reject;
+
+/// Why a request could not be proxied, and so which status it gets.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request has no usable host (missing, duplicate, conflicting, invalid).
+    #[error("bad request: {0}")]
+    BadHost(#[from] HostError),
+    /// The request path is refused (see [`quictun_core::edge::path`]).
+    #[error("bad request: {0}")]
+    BadPath(#[from] PathError),
+    /// More headers than the tunnel carries once the relay's own are added.
+    #[error("too many request headers: {count} with the relay's own, the limit is {max}")]
+    TooManyHeaders {
+        /// Headers the request would carry.
+        count: usize,
+        /// The tunnel's limit.
+        max: usize,
+    },
+    /// No route matches.
+    #[error("no route for host {host:?} and path {path:?}")]
+    NoRoute {
+        /// The request host.
+        host: String,
+        /// The request path.
+        path: String,
+    },
+    /// The route's group has no connected agent.
+    #[error("no agent of group {0:?} is connected")]
+    NoAgent(Arc<str>),
+    /// The route's group had no connected agent, and none registered during the relay's
+    /// startup grace (`startup_grace_secs`), which the request waited through.
+    #[error(
+        "no agent of group {group:?} is connected (waited {:.1} s for one to register after the relay started: startup_grace_secs)",
+        waited.as_secs_f64()
+    )]
+    NoAgentAfterWaiting {
+        /// The group.
+        group: Arc<str>,
+        /// How long the request waited.
+        waited: Duration,
+    },
+    /// The exchange with the agent failed before a response head arrived.
+    #[error(transparent)]
+    Exchange(#[from] ExchangeError),
+    /// The agent's response head cannot be turned into an HTTP response.
+    #[error("invalid response from agent: {0}")]
+    BadResponse(#[from] BadResponse),
+    /// No response head within the deadline.
+    #[error("no response from the agent within {0:?}")]
+    Timeout(Duration),
+    /// The route's in-flight limit is reached.
+    #[error("route {0:?} has too many requests in flight")]
+    RouteBusy(Arc<str>),
+    /// The request body is larger than the route allows.
+    #[error("request body larger than {0} bytes")]
+    BodyTooLarge(u64),
+    /// The request body arrived slower than `min_upload_rate`.
+    #[error("request body arrived slower than {0} bytes per second")]
+    UploadTooSlow(u64),
+    /// The client's address has `max_requests_per_ip` requests in flight.
+    #[error("too many requests in flight from your address")]
+    AddressBusy,
+}
+
+/// What made an agent's response head unusable as an HTTP response.
+#[derive(Debug, thiserror::Error)]
+pub enum BadResponse {
+    /// A status code HTTP does not have.
+    #[error(transparent)]
+    Status(#[from] http::status::InvalidStatusCode),
+    /// A header that is not a valid HTTP header.
+    #[error(transparent)]
+    Header(#[from] InvalidHeader),
+}
+
+impl From<BadAnswer> for ProxyError {
+    fn from(bad: BadAnswer) -> Self {
+        Self::Exchange(ExchangeError::Protocol(bad))
+    }
+}
+
+impl ProxyError {
+    /// The status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadHost(_) | Self::BadPath(_) => StatusCode::BAD_REQUEST,
+            Self::TooManyHeaders { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::NoRoute { .. } => StatusCode::NOT_FOUND,
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::RouteBusy(_) | Self::AddressBusy => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UploadTooSlow(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::Exchange(err) => StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::BAD_GATEWAY),
+            Self::NoAgent(_) | Self::NoAgentAfterWaiting { .. } | Self::BadResponse(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The metrics reason this refusal counts under, when it is one.
+    pub fn reject_reason(&self) -> Option<Reject> {
+        Some(match self {
+            Self::BadHost(_) | Self::BadPath(_) => Reject::bad_request,
+            Self::TooManyHeaders { .. } | Self::Exchange(ExchangeError::HeadTooLarge(_)) => Reject::headers_too_large,
+            Self::NoRoute { .. } => Reject::no_route,
+            Self::NoAgent(_) | Self::NoAgentAfterWaiting { .. } => Reject::no_agent,
+            Self::Exchange(ExchangeError::Busy) => Reject::agent_busy,
+            Self::RouteBusy(_) => Reject::route_busy,
+            Self::BodyTooLarge(_) => Reject::body_too_large,
+            Self::UploadTooSlow(_) => Reject::upload_too_slow,
+            Self::AddressBusy => Reject::ip_requests,
+            Self::Timeout(_) => Reject::timeout,
+            Self::Exchange(_) | Self::BadResponse(_) => return None,
+        })
+    }
+
+    /// Headers the answer carries beyond its status and text (a policy's challenge, say): none
+    /// of today's failures needs one. A 503's `Retry-After` is added with the text.
+    pub fn headers(&self) -> HeaderMap {
+        HeaderMap::new()
+    }
+
+    /// The `fail_to_proxy` phase: the answer a client gets for this failure.
+    pub fn into_response(self) -> Response<IngressBody> {
+        let headers = self.headers();
+        let mut response = plain_text(self.status(), &self.to_string(), |bytes| IngressBody::Full(Some(bytes)));
+        response.headers_mut().extend(headers);
+        response
+    }
+}
