@@ -172,7 +172,30 @@ async fn one_network_cannot_fill_the_slots_of_unregistered_connections(transport
     agent.shutdown().await.unwrap();
 }
 
+/// New connections from one address beyond its handshake rate are refused before any
+/// cryptography, on either transport (a burst of 2, then 1 a second).
+async fn new_connections_from_one_address_are_held_to_its_handshake_rate(transport: Transport) {
+    let h = Harness::start_with(with_relay(transport, |r| {
+        r.handshake_rate_per_ip = 1;
+        r.handshake_burst_per_ip = 2;
+        r.register_timeout_secs = 30;
+    }))
+    .await;
+    let mut admitted = Vec::new();
+    for _ in 0..6 {
+        admitted.push(unregistered_connection(transport, "127.0.2.77", &h).await);
+    }
+    let through = admitted.iter().filter(|c| c.is_some()).count();
+    assert!((2..=3).contains(&through), "{through} of 6 connections got through a burst of 2 at 1 a second");
+    let text = admin_get(h.relay().admin_addr(), "/metrics", None).await.text();
+    let refused = metric(&text, "quictun_rejects_total{reason=\"handshake_rate\"}").unwrap_or(0.0);
+    assert_eq!(refused as usize, 6 - through, "{text}");
+    // Another address is not affected.
+    assert!(unregistered_connection(transport, "127.0.3.1", &h).await.is_some());
+}
+
 quictun_tests::on_both_transports!(
+    new_connections_from_one_address_are_held_to_its_handshake_rate,
     one_address_cannot_take_every_stream_of_an_agent,
     an_upload_slower_than_the_minimum_pace_gets_408,
     a_connection_that_sends_nothing_is_closed_after_the_header_timeout,

@@ -262,6 +262,33 @@ async fn a_vanished_agent_is_dropped_by_its_heartbeats_before_the_transport_noti
 
 quictun_tests::on_both_transports!(a_vanished_agent_is_dropped_by_its_heartbeats_before_the_transport_notices);
 
+/// The agent's QUIC keep-alive and idle timeout are its own to set, and QUIC uses the smaller
+/// idle timeout of the two ends: an agent set to 800 ms is found dead by the relay within 1.5
+/// times that, with the heartbeats (5 s) and the relay's silence check out of the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_own_idle_timeout_is_the_connections() {
+    const IDLE: Duration = Duration::from_millis(800);
+    let config = HarnessConfig {
+        heartbeat_interval_ms: 5000,
+        ..HarnessConfig::with_relay(|config| config.relay.silence_check_ms = 0)
+    };
+    let h = Harness::start_with(config).await;
+    let path = quictun_tests::AgentPath::start(Transport::Quic, h.relay().quic_addr().expect("QUIC listener")).await;
+    let mut options = Harness::options_for(path.addr(), "agent-1", "secret-1", &h.cert.pin.to_string());
+    (options.tuning.keep_alive, options.tuning.idle_timeout) = (Duration::from_millis(200), IDLE);
+    let agent = h.agent_with(options).await;
+    path.blackhole();
+    let cut = std::time::Instant::now();
+    assert!(h.relay().sessions().wait_until(WAIT, |s| s.is_empty()).await);
+    let dropped = cut.elapsed();
+    eprintln!(
+        "the relay dropped an agent with a {IDLE:?} idle timeout {} ms after its path went silent",
+        dropped.as_millis()
+    );
+    assert!(dropped <= IDLE * 3 / 2, "dropped after {dropped:?}");
+    agent.abort();
+}
+
 /// The body of a stream whose head was read: the bytes read with the head, then the rest.
 async fn body_after(start: bytes::Bytes, recv: &mut quinn::RecvStream) -> Vec<u8> {
     let mut body = start.to_vec();

@@ -20,6 +20,19 @@ pub struct AgentConfigFile {
     pub upstreams: Vec<LocalUpstream>,
 }
 
+/// The agent's QUIC keep-alive by default (`agent.keep_alive_ms`): a PING when it has sent
+/// nothing for this long. A restarted relay answers the first packet of a connection it lost with
+/// a stateless reset, so this bounds how long an idle agent takes to notice the restart. It costs
+/// an idle session 60 small PING packets a minute and the relay's ACKs of them, where 5 s cost 12.
+pub const DEFAULT_KEEP_ALIVE_MS: u64 = 1000;
+
+/// The agent's QUIC idle timeout by default (`agent.idle_timeout_ms`): a connection that hears
+/// nothing for this long is dead. QUIC uses the smaller of the two ends' values, so this is the
+/// relay's too. With the 1 s keep-alive (the relay ACKs each PING), a live peer is heard from
+/// every second: the relay finds a dead agent within 2 s; the agent, whose timer restarts on its
+/// next PING, finds a dead relay within 3 s. The relay's heartbeats took 15 s.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 2000;
+
 /// The `[agent]` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -75,6 +88,13 @@ pub struct AgentSection {
     pub max_stalled_bytes: u64,
     /// Seconds in-flight requests get to finish on shutdown.
     pub drain_timeout_secs: u64,
+    /// A QUIC PING after this many milliseconds of sending nothing: the relay's silence check
+    /// (`relay.silence_check_ms`) expects to hear from a live agent at least this often, and a
+    /// restarted relay's stateless reset answers the first one.
+    pub keep_alive_ms: u64,
+    /// A QUIC connection that hears nothing for this many milliseconds is dead (QUIC uses the
+    /// smaller of both ends' values, so this is the relay's too). Above `keep_alive_ms`.
+    pub idle_timeout_ms: u64,
     /// TCP address of the agent's admin endpoint (`/healthz`, `/readyz`, `/metrics`); off when unset.
     pub admin_listen: Option<SocketAddr>,
     /// Bearer token required by the admin endpoint's `/metrics`.
@@ -110,6 +130,8 @@ impl Default for AgentSection {
             connection_window: quictun_quic::Tuning::default().connection_window,
             max_stalled_bytes: quictun_core::stall::StallLimits::default().total,
             drain_timeout_secs: 30,
+            keep_alive_ms: DEFAULT_KEEP_ALIVE_MS,
+            idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
             admin_listen: None,
             admin_token: None,
             egress_listen: None,

@@ -11,21 +11,8 @@ use quictun_quic::Tuning;
 
 use quictun_core::config::SecretSources;
 
-use crate::config::{AgentConfigFile, ConfigError, Transport};
+use crate::config::{AgentConfigFile, AgentSection, ConfigError, Transport};
 use crate::upstreams::{LocalTargets, Target};
-
-/// The agent's QUIC keep-alive: a PING when it has sent nothing for this long. A restarted relay
-/// answers the first packet of a connection it lost with a stateless reset, so this bounds how
-/// long an idle agent takes to notice the restart. It costs an idle session 60 small PING packets a
-/// minute and the relay's ACKs of them, where 5 s cost 12.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
-
-/// The agent's QUIC idle timeout: a connection that hears nothing for this long is dead. QUIC
-/// uses the smaller of the two ends' values, so this is the relay's too. With the 1 s keep-alive
-/// (the relay ACKs each PING), a live peer is heard from every second: the relay finds a dead
-/// agent within 2 s; the agent, whose timer restarts on its next PING, finds a dead relay within
-/// 3 s. The relay's heartbeats took 15 s.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The environment variable consulted for the token when none is configured.
 pub const TOKEN_ENV: &str = "QUICTUN_TOKEN";
@@ -115,64 +102,17 @@ impl AgentOptions {
 
     /// Validates a merged configuration for its `relay`; `file` names the source in errors.
     pub fn from_config(config: AgentConfigFile, file: &Path) -> Result<Self, ConfigError> {
-        let invalid =
-            |key: &str, message: String| ConfigError::Invalid { file: file.to_owned(), key: key.to_owned(), message };
-        let a = config.agent;
-        if a.relay.trim().is_empty() {
-            return Err(invalid("agent.relay", "missing relay address (HOST:PORT)".into()));
-        }
-        let relay: HostPort =
-            a.relay.parse().map_err(|e: quictun_proto::HostPortError| invalid("agent.relay", e.to_string()))?;
-        let grpc_relay = match &a.grpc_relay {
-            Some(text) => {
-                text.parse().map_err(|e: quictun_proto::HostPortError| invalid("agent.grpc_relay", e.to_string()))?
-            }
-            None => relay.with_port(DEFAULT_GRPC_PORT),
-        };
-        if a.stream_window < 64 * 1024 || a.connection_window < a.stream_window.saturating_mul(2) {
-            return Err(invalid(
-                "agent.connection_window",
-                "stream_window must be at least 65536 and connection_window at least twice it".into(),
-            ));
-        }
+        let invalid = |key: &str, message: String| ConfigError::invalid(file, key, message);
+        let a = &config.agent;
+        let (relay, grpc_relay) = relay_addresses(a).map_err(|(key, message)| invalid(key, message))?;
+        let tuning = tuning(a).map_err(|(key, message)| invalid(key, message))?;
         if a.client_id.trim().is_empty() {
             return Err(invalid("agent.client_id", "missing client id".into()));
         }
-        let trust = match (a.pin, a.ca) {
-            (Some(pin), None) => {
-                Trust::Pin(pin.parse().map_err(|e: quictun_core::tls::TlsError| invalid("agent.pin", e.to_string()))?)
-            }
-            (None, Some(ca)) => Trust::CaFile(ca),
-            (Some(_), Some(_)) => return Err(invalid("agent.pin", "set pin or ca, not both".into())),
-            (None, None) => return Err(invalid("agent.pin", "missing pin (sha256:…) or ca file".into())),
-        };
-        let sources = SecretSources {
-            key: "token",
-            inline: a.token.as_ref(),
-            env: a.token_env.as_deref(),
-            file: a.token_file.as_deref(),
-        };
-        let token = match sources.resolve().map_err(|e| invalid(&format!("agent.{}", e.key), e.message))? {
-            Some(token) => token,
-            // Nothing configured: the environment's QUICTUN_TOKEN.
-            None => match std::env::var(TOKEN_ENV) {
-                Ok(value) if !value.trim().is_empty() => Token::new(value.trim()),
-                _ => {
-                    return Err(invalid(
-                        "agent.token",
-                        format!("missing token (or token_env, token_file, or {TOKEN_ENV})"),
-                    ));
-                }
-            },
-        };
-        let mut local_upstreams = Vec::with_capacity(config.upstreams.len());
-        for (i, upstream) in config.upstreams.iter().enumerate() {
-            let targets = upstream.targets.iter().map(|target| {
-                Target::parse(target).map_err(|e| invalid(&format!("upstreams[{i}].targets"), e.to_string()))
-            });
-            local_upstreams
-                .push(LocalTargets { name: upstream.name.clone(), targets: targets.collect::<Result<_, _>>()? });
-        }
+        let trust = trust(a).map_err(|(key, message)| invalid(key, message))?;
+        let token = token(a).map_err(|(key, message)| invalid(&key, message))?;
+        let local_upstreams = local_upstreams(&config).map_err(|(key, message)| invalid(&key, message))?;
+        let a = config.agent;
         let server_name = a.server_name.unwrap_or_else(|| relay.host().to_owned());
         Ok(Self {
             relay,
@@ -194,15 +134,7 @@ impl AgentOptions {
             connect_timeout: Duration::from_secs(a.upstream_connect_timeout_secs.max(1)),
             response_timeout: Duration::from_secs(a.upstream_response_timeout_secs.max(1)),
             drain_timeout: Duration::from_secs(a.drain_timeout_secs),
-            tuning: Tuning {
-                max_concurrent_streams: a.max_concurrent_streams.max(1),
-                congestion: a.congestion,
-                stream_window: a.stream_window,
-                connection_window: a.connection_window,
-                keep_alive: KEEP_ALIVE,
-                idle_timeout: IDLE_TIMEOUT,
-                ..Tuning::default()
-            },
+            tuning,
             stall: StallLimits {
                 per_connection: u64::from(a.connection_window / 2).min(StallLimits::default().per_connection),
                 total: a.max_stalled_bytes,
@@ -216,6 +148,97 @@ impl AgentOptions {
             egress_listen: a.egress_listen,
         })
     }
+}
+
+/// A configuration key and what is wrong with its value.
+type Invalid<K = &'static str> = (K, String);
+
+/// The relay's QUIC address and its gRPC one (by default the relay's host, port 4434).
+fn relay_addresses(a: &AgentSection) -> Result<(HostPort, HostPort), Invalid> {
+    if a.relay.trim().is_empty() {
+        return Err(("agent.relay", "missing relay address (HOST:PORT)".into()));
+    }
+    let relay: HostPort = a.relay.parse().map_err(|e: quictun_proto::HostPortError| ("agent.relay", e.to_string()))?;
+    let grpc_relay = match &a.grpc_relay {
+        Some(text) => text.parse().map_err(|e: quictun_proto::HostPortError| ("agent.grpc_relay", e.to_string()))?,
+        None => relay.with_port(DEFAULT_GRPC_PORT),
+    };
+    Ok((relay, grpc_relay))
+}
+
+/// The QUIC settings: windows, stream count, congestion controller, keep-alive and idle
+/// timeout. A setting that cannot work is refused with the reason.
+fn tuning(a: &AgentSection) -> Result<Tuning, Invalid> {
+    if a.stream_window < 64 * 1024 || a.connection_window < a.stream_window.saturating_mul(2) {
+        return Err((
+            "agent.connection_window",
+            "stream_window must be at least 65536 and connection_window at least twice it".into(),
+        ));
+    }
+    if a.keep_alive_ms < 100 {
+        return Err(("agent.keep_alive_ms", "must be at least 100".into()));
+    }
+    if a.keep_alive_ms >= a.idle_timeout_ms {
+        return Err((
+            "agent.keep_alive_ms",
+            format!(
+                "must be below idle_timeout_ms ({}): a keep-alive at or above the idle timeout lets an idle connection die",
+                a.idle_timeout_ms
+            ),
+        ));
+    }
+    Ok(Tuning {
+        max_concurrent_streams: a.max_concurrent_streams.max(1),
+        congestion: a.congestion,
+        stream_window: a.stream_window,
+        connection_window: a.connection_window,
+        keep_alive: Duration::from_millis(a.keep_alive_ms),
+        idle_timeout: Duration::from_millis(a.idle_timeout_ms),
+        ..Tuning::default()
+    })
+}
+
+/// How the relay is verified: a pin or a CA file, one of them.
+fn trust(a: &AgentSection) -> Result<Trust, Invalid> {
+    match (&a.pin, &a.ca) {
+        (Some(pin), None) => {
+            Ok(Trust::Pin(pin.parse().map_err(|e: quictun_core::tls::TlsError| ("agent.pin", e.to_string()))?))
+        }
+        (None, Some(ca)) => Ok(Trust::CaFile(ca.clone())),
+        (Some(_), Some(_)) => Err(("agent.pin", "set pin or ca, not both".into())),
+        (None, None) => Err(("agent.pin", "missing pin (sha256:…) or ca file".into())),
+    }
+}
+
+/// The token: inline, from an environment variable or a file, else `QUICTUN_TOKEN`.
+fn token(a: &AgentSection) -> Result<Token, Invalid<String>> {
+    let sources = SecretSources {
+        key: "token",
+        inline: a.token.as_ref(),
+        env: a.token_env.as_deref(),
+        file: a.token_file.as_deref(),
+    };
+    match sources.resolve().map_err(|e| (format!("agent.{}", e.key), e.message))? {
+        Some(token) => Ok(token),
+        // Nothing configured: the environment's QUICTUN_TOKEN.
+        None => match std::env::var(TOKEN_ENV) {
+            Ok(value) if !value.trim().is_empty() => Ok(Token::new(value.trim())),
+            _ => Err(("agent.token".into(), format!("missing token (or token_env, token_file, or {TOKEN_ENV})"))),
+        },
+    }
+}
+
+/// The agent's own upstreams, their targets parsed.
+fn local_upstreams(config: &AgentConfigFile) -> Result<Vec<LocalTargets>, Invalid<String>> {
+    let mut local = Vec::with_capacity(config.upstreams.len());
+    for (i, upstream) in config.upstreams.iter().enumerate() {
+        let targets = upstream
+            .targets
+            .iter()
+            .map(|target| Target::parse(target).map_err(|e| (format!("upstreams[{i}].targets"), e.to_string())));
+        local.push(LocalTargets { name: upstream.name.clone(), targets: targets.collect::<Result<_, _>>()? });
+    }
+    Ok(local)
 }
 
 /// The relay's gRPC port when `grpc_relay` is not set.
@@ -285,5 +308,21 @@ mod tests {
         let text = format!("[agent]\nrelay = \"relay\"\nclient_id = \"c\"\ntoken = \"t\"\npin = \"{pin}\"\n");
         let err = AgentOptions::from_config(toml::from_str(&text).unwrap(), Path::new("a.toml")).unwrap_err();
         assert!(err.to_string().contains("agent.relay"), "{err}");
+    }
+
+    #[test]
+    fn the_keep_alive_and_the_idle_timeout_are_set_and_checked_against_each_other() {
+        let pin = quictun_core::Pin::of(b"x");
+        let options = |extra: &str| {
+            let text = format!("[agent]\nrelay = \"h:1\"\nclient_id = \"c\"\ntoken = \"t\"\npin = \"{pin}\"\n{extra}");
+            AgentOptions::from_config(toml::from_str(&text).unwrap(), Path::new("a.toml"))
+        };
+        let defaults = options("").unwrap().tuning;
+        assert_eq!((defaults.keep_alive, defaults.idle_timeout), (Duration::from_secs(1), Duration::from_secs(2)));
+        let set = options("keep_alive_ms = 300\nidle_timeout_ms = 900\n").unwrap().tuning;
+        assert_eq!((set.keep_alive, set.idle_timeout), (Duration::from_millis(300), Duration::from_millis(900)));
+        let err = options("keep_alive_ms = 2000\n").unwrap_err().to_string();
+        assert!(err.contains("agent.keep_alive_ms") && err.contains("idle_timeout_ms (2000)"), "{err}");
+        assert!(options("keep_alive_ms = 50\n").unwrap_err().to_string().contains("at least 100"));
     }
 }

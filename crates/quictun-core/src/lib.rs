@@ -7,6 +7,8 @@
 //! - [`body`]: bodies crossing a tunnel: the one pump into a transport's sink, uploads owned by
 //!   their answers.
 //! - [`session`]: the control-session loop both ends run after registration.
+//! - [`datagram`]: admission for datagram flows (a bounded number of flows, a bounded queue each,
+//!   what does not fit dropped and counted).
 //! - [`transport`]: the [`transport::Transport`] trait each transport implements once, from the
 //!   relay's bind and accept (admission by address first) to the agent's dial.
 //!
@@ -28,6 +30,7 @@ pub mod backoff;
 pub mod body;
 pub mod config;
 pub mod control;
+pub mod datagram;
 pub mod edge;
 pub mod framing;
 pub mod heartbeat;

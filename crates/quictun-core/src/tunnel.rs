@@ -7,6 +7,8 @@
 //! - [`RequestHandler`]: what serves the exchanges the peer opens (the agent's forwarder, the
 //!   relay's egress router).
 //! - [`ExchangeError`], [`CloseReason`], [`TransportKind`]: what crosses the seam, typed.
+//! - Datagrams: [`Tunnel::datagram_support`], [`Tunnel::send_datagram`] and
+//!   [`Tunnel::recv_datagram`] carry a flow's datagrams (QUIC DATAGRAM frames), never waiting.
 //!
 //! The control channel that comes with every tunnel is [`crate::control::ControlIo`].
 
@@ -15,6 +17,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 
+use bytes::Bytes;
+use quictun_proto::datagram::FlowId;
 use quictun_proto::frame::FrameError;
 use quictun_proto::{CloseCode, HeadError, Limits, RequestHead, ResponseHead, StreamCode};
 use tokio_util::sync::CancellationToken;
@@ -219,6 +223,48 @@ pub enum ProtocolViolation {
     NotReading,
 }
 
+/// How a tunnel carries datagrams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatagramSupport {
+    /// Natively and unreliably (QUIC DATAGRAM frames): a datagram lost on the path stays lost,
+    /// and none waits behind another. At most `max_payload` bytes each for now (the path's
+    /// packet size, which MTU discovery may grow); a larger one needs a stream.
+    Native {
+        /// The largest payload (flow id prefix excluded) a datagram can carry now.
+        max_payload: usize,
+    },
+    /// Not at all.
+    None,
+}
+
+/// Why a datagram was not sent or received.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DatagramError {
+    /// This tunnel carries no datagrams (see [`Tunnel::datagram_support`]).
+    #[error("this tunnel carries no datagrams")]
+    Unsupported,
+    /// The peer did not enable datagrams.
+    #[error("the peer takes no datagrams")]
+    Disabled,
+    /// Larger than a datagram can carry now.
+    #[error("datagram of {len} bytes over the {max} a datagram carries now")]
+    TooLarge {
+        /// The payload's size.
+        len: usize,
+        /// The most a datagram carries now.
+        max: usize,
+    },
+    /// The flow id does not fit its prefix.
+    #[error(transparent)]
+    FlowId(#[from] quictun_proto::datagram::FlowIdTooLarge),
+    /// A datagram from the peer without a whole flow id (dropped).
+    #[error(transparent)]
+    Truncated(#[from] quictun_proto::datagram::TruncatedFlowId),
+    /// The tunnel is closed.
+    #[error("the tunnel is closed")]
+    Closed,
+}
+
 /// A new connection's place among those that have not registered yet, held until it has
 /// registered (or failed to); what it holds is the relay's business.
 pub type Admission = Box<dyn std::any::Any + Send + Sync>;
@@ -275,6 +321,23 @@ pub trait Tunnel: Send + Sync + std::fmt::Debug + 'static {
 
     /// True once the tunnel is closed (by either end).
     fn is_closed(&self) -> bool;
+
+    /// How this tunnel carries datagrams (see [`crate::datagram`]).
+    fn datagram_support(&self) -> DatagramSupport {
+        DatagramSupport::None
+    }
+
+    /// Sends one datagram of `flow`. Never waits: a datagram the transport cannot take now is
+    /// dropped (and the caller counts it), as a UDP datagram would be.
+    fn send_datagram(&self, flow: FlowId, payload: Bytes) -> Result<(), DatagramError> {
+        let _ = (flow, payload);
+        Err(DatagramError::Unsupported)
+    }
+
+    /// The next datagram from the peer, with its flow. One reader at a time.
+    fn recv_datagram(&self) -> BoxFuture<'_, Result<(FlowId, Bytes), DatagramError>> {
+        Box::pin(std::future::ready(Err(DatagramError::Unsupported)))
+    }
 
     /// Datagrams received from the peer so far, where the transport counts them (QUIC): a count
     /// that stops moving while the peer should be sending (keep-alives, acknowledgements) means

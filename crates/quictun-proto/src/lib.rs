@@ -7,6 +7,7 @@
 //! - [`control`]: the messages of the control stream (register, accepted/rejected, config_sync,
 //!   heartbeat, go-away).
 //! - [`stream`]: the head frames of a data stream (one QUIC stream per proxied request).
+//! - [`datagram`]: a flow's datagrams, tagged with the flow's id.
 //! - [`codes`]: the numbered application error codes used to reset streams and close connections.
 //! - [`limits`]: the bounds every decoder enforces.
 //! - [`secret`]: a token type whose `Debug` never shows the secret.
@@ -15,6 +16,7 @@
 
 pub mod codes;
 pub mod control;
+pub mod datagram;
 pub mod frame;
 pub mod host_port;
 pub mod limits;

@@ -17,7 +17,11 @@ use futures_util::future::Shared;
 use quictun_core::body::{AbortOnDrop, TunnelBody, WithUpload, empty_body, pump};
 use quictun_core::framing::Framing;
 use quictun_core::stall::StallScope;
-use quictun_core::tunnel::{BadAnswer, BoxFuture, CloseReason, ExchangeError, RequestHandler, TransportKind, Tunnel};
+use quictun_core::tunnel::{
+    BadAnswer, BoxFuture, CloseReason, DatagramError, DatagramSupport, ExchangeError, RequestHandler, TransportKind,
+    Tunnel,
+};
+use quictun_proto::datagram::{self, FlowId};
 use quictun_proto::{CloseCode, Limits, RequestHead, ResponseHead, StreamCode, frame};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -225,7 +229,41 @@ impl Tunnel for QuicTunnel {
     fn transport(&self) -> TransportKind {
         TransportKind::Quic
     }
+
+    fn datagram_support(&self) -> DatagramSupport {
+        match self.conn.max_datagram_size() {
+            // Room for the longest flow id prefix.
+            Some(max) => DatagramSupport::Native { max_payload: max.saturating_sub(MAX_FLOW_PREFIX) },
+            None => DatagramSupport::None,
+        }
+    }
+
+    fn send_datagram(&self, flow: FlowId, payload: Bytes) -> Result<(), DatagramError> {
+        use quinn::SendDatagramError as E;
+        let len = payload.len();
+        let datagram = datagram::encode(flow, &payload)?;
+        // quinn drops the oldest queued datagram when its send buffer is full: never waits.
+        self.conn.send_datagram(datagram).map_err(|err| match err {
+            E::UnsupportedByPeer => DatagramError::Disabled,
+            E::Disabled => DatagramError::Unsupported,
+            E::TooLarge => {
+                let max = self.conn.max_datagram_size().unwrap_or(0).saturating_sub(datagram::prefix_len(flow));
+                DatagramError::TooLarge { len, max }
+            }
+            E::ConnectionLost(_) => DatagramError::Closed,
+        })
+    }
+
+    fn recv_datagram(&self) -> BoxFuture<'_, Result<(FlowId, Bytes), DatagramError>> {
+        Box::pin(async move {
+            let received = self.conn.read_datagram().await.map_err(|_| DatagramError::Closed)?;
+            Ok(datagram::decode(received)?)
+        })
+    }
 }
+
+/// The longest flow id prefix (a varint of 8 bytes).
+const MAX_FLOW_PREFIX: usize = 8;
 
 /// Serves one stream the peer opened: reads and checks the request head (a bad one resets the
 /// stream with its code), hands the request to `handler`, and streams the answer back (or resets
@@ -284,4 +322,34 @@ pub(crate) async fn serve_stream(
     }
     .instrument(span)
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use quictun_core::stall::{Reclaimer, StallLimits};
+
+    use super::*;
+
+    fn tunnel(conn: quinn::Connection) -> QuicTunnel {
+        QuicTunnel::new(conn, Limits::default(), Reclaimer::new(StallLimits::default()).scope(1 << 20))
+    }
+
+    #[tokio::test]
+    async fn datagrams_cross_with_their_flow_and_an_oversized_one_is_refused() {
+        let pair = crate::test_pair::connected().await;
+        let (client, server) = (tunnel(pair.client.clone()), tunnel(pair.server.clone()));
+        let DatagramSupport::Native { max_payload } = client.datagram_support() else {
+            panic!("QUIC carries datagrams")
+        };
+        assert!(max_payload >= 1_000, "{max_payload}");
+        for (flow, payload) in [(0, &b"first"[..]), (70_000, b"second")] {
+            client.send_datagram(flow, Bytes::copy_from_slice(payload)).unwrap();
+            let received = tokio::time::timeout(Duration::from_secs(5), server.recv_datagram()).await.unwrap();
+            assert_eq!(received.unwrap(), (flow, Bytes::copy_from_slice(payload)));
+        }
+        let too_large = Bytes::from(vec![0u8; 70_000]);
+        assert!(matches!(client.send_datagram(1, too_large), Err(DatagramError::TooLarge { len: 70_000, .. })));
+        pair.client.close(0u32.into(), b"done");
+        assert_eq!(server.recv_datagram().await, Err(DatagramError::Closed));
+    }
 }

@@ -109,6 +109,11 @@ pub struct RelaySection {
     pub heartbeat_interval_ms: u32,
     /// A peer silent for this many heartbeat intervals is dropped.
     pub heartbeat_misses: u32,
+    /// A QUIC agent from which nothing has arrived for this many milliseconds is suspected: the
+    /// balancer leaves it out while a sibling answers, and requests waiting on it move. It must
+    /// be above the agents' keep-alive (`agent.keep_alive_ms`, 1000), or idle agents would be
+    /// suspected between their PINGs. `0`: off.
+    pub silence_check_ms: u64,
     /// Concurrent streams (in-flight requests) per agent connection.
     pub max_streams_per_agent: u32,
     /// Agent processes (instances) one client may have connected at once: replicas of one
@@ -197,6 +202,7 @@ impl Default for RelaySection {
             identity_named: false,
             heartbeat_interval_ms: 5_000,
             heartbeat_misses: 3,
+            silence_check_ms: 1250,
             max_streams_per_agent: 1024,
             max_instances_per_client: 16,
             max_egress_streams_per_agent: 16,
@@ -266,7 +272,57 @@ impl std::str::FromStr for TransportChoice {
     }
 }
 
+/// A configuration key and what is wrong with its value.
+type Invalid = (String, String);
+
 impl RelaySection {
+    /// Checks the `[relay]` section's values against each other and the tunnel's limits.
+    fn check(&self) -> Result<(), Invalid> {
+        let invalid = |key: &str, message: String| Err((format!("relay.{key}"), message));
+        if self.heartbeat_interval_ms < 50 {
+            return invalid("heartbeat_interval_ms", "must be at least 50".into());
+        }
+        if self.header_read_timeout_secs == 0 || self.keep_alive_timeout_secs == 0 {
+            return invalid("header_read_timeout_secs", "timeouts must be at least 1 second".into());
+        }
+        if self.admin_token.is_some() && self.admin_token_file.is_some() {
+            return invalid("admin_token", "set one of admin_token, admin_token_file".into());
+        }
+        if self.https_cert.is_some() != self.https_key.is_some() {
+            return invalid("https_cert", "set both https_cert and https_key, or neither".into());
+        }
+        let (max_count, max_bytes) =
+            (quictun_proto::limits::CLIENT_MAX_HEADERS, quictun_proto::limits::CLIENT_MAX_HEAD_BYTES);
+        if self.max_header_count > max_count {
+            let why =
+                format!("must be at most {max_count}: the tunnel carries that many plus the headers the relay adds");
+            return invalid("max_header_count", why);
+        }
+        if self.max_header_bytes > max_bytes {
+            let why = format!(
+                "must be at most {max_bytes}: the tunnel carries heads that large plus the headers the relay adds"
+            );
+            return invalid("max_header_bytes", why);
+        }
+        if self.stream_window < 64 * 1024 || self.connection_window < self.stream_window.saturating_mul(2) {
+            let why = "stream_window must be at least 65536 and connection_window at least twice it";
+            return invalid("connection_window", why.into());
+        }
+        if self.stall_timeout_ms < 100 {
+            return invalid("stall_timeout_ms", "must be at least 100".into());
+        }
+        if self.silence_check_ms != 0 && self.silence_check_ms < 250 {
+            return invalid("silence_check_ms", "must be 0 (off) or at least 250: the check looks every 250 ms".into());
+        }
+        if self.max_instances_per_client == 0 {
+            return invalid("max_instances_per_client", "must be at least 1".into());
+        }
+        if self.max_streams_per_agent == 0 {
+            return invalid("max_streams_per_agent", "must be at least 1".into());
+        }
+        Ok(())
+    }
+
     /// The heartbeat interval.
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_millis(u64::from(self.heartbeat_interval_ms))
@@ -275,6 +331,11 @@ impl RelaySection {
     /// How long a peer may stay silent before it is dropped.
     pub fn heartbeat_timeout(&self) -> Duration {
         self.heartbeat_interval() * self.heartbeat_misses.max(1)
+    }
+
+    /// How long a QUIC agent may say nothing before it is suspected (`None`: never).
+    pub fn silence_check(&self) -> Option<Duration> {
+        (self.silence_check_ms > 0).then(|| Duration::from_millis(self.silence_check_ms))
     }
 
     /// The budgets for credit held by stalled readers.
@@ -394,77 +455,53 @@ impl RelayConfig {
     /// needs more (tokens, targets, route references) is checked when the configuration is
     /// compiled, once.
     pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
-        let invalid = |key: String, message: String| ConfigError::invalid(file, key, message);
-        let r = &self.relay;
-        if r.heartbeat_interval_ms < 50 {
-            return Err(invalid("relay.heartbeat_interval_ms".into(), "must be at least 50".into()));
+        let checks = [self.relay.check(), self.check_clients(), self.check_upstreams(), self.check_routes()];
+        match checks.into_iter().find_map(Result::err) {
+            Some((key, message)) => Err(ConfigError::invalid(file, key, message)),
+            None => Ok(()),
         }
-        if r.header_read_timeout_secs == 0 || r.keep_alive_timeout_secs == 0 {
-            return Err(invalid("relay.header_read_timeout_secs".into(), "timeouts must be at least 1 second".into()));
-        }
-        if r.admin_token.is_some() && r.admin_token_file.is_some() {
-            return Err(invalid("relay.admin_token".into(), "set one of admin_token, admin_token_file".into()));
-        }
-        if r.https_cert.is_some() != r.https_key.is_some() {
-            return Err(invalid("relay.https_cert".into(), "set both https_cert and https_key, or neither".into()));
-        }
-        if r.max_header_count > quictun_proto::limits::CLIENT_MAX_HEADERS {
-            return Err(invalid(
-                "relay.max_header_count".into(),
-                format!(
-                    "must be at most {}: the tunnel carries that many plus the headers the relay adds",
-                    quictun_proto::limits::CLIENT_MAX_HEADERS
-                ),
-            ));
-        }
-        if r.max_header_bytes > quictun_proto::limits::CLIENT_MAX_HEAD_BYTES {
-            return Err(invalid(
-                "relay.max_header_bytes".into(),
-                format!(
-                    "must be at most {}: the tunnel carries heads that large plus the headers the relay adds",
-                    quictun_proto::limits::CLIENT_MAX_HEAD_BYTES
-                ),
-            ));
-        }
-        if r.stream_window < 64 * 1024 || r.connection_window < r.stream_window.saturating_mul(2) {
-            return Err(invalid(
-                "relay.connection_window".into(),
-                "stream_window must be at least 65536 and connection_window at least twice it".into(),
-            ));
-        }
-        if r.stall_timeout_ms < 100 {
-            return Err(invalid("relay.stall_timeout_ms".into(), "must be at least 100".into()));
-        }
-        if r.max_instances_per_client == 0 {
-            return Err(invalid("relay.max_instances_per_client".into(), "must be at least 1".into()));
-        }
-        if r.max_streams_per_agent == 0 {
-            return Err(invalid("relay.max_streams_per_agent".into(), "must be at least 1".into()));
-        }
+    }
+
+    fn check_clients(&self) -> Result<(), Invalid> {
         for (i, client) in self.clients.iter().enumerate() {
             if self.clients[..i].iter().any(|c| c.id == client.id) {
-                return Err(invalid(format!("clients[{i}].id"), format!("duplicate client id {:?}", client.id)));
+                return Err((format!("clients[{i}].id"), format!("duplicate client id {:?}", client.id)));
             }
         }
-        for (i, route) in self.egress_routes.iter().enumerate() {
-            if route.host.trim().is_empty() {
-                return Err(invalid(format!("egress_routes[{i}].host"), "must not be empty".into()));
-            }
-        }
+        Ok(())
+    }
+
+    /// Upstreams: unique names, and targets the agents can use (`http://` or `h2c://`), checked
+    /// here so that a bad one is refused at start and on reload, not found by the agent.
+    fn check_upstreams(&self) -> Result<(), Invalid> {
         for (i, upstream) in self.upstreams.iter().enumerate() {
             if self.upstreams[..i].iter().any(|u| u.name == upstream.name) {
-                return Err(invalid(format!("upstreams[{i}].name"), format!("duplicate upstream {:?}", upstream.name)));
+                return Err((format!("upstreams[{i}].name"), format!("duplicate upstream {:?}", upstream.name)));
             }
             if upstream.targets.is_empty() {
-                return Err(invalid(format!("upstreams[{i}].targets"), "needs at least one target".into()));
+                return Err((format!("upstreams[{i}].targets"), "needs at least one target".into()));
+            }
+            for (j, target) in upstream.targets.iter().enumerate() {
+                if let Err(err) = quictun_core::upstream_http::Target::parse(target) {
+                    return Err((format!("upstreams[{i}].targets[{j}]"), err.to_string()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_routes(&self) -> Result<(), Invalid> {
+        for (i, route) in self.egress_routes.iter().enumerate() {
+            if route.host.trim().is_empty() {
+                return Err((format!("egress_routes[{i}].host"), "must not be empty".into()));
             }
         }
         for (i, route) in self.routes.iter().enumerate() {
             if route.max_in_flight == Some(0) {
-                return Err(invalid(format!("routes[{i}].max_in_flight"), "must be at least 1".into()));
+                return Err((format!("routes[{i}].max_in_flight"), "must be at least 1".into()));
             }
             if !route.path_prefix.starts_with('/') {
-                return Err(invalid(format!("routes[{i}].path_prefix"), "must start with /".into()));
+                return Err((format!("routes[{i}].path_prefix"), "must start with /".into()));
             }
         }
         Ok(())
@@ -573,5 +610,25 @@ mod tests {
         let config = RelayConfig::parse(text, Path::new("r.toml")).unwrap();
         let err = crate::router::Router::new(&config).unwrap_err().to_string();
         assert!(err.contains("routes[0].upstream"), "{err}");
+    }
+
+    #[test]
+    fn upstream_targets_and_the_silence_check_are_checked_where_they_are_written() {
+        let validate = |text: &str| {
+            let config = RelayConfig::parse(text, Path::new("r.toml"))?;
+            config.validate(Path::new("r.toml"))
+        };
+        let upstream = |target: &str| {
+            format!("[[upstreams]]\nname = \"app\"\ngroup = \"g\"\ntargets = [\"http://ok:1\", \"{target}\"]\n")
+        };
+        for bad in ["https://app.internal:443", "app.internal:80", "ftp://x"] {
+            let err = validate(&upstream(bad)).unwrap_err().to_string();
+            assert!(err.contains("upstreams[0].targets[1]"), "{bad}: {err}");
+        }
+        assert!(validate(&upstream("h2c://grpc.internal:50051")).is_ok());
+        let err = validate("[relay]\nsilence_check_ms = 100\n").unwrap_err().to_string();
+        assert!(err.contains("relay.silence_check_ms") && err.contains("250 ms"), "{err}");
+        let off = RelayConfig::parse("[relay]\nsilence_check_ms = 0\n", Path::new("r.toml")).unwrap();
+        assert_eq!(off.relay.silence_check(), None);
     }
 }

@@ -1,6 +1,6 @@
 //! Agents gone silent, found before QUIC declares them dead. Each agent sends at least a
 //! keep-alive every second (acknowledgements and answers besides), so a relay that has received
-//! nothing from one for [`SILENT_AFTER`] suspects it at once: the balancer leaves it out while a
+//! nothing from one for `relay.silence_check_ms` (1.25 s) suspects it at once: the balancer leaves it out while a
 //! sibling answers, and requests waiting on it for their answer move to a sibling where that is
 //! safe (see [`crate::proxy`]); the others wait for the verdict (the 2 s idle timeout). Heard
 //! again, it is chosen again.
@@ -10,8 +10,6 @@ use std::time::Duration;
 
 use tracing::info;
 
-#[cfg(doc)]
-use crate::sessions::SILENT_AFTER;
 use crate::sessions::{Liveness, SessionManager};
 
 /// How often every session's datagram count is looked at.

@@ -19,7 +19,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::egress::EgressHandler;
 use crate::metrics::RegisterHandshake;
-use crate::sessions::{Session, SessionCommand};
+use crate::sessions::{Session, SessionCommand, SessionLimits};
 use crate::state::RelayState;
 
 /// How long a rejected agent gets to read the rejection before the connection is closed.
@@ -127,15 +127,13 @@ fn new_session(
 ) -> (Arc<Session>, Accepted, mpsc::Receiver<SessionCommand>) {
     let (commands, command_rx) = mpsc::channel(8);
     let settings = &shared.settings;
-    let session = Arc::new(Session::new(
-        &register.client_id,
-        register.instance_id,
-        group,
-        tunnel.clone(),
-        settings.max_streams_per_agent,
-        settings.heartbeat_interval(),
-        commands,
-    ));
+    let limits = SessionLimits {
+        max_streams: settings.max_streams_per_agent,
+        heartbeat_interval: settings.heartbeat_interval(),
+        silent_after: settings.silence_check(),
+    };
+    let session =
+        Arc::new(Session::new(&register.client_id, register.instance_id, group, tunnel.clone(), limits, commands));
     session.heard();
     let accepted = Accepted {
         session_id: session.session_id,

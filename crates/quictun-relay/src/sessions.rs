@@ -54,8 +54,21 @@ pub struct Session {
 /// `datagrams_moved_ms` before the first look.
 const NOT_LOOKED_AT: u64 = u64::MAX;
 
-/// Silence after which an agent is suspect: its keep-alive interval (1 s) and a margin.
+/// Silence after which an agent is suspect by default (`relay.silence_check_ms`): its
+/// keep-alive interval (1 s) and a margin.
+#[cfg(test)]
 pub const SILENT_AFTER: Duration = Duration::from_millis(1250);
+
+/// What a session is made with, from the relay's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// Streams (requests in flight) on it at once.
+    pub max_streams: u32,
+    /// The heartbeat interval: two missed ones mean its heartbeats lag.
+    pub heartbeat_interval: Duration,
+    /// Silence after which it is suspect (`None`: never).
+    pub silent_after: Option<Duration>,
+}
 
 /// Consecutive failed exchanges after which an agent is put in cooldown.
 pub const FAILURES_BEFORE_COOLDOWN: u32 = 3;
@@ -76,6 +89,8 @@ struct Health {
     went_silent: tokio::sync::Notify,
     /// Whether the last look found it silent.
     seen_silent: AtomicBool,
+    /// Silence after which it is suspect (`None`: never).
+    silent_after: Option<Duration>,
 }
 
 /// What one look at a session's datagram count found.
@@ -87,7 +102,7 @@ pub enum Liveness {
     HeardAgain,
     /// Silent for this long, and it was already.
     Silent(Duration),
-    /// Silent for this long: it has just crossed [`SILENT_AFTER`].
+    /// Silent for this long: it has just crossed the silence limit.
     WentSilent(Duration),
 }
 
@@ -104,10 +119,10 @@ impl Session {
         instance_id: Uuid,
         group: &str,
         tunnel: Arc<dyn Tunnel>,
-        max_streams: u32,
-        heartbeat_interval: Duration,
+        limits: SessionLimits,
         commands: mpsc::Sender<SessionCommand>,
     ) -> Self {
+        let SessionLimits { max_streams, heartbeat_interval, silent_after } = limits;
         Self {
             client_id: Arc::from(client_id),
             instance_id,
@@ -131,6 +146,7 @@ impl Session {
                 datagrams_moved_ms: AtomicU64::new(NOT_LOOKED_AT),
                 went_silent: tokio::sync::Notify::new(),
                 seen_silent: AtomicBool::new(false),
+                silent_after,
             },
         }
     }
@@ -202,21 +218,23 @@ impl Session {
         }
     }
 
-    /// How long nothing has arrived from the agent, once that is over [`SILENT_AFTER`]: it
-    /// sends at least a keep-alive each second, so it is likely gone, and the balancer leaves it
-    /// out (while a sibling answers) until it is heard again or declared dead.
+    /// How long nothing has arrived from the agent, once that is over the silence limit
+    /// (`relay.silence_check_ms`): it sends at least a keep-alive each second, so it is likely
+    /// gone, and the balancer leaves it out (while a sibling answers) until it is heard again or
+    /// declared dead.
     pub fn silent_for(&self) -> Option<Duration> {
         self.silent_at(self.health.now_ms())
     }
 
     /// [`Session::silent_for`] at `now_ms` (one clock read serves every check of a choice).
     fn silent_at(&self, now_ms: u64) -> Option<Duration> {
+        let limit = self.health.silent_after?;
         let moved = self.health.datagrams_moved_ms.load(Ordering::Relaxed);
         if moved == NOT_LOOKED_AT {
             return None;
         }
         let silent = Duration::from_millis(now_ms.saturating_sub(moved));
-        (silent > SILENT_AFTER).then_some(silent)
+        (silent > limit).then_some(silent)
     }
 
     /// The agent's address as the relay sees it.

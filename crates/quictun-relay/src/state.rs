@@ -52,6 +52,8 @@ impl Live {
     /// numbers the agent configs. Anything that does not resolve is an error naming its key:
     /// nothing is left out silently, at start or on reload.
     pub fn new(config: &RelayConfig, version: u64) -> Result<Self, ConfigError> {
+        // A configuration built in code (not read from a file) is held to the file's rules too.
+        config.validate(&config.source)?;
         let mut clients = HashMap::with_capacity(config.clients.len());
         for (i, c) in config.clients.iter().enumerate() {
             let token = config.client_token(i)?;
