@@ -145,52 +145,11 @@ pub async fn run(spec: &LoadSpec, progress: &ProgressBar) -> anyhow::Result<Load
     let started = Instant::now();
     let deadline = started + spec.duration;
     let spec = Arc::new(spec.clone());
-    let mut workers = Vec::with_capacity(spec.concurrency);
-    for (worker, sender) in senders.into_iter().enumerate() {
-        let (spec, progress) = (spec.clone(), progress.clone());
-        workers.push(tokio::spawn(async move {
-            let mut latency: Vec<Histogram<u64>> = spec.classes.iter().map(|_| new_histogram()).collect();
-            let (mut ok, mut in_window, mut errors) = (0u64, 0u64, 0u64);
-            let mut sender = sender;
-            let period = spec.rate.map(|r| Duration::from_secs_f64(spec.concurrency as f64 / r.max(1) as f64));
-            let mut next_send = Instant::now();
-            let mut n = worker as u64 * 7;
-            let mut first = true;
-            while std::mem::take(&mut first) || Instant::now() < deadline {
-                if period.is_some() {
-                    tokio::time::sleep_until(next_send.into()).await;
-                }
-                // Paced: latency counts from the scheduled time when the worker fell behind (the
-                // server held it up), else from now (so timer slop is not charged to the server).
-                let now = Instant::now();
-                let scheduled = if period.is_some() && now > next_send + TIMER_SLOP { next_send } else { now };
-                let class = pick(&spec.classes, n);
-                n += 1;
-                let result = match sender.as_mut() {
-                    Some(s) => request(s, &spec.classes[class].path).await,
-                    None => Err(anyhow::anyhow!("not connected")),
-                };
-                match result {
-                    Ok(true) => {
-                        ok += 1;
-                        in_window += u64::from(Instant::now() <= deadline);
-                        let us = scheduled.elapsed().as_micros().max(1) as u64;
-                        let _clamped = latency[class].record(us.min(600_000_000));
-                    }
-                    Ok(false) => errors += 1,
-                    Err(_) => {
-                        errors += 1;
-                        sender = connect(spec.target).await.ok();
-                    }
-                }
-                progress.inc(1);
-                if let Some(period) = period {
-                    next_send += period;
-                }
-            }
-            (ok, in_window, errors, latency)
-        }));
-    }
+    let workers: Vec<_> = senders
+        .into_iter()
+        .enumerate()
+        .map(|(worker, sender)| tokio::spawn(work(spec.clone(), worker, sender, deadline, progress.clone())))
+        .collect();
     let mut result = LoadResult {
         ok: 0,
         in_window: 0,
@@ -200,16 +159,74 @@ pub async fn run(spec: &LoadSpec, progress: &ProgressBar) -> anyhow::Result<Load
         latency: spec.classes.iter().map(|_| new_histogram()).collect(),
     };
     for worker in workers {
-        let (ok, in_window, errors, latency) = worker.await?;
-        result.ok += ok;
-        result.in_window += in_window;
-        result.errors += errors;
-        for (total, h) in result.latency.iter_mut().zip(&latency) {
+        let tally = worker.await?;
+        result.ok += tally.ok;
+        result.in_window += tally.in_window;
+        result.errors += tally.errors;
+        for (total, h) in result.latency.iter_mut().zip(&tally.latency) {
             let _same_bounds = total.add(h);
         }
     }
     result.elapsed = started.elapsed();
     Ok(result)
+}
+
+/// What one worker counted.
+struct Tally {
+    ok: u64,
+    in_window: u64,
+    errors: u64,
+    latency: Vec<Histogram<u64>>,
+}
+
+/// One worker: requests one at a time on its connection (reconnecting after an error) until the
+/// deadline, at least one; paced when the spec has a rate.
+async fn work(
+    spec: Arc<LoadSpec>,
+    worker: usize,
+    mut sender: Option<Sender>,
+    deadline: Instant,
+    progress: ProgressBar,
+) -> Tally {
+    let mut tally =
+        Tally { ok: 0, in_window: 0, errors: 0, latency: spec.classes.iter().map(|_| new_histogram()).collect() };
+    let period = spec.rate.map(|r| Duration::from_secs_f64(spec.concurrency as f64 / r.max(1) as f64));
+    let mut next_send = Instant::now();
+    let mut n = worker as u64 * 7;
+    let mut first = true;
+    while std::mem::take(&mut first) || Instant::now() < deadline {
+        if period.is_some() {
+            tokio::time::sleep_until(next_send.into()).await;
+        }
+        // Paced: latency counts from the scheduled time when the worker fell behind (the server
+        // held it up), else from now (so timer slop is not charged to the server).
+        let now = Instant::now();
+        let scheduled = if period.is_some() && now > next_send + TIMER_SLOP { next_send } else { now };
+        let class = pick(&spec.classes, n);
+        n += 1;
+        let result = match sender.as_mut() {
+            Some(s) => request(s, &spec.classes[class].path).await,
+            None => Err(anyhow::anyhow!("not connected")),
+        };
+        match result {
+            Ok(true) => {
+                tally.ok += 1;
+                tally.in_window += u64::from(Instant::now() <= deadline);
+                let us = scheduled.elapsed().as_micros().max(1) as u64;
+                let _clamped = tally.latency[class].record(us.min(600_000_000));
+            }
+            Ok(false) => tally.errors += 1,
+            Err(_) => {
+                tally.errors += 1;
+                sender = connect(spec.target).await.ok();
+            }
+        }
+        progress.inc(1);
+        if let Some(period) = period {
+            next_send += period;
+        }
+    }
+    tally
 }
 
 /// GET a path and return the body as text (admin endpoint, readiness checks).

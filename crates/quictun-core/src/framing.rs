@@ -116,6 +116,68 @@ impl<B> FramedBody<B> {
         self.state = State::Done;
         Poll::Ready(Some(Err(BodyError::Closed(format!("malformed framed body: {why}")))))
     }
+
+    /// The raw body ended: a clean end between frames (or after the trailers), malformed inside
+    /// one.
+    fn at_end(&mut self) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match &self.state {
+            State::Header { filled: 0, .. } | State::AfterTrailers | State::Data { remaining: 0 } | State::Done => {
+                self.state = State::Done;
+                Poll::Ready(None)
+            }
+            State::Header { .. } => self.malformed("the body ended inside a frame header"),
+            State::Data { .. } => self.malformed("the body ended inside a data frame"),
+            State::Trailers { .. } => self.malformed("the body ended inside the trailers"),
+        }
+    }
+
+    /// Moves the decoder on over the pending bytes: a frame to hand out, or `None` to go on
+    /// (more bytes needed, or the next state entered).
+    fn step(&mut self) -> Option<Poll<Option<Result<Frame<Bytes>, BodyError>>>> {
+        match &mut self.state {
+            State::Done => Some(Poll::Ready(None)),
+            State::Header { buf, filled } => {
+                let take = (BodyFrameHeader::LEN - *filled).min(self.pending.len());
+                buf[*filled..*filled + take].copy_from_slice(&self.pending.split_to(take));
+                *filled += take;
+                if *filled < BodyFrameHeader::LEN {
+                    return None;
+                }
+                let header = match BodyFrameHeader::decode(*buf, &self.limits) {
+                    Ok(header) => header,
+                    Err(err) => return Some(self.malformed(err)),
+                };
+                self.state = match header.kind {
+                    BODY_DATA => State::Data { remaining: header.len },
+                    _ => State::Trailers { buf: Vec::with_capacity(header.len), len: header.len },
+                };
+                None
+            }
+            State::Data { remaining } if *remaining == 0 => {
+                self.state = State::Header { buf: [0; BodyFrameHeader::LEN], filled: 0 };
+                None
+            }
+            State::Data { remaining } => {
+                let take = (*remaining).min(self.pending.len());
+                *remaining -= take;
+                Some(Poll::Ready(Some(Ok(Frame::data(self.pending.split_to(take))))))
+            }
+            State::Trailers { buf, len } => {
+                let take = (*len - buf.len()).min(self.pending.len());
+                buf.extend_from_slice(&self.pending.split_to(take));
+                if buf.len() < *len {
+                    return None;
+                }
+                let decoded = trailers_from_wire(buf, &self.limits);
+                self.state = State::AfterTrailers;
+                Some(match decoded {
+                    Ok(map) => Poll::Ready(Some(Ok(Frame::trailers(map)))),
+                    Err(err) => self.malformed(err),
+                })
+            }
+            State::AfterTrailers => Some(self.malformed("bytes after the trailers")),
+        }
+    }
 }
 
 impl<B> Body for FramedBody<B>
@@ -143,64 +205,11 @@ where
                         this.state = State::Done;
                         return Poll::Ready(Some(Err(err)));
                     }
-                    None => {
-                        return match &this.state {
-                            State::Header { filled: 0, .. } | State::AfterTrailers => {
-                                this.state = State::Done;
-                                Poll::Ready(None)
-                            }
-                            State::Data { remaining: 0 } => {
-                                this.state = State::Done;
-                                Poll::Ready(None)
-                            }
-                            State::Header { .. } => this.malformed("the body ended inside a frame header"),
-                            State::Data { .. } => this.malformed("the body ended inside a data frame"),
-                            State::Trailers { .. } => this.malformed("the body ended inside the trailers"),
-                            State::Done => Poll::Ready(None),
-                        };
-                    }
+                    None => return this.at_end(),
                 }
             }
-            match &mut this.state {
-                State::Done => return Poll::Ready(None),
-                State::Header { buf, filled } => {
-                    let take = (BodyFrameHeader::LEN - *filled).min(this.pending.len());
-                    buf[*filled..*filled + take].copy_from_slice(&this.pending.split_to(take));
-                    *filled += take;
-                    if *filled < BodyFrameHeader::LEN {
-                        continue;
-                    }
-                    let header = match BodyFrameHeader::decode(*buf, &this.limits) {
-                        Ok(header) => header,
-                        Err(err) => return this.malformed(err),
-                    };
-                    this.state = match header.kind {
-                        BODY_DATA => State::Data { remaining: header.len },
-                        _ => State::Trailers { buf: Vec::with_capacity(header.len), len: header.len },
-                    };
-                }
-                State::Data { remaining } if *remaining == 0 => {
-                    this.state = State::Header { buf: [0; BodyFrameHeader::LEN], filled: 0 };
-                }
-                State::Data { remaining } => {
-                    let take = (*remaining).min(this.pending.len());
-                    *remaining -= take;
-                    return Poll::Ready(Some(Ok(Frame::data(this.pending.split_to(take)))));
-                }
-                State::Trailers { buf, len } => {
-                    let take = (*len - buf.len()).min(this.pending.len());
-                    buf.extend_from_slice(&this.pending.split_to(take));
-                    if buf.len() < *len {
-                        continue;
-                    }
-                    let decoded = trailers_from_wire(buf, &this.limits);
-                    this.state = State::AfterTrailers;
-                    return match decoded {
-                        Ok(map) => Poll::Ready(Some(Ok(Frame::trailers(map)))),
-                        Err(err) => this.malformed(err),
-                    };
-                }
-                State::AfterTrailers => return this.malformed("bytes after the trailers"),
+            if let Some(frame) = this.step() {
+                return frame;
             }
         }
     }
