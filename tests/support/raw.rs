@@ -49,6 +49,28 @@ pub async fn raw_get(addr: SocketAddr, target: &str, headers: &[&str]) -> RawRep
     raw_request(addr, &request).await
 }
 
+/// Checks, with requests written byte for byte to `addr` for `files.test` (whose route serves
+/// only `/public`, from an upstream that answers with the target it received), that paths are
+/// made canonical before routing: a dot-segment cannot climb out of `/public` (the request is
+/// for `/secret`: 404), one hidden behind an encoded separator, a backslash or a `;` is refused
+/// (400), and the upstream receives the canonical path the route matched.
+pub async fn assert_paths_are_canonical(addr: SocketAddr) {
+    let host = "host: files.test";
+    for target in ["/public/../secret", "/public/%2e%2e/secret", "/public/.%2E/secret", "/public//../secret"] {
+        let reply = raw_get(addr, target, &[host]).await;
+        assert_eq!(reply.status, 404, "{target}: {}", reply.text);
+        assert!(reply.body().contains("/secret"), "{target}: {}", reply.text);
+    }
+    for target in ["/public/..%2fsecret", "/public/..%5Csecret", "/public/..\\secret", "/public/..;/secret", "/.."] {
+        let reply = raw_get(addr, target, &[host]).await;
+        assert_eq!(reply.status, 400, "{target}: {}", reply.text);
+    }
+    let reply = raw_get(addr, "/public/a/./b/../c?x=../y", &[host]).await;
+    assert_eq!((reply.status, reply.body()), (200, "/public/a/c?x=../y"), "{}", reply.text);
+    let reply = raw_get(addr, "/public/%7Euser/group%2fproject", &[host]).await;
+    assert_eq!((reply.status, reply.body()), (200, "/public/~user/group%2Fproject"), "{}", reply.text);
+}
+
 /// A client that sends `GET target` for `host` and then never reads: its receive buffer is 4 KiB,
 /// so the server's writes stop at once. Holds the connection open while alive.
 pub async fn non_reading_get(addr: SocketAddr, host: &str, target: &str) -> TcpStream {
