@@ -92,6 +92,9 @@ enum State {
     Done,
 }
 
+/// What one poll of a body gives.
+type Polled = Poll<Option<Result<Frame<Bytes>, BodyError>>>;
+
 /// A framed body decoded from the raw bytes of `inner` (see [`quictun_proto::stream`]): data
 /// frames come out as they arrive, sliced from the chunks they came in (never copied or
 /// collected); the trailers frame, bounded by the head-frame limit, comes out as an HTTP
@@ -112,14 +115,14 @@ impl<B> FramedBody<B> {
         Self { inner, limits, state, pending: Bytes::new() }
     }
 
-    fn malformed(&mut self, why: impl std::fmt::Display) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn malformed(&mut self, why: impl std::fmt::Display) -> Polled {
         self.state = State::Done;
         Poll::Ready(Some(Err(BodyError::Closed(format!("malformed framed body: {why}")))))
     }
 
     /// The raw body ended: a clean end between frames (or after the trailers), malformed inside
     /// one.
-    fn at_end(&mut self) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn at_end(&mut self) -> Polled {
         match &self.state {
             State::Header { filled: 0, .. } | State::AfterTrailers | State::Data { remaining: 0 } | State::Done => {
                 self.state = State::Done;
@@ -133,7 +136,7 @@ impl<B> FramedBody<B> {
 
     /// Moves the decoder on over the pending bytes: a frame to hand out, or `None` to go on
     /// (more bytes needed, or the next state entered).
-    fn step(&mut self) -> Option<Poll<Option<Result<Frame<Bytes>, BodyError>>>> {
+    fn step(&mut self) -> Option<Polled> {
         match &mut self.state {
             State::Done => Some(Poll::Ready(None)),
             State::Header { buf, filled } => {
