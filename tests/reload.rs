@@ -1,6 +1,6 @@
 //! Live reload on both transports: routes and upstreams change without dropping connections or
 //! requests in flight; agents get the new configuration by config_sync (versioned); a removed
-//! client is disconnected.
+//! client is disconnected; an agent whose group's configuration did not change is sent nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::time::Duration;
@@ -9,7 +9,7 @@ use http::StatusCode;
 use quictun_agent::Transport;
 use quictun_relay::config::RouteEntry;
 use quictun_tests::harness::relay_config_on;
-use quictun_tests::{Harness, HarnessConfig};
+use quictun_tests::{Harness, HarnessConfig, admin_get, metric};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -102,4 +102,29 @@ async fn a_reload_with_a_target_agents_cannot_use_is_refused_naming_the_key() {
     let cert = quictun_core::tls::GeneratedCert::self_signed(&[]).unwrap();
     let refused = quictun_relay::Relay::start(config, cert.cert_key().unwrap()).await.err().unwrap().to_string();
     assert!(refused.contains(&format!("upstreams[{index}].targets[0]")), "{refused}");
+}
+
+/// A reload pushes config_sync only to agents whose group's configuration changed: the same file
+/// again, or a change to routes alone, sends nothing; a changed upstream reaches its group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_sync_goes_only_where_the_configuration_changed() {
+    let h = Harness::start().await;
+    // agent-1 and agent-3 serve group web (the app upstream), agent-2 group api.
+    let _agents = [h.agent("agent-1").await, h.agent("agent-2").await, h.agent("agent-3").await];
+    let syncs = || async {
+        let text = admin_get(h.relay().admin_addr(), "/metrics", None).await.text();
+        metric(&text, "quictun_config_syncs_total").unwrap_or_else(|| panic!("no config_syncs metric: {text}"))
+    };
+    let mut config = relay_config_on(Harness::listeners_of(h.relay()), &h.upstream.url(), &h.config);
+    assert_eq!(h.relay().reload(&config).unwrap(), 2);
+    assert_eq!(syncs().await, 0.0, "an unchanged file pushed config_sync");
+    config.routes.push(quictun_tests::harness::route("more.test", "/", "app"));
+    assert_eq!(h.relay().reload(&config).unwrap(), 3);
+    assert_eq!(syncs().await, 0.0, "a change to routes alone pushed config_sync");
+    let app = config.upstreams.iter_mut().find(|u| u.name == "app").unwrap();
+    app.targets = vec![format!("{}/bytes", h.upstream.url())];
+    assert_eq!(h.relay().reload(&config).unwrap(), 4);
+    assert_eq!(syncs().await, 2.0, "the two agents of the app's group get the new targets, the api's nothing");
+    let reply = h.client.get("more.test", "/5").await;
+    assert_eq!((reply.status, reply.body.len()), (StatusCode::OK, 5));
 }

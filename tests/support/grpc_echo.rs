@@ -155,14 +155,16 @@ pub struct EchoClient {
 impl EchoClient {
     /// Connects to `addr`.
     pub async fn connect(addr: SocketAddr, host: &str, tls: Option<std::sync::Arc<rustls::ClientConfig>>) -> Self {
+        let sni = host.to_owned();
         let connector = tower::service_fn(move |_uri: http::Uri| {
-            let tls = tls.clone();
+            let (tls, sni) = (tls.clone(), sni.clone());
             async move {
                 let tcp = tokio::net::TcpStream::connect(addr).await?;
                 let io: Box<dyn Io> = match tls {
                     None => Box::new(tcp),
                     Some(tls) => {
-                        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                        // The host the calls are for, as a browser or grpc client names it.
+                        let name = rustls::pki_types::ServerName::try_from(sni).unwrap();
                         let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
                         assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "ALPN did not pick h2");
                         Box::new(stream)

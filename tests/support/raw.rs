@@ -38,6 +38,20 @@ pub async fn raw_request(addr: SocketAddr, request: &str) -> RawReply {
     RawReply { status, text }
 }
 
+/// [`raw_request`] over TLS, naming `sni` as the server (the relay is verified by `tls`).
+pub async fn raw_request_tls(addr: SocketAddr, sni: &str, tls: rustls::ClientConfig, request: &str) -> RawReply {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls)).connect(name, tcp).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    // A TLS server may close without close_notify: what arrived is the answer.
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    RawReply { status, text }
+}
+
 /// `GET target` on a fresh connection with `Connection: close` and the given header lines.
 pub async fn raw_get(addr: SocketAddr, target: &str, headers: &[&str]) -> RawReply {
     let mut request = format!("GET {target} HTTP/1.1\r\nconnection: close\r\n");

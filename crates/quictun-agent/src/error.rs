@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 
+use quictun_core::logsafe::Inert;
 use quictun_core::tls::PinMismatch;
 use quictun_core::transport::DialError;
 use quictun_proto::RejectCode;
@@ -10,7 +11,7 @@ use quictun_proto::RejectCode;
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// The relay refused the registration permanently (bad token, wrong group, old version).
-    #[error("relay rejected registration ({code:?}): {message}")]
+    #[error("relay rejected registration ({code:?}): {}", Inert(message))]
     Rejected {
         /// The relay's code.
         code: RejectCode,

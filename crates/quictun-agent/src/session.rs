@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use quictun_core::control::{ControlError, ControlIo, message_name};
 use quictun_core::heartbeat::Heartbeats;
+use quictun_core::logsafe::Inert;
 use quictun_core::session::{Action, Role};
 use quictun_core::transport::{Connection, DialError};
 use quictun_core::tunnel::{CloseReason, ProtocolViolation, TransportKind, Tunnel};
@@ -58,7 +59,7 @@ pub enum RetryReason {
     #[error("registering: {0}")]
     Register(#[from] ControlError),
     /// The relay refused the session for now (it is shutting down, or at a limit).
-    #[error("relay refused the session: {0}")]
+    #[error("relay refused the session: {}", Inert(.0))]
     Refused(String),
     /// The relay answered register with something else.
     #[error("relay answered register with an unexpected {0} message")]
@@ -194,7 +195,7 @@ impl Role for AgentRole<'_> {
                 Ok(())
             }
             ControlMessage::GoAway(go) => {
-                info!(reason = %go.reason, drain_ms = go.drain_ms, "relay going away");
+                info!(reason = %Inert(&go.reason), drain_ms = go.drain_ms, "relay going away");
                 Ok(())
             }
             other => Err(ProtocolViolation::Unexpected(message_name(&other))),

@@ -24,6 +24,7 @@
 //! - [`config`]: TOML loading with errors that name the file and the key.
 //! - [`backoff`]: exponential backoff with full jitter.
 //! - [`admin`]: the admin HTTP endpoint (health, readiness, metrics, bearer token).
+//! - [`logsafe`]: strings from the network made inert for the logs (escaped, bounded).
 
 pub mod admin;
 pub mod backoff;
@@ -35,6 +36,7 @@ pub mod edge;
 pub mod framing;
 pub mod heartbeat;
 pub mod http;
+pub mod logsafe;
 pub mod session;
 pub mod stall;
 pub mod tls;

@@ -204,7 +204,8 @@ impl std::fmt::Display for CloseReason {
             Self::IdleTimeout => f.write_str("nothing heard from the peer: idle timeout"),
             Self::PeerRestarted => f.write_str("the peer restarted (stateless reset)"),
             Self::Protocol(violation) => write!(f, "protocol violation: {violation}"),
-            Self::Failed(why) => write!(f, "connection failed: {why}"),
+            // The transport's words may carry the peer's (a close frame's reason phrase).
+            Self::Failed(why) => write!(f, "connection failed: {}", crate::logsafe::Inert(why)),
         }
     }
 }

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use quictun_core::logsafe::Inert;
 use uuid::Uuid;
 
 /// What the line of one request says, gathered while it is handled.
@@ -36,16 +37,15 @@ impl AccessEntry {
             target: "quictun::access",
             request_id = %self.request_id,
             client = %self.client,
-            host = %self.host.as_deref().unwrap_or("-"),
+            host = %Inert(self.host.as_deref().unwrap_or("-")),
             method = %self.method,
-            path = %self.path,
+            path = %Inert(&self.path),
             status = self.status,
             duration_ms = duration_ms(self.started),
             bytes,
             client_id = %self.client_id.as_deref().unwrap_or("-"),
-            "{} {} {}",
+            "{} {}",
             self.method,
-            self.path,
             self.status
         );
     }

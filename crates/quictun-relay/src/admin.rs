@@ -41,6 +41,10 @@ pub struct SessionInfo {
     /// 1.25 s): the balancer leaves it out while a sibling answers. Absent while it is heard.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub silent_ms: Option<u64>,
+    /// How much longer the balancer leaves the agent out after failing exchanges in a row, in
+    /// milliseconds. Absent when it is not in cooldown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cooldown_ms: Option<u64>,
 }
 
 fn sessions(runtime: &Runtime) -> Vec<SessionInfo> {
@@ -59,11 +63,16 @@ fn sessions(runtime: &Runtime) -> Vec<SessionInfo> {
             // Whole microseconds: 0.276, not 0.27599999999999997.
             rtt_ms: s.rtt().map(|d| (d.as_micros() as f64) / 1000.0),
             in_flight: s.in_flight(),
-            silent_ms: s.silent_for().map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            silent_ms: s.silent_for().map(millis),
+            cooldown_ms: s.cooldown_left().map(millis),
         })
         .collect();
     list.sort_by(|a, b| (&a.client_id, a.connected_since).cmp(&(&b.client_id, b.connected_since)));
     list
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The relay's pages on the shared admin server.

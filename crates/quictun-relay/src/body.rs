@@ -35,6 +35,8 @@ pub struct Metered<B> {
     idle_timeout: Option<Duration>,
     idle: Option<Pin<Box<Sleep>>>,
     pace: Option<Pace>,
+    /// Set when the body's own source failed or stalled (for a request body: the client).
+    source_failed: Option<Tripped>,
 }
 
 /// How long each window of a pace check lasts, counted in time spent waiting for the sender.
@@ -99,7 +101,7 @@ impl<B> Metered<B> {
 
     /// Counts the bytes of `inner` into `bytes`; `idle_timeout` ends a body silent that long.
     pub fn new(inner: B, bytes: Counter, idle_timeout: Option<Duration>) -> Self {
-        Self { inner, bytes, limit: None, seen: 0, idle_timeout, idle: None, pace: None }
+        Self { inner, bytes, limit: None, seen: 0, idle_timeout, idle: None, pace: None, source_failed: None }
     }
 
     /// Fails the body once it arrives slower than `min_per_sec` (see [`PACE_WINDOW`]); the
@@ -115,6 +117,21 @@ impl<B> Metered<B> {
             tripped: tripped.clone(),
         });
         (self, tripped)
+    }
+
+    /// Notes when the body's source fails (an error from it: a connection cut, a malformed
+    /// chunk, a reset) or makes no progress for the idle timeout; the returned flag tells
+    /// afterwards. For a request body that is the client, not the agent.
+    pub fn watching_its_source(mut self) -> (Self, Tripped) {
+        let tripped = Tripped::default();
+        self.source_failed = Some(tripped.clone());
+        (self, tripped)
+    }
+
+    fn source_failed(&self) {
+        if let Some(tripped) = &self.source_failed {
+            tripped.0.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Fails the body once it exceeds `max` bytes; the returned flag tells afterwards.
@@ -145,10 +162,14 @@ where
                 let Some(timeout) = this.idle_timeout else { return Poll::Pending };
                 let idle = this.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 ready!(idle.as_mut().poll(cx));
+                this.source_failed();
                 Poll::Ready(Some(Err(BodyError::Closed(format!("body made no progress for {timeout:?}")))))
             }
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(BodyError::Closed(err.to_string())))),
+            Poll::Ready(Some(Err(err))) => {
+                this.source_failed();
+                Poll::Ready(Some(Err(BodyError::Closed(err.to_string()))))
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 this.idle = None;
                 if let Some(data) = frame.data_ref() {

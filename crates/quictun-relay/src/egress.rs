@@ -11,6 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use quictun_core::body::TunnelBody;
+use quictun_core::logsafe::Inert;
 use quictun_core::tunnel::{BoxFuture, RequestHandler};
 use quictun_proto::{Header, Limits, RequestHead, ResponseHead, StreamCode, Target};
 use tokio::sync::Semaphore;
@@ -52,12 +53,12 @@ impl EgressHandler {
         let path = head.uri.split('?').next().unwrap_or("/");
         let live = self.shared.live.current();
         let Some(route) = live.egress.route(&host, path) else {
-            debug!(%host, path, "no egress route");
+            debug!(host = %Inert(&host), path = %Inert(path), "no egress route");
             self.shared.runtime.metrics.egress("-", "404");
             return Ok(refusal(404, &format!("no egress route for host {host:?} and path {path:?}")));
         };
         if !route.allows(&self.group) {
-            warn!(%host, group = %self.group, "egress route not open to this group");
+            warn!(host = %Inert(&host), group = %self.group, "egress route not open to this group");
             self.shared.runtime.metrics.egress(&route.target.host_port(), "403");
             return Ok(refusal(403, &format!("egress to {host:?} is not allowed for group {:?}", self.group)));
         }

@@ -138,9 +138,12 @@ impl Ingress {
         self.conns.spawn(
             async move {
                 let served = async {
-                    let Some(tls) = tls else { return conn.serve(stream).await };
+                    let Some(tls) = tls else { return conn.serve(stream, None).await };
                     match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
-                        Ok(Ok(stream)) => conn.serve(stream).await,
+                        Ok(Ok(stream)) => {
+                            let sni = stream.get_ref().1.server_name().map(Arc::from);
+                            conn.serve(stream, sni).await;
+                        }
                         Ok(Err(err)) => debug!(%err, "TLS handshake failed"),
                         Err(_) => {
                             conn.shared.runtime.metrics.reject(Reject::header_timeout);
@@ -194,10 +197,10 @@ struct Connection {
 }
 
 impl Connection {
-    /// Serves HTTP on `stream` (a TCP socket or a TLS session) until it ends. When the relay
+    /// Serves HTTP on `stream` (a TCP socket or a TLS session for `sni`) until it ends. When the relay
     /// drains, the request in flight (or, on a connection that has not spoken yet, the request on
     /// its way) finishes, then the connection closes.
-    async fn serve<S>(self, stream: S)
+    async fn serve<S>(self, stream: S, sni: Option<Arc<str>>)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -213,9 +216,9 @@ impl Connection {
         let service_clock = clock.clone();
         let service = service_fn(move |req| {
             let busy = service_clock.busy();
-            let (shared, clock) = (service_shared.clone(), service_clock.clone());
+            let (shared, clock, sni) = (service_shared.clone(), service_clock.clone(), sni.clone());
             async move {
-                let response = proxy::handle(shared, req, Peer { addr: peer, scheme }).await;
+                let response = proxy::handle(shared, req, Peer { addr: peer, scheme, sni }).await;
                 if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                     clock.set_upgraded();
                 }

@@ -11,6 +11,7 @@
 //! | `quictun_connected_agents` | transport | registered agent sessions |
 //! | `quictun_ingress_connections` | | open ingress TCP connections |
 //! | `quictun_waiting_for_agent` | | requests parked just after startup until an agent registers |
+//! | `quictun_config_syncs_total` | | configurations pushed to agents by a reload that changed their group's |
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -53,8 +54,12 @@ pub enum Reject {
     timeout,
     /// The request could not be routed at all: no usable host, or a refused path (400).
     bad_request,
-    /// More headers than the tunnel carries once the relay's own are added (431).
+    /// More headers than `max_header_count`, as sent or with the relay's own added (431).
     headers_too_large,
+    /// A `CONNECT` at the ingress: the relay is not a forward proxy (405).
+    method_not_allowed,
+    /// An HTTPS request for a host other than its connection's TLS server name (421).
+    misdirected,
     /// An agent's registration was refused (token, group, version).
     registration,
     /// A new QUIC connection over its address's handshake rate.
@@ -157,6 +162,8 @@ pub struct RelayMetrics {
     pub bytes_to_agent: Counter,
     /// Response body bytes received from agents.
     pub bytes_from_agent: Counter,
+    /// Configurations pushed to agents (config_sync) by reloads.
+    pub config_syncs: Counter,
 }
 
 impl Default for RelayMetrics {
@@ -209,6 +216,12 @@ impl RelayMetrics {
             "Agent connections handshaking or not registered yet",
             pending_agents.clone(),
         );
+        let config_syncs = Counter::default();
+        registry.register(
+            "config_syncs",
+            "Configurations pushed to agents by a reload that changed their group's",
+            config_syncs.clone(),
+        );
         let bytes_to_agent = bytes.get_or_create(&DirectionLabel { direction: "to_agent" }).clone();
         let bytes_from_agent = bytes.get_or_create(&DirectionLabel { direction: "from_agent" }).clone();
         for transport in TransportKind::ALL {
@@ -229,6 +242,7 @@ impl RelayMetrics {
             pending_agents,
             bytes_to_agent,
             bytes_from_agent,
+            config_syncs,
         }
     }
 

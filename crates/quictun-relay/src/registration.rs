@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use quictun_core::control::{ControlError, ControlIo, message_name};
 use quictun_core::heartbeat::Heartbeats;
+use quictun_core::logsafe::Inert;
 use quictun_core::session::{Action, Role};
 use quictun_core::transport::Connection;
 use quictun_core::tunnel::{Admission, BoxFuture, ProtocolViolation, Tunnel};
@@ -53,7 +54,7 @@ pub async fn serve_agent<C: ControlIo>(connection: Connection<C>, shared: Arc<Re
         Some(false) => return debug!("connection failed during registration"),
         None => Arrival::Early(handshake_complete),
     };
-    let span = info_span!("session", client_id = %register.client_id, transport = tunnel.transport().as_str());
+    let span = info_span!("session", client_id = %Inert(&register.client_id), transport = tunnel.transport().as_str());
     let handshake = if early_data { RegisterHandshake::zero_rtt } else { RegisterHandshake::complete };
     async {
         let authenticated = shared.live.current().authenticate(&register);
@@ -67,7 +68,7 @@ pub async fn serve_agent<C: ControlIo>(connection: Connection<C>, shared: Arc<Re
             Ok(group) => group,
             Err(rejected) => {
                 shared.runtime.metrics.reject(crate::metrics::Reject::registration);
-                warn!(code = ?rejected.code, reason = %rejected.message, "registration rejected");
+                warn!(code = ?rejected.code, reason = %Inert(&rejected.message), "registration rejected");
                 return reject(&mut control, tunnel.as_ref(), rejected).await;
             }
         };
@@ -79,7 +80,7 @@ pub async fn serve_agent<C: ControlIo>(connection: Connection<C>, shared: Arc<Re
         let Err(rejected) = entered else {
             shared.runtime.metrics.registered(handshake);
             let instances = shared.runtime.sessions.instances(&session.client_id).len();
-            info!(session_id = %session.session_id, instance_id = %session.instance_id, instances, group = %session.group, agent_version = %register.agent_version, ?handshake, "agent registered");
+            info!(session_id = %session.session_id, instance_id = %session.instance_id, instances, group = %session.group, agent_version = %Inert(&register.agent_version), ?handshake, "agent registered");
             return run_session(control, session, commands, shared).await;
         };
         if let Some(rejected) = rejected {
@@ -214,7 +215,7 @@ fn too_many_instances(session: &Session, connected: usize, shared: &RelayState) 
         "client {} has {connected} instances connected, the most this relay allows (max_instances_per_client)",
         session.client_id
     );
-    warn!(instance_id = %session.instance_id, "{message}");
+    warn!(instance_id = %session.instance_id, "{}", Inert(&message));
     Rejected { code: RejectCode::TooManyInstances, message }
 }
 
@@ -278,7 +279,7 @@ impl Role for RelayRole<'_> {
     fn on_message(&mut self, msg: ControlMessage) -> Result<(), ProtocolViolation> {
         match msg {
             ControlMessage::GoAway(go) => {
-                info!(reason = %go.reason, drain_ms = go.drain_ms, "agent going away");
+                info!(reason = %Inert(&go.reason), drain_ms = go.drain_ms, "agent going away");
                 self.agent_left = true;
                 self.session.set_draining();
                 self.shared.runtime.sessions.remove(self.session);

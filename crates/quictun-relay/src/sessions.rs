@@ -173,6 +173,12 @@ impl Session {
         }
     }
 
+    /// How much longer the agent stays in cooldown, when it is in one.
+    pub fn cooldown_left(&self) -> Option<Duration> {
+        let left = self.health.cooldown_until_ms.load(Ordering::Relaxed).saturating_sub(self.health.now_ms());
+        (left > 0).then(|| Duration::from_millis(left))
+    }
+
     /// False while the agent is in cooldown, its heartbeats lag, or it has gone silent.
     pub fn is_healthy(&self) -> bool {
         let now = self.health.now_ms();

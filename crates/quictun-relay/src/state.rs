@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+use quictun_core::logsafe::Inert;
 use quictun_core::stall::Reclaimer;
 use quictun_core::upstream_http::UpstreamHttp;
 use quictun_proto::{AgentConfig, Limits, Register, RejectCode, Rejected, UpstreamSpec};
@@ -95,7 +96,7 @@ impl Live {
         if !register.group.is_empty() && register.group != client.group {
             return Err(reject(
                 RejectCode::GroupMismatch,
-                &format!("client {} belongs to group {:?}, not {:?}", register.client_id, client.group, register.group),
+                &format!("this client belongs to group {:?}, not {:?}", client.group, Inert(&register.group)),
             ));
         }
         Ok(client.group.clone())
@@ -156,11 +157,12 @@ impl LiveConfig {
 
     /// Compiles `config` as the next version and swaps it in; nothing changes when it does not
     /// compile.
-    fn replace(&self, config: &RelayConfig) -> Result<Arc<Live>, ConfigError> {
+    /// Swaps in `config`; returns the configuration it replaced and the new one.
+    fn replace(&self, config: &RelayConfig) -> Result<(Arc<Live>, Arc<Live>), ConfigError> {
         let mut slot = self.0.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         let live = Arc::new(Live::new(config, slot.version + 1)?);
-        *slot = live.clone();
-        Ok(live)
+        let previous = std::mem::replace(&mut *slot, live.clone());
+        Ok((previous, live))
     }
 }
 
@@ -238,17 +240,26 @@ impl RelayState {
 
     /// Swaps in the routes, upstreams and clients of `config` as one new version, atomically for
     /// every later request (requests in flight keep the route they were given). Each connected
-    /// agent is pushed its group's new configuration; an agent whose client was removed, or moved
-    /// to another group, is disconnected. Returns the new version; a configuration that does not
-    /// compile changes nothing.
+    /// agent whose group's configuration changed is pushed the new one (an agent whose group's
+    /// did not is left alone: a reload of an unchanged file sends nothing); an agent whose client
+    /// was removed, or moved to another group, is disconnected. Returns the new version; a
+    /// configuration that does not compile changes nothing.
     pub fn reload(&self, config: &RelayConfig) -> Result<u64, ConfigError> {
-        let live = self.live.replace(config)?;
+        let (previous, live) = self.live.replace(config)?;
         for session in self.runtime.sessions.all() {
             if live.group_of(&session.client_id) != Some(&*session.group) {
                 tracing::info!(client_id = %session.client_id, "client removed or regrouped by the reload: disconnecting");
                 session.tunnel.close(quictun_proto::CloseCode::Rejected);
                 self.runtime.sessions.remove(&session);
-            } else if !session.command(SessionCommand::ConfigSync(live.agent_config(&session.group))) {
+                continue;
+            }
+            let config = live.agent_config(&session.group);
+            if config.upstreams == previous.agent_config(&session.group).upstreams {
+                continue;
+            }
+            if session.command(SessionCommand::ConfigSync(config)) {
+                self.runtime.metrics.config_syncs.inc();
+            } else {
                 tracing::warn!(client_id = %session.client_id, "could not queue config_sync; the agent gets it on reconnect");
             }
         }

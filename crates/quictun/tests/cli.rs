@@ -925,9 +925,14 @@ fn each_request_gets_one_access_line_in_text_without_colour_or_in_json() {
         let access: Vec<&str> = err.lines().filter(|l| l.contains("quictun::access")).collect();
         assert_eq!(access.len(), 3, "one line per request: {err}");
         if format == "text" {
-            assert!(access[1].contains("GET /bytes/1000 200") && access[1].contains("bytes=1000"), "{}", access[1]);
+            let line = access[1];
+            assert!(
+                line.contains("GET 200") && line.contains("path=/bytes/1000") && line.contains("bytes=1000"),
+                "{line}"
+            );
+            assert_eq!(line.matches("/bytes/1000").count(), 1, "the path is logged once: {line}");
             assert!(access[1].contains("client_id=demo"), "{}", access[1]);
-            assert!(access[2].contains(" 400 ") && access[2].contains("client_id=-"), "{}", access[2]);
+            assert!(access[2].contains("GET 400 ") && access[2].contains("client_id=-"), "{}", access[2]);
             continue;
         }
         let lines: Vec<serde_json::Value> = access.iter().map(|l| serde_json::from_str(l).unwrap()).collect();

@@ -7,6 +7,7 @@
 //! - Otherwise the single `Host` header names it. None, or more than one, is refused (RFC 9112
 //!   §3.2), as is a value that is not a plain `host[:port]` (no user info).
 
+use crate::logsafe::Inert;
 use http::uri::Authority;
 use http::{HeaderMap, Uri, Version, header};
 
@@ -20,7 +21,7 @@ pub enum HostError {
     #[error("more than one Host header")]
     Duplicate,
     /// An HTTP/2 `:authority` and a `Host` header that disagree.
-    #[error("Host header {host:?} does not match :authority {authority:?}")]
+    #[error("Host header {:?} does not match :authority {:?}", Inert(host), Inert(authority))]
     Conflict {
         /// The `:authority`.
         authority: String,
@@ -28,7 +29,7 @@ pub enum HostError {
         host: String,
     },
     /// A host that is not `host[:port]`.
-    #[error("invalid host {0:?}")]
+    #[error("invalid host {:?}", Inert(.0))]
     Invalid(String),
 }
 

@@ -72,21 +72,26 @@ impl From<ProxyError> for Undelivered {
     }
 }
 
-/// What a request body is checked for on its way, known once it failed.
+/// What a request body is checked for on its way, known once it failed: each failure is the
+/// client's, whatever the exchange then said, and never counts against the agent.
 #[derive(Debug, Clone, Default)]
 pub struct BodyChecks {
     /// Over the route's `max_body_bytes` (the limit, and whether it was hit).
     pub too_large: Option<(u64, Tripped)>,
     /// Under `min_upload_rate` (the rate, and whether it was).
     pub too_slow: Option<(u64, Tripped)>,
+    /// Cut, malformed, or stalled by the client (whether it was).
+    pub broken: Option<Tripped>,
 }
 
 impl BodyChecks {
     /// The error a failed check answers with.
     pub fn failed(&self) -> Option<ProxyError> {
-        match (&self.too_large, &self.too_slow) {
-            (Some((max, tripped)), _) if tripped.is_set() => Some(ProxyError::BodyTooLarge(*max)),
-            (_, Some((rate, tripped))) if tripped.is_set() => Some(ProxyError::UploadTooSlow(*rate)),
+        let set = |tripped: &Tripped| tripped.is_set();
+        match (&self.too_large, &self.too_slow, &self.broken) {
+            (Some((max, tripped)), _, _) if set(tripped) => Some(ProxyError::BodyTooLarge(*max)),
+            (_, Some((rate, tripped)), _) if set(tripped) => Some(ProxyError::UploadTooSlow(*rate)),
+            (_, _, Some(tripped)) if set(tripped) => Some(ProxyError::BadBody),
             _ => None,
         }
     }

@@ -1,8 +1,9 @@
 //! The edge half of the request path: hyper's request turned into a transport-neutral one.
 //!
-//! - [`request_filter`]: the one host, the canonical path, the route, and the checks that need
-//!   nothing but the head: a declared body over the route's limit, the client address's and the
-//!   route's places for a request in flight.
+//! - [`request_filter`]: the checks of the head alone (a method the relay serves, at most
+//!   `max_header_count` headers on any HTTP version), the one host (on HTTPS, the host its
+//!   connection was opened for), the canonical path, the route, a declared body over the route's
+//!   limit, the client address's and the route's places for a request in flight.
 //! - [`upstream_request_filter`]: the head the agent gets (hop-by-hop headers out, the relay's
 //!   forwarding headers and request id in) and the body it streams (watched for size, pace and
 //!   progress), ready for [`super::dispatch`].
@@ -62,12 +63,25 @@ pub struct EdgeSlots {
 pub fn request_filter(
     shared: &RelayState,
     request: Request<Incoming>,
-    peer: Peer,
+    peer: &Peer,
     log: &mut RequestLog,
 ) -> Result<Accepted, ProxyError> {
+    if request.method() == http::Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed(http::Method::CONNECT));
+    }
+    // HTTP/1.1 is held to the budget by hyper's parser; HTTP/2 here, by the same count.
+    let (count, max) = (request.headers().len(), shared.settings.max_header_count);
+    if count > max {
+        return Err(ProxyError::TooManyHeaders { count, max });
+    }
     let authority = request_authority(request.version(), request.uri(), request.headers())?;
     let host = authority.as_str().to_owned();
     log.host(&host);
+    if let Some(sni) = &peer.sni
+        && !authority.host().eq_ignore_ascii_case(sni)
+    {
+        return Err(ProxyError::Misdirected { host, sni: sni.to_string() });
+    }
     // Routed and forwarded in its canonical form: the upstream sees the path the route matched.
     let target = path::normalize(request.uri().path_and_query().map_or("/", |pq| pq.as_str()))?.into_owned();
     let path = target.split('?').next().unwrap_or("/");
@@ -108,7 +122,7 @@ pub struct Outgoing {
 pub fn upstream_request_filter(
     shared: &RelayState,
     accepted: Accepted,
-    peer: Peer,
+    peer: &Peer,
     request_id: Uuid,
 ) -> Result<Outgoing, ProxyError> {
     let Accepted { mut request, host, target, route, slots } = accepted;
@@ -142,7 +156,8 @@ pub fn upstream_request_filter(
         let body = Metered::new(body, shared.runtime.metrics.bytes_to_agent.clone(), None);
         (Some(upgrade::Pending { on_upgrade, to_agent }), body.boxed_unsync(), BodyChecks::default())
     } else {
-        let (body, checks) = request_body(shared, request.into_body(), route.max_body_bytes);
+        let grpc = is_grpc(request.headers());
+        let (body, checks) = request_body(shared, request.into_body(), route.max_body_bytes, grpc);
         (None, body, checks)
     };
     let client = Some(peer.addr.ip());
@@ -152,25 +167,34 @@ pub fn upstream_request_filter(
 }
 
 /// The request body as it goes to the agent: counted, reset after `stream_idle_timeout` without
-/// progress, cut over the route's `max_body_bytes`, and, when it has a declared length, cut when
-/// it arrives slower than `min_upload_rate`. A body of no declared length (chunked, HTTP/2 without
-/// `Content-Length`, gRPC streams) may pause as long as it likes within the idle timeout:
-/// streaming uploads are paced by their application.
-fn request_body(shared: &RelayState, body: Incoming, max_body: Option<u64>) -> (TunnelBody, BodyChecks) {
-    let declared = body.size_hint().exact().is_some_and(|len| len > 0);
-    let mut body =
-        Metered::new(body, shared.runtime.metrics.bytes_to_agent.clone(), shared.settings.stream_idle_timeout());
-    let mut checks = BodyChecks::default();
+/// progress, cut over the route's `max_body_bytes`, and cut when it arrives slower than
+/// `min_upload_rate`, chunked or not. A gRPC call's body is exempt from the pace (its messages
+/// come when its application sends them; a client stream may idle between them), and held only to
+/// the idle timeout. A body that fails on the client's side (cut, malformed, stalled) is noted as
+/// the client's.
+fn request_body(shared: &RelayState, body: Incoming, max_body: Option<u64>, grpc: bool) -> (TunnelBody, BodyChecks) {
+    let empty = body.size_hint().exact() == Some(0);
+    let body = Metered::new(body, shared.runtime.metrics.bytes_to_agent.clone(), shared.settings.stream_idle_timeout());
+    let (mut body, broken) = body.watching_its_source();
+    let mut checks = BodyChecks { broken: Some(broken), ..BodyChecks::default() };
     if let Some(max) = max_body {
         let tripped;
         (body, tripped) = body.with_limit(max);
         checks.too_large = Some((max, tripped));
     }
     let rate = shared.settings.min_upload_rate;
-    if rate > 0 && declared {
+    if rate > 0 && !empty && !grpc {
         let tripped;
         (body, tripped) = body.with_min_pace(rate);
         checks.too_slow = Some((rate, tripped));
     }
     (body.boxed_unsync(), checks)
+}
+
+/// True for a gRPC request (`content-type: application/grpc`, with or without a `+format`).
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.get(..16).is_some_and(|p| p.eq_ignore_ascii_case("application/grpc")))
 }

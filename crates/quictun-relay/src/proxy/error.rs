@@ -4,15 +4,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use quictun_core::edge::host::HostError;
 use quictun_core::edge::path::PathError;
 use quictun_core::edge::serve::plain_text;
 use quictun_core::http::InvalidHeader;
+use quictun_core::logsafe::Inert;
 use quictun_core::tunnel::{BadAnswer, ExchangeError};
 
 use super::IngressBody;
 use crate::metrics::Reject;
+
+/// The methods the relay proxies: every method but `CONNECT`.
+pub const SERVED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH";
 
 /// Why a request could not be proxied, and so which status it gets.
 #[derive(Debug, thiserror::Error)]
@@ -23,16 +27,29 @@ pub enum ProxyError {
     /// The request path is refused (see [`quictun_core::edge::path`]).
     #[error("bad request: {0}")]
     BadPath(#[from] PathError),
-    /// More headers than the tunnel carries once the relay's own are added.
-    #[error("too many request headers: {count} with the relay's own, the limit is {max}")]
+    /// More headers than the relay takes (`max_header_count`), as the client sent them or
+    /// with the relay's own added.
+    #[error("too many request headers: {count}, the limit is {max}")]
     TooManyHeaders {
         /// Headers the request would carry.
         count: usize,
         /// The tunnel's limit.
         max: usize,
     },
+    /// A method the relay does not proxy (`CONNECT`: it is not a forward proxy).
+    #[error("method {0} is not served here")]
+    MethodNotAllowed(http::Method),
+    /// An HTTPS request for a host other than the one its TLS connection was opened for (SNI):
+    /// the client should open a connection for that host (RFC 9110, 15.5.20).
+    #[error("this connection was opened for {:?}, not {:?}", Inert(sni), Inert(host))]
+    Misdirected {
+        /// The request's host.
+        host: String,
+        /// The TLS server name of its connection.
+        sni: String,
+    },
     /// No route matches.
-    #[error("no route for host {host:?} and path {path:?}")]
+    #[error("no route for host {:?} and path {:?}", Inert(host), Inert(path))]
     NoRoute {
         /// The request host.
         host: String,
@@ -69,6 +86,9 @@ pub enum ProxyError {
     /// The request body is larger than the route allows.
     #[error("request body larger than {0} bytes")]
     BodyTooLarge(u64),
+    /// The request body was cut, malformed, or stalled by the client on its way.
+    #[error("the request body was cut, malformed, or stalled on its way")]
+    BadBody,
     /// The request body arrived slower than `min_upload_rate`.
     #[error("request body arrived slower than {0} bytes per second")]
     UploadTooSlow(u64),
@@ -98,9 +118,11 @@ impl ProxyError {
     /// The status this error is answered with.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadHost(_) | Self::BadPath(_) => StatusCode::BAD_REQUEST,
+            Self::BadHost(_) | Self::BadPath(_) | Self::BadBody => StatusCode::BAD_REQUEST,
             Self::TooManyHeaders { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::RouteBusy(_) | Self::AddressBusy => StatusCode::SERVICE_UNAVAILABLE,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -113,9 +135,11 @@ impl ProxyError {
     /// The metrics reason this refusal counts under, when it is one.
     pub fn reject_reason(&self) -> Option<Reject> {
         Some(match self {
-            Self::BadHost(_) | Self::BadPath(_) => Reject::bad_request,
+            Self::BadHost(_) | Self::BadPath(_) | Self::BadBody => Reject::bad_request,
             Self::TooManyHeaders { .. } | Self::Exchange(ExchangeError::HeadTooLarge(_)) => Reject::headers_too_large,
             Self::NoRoute { .. } => Reject::no_route,
+            Self::MethodNotAllowed(_) => Reject::method_not_allowed,
+            Self::Misdirected { .. } => Reject::misdirected,
             Self::NoAgent(_) | Self::NoAgentAfterWaiting { .. } => Reject::no_agent,
             Self::Exchange(ExchangeError::Busy) => Reject::agent_busy,
             Self::RouteBusy(_) => Reject::route_busy,
@@ -127,10 +151,14 @@ impl ProxyError {
         })
     }
 
-    /// Headers the answer carries beyond its status and text (a policy's challenge, say): none
-    /// of today's failures needs one. A 503's `Retry-After` is added with the text.
+    /// Headers the answer carries beyond its status and text: the methods served, with a 405
+    /// (RFC 9110, 15.5.6). A 503's `Retry-After` is added with the text.
     pub fn headers(&self) -> HeaderMap {
-        HeaderMap::new()
+        let mut headers = HeaderMap::new();
+        if let Self::MethodNotAllowed(_) = self {
+            headers.insert(http::header::ALLOW, HeaderValue::from_static(SERVED_METHODS));
+        }
+        headers
     }
 
     /// The `fail_to_proxy` phase: the answer a client gets for this failure.

@@ -31,6 +31,7 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use quictun_core::body::{BodyError, TunnelBody};
+use quictun_core::logsafe::Inert;
 use tracing::{Instrument, debug, field, info_span, warn};
 use uuid::Uuid;
 
@@ -115,18 +116,21 @@ impl Scheme {
 }
 
 /// The client of an ingress request: its address and how it reached the relay.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Peer {
     /// The client's address.
     pub addr: SocketAddr,
     /// Plain HTTP or HTTPS.
     pub scheme: Scheme,
+    /// The TLS server name (SNI) its HTTPS connection was opened for, when it sent one.
+    pub sni: Option<Arc<str>>,
 }
 
 /// Answers one ingress request through the phases; never fails (failures become responses).
 pub async fn handle(shared: Arc<RelayState>, request: Request<Incoming>, peer: Peer) -> Response<IngressBody> {
     let request_id = Uuid::new_v4();
-    let span = info_span!("request", %request_id, method = %request.method(), path = %request.uri().path(), client_id = field::Empty);
+    let path = Inert(request.uri().path());
+    let span = info_span!("request", %request_id, method = %request.method(), %path, client_id = field::Empty);
     let mut log = respond::RequestLog::new(&request, peer.addr, request_id);
     let response = match proxy(&shared, request, peer, request_id, &mut log).instrument(span.clone()).await {
         Ok(response) => response,
@@ -154,9 +158,9 @@ async fn proxy(
     request_id: Uuid,
     log: &mut respond::RequestLog,
 ) -> Result<Response<IngressBody>, ProxyError> {
-    let accepted = edge::request_filter(shared, request, peer, log)?;
+    let accepted = edge::request_filter(shared, request, &peer, log)?;
     policy::check(&accepted)?;
-    let outgoing = edge::upstream_request_filter(shared, accepted, peer, request_id)?;
+    let outgoing = edge::upstream_request_filter(shared, accepted, &peer, request_id)?;
     let answer = dispatch(shared, outgoing.dispatch).await.map_err(|undelivered| {
         log.client_id = undelivered.agent;
         undelivered.error

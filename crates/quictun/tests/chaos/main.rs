@@ -5,6 +5,7 @@
 //! `--nocapture` to see them).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod edge;
 mod hostile;
 mod scene;
 

@@ -70,6 +70,11 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(netns: Option<&str>, args: &[&str], log: &Path, name: &str) -> Self {
+        Self::spawn_logging(netns, args, log, name, "warn")
+    }
+
+    /// [`Proc::spawn`] with `RUST_LOG` at `level`.
+    pub fn spawn_logging(netns: Option<&str>, args: &[&str], log: &Path, name: &str, level: &str) -> Self {
         let mut command = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -80,7 +85,7 @@ impl Proc {
         };
         let mut child = command
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", level)
             .env_remove("QUICTUN_TOKEN")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -99,6 +104,21 @@ impl Proc {
             }
         });
         Self { child, lines, name: name.to_owned() }
+    }
+
+    /// A process that is not started (replaced before use).
+    fn placeholder() -> Self {
+        let child = Command::new("true").kill_on_drop(true).spawn().unwrap();
+        Self { child, lines: mpsc::channel(1).1, name: "not started".to_owned() }
+    }
+
+    /// The relay's banner: its stdout lines up to the one with the pin (the last).
+    pub async fn banner(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        while !lines.last().is_some_and(|l: &String| l.contains("agent command")) {
+            lines.push(self.line_with("").await);
+        }
+        lines
     }
 
     /// The next stdout line containing `needle`.
@@ -154,120 +174,139 @@ pub struct Scene {
     _upstream: Proc,
     pub upstream_addr: SocketAddr,
     pub relay: Proc,
+    /// Where the relay's stderr (its log) goes.
+    pub relay_log: PathBuf,
     pub quic: SocketAddr,
+    /// The gRPC listener, when `extra` chose `transport = "all"`.
+    pub grpc: Option<SocketAddr>,
     pub http: SocketAddr,
     pub admin: SocketAddr,
     pub pin: String,
     extra: String,
     netns: Option<String>,
+    log_level: &'static str,
+}
+
+/// The addresses a relay listens on (`127.0.0.1:0` and a free port unless told).
+struct Listen {
+    quic: String,
+    grpc: String,
+    http: String,
+    admin: String,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        let any = || "127.0.0.1:0".to_owned();
+        Self { quic: any(), grpc: any(), http: any(), admin: any() }
+    }
 }
 
 /// Agents known to the chaos relay: `agent-N` with token `token-N`, all in group `web`.
 pub const AGENTS: usize = 4;
 
 impl Scene {
-    /// An upstream (in `netns` when given), and a relay with `extra` lines in `[relay]`, its QUIC
-    /// listener on `quic_ip`.
+    /// An upstream (in `netns` when given), and a relay with `extra` lines in `[relay]` (tables
+    /// such as `[[tcp]]` may follow them), its QUIC listener on `quic_ip`, logging warnings.
     pub async fn start(netns: Option<&str>, quic_ip: &str, extra: &str) -> Self {
+        Self::start_logging(netns, quic_ip, extra, "warn").await
+    }
+
+    /// [`Scene::start`] with the relay's `RUST_LOG` at `log_level`.
+    pub async fn start_logging(netns: Option<&str>, quic_ip: &str, extra: &str, log_level: &'static str) -> Self {
         let dir = TempDir::new();
         let mut upstream =
             Proc::spawn(netns, &["upstream", "--listen", "127.0.0.1:0"], &dir.0.join("upstream.log"), "upstream");
         let upstream_addr = addr_after(&upstream.line_with("listening on").await, "http://");
-        let quic_listen = format!("{quic_ip}:0");
-        let http_listen = "127.0.0.1:0".to_owned();
-        let admin_listen = "127.0.0.1:0".to_owned();
-        let (relay, quic, http, admin, pin) =
-            Self::spawn_relay(&dir, upstream_addr, extra, &quic_listen, &http_listen, &admin_listen).await;
-        Self {
+        let mut scene = Self {
             dir,
             _upstream: upstream,
             upstream_addr,
-            relay,
-            quic,
-            http,
-            admin,
-            pin,
+            relay_log: PathBuf::new(),
+            relay: Proc::placeholder(),
+            quic: SocketAddr::from(([0, 0, 0, 0], 0)),
+            grpc: None,
+            http: SocketAddr::from(([0, 0, 0, 0], 0)),
+            admin: SocketAddr::from(([0, 0, 0, 0], 0)),
+            pin: String::new(),
             extra: extra.to_owned(),
             netns: netns.map(str::to_owned),
-        }
+            log_level,
+        };
+        let listen = Listen { quic: format!("{quic_ip}:0"), ..Listen::default() };
+        scene.spawn_relay(&listen).await;
+        scene
     }
 
-    async fn spawn_relay(
-        dir: &TempDir,
-        upstream: SocketAddr,
-        extra: &str,
-        quic: &str,
-        http: &str,
-        admin: &str,
-    ) -> (Proc, SocketAddr, SocketAddr, SocketAddr, String) {
-        // The default settings (heartbeats and timeouts included) but for `extra`.
+    /// Writes the relay's file (the default settings, heartbeats and timeouts included, but for
+    /// `extra`; the transport QUIC unless `extra` names one) and starts the relay on `listen`.
+    async fn spawn_relay(&mut self, listen: &Listen) {
+        let Listen { quic, grpc, http, admin } = listen;
+        let extra = &self.extra;
+        let transport = if extra.contains("transport =") { "" } else { "transport = \"quic\"\n" };
         let mut config = format!(
-            "[relay]\nquic_listen = \"{quic}\"\nhttp_listen = \"{http}\"\nadmin_listen = \"{admin}\"\n\
-             transport = \"quic\"\ndrain_timeout_secs = 2\n{extra}\n"
+            "[relay]\nquic_listen = \"{quic}\"\ngrpc_listen = \"{grpc}\"\nhttp_listen = \"{http}\"\n\
+             admin_listen = \"{admin}\"\n{transport}drain_timeout_secs = 2\n{extra}\n"
         );
         for i in 1..=AGENTS {
             config.push_str(&format!("[[clients]]\nid = \"agent-{i}\"\ntoken = \"token-{i}\"\ngroup = \"web\"\n"));
         }
         config.push_str(&format!(
-            "[[upstreams]]\nname = \"app\"\ngroup = \"web\"\ntargets = [\"http://{upstream}\"]\n\
-             [[routes]]\nhost = \"*\"\nupstream = \"app\"\n"
+            "[[upstreams]]\nname = \"app\"\ngroup = \"web\"\ntargets = [\"http://{}\"]\n\
+             [[routes]]\nhost = \"*\"\nupstream = \"app\"\n",
+            self.upstream_addr
         ));
         // The identity is generated beside the file at the first start and kept across restarts.
-        let path = dir.0.join("relay.toml");
+        let path = self.dir.0.join("relay.toml");
         std::fs::write(&path, config).unwrap();
-        let log = dir.0.join(format!("relay-{}.log", fastrand::u32(..)));
-        let mut relay = Proc::spawn(None, &["relay", "--config", path.to_str().unwrap()], &log, "relay");
-        let quic = addr_after(&relay.line_with("udp://").await, "udp://");
-        let http = addr_after(&relay.line_with("HTTP ingress").await, "http://");
-        let admin = addr_after(&relay.line_with("admin").await, "http://");
-        let pin = relay.line_with("pin").await.split_whitespace().last().unwrap().to_owned();
-        (relay, quic, http, admin, pin)
+        self.relay_log = self.dir.0.join(format!("relay-{}.log", fastrand::u32(..)));
+        let args = ["relay", "--config", path.to_str().unwrap()];
+        let mut relay = Proc::spawn_logging(None, &args, &self.relay_log, "relay", self.log_level);
+        let banner = relay.banner().await;
+        let line = |what: &str| banner.iter().find(|l| l.contains(what)).cloned();
+        self.quic = line("udp://").map_or(self.quic, |l| addr_after(&l, "udp://"));
+        self.grpc = line("gRPC (agents)").map(|l| addr_after(&l, "tcp://"));
+        self.http = addr_after(&line("HTTP ingress").unwrap(), "http://");
+        self.admin = addr_after(&line("admin").unwrap(), "http://");
+        let pin = line("pin").unwrap().split_whitespace().last().unwrap().to_owned();
+        assert!(self.pin.is_empty() || self.pin == pin, "the restarted relay must reuse its certificate");
+        self.pin = pin;
+        self.relay = relay;
     }
 
     /// `kill -9` the relay and start a new one on the same ports (and certificate). Returns when
     /// the new one listens.
     pub async fn kill_and_restart_relay(&mut self) {
         self.relay.kill9().await;
-        let (quic, http, admin) = (self.quic.to_string(), self.http.to_string(), self.admin.to_string());
-        let started = loop {
-            // The killed process's sockets are released by the kernel at once; retry if not yet.
-            let attempt = tokio::time::timeout(
-                WAIT,
-                Self::spawn_relay(&self.dir, self.upstream_addr, &self.extra, &quic, &http, &admin),
-            );
-            if let Ok(started) = attempt.await {
-                break started;
-            }
+        let listen = Listen {
+            quic: self.quic.to_string(),
+            grpc: self.grpc.map_or_else(|| Listen::default().grpc, |a| a.to_string()),
+            http: self.http.to_string(),
+            admin: self.admin.to_string(),
         };
-        self.relay = started.0;
-        assert_eq!(started.4, self.pin, "the restarted relay must reuse its certificate");
+        // The killed process's sockets are released by the kernel at once; retry if not yet.
+        while tokio::time::timeout(WAIT, self.spawn_relay(&listen)).await.is_err() {}
     }
 
-    /// Starts agent `agent-{n}` (in the scene's namespace when it has one) dialing `relay`, and
-    /// waits until it reports its registration.
+    /// Starts agent `agent-{n}` (in the scene's namespace when it has one) dialing `relay` over
+    /// QUIC, and waits until it reports its registration.
     pub async fn agent(&self, n: usize, relay: SocketAddr) -> Proc {
-        let log = self.dir.0.join(format!("agent-{n}-{}.log", fastrand::u32(..)));
-        let (id, token, relay) = (format!("agent-{n}"), format!("token-{n}"), relay.to_string());
-        let mut agent = Proc::spawn(
-            self.netns.as_deref(),
-            &[
-                "agent",
-                "--relay",
-                &relay,
-                "--transport",
-                "quic",
-                "--pin",
-                &self.pin,
-                "--client-id",
-                &id,
-                "--token",
-                &token,
-            ],
-            &log,
-            &id,
-        );
+        let mut agent = self.agent_as(&format!("agent-{n}"), &format!("token-{n}"), relay, "quic");
         agent.line_with("connected to").await;
         agent
+    }
+
+    /// Starts an agent as `id` with `token`, dialing `relay` over `transport` (`quic`: `relay`
+    /// is the QUIC address; `grpc`: the gRPC one); returns at once.
+    pub fn agent_as(&self, id: &str, token: &str, relay: SocketAddr, transport: &str) -> Proc {
+        let log = self.dir.0.join(format!("agent-{}.log", fastrand::u32(..)));
+        let relay = relay.to_string();
+        let mut args = vec!["agent", "--relay", &relay, "--transport", transport, "--pin", &self.pin];
+        if transport == "grpc" {
+            args.extend(["--grpc-relay", &relay]);
+        }
+        args.extend(["--client-id", id, "--token", token]);
+        Proc::spawn(self.netns.as_deref(), &args, &log, "agent")
     }
 
     /// `/api/sessions` from the admin endpoint.

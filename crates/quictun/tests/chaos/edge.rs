@@ -1,0 +1,215 @@
+//! The edge's second round: each finding of the probe that re-tested the relay's edge, replayed
+//! against the real binary with the probe's numbers, and what a legitimate client and a new
+//! agent must still see beside it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quictun_core::Trust;
+use quictun_proto::{ControlMessage, GoAway, PROTOCOL_VERSION, Register, Token, frame};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::Instant;
+
+use crate::scene::{Scene, WAIT, client, privileged, request};
+
+/// Peer-supplied strings as the probe sent them: a newline that would forge a line, a carriage
+/// return that would hide one, an escape sequence and a bell for the reader's terminal, 60 KB.
+fn evil_strings() -> Vec<(&'static str, String)> {
+    vec![
+        ("lf", "EVILlf\nFORGED INFO quictun: forged line".to_owned()),
+        ("cr", "EVILcr\rFORGED".to_owned()),
+        ("esc", "EVILesc\x1b[2J\x1b]0;owned\x07".to_owned()),
+        ("bel", "EVILbel\x07\x07".to_owned()),
+        ("60k", format!("EVIL60k{}", "x".repeat(60_000))),
+    ]
+}
+
+/// A QUIC connection from 127.0.0.1 that sends `register`, then (when the relay accepts it)
+/// goes away with `reason`; returns the relay's answer to the register.
+async fn register_raw(relay: SocketAddr, pin: &str, register: Register, reason: &str) -> Option<ControlMessage> {
+    let trust = Trust::Pin(pin.parse().unwrap());
+    let (tls, _) = quictun_core::tls::client_config(&trust).unwrap();
+    let config = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap()));
+    let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    endpoint.set_default_client_config(config);
+    let conn = endpoint.connect(relay, "localhost").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&frame::encode(&ControlMessage::Register(register), 128 * 1024).unwrap()).await.unwrap();
+    let answer = tokio::time::timeout(WAIT, first_frame(&mut recv)).await.ok()??;
+    if matches!(answer, ControlMessage::Accepted(_)) {
+        let go = ControlMessage::GoAway(GoAway { reason: reason.to_owned(), drain_ms: 0 });
+        send.write_all(&frame::encode(&go, 128 * 1024).unwrap()).await.unwrap();
+        let _ = tokio::time::timeout(WAIT, conn.closed()).await;
+    }
+    endpoint.close(0u32.into(), b"done");
+    Some(answer)
+}
+
+/// The first control message on `recv`.
+async fn first_frame(recv: &mut quinn::RecvStream) -> Option<ControlMessage> {
+    let mut buf = Vec::new();
+    loop {
+        if let Some((msg, _)) = frame::decode::<ControlMessage>(&buf, 128 * 1024).ok()? {
+            return Some(msg);
+        }
+        let chunk = recv.read_chunk(64 * 1024, true).await.ok()??;
+        buf.extend_from_slice(&chunk.bytes);
+    }
+}
+
+/// One request written as raw bytes on a fresh connection; what came back before the relay
+/// closed it (or 10 s passed).
+async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let _ = stream.write_all(request).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    answer
+}
+
+/// Waits until the relay's log holds `count` lines containing `needle`; the log's text.
+async fn log_until(scene: &Scene, needle: &str, count: usize) -> String {
+    let started = Instant::now();
+    loop {
+        let text = String::from_utf8_lossy(&std::fs::read(&scene.relay_log).unwrap_or_default()).into_owned();
+        if text.lines().filter(|l| l.contains(needle)).count() >= count {
+            return text;
+        }
+        let tail: String = text.chars().rev().take(3000).collect::<Vec<_>>().into_iter().rev().collect();
+        assert!(started.elapsed() < WAIT, "the relay's log never had {count} lines with {needle:?}; it ends: {tail}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(chaos_capable), ignore = "needs root and nftables (network namespaces, packet loss)")]
+async fn peer_strings_reach_the_text_log_escaped_bounded_and_once() {
+    let _turn = privileged("peer_strings_in_the_log").await;
+    let scene = Scene::start_logging(None, "127.0.0.1", "transport = \"all\"", "info").await;
+    let grpc = scene.grpc.expect("the relay serves gRPC");
+    let evil = evil_strings();
+    let register = |client_id: &str, group: &str, version: &str| Register {
+        protocol_version: PROTOCOL_VERSION,
+        client_id: client_id.to_owned(),
+        group: group.to_owned(),
+        token: Token::new(if client_id == "agent-1" { "token-1" } else { "wrong" }),
+        agent_version: version.to_owned(),
+        instance_id: uuid::Uuid::new_v4(),
+    };
+    for (name, s) in &evil {
+        // The client id of a rejected registration, over QUIC and over gRPC (the real agent).
+        let answer = register_raw(scene.quic, &scene.pin, register(s, "", "1"), "").await;
+        assert!(matches!(answer, Some(ControlMessage::Rejected(_))), "{name}: {answer:?}");
+        let _agent = scene.agent_as(s, "wrong", grpc, "grpc");
+        let rejected_on_grpc = "transport=\"grpc\"}: quictun_relay::registration: registration rejected";
+        log_until(&scene, rejected_on_grpc, evil.iter().position(|(n, _)| n == name).unwrap() + 1).await;
+        // The group of a known client (the rejection's reason), and a registered agent's
+        // version and go-away reason.
+        let answer = register_raw(scene.quic, &scene.pin, register("agent-1", s, "1"), "").await;
+        assert!(matches!(answer, Some(ControlMessage::Rejected(_))), "{name}: {answer:?}");
+        let answer = register_raw(scene.quic, &scene.pin, register("agent-1", "", s), s).await;
+        assert!(matches!(answer, Some(ControlMessage::Accepted(_))), "{name}: {answer:?}");
+        // A host, a path and a header value at the ingress.
+        let bytes = s.as_bytes();
+        let http = scene.http;
+        let close = b"connection: close\r\n\r\n";
+        let _ = raw_exchange(http, &[b"GET /", bytes, b" HTTP/1.1\r\nhost: a\r\n", close].concat()).await;
+        let _ = raw_exchange(http, &[b"GET / HTTP/1.1\r\nhost: ", bytes, b"\r\n", close].concat()).await;
+        let _ = raw_exchange(http, &[b"GET / HTTP/1.1\r\nhost: a\r\nx-evil: ", bytes, b"\r\n", close].concat()).await;
+        let path: String = format!("/{}", s.replace(|c: char| c.is_control(), "_"));
+        let request = format!("GET {path} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n");
+        let _ = raw_exchange(http, request.as_bytes()).await;
+    }
+    let text = log_until(&scene, "agent going away", evil.len()).await;
+    let log = std::fs::read(&scene.relay_log).unwrap();
+    let lines: Vec<&[u8]> = log.split(|b| *b == b'\n').collect();
+    let controls: Vec<_> = log.iter().filter(|b| matches!(**b, 0x00..=0x08 | 0x0b..=0x1f | 0x7f)).collect();
+    let longest = lines.iter().map(|l| l.len()).max().unwrap_or(0);
+    let forged = lines.iter().filter(|l| l.starts_with(b"FORGED")).count();
+    let rejections = text.lines().filter(|l| l.contains("registration rejected")).count();
+    let long_lines: Vec<_> = text.lines().filter(|l| l.contains("EVIL60k")).collect();
+    eprintln!(
+        "chaos: peer strings in the text log: {} lines, {rejections} rejected registrations, the longest line \
+         {longest} B, {} control bytes, {forged} forged lines; the 60 KB strings on {} lines",
+        lines.len(),
+        controls.len(),
+        long_lines.len()
+    );
+    assert!(controls.is_empty(), "control bytes reached the log: {:?}", &controls[..controls.len().min(8)]);
+    assert_eq!(forged, 0, "a newline forged a line");
+    assert!(longest <= 2048, "a line of {longest} bytes");
+    assert!(rejections >= 3 * evil.len(), "{rejections} rejections logged, {} expected", 3 * evil.len());
+    for line in &long_lines {
+        assert_eq!(line.matches("EVIL60k").count(), 1, "a 60 KB string logged more than once: {line}");
+    }
+    for shown in ["EVILlf\\nFORGED", "EVILcr\\rFORGED", "EVILesc\\u{1b}[2J", "EVILbel\\u{7}\\u{7}", "EVIL60kxxxx"] {
+        assert!(text.contains(shown), "{shown:?} was not logged escaped");
+    }
+}
+
+/// Uploads from `from` (each on a connection of its own) with a declared length of 10 MB, that
+/// send 64 KiB and then stall, cut by the client after `cut_after`.
+async fn cut_uploads(http: SocketAddr, from: [u8; 4], n: usize, cut_after: Duration) {
+    let uploads: Vec<_> = (0..n)
+        .map(|_| {
+            tokio::spawn(async move {
+                let socket = TcpSocket::new_v4().unwrap();
+                socket.bind(SocketAddr::from((from, 0))).unwrap();
+                let mut stream = socket.connect(http).await.unwrap();
+                let head = "POST /sink HTTP/1.1\r\nhost: app.test\r\ncontent-length: 10000000\r\n\r\n";
+                stream.write_all(head.as_bytes()).await.unwrap();
+                stream.write_all(&vec![b'u'; 64 * 1024]).await.unwrap();
+                tokio::time::sleep(cut_after).await;
+                drop(stream);
+            })
+        })
+        .collect();
+    for upload in uploads {
+        upload.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(chaos_capable), ignore = "needs root and nftables (network namespaces, packet loss)")]
+async fn uploads_the_client_cuts_or_garbles_put_no_agent_in_cooldown() {
+    let _turn = privileged("client_failures_are_not_the_agents").await;
+    let scene = Scene::start_logging(None, "127.0.0.1", "", "warn,quictun::access=info").await;
+    let _agents = [scene.agent(1, scene.quic).await, scene.agent(2, scene.quic).await];
+    // The probe's attack, three times over: five parallel uploads to an upstream that reads the
+    // whole body first, cut by the client after 1.5 s.
+    for _ in 0..3 {
+        cut_uploads(scene.http, [127, 0, 0, 5], 5, Duration::from_millis(1500)).await;
+    }
+    // A malformed chunked body is the client's error: 400, five times over.
+    let mut garbled = Vec::new();
+    for _ in 0..5 {
+        let request =
+            b"POST /sink HTTP/1.1\r\nhost: app.test\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n";
+        garbled.push(raw_exchange(scene.http, request).await);
+    }
+    let statuses: Vec<String> =
+        garbled.iter().map(|a| String::from_utf8_lossy(a.get(..12).unwrap_or(a)).into_owned()).collect();
+    scene.sessions_until(WAIT, "the cut uploads end", |s| s.len() == 2 && s.iter().all(|s| s["in_flight"] == 0)).await;
+    let sessions = scene.sessions().await;
+    let cooling: Vec<_> = sessions.iter().filter(|s| s.get("cooldown_ms").is_some()).collect();
+    let client = client();
+    let mut served = 0;
+    for _ in 0..20 {
+        if matches!(request(&client, "GET", scene.http, "/bytes/16", Bytes::new()).await, Ok((200, _))) {
+            served += 1;
+        }
+    }
+    eprintln!(
+        "chaos: 15 uploads cut by their client after 1.5 s, 5 malformed chunked bodies (answered {statuses:?}): \
+         {} of 2 agents in cooldown; then {served}/20 served",
+        cooling.len()
+    );
+    assert!(cooling.is_empty(), "a client's failures put an agent in cooldown: {sessions:?}");
+    assert_eq!(served, 20);
+    assert!(statuses.iter().all(|s| s == "HTTP/1.1 400"), "malformed bodies answered {statuses:?}");
+    // The access log tells what the client got.
+    log_until(&scene, "path=/sink status=400", 5).await;
+}
