@@ -1,6 +1,6 @@
 //! TCP tunnels end to end on both transports: a `[[tcp]]` port on the relay, one stream per
 //! accepted connection, bytes both ways, and half-close carried in each direction (one side's FIN
-//! does not cut the other direction).
+//! does not cut the other direction); the listener's idle timeout and per-address cap.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::net::SocketAddr;
@@ -117,7 +117,46 @@ async fn a_tcp_connection_without_an_agent_is_closed(transport: Transport) {
     assert!(read.is_err() || buf.is_empty(), "got {buf:?}");
 }
 
+async fn an_idle_connection_is_closed_after_the_listeners_idle_timeout(transport: Transport) {
+    let (server, _reports) = byte_server().await;
+    let edit = |config: &mut quictun_relay::config::RelayConfig| {
+        config.tcp[0].idle_timeout_secs = 1;
+        config.tcp[0].max_connections_per_ip = 2;
+    };
+    let config =
+        HarnessConfig { transport, tcp_upstreams: vec![server.to_string()], ..HarnessConfig::with_relay(edit) };
+    let h = Harness::start_with(config).await;
+    let _agent = h.agent("agent-1").await;
+    let port = h.relay().tcp_addrs()[0];
+    let mut idle = TcpStream::connect(port).await.unwrap();
+    let mut busy = TcpStream::connect(port).await.unwrap();
+    // A third from the same address is over max_connections_per_ip: closed at once.
+    let mut third = TcpStream::connect(port).await.unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(tokio::time::timeout(WAIT, third.read(&mut byte)).await.unwrap().unwrap_or(0), 0);
+    // One that talks every 400 ms outlives the idle one, which is closed about 1 s after its
+    // last byte.
+    idle.write_all(b"e").await.unwrap();
+    tokio::time::timeout(WAIT, idle.read_exact(&mut byte)).await.unwrap().unwrap();
+    let last_byte = tokio::time::Instant::now();
+    let closed = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        let _ = idle.read_to_end(&mut rest).await;
+        last_byte.elapsed()
+    });
+    for _ in 0..6 {
+        busy.write_all(b"e").await.unwrap();
+        tokio::time::timeout(WAIT, busy.read_exact(&mut byte)).await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let idle_for = tokio::time::timeout(WAIT, closed).await.unwrap().unwrap();
+    assert!(idle_for >= Duration::from_secs(1) && idle_for < Duration::from_secs(2), "closed after {idle_for:?}");
+    busy.write_all(b"e").await.unwrap();
+    tokio::time::timeout(WAIT, busy.read_exact(&mut byte)).await.unwrap().unwrap();
+}
+
 quictun_tests::on_both_transports!(
+    an_idle_connection_is_closed_after_the_listeners_idle_timeout,
     tcp_echo_and_a_large_transfer_after_the_clients_fin,
     the_servers_fin_does_not_cut_the_client_direction,
     a_tcp_connection_without_an_agent_is_closed,

@@ -135,10 +135,9 @@ pub fn relay_config_on(listen: Listen, upstream: &str, cfg: &HarnessConfig) -> R
     config.tcp = cfg
         .tcp_upstreams
         .iter()
-        .map(|upstream| TcpEntry {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            group: "web".into(),
-            upstream: upstream.parse().expect("tcp upstream is host:port"),
+        .map(|upstream| {
+            let upstream = upstream.parse().expect("tcp upstream is host:port");
+            TcpEntry::new(SocketAddr::from(([127, 0, 0, 1], 0)), "web", upstream)
         })
         .collect();
     (cfg.edit)(&mut config);

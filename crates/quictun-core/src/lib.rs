@@ -25,6 +25,7 @@
 //! - [`backoff`]: exponential backoff with full jitter.
 //! - [`admin`]: the admin HTTP endpoint (health, readiness, metrics, bearer token).
 //! - [`logsafe`]: strings from the network made inert for the logs (escaped, bounded).
+//! - [`idle`]: an idle timeout for a spliced connection (bytes moving either way reset it).
 
 pub mod admin;
 pub mod backoff;
@@ -36,6 +37,7 @@ pub mod edge;
 pub mod framing;
 pub mod heartbeat;
 pub mod http;
+pub mod idle;
 pub mod logsafe;
 pub mod session;
 pub mod stall;

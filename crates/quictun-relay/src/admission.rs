@@ -133,7 +133,7 @@ pub fn connection_budget(configured: usize, soft_limit: Option<u64>) -> usize {
 /// The slots one exchange holds until its response body ends (or its upgraded connection
 /// closes): its stream on the agent, its place on the route and under its client's cap.
 pub struct Slots {
-    _agent: tokio::sync::OwnedSemaphorePermit,
+    _agent: crate::sessions::StreamPermit,
     _route: Option<tokio::sync::OwnedSemaphorePermit>,
     _address: Held<std::net::IpAddr>,
 }
@@ -142,7 +142,7 @@ impl Slots {
     /// Holds the stream slot on the agent's connection, the route's slot (when the route is
     /// limited) and the client address's place.
     pub fn new(
-        agent: tokio::sync::OwnedSemaphorePermit,
+        agent: crate::sessions::StreamPermit,
         route: Option<tokio::sync::OwnedSemaphorePermit>,
         address: Held<std::net::IpAddr>,
     ) -> Self {

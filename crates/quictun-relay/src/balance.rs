@@ -142,8 +142,9 @@ mod tests {
     #[tokio::test]
     async fn least_in_flight_picks_the_idlest_and_skips_cooled_down_agents() {
         let members = vec![session("a"), session("b"), session("c")];
-        let _busy: Vec<_> = (0..3).filter_map(|_| members[0].try_stream_permit()).collect();
-        let _one = members[2].try_stream_permit();
+        let permit = |m: &Session| m.try_stream_permit(crate::sessions::StreamKind::Request).ok();
+        let _busy: Vec<_> = (0..3).filter_map(|_| permit(&members[0])).collect();
+        let _one = permit(&members[2]);
         let choice = Choice { balance: Balance::LeastInFlight, ..Choice::default() };
         for cursor in 0..6 {
             assert_eq!(&*choose(&members, cursor, &choice).unwrap().client_id, "b");

@@ -68,6 +68,54 @@ pub struct TcpEntry {
     pub group: String,
     /// `host:port` as the agent sees it.
     pub upstream: quictun_proto::HostPort,
+    /// Connections this listener carries at once; more are closed at once.
+    #[serde(default = "default_tcp_max_connections")]
+    pub max_connections: usize,
+    /// Connections one client address may have open on this listener at once.
+    #[serde(default = "default_tcp_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// A connection through which no byte has moved either way for this long is closed
+    /// (0: never).
+    #[serde(default = "default_tcp_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+}
+
+/// A `[[tcp]]` listener's connections at once, by default: half of an agent's streams.
+pub const TCP_MAX_CONNECTIONS: usize = 512;
+/// A `[[tcp]]` listener's connections from one address at once, by default.
+pub const TCP_MAX_CONNECTIONS_PER_IP: usize = 64;
+/// A `[[tcp]]` connection's idle timeout by default: ten minutes, as nginx's stream proxy.
+pub const TCP_IDLE_TIMEOUT_SECS: u64 = 600;
+
+fn default_tcp_max_connections() -> usize {
+    TCP_MAX_CONNECTIONS
+}
+
+fn default_tcp_max_connections_per_ip() -> usize {
+    TCP_MAX_CONNECTIONS_PER_IP
+}
+
+fn default_tcp_idle_timeout_secs() -> u64 {
+    TCP_IDLE_TIMEOUT_SECS
+}
+
+impl TcpEntry {
+    /// An entry with the default limits.
+    pub fn new(listen: SocketAddr, group: impl Into<String>, upstream: quictun_proto::HostPort) -> Self {
+        Self {
+            listen,
+            group: group.into(),
+            upstream,
+            max_connections: TCP_MAX_CONNECTIONS,
+            max_connections_per_ip: TCP_MAX_CONNECTIONS_PER_IP,
+            idle_timeout_secs: TCP_IDLE_TIMEOUT_SECS,
+        }
+    }
+
+    /// The idle timeout (`None`: never).
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        (self.idle_timeout_secs > 0).then(|| Duration::from_secs(self.idle_timeout_secs))
+    }
 }
 
 /// The `[relay]` section.
@@ -116,6 +164,10 @@ pub struct RelaySection {
     pub silence_check_ms: u64,
     /// Concurrent streams (in-flight requests) per agent connection.
     pub max_streams_per_agent: u32,
+    /// The share of an agent's streams, in percent, that requests with a body, upgrades
+    /// (WebSocket) and TCP tunnel connections may hold at once; the rest is kept for requests
+    /// without a body, so that slow uploads or idle tunnels cannot starve them.
+    pub bulk_stream_percent: u32,
     /// Agent processes (instances) one client may have connected at once: replicas of one
     /// deployment sharing a client_id and token serve side by side; one more is refused with a
     /// clear error until another leaves.
@@ -204,6 +256,7 @@ impl Default for RelaySection {
             heartbeat_misses: 3,
             silence_check_ms: 1250,
             max_streams_per_agent: 1024,
+            bulk_stream_percent: 75,
             max_instances_per_client: 16,
             max_egress_streams_per_agent: 16,
             stream_window: quictun_quic::Tuning::default().stream_window,
@@ -320,7 +373,16 @@ impl RelaySection {
         if self.max_streams_per_agent == 0 {
             return invalid("max_streams_per_agent", "must be at least 1".into());
         }
+        if !(1..=100).contains(&self.bulk_stream_percent) {
+            return invalid("bulk_stream_percent", "must be 1 to 100".into());
+        }
         Ok(())
+    }
+
+    /// Streams of an agent that bulk exchanges may hold (see `bulk_stream_percent`), at least 1.
+    pub fn max_bulk_streams(&self) -> u32 {
+        let share = u64::from(self.max_streams_per_agent) * u64::from(self.bulk_stream_percent) / 100;
+        u32::try_from(share).unwrap_or(u32::MAX).max(1)
     }
 
     /// The heartbeat interval.
@@ -455,7 +517,8 @@ impl RelayConfig {
     /// needs more (tokens, targets, route references) is checked when the configuration is
     /// compiled, once.
     pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
-        let checks = [self.relay.check(), self.check_clients(), self.check_upstreams(), self.check_routes()];
+        let checks =
+            [self.relay.check(), self.check_clients(), self.check_upstreams(), self.check_routes(), self.check_tcp()];
         match checks.into_iter().find_map(Result::err) {
             Some((key, message)) => Err(ConfigError::invalid(file, key, message)),
             None => Ok(()),
@@ -485,6 +548,18 @@ impl RelayConfig {
                 if let Err(err) = quictun_core::upstream_http::Target::parse(target) {
                     return Err((format!("upstreams[{i}].targets[{j}]"), err.to_string()));
                 }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_tcp(&self) -> Result<(), Invalid> {
+        for (i, entry) in self.tcp.iter().enumerate() {
+            if entry.max_connections == 0 {
+                return Err((format!("tcp[{i}].max_connections"), "must be at least 1".into()));
+            }
+            if entry.max_connections_per_ip == 0 {
+                return Err((format!("tcp[{i}].max_connections_per_ip"), "must be at least 1".into()));
             }
         }
         Ok(())
@@ -630,5 +705,24 @@ mod tests {
         assert!(err.contains("relay.silence_check_ms") && err.contains("250 ms"), "{err}");
         let off = RelayConfig::parse("[relay]\nsilence_check_ms = 0\n", Path::new("r.toml")).unwrap();
         assert_eq!(off.relay.silence_check(), None);
+    }
+
+    #[test]
+    fn stream_budgets_and_tcp_limits_have_defaults_and_are_checked() {
+        let parse = |text: &str| RelayConfig::parse(text, Path::new("r.toml"));
+        let defaults = parse("").unwrap();
+        assert_eq!(defaults.relay.max_bulk_streams(), 768, "three quarters of 1024");
+        let tcp = "[[tcp]]\nlisten = \"127.0.0.1:0\"\ngroup = \"g\"\nupstream = \"db:5432\"\n";
+        let entry = parse(tcp).unwrap().tcp.remove(0);
+        assert_eq!((entry.max_connections, entry.max_connections_per_ip), (512, 64));
+        assert_eq!(entry.idle_timeout(), Some(Duration::from_secs(600)));
+        let never = parse(&format!("{tcp}idle_timeout_secs = 0\n")).unwrap().tcp.remove(0);
+        assert_eq!(never.idle_timeout(), None);
+        let err = parse(&format!("{tcp}max_connections_per_ip = 0\n")).unwrap_err().to_string();
+        assert!(err.contains("tcp[0].max_connections_per_ip"), "{err}");
+        let err = parse("[relay]\nbulk_stream_percent = 0\n").unwrap_err().to_string();
+        assert!(err.contains("relay.bulk_stream_percent"), "{err}");
+        let all = parse("[relay]\nbulk_stream_percent = 100\nmax_streams_per_agent = 3\n").unwrap();
+        assert_eq!(all.relay.max_bulk_streams(), 3);
     }
 }

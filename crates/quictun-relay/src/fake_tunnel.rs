@@ -116,6 +116,7 @@ pub(crate) fn instance_on(id: &str, instance: uuid::Uuid, group: &str, tunnel: F
     let (commands, _) = tokio::sync::mpsc::channel(1);
     let limits = SessionLimits {
         max_streams: 16,
+        max_bulk_streams: 16,
         heartbeat_interval: Duration::from_secs(60),
         silent_after: Some(crate::sessions::SILENT_AFTER),
     };

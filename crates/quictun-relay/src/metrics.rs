@@ -34,14 +34,20 @@ pub enum Reject {
     no_agent,
     /// Every stream slot of the chosen agent is taken (503).
     agent_busy,
+    /// The chosen agent's share for uploads, upgrades and TCP tunnels is taken (503).
+    agent_bulk_busy,
     /// The route's in-flight limit is reached (503).
     route_busy,
     /// The body is larger than the route allows (413).
     body_too_large,
     /// The client address has too many ingress connections (503).
     ip_limit,
-    /// The client address has too many requests in flight (503).
+    /// The client address has too many requests in flight (503), or TCP tunnel connections open.
     ip_requests,
+    /// A `[[tcp]]` listener has `max_connections` open (the connection is closed).
+    tcp_connections,
+    /// A client address has a `[[tcp]]` listener's `max_connections_per_ip` open (closed).
+    tcp_connections_per_ip,
     /// The relay has as many ingress connections as its budget allows (503).
     connection_limit,
     /// A request body arrived slower than `min_upload_rate` (408).

@@ -130,6 +130,7 @@ fn new_session(
     let settings = &shared.settings;
     let limits = SessionLimits {
         max_streams: settings.max_streams_per_agent,
+        max_bulk_streams: settings.max_bulk_streams(),
         heartbeat_interval: settings.heartbeat_interval(),
         silent_after: settings.silence_check(),
     };

@@ -45,10 +45,53 @@ pub struct Session {
     pub connected_at: SystemTime,
     streams: Arc<Semaphore>,
     max_streams: u32,
+    /// The share of `streams` long-lived and uploading exchanges may hold.
+    bulk: Arc<Semaphore>,
+    max_bulk: u32,
     rtt_us: AtomicU64,
     draining: AtomicBool,
     commands: mpsc::Sender<SessionCommand>,
     health: Health,
+}
+
+/// Which of an agent's stream budgets an exchange draws on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    /// A request without a body: short by nature, and always left a share of the streams.
+    Request,
+    /// What may hold its stream long or be paced by its client: a request with a body, an
+    /// upgrade, a TCP tunnel connection. These share `max_bulk_streams`.
+    Bulk,
+}
+
+/// An agent's stream budget that was full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FullBudget {
+    /// Every stream of the agent is in use.
+    #[error("all {max} streams of the agent are in use (max_streams_per_agent)")]
+    Streams {
+        /// The agent's streams.
+        max: u32,
+    },
+    /// The share for uploads, upgrades and TCP tunnels is in use; requests without a body
+    /// still have the rest.
+    #[error(
+        "the agent's {max} streams (of {of}) for uploads, upgrades and TCP tunnels are in use (bulk_stream_percent)"
+    )]
+    Bulk {
+        /// The share.
+        max: u32,
+        /// The agent's streams.
+        of: u32,
+    },
+}
+
+/// One stream's place on an agent (and in its bulk share, for a bulk exchange), given back when
+/// dropped.
+#[derive(Debug)]
+pub struct StreamPermit {
+    _stream: OwnedSemaphorePermit,
+    _bulk: Option<OwnedSemaphorePermit>,
 }
 
 /// `datagrams_moved_ms` before the first look.
@@ -64,6 +107,9 @@ pub const SILENT_AFTER: Duration = Duration::from_millis(1250);
 pub struct SessionLimits {
     /// Streams (requests in flight) on it at once.
     pub max_streams: u32,
+    /// Of those, streams that [`StreamKind::Bulk`] exchanges may hold at once (at most
+    /// `max_streams`): the rest stays for requests without a body.
+    pub max_bulk_streams: u32,
     /// The heartbeat interval: two missed ones mean its heartbeats lag.
     pub heartbeat_interval: Duration,
     /// Silence after which it is suspect (`None`: never).
@@ -122,7 +168,8 @@ impl Session {
         limits: SessionLimits,
         commands: mpsc::Sender<SessionCommand>,
     ) -> Self {
-        let SessionLimits { max_streams, heartbeat_interval, silent_after } = limits;
+        let SessionLimits { max_streams, max_bulk_streams, heartbeat_interval, silent_after } = limits;
+        let max_bulk = max_bulk_streams.clamp(1, max_streams.max(1));
         Self {
             client_id: Arc::from(client_id),
             instance_id,
@@ -132,6 +179,8 @@ impl Session {
             connected_at: SystemTime::now(),
             streams: Arc::new(Semaphore::new(max_streams as usize)),
             max_streams,
+            bulk: Arc::new(Semaphore::new(max_bulk as usize)),
+            max_bulk,
             rtt_us: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             commands,
@@ -248,9 +297,21 @@ impl Session {
         self.tunnel.remote_addr()
     }
 
-    /// A slot for one more in-flight stream, or `None` at the limit (answer 503 at once).
-    pub fn try_stream_permit(&self) -> Option<OwnedSemaphorePermit> {
-        self.streams.clone().try_acquire_owned().ok()
+    /// A slot for one more in-flight stream of `kind`, or the budget that is full (answer 503
+    /// at once).
+    pub fn try_stream_permit(&self, kind: StreamKind) -> Result<StreamPermit, FullBudget> {
+        let bulk = match kind {
+            StreamKind::Request => None,
+            StreamKind::Bulk => Some(
+                self.bulk
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| FullBudget::Bulk { max: self.max_bulk, of: self.max_streams })?,
+            ),
+        };
+        let stream =
+            self.streams.clone().try_acquire_owned().map_err(|_| FullBudget::Streams { max: self.max_streams })?;
+        Ok(StreamPermit { _stream: stream, _bulk: bulk })
     }
 
     /// Streams in flight now.
@@ -480,6 +541,29 @@ mod tests {
     use super::*;
     use crate::fake_tunnel::{FakeTunnel, session_on};
     use std::sync::{Mutex, OnceLock};
+
+    #[test]
+    fn bulk_exchanges_cannot_take_the_streams_kept_for_requests() {
+        let (commands, _) = mpsc::channel(1);
+        let limits = SessionLimits {
+            max_streams: 4,
+            max_bulk_streams: 3,
+            heartbeat_interval: Duration::from_secs(60),
+            silent_after: None,
+        };
+        let session = Session::new("a", Uuid::new_v4(), "g", Arc::new(FakeTunnel::default()), limits, commands);
+        let bulk: Vec<_> = (0..3).map(|_| session.try_stream_permit(StreamKind::Bulk).unwrap()).collect();
+        let full = session.try_stream_permit(StreamKind::Bulk).unwrap_err();
+        assert_eq!(full, FullBudget::Bulk { max: 3, of: 4 });
+        assert!(full.to_string().contains("3 streams (of 4) for uploads, upgrades and TCP tunnels"), "{full}");
+        let request = session.try_stream_permit(StreamKind::Request).unwrap();
+        assert_eq!(session.try_stream_permit(StreamKind::Request).unwrap_err(), FullBudget::Streams { max: 4 });
+        assert_eq!(session.in_flight(), 4);
+        drop(request);
+        drop(bulk);
+        assert_eq!(session.in_flight(), 0);
+        assert!(session.try_stream_permit(StreamKind::Bulk).is_ok(), "the places come back");
+    }
 
     /// What the manager looked like when a replaced connection was closed.
     #[derive(Debug, PartialEq)]

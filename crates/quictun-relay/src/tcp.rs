@@ -1,54 +1,92 @@
 //! TCP tunnels on the relay: each `[[tcp]]` entry listens on a TCP port; every accepted connection
 //! is carried to an agent of the entry's group on its own stream
 //! ([`quictun_proto::Target::Tcp`]), and spliced once the agent has connected to the
-//! upstream. Each side's FIN is passed on as a half-close. A connection that cannot be carried
-//! (no agent, agent busy, upstream unreachable, the relay's connection budget or the client
-//! address's `max_requests_per_ip` reached) is closed at once.
+//! upstream. Each side's FIN is passed on as a half-close.
+//!
+//! Admission, before anything is opened: the relay's connection budget, the client address's
+//! `max_requests_per_ip`, the listener's own `max_connections` and `max_connections_per_ip`, and
+//! a place in the agent's bulk share of streams (`bulk_stream_percent`), so that idle tunnel
+//! connections can never take the streams HTTP requests need. A connection through which nothing
+//! moves for the entry's `idle_timeout_secs` is closed. A connection that cannot be carried is
+//! closed at once.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use quictun_core::idle::Watched;
 use quictun_core::upgrade::{channel_body, splice};
 use quictun_proto::{RequestHead, Target};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info_span, warn};
 use uuid::Uuid;
 
+use crate::admission::PerKey;
 use crate::balance::Choice;
 use crate::config::TcpEntry;
 use crate::metrics::Reject;
+use crate::sessions::StreamKind;
 use crate::state::Runtime;
+
+/// One `[[tcp]]` listener's own budgets.
+struct Listener {
+    entry: TcpEntry,
+    connections: Arc<Semaphore>,
+    per_ip: Arc<PerKey<IpAddr>>,
+}
 
 /// Accepts connections on one `[[tcp]]` listener until shutdown.
 pub async fn serve(listener: TcpListener, entry: TcpEntry, runtime: Arc<Runtime>, response_timeout: Duration) {
-    let entry = Arc::new(entry);
+    let this = Arc::new(Listener {
+        connections: Arc::new(Semaphore::new(entry.max_connections)),
+        per_ip: PerKey::new(entry.max_connections_per_ip),
+        entry,
+    });
     loop {
         let (stream, peer) = tokio::select! {
             _ = runtime.shutdown.cancelled() => break,
             accepted = quictun_core::accept_tcp(&listener, "TCP tunnel") => accepted,
         };
-        let Ok(budget_slot) = runtime.connections.clone().try_acquire_owned() else {
-            runtime.metrics.reject(Reject::connection_limit);
-            debug!(%peer, "TCP connection refused: the relay's connection budget is exhausted");
-            continue;
-        };
-        let Some(address_slot) = runtime.requests_per_ip.admit(peer.ip()) else {
-            runtime.metrics.reject(Reject::ip_requests);
-            debug!(%peer, "TCP connection refused: too many from this address");
-            continue;
-        };
-        let (runtime2, entry2) = (runtime.clone(), entry.clone());
+        let Some(slots) = this.admit(&runtime, peer) else { continue };
+        let (runtime2, this2) = (runtime.clone(), this.clone());
         let id = Uuid::new_v4();
-        let span =
-            info_span!("tcp", request_id = %id, %peer, upstream = %entry.upstream, client_id = tracing::field::Empty);
+        let span = info_span!("tcp", request_id = %id, %peer, upstream = %this.entry.upstream, client_id = tracing::field::Empty);
         runtime.tasks.spawn(
             async move {
-                carry(stream, peer, id, entry2, runtime2, response_timeout).await;
-                drop((budget_slot, address_slot));
+                carry(stream, peer, id, &this2.entry, runtime2, response_timeout).await;
+                drop(slots);
             }
             .instrument(span),
         );
+    }
+}
+
+impl Listener {
+    /// The places a new connection from `peer` holds until it ends, or `None` (the refusal
+    /// counted) when one of its budgets is full.
+    fn admit(&self, runtime: &Runtime, peer: SocketAddr) -> Option<impl Send + use<>> {
+        let refuse = |reason: Reject, why: &str| {
+            runtime.metrics.reject(reason);
+            debug!(%peer, listen = %self.entry.listen, "TCP connection refused: {why}");
+        };
+        let Ok(budget) = runtime.connections.clone().try_acquire_owned() else {
+            refuse(Reject::connection_limit, "the relay's connection budget is exhausted");
+            return None;
+        };
+        let Some(address) = runtime.requests_per_ip.admit(peer.ip()) else {
+            refuse(Reject::ip_requests, "too many requests from this address");
+            return None;
+        };
+        let Ok(listener) = self.connections.clone().try_acquire_owned() else {
+            refuse(Reject::tcp_connections, "the listener's max_connections are open");
+            return None;
+        };
+        let Some(listener_address) = self.per_ip.admit(peer.ip()) else {
+            refuse(Reject::tcp_connections_per_ip, "this address has max_connections_per_ip open");
+            return None;
+        };
+        Some((budget, address, listener, listener_address))
     }
 }
 
@@ -57,7 +95,7 @@ async fn carry(
     stream: TcpStream,
     peer: SocketAddr,
     request_id: Uuid,
-    entry: Arc<TcpEntry>,
+    entry: &TcpEntry,
     runtime: Arc<Runtime>,
     response_timeout: Duration,
 ) {
@@ -66,9 +104,12 @@ async fn carry(
         return warn!(group = %entry.group, "TCP connection refused: no agent of the group is connected");
     };
     tracing::Span::current().record("client_id", &*session.client_id);
-    let Some(_slot) = session.try_stream_permit() else {
-        runtime.metrics.reject(Reject::agent_busy);
-        return warn!("TCP connection refused: the agent is at its stream limit");
+    let _slot = match session.try_stream_permit(StreamKind::Bulk) {
+        Ok(permit) => permit,
+        Err(full) => {
+            runtime.metrics.reject(Reject::agent_bulk_busy);
+            return warn!(%full, "TCP connection refused");
+        }
     };
     let head = RequestHead {
         target: Target::Tcp(entry.upstream.clone()),
@@ -87,8 +128,17 @@ async fn carry(
         Ok(Err(err)) => return warn!(%err, "TCP connection could not be carried"),
         Err(_) => return warn!(?deadline, "agent did not connect the TCP upstream in time"),
     };
+    let stream = Watched::new(stream);
+    let activity = stream.activity();
+    let idle = async {
+        match entry.idle_timeout() {
+            Some(timeout) => activity.idle(timeout).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         () = splice(stream, from_agent, to_agent) => debug!("TCP connection ended"),
+        () = idle => debug!(idle_timeout_secs = entry.idle_timeout_secs, "TCP connection idle: closed"),
         () = runtime.stopped.cancelled() => debug!("TCP connection cut at shutdown"),
     }
 }

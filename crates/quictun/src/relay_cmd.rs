@@ -128,6 +128,7 @@ pub async fn run(args: RelayArgs) -> Result<(), Failure> {
     let config = load_config(&args)?;
     let (cert, generated) = load_or_generate_cert(&config)?;
     let first_client = config.clients.first().map(|c| c.id.clone());
+    let tunnels: Vec<String> = config.tcp.iter().map(|t| format!("{} (group {})", t.upstream, t.group)).collect();
     let public_name = config.relay.public_name.clone().unwrap_or_else(host_name);
     let cert_path = config.relay.cert.clone();
     let relay = Relay::start(config, cert).await.map_err(|err| match err {
@@ -147,6 +148,9 @@ pub async fn run(args: RelayArgs) -> Result<(), Failure> {
     println!("  HTTP ingress   http://{}", relay.http_addr());
     if let Some(https) = relay.https_addr() {
         println!("  HTTPS ingress  https://{https}");
+    }
+    for (addr, tunnel) in relay.tcp_addrs().iter().zip(&tunnels) {
+        println!("  TCP tunnel     tcp://{addr} to {tunnel}");
     }
     println!("  admin          http://{}/api/sessions", relay.admin_addr());
     println!("  certificate    {}{}", cert_path.display(), if generated { " (generated)" } else { "" });

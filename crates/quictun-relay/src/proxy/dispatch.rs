@@ -11,7 +11,6 @@ use std::time::Duration;
 use quictun_core::body::TunnelBody;
 use quictun_core::tunnel::{Blame, ExchangeError, Retry};
 use quictun_proto::{RequestHead, ResponseHead};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -19,7 +18,7 @@ use super::error::ProxyError;
 use crate::balance::{Balance, Choice};
 use crate::body::{BodySlot, Tripped};
 use crate::metrics::Retry as RetryReason;
-use crate::sessions::Session;
+use crate::sessions::{Session, StreamKind, StreamPermit};
 use crate::state::RelayState;
 
 /// One request for the dispatch half.
@@ -41,6 +40,8 @@ pub struct Dispatch {
     /// The checks the caller put on the body on its way: a body that failed one is the client's
     /// failure, whatever the exchange then said.
     pub checks: BodyChecks,
+    /// The agent's stream budget it draws on.
+    pub kind: StreamKind,
 }
 
 /// The answer the agent gave, and what the exchange holds until its body ends.
@@ -52,7 +53,7 @@ pub struct Dispatched {
     /// The agent that answered.
     pub session: Arc<Session>,
     /// Its stream slot, held until the body ends.
-    pub agent_slot: OwnedSemaphorePermit,
+    pub agent_slot: StreamPermit,
     /// From the exchange's opening to the response head.
     pub head_latency: Duration,
 }
@@ -99,7 +100,7 @@ impl BodyChecks {
 
 /// Carries `request` through an agent of its group (see the module documentation).
 pub async fn dispatch(shared: &RelayState, request: Dispatch) -> Result<Dispatched, Undelivered> {
-    let Dispatch { group, balance, hash_key, head, body, idempotent, client, checks } = request;
+    let Dispatch { group, balance, hash_key, head, body, idempotent, client, checks, kind } = request;
     let choice = |exclude| Choice { balance, key: hash_key.as_deref(), exclude };
     let session = match shared.runtime.sessions.choose(&group, &choice(None)) {
         Some(session) => session,
@@ -111,8 +112,9 @@ pub async fn dispatch(shared: &RelayState, request: Dispatch) -> Result<Dispatch
     };
     let mut agent = chosen(&session);
     let fail = |error: ProxyError, agent: &Option<Arc<str>>| Undelivered { error, agent: agent.clone() };
-    let Some(agent_slot) = session.try_stream_permit() else {
-        return Err(fail(ExchangeError::Busy.into(), &agent));
+    let agent_slot = match session.try_stream_permit(kind) {
+        Ok(permit) => permit,
+        Err(full) => return Err(fail(ProxyError::AgentFull(full), &agent)),
     };
     let deadline = Duration::from_secs(shared.settings.response_timeout_secs);
     let started = Instant::now();
@@ -128,7 +130,7 @@ pub async fn dispatch(shared: &RelayState, request: Dispatch) -> Result<Dispatch
             .runtime
             .sessions
             .choose(&group, &choice(Some(session.session_id)))
-            .and_then(|other| other.try_stream_permit().map(|permit| (other, permit)))
+            .and_then(|other| other.try_stream_permit(kind).ok().map(|permit| (other, permit)))
     {
         session.record_failure();
         shared.runtime.metrics.retry(reason);

@@ -32,6 +32,7 @@ use super::respond::RequestLog;
 use crate::admission::Held;
 use crate::body::Metered;
 use crate::router::Route;
+use crate::sessions::StreamKind;
 use crate::state::RelayState;
 use crate::upgrade;
 
@@ -162,7 +163,8 @@ pub fn upstream_request_filter(
     };
     let client = Some(peer.addr.ip());
     let (group, balance) = (route.group.clone(), route.balance);
-    let dispatch = Dispatch { group, balance, hash_key, head, body, idempotent, client, checks };
+    let kind = if head.has_body { StreamKind::Bulk } else { StreamKind::Request };
+    let dispatch = Dispatch { group, balance, hash_key, head, body, idempotent, client, checks, kind };
     Ok(Outgoing { dispatch, upgrade, slots })
 }
 

@@ -14,6 +14,7 @@ use quictun_core::tunnel::{BadAnswer, ExchangeError};
 
 use super::IngressBody;
 use crate::metrics::Reject;
+use crate::sessions::FullBudget;
 
 /// The methods the relay proxies: every method but `CONNECT`.
 pub const SERVED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH";
@@ -80,6 +81,9 @@ pub enum ProxyError {
     /// No response head within the deadline.
     #[error("no response from the agent within {0:?}")]
     Timeout(Duration),
+    /// The chosen agent's stream budget for this kind of exchange is full.
+    #[error("{0}")]
+    AgentFull(FullBudget),
     /// The route's in-flight limit is reached.
     #[error("route {0:?} has too many requests in flight")]
     RouteBusy(Arc<str>),
@@ -124,7 +128,7 @@ impl ProxyError {
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::RouteBusy(_) | Self::AddressBusy => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RouteBusy(_) | Self::AddressBusy | Self::AgentFull(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UploadTooSlow(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Exchange(err) => StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::BAD_GATEWAY),
@@ -141,7 +145,8 @@ impl ProxyError {
             Self::MethodNotAllowed(_) => Reject::method_not_allowed,
             Self::Misdirected { .. } => Reject::misdirected,
             Self::NoAgent(_) | Self::NoAgentAfterWaiting { .. } => Reject::no_agent,
-            Self::Exchange(ExchangeError::Busy) => Reject::agent_busy,
+            Self::Exchange(ExchangeError::Busy) | Self::AgentFull(FullBudget::Streams { .. }) => Reject::agent_busy,
+            Self::AgentFull(FullBudget::Bulk { .. }) => Reject::agent_bulk_busy,
             Self::RouteBusy(_) => Reject::route_busy,
             Self::BodyTooLarge(_) => Reject::body_too_large,
             Self::UploadTooSlow(_) => Reject::upload_too_slow,

@@ -13,7 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
-use crate::scene::{Scene, WAIT, client, privileged, request};
+use crate::hostile::on_own_thread;
+use crate::scene::{Scene, WAIT, client, latencies, p99, privileged, request};
 
 /// Peer-supplied strings as the probe sent them: a newline that would forge a line, a carriage
 /// return that would hide one, an escape sequence and a bell for the reader's terminal, 60 KB.
@@ -212,4 +213,163 @@ async fn uploads_the_client_cuts_or_garbles_put_no_agent_in_cooldown() {
     assert!(statuses.iter().all(|s| s == "HTTP/1.1 400"), "malformed bodies answered {statuses:?}");
     // The access log tells what the client got.
     log_until(&scene, "path=/sink status=400", 5).await;
+}
+
+/// Connections from `from` (each address opens `per_address`) to `addr` that send nothing;
+/// returns those the relay kept open (held until dropped) and how many it closed at once.
+async fn idle_connections(addr: SocketAddr, from: Vec<[u8; 4]>, per_address: usize) -> (Vec<TcpStream>, usize) {
+    let tasks: Vec<_> = from
+        .iter()
+        .flat_map(|ip| std::iter::repeat_n(*ip, per_address))
+        .map(|ip| {
+            tokio::spawn(async move {
+                let socket = TcpSocket::new_v4().unwrap();
+                socket.bind(SocketAddr::from((ip, 0))).unwrap();
+                let mut stream = socket.connect(addr).await.ok()?;
+                let mut byte = [0u8];
+                // Closed by the relay at once, or kept.
+                match tokio::time::timeout(Duration::from_secs(2), stream.read(&mut byte)).await {
+                    Err(_) => Some(stream),
+                    Ok(_) => None,
+                }
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    let mut closed = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Some(stream) => held.push(stream),
+            None => closed += 1,
+        }
+    }
+    (held, closed)
+}
+
+/// Chunked uploads from `from` (`per_address` from each) that send one byte a second; counts
+/// how each ended: `(answered 408, answered 503, anything else)`.
+async fn trickling_uploads(http: SocketAddr, from: Vec<[u8; 4]>, per_address: usize) -> (usize, usize, usize) {
+    let tasks: Vec<_> = from
+        .iter()
+        .flat_map(|ip| std::iter::repeat_n(*ip, per_address))
+        .map(|ip| {
+            tokio::spawn(async move {
+                let socket = TcpSocket::new_v4().unwrap();
+                socket.bind(SocketAddr::from((ip, 0))).unwrap();
+                let Ok(mut stream) = socket.connect(http).await else { return 0 };
+                let head = "POST /sink HTTP/1.1\r\nhost: app.test\r\ntransfer-encoding: chunked\r\n\r\n";
+                if stream.write_all(head.as_bytes()).await.is_err() {
+                    return 0;
+                }
+                let mut answer = [0u8; 12];
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while Instant::now() < deadline {
+                    tokio::select! {
+                        read = stream.read(&mut answer) => {
+                            return match read {
+                                Ok(n) if n >= 12 => String::from_utf8_lossy(&answer[9..12]).parse().unwrap_or(0),
+                                _ => 0,
+                            };
+                        }
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {
+                            if stream.write_all(b"1\r\nu\r\n").await.is_err() {
+                                return 0;
+                            }
+                        }
+                    }
+                }
+                0
+            })
+        })
+        .collect();
+    let mut counts = (0, 0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            408 => counts.0 += 1,
+            503 => counts.1 += 1,
+            _ => counts.2 += 1,
+        }
+    }
+    counts
+}
+
+/// `n` addresses of one /24 each: `127.{network}.{i}.1`.
+fn addresses(network: u8, n: u8) -> Vec<[u8; 4]> {
+    (1..=n).map(|i| [127, network, i, 1]).collect()
+}
+
+/// Starts `agent-3` and returns how long it took to register.
+async fn new_agent_registers(scene: &Scene) -> (crate::scene::Proc, Duration) {
+    let started = Instant::now();
+    let mut agent = scene.agent_as("agent-3", "token-3", scene.quic, "quic");
+    agent.line_with("connected to").await;
+    (agent, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(chaos_capable), ignore = "needs root and nftables (network namespaces, packet loss)")]
+async fn idle_tcp_tunnel_connections_leave_http_its_share_of_the_agent() {
+    let _turn = privileged("idle_tcp_tunnel_connections").await;
+    let tunnel = "[[tcp]]\nlisten = \"127.0.0.1:0\"\ngroup = \"web\"\nupstream = \"{upstream}\"\n";
+    let scene = Scene::start(None, "127.0.0.1", tunnel).await;
+    let _agent = scene.agent(1, scene.quic).await;
+    let tcp = scene.tcp[0];
+    let quiet = p99(&latencies(scene.http, "/", 2000, 4).await);
+    // The probe's attack: 1,024 connections to the tunnel from 8 addresses, sending nothing.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let attack = on_own_thread(async move {
+        let (held, closed) = idle_connections(tcp, addresses(3, 8), 128).await;
+        let counts = (held.len(), closed);
+        let _ = stopped.await;
+        counts
+    });
+    let streams = |n: u64| move |s: &[serde_json::Value]| s.iter().any(|s| s["in_flight"].as_u64() >= Some(n));
+    scene.sessions_until(WAIT, "the tunnel connections hold their streams", streams(512)).await;
+    let during = latencies(scene.http, "/", 2000, 4).await;
+    let busy = p99(&during);
+    let (_agent3, registered) = new_agent_registers(&scene).await;
+    let _ = stop.send(());
+    let (held, closed) = attack.join().unwrap();
+    let metrics = crate::scene::get(scene.admin, "/metrics").await.unwrap().1;
+    let metrics = String::from_utf8_lossy(&metrics);
+    eprintln!(
+        "chaos: 1024 idle TCP-tunnel connections from 8 addresses: {held} held, {closed} closed at once; \
+         {} HTTP requests beside them, p99 {busy:.1?} (quiet {quiet:.1?}); a new agent registered in {registered:.1?}",
+        during.len()
+    );
+    assert_eq!(held + closed, 1024);
+    assert!(held <= 512, "the listener's max_connections (512) held {held}");
+    assert!(metrics.contains("reason=\"tcp_connections_per_ip\""), "{metrics}");
+    assert!(busy <= quiet * 2 + crate::TIMER_SLACK, "p99 {busy:?} vs quiet {quiet:?}");
+    assert!(registered <= Duration::from_secs(5), "a new agent took {registered:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(chaos_capable), ignore = "needs root and nftables (network namespaces, packet loss)")]
+async fn chunked_trickles_from_nine_addresses_are_cut_and_leave_http_its_share() {
+    let _turn = privileged("chunked_trickles").await;
+    let scene = Scene::start(None, "127.0.0.1", "").await;
+    let _agent = scene.agent(1, scene.quic).await;
+    let quiet = p99(&latencies(scene.http, "/", 2000, 4).await);
+    // The probe's attack: chunked uploads at 1 B/s, 128 (max_requests_per_ip) from each of 9
+    // addresses: 1,152, more than the agent's 1,024 streams.
+    let started = Instant::now();
+    let attack = on_own_thread(trickling_uploads(scene.http, addresses(4, 9), 128));
+    let bulk = |s: &[serde_json::Value]| s.iter().any(|s| s["in_flight"].as_u64() >= Some(768));
+    scene.sessions_until(WAIT, "the trickles fill the agent's bulk share", bulk).await;
+    let during = latencies(scene.http, "/", 2000, 4).await;
+    let busy = p99(&during);
+    let (_agent3, registered) = new_agent_registers(&scene).await;
+    let (cut, refused, other) = attack.join().unwrap();
+    let over = started.elapsed();
+    eprintln!(
+        "chaos: 1152 chunked uploads at 1 B/s from 9 addresses: {cut} cut by the upload-rate floor (408), \
+         {refused} refused at the agent's bulk share (503), {other} other, all over in {over:.1?}; {} HTTP requests \
+         beside them, p99 {busy:.1?} (quiet {quiet:.1?}); a new agent registered in {registered:.1?}",
+        during.len()
+    );
+    assert_eq!(other, 0, "every trickle was answered 408 or 503");
+    assert!(cut >= 700, "{cut} trickles cut by the floor");
+    assert!(busy <= quiet * 2 + crate::TIMER_SLACK, "p99 {busy:?} vs quiet {quiet:?}");
+    assert!(registered <= Duration::from_secs(5), "a new agent took {registered:?}");
 }

@@ -179,6 +179,8 @@ pub struct Scene {
     pub quic: SocketAddr,
     /// The gRPC listener, when `extra` chose `transport = "all"`.
     pub grpc: Option<SocketAddr>,
+    /// The `[[tcp]]` tunnels' listeners, in the file's order.
+    pub tcp: Vec<SocketAddr>,
     pub http: SocketAddr,
     pub admin: SocketAddr,
     pub pin: String,
@@ -207,7 +209,8 @@ pub const AGENTS: usize = 4;
 
 impl Scene {
     /// An upstream (in `netns` when given), and a relay with `extra` lines in `[relay]` (tables
-    /// such as `[[tcp]]` may follow them), its QUIC listener on `quic_ip`, logging warnings.
+    /// such as `[[tcp]]` may follow them; `{upstream}` in them is the upstream's address), its
+    /// QUIC listener on `quic_ip`, logging warnings.
     pub async fn start(netns: Option<&str>, quic_ip: &str, extra: &str) -> Self {
         Self::start_logging(netns, quic_ip, extra, "warn").await
     }
@@ -226,6 +229,7 @@ impl Scene {
             relay: Proc::placeholder(),
             quic: SocketAddr::from(([0, 0, 0, 0], 0)),
             grpc: None,
+            tcp: Vec::new(),
             http: SocketAddr::from(([0, 0, 0, 0], 0)),
             admin: SocketAddr::from(([0, 0, 0, 0], 0)),
             pin: String::new(),
@@ -242,7 +246,7 @@ impl Scene {
     /// `extra`; the transport QUIC unless `extra` names one) and starts the relay on `listen`.
     async fn spawn_relay(&mut self, listen: &Listen) {
         let Listen { quic, grpc, http, admin } = listen;
-        let extra = &self.extra;
+        let extra = self.extra.replace("{upstream}", &self.upstream_addr.to_string());
         let transport = if extra.contains("transport =") { "" } else { "transport = \"quic\"\n" };
         let mut config = format!(
             "[relay]\nquic_listen = \"{quic}\"\ngrpc_listen = \"{grpc}\"\nhttp_listen = \"{http}\"\n\
@@ -266,6 +270,7 @@ impl Scene {
         let line = |what: &str| banner.iter().find(|l| l.contains(what)).cloned();
         self.quic = line("udp://").map_or(self.quic, |l| addr_after(&l, "udp://"));
         self.grpc = line("gRPC (agents)").map(|l| addr_after(&l, "tcp://"));
+        self.tcp = banner.iter().filter(|l| l.contains("TCP tunnel")).map(|l| addr_after(l, "tcp://")).collect();
         self.http = addr_after(&line("HTTP ingress").unwrap(), "http://");
         self.admin = addr_after(&line("admin").unwrap(), "http://");
         let pin = line("pin").unwrap().split_whitespace().last().unwrap().to_owned();
