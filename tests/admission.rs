@@ -128,7 +128,7 @@ async fn a_connection_that_sends_nothing_is_closed_after_the_header_timeout(tran
 async fn unregistered_connection(transport: Transport, source: &str, h: &Harness) -> Option<Unregistered> {
     if transport == Transport::Grpc {
         let mut stream = connect_from(source, h.agent_target()).await;
-        // A refused connection is closed at once; an admitted one is held (10 s for its TLS).
+        // A refused connection is closed at once; an admitted one is held (handshake_timeout_ms).
         let mut byte = [0u8; 1];
         return match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut byte)).await {
             Ok(_) => None,
@@ -150,10 +150,12 @@ enum Unregistered {
 
 async fn one_network_cannot_fill_the_slots_of_unregistered_connections(transport: Transport) {
     let h = Harness::start_with(with_relay(transport, |r| {
-        r.max_pending_connections = 8;
+        // 9 general places (and 3 kept for known agent networks): one network alone gets 4.
+        r.max_pending_connections = 12;
         r.max_pending_per_network = 4;
         r.handshake_rate_per_ip = 0;
         r.register_timeout_secs = 30;
+        r.handshake_timeout_ms = 30_000;
     }))
     .await;
     // Four connections from 127.0.2.0/24 that never register hold that network's places…
@@ -172,6 +174,32 @@ async fn one_network_cannot_fill_the_slots_of_unregistered_connections(transport
     agent.shutdown().await.unwrap();
 }
 
+/// A connection that does not complete its handshake and open its control channel within
+/// `handshake_timeout_ms` is closed, and its place given back.
+async fn a_silent_agent_connection_is_closed_at_the_handshake_deadline(transport: Transport) {
+    let h = Harness::start_with(with_relay(transport, |r| {
+        r.handshake_timeout_ms = 500;
+        r.register_timeout_secs = 30;
+    }))
+    .await;
+    let started = tokio::time::Instant::now();
+    match unregistered_connection(transport, "127.0.2.40", &h).await.expect("admitted") {
+        Unregistered::Quic(conn) => {
+            tokio::time::timeout(WAIT, conn.closed()).await.expect("never closed");
+        }
+        Unregistered::Tcp(mut stream) => {
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(WAIT, stream.read(&mut byte)).await.expect("never closed");
+            assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        }
+    }
+    let closed_after = started.elapsed();
+    assert!(closed_after < Duration::from_secs(3), "closed after {closed_after:?}, the deadline is 500 ms");
+    let text = admin_get(h.relay().admin_addr(), "/metrics", None).await.text();
+    assert_eq!(metric(&text, "quictun_rejects_total{reason=\"handshake_timeout\"}"), Some(1.0), "{text}");
+    assert_eq!(metric(&text, "quictun_pending_agent_connections"), Some(0.0), "{text}");
+}
+
 /// New connections from one address beyond its handshake rate are refused before any
 /// cryptography, on either transport (a burst of 2, then 1 a second).
 async fn new_connections_from_one_address_are_held_to_its_handshake_rate(transport: Transport) {
@@ -179,6 +207,7 @@ async fn new_connections_from_one_address_are_held_to_its_handshake_rate(transpo
         r.handshake_rate_per_ip = 1;
         r.handshake_burst_per_ip = 2;
         r.register_timeout_secs = 30;
+        r.handshake_timeout_ms = 30_000;
     }))
     .await;
     let mut admitted = Vec::new();
@@ -195,6 +224,7 @@ async fn new_connections_from_one_address_are_held_to_its_handshake_rate(transpo
 }
 
 quictun_tests::on_both_transports!(
+    a_silent_agent_connection_is_closed_at_the_handshake_deadline,
     new_connections_from_one_address_are_held_to_its_handshake_rate,
     one_address_cannot_take_every_stream_of_an_agent,
     an_upload_slower_than_the_minimum_pace_gets_408,

@@ -3,9 +3,11 @@
 //!
 //! - [`PerKey`]: a count per key (an address, a network) under a cap; each admitted unit is a
 //!   [`Held`] guard that gives its place back when dropped.
-//! - [`network_of`]: the network an address is counted in (IPv4 /24, IPv6 /64).
+//! - [`network_of`]: the network an address is counted in (IPv4 /24, IPv6 /48).
 //! - [`Pending`]: places for agent connections that have not registered yet (QUIC handshakes and
-//!   gRPC connections), a global cap and one per network.
+//!   gRPC connections): a general pool in which each network gets a fair share, and a lane kept
+//!   for the networks agents registered from (see [`crate::known_networks`]), so that after a
+//!   restart under attack the fleet comes back.
 //! - [`connection_budget`]: how many ingress connections the relay takes at once, from its file
 //!   descriptor limit, so the admin endpoint and the agents always have descriptors left.
 
@@ -38,8 +40,13 @@ impl<K: Eq + Hash + Clone> PerKey<K> {
 
     /// One more unit for `key`, or `None` at its cap.
     pub fn admit(self: &Arc<Self>, key: K) -> Option<Held<K>> {
+        self.admit_under(key, self.max)
+    }
+
+    /// One more unit for `key`, or `None` once it holds `cap` (0: no cap) or the table's own.
+    pub fn admit_under(self: &Arc<Self>, key: K, cap: usize) -> Option<Held<K>> {
         let mut held = self.held.entry(key.clone()).or_insert(0);
-        if self.max != 0 && *held >= self.max {
+        if (self.max != 0 && *held >= self.max) || (cap != 0 && *held >= cap) {
             return None;
         }
         *held += 1;
@@ -47,9 +54,13 @@ impl<K: Eq + Hash + Clone> PerKey<K> {
     }
 
     /// Units held for `key` now.
-    #[cfg(test)]
     pub fn held(&self, key: &K) -> usize {
         self.held.get(key).map_or(0, |n| *n)
+    }
+
+    /// Keys holding at least one unit now.
+    pub fn keys(&self) -> usize {
+        self.held.len()
     }
 }
 
@@ -62,28 +73,56 @@ impl<K: Eq + Hash + Clone> Drop for Held<K> {
     }
 }
 
-/// The network `ip` is counted in: its /24 for IPv4 (and IPv4-mapped IPv6), its /64 for IPv6.
+/// The network `ip` is counted in: its /24 for IPv4 (and IPv4-mapped IPv6), its /48 for IPv6
+/// (what one site is commonly given: a /64 per address would let one site count as 65,536
+/// networks).
 pub fn network_of(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V4(v4) => IpAddr::V4(Ipv4Addr::from(u32::from(v4) & 0xffff_ff00)),
-        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 80) - 1))),
     }
 }
 
 /// Places for agent connections that have not registered yet.
 #[derive(Debug, Clone)]
 pub struct Pending {
-    max: usize,
-    global: Arc<Semaphore>,
+    /// The pool every network draws on, a fair share each.
+    general: Lane,
+    /// Kept for the networks agents registered from.
+    reserved: Lane,
+    max_per_network: usize,
+}
+
+/// One pool of pending places and what each network holds of it.
+#[derive(Debug, Clone)]
+struct Lane {
+    size: usize,
+    places: Arc<Semaphore>,
     per_network: Arc<PerKey<IpAddr>>,
+}
+
+impl Lane {
+    fn new(size: usize) -> Self {
+        Self { size, places: Arc::new(Semaphore::new(size)), per_network: PerKey::new(0) }
+    }
+
+    fn admit(&self, network: IpAddr, cap: usize) -> Result<PendingSlot, PendingRefused> {
+        let network = self.per_network.admit_under(network, cap).ok_or(PendingRefused::Network)?;
+        let global = self.places.clone().try_acquire_owned().map_err(|_| PendingRefused::Global)?;
+        Ok(PendingSlot { _global: global, _network: network })
+    }
+
+    fn in_use(&self) -> usize {
+        self.size.saturating_sub(self.places.available_permits())
+    }
 }
 
 /// Why a new agent connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PendingRefused {
-    /// Every pending place of the relay is taken.
+    /// Every pending place open to it is taken.
     Global,
-    /// The places of the client's network are taken.
+    /// Its network holds its share of the places.
     Network,
 }
 
@@ -95,22 +134,38 @@ pub struct PendingSlot {
 }
 
 impl Pending {
-    /// `max` pending connections in all, `max_per_network` from one network (0: no cap).
+    /// `max` pending connections in all (a quarter of them kept for known agent networks), at
+    /// most `max_per_network` from one network (0: no cap of its own, only the fair share).
     pub fn new(max: usize, max_per_network: usize) -> Self {
-        let max = max.max(1);
-        Self { max, global: Arc::new(Semaphore::new(max)), per_network: PerKey::new(max_per_network) }
+        let max = max.max(2);
+        let reserved = max / 4;
+        Self { general: Lane::new(max - reserved), reserved: Lane::new(reserved), max_per_network }
     }
 
     /// Connections holding a place now (handshaking, or not registered yet).
     pub fn count(&self) -> usize {
-        self.max.saturating_sub(self.global.available_permits())
+        self.general.in_use() + self.reserved.in_use()
     }
 
-    /// A place for a new connection from `ip`.
-    pub fn admit(&self, ip: IpAddr) -> Result<PendingSlot, PendingRefused> {
-        let network = self.per_network.admit(network_of(ip)).ok_or(PendingRefused::Network)?;
-        let global = self.global.clone().try_acquire_owned().map_err(|_| PendingRefused::Global)?;
-        Ok(PendingSlot { _global: global, _network: network })
+    /// A place for a new connection from `ip`; `known` when its network is one agents registered
+    /// from. In the general pool a network gets at most a fair share, the pool divided by the
+    /// networks holding places (its own counted) plus one; and a network that already holds
+    /// places takes one more only while more than a share stays free, so that a network holding
+    /// none always finds one, even just after a burst from others. A known network that finds
+    /// no place there takes one in the reserved lane.
+    pub fn admit(&self, ip: IpAddr, known: bool) -> Result<PendingSlot, PendingRefused> {
+        let network = network_of(ip);
+        let table = &self.general.per_network;
+        let holds = table.held(&network);
+        let networks = table.keys() + usize::from(holds == 0);
+        let share = (self.general.size / (networks + 1)).max(1);
+        let cap = if self.max_per_network == 0 { share } else { share.min(self.max_per_network) };
+        let headroom = holds == 0 || self.general.places.available_permits() > share;
+        let general = if headroom { self.general.admit(network, cap) } else { Err(PendingRefused::Network) };
+        match general {
+            Err(_) if known && self.reserved.size > 0 => self.reserved.admit(network, self.max_per_network),
+            admitted => admitted,
+        }
     }
 }
 
@@ -172,31 +227,60 @@ mod tests {
     }
 
     #[test]
-    fn networks_are_slash_24_and_slash_64() {
+    fn networks_are_slash_24_and_slash_48() {
         let net = |s: &str| network_of(s.parse().unwrap()).to_string();
         assert_eq!(net("192.0.2.77"), "192.0.2.0");
         assert_eq!(net("::ffff:192.0.2.77"), "192.0.2.0");
-        assert_eq!(net("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::");
+        assert_eq!(net("2001:db8:1:2:3:4:5:6"), "2001:db8:1::");
     }
 
     #[test]
     fn one_network_cannot_take_every_pending_place() {
-        let pending = Pending::new(10, 3);
+        let pending = Pending::new(16, 3);
         let held: Vec<_> =
-            (1..=3).map(|i| pending.admit(format!("198.51.100.{i}").parse().unwrap()).unwrap()).collect();
-        assert_eq!(pending.admit("198.51.100.200".parse().unwrap()).unwrap_err(), PendingRefused::Network);
-        assert!(pending.admit("203.0.113.1".parse().unwrap()).is_ok(), "another network still gets in");
+            (1..=3).map(|i| pending.admit(format!("198.51.100.{i}").parse().unwrap(), false).unwrap()).collect();
+        assert_eq!(pending.admit("198.51.100.200".parse().unwrap(), false).unwrap_err(), PendingRefused::Network);
+        assert!(pending.admit("203.0.113.1".parse().unwrap(), false).is_ok(), "another network still gets in");
         assert_eq!(pending.count(), 3, "the refused and the dropped hold nothing");
         drop(held);
         assert_eq!(pending.count(), 0);
-        let mut more = Vec::new();
-        for i in 0..10 {
-            if let Ok(slot) = pending.admit(format!("10.{i}.0.1").parse().unwrap()) {
-                more.push(slot);
+    }
+
+    #[test]
+    fn networks_share_the_general_pool_fairly_and_known_ones_have_a_lane() {
+        // 400 places: 300 general, 100 kept for known networks; no cap per network but the share.
+        let pending = Pending::new(400, 0);
+        let attack: Vec<IpAddr> = (0..20).map(|n| format!("10.0.{n}.1").parse().unwrap()).collect();
+        let mut held = Vec::new();
+        for _ in 0..30 {
+            for ip in &attack {
+                if let Ok(slot) = pending.admit(*ip, false) {
+                    held.push(slot);
+                }
             }
         }
-        assert_eq!(more.len(), 10);
-        assert_eq!(pending.admit("10.99.0.1".parse().unwrap()).unwrap_err(), PendingRefused::Global);
+        // Each of the 20 got at most about 300 / 21, and a share's worth of places stays free.
+        assert!(held.len() <= 20 * (300 / 21) && held.len() >= 250, "{} held", held.len());
+        // Networks arriving one after another, each as fast as it can (the probe's attack at
+        // the default settings): a network with nothing still finds a place.
+        let defaults = Pending::new(512, 32);
+        let burst: Vec<_> = (0..20)
+            .flat_map(|n| (0..30).map(move |h| format!("10.9.{n}.{h}").parse::<IpAddr>().unwrap()))
+            .filter_map(|ip| defaults.admit(ip, false).ok())
+            .collect();
+        assert!(defaults.admit("192.0.2.1".parse().unwrap(), false).is_ok(), "{} held by the burst", burst.len());
+        let newcomer = pending.admit("192.0.2.1".parse().unwrap(), false);
+        assert!(newcomer.is_ok(), "a network holding nothing still finds a place: {:?}", newcomer.err());
+        // The general pool filled by many more networks: a known network takes its lane.
+        let more: Vec<_> = (0..1000)
+            .filter_map(|n| pending.admit(format!("10.{}.{}.1", 1 + n / 250, n % 250).parse().unwrap(), false).ok())
+            .collect();
+        assert_eq!(pending.count(), 300, "the general pool is full: {} more", more.len());
+        assert!(pending.admit("192.0.2.99".parse().unwrap(), false).is_err());
+        let known: Vec<_> = (0..5).map(|_| pending.admit("198.51.100.7".parse().unwrap(), true).unwrap()).collect();
+        assert_eq!(pending.count(), 305);
+        drop((held, more, known, newcomer, burst));
+        assert_eq!(pending.count(), 0);
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! ([`AgentListeners::bind`]) and run by one accept loop whatever the transport
 //! ([`accept_loop`]). Every new connection is admitted by its address first, before any
 //! cryptography, by the same rules on every transport ([`Gate`]): the address's handshake rate,
-//! and the places for connections not registered yet (the relay's, and its network's). Its
-//! handshake then runs in a task of its own, and registration takes the connection from there.
+//! and a place among the connections not registered yet (a fair share of the general pool for
+//! its network, or the lane kept for networks agents registered from: see
+//! [`crate::admission::Pending`]). Its handshake then runs in a task of its own under
+//! `handshake_timeout_ms`, and registration takes the connection from there.
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
@@ -176,7 +178,8 @@ impl Gate {
             debug!(%peer, "new connections from this address over the handshake rate: refused");
             return None;
         }
-        match shared.runtime.pending.admit(peer.ip()) {
+        let known = shared.runtime.known_networks.contains(peer.ip());
+        match shared.runtime.pending.admit(peer.ip(), known) {
             Ok(slot) => Some(slot),
             Err(why) => {
                 let reason = match why {
@@ -206,10 +209,15 @@ async fn accept_loop<T: Transport>(listener: Arc<T::Listener>, shared: Arc<Relay
             continue;
         };
         let (listener, shared2) = (listener.clone(), shared.clone());
+        let deadline = shared.settings.handshake_timeout();
         let connect = async move {
-            match T::handshake(&listener, incoming).await {
-                Ok(connection) => serve_agent(connection, shared2, Box::new(admission)).await,
-                Err(err) => debug!(%err, "agent connection dropped before registering"),
+            match tokio::time::timeout(deadline, T::handshake(&listener, incoming)).await {
+                Ok(Ok(connection)) => serve_agent(connection, shared2, Box::new(admission)).await,
+                Ok(Err(err)) => debug!(%err, "agent connection dropped before registering"),
+                Err(_) => {
+                    shared2.runtime.metrics.reject(Reject::handshake_timeout);
+                    debug!(?deadline, "agent connection closed: no handshake within handshake_timeout_ms");
+                }
             }
         };
         shared.runtime.tasks.spawn(connect.instrument(info_span!("agent", transport = %T::KIND, %peer)));

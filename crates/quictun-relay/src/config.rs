@@ -219,9 +219,19 @@ pub struct RelaySection {
     /// How many new QUIC connections one IP address may open in a burst.
     pub handshake_burst_per_ip: u32,
     /// Agent connections (QUIC or gRPC) that have not registered yet, at once; more are refused.
+    /// A quarter of them is kept for networks agents registered from; of the rest, each network
+    /// gets a fair share.
     pub max_pending_connections: usize,
-    /// Agent connections not registered yet from one network (IPv4 /24, IPv6 /64); 0: no limit.
+    /// Agent connections not registered yet from one network (IPv4 /24, IPv6 /48); 0: only the
+    /// fair share.
     pub max_pending_per_network: usize,
+    /// How long a new agent connection (QUIC or gRPC) has, from its first packet, to complete
+    /// its TLS handshake and open its control channel; then it is closed.
+    pub handshake_timeout_ms: u64,
+    /// Where the networks agents registered from are kept across restarts (see
+    /// `max_pending_connections`); when loaded from a file, `agent-networks` beside the
+    /// certificate by default. `None`: in memory only.
+    pub agent_networks_file: Option<PathBuf>,
     /// For this many seconds after the relay starts, a request for a group with no agent waits
     /// (up to the end of that window) for one to register instead of failing: agents reconnect
     /// after a restart. 0 turns it off.
@@ -280,6 +290,8 @@ impl Default for RelaySection {
             handshake_burst_per_ip: 20,
             max_pending_connections: 512,
             max_pending_per_network: 32,
+            handshake_timeout_ms: 3000,
+            agent_networks_file: None,
             startup_grace_secs: 10,
             admin_token: None,
             admin_token_file: None,
@@ -373,6 +385,9 @@ impl RelaySection {
         if self.max_streams_per_agent == 0 {
             return invalid("max_streams_per_agent", "must be at least 1".into());
         }
+        if self.handshake_timeout_ms < 100 {
+            return invalid("handshake_timeout_ms", "must be at least 100".into());
+        }
         if !(1..=100).contains(&self.bulk_stream_percent) {
             return invalid("bulk_stream_percent", "must be 1 to 100".into());
         }
@@ -383,6 +398,11 @@ impl RelaySection {
     pub fn max_bulk_streams(&self) -> u32 {
         let share = u64::from(self.max_streams_per_agent) * u64::from(self.bulk_stream_percent) / 100;
         u32::try_from(share).unwrap_or(u32::MAX).max(1)
+    }
+
+    /// How long a new agent connection has to complete its handshake.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
     }
 
     /// The heartbeat interval.
@@ -497,8 +517,14 @@ impl RelayConfig {
         for path in [&mut r.cert, &mut r.key] {
             resolve_in_place(file, path);
         }
-        for path in [&mut r.https_cert, &mut r.https_key, &mut r.admin_token_file].into_iter().flatten() {
+        for path in [&mut r.https_cert, &mut r.https_key, &mut r.admin_token_file, &mut r.agent_networks_file]
+            .into_iter()
+            .flatten()
+        {
             resolve_in_place(file, path);
+        }
+        if r.agent_networks_file.is_none() {
+            r.agent_networks_file = Some(r.cert.with_file_name("agent-networks"));
         }
         for path in self.clients.iter_mut().filter_map(|c| c.token_file.as_mut()) {
             resolve_in_place(file, path);

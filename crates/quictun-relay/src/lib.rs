@@ -30,6 +30,7 @@ mod error;
 #[cfg(test)]
 mod fake_tunnel;
 mod ingress;
+mod known_networks;
 mod liveness;
 mod metrics;
 mod proxy;
@@ -153,6 +154,7 @@ impl Bound {
         let runtime = &shared.runtime;
         runtime.tasks.spawn(runtime.reclaimer.clone().run(runtime.stopped.clone()));
         quictun_core::spawn_cancellable(&runtime.tasks, &runtime.stopped, liveness::watch(runtime.sessions.clone()));
+        runtime.tasks.spawn(runtime.known_networks.clone().keep_written(runtime.stopped.clone()));
         self.agents.run(shared);
         for (listener, entry) in self.tcp {
             let timeout = Duration::from_secs(shared.settings.response_timeout_secs);

@@ -72,8 +72,10 @@ pub enum Reject {
     handshake_rate,
     /// A new agent connection while too many were still handshaking or registering.
     pending_connections,
-    /// A new agent connection while too many from its network were.
+    /// A new agent connection while its network held its share of the pending places.
     pending_network,
+    /// An agent connection that did not complete its handshake within `handshake_timeout_ms`.
+    handshake_timeout,
     /// A register sent as 0-RTT data whose handshake never completed (a replay, or a client
     /// that vanished): nothing was registered.
     unconfirmed_0rtt,

@@ -79,6 +79,7 @@ pub async fn serve_agent<C: ControlIo>(connection: Connection<C>, shared: Arc<Re
         };
         let Err(rejected) = entered else {
             shared.runtime.metrics.registered(handshake);
+            shared.runtime.known_networks.note(session.remote().ip());
             let instances = shared.runtime.sessions.instances(&session.client_id).len();
             info!(session_id = %session.session_id, instance_id = %session.instance_id, instances, group = %session.group, agent_version = %Inert(&register.agent_version), ?handshake, "agent registered");
             return run_session(control, session, commands, shared).await;

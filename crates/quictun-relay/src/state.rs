@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admission::{Pending, PerKey, connection_budget};
 use crate::config::{ConfigError, RelayConfig, RelaySection};
+use crate::known_networks::KnownNetworks;
 use crate::metrics::RelayMetrics;
 use crate::router::{EgressRouter, Router};
 use crate::sessions::{SessionCommand, SessionManager};
@@ -192,6 +193,8 @@ pub struct Runtime {
     pub requests_per_ip: Arc<PerKey<std::net::IpAddr>>,
     /// Agent connections not registered yet.
     pub pending: Pending,
+    /// The networks agents registered from (their lane among the pending places).
+    pub known_networks: Arc<KnownNetworks>,
 }
 
 /// What the relay's tasks share, split by lifetime.
@@ -230,6 +233,7 @@ impl RelayState {
             ))),
             requests_per_ip: PerKey::new(config.relay.max_requests_per_ip),
             pending: Pending::new(config.relay.max_pending_connections, config.relay.max_pending_per_network),
+            known_networks: KnownNetworks::load(config.relay.agent_networks_file.clone()),
         };
         Ok(Self {
             settings: Arc::new(Settings { relay: config.relay.clone(), limits: Limits::default() }),

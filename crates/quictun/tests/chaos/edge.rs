@@ -373,3 +373,132 @@ async fn chunked_trickles_from_nine_addresses_are_cut_and_leave_http_its_share()
     assert!(busy <= quiet * 2 + crate::TIMER_SLACK, "p99 {busy:?} vs quiet {quiet:?}");
     assert!(registered <= Duration::from_secs(5), "a new agent took {registered:?}");
 }
+
+/// Plain TCP connections to `addr` that never start TLS, `per_network` from each of `networks`
+/// /24s (`127.5.N.1`, `127.5.N.2`, …), each reopened as soon as the relay closes it (half a
+/// second later when it was closed at once), until `stop` changes. Returns how many were opened
+/// and how many of those the relay closed at once.
+async fn silent_tcp_flood(
+    addr: SocketAddr,
+    networks: u8,
+    per_network: u8,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (usize, usize) {
+    let tasks: Vec<_> = (0..networks)
+        .flat_map(|n| (1..=per_network).map(move |host| [127, 5, n, host]))
+        .map(|ip| {
+            let mut stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut opened, mut refused) = (0, 0);
+                while !*stop.borrow() {
+                    let socket = TcpSocket::new_v4().unwrap();
+                    socket.set_reuseaddr(true).unwrap();
+                    socket.bind(SocketAddr::from((ip, 0))).unwrap();
+                    let pause = match socket.connect(addr).await {
+                        Ok(mut stream) => {
+                            opened += 1;
+                            let held = Instant::now();
+                            let mut byte = [0u8];
+                            tokio::select! {
+                                _ = stream.read(&mut byte) => {}
+                                _ = stop.changed() => break,
+                            }
+                            let at_once = held.elapsed() < Duration::from_millis(100);
+                            refused += usize::from(at_once);
+                            if at_once { Duration::from_millis(500) } else { Duration::ZERO }
+                        }
+                        Err(_) => Duration::from_millis(500),
+                    };
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        _ = stop.changed() => break,
+                    }
+                }
+                (opened, refused)
+            })
+        })
+        .collect();
+    let mut totals = (0, 0);
+    for task in tasks {
+        let (opened, refused) = task.await.unwrap();
+        totals = (totals.0 + opened, totals.1 + refused);
+    }
+    totals
+}
+
+/// A sample of the relay's metrics (0 when absent).
+async fn metric(scene: &Scene, sample: &str) -> f64 {
+    let text = crate::scene::get(scene.admin, "/metrics").await.map(|(_, body)| body).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    text.lines().find_map(|line| line.strip_prefix(sample)?.trim().parse().ok()).unwrap_or(0.0)
+}
+
+/// Starts `id` over `transport` and returns how long it took to register.
+async fn registers(scene: &Scene, n: usize, transport: &str) -> (crate::scene::Proc, Duration) {
+    let started = Instant::now();
+    let relay = if transport == "grpc" { scene.grpc.unwrap() } else { scene.quic };
+    let mut agent = scene.agent_as(&format!("agent-{n}"), &format!("token-{n}"), relay, transport);
+    agent.line_with("connected to").await;
+    (agent, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(chaos_capable), ignore = "needs root and nftables (network namespaces, packet loss)")]
+async fn silent_tcp_on_the_grpc_port_locks_no_agent_out_even_across_a_restart() {
+    let _turn = privileged("silent_tcp_on_the_grpc_port").await;
+    let mut scene = Scene::start(None, "127.0.0.1", "transport = \"all\"").await;
+    let grpc = scene.grpc.unwrap();
+    // The probe's attack: 600 plain TCP connections to the gRPC port, no TLS, from 20 /24s.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let attack = on_own_thread(silent_tcp_flood(grpc, 20, 30, stopped));
+    let pending = "quictun_pending_agent_connections ";
+    let started = Instant::now();
+    while metric(&scene, pending).await < 300.0 {
+        assert!(started.elapsed() < WAIT, "the attack never held 300 pending places");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let held = metric(&scene, pending).await;
+    // Fresh agents, from a network no agent has registered from yet.
+    let (mut grpc_agent, grpc_took) = registers(&scene, 1, "grpc").await;
+    let (mut quic_agent, quic_took) = registers(&scene, 2, "quic").await;
+    let during = latencies(scene.http, "/", 2000, 4).await;
+    let busy = p99(&during);
+    // The relay remembers the agents' network: killed and restarted under the attack, it lets
+    // them back through their lane.
+    let file = scene.dir.0.join("certs/agent-networks");
+    let known = Instant::now();
+    while !std::fs::read_to_string(&file).unwrap_or_default().contains("127.0.0.0") {
+        assert!(known.elapsed() < WAIT, "the agents' network was never written to {}", file.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let killed = Instant::now();
+    scene.kill_and_restart_relay().await;
+    grpc_agent.line_with("connected to").await;
+    let grpc_back = killed.elapsed();
+    quic_agent.line_with("connected to").await;
+    let quic_back = killed.elapsed();
+    // The silent connections are closed by the handshake deadline (3 s) and come back.
+    let deadline_met = "quictun_rejects_total{reason=\"handshake_timeout\"} ";
+    let restarted = Instant::now();
+    while metric(&scene, deadline_met).await < 100.0 {
+        assert!(restarted.elapsed() < WAIT, "the handshake deadline closed no connection");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let timed_out = metric(&scene, deadline_met).await;
+    let deadline_after = restarted.elapsed();
+    stop.send(true).unwrap();
+    let (opened, refused) = attack.join().unwrap();
+    let quiet = p99(&latencies(scene.http, "/", 2000, 4).await);
+    eprintln!(
+        "chaos: plain TCP at the gRPC port from 20 /24s, 600 at a time ({opened} opened, {refused} refused at once): \
+         {held} pending places held; new agents registered in {grpc_took:.1?} (gRPC) and {quic_took:.1?} (QUIC); \
+         after a kill -9 and restart under the attack, back in {grpc_back:.1?} and {quic_back:.1?}; \
+         {timed_out} closed by the handshake deadline {deadline_after:.1?} after; {} HTTP requests, p99 {busy:.1?} (quiet {quiet:.1?})",
+        during.len()
+    );
+    assert!(held <= 512.0 * 3.0 / 4.0, "the attack took {held} places, more than the general pool");
+    for took in [grpc_took, quic_took, grpc_back, quic_back] {
+        assert!(took <= Duration::from_secs(5), "an agent took {took:?} to register");
+    }
+    assert!(busy <= quiet * 2 + crate::TIMER_SLACK, "p99 {busy:?} vs quiet {quiet:?}");
+}
