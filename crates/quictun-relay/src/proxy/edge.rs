@@ -176,16 +176,23 @@ pub fn upstream_request_filter(
 /// the client's.
 fn request_body(shared: &RelayState, body: Incoming, max_body: Option<u64>, grpc: bool) -> (TunnelBody, BodyChecks) {
     let empty = body.size_hint().exact() == Some(0);
-    let body = Metered::new(body, shared.runtime.metrics.bytes_to_agent.clone(), shared.settings.stream_idle_timeout());
-    let (mut body, broken) = body.watching_its_source();
-    let mut checks = BodyChecks { broken: Some(broken), ..BodyChecks::default() };
+    let mut body =
+        Metered::new(body, shared.runtime.metrics.bytes_to_agent.clone(), shared.settings.stream_idle_timeout());
+    let mut checks = BodyChecks::default();
+    if empty {
+        // Nothing can arrive, so nothing can fail or be too large or too slow.
+        return (body.boxed_unsync(), checks);
+    }
+    let broken;
+    (body, broken) = body.watching_its_source();
+    checks.broken = Some(broken);
     if let Some(max) = max_body {
         let tripped;
         (body, tripped) = body.with_limit(max);
         checks.too_large = Some((max, tripped));
     }
     let rate = shared.settings.min_upload_rate;
-    if rate > 0 && !empty && !grpc {
+    if rate > 0 && !grpc {
         let tripped;
         (body, tripped) = body.with_min_pace(rate);
         checks.too_slow = Some((rate, tripped));
