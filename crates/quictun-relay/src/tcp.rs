@@ -64,29 +64,39 @@ pub async fn serve(listener: TcpListener, entry: TcpEntry, runtime: Arc<Runtime>
 
 impl Listener {
     /// The places a new connection from `peer` holds until it ends, or `None` (the refusal
-    /// counted) when one of its budgets is full.
+    /// counted and logged) when one of its budgets is full.
     fn admit(&self, runtime: &Runtime, peer: SocketAddr) -> Option<impl Send + use<>> {
-        let refuse = |reason: Reject, why: &str| {
-            runtime.metrics.reject(reason);
-            debug!(%peer, listen = %self.entry.listen, "TCP connection refused: {why}");
-        };
-        let Ok(budget) = runtime.connections.clone().try_acquire_owned() else {
-            refuse(Reject::connection_limit, "the relay's connection budget is exhausted");
-            return None;
-        };
-        let Some(address) = runtime.requests_per_ip.admit(peer.ip()) else {
-            refuse(Reject::ip_requests, "too many requests from this address");
-            return None;
-        };
-        let Ok(listener) = self.connections.clone().try_acquire_owned() else {
-            refuse(Reject::tcp_connections, "the listener's max_connections are open");
-            return None;
-        };
-        let Some(listener_address) = self.per_ip.admit(peer.ip()) else {
-            refuse(Reject::tcp_connections_per_ip, "this address has max_connections_per_ip open");
-            return None;
-        };
-        Some((budget, address, listener, listener_address))
+        match self.places(runtime, peer.ip()) {
+            Ok(places) => Some(places),
+            Err((reason, why)) => {
+                runtime.metrics.reject(reason);
+                debug!(%peer, listen = %self.entry.listen, "TCP connection refused: {why}");
+                None
+            }
+        }
+    }
+
+    /// The relay's connection budget, the address's requests, the listener's connections and
+    /// the address's connections on it, in that order; the first that is full says why.
+    fn places(&self, runtime: &Runtime, ip: IpAddr) -> Result<impl Send + use<>, (Reject, &'static str)> {
+        let full = |reason, why| move |_| (reason, why);
+        let budget = runtime
+            .connections
+            .clone()
+            .try_acquire_owned()
+            .map_err(full(Reject::connection_limit, "the relay's connection budget is exhausted"))?;
+        let address =
+            runtime.requests_per_ip.admit(ip).ok_or((Reject::ip_requests, "too many requests from this address"))?;
+        let listener = self
+            .connections
+            .clone()
+            .try_acquire_owned()
+            .map_err(full(Reject::tcp_connections, "the listener's max_connections are open"))?;
+        let listener_address = self
+            .per_ip
+            .admit(ip)
+            .ok_or((Reject::tcp_connections_per_ip, "this address has max_connections_per_ip open"))?;
+        Ok((budget, address, listener, listener_address))
     }
 }
 

@@ -298,14 +298,6 @@ fn addresses(network: u8, n: u8) -> Vec<[u8; 4]> {
     (1..=n).map(|i| [127, network, i, 1]).collect()
 }
 
-/// Starts `agent-3` and returns how long it took to register.
-async fn new_agent_registers(scene: &Scene) -> (crate::scene::Proc, Duration) {
-    let started = Instant::now();
-    let mut agent = scene.agent_as("agent-3", "token-3", scene.quic, "quic");
-    agent.line_with("connected to").await;
-    (agent, started.elapsed())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(chaos_capable), ignore = "needs root and nftables (network namespaces, packet loss)")]
 async fn idle_tcp_tunnel_connections_leave_http_its_share_of_the_agent() {
@@ -327,7 +319,7 @@ async fn idle_tcp_tunnel_connections_leave_http_its_share_of_the_agent() {
     scene.sessions_until(WAIT, "the tunnel connections hold their streams", streams(512)).await;
     let during = latencies(scene.http, "/", 2000, 4).await;
     let busy = p99(&during);
-    let (_agent3, registered) = new_agent_registers(&scene).await;
+    let (_agent3, registered) = registers(&scene, 3, "quic").await;
     let _ = stop.send(());
     let (held, closed) = attack.join().unwrap();
     let metrics = crate::scene::get(scene.admin, "/metrics").await.unwrap().1;
@@ -359,7 +351,7 @@ async fn chunked_trickles_from_nine_addresses_are_cut_and_leave_http_its_share()
     scene.sessions_until(WAIT, "the trickles fill the agent's bulk share", bulk).await;
     let during = latencies(scene.http, "/", 2000, 4).await;
     let busy = p99(&during);
-    let (_agent3, registered) = new_agent_registers(&scene).await;
+    let (_agent3, registered) = registers(&scene, 3, "quic").await;
     let (cut, refused, other) = attack.join().unwrap();
     let over = started.elapsed();
     eprintln!(
@@ -433,7 +425,7 @@ async fn metric(scene: &Scene, sample: &str) -> f64 {
     text.lines().find_map(|line| line.strip_prefix(sample)?.trim().parse().ok()).unwrap_or(0.0)
 }
 
-/// Starts `id` over `transport` and returns how long it took to register.
+/// Starts `agent-{n}` over `transport` and returns how long it took to register.
 async fn registers(scene: &Scene, n: usize, transport: &str) -> (crate::scene::Proc, Duration) {
     let started = Instant::now();
     let relay = if transport == "grpc" { scene.grpc.unwrap() } else { scene.quic };
