@@ -31,6 +31,7 @@ async fn one_relay_down_the_other_still_serves(transport: Transport) {
             ..AgentSection::default()
         },
         upstreams: vec![],
+        tunnels: vec![],
     };
     let mut options = AgentOptions::for_each_relay(file, Path::new("<test>")).unwrap();
     assert_eq!(options.len(), 2);
@@ -86,6 +87,7 @@ fn a_shared_grpc_relay_with_several_relays_is_refused() {
             ..AgentSection::default()
         },
         upstreams: vec![],
+        tunnels: vec![],
     };
     let err = AgentOptions::for_each_relay(file, Path::new("a.toml")).unwrap_err().to_string();
     assert!(err.contains("agent.grpc_relay"), "{err}");

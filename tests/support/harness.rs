@@ -111,6 +111,8 @@ pub fn relay_config_on(listen: Listen, upstream: &str, cfg: &HarnessConfig) -> R
             token_env: None,
             token_file: None,
             group: (*group).to_owned(),
+            allow_hosts: vec![],
+            allow_tcp_ports: vec![],
         })
         .collect();
     let upstream_entry = |name: &str, group: &str, target: &str| UpstreamEntry {
@@ -270,6 +272,7 @@ impl Harness {
                 ..AgentSection::default()
             },
             upstreams: vec![],
+            tunnels: vec![],
         };
         let mut options = AgentOptions::from_config(file, Path::new("<test>")).unwrap();
         options.drain_timeout = Duration::from_secs(5);

@@ -18,6 +18,48 @@ pub struct AgentConfigFile {
     /// Upstreams declared by the agent itself; they take precedence over pushed ones.
     #[serde(default)]
     pub upstreams: Vec<LocalUpstream>,
+    /// Tunnels the agent declares: hosts and ports it asks the relay to send it, within its
+    /// client's `allow_hosts` and `allow_tcp_ports` at the relay.
+    #[serde(default)]
+    pub tunnels: Vec<TunnelEntry>,
+}
+
+/// A `[[tunnels]]` entry (or a `--http` / `--tcp` flag).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum TunnelEntry {
+    /// `type = "http"`: HTTP(S) requests for `host` go to `target` (`http://` or `h2c://`).
+    Http {
+        /// The public host name.
+        host: String,
+        /// The local service's base URL.
+        target: String,
+    },
+    /// `type = "tcp"`: connections to the relay's `remote_port` go to `target` (`host:port`).
+    Tcp {
+        /// The relay's port.
+        remote_port: u16,
+        /// The local service's `host:port`.
+        target: String,
+    },
+}
+
+impl TunnelEntry {
+    /// Parses a `--http HOST=URL` flag.
+    pub fn http_flag(flag: &str) -> Result<Self, String> {
+        match flag.split_once('=') {
+            Some((host, target)) => Ok(Self::Http { host: host.into(), target: target.into() }),
+            None => Err(format!("--http {flag:?}: expected HOST=URL, as app.example.com=http://127.0.0.1:3000")),
+        }
+    }
+
+    /// Parses a `--tcp PORT=HOST:PORT` flag.
+    pub fn tcp_flag(flag: &str) -> Result<Self, String> {
+        let usage = || format!("--tcp {flag:?}: expected PORT=HOST:PORT, as 2222=127.0.0.1:22");
+        let (port, target) = flag.split_once('=').ok_or_else(usage)?;
+        let remote_port = port.trim().parse().map_err(|_| usage())?;
+        Ok(Self::Tcp { remote_port, target: target.into() })
+    }
 }
 
 /// The agent's QUIC keep-alive by default (`agent.keep_alive_ms`): a PING when it has sent

@@ -9,11 +9,13 @@ use http_body_util::BodyExt;
 use quictun_core::body::TunnelBody;
 use quictun_core::tunnel::{BoxFuture, RequestHandler};
 use quictun_core::upstream_http::UpstreamHttp;
-use quictun_proto::{Limits, RequestHead, ResponseHead, StreamCode, Target};
+use quictun_proto::{ClaimAnswer, Limits, RequestHead, ResponseHead, StreamCode, Target};
+use tokio::sync::watch;
 use tracing::warn;
 
 use crate::AgentOptions;
 use crate::metrics::{ActiveStream, AgentMetrics};
+use crate::tunnels::Tunnels;
 use crate::upstreams::UpstreamTable;
 
 /// What every stream handler of one agent shares.
@@ -21,6 +23,10 @@ use crate::upstreams::UpstreamTable;
 pub struct Forwarder {
     http: UpstreamHttp,
     upstreams: RwLock<Arc<UpstreamTable>>,
+    /// The tunnels the agent declares (changed on reload; each session claims them anew).
+    pub tunnels: watch::Sender<Arc<Tunnels>>,
+    /// The relay's answers to the agent's last claims.
+    pub answers: watch::Sender<Vec<ClaimAnswer>>,
     limits: Limits,
     connect_timeout: Duration,
     allowed_targets: Option<Vec<String>>,
@@ -33,11 +39,18 @@ impl Forwarder {
         Self {
             http: UpstreamHttp::new(options.connect_timeout, options.response_timeout),
             upstreams: RwLock::new(Arc::new(UpstreamTable::default())),
+            tunnels: watch::Sender::new(Arc::new(options.tunnels.clone())),
+            answers: watch::Sender::new(Vec::new()),
             limits: options.limits,
             connect_timeout: options.connect_timeout,
             allowed_targets: options.allowed_targets.clone(),
             metrics,
         }
+    }
+
+    /// The agent's metrics.
+    pub fn metrics(&self) -> &AgentMetrics {
+        &self.metrics
     }
 
     /// The upstream table in force.
@@ -86,6 +99,7 @@ impl RequestHandler for Forwarder {
             // The metric label: the upstream's name, or the TCP tunnel's address.
             let upstream = match &head.target {
                 Target::Tcp(addr) => addr.to_string(),
+                Target::TcpPort(port) => format!("tcp port {port}"),
                 other => other.upstream().unwrap_or_default().to_owned(),
             };
             let sent = metrics.bytes_to_upstream.clone();
@@ -102,6 +116,18 @@ impl RequestHandler for Forwarder {
                 Target::Tcp(addr) => {
                     let timeout = self.connect_timeout;
                     crate::tcp::connect(addr, self.allowed_targets.as_deref(), timeout, body).await
+                }
+                Target::TcpPort(port) => {
+                    let target = self.tunnels.borrow().tcp_target(*port).cloned();
+                    match target {
+                        // The agent's own declaration: its allowed_targets (for what the relay
+                        // pushes) do not apply.
+                        Some(target) => crate::tcp::connect(&target, None, self.connect_timeout, body).await,
+                        None => {
+                            warn!(port, "connection for a TCP port this agent does not declare");
+                            Err(StreamCode::UnknownUpstream)
+                        }
+                    }
                 }
                 Target::Http(_) | Target::Upgrade(_) => self.forward(head, body).await,
                 // Egress requests go the other way, to the relay.
@@ -158,6 +184,7 @@ mod tests {
                 ..AgentSection::default()
             },
             upstreams: vec![],
+            tunnels: vec![],
         };
         let options = AgentOptions::from_config(file, std::path::Path::new("t.toml")).unwrap();
         let forwarder = Forwarder::new(&options, Arc::new(AgentMetrics::new()));

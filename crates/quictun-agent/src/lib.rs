@@ -12,6 +12,7 @@
 //! - `diagnose`: why no QUIC handshake completed (a wrong port, blocked UDP, a dead relay).
 //! - `session`: one connection's life for any transport: register, heartbeats, config_sync, drain.
 //! - `upstreams`: the upstream table (pushed by the relay, merged with local ones).
+//! - `tunnels`: the tunnels the agent declares ([`Tunnels`]), claimed at the relay.
 //! - `forward`: one exchange → one upstream request; `tcp`: TCP targets, spliced.
 //! - `egress`: the egress listener ([`EgressServer`]).
 //! - `metrics` and `admin`: Prometheus metrics, `/healthz` and `/readyz` on `admin_listen`.
@@ -30,6 +31,7 @@ mod options;
 mod session;
 mod state;
 mod tcp;
+mod tunnels;
 mod upstreams;
 
 use std::net::SocketAddr;
@@ -51,6 +53,7 @@ pub use egress::{EgressServer, RelayTunnel};
 pub use error::AgentError;
 pub use options::{AgentOptions, DEFAULT_GRPC_PORT, default_bind};
 pub use state::AgentState;
+pub use tunnels::{HttpTunnel, TcpTunnel, Tunnels};
 pub use upstreams::{LocalTargets, Target};
 
 use crate::connect::Connector;
@@ -67,6 +70,7 @@ pub struct Agent {
     task: JoinHandle<Result<(), AgentError>>,
     admin_addr: Option<SocketAddr>,
     admin_tasks: TaskTracker,
+    forwarder: Arc<Forwarder>,
     /// Enforces the stalled-reader budgets while the agent lives.
     _sweeper: AbortOnDrop,
 }
@@ -116,8 +120,18 @@ impl Agent {
         let sweeper = AbortOnDrop::new(tokio::spawn(reclaimer.clone().run(shutdown.clone())));
         let connector =
             Connector { instance_id: Uuid::new_v4(), options: Arc::new(options), relay_tunnel: link_tx, dialers };
-        let task = tokio::spawn(connect::run(connector, forwarder, state_tx, shutdown.clone()));
-        Ok(Self { state, relay_tunnel, shutdown, endpoint, task, admin_addr, admin_tasks, _sweeper: sweeper })
+        let task = tokio::spawn(connect::run(connector, forwarder.clone(), state_tx, shutdown.clone()));
+        Ok(Self {
+            state,
+            relay_tunnel,
+            shutdown,
+            endpoint,
+            task,
+            admin_addr,
+            admin_tasks,
+            forwarder,
+            _sweeper: sweeper,
+        })
     }
 
     /// The bound admin endpoint address, when it is served.
@@ -143,6 +157,21 @@ impl Agent {
     /// over a transport that carries no egress).
     pub fn relay_tunnel(&self) -> RelayTunnel {
         self.relay_tunnel.clone()
+    }
+
+    /// Replaces the tunnels the agent declares (a reload): the session claims the new set at
+    /// once, without reconnecting; what is gone is withdrawn.
+    pub fn set_tunnels(&self, tunnels: Tunnels) {
+        self.forwarder.tunnels.send_if_modified(|now| {
+            let changed = **now != tunnels;
+            *now = Arc::new(tunnels);
+            changed
+        });
+    }
+
+    /// Watches the relay's answers to the agent's claims (one per declared tunnel, in order).
+    pub fn tunnel_answers(&self) -> watch::Receiver<Vec<quictun_proto::ClaimAnswer>> {
+        self.forwarder.answers.subscribe()
     }
 
     /// Watches the agent's state.

@@ -7,6 +7,7 @@
 //! | `quictun_agent_active_streams` | | requests being forwarded (until their response body ends) |
 //! | `quictun_agent_bytes_total` | direction | body bytes `to_upstream` and `from_upstream` |
 //! | `quictun_agent_connected` | | 1 while registered with the relay |
+//! | `quictun_agent_tunnels_refused_total` | | declared tunnels the relay refused (each answer counts) |
 
 use std::time::Duration;
 
@@ -42,6 +43,8 @@ pub struct AgentMetrics {
     /// Response body bytes received from upstreams.
     pub bytes_from_upstream: Counter,
     connected: Gauge,
+    /// Declared tunnels the relay refused.
+    pub tunnels_refused: Counter,
 }
 
 impl Default for AgentMetrics {
@@ -66,7 +69,18 @@ impl AgentMetrics {
         let bytes_from_upstream = bytes.get_or_create(&DirectionLabel { direction: "from_upstream" }).clone();
         let connected = Gauge::default();
         registry.register("connected", "1 while registered with the relay", connected.clone());
-        Self { registry, requests, latency, active_streams, bytes_to_upstream, bytes_from_upstream, connected }
+        let tunnels_refused = Counter::default();
+        registry.register("tunnels_refused", "Declared tunnels the relay refused", tunnels_refused.clone());
+        Self {
+            registry,
+            requests,
+            latency,
+            active_streams,
+            bytes_to_upstream,
+            bytes_from_upstream,
+            connected,
+            tunnels_refused,
+        }
     }
 
     /// Adds the stalled-reader metrics of `stall`.

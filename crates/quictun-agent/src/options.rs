@@ -12,6 +12,7 @@ use quictun_quic::Tuning;
 use quictun_core::config::SecretSources;
 
 use crate::config::{AgentConfigFile, AgentSection, ConfigError, Transport};
+use crate::tunnels::Tunnels;
 use crate::upstreams::{LocalTargets, Target};
 
 /// The environment variable consulted for the token when none is configured.
@@ -44,6 +45,8 @@ pub struct AgentOptions {
     pub bind: Option<SocketAddr>,
     /// The agent's own upstreams.
     pub local_upstreams: Vec<LocalTargets>,
+    /// The tunnels it declares.
+    pub tunnels: Tunnels,
     /// Allow list for pushed targets.
     pub allowed_targets: Option<Vec<String>>,
     /// Upstream connect timeout.
@@ -112,6 +115,7 @@ impl AgentOptions {
         let trust = trust(a).map_err(|(key, message)| invalid(key, message))?;
         let token = token(a).map_err(|(key, message)| invalid(&key, message))?;
         let local_upstreams = local_upstreams(&config).map_err(|(key, message)| invalid(&key, message))?;
+        let tunnels = Tunnels::from_entries(&config.tunnels).map_err(|(key, message)| invalid(&key, message))?;
         let a = config.agent;
         let server_name = a.server_name.unwrap_or_else(|| relay.host().to_owned());
         Ok(Self {
@@ -130,6 +134,7 @@ impl AgentOptions {
             token,
             bind: a.bind,
             local_upstreams,
+            tunnels,
             allowed_targets: a.allowed_targets,
             connect_timeout: Duration::from_secs(a.upstream_connect_timeout_secs.max(1)),
             response_timeout: Duration::from_secs(a.upstream_response_timeout_secs.max(1)),

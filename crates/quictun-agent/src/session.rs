@@ -11,7 +11,7 @@ use quictun_core::logsafe::Inert;
 use quictun_core::session::{Action, Role};
 use quictun_core::transport::{Connection, DialError};
 use quictun_core::tunnel::{CloseReason, ProtocolViolation, TransportKind, Tunnel};
-use quictun_proto::{CloseCode, ControlMessage, GoAway, Register};
+use quictun_proto::{AgentConfig, ClaimAnswer, CloseCode, ControlMessage, GoAway, Register};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -21,6 +21,7 @@ use crate::AgentOptions;
 use crate::error::AgentError;
 use crate::forward::Forwarder;
 use crate::state::AgentState;
+use crate::tunnels::Tunnels;
 use crate::upstreams::UpstreamTable;
 
 /// Longest the relay may take to answer the register message.
@@ -126,11 +127,8 @@ pub async fn register_and_serve<C: ControlIo>(
             return Err(RetryReason::Unexpected(message_name(&other)).into());
         }
     };
-    forwarder.install_fresh(UpstreamTable::build(
-        &accepted.config,
-        &options.local_upstreams,
-        options.allowed_targets.as_deref(),
-    ));
+    let tunnels = forwarder.tunnels.subscribe();
+    forwarder.install_fresh(upstream_table(options, &accepted.config, &tunnels.borrow()));
     let span = info_span!("session", client_id = %options.client_id, session_id = %accepted.session_id);
     span.in_scope(|| {
         let table = forwarder.upstreams();
@@ -140,7 +138,14 @@ pub async fn register_and_serve<C: ControlIo>(
     state.send_replace(AgentState::Connected { session_id: accepted.session_id, relay: tunnel.remote_addr() });
     let interval = Duration::from_millis(u64::from(accepted.heartbeat_interval_ms.max(50)));
     let heartbeats = Heartbeats::new(interval, accepted.heartbeat_misses.max(1));
-    Ok(serve(options, &mut control, tunnel.as_ref(), forwarder, heartbeats, stop).instrument(span).await)
+    let role = AgentRole::new(options, forwarder, stop, tunnels, accepted.config);
+    Ok(serve(options, &mut control, tunnel.as_ref(), forwarder, heartbeats, role).instrument(span).await)
+}
+
+/// The upstreams the agent serves: the relay's `pushed` ones, its own, and its HTTP tunnels.
+fn upstream_table(options: &AgentOptions, pushed: &AgentConfig, tunnels: &Tunnels) -> UpstreamTable {
+    let local: Vec<_> = options.local_upstreams.iter().cloned().chain(tunnels.upstreams()).collect();
+    UpstreamTable::build(pushed, &local, options.allowed_targets.as_deref())
 }
 
 /// What ends a session on the agent's own initiative (both drain first).
@@ -159,15 +164,50 @@ enum OwnEnd {
     Switched,
 }
 
-/// What the agent does in a session beyond heartbeats: applies config_sync, notes the relay's
-/// go-away, and says go-away itself when it stops or switches.
+/// What the agent does in a session beyond heartbeats: applies config_sync, claims its declared
+/// tunnels (at once, and again when they change) and reports the relay's answers, notes the
+/// relay's go-away, and says go-away itself when it stops or switches.
 struct AgentRole<'a> {
     options: &'a AgentOptions,
     forwarder: &'a Forwarder,
     stop: &'a Stop,
+    tunnels: watch::Receiver<Arc<Tunnels>>,
+    /// The relay's configuration for the agent, as last pushed.
+    pushed: AgentConfig,
 }
 
-impl AgentRole<'_> {
+impl<'a> AgentRole<'a> {
+    fn new(
+        options: &'a AgentOptions,
+        forwarder: &'a Forwarder,
+        stop: &'a Stop,
+        mut tunnels: watch::Receiver<Arc<Tunnels>>,
+        pushed: AgentConfig,
+    ) -> Self {
+        // An agent that declares nothing sends no claims (a relay of an older version would not
+        // know the message); one that does claims them first thing.
+        if !tunnels.borrow_and_update().is_empty() {
+            tunnels.mark_changed();
+        }
+        Self { options, forwarder, stop, tunnels, pushed }
+    }
+
+    /// Logs and counts the relay's answers to the agent's claims.
+    fn answered(&self, answers: Vec<ClaimAnswer>) {
+        let tunnels = self.tunnels.borrow().clone();
+        for answer in &answers {
+            let target = tunnels.target_of(&answer.claim).unwrap_or_default();
+            match &answer.refused {
+                None => info!(claim = %answer.claim, %target, "tunnel accepted by the relay"),
+                Some(why) => {
+                    self.forwarder.metrics().tunnels_refused.inc();
+                    warn!(claim = %answer.claim, %target, why = %Inert(why), "tunnel refused by the relay");
+                }
+            }
+        }
+        self.forwarder.answers.send_replace(answers);
+    }
+
     fn go_away(&self, reason: &str) -> ControlMessage {
         let drain_ms = u32::try_from(self.options.drain_timeout.as_millis()).unwrap_or(u32::MAX);
         ControlMessage::GoAway(GoAway { drain_ms, reason: reason.into() })
@@ -185,8 +225,8 @@ impl Role for AgentRole<'_> {
         match msg {
             ControlMessage::ConfigSync(config) => {
                 let version = config.version;
-                let options = self.options;
-                let table = UpstreamTable::build(&config, &options.local_upstreams, options.allowed_targets.as_deref());
+                let table = upstream_table(self.options, &config, &self.tunnels.borrow());
+                self.pushed = config;
                 if self.forwarder.install(table) {
                     info!(version, "applied config_sync");
                 } else {
@@ -198,6 +238,10 @@ impl Role for AgentRole<'_> {
                 info!(reason = %Inert(&go.reason), drain_ms = go.drain_ms, "relay going away");
                 Ok(())
             }
+            ControlMessage::ClaimAnswers(answers) => {
+                self.answered(answers);
+                Ok(())
+            }
             other => Err(ProtocolViolation::Unexpected(message_name(&other))),
         }
     }
@@ -206,6 +250,11 @@ impl Role for AgentRole<'_> {
         tokio::select! {
             _ = self.stop.shutdown.cancelled() => Action::SendThenEnd(self.go_away("agent shutting down"), OwnEnd::Shutdown),
             _ = self.stop.switch.cancelled() => Action::SendThenEnd(self.go_away("agent switching transport"), OwnEnd::Switched),
+            Ok(()) = self.tunnels.changed() => {
+                let tunnels = self.tunnels.borrow_and_update().clone();
+                self.forwarder.install_fresh(upstream_table(self.options, &self.pushed, &tunnels));
+                Action::Send(ControlMessage::Claims(tunnels.claims()))
+            }
         }
     }
 }
@@ -218,13 +267,12 @@ async fn serve<C: ControlIo>(
     tunnel: &dyn Tunnel,
     forwarder: &Arc<Forwarder>,
     mut heartbeats: Heartbeats,
-    stop: &Stop,
+    mut role: AgentRole<'_>,
 ) -> SessionEnd {
     let streams = TaskTracker::new();
     let cancel_streams = CancellationToken::new();
     let ended = {
         let requests = tunnel.serve(forwarder.clone(), streams.clone(), cancel_streams.clone());
-        let mut role = AgentRole { options, forwarder, stop };
         let session = quictun_core::session::run(control, tunnel, &mut heartbeats, &mut role);
         tokio::select! {
             reason = requests => Err(reason),

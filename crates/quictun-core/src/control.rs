@@ -58,6 +58,8 @@ pub fn message_name(msg: &ControlMessage) -> &'static str {
         ControlMessage::Heartbeat(_) => "heartbeat",
         ControlMessage::HeartbeatAck(_) => "heartbeat_ack",
         ControlMessage::GoAway(_) => "go_away",
+        ControlMessage::Claims(_) => "claims",
+        ControlMessage::ClaimAnswers(_) => "claim_answers",
     }
 }
 

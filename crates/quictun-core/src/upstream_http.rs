@@ -83,6 +83,13 @@ impl Target {
     }
 }
 
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.http2 { "h2c" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority, self.base_path)
+    }
+}
+
 /// Pooled HTTP clients for upstream requests, with their timeouts.
 #[derive(Debug)]
 pub struct UpstreamHttp {

@@ -4,7 +4,9 @@
 //! [`ControlMessage::Accepted`] or [`ControlMessage::Rejected`] (and closes). After that either side
 //! may send heartbeats (answered by an ack that echoes the timestamp), the relay pushes
 //! [`ControlMessage::ConfigSync`] when the agent's configuration changes, and either side announces a
-//! shutdown with [`ControlMessage::GoAway`].
+//! shutdown with [`ControlMessage::GoAway`]. An agent that declares tunnels sends
+//! [`ControlMessage::Claims`] (its whole set, right after registration and again on each change);
+//! the relay answers each set with [`ControlMessage::ClaimAnswers`].
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -29,6 +31,46 @@ pub enum ControlMessage {
     HeartbeatAck(Heartbeat),
     /// 6: either way, the sender is shutting down and takes no new streams.
     GoAway(GoAway),
+    /// 7: agent → relay, every tunnel the agent declares (replacing the set it sent before).
+    Claims(Vec<Claim>),
+    /// 8: relay → agent, one answer per claim of the last [`ControlMessage::Claims`], in order.
+    ClaimAnswers(Vec<ClaimAnswer>),
+}
+
+/// A tunnel an agent declares: what it asks the relay to send it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Claim {
+    /// 0: HTTP(S) requests for this host name (lower case, no port), as data streams whose
+    /// target is [`crate::Target::Http`] (or `Upgrade`) naming the host.
+    Http {
+        /// The host name.
+        host: String,
+    },
+    /// 1: TCP connections to this port of the relay, as data streams whose target is
+    /// [`crate::Target::TcpPort`].
+    Tcp {
+        /// The relay's port.
+        port: u16,
+    },
+}
+
+impl std::fmt::Display for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Http { host } => write!(f, "http {host}"),
+            Self::Tcp { port } => write!(f, "tcp port {port}"),
+        }
+    }
+}
+
+/// The relay's answer to one claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimAnswer {
+    /// The claim answered.
+    pub claim: Claim,
+    /// `None` when the claim is accepted (the agent serves it until it withdraws it or leaves);
+    /// else why it was refused, for a person.
+    pub refused: Option<String>,
 }
 
 /// The agent introduces itself.

@@ -25,7 +25,8 @@ pub mod stream;
 
 pub use codes::{CloseCode, StreamCode};
 pub use control::{
-    Accepted, AgentConfig, ControlMessage, GoAway, Heartbeat, Register, RejectCode, Rejected, UpstreamSpec,
+    Accepted, AgentConfig, Claim, ClaimAnswer, ControlMessage, GoAway, Heartbeat, Register, RejectCode, Rejected,
+    UpstreamSpec,
 };
 pub use frame::FrameError;
 pub use host_port::{HostPort, HostPortError};

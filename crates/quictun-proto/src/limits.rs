@@ -15,6 +15,9 @@ pub const ADDED_HEADERS: usize = 16;
 /// Bytes the added headers (and the head frame's own encoding) may take beyond the client's head.
 pub const ADDED_HEAD_BYTES: usize = 8 * 1024;
 
+/// Most tunnels one agent may declare ([`crate::Claim`]); the relay refuses the rest.
+pub const MAX_CLAIMS: usize = 64;
+
 /// Limits negotiated by configuration; both sides check every length from the wire against them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {

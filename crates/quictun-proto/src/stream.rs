@@ -33,6 +33,10 @@ pub enum Target {
     Upgrade(String),
     /// 3: an egress request (agent → relay), routed by the relay's egress routes.
     Egress,
+    /// 4: a raw TCP connection (relay → agent) to the relay's port of a TCP tunnel the agent
+    /// declared ([`crate::Claim::Tcp`]): the agent connects its own target for that port, then
+    /// as [`Target::Tcp`].
+    TcpPort(u16),
 }
 
 impl Target {
@@ -40,13 +44,13 @@ impl Target {
     pub fn upstream(&self) -> Option<&str> {
         match self {
             Self::Http(name) | Self::Upgrade(name) => Some(name),
-            Self::Tcp(_) | Self::Egress => None,
+            Self::Tcp(_) | Self::TcpPort(_) | Self::Egress => None,
         }
     }
 
     /// True for the kinds whose bodies are raw bytes both ways (never framed).
     pub fn is_raw(&self) -> bool {
-        matches!(self, Self::Tcp(_) | Self::Upgrade(_))
+        matches!(self, Self::Tcp(_) | Self::TcpPort(_) | Self::Upgrade(_))
     }
 }
 
@@ -57,6 +61,7 @@ impl std::fmt::Display for Target {
             Self::Tcp(addr) => write!(f, "tcp {addr}"),
             Self::Upgrade(name) => write!(f, "upgrade {name}"),
             Self::Egress => f.write_str("egress"),
+            Self::TcpPort(port) => write!(f, "tcp tunnel {port}"),
         }
     }
 }

@@ -5,7 +5,9 @@
 //! - `GET /metrics`: see [`crate::metrics`];
 //! - `GET /api/sessions`: the connected agents as JSON, one entry per instance (agent process) of
 //!   each client: client_id, instance id, group, session id, remote address, transport, connected
-//!   since (Unix seconds), heartbeat RTT, in-flight streams.
+//!   since (Unix seconds), heartbeat RTT, in-flight streams;
+//! - `GET /api/tunnels`: the tunnels agents declared as JSON: kind, host or bound address, the
+//!   group holding it, its holders' client ids.
 
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
@@ -90,7 +92,12 @@ impl AdminPages for RelayPages {
     }
 
     fn page(&self, path: &str) -> Option<AdminReply> {
-        (path == "/api/sessions").then(|| match serde_json::to_vec_pretty(&sessions(&self.0)) {
+        let json = match path {
+            "/api/sessions" => serde_json::to_vec_pretty(&sessions(&self.0)),
+            "/api/tunnels" => serde_json::to_vec_pretty(&self.0.declared.list()),
+            _ => return None,
+        };
+        Some(match json {
             Ok(json) => reply(StatusCode::OK, "application/json", json),
             Err(err) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{err}\n")),
         })

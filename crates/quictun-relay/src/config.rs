@@ -232,6 +232,8 @@ pub struct RelaySection {
     /// `max_pending_connections`); when loaded from a file, `agent-networks` beside the
     /// certificate by default. `None`: in memory only.
     pub agent_networks_file: Option<PathBuf>,
+    /// The address TCP tunnels that agents declare are bound on (their ports are the agents').
+    pub declared_tcp_address: std::net::IpAddr,
     /// For this many seconds after the relay starts, a request for a group with no agent waits
     /// (up to the end of that window) for one to register instead of failing: agents reconnect
     /// after a restart. 0 turns it off.
@@ -292,6 +294,7 @@ impl Default for RelaySection {
             max_pending_per_network: 32,
             handshake_timeout_ms: 3000,
             agent_networks_file: None,
+            declared_tcp_address: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             startup_grace_secs: 10,
             admin_token: None,
             admin_token_file: None,
@@ -449,6 +452,48 @@ pub struct ClientEntry {
     pub token_file: Option<PathBuf>,
     /// The group the client serves.
     pub group: String,
+    /// Host patterns (`app.example.com`, `*.dev.example.com`) the client's agents may declare
+    /// HTTP tunnels for; none: the client declares no HTTP tunnel.
+    #[serde(default)]
+    pub allow_hosts: Vec<String>,
+    /// Relay ports (`2222`, or `"7000-7099"`) the client's agents may declare TCP tunnels on;
+    /// none: the client declares no TCP tunnel.
+    #[serde(default)]
+    pub allow_tcp_ports: Vec<PortSpec>,
+}
+
+/// A port or a range of ports, as `allow_tcp_ports` lists them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum PortSpec {
+    /// One port.
+    One(u16),
+    /// `"A-B"` (both included), or one port as a string.
+    Range(String),
+}
+
+impl PortSpec {
+    /// The ports, or why this is not a port or a range of them.
+    pub fn ports(&self) -> Result<std::ops::RangeInclusive<u16>, String> {
+        let port = |text: &str| match text.trim().parse::<u16>() {
+            Ok(0) | Err(_) => Err(format!("{text:?} is not a port (1-65535)")),
+            Ok(port) => Ok(port),
+        };
+        match self {
+            Self::One(0) => Err("0 is not a port (1-65535)".into()),
+            Self::One(p) => Ok(*p..=*p),
+            Self::Range(text) => match text.split_once('-') {
+                Some((a, b)) => {
+                    let (a, b) = (port(a)?, port(b)?);
+                    if a > b {
+                        return Err(format!("{text:?} ends before it starts"));
+                    }
+                    Ok(a..=b)
+                }
+                None => port(text).map(|p| p..=p),
+            },
+        }
+    }
 }
 
 /// An `[[upstreams]]` entry.
@@ -555,6 +600,16 @@ impl RelayConfig {
         for (i, client) in self.clients.iter().enumerate() {
             if self.clients[..i].iter().any(|c| c.id == client.id) {
                 return Err((format!("clients[{i}].id"), format!("duplicate client id {:?}", client.id)));
+            }
+            for (j, pattern) in client.allow_hosts.iter().enumerate() {
+                if let Err(err) = crate::hosts::HostMatch::parse_pattern(pattern) {
+                    return Err((format!("clients[{i}].allow_hosts[{j}]"), err));
+                }
+            }
+            for (j, ports) in client.allow_tcp_ports.iter().enumerate() {
+                if let Err(err) = ports.ports() {
+                    return Err((format!("clients[{i}].allow_tcp_ports[{j}]"), err));
+                }
             }
         }
         Ok(())

@@ -25,10 +25,12 @@ mod balance;
 mod body;
 pub mod config;
 mod conn_clock;
+mod declared;
 mod egress;
 mod error;
 #[cfg(test)]
 mod fake_tunnel;
+mod hosts;
 mod ingress;
 mod known_networks;
 mod liveness;
@@ -158,7 +160,7 @@ impl Bound {
         self.agents.run(shared);
         for (listener, entry) in self.tcp {
             let timeout = Duration::from_secs(shared.settings.response_timeout_secs);
-            runtime.tasks.spawn(tcp::serve(listener, entry, runtime.clone(), timeout));
+            runtime.tasks.spawn(tcp::serve(listener, tcp::TcpTunnel::from_entry(&entry), runtime.clone(), timeout));
         }
         let mut ingresses = vec![runtime.tasks.spawn(ingress::serve(self.http, shared.clone(), None))];
         if let Some((listener, tls)) = self.https {

@@ -13,14 +13,15 @@ use quictun_core::logsafe::Inert;
 use quictun_core::session::{Action, Role};
 use quictun_core::transport::Connection;
 use quictun_core::tunnel::{Admission, BoxFuture, ProtocolViolation, Tunnel};
-use quictun_proto::{Accepted, CloseCode, ControlMessage, GoAway, Register, RejectCode, Rejected};
+use quictun_proto::{Accepted, ClaimAnswer, CloseCode, ControlMessage, GoAway, Register, RejectCode, Rejected};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::declared::Rules;
 use crate::egress::EgressHandler;
 use crate::metrics::RegisterHandshake;
-use crate::sessions::{Session, SessionCommand, SessionLimits};
+use crate::sessions::{Holders, Session, SessionCommand, SessionLimits};
 use crate::state::RelayState;
 
 /// How long a rejected agent gets to read the rejection before the connection is closed.
@@ -239,13 +240,15 @@ async fn run_session<C: ControlIo>(
     };
     quictun_core::spawn_cancellable(&shared.runtime.tasks, &egress, serve_egress.in_current_span());
     let mut heartbeats = Heartbeats::new(shared.settings.heartbeat_interval(), shared.settings.heartbeat_misses);
-    let mut role = RelayRole { session: &session, shared: &shared, commands, going_away: false, agent_left: false };
+    let mut role =
+        RelayRole { session: &session, shared: &shared, commands, going_away: false, agent_left: false, answers: None };
     let reason = match quictun_core::session::run(&mut control, tunnel.as_ref(), &mut heartbeats, &mut role).await {
         Err(reason) => reason,
         Ok(never) => match never {},
     };
     egress.cancel();
     shared.runtime.sessions.remove(&session);
+    shared.runtime.declared.release(&session);
     let said_goodbye = role.agent_left || matches!(reason.peer_code(), Some(CloseCode::GoingAway | CloseCode::Normal));
     if said_goodbye {
         // A deploy, Ctrl-C: the agent drained before closing.
@@ -264,6 +267,8 @@ struct RelayRole<'a> {
     going_away: bool,
     /// The agent said go-away: it is stopping (a deploy, Ctrl-C) and drains first.
     agent_left: bool,
+    /// The answers to the agent's last claims, not sent yet.
+    answers: Option<Vec<ClaimAnswer>>,
 }
 
 impl Role for RelayRole<'_> {
@@ -285,13 +290,30 @@ impl Role for RelayRole<'_> {
                 self.agent_left = true;
                 self.session.set_draining();
                 self.shared.runtime.sessions.remove(self.session);
+                self.shared.runtime.declared.release(self.session);
                 Ok(())
             }
+            ControlMessage::Claims(claims) if !self.agent_left => {
+                let (shared, live) = (self.shared, self.shared.live.current());
+                let allowed = live.allowances(&self.session.client_id).cloned().unwrap_or_default();
+                let timeout = Duration::from_secs(shared.settings.response_timeout_secs);
+                let open_port = |port, holders: &Arc<Holders>| {
+                    let address = shared.settings.declared_tcp_address;
+                    crate::tcp::serve_declared(&shared.runtime, address, timeout, port, holders)
+                };
+                let rules = Rules { allowed: &allowed, router: &live.router, open_port: &open_port };
+                self.answers = Some(shared.runtime.declared.claim(&rules, self.session, claims));
+                Ok(())
+            }
+            ControlMessage::Claims(_) => Ok(()),
             other => Err(ProtocolViolation::Unexpected(message_name(&other))),
         }
     }
 
     async fn next(&mut self) -> Action<Infallible> {
+        if let Some(answers) = self.answers.take() {
+            return Action::Send(ControlMessage::ClaimAnswers(answers));
+        }
         tokio::select! {
             _ = self.shared.runtime.shutdown.cancelled(), if !self.going_away => {
                 // The session stays in use: requests the ingress accepted before the signal still

@@ -12,38 +12,10 @@ use tokio::sync::Semaphore;
 use quictun_core::upstream_http::Target;
 
 use crate::balance::Balance;
+pub use crate::hosts::HostMatch;
+use crate::sessions::{Holders, Pool};
 
 use crate::config::{ConfigError, RelayConfig};
-
-/// How a route matches the host.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum HostMatch {
-    Any,
-    Exact(String),
-    /// The suffix, including its leading dot.
-    Wildcard(String),
-}
-
-impl HostMatch {
-    fn parse(pattern: &str) -> Self {
-        let pattern = pattern.trim().to_ascii_lowercase();
-        if pattern == "*" {
-            Self::Any
-        } else if let Some(suffix) = pattern.strip_prefix('*') {
-            Self::Wildcard(suffix.to_owned())
-        } else {
-            Self::Exact(pattern)
-        }
-    }
-
-    fn matches(&self, host: &str) -> bool {
-        match self {
-            Self::Any => true,
-            Self::Exact(name) => name == host,
-            Self::Wildcard(suffix) => host.len() > suffix.len() && host.ends_with(suffix.as_str()),
-        }
-    }
-}
 
 /// One compiled route.
 #[derive(Debug, Clone)]
@@ -52,8 +24,8 @@ pub struct Route {
     path_prefix: String,
     /// The upstream name carried in the stream head.
     pub upstream: Arc<str>,
-    /// The group whose agents serve the upstream.
-    pub group: Arc<str>,
+    /// The agents that serve the upstream: a group's, or a declared tunnel's holders.
+    pub pool: Pool,
     /// Slots for requests in flight on this route, when it is limited.
     pub in_flight: Option<Arc<Semaphore>>,
     /// The largest request body this route accepts.
@@ -62,6 +34,29 @@ pub struct Route {
     pub balance: Balance,
     /// The header hashed by [`Balance::Hash`].
     pub hash_header: Option<http::HeaderName>,
+}
+
+impl Route {
+    /// The route of an HTTP tunnel declared for `host`: every path, to the upstream named by
+    /// the host (the agents know it by that name), through its holders.
+    pub fn declared(host: &str, holders: Arc<Holders>) -> Self {
+        Self {
+            host: HostMatch::Exact(host.to_owned()),
+            path_prefix: "/".into(),
+            upstream: Arc::from(host),
+            pool: Pool::Holders(holders),
+            in_flight: None,
+            max_body_bytes: None,
+            balance: Balance::RoundRobin,
+            hash_header: None,
+        }
+    }
+
+    /// True for a route that matches every host (`host = "*"`): a host an agent declared
+    /// comes before it.
+    pub fn matches_every_host(&self) -> bool {
+        self.host == HostMatch::Any
+    }
 }
 
 fn prefix_matches(prefix: &str, path: &str) -> bool {
@@ -104,7 +99,7 @@ impl Router {
                 host: HostMatch::parse(&r.host),
                 path_prefix: r.path_prefix.clone(),
                 upstream: Arc::from(upstream.name.as_str()),
-                group: Arc::from(upstream.group.as_str()),
+                pool: Pool::Group(Arc::from(upstream.group.as_str())),
                 in_flight: r.max_in_flight.map(|n| Arc::new(Semaphore::new(n as usize))),
                 max_body_bytes: r.max_body_bytes,
                 balance: upstream.balance,
@@ -112,6 +107,12 @@ impl Router {
             }));
         }
         Ok(Self { routes })
+    }
+
+    /// Whether a route names `host` (lower case, no port) itself or by a wildcard: such a host
+    /// is the relay's, and no agent may declare it.
+    pub fn names_host(&self, host: &str) -> bool {
+        self.routes.iter().any(|r| r.host != HostMatch::Any && r.host.matches(host))
     }
 
     /// The first route matching `host` (any case, port ignored) and `path`.

@@ -21,6 +21,66 @@ use uuid::Uuid;
 
 use crate::balance::Choice;
 
+/// The agents a request may go to: a group's (the relay's routes and `[[tcp]]` tunnels), or the
+/// holders of a tunnel agents declared.
+#[derive(Debug, Clone)]
+pub enum Pool {
+    /// Every agent of the group.
+    Group(Arc<str>),
+    /// The agents holding a declared tunnel.
+    Holders(Arc<Holders>),
+}
+
+impl Pool {
+    /// The group's name, or the declared tunnel's (for logs and errors).
+    pub fn name(&self) -> &Arc<str> {
+        match self {
+            Self::Group(name) => name,
+            Self::Holders(holders) => &holders.name,
+        }
+    }
+}
+
+/// The sessions holding one declared tunnel, in the order they claimed it; they share its
+/// requests as a group's agents share a route's.
+#[derive(Debug)]
+pub struct Holders {
+    name: Arc<str>,
+    members: std::sync::RwLock<Vec<Arc<Session>>>,
+    cursor: AtomicUsize,
+}
+
+impl Holders {
+    /// No holder yet, for the tunnel called `name`.
+    pub fn new(name: impl Into<Arc<str>>) -> Self {
+        Self { name: name.into(), members: Default::default(), cursor: AtomicUsize::new(0) }
+    }
+
+    /// Adds `session` (once).
+    pub fn join(&self, session: &Arc<Session>) {
+        let mut members = self.members.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !members.iter().any(|s| s.session_id == session.session_id) {
+            members.push(session.clone());
+        }
+    }
+
+    /// Removes the session; true when no holder is left.
+    pub fn leave(&self, session_id: Uuid) -> bool {
+        let mut members = self.members.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        members.retain(|s| s.session_id != session_id);
+        members.is_empty()
+    }
+
+    /// The holders' client ids, in claim order.
+    pub fn client_ids(&self) -> Vec<Arc<str>> {
+        self.read().iter().map(|s| s.client_id.clone()).collect()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Session>>> {
+        self.members.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// A command for a session's control task.
 #[derive(Debug, Clone)]
 pub enum SessionCommand {
@@ -450,6 +510,25 @@ impl SessionManager {
         let group = self.by_group.get(group)?;
         let cursor = group.cursor.fetch_add(1, Ordering::Relaxed);
         crate::balance::choose(&group.members, cursor, choice)
+    }
+
+    /// A session of `pool` chosen by `choice`, as [`SessionManager::choose`] does for a group.
+    pub fn choose_in(&self, pool: &Pool, choice: &Choice<'_>) -> Option<Arc<Session>> {
+        match pool {
+            Pool::Group(group) => self.choose(group, choice),
+            Pool::Holders(holders) => {
+                let cursor = holders.cursor.fetch_add(1, Ordering::Relaxed);
+                crate::balance::choose(&holders.read(), cursor, choice)
+            }
+        }
+    }
+
+    /// How many sessions `pool` has.
+    pub fn pool_len(&self, pool: &Pool) -> usize {
+        match pool {
+            Pool::Group(group) => self.group_len(group),
+            Pool::Holders(holders) => holders.read().len(),
+        }
     }
 
     /// The most recent session of a client (of its most recently connected instance).

@@ -14,9 +14,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::admission::{Pending, PerKey, connection_budget};
 use crate::config::{ConfigError, RelayConfig, RelaySection};
+use crate::declared::{Allowances, Declared};
 use crate::known_networks::KnownNetworks;
 use crate::metrics::RelayMetrics;
-use crate::router::{EgressRouter, Router};
+use crate::router::{EgressRouter, HostMatch, Router};
 use crate::sessions::{SessionCommand, SessionManager};
 
 /// How long the relay tries to connect to an egress target (then 504).
@@ -27,6 +28,7 @@ const EGRESS_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 pub struct ClientAuth {
     group: String,
     token_digest: [u8; 32],
+    allowances: Allowances,
 }
 
 fn digest(token: &str) -> [u8; 32] {
@@ -59,7 +61,13 @@ impl Live {
         let mut clients = HashMap::with_capacity(config.clients.len());
         for (i, c) in config.clients.iter().enumerate() {
             let token = config.client_token(i)?;
-            clients.insert(c.id.clone(), ClientAuth { group: c.group.clone(), token_digest: digest(token.expose()) });
+            let allowances = Allowances {
+                hosts: c.allow_hosts.iter().map(|pattern| HostMatch::parse(pattern)).collect(),
+                // Checked by `validate` above.
+                ports: c.allow_tcp_ports.iter().filter_map(|ports| ports.ports().ok()).collect(),
+            };
+            let token_digest = digest(token.expose());
+            clients.insert(c.id.clone(), ClientAuth { group: c.group.clone(), token_digest, allowances });
         }
         let mut configs: HashMap<String, AgentConfig> = HashMap::new();
         for u in &config.upstreams {
@@ -106,6 +114,11 @@ impl Live {
     /// The group `client_id` belongs to, when it may connect.
     pub fn group_of(&self, client_id: &str) -> Option<&str> {
         self.clients.get(client_id).map(|c| c.group.as_str())
+    }
+
+    /// What `client_id` may declare, when it may connect.
+    pub fn allowances(&self, client_id: &str) -> Option<&Allowances> {
+        self.clients.get(client_id).map(|c| &c.allowances)
     }
 
     /// The configuration pushed to agents of `group`.
@@ -195,6 +208,8 @@ pub struct Runtime {
     pub pending: Pending,
     /// The networks agents registered from (their lane among the pending places).
     pub known_networks: Arc<KnownNetworks>,
+    /// The tunnels agents declared, and their holders.
+    pub declared: Declared,
 }
 
 /// What the relay's tasks share, split by lifetime.
@@ -234,6 +249,7 @@ impl RelayState {
             requests_per_ip: PerKey::new(config.relay.max_requests_per_ip),
             pending: Pending::new(config.relay.max_pending_connections, config.relay.max_pending_per_network),
             known_networks: KnownNetworks::load(config.relay.agent_networks_file.clone()),
+            declared: Declared::default(),
         };
         Ok(Self {
             settings: Arc::new(Settings { relay: config.relay.clone(), limits: Limits::default() }),

@@ -1,7 +1,8 @@
-//! TCP tunnels on the relay: each `[[tcp]]` entry listens on a TCP port; every accepted connection
-//! is carried to an agent of the entry's group on its own stream
-//! ([`quictun_proto::Target::Tcp`]), and spliced once the agent has connected to the
-//! upstream. Each side's FIN is passed on as a half-close.
+//! TCP tunnels on the relay: each `[[tcp]]` entry, and each TCP port an agent declared, listens
+//! on a TCP port; every accepted connection is carried to an agent of the tunnel's pool on its
+//! own stream ([`quictun_proto::Target::Tcp`] naming the entry's upstream, or
+//! [`quictun_proto::Target::TcpPort`] naming the declared port), and spliced once the agent has
+//! connected to the upstream. Each side's FIN is passed on as a half-close.
 //!
 //! Admission, before anything is opened: the relay's connection budget, the client address's
 //! `max_requests_per_ip`, the listener's own `max_connections` and `max_connections_per_ip`, and
@@ -19,6 +20,7 @@ use quictun_core::upgrade::{channel_body, splice};
 use quictun_proto::{RequestHead, Target};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_util::sync::DropGuard;
 use tracing::{Instrument, debug, info_span, warn};
 use uuid::Uuid;
 
@@ -26,22 +28,95 @@ use crate::admission::PerKey;
 use crate::balance::Choice;
 use crate::config::TcpEntry;
 use crate::metrics::Reject;
-use crate::sessions::StreamKind;
+use crate::sessions::{Holders, Pool, StreamKind};
 use crate::state::Runtime;
 
-/// One `[[tcp]]` listener's own budgets.
+/// One TCP tunnel: where it listens, which agents carry its connections, and its limits.
+#[derive(Debug, Clone)]
+pub struct TcpTunnel {
+    /// The relay's address.
+    pub listen: SocketAddr,
+    /// The agents that carry it.
+    pub pool: Pool,
+    /// What the agent connects each connection to.
+    pub target: Target,
+    /// Connections at once.
+    pub max_connections: usize,
+    /// Connections from one address at once.
+    pub max_connections_per_ip: usize,
+    /// How long a connection may carry nothing either way (`None`: forever).
+    pub idle_timeout: Option<Duration>,
+}
+
+impl TcpTunnel {
+    /// A `[[tcp]]` entry's tunnel.
+    pub fn from_entry(entry: &TcpEntry) -> Self {
+        Self {
+            listen: entry.listen,
+            pool: Pool::Group(Arc::from(entry.group.as_str())),
+            target: Target::Tcp(entry.upstream.clone()),
+            max_connections: entry.max_connections,
+            max_connections_per_ip: entry.max_connections_per_ip,
+            idle_timeout: entry.idle_timeout(),
+        }
+    }
+
+    /// A declared port's tunnel, with a `[[tcp]]` entry's default limits.
+    pub fn declared(listen: SocketAddr, pool: Pool, target: Target) -> Self {
+        Self {
+            listen,
+            pool,
+            target,
+            max_connections: crate::config::TCP_MAX_CONNECTIONS,
+            max_connections_per_ip: crate::config::TCP_MAX_CONNECTIONS_PER_IP,
+            idle_timeout: Some(Duration::from_secs(crate::config::TCP_IDLE_TIMEOUT_SECS)),
+        }
+    }
+}
+
+/// Binds a port an agent declared, on `address`, and serves it through `holders` until the
+/// returned guard is dropped (or the relay shuts down); the error says why it could not.
+pub fn serve_declared(
+    runtime: &Arc<Runtime>,
+    address: IpAddr,
+    response_timeout: Duration,
+    port: u16,
+    holders: &Arc<Holders>,
+) -> Result<(SocketAddr, DropGuard), String> {
+    let addr = SocketAddr::new(address, port);
+    let bound = std::net::TcpListener::bind(addr)
+        .and_then(|listener| {
+            listener.set_nonblocking(true)?;
+            TcpListener::from_std(listener)
+        })
+        .map_err(|err| format!("cannot listen on {addr}: {err}"))?;
+    let stop = runtime.shutdown.child_token();
+    let tunnel = TcpTunnel::declared(addr, Pool::Holders(holders.clone()), Target::TcpPort(port));
+    let serve = serve(bound, tunnel, runtime.clone(), response_timeout);
+    let until = stop.clone();
+    runtime.tasks.spawn(async move {
+        tokio::select! {
+            () = serve => {}
+            () = until.cancelled() => {}
+        }
+    });
+    tracing::info!(listen = %addr, "declared TCP tunnel listening");
+    Ok((addr, stop.drop_guard()))
+}
+
+/// One TCP tunnel's listener and its own budgets.
 struct Listener {
-    entry: TcpEntry,
+    tunnel: TcpTunnel,
     connections: Arc<Semaphore>,
     per_ip: Arc<PerKey<IpAddr>>,
 }
 
-/// Accepts connections on one `[[tcp]]` listener until shutdown.
-pub async fn serve(listener: TcpListener, entry: TcpEntry, runtime: Arc<Runtime>, response_timeout: Duration) {
+/// Accepts connections on one TCP tunnel's listener until shutdown.
+pub async fn serve(listener: TcpListener, tunnel: TcpTunnel, runtime: Arc<Runtime>, response_timeout: Duration) {
     let this = Arc::new(Listener {
-        connections: Arc::new(Semaphore::new(entry.max_connections)),
-        per_ip: PerKey::new(entry.max_connections_per_ip),
-        entry,
+        connections: Arc::new(Semaphore::new(tunnel.max_connections)),
+        per_ip: PerKey::new(tunnel.max_connections_per_ip),
+        tunnel,
     });
     loop {
         let (stream, peer) = tokio::select! {
@@ -51,10 +126,11 @@ pub async fn serve(listener: TcpListener, entry: TcpEntry, runtime: Arc<Runtime>
         let Some(slots) = this.admit(&runtime, peer) else { continue };
         let (runtime2, this2) = (runtime.clone(), this.clone());
         let id = Uuid::new_v4();
-        let span = info_span!("tcp", request_id = %id, %peer, upstream = %this.entry.upstream, client_id = tracing::field::Empty);
+        let span =
+            info_span!("tcp", request_id = %id, %peer, target = %this.tunnel.target, client_id = tracing::field::Empty);
         runtime.tasks.spawn(
             async move {
-                carry(stream, peer, id, &this2.entry, runtime2, response_timeout).await;
+                carry(stream, peer, id, &this2.tunnel, runtime2, response_timeout).await;
                 drop(slots);
             }
             .instrument(span),
@@ -70,7 +146,7 @@ impl Listener {
             Ok(places) => Some(places),
             Err((reason, why)) => {
                 runtime.metrics.reject(reason);
-                debug!(%peer, listen = %self.entry.listen, "TCP connection refused: {why}");
+                debug!(%peer, listen = %self.tunnel.listen, "TCP connection refused: {why}");
                 None
             }
         }
@@ -100,18 +176,18 @@ impl Listener {
     }
 }
 
-/// Carries one accepted connection through an agent of the entry's group.
+/// Carries one accepted connection through an agent of the tunnel's pool.
 async fn carry(
     stream: TcpStream,
     peer: SocketAddr,
     request_id: Uuid,
-    entry: &TcpEntry,
+    tunnel: &TcpTunnel,
     runtime: Arc<Runtime>,
     response_timeout: Duration,
 ) {
-    let Some(session) = runtime.sessions.choose(&entry.group, &Choice::default()) else {
+    let Some(session) = runtime.sessions.choose_in(&tunnel.pool, &Choice::default()) else {
         runtime.metrics.reject(Reject::no_agent);
-        return warn!(group = %entry.group, "TCP connection refused: no agent of the group is connected");
+        return warn!(pool = %tunnel.pool.name(), "TCP connection refused: no agent of the group is connected");
     };
     tracing::Span::current().record("client_id", &*session.client_id);
     let _slot = match session.try_stream_permit(StreamKind::Bulk) {
@@ -122,7 +198,7 @@ async fn carry(
         }
     };
     let head = RequestHead {
-        target: Target::Tcp(entry.upstream.clone()),
+        target: tunnel.target.clone(),
         request_id,
         method: "CONNECT".into(),
         uri: "/".into(),
@@ -141,14 +217,14 @@ async fn carry(
     let stream = Watched::new(stream);
     let activity = stream.activity();
     let idle = async {
-        match entry.idle_timeout() {
+        match tunnel.idle_timeout {
             Some(timeout) => activity.idle(timeout).await,
             None => std::future::pending().await,
         }
     };
     tokio::select! {
         () = splice(stream, from_agent, to_agent) => debug!("TCP connection ended"),
-        () = idle => debug!(idle_timeout_secs = entry.idle_timeout_secs, "TCP connection idle: closed"),
+        () = idle => debug!(idle_timeout = ?tunnel.idle_timeout, "TCP connection idle: closed"),
         () = runtime.stopped.cancelled() => debug!("TCP connection cut at shutdown"),
     }
 }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use quictun_agent::EgressServer;
-use quictun_agent::config::AgentConfigFile;
+use quictun_agent::config::{AgentConfigFile, TunnelEntry};
 use quictun_agent::{Agent, AgentOptions, AgentState};
 use quictun_proto::Token;
 
@@ -11,7 +11,8 @@ use crate::Failure;
 use crate::cli::AgentArgs;
 
 /// Merges the file and the flags into validated options, one set per relay.
-fn load_options(args: AgentArgs) -> Result<Vec<AgentOptions>, Failure> {
+fn load_options(args: &AgentArgs) -> Result<Vec<AgentOptions>, Failure> {
+    let args = args.clone();
     let (mut file, origin) = match &args.config {
         Some(path) => (AgentConfigFile::load(path).map_err(Failure::usage)?, path.clone()),
         None => (AgentConfigFile::default(), PathBuf::from("<command line>")),
@@ -52,6 +53,12 @@ fn load_options(args: AgentArgs) -> Result<Vec<AgentOptions>, Failure> {
     if let Some(egress) = args.egress_listen {
         a.egress_listen = Some(egress);
     }
+    for flag in &args.http {
+        file.tunnels.push(TunnelEntry::http_flag(flag).map_err(|e| Failure::usage(anyhow::anyhow!(e)))?);
+    }
+    for flag in &args.tcp {
+        file.tunnels.push(TunnelEntry::tcp_flag(flag).map_err(|e| Failure::usage(anyhow::anyhow!(e)))?);
+    }
     AgentOptions::for_each_relay(file, Path::new(&origin)).map_err(Failure::usage)
 }
 
@@ -59,8 +66,8 @@ fn load_options(args: AgentArgs) -> Result<Vec<AgentOptions>, Failure> {
 /// on any relay (exit 1).
 pub async fn run(args: AgentArgs) -> Result<(), Failure> {
     // Caught from the start, so that a stop during start-up drains instead of killing.
-    let shutdown = crate::signal::shutdown();
-    let all_options = load_options(args)?;
+    let (shutdown, mut hangups) = (crate::signal::shutdown(), crate::signal::hangups());
+    let all_options = load_options(&args)?;
     let egress_listen = all_options.first().and_then(|o| o.egress_listen);
     let response_timeout = all_options.first().map(|o| o.response_timeout).unwrap_or_default();
     let mut agents = Vec::new();
@@ -81,13 +88,22 @@ pub async fn run(args: AgentArgs) -> Result<(), Failure> {
         None => None,
     };
     let reports = agents.iter().map(|agent| {
-        let mut state = agent.state();
-        Box::pin(async move { report_connections(&mut state).await })
+        let (mut state, answers) = (agent.state(), agent.tunnel_answers());
+        Box::pin(async move {
+            tokio::select! {
+                () = report_connections(&mut state) => {}
+                () = report_tunnels(answers) => {}
+            }
+        })
     });
     let stopped = futures_util::future::select_all(reports);
-    tokio::select! {
-        () = shutdown => {}
-        _ = stopped => {}
+    tokio::pin!(shutdown, stopped);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = &mut stopped => break,
+            () = hangups.recv() => reload_tunnels(&args, &agents),
+        }
     }
     // Drain every connection; the first fatal error (if any) is the exit status.
     if let Some(egress) = egress {
@@ -102,6 +118,36 @@ pub async fn run(args: AgentArgs) -> Result<(), Failure> {
         }
     }
     result
+}
+
+/// On SIGHUP: reads the file and the flags again and gives each agent its new tunnels (claimed
+/// on the running session). Other changes need a restart; a file with an error changes nothing.
+fn reload_tunnels(args: &AgentArgs, agents: &[Agent]) {
+    match load_options(args) {
+        Ok(all_options) => {
+            for (agent, options) in agents.iter().zip(all_options) {
+                agent.set_tunnels(options.tunnels);
+            }
+            println!("quictun agent reloaded its tunnels (other changes take effect after a restart)");
+        }
+        Err(Failure::Usage(err) | Failure::Runtime(err)) => {
+            tracing::error!(error = %format!("{err:#}"), "reload refused; the running tunnels stay");
+            println!("quictun agent reload refused: {err:#}");
+        }
+    }
+}
+
+/// Prints the relay's answer to each declared tunnel, each time it answers; never returns.
+async fn report_tunnels(mut answers: tokio::sync::watch::Receiver<Vec<quictun_proto::ClaimAnswer>>) {
+    while answers.changed().await.is_ok() {
+        for answer in answers.borrow_and_update().iter() {
+            match &answer.refused {
+                None => println!("quictun agent tunnel {}: accepted", answer.claim),
+                Some(why) => println!("quictun agent tunnel {}: refused: {why}", answer.claim),
+            }
+        }
+    }
+    std::future::pending().await
 }
 
 /// Prints a line each time the agent registers with the relay, one when a session it had is

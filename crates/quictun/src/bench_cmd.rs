@@ -60,6 +60,7 @@ pub async fn agents(args: BenchAgentsArgs) -> Result<(), Failure> {
                 ..AgentSection::default()
             },
             upstreams: vec![],
+            tunnels: vec![],
         };
         let options = AgentOptions::from_config(file, Path::new("<bench-agents>")).map_err(Failure::usage)?;
         let shared = match &endpoint {

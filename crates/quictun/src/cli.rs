@@ -228,7 +228,7 @@ pub struct RelayArgs {
 }
 
 /// Flags of `quictun agent`; they override the configuration file.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 #[command(override_usage = "quictun agent [--config <FILE>] [OPTIONS]")]
 pub struct AgentArgs {
     /// Configuration file (TOML, see config/agent.toml).
@@ -265,6 +265,14 @@ pub struct AgentArgs {
     /// forwards them by its [[egress_routes]] (off by default).
     #[arg(long, value_name = "ADDR")]
     pub egress_listen: Option<SocketAddr>,
+    /// Expose an HTTP service at a host name: HOST=URL, as app.example.com=http://127.0.0.1:3000
+    /// (repeatable; the relay must allow the host in the client's allow_hosts).
+    #[arg(long = "http", value_name = "HOST=URL")]
+    pub http: Vec<String>,
+    /// Expose a TCP service at a port of the relay: PORT=HOST:PORT, as 2222=127.0.0.1:22
+    /// (repeatable; the relay must allow the port in the client's allow_tcp_ports).
+    #[arg(long = "tcp", value_name = "PORT=HOST:PORT")]
+    pub tcp: Vec<String>,
 }
 
 /// Certificate commands.

@@ -63,6 +63,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
             ..AgentSection::default()
         },
         upstreams: vec![],
+        tunnels: vec![],
     };
     let options = AgentOptions::from_config(agent_file, Path::new("<demo>")).map_err(Failure::runtime)?;
     let agent = Agent::start(options).await.map_err(Failure::runtime)?;

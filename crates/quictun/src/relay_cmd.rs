@@ -129,6 +129,7 @@ pub async fn run(args: RelayArgs) -> Result<(), Failure> {
     let (cert, generated) = load_or_generate_cert(&config)?;
     let first_client = config.clients.first().map(|c| c.id.clone());
     let tunnels: Vec<String> = config.tcp.iter().map(|t| format!("{} (group {})", t.upstream, t.group)).collect();
+    let allowances = declarable(&config);
     let public_name = config.relay.public_name.clone().unwrap_or_else(host_name);
     let cert_path = config.relay.cert.clone();
     let relay = Relay::start(config, cert).await.map_err(|err| match err {
@@ -153,6 +154,9 @@ pub async fn run(args: RelayArgs) -> Result<(), Failure> {
         println!("  TCP tunnel     tcp://{addr} to {tunnel}");
     }
     println!("  admin          http://{}/api/sessions", relay.admin_addr());
+    if !allowances.is_empty() {
+        println!("  declared       http://{}/api/tunnels ({})", relay.admin_addr(), allowances.join("; "));
+    }
     println!("  certificate    {}{}", cert_path.display(), if generated { " (generated)" } else { "" });
     println!("  pin            {pin}");
     let client = first_client.as_deref().unwrap_or("<ID>");
@@ -160,6 +164,27 @@ pub async fn run(args: RelayArgs) -> Result<(), Failure> {
     serve_until_shutdown(&relay, &args, shutdown, hangups).await;
     relay.shutdown().await;
     Ok(())
+}
+
+/// What each client may declare, for the banner: `office-1 may declare *.dev.example.com, ports 7000-7099`.
+fn declarable(config: &RelayConfig) -> Vec<String> {
+    let ports = |p: &quictun_relay::config::PortSpec| match p.ports() {
+        Ok(range) if range.start() == range.end() => range.start().to_string(),
+        Ok(range) => format!("{}-{}", range.start(), range.end()),
+        Err(err) => err,
+    };
+    config
+        .clients
+        .iter()
+        .filter(|c| !c.allow_hosts.is_empty() || !c.allow_tcp_ports.is_empty())
+        .map(|c| {
+            let mut what = c.allow_hosts.clone();
+            if !c.allow_tcp_ports.is_empty() {
+                what.push(format!("ports {}", c.allow_tcp_ports.iter().map(ports).collect::<Vec<_>>().join(", ")));
+            }
+            format!("{} may declare {}", c.id, what.join(", "))
+        })
+        .collect()
 }
 
 /// How often the configuration file is checked for changes.

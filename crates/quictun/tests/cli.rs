@@ -2,15 +2,14 @@
 //! and relay, agent and demo as real processes talking over real sockets.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod procs;
+
+use std::io::Read;
 use std::net::TcpStream;
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output};
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_quictun");
-const WAIT: Duration = Duration::from_secs(30);
+use procs::*;
 
 /// One timed or CPU-heavy test at a time: the tests that assert how long something took run
 /// serially, and never beside the benchmark smoke test (which keeps both cores busy), so that what
@@ -30,148 +29,11 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// A child process whose stdout lines arrive on a channel; killed on drop.
-struct Proc {
-    child: Option<Child>,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(args: &[&str], dir: &Path) -> Self {
-        let mut command = Command::new(BIN);
-        command.args(args);
-        Self::spawn_command(command, dir)
-    }
-
-    /// `quictun args…` under a shell that first sets its open-file limit to `files`.
-    fn spawn_with_file_limit(files: u32, args: &[&str], dir: &Path) -> Self {
-        let mut command = Command::new("sh");
-        command.arg("-c").arg(format!("ulimit -n {files} && exec \"$0\" \"$@\"")).arg(BIN).args(args);
-        Self::spawn_command(command, dir)
-    }
-
-    fn spawn_command(mut command: Command, dir: &Path) -> Self {
-        if !command.get_envs().any(|(key, _)| key == "RUST_LOG") {
-            command.env("RUST_LOG", "warn");
-        }
-        if !command.get_envs().any(|(key, _)| key == "QUICTUN_TOKEN") {
-            command.env_remove("QUICTUN_TOKEN");
-        }
-        let mut child = command.current_dir(dir).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child: Some(child), lines }
-    }
-
-    /// The first stdout line containing `needle`.
-    fn line_with(&self, needle: &str) -> String {
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => continue,
-                Err(_) => panic!("no output line containing {needle:?}"),
-            }
-        }
-    }
-
-    /// The process id.
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    /// Sends SIGTERM (a graceful stop, as systemd and Kubernetes send).
-    fn terminate(&self) {
-        signal(&self.pid().to_string(), "TERM");
-    }
-
-    /// Waits for exit (bounded: the process is killed after [`WAIT`]) and returns the status code
-    /// and stderr.
-    fn wait_exit(mut self) -> (i32, String) {
-        let mut child = self.child.take().unwrap();
-        let pid = child.id();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut err = String::new();
-            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-            let _ = tx.send((child.wait().map(|s| s.code().unwrap_or(-1)), err));
-        });
-        match rx.recv_timeout(WAIT) {
-            Ok((status, err)) => (status.unwrap(), err),
-            Err(_) => {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-                panic!("process {pid} did not exit within {WAIT:?}");
-            }
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// A temporary directory removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("quictun-cli-{}-{}", std::process::id(), fastrand::u64(..)));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl std::ops::Deref for TempDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Writes `dir/relay.toml`: every listener on a free loopback port, then `relay_keys` (more keys
-/// of `[relay]`) and `rest` (sections); returns its path.
-fn loopback_relay_config(dir: &Path, relay_keys: &str, rest: &str) -> std::path::PathBuf {
-    let config = dir.join("relay.toml");
-    let listeners = "quic_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-                     grpc_listen = \"127.0.0.1:0\"\n";
-    std::fs::write(&config, format!("[relay]\n{listeners}{relay_keys}{rest}")).unwrap();
-    config
-}
-
 /// The `[[clients]]` entry the relay tests use.
 const OFFICE_CLIENT: &str = "[[clients]]\nid = \"office-1\"\ntoken = \"right\"\ngroup = \"web\"\n";
 
 fn http_get(addr: &str, path: &str) -> String {
     try_http_get(addr, path).unwrap()
-}
-
-/// `GET path` on a fresh connection; the I/O error when the server refused or closed it.
-fn try_http_get(addr: &str, path: &str) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(WAIT))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    Ok(response)
 }
 
 #[test]
@@ -495,16 +357,6 @@ fn the_relay_reloads_on_sighup_and_on_file_change_and_refuses_a_broken_file() {
     assert_eq!((status_of("b.test").as_str(), status_of("c.test").as_str()), ("404", "200"));
 }
 
-/// `GET path` for `host` on a fresh connection.
-fn http_get_host(addr: &str, host: &str, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(WAIT)).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-}
-
 /// `GET /hello` for `host` until it answers 200 (every 20 ms, for at most `within`).
 fn time_until_served_for(addr: &str, host: &str, within: Duration) -> Option<Duration> {
     let started = std::time::Instant::now();
@@ -823,14 +675,6 @@ fn steady_gets_lose_nothing_when_one_of_two_agents_goes(transport: &'static str,
 }
 
 /// Sends `SIG{name}` to process `pid`.
-fn signal(pid: &str, name: &str) {
-    assert!(Command::new("kill").args([&format!("-{name}"), pid]).status().unwrap().success(), "kill -{name} {pid}");
-}
-
-/// The value of one sample (`name{labels} value`) in a metrics text, when present.
-fn metric(text: &str, sample: &str) -> Option<f64> {
-    text.lines().find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
-}
 
 #[test]
 fn a_request_on_a_killed_quic_agent_gets_its_502_within_seconds() {

@@ -18,13 +18,13 @@ use super::error::ProxyError;
 use crate::balance::{Balance, Choice};
 use crate::body::{BodySlot, Tripped};
 use crate::metrics::Retry as RetryReason;
-use crate::sessions::{Session, StreamKind, StreamPermit};
+use crate::sessions::{Pool, Session, StreamKind, StreamPermit};
 use crate::state::RelayState;
 
 /// One request for the dispatch half.
 pub struct Dispatch {
-    /// The group whose agents serve it.
-    pub group: Arc<str>,
+    /// The agents that may serve it.
+    pub pool: Pool,
     /// How the group's agents are chosen.
     pub balance: Balance,
     /// The value [`Balance::Hash`] hashes, when the request has one.
@@ -100,11 +100,12 @@ impl BodyChecks {
 
 /// Carries `request` through an agent of its group (see the module documentation).
 pub async fn dispatch(shared: &RelayState, request: Dispatch) -> Result<Dispatched, Undelivered> {
-    let Dispatch { group, balance, hash_key, head, body, idempotent, client, checks, kind } = request;
+    let Dispatch { pool, balance, hash_key, head, body, idempotent, client, checks, kind } = request;
     let choice = |exclude| Choice { balance, key: hash_key.as_deref(), exclude };
-    let session = match shared.runtime.sessions.choose(&group, &choice(None)) {
-        Some(session) => session,
-        None => agent_after_startup(shared, &group).await?,
+    let session = match (shared.runtime.sessions.choose_in(&pool, &choice(None)), &pool) {
+        (Some(session), _) => session,
+        (None, Pool::Group(group)) => agent_after_startup(shared, group).await?,
+        (None, Pool::Holders(_)) => return Err(ProxyError::NoAgent(pool.name().clone()).into()),
     };
     let chosen = |session: &Session| {
         tracing::Span::current().record("client_id", &*session.client_id);
@@ -120,7 +121,7 @@ pub async fn dispatch(shared: &RelayState, request: Dispatch) -> Result<Dispatch
     let started = Instant::now();
     let body = BodySlot::new(body);
     // Kept for a retry only where another agent could take it (not on the common single-agent path).
-    let retry_head = (shared.runtime.sessions.group_len(&group) > 1).then(|| head.clone());
+    let retry_head = (shared.runtime.sessions.pool_len(&pool) > 1).then(|| head.clone());
     let (mut attempt, silenced) =
         first_attempt(&session, head, &body, client, deadline, retry_head.is_some() && idempotent).await;
     let (mut session, mut agent_slot) = (session, agent_slot);
@@ -129,7 +130,7 @@ pub async fn dispatch(shared: &RelayState, request: Dispatch) -> Result<Dispatch
         && let Some((other, permit)) = shared
             .runtime
             .sessions
-            .choose(&group, &choice(Some(session.session_id)))
+            .choose_in(&pool, &choice(Some(session.session_id)))
             .and_then(|other| other.try_stream_permit(kind).ok().map(|permit| (other, permit)))
     {
         session.record_failure();

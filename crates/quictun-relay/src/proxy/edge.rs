@@ -86,13 +86,12 @@ pub fn request_filter(
     // Routed and forwarded in its canonical form: the upstream sees the path the route matched.
     let target = path::normalize(request.uri().path_and_query().map_or("/", |pq| pq.as_str()))?.into_owned();
     let path = target.split('?').next().unwrap_or("/");
-    let route = shared
-        .live
-        .current()
-        .router
-        .route(&host, path)
-        .cloned()
-        .ok_or_else(|| ProxyError::NoRoute { host: host.clone(), path: path.to_owned() })?;
+    // The relay's routes, then the hosts agents declared, then a route for every host.
+    let route = match shared.live.current().router.route(&host, path) {
+        Some(route) if !route.matches_every_host() => Some(route.clone()),
+        every_host => shared.runtime.declared.route(&host).or_else(|| every_host.cloned()),
+    }
+    .ok_or_else(|| ProxyError::NoRoute { host: host.clone(), path: path.to_owned() })?;
     log.route = Some(route.upstream.clone());
     if let (Some(max), Some(length)) = (route.max_body_bytes, request.body().size_hint().exact())
         && length > max
@@ -162,9 +161,9 @@ pub fn upstream_request_filter(
         (None, body, checks)
     };
     let client = Some(peer.addr.ip());
-    let (group, balance) = (route.group.clone(), route.balance);
+    let (pool, balance) = (route.pool.clone(), route.balance);
     let kind = if head.has_body { StreamKind::Bulk } else { StreamKind::Request };
-    let dispatch = Dispatch { group, balance, hash_key, head, body, idempotent, client, checks, kind };
+    let dispatch = Dispatch { pool, balance, hash_key, head, body, idempotent, client, checks, kind };
     Ok(Outgoing { dispatch, upgrade, slots })
 }
 
