@@ -33,7 +33,8 @@ pub enum ControlMessage {
     GoAway(GoAway),
     /// 7: agent → relay, every tunnel the agent declares (replacing the set it sent before).
     Claims(Vec<Claim>),
-    /// 8: relay → agent, one answer per claim of the last [`ControlMessage::Claims`], in order.
+    /// 8: relay → agent, one answer per claim of the last [`ControlMessage::Claims`], in order;
+    /// or, after the relay's configuration changed, the claims it no longer grants.
     ClaimAnswers(Vec<ClaimAnswer>),
 }
 

@@ -55,6 +55,27 @@ pub struct Rules<'a> {
     pub open_port: &'a OpenPortFn<'a>,
 }
 
+/// Whether a client with `allowed` may make `claim` beside the relay's own routes.
+fn permitted(claim: &Claim, allowed: &Allowances, router: &Router) -> Result<(), String> {
+    match claim {
+        Claim::Http { host } => {
+            host_name(host)?;
+            if !allowed.hosts.iter().any(|pattern| pattern.matches(host)) {
+                return Err("not in this client's allow_hosts".into());
+            }
+            if router.names_host(host) {
+                return Err("the relay's own routes serve this host".into());
+            }
+        }
+        Claim::Tcp { port } => {
+            if !allowed.ports.iter().any(|ports| ports.contains(port)) {
+                return Err("not in this client's allow_tcp_ports".into());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A held claim.
 struct Held {
     group: Arc<str>,
@@ -161,6 +182,34 @@ impl Declared {
         }
     }
 
+    /// After a reload: withdraws each claim its holder may no longer make (its client's
+    /// allowances changed, or the relay's routes now name the host), and returns each with the
+    /// session that held it and the reason, for the agent.
+    pub fn recheck(
+        &self,
+        allowed: impl Fn(&str) -> Option<Allowances>,
+        router: &Router,
+    ) -> Vec<(Arc<Session>, ClaimAnswer)> {
+        let mut table = self.write();
+        let holdings: Vec<(Claim, Vec<Arc<Session>>)> =
+            table.held.iter().map(|(claim, held)| (claim.clone(), held.holders.sessions())).collect();
+        let mut revoked = Vec::new();
+        for (claim, sessions) in holdings {
+            for session in sessions {
+                let Err(why) = permitted(&claim, &allowed(&session.client_id).unwrap_or_default(), router) else {
+                    continue;
+                };
+                warn!(%claim, client_id = %session.client_id, why, "declared tunnel revoked by the reload");
+                table.withdraw(&claim, &session);
+                if let Some(held) = table.by_session.get_mut(&session.session_id) {
+                    held.remove(&claim);
+                }
+                revoked.push((session, ClaimAnswer { claim: claim.clone(), refused: Some(why) }));
+            }
+        }
+        revoked
+    }
+
     /// Every declared tunnel and its holders, HTTP hosts first, each kind in order.
     pub fn list(&self) -> Vec<DeclaredView> {
         let table = self.read();
@@ -196,23 +245,7 @@ impl Declared {
 impl Table {
     /// Makes `session` a holder of `claim`, or says why not.
     fn take(&mut self, rules: &Rules<'_>, session: &Arc<Session>, claim: &Claim) -> Result<(), String> {
-        let allowed = rules.allowed;
-        match claim {
-            Claim::Http { host } => {
-                host_name(host)?;
-                if !allowed.hosts.iter().any(|pattern| pattern.matches(host)) {
-                    return Err("not in this client's allow_hosts".into());
-                }
-                if rules.router.names_host(host) {
-                    return Err("the relay's own routes serve this host".into());
-                }
-            }
-            Claim::Tcp { port } => {
-                if !allowed.ports.iter().any(|ports| ports.contains(port)) {
-                    return Err("not in this client's allow_tcp_ports".into());
-                }
-            }
-        }
+        permitted(claim, rules.allowed, rules.router)?;
         if let Some(held) = self.held.get(claim) {
             if held.group != session.group {
                 return Err("another group holds it".into());

@@ -324,6 +324,7 @@ impl Role for RelayRole<'_> {
             }
             Some(command) = self.commands.recv() => match command {
                 SessionCommand::ConfigSync(config) => Action::Send(ControlMessage::ConfigSync(config)),
+                SessionCommand::ClaimAnswers(answers) => Action::Send(ControlMessage::ClaimAnswers(answers)),
             },
             else => std::future::pending().await,
         }

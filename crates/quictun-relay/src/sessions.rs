@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 use quictun_core::tunnel::Tunnel;
-use quictun_proto::{AgentConfig, CloseCode};
+use quictun_proto::{AgentConfig, ClaimAnswer, CloseCode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use uuid::Uuid;
 
@@ -71,6 +71,11 @@ impl Holders {
         members.is_empty()
     }
 
+    /// The holders, in claim order.
+    pub fn sessions(&self) -> Vec<Arc<Session>> {
+        self.read().clone()
+    }
+
     /// The holders' client ids, in claim order.
     pub fn client_ids(&self) -> Vec<Arc<str>> {
         self.read().iter().map(|s| s.client_id.clone()).collect()
@@ -86,6 +91,8 @@ impl Holders {
 pub enum SessionCommand {
     /// Push a new configuration.
     ConfigSync(AgentConfig),
+    /// Tell the agent of claims the relay no longer grants (after a reload).
+    ClaimAnswers(Vec<ClaimAnswer>),
 }
 
 /// One registered agent connection.

@@ -262,7 +262,8 @@ impl RelayState {
     /// every later request (requests in flight keep the route they were given). Each connected
     /// agent whose group's configuration changed is pushed the new one (an agent whose group's
     /// did not is left alone: a reload of an unchanged file sends nothing); an agent whose client
-    /// was removed, or moved to another group, is disconnected. Returns the new version; a
+    /// was removed, or moved to another group, is disconnected; a tunnel an agent declared that
+    /// its client may no longer declare is revoked, and the agent told. Returns the new version; a
     /// configuration that does not compile changes nothing.
     pub fn reload(&self, config: &RelayConfig) -> Result<u64, ConfigError> {
         let (previous, live) = self.live.replace(config)?;
@@ -282,6 +283,10 @@ impl RelayState {
             } else {
                 tracing::warn!(client_id = %session.client_id, "could not queue config_sync; the agent gets it on reconnect");
             }
+        }
+        let revoked = self.runtime.declared.recheck(|client| live.allowances(client).cloned(), &live.router);
+        for (session, answer) in revoked {
+            session.command(SessionCommand::ClaimAnswers(vec![answer]));
         }
         Ok(live.version)
     }

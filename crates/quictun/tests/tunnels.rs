@@ -241,3 +241,21 @@ fn an_agent_reload_adds_and_removes_tunnels_on_its_session_and_a_port_is_release
     assert_eq!(relay.get("b.dev.test").0, "404");
     drop(relay.proc);
 }
+
+#[test]
+fn a_relay_reload_that_takes_an_allowance_away_revokes_the_tunnel_and_tells_the_agent() {
+    let dir = TempDir::new();
+    let (_upstream, url) = upstream(&dir);
+    let relay = Relay::start(&dir, &clients(&[("office-1", "web", ALLOW_DEV)]));
+    let agent = relay.agent(&dir, "office-1", "quic", &["--http", &format!("app.dev.test={url}")]);
+    agent.line_with("tunnel http app.dev.test: accepted");
+    assert_eq!(relay.get("app.dev.test").0, "200");
+
+    let narrower = "allow_hosts = [\"*.other.test\"]";
+    loopback_relay_config(&dir, "declared_tcp_address = \"127.0.0.1\"\n", &clients(&[("office-1", "web", narrower)]));
+    signal(&relay.proc.pid().to_string(), "HUP");
+    let revoked = agent.line_with("tunnel http app.dev.test: refused");
+    assert!(revoked.contains("allow_hosts"), "{revoked}");
+    assert_eq!(relay.get("app.dev.test").0, "404");
+    relay.tunnels_until("nothing held", |t| t.as_array().is_some_and(Vec::is_empty));
+}
