@@ -26,29 +26,50 @@ pub struct AgentConfigFile {
 
 /// A `[[tunnels]]` entry (or a `--http` / `--tcp` flag).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "lowercase")]
 pub enum TunnelEntry {
-    /// `type = "http"`: HTTP(S) requests for `host` go to `target` (`http://` or `h2c://`).
-    Http {
-        /// The public host name.
-        host: String,
-        /// The local service's base URL.
-        target: String,
-    },
+    /// `type = "http"`: HTTP(S) requests for a host go to a local service.
+    Http(HttpTunnelEntry),
     /// `type = "tcp"`: connections to the relay's `remote_port` go to `target` (`host:port`).
-    Tcp {
-        /// The relay's port.
-        remote_port: u16,
-        /// The local service's `host:port`.
-        target: String,
-    },
+    Tcp(TcpTunnelEntry),
+}
+
+/// A `type = "http"` tunnel.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpTunnelEntry {
+    /// The public host name.
+    pub host: String,
+    /// The local service's base URL (`http://`, `https://` or `h2c://`).
+    pub target: String,
+    /// For an `https://` target: trust these CAs (PEM) instead of the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// For an `https://` target: the name its certificate must carry, when not the target's host.
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+    /// For an `https://` target: accept any certificate (development only; warned at start).
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+/// A `type = "tcp"` tunnel.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpTunnelEntry {
+    /// The relay's port.
+    pub remote_port: u16,
+    /// The local service's `host:port`.
+    pub target: String,
 }
 
 impl TunnelEntry {
     /// Parses a `--http HOST=URL` flag.
     pub fn http_flag(flag: &str) -> Result<Self, String> {
         match flag.split_once('=') {
-            Some((host, target)) => Ok(Self::Http { host: host.into(), target: target.into() }),
+            Some((host, target)) => {
+                Ok(Self::Http(HttpTunnelEntry { host: host.into(), target: target.into(), ..Default::default() }))
+            }
             None => Err(format!("--http {flag:?}: expected HOST=URL, as app.example.com=http://127.0.0.1:3000")),
         }
     }
@@ -58,7 +79,7 @@ impl TunnelEntry {
         let usage = || format!("--tcp {flag:?}: expected PORT=HOST:PORT, as 2222=127.0.0.1:22");
         let (port, target) = flag.split_once('=').ok_or_else(usage)?;
         let remote_port = port.trim().parse().map_err(|_| usage())?;
-        Ok(Self::Tcp { remote_port, target: target.into() })
+        Ok(Self::Tcp(TcpTunnelEntry { remote_port, target: target.into() }))
     }
 }
 
@@ -113,6 +134,9 @@ pub struct AgentSection {
     /// When set, targets pushed by the relay are used only if their `host:port` is listed here
     /// (`"127.0.0.1:3000"`, or `"app.internal:*"` for any port). Local upstreams are always allowed.
     pub allowed_targets: Option<Vec<String>>,
+    /// The CAs (PEM) `https://` targets pushed by the relay are verified with, instead of the
+    /// system's.
+    pub upstream_ca_file: Option<PathBuf>,
     /// Seconds to connect to an upstream.
     pub upstream_connect_timeout_secs: u64,
     /// Seconds to wait for an upstream's response head.
@@ -165,6 +189,7 @@ impl Default for AgentSection {
             log_format: quictun_core::config::LogFormat::Text,
             bind: None,
             allowed_targets: None,
+            upstream_ca_file: None,
             upstream_connect_timeout_secs: 5,
             upstream_response_timeout_secs: 60,
             max_concurrent_streams: 1024,
@@ -215,17 +240,33 @@ pub struct LocalUpstream {
     pub name: String,
     /// Base URLs, tried in rotation.
     pub targets: Vec<String>,
+    /// For `https://` targets: trust these CAs (PEM) instead of the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// For `https://` targets: the name their certificates must carry, when not their hosts.
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+    /// For `https://` targets: accept any certificate (development only; warned at start).
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
 }
 
 impl AgentConfigFile {
     /// Reads and parses a configuration file (validation happens once flags are merged).
-    /// Relative paths in it (`ca`, `token_file`) are taken against the file's directory.
+    /// Relative paths in it (`ca`, `token_file`, `upstream_ca_file`, each `ca_file`) are taken
+    /// against the file's directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
         let mut config: Self =
             toml::from_str(&text).map_err(|e| ConfigError::Parse { file: path.to_owned(), message: e.to_string() })?;
-        for file in [&mut config.agent.ca, &mut config.agent.token_file].into_iter().flatten() {
+        let tunnels = config.tunnels.iter_mut().filter_map(|t| match t {
+            TunnelEntry::Http(http) => http.ca_file.as_mut(),
+            TunnelEntry::Tcp(_) => None,
+        });
+        let upstreams = config.upstreams.iter_mut().filter_map(|u| u.ca_file.as_mut());
+        let agent = [&mut config.agent.ca, &mut config.agent.token_file, &mut config.agent.upstream_ca_file];
+        for file in agent.into_iter().flatten().chain(tunnels).chain(upstreams) {
             quictun_core::config::resolve_in_place(path, file);
         }
         Ok(config)

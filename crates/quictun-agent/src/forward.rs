@@ -170,7 +170,7 @@ mod tests {
     fn table(version: u64, target: &str) -> UpstreamTable {
         let pushed =
             AgentConfig { version, upstreams: vec![UpstreamSpec { name: "app".into(), targets: vec![target.into()] }] };
-        UpstreamTable::build(&pushed, &[], None)
+        UpstreamTable::build(&pushed, &[], None, None)
     }
 
     #[tokio::test]

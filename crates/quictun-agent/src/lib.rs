@@ -89,6 +89,12 @@ impl Agent {
     /// Starts an agent on an existing QUIC endpoint (one process may hold many agents on one UDP
     /// socket). The endpoint is only used to dial; trust comes from `options`.
     pub fn start_on(options: AgentOptions, endpoint: QuicEndpoint) -> Result<Self, AgentError> {
+        options.tunnels.warn_insecure();
+        for upstream in &options.local_upstreams {
+            for target in upstream.targets.iter().filter(|t| t.tls().is_some_and(|tls| tls.insecure_skip_verify)) {
+                tracing::warn!(upstream = %upstream.name, %target, "insecure_skip_verify: the upstream's certificate is not verified");
+            }
+        }
         let reclaimer = Reclaimer::new(options.stall);
         let dialers = Dialers::new(&options, endpoint.clone(), &reclaimer)?;
         let mut metrics = AgentMetrics::new();
@@ -162,6 +168,7 @@ impl Agent {
     /// Replaces the tunnels the agent declares (a reload): the session claims the new set at
     /// once, without reconnecting; what is gone is withdrawn.
     pub fn set_tunnels(&self, tunnels: Tunnels) {
+        tunnels.warn_insecure();
         self.forwarder.tunnels.send_if_modified(|now| {
             let changed = **now != tunnels;
             *now = Arc::new(tunnels);

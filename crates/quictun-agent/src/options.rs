@@ -13,7 +13,7 @@ use quictun_core::config::SecretSources;
 
 use crate::config::{AgentConfigFile, AgentSection, ConfigError, Transport};
 use crate::tunnels::Tunnels;
-use crate::upstreams::{LocalTargets, Target};
+use crate::upstreams::{LocalTargets, declared_target};
 
 /// The environment variable consulted for the token when none is configured.
 pub const TOKEN_ENV: &str = "QUICTUN_TOKEN";
@@ -49,6 +49,8 @@ pub struct AgentOptions {
     pub tunnels: Tunnels,
     /// Allow list for pushed targets.
     pub allowed_targets: Option<Vec<String>>,
+    /// The CAs pushed `https://` targets are verified with (the system's when `None`).
+    pub upstream_ca_file: Option<std::path::PathBuf>,
     /// Upstream connect timeout.
     pub connect_timeout: Duration,
     /// Upstream response-head timeout.
@@ -136,6 +138,7 @@ impl AgentOptions {
             local_upstreams,
             tunnels,
             allowed_targets: a.allowed_targets,
+            upstream_ca_file: a.upstream_ca_file,
             connect_timeout: Duration::from_secs(a.upstream_connect_timeout_secs.max(1)),
             response_timeout: Duration::from_secs(a.upstream_response_timeout_secs.max(1)),
             drain_timeout: Duration::from_secs(a.drain_timeout_secs),
@@ -233,15 +236,16 @@ fn token(a: &AgentSection) -> Result<Token, Invalid<String>> {
     }
 }
 
-/// The agent's own upstreams, their targets parsed.
+/// The agent's own upstreams, their targets parsed (with their TLS keys).
 fn local_upstreams(config: &AgentConfigFile) -> Result<Vec<LocalTargets>, Invalid<String>> {
     let mut local = Vec::with_capacity(config.upstreams.len());
-    for (i, upstream) in config.upstreams.iter().enumerate() {
-        let targets = upstream
-            .targets
-            .iter()
-            .map(|target| Target::parse(target).map_err(|e| (format!("upstreams[{i}].targets"), e.to_string())));
-        local.push(LocalTargets { name: upstream.name.clone(), targets: targets.collect::<Result<_, _>>()? });
+    for (i, u) in config.upstreams.iter().enumerate() {
+        let targets = u.targets.iter().map(|target| {
+            let (ca, name) = (u.ca_file.as_deref(), u.tls_server_name.as_deref());
+            declared_target(target, ca, name, u.insecure_skip_verify)
+                .map_err(|(key, message)| (format!("upstreams[{i}].{key}"), message))
+        });
+        local.push(LocalTargets { name: u.name.clone(), targets: targets.collect::<Result<_, _>>()? });
     }
     Ok(local)
 }

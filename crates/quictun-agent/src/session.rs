@@ -145,7 +145,7 @@ pub async fn register_and_serve<C: ControlIo>(
 /// The upstreams the agent serves: the relay's `pushed` ones, its own, and its HTTP tunnels.
 fn upstream_table(options: &AgentOptions, pushed: &AgentConfig, tunnels: &Tunnels) -> UpstreamTable {
     let local: Vec<_> = options.local_upstreams.iter().cloned().chain(tunnels.upstreams()).collect();
-    UpstreamTable::build(pushed, &local, options.allowed_targets.as_deref())
+    UpstreamTable::build(pushed, &local, options.allowed_targets.as_deref(), options.upstream_ca_file.as_deref())
 }
 
 /// What ends a session on the agent's own initiative (both drain first).

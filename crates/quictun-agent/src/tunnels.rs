@@ -6,7 +6,7 @@
 use quictun_proto::{Claim, HostPort};
 
 use crate::config::TunnelEntry;
-use crate::upstreams::{LocalTargets, Target};
+use crate::upstreams::{LocalTargets, Target, declared_target};
 
 /// An HTTP tunnel: requests for `host` go to `target`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,26 +45,28 @@ impl Tunnels {
         for (i, entry) in entries.iter().enumerate() {
             let key = |k: &str| format!("tunnels[{i}].{k}");
             match entry {
-                TunnelEntry::Http { host, target } => {
-                    let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
+                TunnelEntry::Http(http) => {
+                    let host = http.host.trim().trim_end_matches('.').to_ascii_lowercase();
                     if host.is_empty() || host.contains([':', '/', ' ', '*']) {
                         return Err((key("host"), format!("{host:?} is not a host name")));
                     }
                     if tunnels.http.iter().any(|t| t.host == host) {
                         return Err((key("host"), format!("{host} is declared twice")));
                     }
-                    let target = Target::parse(target).map_err(|err| (key("target"), err.to_string()))?;
+                    let (ca, name) = (http.ca_file.as_deref(), http.tls_server_name.as_deref());
+                    let target = declared_target(&http.target, ca, name, http.insecure_skip_verify)
+                        .map_err(|(k, message)| (key(k), message))?;
                     tunnels.http.push(HttpTunnel { host, target });
                 }
-                TunnelEntry::Tcp { remote_port, target } => {
-                    if *remote_port == 0 {
+                TunnelEntry::Tcp(tcp) => {
+                    if tcp.remote_port == 0 {
                         return Err((key("remote_port"), "must be a port (1-65535)".into()));
                     }
-                    if tunnels.tcp.iter().any(|t| t.remote_port == *remote_port) {
-                        return Err((key("remote_port"), format!("port {remote_port} is declared twice")));
+                    if tunnels.tcp.iter().any(|t| t.remote_port == tcp.remote_port) {
+                        return Err((key("remote_port"), format!("port {} is declared twice", tcp.remote_port)));
                     }
-                    let target = target.parse::<HostPort>().map_err(|err| (key("target"), err.to_string()))?;
-                    tunnels.tcp.push(TcpTunnel { remote_port: *remote_port, target });
+                    let target = tcp.target.parse::<HostPort>().map_err(|err| (key("target"), err.to_string()))?;
+                    tunnels.tcp.push(TcpTunnel { remote_port: tcp.remote_port, target });
                 }
             }
         }
@@ -88,6 +90,13 @@ impl Tunnels {
         self.http.iter().map(|t| LocalTargets { name: t.host.clone(), targets: vec![t.target.clone()] })
     }
 
+    /// Logs a warning for each HTTP tunnel whose `https://` target is not verified.
+    pub fn warn_insecure(&self) {
+        for t in self.http.iter().filter(|t| t.target.tls().is_some_and(|tls| tls.insecure_skip_verify)) {
+            tracing::warn!(host = %t.host, target = %t.target, "insecure_skip_verify: the upstream's certificate is not verified");
+        }
+    }
+
     /// Where the connections to the relay's `port` go.
     pub fn tcp_target(&self, port: u16) -> Option<&HostPort> {
         self.tcp.iter().find(|t| t.remote_port == port).map(|t| &t.target)
@@ -106,16 +115,19 @@ impl Tunnels {
 mod tests {
     use super::*;
 
+    use crate::config::{HttpTunnelEntry, TcpTunnelEntry};
+
     fn http(host: &str, target: &str) -> TunnelEntry {
-        TunnelEntry::Http { host: host.into(), target: target.into() }
+        TunnelEntry::Http(HttpTunnelEntry { host: host.into(), target: target.into(), ..Default::default() })
+    }
+
+    fn tcp(remote_port: u16, target: &str) -> TunnelEntry {
+        TunnelEntry::Tcp(TcpTunnelEntry { remote_port, target: target.into() })
     }
 
     #[test]
     fn entries_become_claims_and_upstreams_named_by_host() {
-        let entries = [
-            http("App.Example.com.", "http://127.0.0.1:3000"),
-            TunnelEntry::Tcp { remote_port: 2222, target: "127.0.0.1:22".into() },
-        ];
+        let entries = [http("App.Example.com.", "http://127.0.0.1:3000"), tcp(2222, "127.0.0.1:22")];
         let tunnels = Tunnels::from_entries(&entries).unwrap();
         assert_eq!(tunnels.claims(), vec![Claim::Http { host: "app.example.com".into() }, Claim::Tcp { port: 2222 }]);
         assert_eq!(tunnels.upstreams().next().unwrap().name, "app.example.com");
@@ -129,9 +141,15 @@ mod tests {
         assert_eq!(Tunnels::from_entries(&twice).unwrap_err().0, "tunnels[1].host");
         assert_eq!(Tunnels::from_entries(&[http("a.example.com", "ftp://x")]).unwrap_err().0, "tunnels[0].target");
         assert_eq!(Tunnels::from_entries(&[http("*.example.com", "http://x:1")]).unwrap_err().0, "tunnels[0].host");
-        let port0 = [TunnelEntry::Tcp { remote_port: 0, target: "x:1".into() }];
-        assert_eq!(Tunnels::from_entries(&port0).unwrap_err().0, "tunnels[0].remote_port");
-        let bad_target = [TunnelEntry::Tcp { remote_port: 1, target: "no-port".into() }];
-        assert_eq!(Tunnels::from_entries(&bad_target).unwrap_err().0, "tunnels[0].target");
+        assert_eq!(Tunnels::from_entries(&[tcp(0, "x:1")]).unwrap_err().0, "tunnels[0].remote_port");
+        assert_eq!(Tunnels::from_entries(&[tcp(1, "no-port")]).unwrap_err().0, "tunnels[0].target");
+        let mut plain_with_ca =
+            HttpTunnelEntry { host: "a.example.com".into(), target: "http://x:1".into(), ..Default::default() };
+        plain_with_ca.ca_file = Some("/nonexistent.pem".into());
+        let entry = [TunnelEntry::Http(plain_with_ca.clone())];
+        assert_eq!(Tunnels::from_entries(&entry).unwrap_err().0, "tunnels[0].ca_file", "only for https://");
+        plain_with_ca.target = "https://x:1".into();
+        let (key, message) = Tunnels::from_entries(&[TunnelEntry::Http(plain_with_ca)]).unwrap_err();
+        assert_eq!(key, "tunnels[0].ca_file", "an unreadable ca_file is refused at once: {message}");
     }
 }

@@ -21,6 +21,35 @@ pub fn host_port_allowed(host: &str, host_port: &str, allow: &[String]) -> bool 
     })
 }
 
+/// Parses a target the agent's file declares, with its TLS keys (`ca_file`, `tls_server_name`,
+/// `insecure_skip_verify`, only for `https://`; a `ca_file` is read now); an error names the key.
+pub fn declared_target(
+    target: &str,
+    ca_file: Option<&std::path::Path>,
+    server_name: Option<&str>,
+    insecure_skip_verify: bool,
+) -> Result<Target, (&'static str, String)> {
+    let parsed = Target::parse(target).map_err(|err| ("target", err.to_string()))?;
+    let tls = quictun_core::upstream_tls::UpstreamTls {
+        ca_file: ca_file.map(ToOwned::to_owned),
+        server_name: server_name.map(ToOwned::to_owned),
+        insecure_skip_verify,
+    };
+    if parsed.tls().is_none() {
+        return match (ca_file, server_name, insecure_skip_verify) {
+            (None, None, false) => Ok(parsed),
+            (Some(_), ..) => Err(("ca_file", "only for https:// targets".into())),
+            (_, Some(_), _) => Err(("tls_server_name", "only for https:// targets".into())),
+            _ => Err(("insecure_skip_verify", "only for https:// targets".into())),
+        };
+    }
+    if ca_file.is_some() {
+        tls.client_config().map_err(|err| ("ca_file", err.to_string()))?;
+    }
+    tls.server_name(parsed.host()).map_err(|err| ("tls_server_name", err.to_string()))?;
+    Ok(parsed.with_tls(tls).unwrap_or_else(|| unreachable!("an https:// target has TLS")))
+}
+
 /// A local upstream, its targets parsed once (when the options are validated).
 #[derive(Debug, Clone)]
 pub struct LocalTargets {
@@ -46,15 +75,25 @@ pub struct UpstreamTable {
 impl UpstreamTable {
     /// Merges the relay's `pushed` configuration with the agent's `local` upstreams (which win on
     /// a name clash). Pushed targets that do not parse, or are not in `allow` when it is set, are
-    /// dropped with a warning.
-    pub fn build(pushed: &AgentConfig, local: &[LocalTargets], allow: Option<&[String]>) -> Self {
+    /// dropped with a warning; pushed `https://` targets are verified with `pushed_ca` when set,
+    /// else the system's roots.
+    pub fn build(
+        pushed: &AgentConfig,
+        local: &[LocalTargets],
+        allow: Option<&[String]>,
+        pushed_ca: Option<&std::path::Path>,
+    ) -> Self {
+        let pushed_tls =
+            quictun_core::upstream_tls::UpstreamTls { ca_file: pushed_ca.map(ToOwned::to_owned), ..Default::default() };
         let mut upstreams = HashMap::new();
         for spec in &pushed.upstreams {
             let targets: Vec<Target> = spec
                 .targets
                 .iter()
                 .filter_map(|t| match Target::parse(t) {
-                    Ok(target) if allow.is_none_or(|a| allowed(&target, a)) => Some(target),
+                    Ok(target) if allow.is_none_or(|a| allowed(&target, a)) => {
+                        Some(target.clone().with_tls(pushed_tls.clone()).unwrap_or(target))
+                    }
                     Ok(_) => {
                         warn!(upstream = %spec.name, target = %t, "refusing pushed target not in allowed_targets");
                         None
@@ -114,13 +153,13 @@ mod tests {
 
     #[test]
     fn rotation_and_local_precedence() {
-        let table = UpstreamTable::build(&pushed(&["http://a:1", "http://b:2"]), &[], None);
+        let table = UpstreamTable::build(&pushed(&["http://a:1", "http://b:2"]), &[], None, None);
         assert_eq!(table.version(), 3);
         let first = table.next_target("app").unwrap().host_port();
         let second = table.next_target("app").unwrap().host_port();
         assert_ne!(first, second);
         let local = [LocalTargets { name: "app".into(), targets: vec![Target::parse("http://local:9").unwrap()] }];
-        let table = UpstreamTable::build(&pushed(&["http://a:1"]), &local, None);
+        let table = UpstreamTable::build(&pushed(&["http://a:1"]), &local, None, None);
         assert_eq!(table.next_target("app").unwrap().host_port(), "local:9");
         assert!(table.next_target("other").is_none());
     }
@@ -132,10 +171,11 @@ mod tests {
             &pushed(&["http://10.0.0.5:22", "http://svc:8080", "http://127.0.0.1:3000"]),
             &[],
             Some(&allow),
+            None,
         );
         let picked: Vec<String> = (0..4).map(|_| table.next_target("app").unwrap().host_port()).collect();
         assert!(!picked.iter().any(|p| p.starts_with("10.")), "{picked:?}");
-        let none = UpstreamTable::build(&pushed(&["http://10.0.0.5:22"]), &[], Some(&allow));
+        let none = UpstreamTable::build(&pushed(&["http://10.0.0.5:22"]), &[], Some(&allow), None);
         assert!(none.next_target("app").is_none());
     }
 }

@@ -46,6 +46,7 @@ pub mod transport;
 pub mod tunnel;
 pub mod upgrade;
 pub mod upstream_http;
+pub mod upstream_tls;
 
 pub use tls::{Pin, Trust};
 

@@ -2,16 +2,21 @@
 //! for requests from the relay's ingress; the relay does it for requests from an agent's egress.
 //!
 //! Requests go over HTTP/1.1, or over HTTP/2 with prior knowledge for an `h2c://` target and for
-//! gRPC requests (gRPC needs HTTP/2). A framed response body carries the upstream's trailers.
-//! Failures are the [`StreamCode`] to reset the exchange with, which the other side maps to a
-//! status: connect refused → 502, connect or answer too slow → 504, a broken answer → 502.
+//! gRPC requests (gRPC needs HTTP/2); an `https://` target over TLS (see
+//! [`crate::upstream_tls`]), HTTP/2 when ALPN agrees or the request is gRPC. A framed response
+//! body carries the upstream's trailers. Failures are the [`StreamCode`] to reset the exchange
+//! with, which the other side maps to a status: connect refused → 502, a certificate refused →
+//! 502, connect or answer too slow → 504, a broken answer → 502.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -21,14 +26,18 @@ use tracing::{debug, warn};
 use crate::body::{BodyError, TunnelBody, empty_body};
 use crate::framing::may_have_trailers;
 use crate::http::{headers_from_wire, headers_to_wire, strip_hop_by_hop};
+use crate::tls::TlsError;
 use crate::upgrade::{spawn_splice, upgrade_headers_from_wire};
+use crate::upstream_tls::{UpstreamTls, is_certificate_error};
 
-/// One upstream target: authority, an optional base path, and whether it speaks HTTP/2.
+/// One upstream target: authority, an optional base path, whether it speaks HTTP/2, and how its
+/// TLS is verified when it is `https://`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     authority: Authority,
     base_path: String,
     http2: bool,
+    tls: Option<UpstreamTls>,
 }
 
 /// Why a target string is unusable.
@@ -42,26 +51,40 @@ pub struct InvalidTarget {
 }
 
 impl Target {
-    /// Parses `http://host:port[/base]`, or `h2c://host:port[/base]` for an upstream that speaks
-    /// HTTP/2 without TLS (prior knowledge, as Caddy spells it).
+    /// Parses `http://host:port[/base]`, `h2c://host:port[/base]` for an upstream that speaks
+    /// HTTP/2 without TLS (prior knowledge, as Caddy spells it), or `https://host:port[/base]`
+    /// (verified against the system's roots until [`Target::with_tls`] says otherwise).
     pub fn parse(target: &str) -> Result<Self, InvalidTarget> {
         let invalid = |reason| InvalidTarget { target: target.to_owned(), reason };
         let uri: Uri = target.parse().map_err(|_| invalid("not a URL"))?;
         let scheme = uri.scheme_str().ok_or_else(|| invalid("missing scheme"))?;
-        let http2 = match scheme {
-            "http" => false,
-            "h2c" => true,
-            _ => return Err(invalid("only http:// and h2c:// targets are supported")),
+        let (http2, tls) = match scheme {
+            "http" => (false, None),
+            "h2c" => (true, None),
+            "https" => (false, Some(UpstreamTls::default())),
+            _ => return Err(invalid("only http://, https:// and h2c:// targets are supported")),
         };
         let authority = uri.authority().cloned().ok_or_else(|| invalid("missing host"))?;
         let base_path = uri.path().trim_end_matches('/').to_owned();
-        Ok(Self { authority, base_path, http2 })
+        Ok(Self { authority, base_path, http2, tls })
+    }
+
+    /// The target with its TLS verified as `tls` says; an `http://` or `h2c://` target is
+    /// returned as it is (`None`: it has no TLS to set).
+    pub fn with_tls(mut self, tls: UpstreamTls) -> Option<Self> {
+        self.tls.as_mut().map(|slot| *slot = tls)?;
+        Some(self)
+    }
+
+    /// How the target's TLS is verified, for an `https://` target.
+    pub fn tls(&self) -> Option<&UpstreamTls> {
+        self.tls.as_ref()
     }
 
     /// The full URI for a request path (origin form, starting with `/`).
     pub fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
         Uri::builder()
-            .scheme(Scheme::HTTP)
+            .scheme(if self.tls.is_some() { Scheme::HTTPS } else { Scheme::HTTP })
             .authority(self.authority.clone())
             .path_and_query(format!("{}{}", self.base_path, path_and_query))
             .build()
@@ -72,9 +95,10 @@ impl Target {
         self.authority.host()
     }
 
-    /// `host:port` (port 80 when the target names none).
+    /// `host:port` (port 80, or 443 for `https://`, when the target names none).
     pub fn host_port(&self) -> String {
-        format!("{}:{}", self.authority.host(), self.authority.port_u16().unwrap_or(80))
+        let default = if self.tls.is_some() { 443 } else { 80 };
+        format!("{}:{}", self.authority.host(), self.authority.port_u16().unwrap_or(default))
     }
 
     /// True for an `h2c://` target: every request goes over HTTP/2.
@@ -85,7 +109,11 @@ impl Target {
 
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let scheme = if self.http2 { "h2c" } else { "http" };
+        let scheme = match (&self.tls, self.http2) {
+            (Some(_), _) => "https",
+            (None, true) => "h2c",
+            (None, false) => "http",
+        };
         write!(f, "{scheme}://{}{}", self.authority, self.base_path)
     }
 }
@@ -96,7 +124,18 @@ pub struct UpstreamHttp {
     http1: Client<HttpConnector, TunnelBody>,
     /// HTTP/2 with prior knowledge, for `h2c://` targets and gRPC requests.
     http2: Client<HttpConnector, TunnelBody>,
+    /// The `https://` clients, one pair per way of verifying (made on first use).
+    https: Mutex<HashMap<UpstreamTls, Arc<TlsClients>>>,
+    connector: HttpConnector,
     response_timeout: Duration,
+}
+
+/// The clients for `https://` targets verified one way: HTTP/1.1 or HTTP/2 as ALPN agrees, and
+/// HTTP/2 only (for gRPC).
+#[derive(Debug)]
+struct TlsClients {
+    any: Client<HttpsConnector<HttpConnector>, TunnelBody>,
+    http2: Client<HttpsConnector<HttpConnector>, TunnelBody>,
 }
 
 impl UpstreamHttp {
@@ -114,8 +153,41 @@ impl UpstreamHttp {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256);
         let http1 = builder.build(connector.clone());
-        let http2 = builder.http2_only(true).build(connector);
-        Self { http1, http2, response_timeout }
+        let http2 = builder.clone().http2_only(true).build(connector.clone());
+        Self { http1, http2, https: Mutex::default(), connector, response_timeout }
+    }
+
+    /// The clients for `https://` targets verified as `tls` says.
+    fn tls_clients(&self, target: &Target, tls: &UpstreamTls) -> Result<Arc<TlsClients>, TlsError> {
+        let mut https = self.https.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(clients) = https.get(tls) {
+            return Ok(clients.clone());
+        }
+        let config = tls.client_config()?;
+        let name = tls.server_name(target.host())?;
+        let mut connector = self.connector.clone();
+        connector.enforce_http(false);
+        let base = || {
+            HttpsConnectorBuilder::new()
+                .with_tls_config(config.clone())
+                .https_only()
+                .with_server_name_resolver(FixedServerNameResolver::new(name.clone()))
+        };
+        let builder = || {
+            let mut builder = Client::builder(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .pool_max_idle_per_host(256);
+            builder
+        };
+        let clients = Arc::new(TlsClients {
+            any: builder().build(base().enable_all_versions().wrap_connector(connector.clone())),
+            http2: builder().http2_only(true).build(base().enable_http2().wrap_connector(connector)),
+        });
+        https.insert(tls.clone(), clients.clone());
+        Ok(clients)
     }
 
     /// Sends one request (head already validated) to `target` and returns the upstream's response
@@ -134,20 +206,32 @@ impl UpstreamHttp {
         let method = Method::from_bytes(head.method.as_bytes()).map_err(|_| StreamCode::Malformed)?;
         let headers = if upgrade { upgrade_headers_from_wire(head.headers) } else { headers_from_wire(head.headers) };
         let headers = headers.map_err(|_| StreamCode::Malformed)?;
-        let client = if !upgrade && (target.http2() || is_grpc(&headers)) { &self.http2 } else { &self.http1 };
+        let http2 = !upgrade && (target.http2() || is_grpc(&headers));
         let mut request = Request::new(request_body);
         *request.method_mut() = method;
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
-        let response = match tokio::time::timeout(self.response_timeout, client.request(request)).await {
+        let answer = match target.tls() {
+            None if http2 => self.http2.request(request),
+            None => self.http1.request(request),
+            Some(tls) => {
+                let clients = self.tls_clients(target, tls).map_err(|err| {
+                    warn!(%err, target = %target, "cannot set up TLS to the upstream");
+                    StreamCode::UpstreamCertificate
+                })?;
+                if http2 { clients.http2.request(request) } else { clients.any.request(request) }
+            }
+        };
+        let response = match tokio::time::timeout(self.response_timeout, answer).await {
             Ok(Ok(response)) => response,
             Ok(Err(err)) => {
                 let code = match () {
+                    () if err.is_connect() && is_certificate_error(&err) => StreamCode::UpstreamCertificate,
                     () if err.is_connect() && is_timeout(&err) => StreamCode::UpstreamTimeout,
                     () if err.is_connect() => StreamCode::UpstreamConnect,
                     () => StreamCode::UpstreamFailed,
                 };
-                warn!(err = %crate::error_chain(&err), ?code, "upstream request failed");
+                warn!(err = %crate::error_chain(&err), %target, ?code, "upstream request failed");
                 return Err(code);
             }
             Err(_) => {

@@ -90,6 +90,8 @@ wire_codes! {
         ShuttingDown = 11, "shutting_down", "agent shutting down";
         /// The first frame did not arrive before the deadline.
         HeadTimeout = 12, "head_timeout", "head frame not received in time";
+        /// The upstream's TLS certificate was not accepted (or its TLS could not be set up).
+        UpstreamCertificate = 13, "upstream_certificate", "upstream's TLS certificate not accepted";
     }
 }
 

@@ -45,7 +45,7 @@ pub async fn run(args: DemoArgs) -> Result<(), Failure> {
     let stop = CancellationToken::new();
     let upstream_listener = demo_upstream::bind(args.upstream_listen).await.map_err(Failure::runtime)?;
     let upstream_addr = upstream_listener.local_addr().map_err(Failure::runtime)?;
-    tokio::spawn(demo_upstream::serve(upstream_listener, stop.clone()));
+    tokio::spawn(demo_upstream::serve(upstream_listener, None, stop.clone()));
 
     let token = format!("demo-{:016x}", fastrand::u64(..));
     let http_listen = free_http_addr(args.http_listen).await;

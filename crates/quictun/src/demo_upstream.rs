@@ -9,6 +9,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -17,6 +18,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -107,26 +109,46 @@ async fn handle(req: Request<Incoming>) -> Response<DemoBody> {
     }
 }
 
-/// Serves the demo upstream on `listener` until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, stop: CancellationToken) {
-    let builder = auto::Builder::new(TokioExecutor::new());
+/// Serves the demo upstream on `listener` until `stop` is cancelled; over TLS when `tls` is given.
+pub async fn serve(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>, stop: CancellationToken) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = quictun_core::accept_tcp(&listener, "demo upstream") => accepted,
         };
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service_fn(|req| async { Ok::<_, Infallible>(handle(req).await) }))
-            .into_owned();
-        let stop = stop.clone();
+        let (acceptor, stop) = (acceptor.clone(), stop.clone());
         tokio::spawn(async move {
+            let served = async {
+                match acceptor {
+                    None => serve_connection(stream).await,
+                    Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => serve_connection(stream).await,
+                        Ok(Err(err)) => tracing::debug!(%err, "demo upstream TLS handshake failed"),
+                        Err(_) => tracing::debug!("demo upstream TLS handshake timed out"),
+                    },
+                }
+            };
             tokio::select! {
-                result = conn => if let Err(err) = result {
-                    tracing::debug!(%err, "demo upstream connection error");
-                },
+                () = served => {}
                 _ = stop.cancelled() => {}
             }
         });
+    }
+}
+
+/// How long a client has to complete the TLS handshake.
+const TLS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves HTTP/1.1 or HTTP/2 on one connection until it ends.
+async fn serve_connection<IO>(io: IO)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let service = service_fn(|req| async { Ok::<_, Infallible>(handle(req).await) });
+    if let Err(err) = builder.serve_connection(TokioIo::new(io), service).await {
+        tracing::debug!(%err, "demo upstream connection error");
     }
 }
 
@@ -136,14 +158,23 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     quictun_core::listen_tcp(addr)
 }
 
-/// `quictun upstream`: serves until Ctrl-C or SIGTERM.
+/// `quictun upstream`: serves until Ctrl-C or SIGTERM (HTTPS with `--tls-cert` and `--tls-key`).
 pub async fn run(args: crate::cli::UpstreamArgs) -> Result<(), crate::Failure> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let cert = quictun_core::tls::CertKey::load(cert, key).map_err(crate::Failure::usage)?;
+            Some(Arc::new(quictun_core::tls::ingress_server_config(cert).map_err(crate::Failure::usage)?))
+        }
+        (None, None) => None,
+        _ => return Err(crate::Failure::usage(anyhow::anyhow!("--tls-cert and --tls-key go together"))),
+    };
     let listener =
         bind(args.listen).await.map_err(|e| crate::Failure::runtime(anyhow::anyhow!("{}: {e}", args.listen)))?;
     let addr = listener.local_addr().map_err(crate::Failure::runtime)?;
-    println!("quictun upstream listening on http://{addr}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("quictun upstream listening on {scheme}://{addr}");
     let stop = CancellationToken::new();
-    let server = tokio::spawn(serve(listener, stop.clone()));
+    let server = tokio::spawn(serve(listener, tls, stop.clone()));
     crate::signal::shutdown().await;
     stop.cancel();
     if let Err(err) = server.await {

@@ -259,3 +259,59 @@ fn a_relay_reload_that_takes_an_allowance_away_revokes_the_tunnel_and_tells_the_
     assert_eq!(relay.get("app.dev.test").0, "404");
     relay.tunnels_until("nothing held", |t| t.as_array().is_some_and(Vec::is_empty));
 }
+
+#[test]
+fn an_https_upstream_is_verified_with_its_ca_file_and_a_wrong_ca_gets_a_502_naming_the_certificate() {
+    let dir = TempDir::new();
+    for name in ["up", "other"] {
+        let out = std::process::Command::new(BIN)
+            .args(["cert", "gen", "--out", dir.to_str().unwrap(), "--name", name, "--san", "localhost"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let (cert, key) = (dir.join("up.crt"), dir.join("up.key"));
+    let upstream = Proc::spawn(
+        &[
+            "upstream",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        &dir,
+    );
+    let url = upstream.line_with("listening on").rsplit(' ').next().unwrap().to_owned();
+    assert!(url.starts_with("https://"), "{url}");
+    let relay = Relay::start(&dir, &clients(&[("office-1", "web", ALLOW_DEV)]));
+    let tunnel = |host: &str, keys: &str| {
+        format!("[[tunnels]]\ntype = \"http\"\nhost = \"{host}\"\ntarget = \"{url}\"\n{keys}\n")
+    };
+    let file = dir.join("agent.toml");
+    let agent = format!(
+        "[agent]\nrelay = \"{}\"\npin = \"{}\"\nclient_id = \"office-1\"\ntoken = \"right\"\ntransport = \"quic\"\n",
+        relay.quic, relay.pin
+    );
+    let tunnels = [
+        tunnel("good.dev.test", "ca_file = \"up.crt\"\ntls_server_name = \"localhost\""),
+        tunnel("wrong-ca.dev.test", "ca_file = \"other.crt\"\ntls_server_name = \"localhost\""),
+        tunnel("system-roots.dev.test", "tls_server_name = \"localhost\""),
+        tunnel("wrong-name.dev.test", "ca_file = \"up.crt\""),
+        tunnel("unverified.dev.test", "insecure_skip_verify = true"),
+    ];
+    std::fs::write(&file, agent + &tunnels.concat()).unwrap();
+    let agent = Proc::spawn(&["agent", "--config", file.to_str().unwrap()], &dir);
+    agent.line_with("tunnel http unverified.dev.test: accepted");
+
+    let (status, body) = relay.get("good.dev.test");
+    assert_eq!(status, "200", "{body}");
+    assert!(body.contains("GET /hello"), "{body}");
+    for refused in ["wrong-ca.dev.test", "system-roots.dev.test", "wrong-name.dev.test"] {
+        let (status, body) = relay.get(refused);
+        assert_eq!(status, "502", "{refused}: {body}");
+        assert!(body.contains("certificate"), "{refused}: {body}");
+    }
+    assert_eq!(relay.get("unverified.dev.test").0, "200");
+}
