@@ -3,6 +3,7 @@
 //! and full jitter; a wrong pin or a permanent rejection stops the agent instead.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use quictun_core::backoff::Backoff;
@@ -23,6 +24,14 @@ use crate::forward::Forwarder;
 use crate::session::{self, Attempt, RetryReason, SessionEnd};
 use crate::state::AgentState;
 
+/// QUIC attempts in a row that got no answer while the relay's gRPC port answered, before `auto`
+/// falls back to gRPC: one such attempt is as likely a relay restarting as UDP being blocked.
+const SILENT_ATTEMPTS_BEFORE_FALLBACK: u32 = 2;
+
+/// The first re-probe of QUIC after a fallback to gRPC; each next one waits twice as long, up to
+/// `quic_probe_interval`.
+const FIRST_QUIC_PROBE: Duration = Duration::from_secs(1);
+
 /// How long the reconnects of a restarted relay's agents are spread over.
 const RESTARTED_RELAY_SPREAD: Duration = Duration::from_millis(250);
 
@@ -37,6 +46,8 @@ pub struct Connector {
     pub relay_tunnel: watch::Sender<Option<Arc<dyn Tunnel>>>,
     /// Each transport's dialer.
     pub dialers: Dialers,
+    /// QUIC attempts in a row that got no answer while gRPC did (`auto` only).
+    pub quic_silent: std::sync::atomic::AtomicU32,
 }
 
 impl Connector {
@@ -82,8 +93,10 @@ impl Connector {
     ) -> Result<SessionEnd, Attempt> {
         let stop = session::Stop { shutdown: shutdown.clone(), switch: CancellationToken::new() };
         let probe = async {
+            let mut wait = FIRST_QUIC_PROBE.min(self.options.quic_probe_interval);
             loop {
-                tokio::time::sleep(self.options.quic_probe_interval).await;
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(self.options.quic_probe_interval);
                 if self.dialers.quic.probe().await {
                     info!("QUIC reachable again: moving back from gRPC");
                     stop.switch.cancel();
@@ -110,18 +123,31 @@ impl Connector {
         match self.options.transport {
             Choice::Quic => self.over::<Quic>(quic, forwarder, state, stop).await,
             Choice::Grpc => self.over::<Grpc>(&self.dialers.grpc, forwarder, state, stop).await,
-            Choice::Auto => match self.over::<Quic>(quic, forwarder, state, stop).await {
-                Err(Attempt::Retry(reason)) => {
-                    let grpc_relay = &self.options.grpc_relay;
-                    if matches!(&reason, RetryReason::QuicSilent(silence) if silence.calls_for_grpc()) {
-                        warn!(%reason, %grpc_relay, "falling back to gRPC over TCP");
-                    } else {
-                        warn!(%reason, %grpc_relay, "no QUIC session; trying gRPC over TCP as well");
-                    }
-                    self.over_grpc_probing_quic(forwarder, state, &stop.shutdown).await
+            Choice::Auto => {
+                let outcome = self.over::<Quic>(quic, forwarder, state, stop).await;
+                let Err(Attempt::Retry(RetryReason::QuicSilent(silence))) = &outcome else {
+                    self.quic_silent.store(0, Ordering::Relaxed);
+                    return outcome;
+                };
+                if !silence.calls_for_grpc() {
+                    self.quic_silent.store(0, Ordering::Relaxed);
+                    return outcome;
                 }
-                other => other,
-            },
+                let times = self.quic_silent.fetch_add(1, Ordering::Relaxed) + 1;
+                if times < SILENT_ATTEMPTS_BEFORE_FALLBACK {
+                    // Tried again after the usual backoff: a relay restarting answers by then.
+                    return outcome;
+                }
+                self.quic_silent.store(0, Ordering::Relaxed);
+                let timeout = self.options.quic_handshake_timeout;
+                let reason = format!(
+                    "{silence} (no QUIC answer in {:.0} s, {times} times in a row, while gRPC answered): using gRPC over TCP, and probing QUIC again",
+                    timeout.as_secs_f64()
+                );
+                warn!(%reason, "falling back to gRPC over TCP");
+                state.send_replace(AgentState::FallingBack { reason });
+                self.over_grpc_probing_quic(forwarder, state, &stop.shutdown).await
+            }
         }
     }
 }
@@ -139,6 +165,7 @@ pub async fn run(
     let stop = session::Stop { shutdown: shutdown.clone(), switch: CancellationToken::new() };
     let result = loop {
         state.send_replace(AgentState::Connecting);
+        let attempt_started = tokio::time::Instant::now();
         let (reason, delay) = match connector.session(&forwarder, &state, &stop).await {
             Ok(SessionEnd::Shutdown) => break Ok(()),
             Ok(SessionEnd::Switched) => continue,
@@ -157,7 +184,9 @@ pub async fn run(
             Err(Attempt::Fatal(err)) => break Err(err),
             Err(Attempt::Retry(reason)) => {
                 warn!(%reason, "could not connect to relay");
-                (reason.to_string(), backoff.next_delay())
+                // The backoff counts from the start of the attempt: one that waited out its
+                // handshake timeout for an answer has waited already.
+                (reason.to_string(), backoff.next_delay().saturating_sub(attempt_started.elapsed()))
             }
         };
         info!(delay_ms = delay.as_millis(), "reconnecting");

@@ -28,7 +28,7 @@ pub enum QuicSilence {
     /// The relay's gRPC port answers over TCP while QUIC gets no answer: UDP is blocked on the
     /// way (or the relay does not serve QUIC).
     #[error(
-        "no QUIC answer from {quic} while the relay's gRPC port {grpc} answers over TCP: UDP is blocked on the way, or the relay serves no QUIC on UDP {}",
+        "no QUIC answer from {quic} while the relay's gRPC port {grpc} answered over TCP (UDP blocked on the way, the relay restarting, or {} not its QUIC port: the relay prints its udp:// address)",
         quic.port()
     )]
     UdpBlocked {

@@ -124,8 +124,13 @@ impl Agent {
         admin_tasks.close();
         let (link_tx, relay_tunnel) = watch::channel(None);
         let sweeper = AbortOnDrop::new(tokio::spawn(reclaimer.clone().run(shutdown.clone())));
-        let connector =
-            Connector { instance_id: Uuid::new_v4(), options: Arc::new(options), relay_tunnel: link_tx, dialers };
+        let connector = Connector {
+            instance_id: Uuid::new_v4(),
+            options: Arc::new(options),
+            relay_tunnel: link_tx,
+            dialers,
+            quic_silent: Default::default(),
+        };
         let task = tokio::spawn(connect::run(connector, forwarder.clone(), state_tx, shutdown.clone()));
         Ok(Self {
             state,

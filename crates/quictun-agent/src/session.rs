@@ -68,7 +68,7 @@ pub enum RetryReason {
 }
 
 /// A transport's name as a user reads it.
-fn transport_name(kind: TransportKind) -> &'static str {
+pub fn transport_name(kind: TransportKind) -> &'static str {
     match kind {
         TransportKind::Quic => "QUIC",
         TransportKind::Grpc => "gRPC",
@@ -135,7 +135,9 @@ pub async fn register_and_serve<C: ControlIo>(
         let upstreams = table.names().collect::<Vec<_>>().join(", ");
         info!(relay = %tunnel.remote_addr(), config_version = accepted.config.version, %upstreams, "registered with relay");
     });
-    state.send_replace(AgentState::Connected { session_id: accepted.session_id, relay: tunnel.remote_addr() });
+    let (session_id, relay, transport) =
+        (accepted.session_id, tunnel.remote_addr(), transport_name(tunnel.transport()));
+    state.send_replace(AgentState::Connected { session_id, relay, transport });
     let interval = Duration::from_millis(u64::from(accepted.heartbeat_interval_ms.max(50)));
     let heartbeats = Heartbeats::new(interval, accepted.heartbeat_misses.max(1));
     let role = AgentRole::new(options, forwarder, stop, tunnels, accepted.config);

@@ -15,6 +15,14 @@ pub enum AgentState {
         session_id: Uuid,
         /// The relay's address.
         relay: SocketAddr,
+        /// `QUIC` or `gRPC`.
+        transport: &'static str,
+    },
+    /// QUIC kept getting no answer while the relay's gRPC port answered: going over gRPC (QUIC
+    /// is probed again in the background).
+    FallingBack {
+        /// What was observed.
+        reason: String,
     },
     /// Waiting before the next attempt.
     Reconnecting {

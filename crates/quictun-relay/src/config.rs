@@ -777,11 +777,12 @@ mod tests {
         let upstream = |target: &str| {
             format!("[[upstreams]]\nname = \"app\"\ngroup = \"g\"\ntargets = [\"http://ok:1\", \"{target}\"]\n")
         };
-        for bad in ["https://app.internal:443", "app.internal:80", "ftp://x"] {
+        for bad in ["wss://app.internal:443", "app.internal:80", "ftp://x"] {
             let err = validate(&upstream(bad)).unwrap_err().to_string();
             assert!(err.contains("upstreams[0].targets[1]"), "{bad}: {err}");
         }
         assert!(validate(&upstream("h2c://grpc.internal:50051")).is_ok());
+        assert!(validate(&upstream("https://app.internal:8443")).is_ok());
         let err = validate("[relay]\nsilence_check_ms = 100\n").unwrap_err().to_string();
         assert!(err.contains("relay.silence_check_ms") && err.contains("250 ms"), "{err}");
         let off = RelayConfig::parse("[relay]\nsilence_check_ms = 0\n", Path::new("r.toml")).unwrap();

@@ -157,10 +157,11 @@ async fn report_connections(state: &mut tokio::sync::watch::Receiver<AgentState>
     loop {
         let now = state.borrow_and_update().clone();
         match now {
-            AgentState::Connected { session_id, relay } => {
+            AgentState::Connected { session_id, relay, transport } => {
                 connected = true;
-                println!("quictun agent connected to {relay} (session {session_id})");
+                println!("quictun agent connected to {relay} over {transport} (session {session_id})");
             }
+            AgentState::FallingBack { reason } => println!("quictun agent: {reason}"),
             AgentState::Reconnecting { reason } if connected => {
                 connected = false;
                 println!("quictun agent lost the relay ({reason}): reconnecting");
