@@ -87,7 +87,7 @@ async fn a_reload_that_does_not_resolve_changes_nothing_and_names_the_key() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// An upstream target the agents could not use (`https://`, no scheme) is refused at the relay,
+/// An upstream target the agents could not use (`wss://`, no scheme) is refused at the relay,
 /// on reload as at start, naming the key: it is never pushed to an agent to fail there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_with_a_target_agents_cannot_use_is_refused_naming_the_key() {
@@ -95,7 +95,7 @@ async fn a_reload_with_a_target_agents_cannot_use_is_refused_naming_the_key() {
     let _agent = h.agent("agent-1").await;
     let mut config = relay_config_on(Harness::listeners_of(h.relay()), &h.upstream.url(), &h.config);
     let index = config.upstreams.iter().position(|u| u.name == "app").unwrap();
-    config.upstreams[index].targets = vec!["https://app.internal:443".into()];
+    config.upstreams[index].targets = vec!["wss://app.internal:443".into()];
     let err = h.relay().reload(&config).unwrap_err().to_string();
     assert!(err.contains(&format!("upstreams[{index}].targets[0]")), "{err}");
     assert_eq!(h.client.get("app.test", "/hello").await.text(), "hello", "the running configuration stays");

@@ -258,8 +258,7 @@ impl AgentConfigFile {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
-        let mut config: Self =
-            toml::from_str(&text).map_err(|e| ConfigError::Parse { file: path.to_owned(), message: e.to_string() })?;
+        let mut config: Self = quictun_core::config::parse_toml(&text, path)?;
         let tunnels = config.tunnels.iter_mut().filter_map(|t| match t {
             TunnelEntry::Http(http) => http.ca_file.as_mut(),
             TunnelEntry::Tcp(_) => None,

@@ -54,9 +54,34 @@ pub enum LogFormat {
     Json,
 }
 
-/// Parses TOML text; `file` names it in errors.
+/// Parses TOML text; `file` names it in errors. An unknown key gets the nearest known one as a
+/// suggestion instead of the list of every key.
 pub fn parse_toml<T: DeserializeOwned>(text: &str, file: &Path) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse { file: file.to_owned(), message: e.to_string() })
+    toml::from_str(text).map_err(|e| ConfigError::Parse { file: file.to_owned(), message: suggest(&e.to_string()) })
+}
+
+/// Rewrites serde's "unknown field `x`, expected one of `a`, `b`, …" as "unknown key `x`; did
+/// you mean `a`?" (the known key nearest in spelling), or without the suggestion when none is
+/// near; any other message is returned as it is.
+fn suggest(message: &str) -> String {
+    const UNKNOWN: &str = "unknown field `";
+    let Some(at) = message.find(UNKNOWN) else { return message.to_owned() };
+    let rest = &message[at + UNKNOWN.len()..];
+    let Some((key, after)) = rest.split_once('`') else { return message.to_owned() };
+    let Some(list) = after.strip_prefix(", expected one of ").or_else(|| after.strip_prefix(", expected ")) else {
+        return message.to_owned();
+    };
+    let list_end = list.find('\n').unwrap_or(list.len());
+    let known = list[..list_end].split(", ").map(|k| k.trim_matches('`'));
+    let nearest = known
+        .map(|k| (strsim::jaro_winkler(key, k), k))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    let hint = match nearest {
+        Some((_, k)) => format!("unknown key `{key}`; did you mean `{k}`?"),
+        None => format!("unknown key `{key}` (docs/configuration.md lists every key)"),
+    };
+    format!("{}{hint}{}", &message[..at], &list[list_end..])
 }
 
 /// `path` as read from the configuration file `file`: a relative path is taken against the
@@ -145,6 +170,23 @@ pub fn read_token_file(path: &Path) -> Result<quictun_proto::Token, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_key_gets_the_nearest_known_one_not_the_whole_list() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Section {
+            http_listen: Option<String>,
+            quic_listen: Option<String>,
+            admin_listen: Option<String>,
+        }
+        let err = parse_toml::<Section>("htp_listen = \"x\"\n", Path::new("r.toml")).unwrap_err().to_string();
+        assert!(err.contains("unknown key `htp_listen`; did you mean `http_listen`?"), "{err}");
+        assert!(!err.contains("quic_listen"), "{err}");
+        let err = parse_toml::<Section>("zzz = 1\n", Path::new("r.toml")).unwrap_err().to_string();
+        assert!(err.contains("unknown key `zzz` (docs/configuration.md lists every key)"), "{err}");
+    }
     use quictun_proto::Token;
 
     fn sources<'a>(inline: Option<&'a Token>, env: Option<&'a str>, file: Option<&'a Path>) -> SecretSources<'a> {

@@ -7,6 +7,7 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, header};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -80,38 +81,84 @@ where
     body
 }
 
+/// What a splice moved, and how each direction ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spliced {
+    /// Bytes from the peer written to the connection.
+    pub to_io: u64,
+    /// Bytes read from the connection and sent to the peer.
+    pub from_io: u64,
+    /// The peer's side ended cleanly (and the connection's write side was shut down).
+    pub peer_ended_cleanly: bool,
+    /// The connection reached its end cleanly (and the peer's body was ended).
+    pub io_ended_cleanly: bool,
+}
+
 /// Copies `from_peer` into `io` and what `io` reads into `to_peer`, until both directions end.
 /// When `from_peer` ends, `io`'s write side is shut down (a half-close); when `io` reaches its
 /// end, `to_peer` is dropped, which ends the peer's body. An error in either direction ends both.
-pub async fn splice<IO>(io: IO, mut from_peer: TunnelBody, to_peer: FrameSender)
+pub async fn splice<IO>(io: IO, from_peer: TunnelBody, to_peer: FrameSender) -> Spliced
+where
+    IO: AsyncRead + AsyncWrite,
+{
+    splice_counted(io, from_peer, to_peer, &SpliceMeters::default()).await
+}
+
+/// Counters a splice adds each direction's bytes to as they move (metrics, and a connection's
+/// own count that outlives a splice cut short).
+#[derive(Debug, Clone, Default)]
+pub struct SpliceMeters {
+    /// Bytes written to the connection.
+    pub to_io: Vec<Counter>,
+    /// Bytes read from the connection.
+    pub from_io: Vec<Counter>,
+}
+
+/// [`splice`], counting in `meters` as the bytes move.
+pub async fn splice_counted<IO>(
+    io: IO,
+    mut from_peer: TunnelBody,
+    to_peer: FrameSender,
+    meters: &SpliceMeters,
+) -> Spliced
 where
     IO: AsyncRead + AsyncWrite,
 {
     let (mut reader, mut writer) = tokio::io::split(io);
+    let (mut written, mut read) = (0u64, 0u64);
     let inbound = async {
         while let Some(frame) = from_peer.frame().await {
             let Ok(frame) = frame else { return false };
-            if let Ok(data) = frame.into_data()
-                && writer.write_all(&data).await.is_err()
-            {
-                return false;
+            if let Ok(data) = frame.into_data() {
+                if writer.write_all(&data).await.is_err() {
+                    return false;
+                }
+                written += data.len() as u64;
+                meters.to_io.iter().for_each(|c| {
+                    c.inc_by(data.len() as u64);
+                });
             }
         }
         writer.shutdown().await.is_ok()
     };
     // Owns the sender: the peer's body ends as soon as this direction does.
-    let outbound = async move {
+    let outbound = async {
+        let to_peer = to_peer;
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         loop {
             buf.reserve(READ_CHUNK);
-            let read = tokio::select! {
-                read = reader.read_buf(&mut buf) => read,
+            let got = tokio::select! {
+                got = reader.read_buf(&mut buf) => got,
                 // The peer's side of the stream is gone: nobody will read what comes.
                 () = to_peer.closed() => return false,
             };
-            match read {
+            match got {
                 Ok(0) => return true,
-                Ok(_) => {
+                Ok(n) => {
+                    read += n as u64;
+                    meters.from_io.iter().for_each(|c| {
+                        c.inc_by(n as u64);
+                    });
                     if to_peer.send(Ok(Frame::data(buf.split().freeze()))).await.is_err() {
                         return false;
                     }
@@ -123,8 +170,9 @@ where
             }
         }
     };
-    let (inbound_ok, outbound_ok) = tokio::join!(inbound, outbound);
-    tracing::debug!(inbound_ok, outbound_ok, "upgraded connection ended");
+    let (peer_ended_cleanly, io_ended_cleanly) = tokio::join!(inbound, outbound);
+    tracing::debug!(peer_ended_cleanly, io_ended_cleanly, "upgraded connection ended");
+    Spliced { to_io: written, from_io: read, peer_ended_cleanly, io_ended_cleanly }
 }
 
 #[cfg(test)]

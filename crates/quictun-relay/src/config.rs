@@ -693,15 +693,59 @@ impl RelayConfig {
         }
     }
 
+    /// The `[relay]` keys whose values differ from `running`'s (they take effect only after a
+    /// restart), in the file's order of fields.
+    pub fn relay_keys_changed(&self, running: &RelaySection) -> Vec<String> {
+        let mut changed = changed_fields(&format!("{running:#?}"), &format!("{:#?}", self.relay));
+        let token = |t: &Option<Token>| t.as_ref().map(|t| t.expose().to_owned());
+        if token(&running.admin_token) != token(&self.relay.admin_token) && !changed.iter().any(|k| k == "admin_token")
+        {
+            changed.push("admin_token".into());
+        }
+        changed
+    }
+
     /// An error about `key` of this configuration's file.
     pub fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
         ConfigError::invalid(&self.source, key, message)
     }
 }
 
+/// The top-level fields whose values differ between two pretty `Debug` renderings of one
+/// struct (a field is the line at the first indentation and the deeper lines after it).
+fn changed_fields(old: &str, new: &str) -> Vec<String> {
+    fn fields(text: &str) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        for line in text.lines() {
+            let top = line.strip_prefix("    ").filter(|l| !l.starts_with(' '));
+            match (top.and_then(|l| l.split_once(": ")), out.last_mut()) {
+                (Some((name, value)), _) => out.push((name.to_owned(), value.to_owned())),
+                (None, Some((_, value))) => value.push_str(line),
+                (None, None) => {}
+            }
+        }
+        out
+    }
+    let old = fields(old);
+    fields(new).into_iter().filter(|field| !old.contains(field)).map(|(name, _)| name).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reload_names_the_relay_keys_that_need_a_restart() {
+        let parse = |text: &str| RelayConfig::parse(text, Path::new("r.toml")).unwrap();
+        let running = parse("[relay]\nhttp_listen = \"127.0.0.1:8080\"\n").relay;
+        assert!(parse("[relay]\nhttp_listen = \"127.0.0.1:8080\"\n").relay_keys_changed(&running).is_empty());
+        let new = parse(
+            "[relay]\nhttp_listen = \"127.0.0.1:8081\"\nmax_streams_per_agent = 7\nadmin_token = \"t\"\ntrusted_proxies = [\"10.0.0.0/8\"]\n",
+        );
+        let mut changed = new.relay_keys_changed(&running);
+        changed.sort();
+        assert_eq!(changed, ["admin_token", "http_listen", "max_streams_per_agent", "trusted_proxies"]);
+    }
 
     #[test]
     fn tokens_come_from_exactly_one_source_including_a_file() {

@@ -173,6 +173,12 @@ impl Bound {
     }
 }
 
+/// Compiles `config` as [`Relay::start`] would (tokens read, routes, upstreams and targets
+/// resolved) without starting anything: an error names the key.
+pub fn check_config(config: &RelayConfig) -> Result<(), ConfigError> {
+    state::Live::new(config, 1).map(|_| ())
+}
+
 impl Relay {
     /// Binds every listener of `config` (agents, ingress, admin, TCP tunnels), then serves them.
     pub async fn start(config: RelayConfig, cert: CertKey) -> Result<Self, RelayError> {
@@ -227,8 +233,10 @@ impl Relay {
     /// change to them is reported and needs a restart. Returns the new version; a configuration
     /// that does not compile (a token file gone, a route to no upstream) changes nothing.
     pub fn reload(&self, config: &RelayConfig) -> Result<u64, ConfigError> {
-        if config.relay != **self.shared.settings {
-            tracing::warn!("changes to [relay] take effect only after a restart");
+        let changed = config.relay_keys_changed(&self.shared.settings);
+        if !changed.is_empty() {
+            let keys = changed.iter().map(|k| format!("relay.{k}")).collect::<Vec<_>>().join(", ");
+            tracing::warn!(%keys, "changed keys of [relay] take effect only after a restart: {keys}");
         }
         if config.tcp != self.tcp_entries {
             tracing::warn!("changes to [[tcp]] take effect only after a restart");

@@ -15,8 +15,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use quictun_core::body::TunnelBody;
 use quictun_core::idle::Watched;
-use quictun_core::upgrade::{channel_body, splice};
+use quictun_core::upgrade::{FrameSender, SpliceMeters, Spliced, channel_body, splice_counted};
 use quictun_proto::{RequestHead, Target};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -28,7 +30,7 @@ use crate::admission::PerKey;
 use crate::balance::Choice;
 use crate::config::TcpEntry;
 use crate::metrics::Reject;
-use crate::sessions::{Holders, Pool, StreamKind};
+use crate::sessions::{Holders, Pool, StreamKind, StreamPermit};
 use crate::state::Runtime;
 
 /// One TCP tunnel: where it listens, which agents carry its connections, and its limits.
@@ -176,7 +178,35 @@ impl Listener {
     }
 }
 
-/// Carries one accepted connection through an agent of the tunnel's pool.
+/// How a tunnelled TCP connection ended, for its access-log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TcpEnd {
+    /// Both directions ended cleanly.
+    Closed,
+    /// A direction failed: the client's connection, or the agent's side.
+    Reset(&'static str),
+    /// Nothing moved for the tunnel's idle timeout.
+    Idle,
+    /// The relay shut down.
+    Shutdown,
+    /// It was never carried: why.
+    Refused(String),
+}
+
+impl std::fmt::Display for TcpEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Closed => f.write_str("closed"),
+            Self::Reset(side) => write!(f, "reset by the {side}"),
+            Self::Idle => f.write_str("idle timeout"),
+            Self::Shutdown => f.write_str("relay shutdown"),
+            Self::Refused(why) => write!(f, "refused: {why}"),
+        }
+    }
+}
+
+/// Carries one accepted connection through an agent of the tunnel's pool, then writes its
+/// access-log line (client, port, agent, bytes each way, duration, how it ended).
 async fn carry(
     stream: TcpStream,
     peer: SocketAddr,
@@ -185,18 +215,51 @@ async fn carry(
     runtime: Arc<Runtime>,
     response_timeout: Duration,
 ) {
+    let started = std::time::Instant::now();
+    let mut agent = None;
+    let (end, spliced) = match connect(peer, request_id, tunnel, &runtime, response_timeout, &mut agent).await {
+        Ok((from_agent, to_agent, _slot)) => splice_until_end(stream, from_agent, to_agent, tunnel, &runtime).await,
+        Err(why) => (TcpEnd::Refused(why), Spliced::default()),
+    };
+    if let TcpEnd::Refused(why) = &end {
+        warn!(why, "TCP connection not carried");
+    }
+    tracing::info!(
+        target: "quictun::access",
+        request_id = %request_id,
+        client = %peer,
+        listen = %tunnel.listen,
+        client_id = %agent.as_deref().unwrap_or("-"),
+        bytes_to_agent = spliced.from_io,
+        bytes_from_agent = spliced.to_io,
+        duration_ms = started.elapsed().as_micros() as f64 / 1000.0,
+        end = %end,
+        "TCP {}",
+        tunnel.listen.port()
+    );
+}
+
+/// Chooses an agent, takes a place in its bulk share and has it connect the target; the
+/// connection's two bodies and the place, or why it cannot be carried. `agent` learns who was
+/// chosen.
+async fn connect(
+    peer: SocketAddr,
+    request_id: Uuid,
+    tunnel: &TcpTunnel,
+    runtime: &Runtime,
+    response_timeout: Duration,
+    agent: &mut Option<Arc<str>>,
+) -> Result<(TunnelBody, FrameSender, StreamPermit), String> {
     let Some(session) = runtime.sessions.choose_in(&tunnel.pool, &Choice::default()) else {
         runtime.metrics.reject(Reject::no_agent);
-        return warn!(pool = %tunnel.pool.name(), "TCP connection refused: no agent of the group is connected");
+        return Err(format!("no agent of {} is connected", tunnel.pool.name()));
     };
     tracing::Span::current().record("client_id", &*session.client_id);
-    let _slot = match session.try_stream_permit(StreamKind::Bulk) {
-        Ok(permit) => permit,
-        Err(full) => {
-            runtime.metrics.reject(Reject::agent_bulk_busy);
-            return warn!(%full, "TCP connection refused");
-        }
-    };
+    *agent = Some(session.client_id.clone());
+    let slot = session.try_stream_permit(StreamKind::Bulk).map_err(|full| {
+        runtime.metrics.reject(Reject::agent_bulk_busy);
+        full.to_string()
+    })?;
     let head = RequestHead {
         target: tunnel.target.clone(),
         request_id,
@@ -207,13 +270,23 @@ async fn carry(
         framed_body: false,
     };
     let (to_agent, body) = channel_body();
-    let deadline = response_timeout;
-    let from_agent = match tokio::time::timeout(deadline, session.tunnel.open(head, body, Some(peer.ip()))).await {
-        Ok(Ok((head, from_agent))) if head.status == 200 => from_agent,
-        Ok(Ok((head, _))) => return warn!(status = head.status, "agent refused the TCP connection"),
-        Ok(Err(err)) => return warn!(%err, "TCP connection could not be carried"),
-        Err(_) => return warn!(?deadline, "agent did not connect the TCP upstream in time"),
-    };
+    match tokio::time::timeout(response_timeout, session.tunnel.open(head, body, Some(peer.ip()))).await {
+        Ok(Ok((head, from_agent))) if head.status == 200 => Ok((from_agent, to_agent, slot)),
+        Ok(Ok((head, _))) => Err(format!("the agent answered {}", head.status)),
+        Ok(Err(err)) => Err(format!("the agent could not connect the target: {err}")),
+        Err(_) => Err(format!("the agent did not connect the target within {response_timeout:?}")),
+    }
+}
+
+/// Splices the client's connection to the agent's stream until both end, the connection idles
+/// out or the relay stops; the bytes count in `quictun_bytes_total` as they move.
+async fn splice_until_end(
+    stream: TcpStream,
+    from_agent: TunnelBody,
+    to_agent: FrameSender,
+    tunnel: &TcpTunnel,
+    runtime: &Runtime,
+) -> (TcpEnd, Spliced) {
     let stream = Watched::new(stream);
     let activity = stream.activity();
     let idle = async {
@@ -222,9 +295,23 @@ async fn carry(
             None => std::future::pending().await,
         }
     };
+    let metrics = &runtime.metrics;
+    let (to_client, from_client) = (Counter::default(), Counter::default());
+    let meters = SpliceMeters {
+        to_io: vec![metrics.bytes_from_agent.clone(), to_client.clone()],
+        from_io: vec![metrics.bytes_to_agent.clone(), from_client.clone()],
+    };
+    let so_far = || Spliced { to_io: to_client.get(), from_io: from_client.get(), ..Spliced::default() };
     tokio::select! {
-        () = splice(stream, from_agent, to_agent) => debug!("TCP connection ended"),
-        () = idle => debug!(idle_timeout = ?tunnel.idle_timeout, "TCP connection idle: closed"),
-        () = runtime.stopped.cancelled() => debug!("TCP connection cut at shutdown"),
+        spliced = splice_counted(stream, from_agent, to_agent, &meters) => {
+            let end = match (spliced.io_ended_cleanly, spliced.peer_ended_cleanly) {
+                (true, true) => TcpEnd::Closed,
+                (false, _) => TcpEnd::Reset("client"),
+                (true, false) => TcpEnd::Reset("agent"),
+            };
+            (end, spliced)
+        }
+        () = idle => (TcpEnd::Idle, so_far()),
+        () = runtime.stopped.cancelled() => (TcpEnd::Shutdown, so_far()),
     }
 }

@@ -43,7 +43,7 @@ pub fn splice_client(runtime: &Runtime, pending: Pending, from_agent: TunnelBody
                 Err(err) => return debug!(%err, "client connection was not upgraded"),
             };
             tokio::select! {
-                () = splice(TokioIo::new(upgraded), from_agent, pending.to_agent) => {}
+                _ = splice(TokioIo::new(upgraded), from_agent, pending.to_agent) => {}
                 () = stopped.cancelled() => debug!("upgraded connection cut at shutdown"),
             }
         }

@@ -48,6 +48,13 @@ fn load_config(args: &RelayArgs) -> Result<RelayConfig, Failure> {
 }
 
 /// The machine's host name (what a generated certificate names besides localhost).
+/// The name agents reach the relay by when `public_name` is not set: the QUIC listen address
+/// when it is a loopback one (a host name would resolve elsewhere), else the machine's name.
+fn default_public_name(config: &RelayConfig) -> String {
+    let listen = config.relay.quic_listen.ip();
+    if listen.is_loopback() { listen.to_string() } else { host_name() }
+}
+
 fn host_name() -> String {
     std::fs::read_to_string("/etc/hostname")
         .ok()
@@ -126,11 +133,14 @@ fn load_or_generate_cert(config: &RelayConfig) -> Result<(CertKey, bool), Failur
 /// Runs the relay until Ctrl-C or SIGTERM, then drains.
 pub async fn run(args: RelayArgs) -> Result<(), Failure> {
     let config = load_config(&args)?;
+    // Everything the file names is checked (tokens read, routes resolved) before anything is
+    // written: a broken file leaves no new identity behind.
+    quictun_relay::check_config(&config).map_err(Failure::usage)?;
     let (cert, generated) = load_or_generate_cert(&config)?;
     let first_client = config.clients.first().map(|c| c.id.clone());
     let tunnels: Vec<String> = config.tcp.iter().map(|t| format!("{} (group {})", t.upstream, t.group)).collect();
     let allowances = declarable(&config);
-    let public_name = config.relay.public_name.clone().unwrap_or_else(host_name);
+    let public_name = config.relay.public_name.clone().unwrap_or_else(|| default_public_name(&config));
     let cert_path = config.relay.cert.clone();
     let relay = Relay::start(config, cert).await.map_err(|err| match err {
         quictun_relay::RelayError::Config(_) => Failure::usage(err),

@@ -68,12 +68,15 @@ fn usage_and_configuration_errors_exit_2_naming_file_and_key() {
     let out = quictun(&["relay", "--config", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("bad.toml") && stderr(&out).contains("quic_listn"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("did you mean `quic_listen`?"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("http_listen"), "not the list of every key: {}", stderr(&out));
 
     let dangling = dir.join("dangling.toml");
     std::fs::write(&dangling, "[[routes]]\nhost = \"a\"\nupstream = \"nope\"\n").unwrap();
     let out = quictun(&["relay", "--config", dangling.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("routes[0].upstream"), "{}", stderr(&out));
+    assert!(!dir.join("certs").exists(), "a broken file leaves no new identity behind");
 
     let out = quictun(&["agent", "--client-id", "x", "--token", "t", "--pin", "sha256:00"]);
     assert_eq!(out.status.code(), Some(2));

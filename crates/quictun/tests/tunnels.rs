@@ -22,14 +22,24 @@ struct Relay {
 
 impl Relay {
     fn start(dir: &Path, clients: &str) -> Self {
+        Self::start_logging(dir, clients, "warn")
+    }
+
+    /// [`Relay::start`] with JSON log lines at `log` (`RUST_LOG`) on its stderr.
+    fn start_logging(dir: &Path, clients: &str, log: &str) -> Self {
         let config = loopback_relay_config(dir, "declared_tcp_address = \"127.0.0.1\"\n", clients);
-        let proc = Proc::spawn(&["relay", "--config", config.to_str().unwrap()], dir);
+        let mut command = std::process::Command::new(BIN);
+        command.args(["--log-format", "json", "relay", "--config", config.to_str().unwrap()]).env("RUST_LOG", log);
+        let proc = Proc::spawn_command(command, dir);
         let after = |line: String, prefix: &str| line.rsplit(prefix).next().unwrap().trim().to_owned();
         let quic = after(proc.line_with("udp://"), "udp://");
         let grpc = after(proc.line_with("gRPC (agents)"), "tcp://");
         let http = after(proc.line_with("HTTP ingress"), "http://");
         let admin = after(proc.line_with("  admin "), "http://").trim_end_matches("/api/sessions").to_owned();
         let pin = proc.line_with("  pin ").split_whitespace().last().unwrap().to_owned();
+        // Bound to loopback, the relay names itself by that address, not the machine's name.
+        let command = proc.line_with("agent command");
+        assert!(command.contains(&format!("--relay {quic} ")), "{command}");
         Self { proc, quic, grpc, http, admin, pin }
     }
 
@@ -314,4 +324,43 @@ fn an_https_upstream_is_verified_with_its_ca_file_and_a_wrong_ca_gets_a_502_nami
         assert!(body.contains("certificate"), "{refused}: {body}");
     }
     assert_eq!(relay.get("unverified.dev.test").0, "200");
+}
+
+#[test]
+fn each_tcp_connection_leaves_an_access_line_with_its_bytes_and_how_it_ended() {
+    let dir = TempDir::new();
+    let echo = echo_server();
+    let relay = Relay::start_logging(&dir, &clients(&[("office-1", "web", ALLOW_DEV)]), "warn,quictun::access=info");
+    let (port, dead_port) = (free_port(), free_port());
+    let nothing = format!("127.0.0.1:{}", free_port());
+    let (tcp, dead) = (format!("{port}={echo}"), format!("{dead_port}={nothing}"));
+    let agent = relay.agent(&dir, "office-1", "quic", &["--tcp", &tcp, "--tcp", &dead]);
+    agent.line_with(&format!("tunnel tcp port {dead_port}: accepted"));
+    assert_eq!(tcp_ping(port).unwrap(), "echo:ping");
+    assert!(tcp_ping(dead_port).map_or(true, |answer| answer.is_empty()), "nothing listens behind {dead_port}");
+    let metrics = try_http_get(&relay.admin, "/metrics").unwrap();
+    let to_agent = metric(&metrics, "quictun_bytes_total{direction=\"to_agent\"}").unwrap_or(0.0);
+    assert!(to_agent >= 4.0, "TCP bytes count in the metrics: {metrics}");
+
+    relay.proc.terminate();
+    let (status, err) = relay.proc.wait_exit();
+    assert_eq!(status, 0, "{err}");
+    let access: Vec<serde_json::Value> =
+        err.lines().filter(|l| l.contains("quictun::access")).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let of = |port: u16| {
+        let listen = format!("127.0.0.1:{port}");
+        let lines: Vec<_> = access.iter().filter(|l| l["fields"]["listen"] == listen.as_str()).collect();
+        assert_eq!(lines.len(), 1, "one line per connection on {listen}: {err}");
+        lines[0]["fields"].clone()
+    };
+    let served = of(port);
+    assert_eq!(served["message"], format!("TCP {port}"));
+    assert_eq!(served["client_id"], "office-1");
+    assert_eq!(served["bytes_to_agent"], 4, "{served}");
+    assert_eq!(served["bytes_from_agent"], 9, "{served}");
+    assert_eq!(served["end"], "closed", "{served}");
+    assert!(served["duration_ms"].as_f64().unwrap() > 0.0);
+    let refused = of(dead_port);
+    assert!(refused["end"].as_str().unwrap().starts_with("refused: the agent could not connect"), "{refused}");
+    assert_eq!(refused["bytes_to_agent"], 0);
 }
