@@ -67,7 +67,14 @@ async fn start(transport: Transport) -> (Harness, SocketAddr, mpsc::Receiver<usi
 }
 
 async fn tcp_echo_and_a_large_transfer_after_the_clients_fin(transport: Transport) {
-    let (_h, port, _reports, _agent) = start(transport).await;
+    let (h, port, _reports, _agent) = start(transport).await;
+    // The tunnel is listed with the agents that carry it.
+    let tunnels: serde_json::Value =
+        serde_json::from_str(&quictun_tests::admin_get(h.relay().admin_addr(), "/api/tunnels", None).await.text())
+            .unwrap();
+    assert_eq!(tunnels[0]["source"], "relay", "{tunnels}");
+    assert_eq!(tunnels[0]["listen"], port.to_string(), "{tunnels}");
+    assert_eq!(tunnels[0]["holders"], serde_json::json!(["agent-1"]), "{tunnels}");
     // Interactive echo.
     let mut echo = TcpStream::connect(port).await.unwrap();
     for round in 0..3 {

@@ -6,8 +6,9 @@
 //! - `GET /api/sessions`: the connected agents as JSON, one entry per instance (agent process) of
 //!   each client: client_id, instance id, group, session id, remote address, transport, connected
 //!   since (Unix seconds), heartbeat RTT, in-flight streams;
-//! - `GET /api/tunnels`: the tunnels agents declared as JSON: kind, host or bound address, the
-//!   group holding it, its holders' client ids.
+//! - `GET /api/tunnels`: the relay's `[[tcp]]` tunnels and the tunnels agents declared, as
+//!   JSON: where each comes from (`relay` or `agent`), kind, host or bound address, the group
+//!   serving it, the client ids of the agents that carry it.
 
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
@@ -16,6 +17,7 @@ use http::StatusCode;
 use quictun_core::admin::{AdminPages, AdminReply, reply};
 use serde::Serialize;
 
+use crate::declared::DeclaredView;
 use crate::state::Runtime;
 
 /// One session as `/api/sessions` shows it.
@@ -78,23 +80,45 @@ fn millis(d: std::time::Duration) -> u64 {
 }
 
 /// The relay's pages on the shared admin server.
-pub struct RelayPages(pub Arc<Runtime>);
+pub struct RelayPages {
+    /// What the pages show.
+    pub runtime: Arc<Runtime>,
+    /// The `[[tcp]]` tunnels: bound address and group.
+    pub tcp: Vec<(std::net::SocketAddr, Arc<str>)>,
+}
+
+impl RelayPages {
+    /// The relay's `[[tcp]]` tunnels (carried by every agent of their group), then the tunnels
+    /// agents declared.
+    fn tunnels(&self) -> Vec<DeclaredView> {
+        let relay = self.tcp.iter().map(|(listen, group)| DeclaredView {
+            source: "relay",
+            kind: "tcp",
+            host: None,
+            listen: Some(listen.to_string()),
+            group: group.to_string(),
+            holders: self.runtime.sessions.group(group).iter().map(|s| s.client_id.to_string()).collect(),
+        });
+        relay.chain(self.runtime.declared.list()).collect()
+    }
+}
 
 impl AdminPages for RelayPages {
     fn ready(&self) -> bool {
-        !self.0.shutdown.is_cancelled()
+        !self.runtime.shutdown.is_cancelled()
     }
 
     fn metrics(&self) -> String {
-        let pending = i64::try_from(self.0.pending.count()).unwrap_or(i64::MAX);
-        self.0.metrics.pending_agents.set(pending);
-        self.0.metrics.render(&self.0.sessions)
+        let runtime = &self.runtime;
+        let pending = i64::try_from(runtime.pending.count()).unwrap_or(i64::MAX);
+        runtime.metrics.pending_agents.set(pending);
+        runtime.metrics.render(&runtime.sessions)
     }
 
     fn page(&self, path: &str) -> Option<AdminReply> {
         let json = match path {
-            "/api/sessions" => serde_json::to_vec_pretty(&sessions(&self.0)),
-            "/api/tunnels" => serde_json::to_vec_pretty(&self.0.declared.list()),
+            "/api/sessions" => serde_json::to_vec_pretty(&sessions(&self.runtime)),
+            "/api/tunnels" => serde_json::to_vec_pretty(&self.tunnels()),
             _ => return None,
         };
         Some(match json {

@@ -105,9 +105,11 @@ impl std::fmt::Debug for Declared {
     }
 }
 
-/// One declared tunnel as the admin API shows it.
+/// One tunnel as the admin API shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeclaredView {
+    /// `agent` (declared) or `relay` (a `[[tcp]]` entry).
+    pub source: &'static str,
     /// `http` or `tcp`.
     pub kind: &'static str,
     /// The host, for HTTP.
@@ -223,6 +225,7 @@ impl Declared {
                     Claim::Tcp { .. } => ("tcp", None),
                 };
                 DeclaredView {
+                    source: "agent",
                     kind,
                     host,
                     listen: held.listener.as_ref().map(|(addr, _)| addr.to_string()),

@@ -158,15 +158,18 @@ impl Bound {
         quictun_core::spawn_cancellable(&runtime.tasks, &runtime.stopped, liveness::watch(runtime.sessions.clone()));
         runtime.tasks.spawn(runtime.known_networks.clone().keep_written(runtime.stopped.clone()));
         self.agents.run(shared);
+        let mut relay_tunnels = Vec::with_capacity(self.tcp.len());
         for (listener, entry) in self.tcp {
             let timeout = Duration::from_secs(shared.settings.response_timeout_secs);
-            runtime.tasks.spawn(tcp::serve(listener, tcp::TcpTunnel::from_entry(&entry), runtime.clone(), timeout));
+            let tunnel = tcp::TcpTunnel::from_entry(&entry);
+            relay_tunnels.push((listener.local_addr().unwrap_or(entry.listen), Arc::<str>::from(entry.group.as_str())));
+            runtime.tasks.spawn(tcp::serve(listener, tunnel, runtime.clone(), timeout));
         }
         let mut ingresses = vec![runtime.tasks.spawn(ingress::serve(self.http, shared.clone(), None))];
         if let Some((listener, tls)) = self.https {
             ingresses.push(runtime.tasks.spawn(ingress::serve(listener, shared.clone(), Some(tls))));
         }
-        let pages = Arc::new(admin::RelayPages(runtime.clone()));
+        let pages = Arc::new(admin::RelayPages { runtime: runtime.clone(), tcp: relay_tunnels });
         let (stopped, tasks) = (runtime.stopped.clone(), runtime.tasks.clone());
         runtime.tasks.spawn(quictun_core::admin::serve(self.admin, pages, admin_token, stopped, tasks));
         (self.agents, ingresses)

@@ -55,8 +55,12 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the manual page (roff): `quictun man | man -l -`.
-    Man,
+    /// Print a manual page (roff): `quictun man | man -l -`; `quictun man relay` (any
+    /// subcommand) for its own, `quictun man config` for every configuration key.
+    Man {
+        /// A subcommand, or `config`.
+        page: Option<String>,
+    },
     /// Run many agents in one process (used by `bench`).
     #[command(hide = true)]
     BenchAgents(BenchAgentsArgs),

@@ -11,6 +11,7 @@ mod cert_cmd;
 mod cli;
 mod demo;
 mod demo_upstream;
+mod man_cmd;
 mod relay_cmd;
 mod signal;
 
@@ -109,9 +110,7 @@ fn main() -> ExitCode {
                 clap_complete::generate(shell, &mut Cli::command(), "quictun", &mut std::io::stdout());
                 Ok(())
             }
-            Command::Man => clap_mangen::Man::new(Cli::command())
-                .render(&mut std::io::stdout())
-                .map_err(|err| Failure::runtime(anyhow::anyhow!("writing the manual page: {err}"))),
+            Command::Man { page } => man_cmd::run(page.as_deref()),
             Command::BenchAgents(args) => bench_cmd::agents(args).await,
             Command::BenchFloor(args) => bench_cmd::floor(args).await,
             Command::BenchProxy(args) => bench_cmd::proxy(args).await,

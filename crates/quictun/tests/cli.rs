@@ -821,6 +821,16 @@ fn completions_and_a_manual_page_are_generated_from_the_flags() {
     let page = String::from_utf8_lossy(&man.stdout);
     assert!(page.starts_with(".ie") || page.contains(".TH quictun"), "not a roff page");
     assert!(page.contains("relay") && page.contains("agent"));
+    for sub in ["relay", "agent", "demo", "cert", "bench", "upstream"] {
+        let man = quictun(&["man", sub]);
+        assert!(man.status.success(), "{sub}: {}", stderr(&man));
+        let page = String::from_utf8_lossy(&man.stdout);
+        assert!(page.contains(&format!(".TH quictun-{sub}")), "{sub}: {page}");
+    }
+    assert!(String::from_utf8_lossy(&quictun(&["man", "relay"]).stdout).contains("quic\\-listen"));
+    let config = String::from_utf8_lossy(&quictun(&["man", "config"]).stdout).into_owned();
+    assert!(config.contains(".TH QUICTUN.TOML 5") && config.contains("allow_hosts"), "{config}");
+    assert_eq!(quictun(&["man", "nope"]).status.code(), Some(2));
 }
 
 #[test]
