@@ -134,29 +134,58 @@ fn exposes_http_and_tcp_by_flags_alone(transport: &str) {
     let dir = TempDir::new();
     let (_upstream, url) = upstream(&dir);
     let echo = echo_server();
-    let relay = Relay::start(&dir, &clients(&[("office-1", "web", ALLOW_DEV)]));
+    // The relay's own route names one host under the allowance: it stays the relay's.
+    let own = format!(
+        "[[upstreams]]\nname = \"own\"\ngroup = \"web\"\ntargets = [\"{url}\"]\n\
+         [[routes]]\nhost = \"own.dev.test\"\nupstream = \"own\"\n"
+    );
+    let relay = Relay::start(&dir, &(clients(&[("office-1", "web", ALLOW_DEV)]) + &own));
     let port = free_port();
+    // A port something else holds: refused with the system's error.
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
     let (app, evil, tcp) = (format!("app.dev.test={url}"), format!("evil.other.test={url}"), format!("{port}={echo}"));
+    let (own_claim, busy) = (format!("own.dev.test={url}/mine"), format!("{taken_port}={echo}"));
     let agent = relay.agent(
         &dir,
         "office-1",
         transport,
-        &["--http", &app, "--http", &evil, "--tcp", &tcp, "--admin-listen", "127.0.0.1:0"],
+        &[
+            "--http",
+            &app,
+            "--http",
+            &evil,
+            "--http",
+            &own_claim,
+            "--tcp",
+            &tcp,
+            "--tcp",
+            &busy,
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
     );
     let admin =
         agent.line_with("agent admin on").rsplit("http://").next().unwrap().trim_end_matches("/metrics").to_owned();
     agent.line_with("tunnel http app.dev.test: accepted");
     let refused = agent.line_with("tunnel http evil.other.test: refused");
     assert!(refused.contains("allow_hosts"), "{refused}");
+    let refused = agent.line_with("tunnel http own.dev.test: refused");
+    assert!(refused.contains("the relay's own routes serve this host"), "{refused}");
     agent.line_with(&format!("tunnel tcp port {port}: accepted"));
+    let refused = agent.line_with(&format!("tunnel tcp port {taken_port}: refused"));
+    assert!(refused.contains("cannot listen on") && refused.contains("in use"), "{refused}");
 
     let (status, body) = relay.get("app.dev.test");
     assert_eq!(status, "200", "{body}");
     assert!(body.contains("GET /hello"), "{body}");
     assert_eq!(relay.get("evil.other.test").0, "404", "a refused host gets the relay's usual 404");
     assert_eq!(tcp_ping(port).unwrap(), "echo:ping");
+    let (status, body) = relay.get("own.dev.test");
+    assert!(status == "200" && !body.contains("/mine"), "the relay's route serves its host: {body}");
     let metrics = try_http_get(&admin, "/metrics").unwrap();
-    assert_eq!(metric(&metrics, "quictun_agent_tunnels_refused_total"), Some(1.0), "{metrics}");
+    assert_eq!(metric(&metrics, "quictun_agent_tunnels_refused_total"), Some(3.0), "{metrics}");
+    drop(taken);
     let tunnels = relay.api("/api/tunnels");
     assert!(tunnels.contains("\"app.dev.test\"") && tunnels.contains(&format!("127.0.0.1:{port}")), "{tunnels}");
     assert!(!tunnels.contains("evil"), "{tunnels}");
