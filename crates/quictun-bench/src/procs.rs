@@ -313,35 +313,7 @@ impl Stack {
         let egress = if with_egress { Some(SocketAddr::from(([127, 0, 0, 1], free_port(false)?))) } else { None };
         let dir = self.dir.clone();
         let pin = generate_cert(exe, &dir)?;
-        self.quic_port = free_port(true)?;
-        self.grpc_port = free_port(false)?;
-        let http: SocketAddr = format!("127.0.0.1:{}", free_port(false)?).parse()?;
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port(false)?).parse()?;
-        let mut config = format!(
-            "[relay]\nquic_listen = \"{tunnel_ip}:{q}\"\ngrpc_listen = \"{tunnel_ip}:{g}\"\nhttp_listen = \"{http}\"\n\
-             admin_listen = \"{admin}\"\ncert = \"{d}/certs/relay.crt\"\nkey = \"{d}/certs/relay.key\"\n\
-             max_streams_per_agent = 16384\ndrain_timeout_secs = 1\nhandshake_rate_per_ip = 0\n\
-             max_connections_per_ip = 0\nmax_requests_per_ip = 0\nmax_pending_per_network = 0\n{egress_limit}\
-             [[upstreams]]\nname = \"up\"\ngroup = \"bench\"\ntargets = [\"http://{upstream}\"]\n\
-             [[routes]]\nhost = \"*\"\nupstream = \"up\"\n{egress_route}",
-            q = self.quic_port,
-            g = self.grpc_port,
-            d = dir.display(),
-            // The upstream is on loopback, where the relay reaches it too.
-            egress_limit = if with_egress { "max_egress_streams_per_agent = 16384\n" } else { "" },
-            egress_route = if with_egress {
-                format!("[[egress_routes]]\nhost = \"*\"\ntarget = \"http://{upstream}\"\n")
-            } else {
-                String::new()
-            },
-        );
-        for i in 0..agents {
-            config.push_str(&format!("[[clients]]\nid = \"bench-{i}\"\ntoken = \"bench-token\"\ngroup = \"bench\"\n"));
-        }
-        std::fs::write(dir.join("relay.toml"), config)?;
-        let relay_args = ["relay".to_owned(), "--config".into(), dir.join("relay.toml").to_string_lossy().into_owned()];
-        self.relay = Some(Proc::spawn(exe, &relay_args, &dir.join("relay.log"), "relay")?);
-        wait_until("the relay", Duration::from_secs(20), async || tcp_ready(admin).await).await?;
+        let (http, admin) = self.start_relay(exe, tunnel_ip, upstream, agents, with_egress).await?;
         let transport = self.mode.name().to_owned();
         let mut agent_args: Vec<String> = vec![
             "bench-agents".into(),
@@ -377,6 +349,67 @@ impl Stack {
         })
         .await?;
         Ok(())
+    }
+
+    /// Starts the relay on ports free a moment ago. Such a port can be taken in between (the
+    /// load's own connections draw ephemeral ports from the same range): a relay that exits
+    /// before it listens is started again on new ports, up to three times.
+    async fn start_relay(
+        &mut self,
+        exe: &Path,
+        tunnel_ip: &str,
+        upstream: SocketAddr,
+        agents: usize,
+        with_egress: bool,
+    ) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+        let dir = self.dir.clone();
+        for attempt in 1..=3 {
+            self.quic_port = free_port(true)?;
+            self.grpc_port = free_port(false)?;
+            let http: SocketAddr = format!("127.0.0.1:{}", free_port(false)?).parse()?;
+            let admin: SocketAddr = format!("127.0.0.1:{}", free_port(false)?).parse()?;
+            let mut config = format!(
+                "[relay]\nquic_listen = \"{tunnel_ip}:{q}\"\ngrpc_listen = \"{tunnel_ip}:{g}\"\nhttp_listen = \"{http}\"\n\
+                 admin_listen = \"{admin}\"\ncert = \"{d}/certs/relay.crt\"\nkey = \"{d}/certs/relay.key\"\n\
+                 max_streams_per_agent = 16384\ndrain_timeout_secs = 1\nhandshake_rate_per_ip = 0\n\
+                 max_connections_per_ip = 0\nmax_requests_per_ip = 0\nmax_pending_per_network = 0\n{egress_limit}\
+                 [[upstreams]]\nname = \"up\"\ngroup = \"bench\"\ntargets = [\"http://{upstream}\"]\n\
+                 [[routes]]\nhost = \"*\"\nupstream = \"up\"\n{egress_route}",
+                q = self.quic_port,
+                g = self.grpc_port,
+                d = dir.display(),
+                // The upstream is on loopback, where the relay reaches it too.
+                egress_limit = if with_egress { "max_egress_streams_per_agent = 16384\n" } else { "" },
+                egress_route = if with_egress {
+                    format!("[[egress_routes]]\nhost = \"*\"\ntarget = \"http://{upstream}\"\n")
+                } else {
+                    String::new()
+                },
+            );
+            for i in 0..agents {
+                config.push_str(&format!(
+                    "[[clients]]\nid = \"bench-{i}\"\ntoken = \"bench-token\"\ngroup = \"bench\"\n"
+                ));
+            }
+            std::fs::write(dir.join("relay.toml"), config)?;
+            let relay_args =
+                ["relay".to_owned(), "--config".into(), dir.join("relay.toml").to_string_lossy().into_owned()];
+            self.relay = Some(Proc::spawn(exe, &relay_args, &dir.join("relay.log"), "relay")?);
+            let relay = self.relay.as_mut().ok_or_else(|| anyhow::anyhow!("no relay process"))?;
+            let mut exited = false;
+            wait_until("the relay", Duration::from_secs(20), async || {
+                exited = relay.check_alive().is_err();
+                exited || tcp_ready(admin).await
+            })
+            .await?;
+            if !exited {
+                return Ok((http, admin));
+            }
+            let log = std::fs::read_to_string(dir.join("relay.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(3).collect();
+            tracing::warn!(attempt, log = ?tail, "the relay exited before it listened: trying new ports");
+        }
+        bail!("the relay exited before it listened, three times (see {})", dir.join("relay.log").display())
     }
 
     /// Where a process of this stack called `name` writes its log.
