@@ -139,6 +139,8 @@ fn reload_tunnels(args: &AgentArgs, agents: &[Agent]) {
 
 /// Prints the relay's answer to each declared tunnel, each time it answers; never returns.
 async fn report_tunnels(mut answers: tokio::sync::watch::Receiver<Vec<quictun_proto::ClaimAnswer>>) {
+    // Answers that came before this watch began are printed too.
+    answers.mark_changed();
     while answers.changed().await.is_ok() {
         for answer in answers.borrow_and_update().iter() {
             match &answer.refused {
