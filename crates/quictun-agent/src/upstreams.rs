@@ -30,11 +30,6 @@ pub fn declared_target(
     insecure_skip_verify: bool,
 ) -> Result<Target, (&'static str, String)> {
     let parsed = Target::parse(target).map_err(|err| ("target", err.to_string()))?;
-    let tls = quictun_core::upstream_tls::UpstreamTls {
-        ca_file: ca_file.map(ToOwned::to_owned),
-        server_name: server_name.map(ToOwned::to_owned),
-        insecure_skip_verify,
-    };
     if parsed.tls().is_none() {
         return match (ca_file, server_name, insecure_skip_verify) {
             (None, None, false) => Ok(parsed),
@@ -43,11 +38,16 @@ pub fn declared_target(
             _ => Err(("insecure_skip_verify", "only for https:// targets".into())),
         };
     }
+    let tls = quictun_core::upstream_tls::UpstreamTls {
+        ca_file: ca_file.map(ToOwned::to_owned),
+        server_name: server_name.map(ToOwned::to_owned),
+        insecure_skip_verify,
+    };
     if ca_file.is_some() {
         tls.client_config().map_err(|err| ("ca_file", err.to_string()))?;
     }
     tls.server_name(parsed.host()).map_err(|err| ("tls_server_name", err.to_string()))?;
-    Ok(parsed.with_tls(tls).unwrap_or_else(|| unreachable!("an https:// target has TLS")))
+    parsed.with_tls(tls).map_err(|_| ("target", "not an https:// target".into()))
 }
 
 /// A local upstream, its targets parsed once (when the options are validated).
@@ -92,7 +92,7 @@ impl UpstreamTable {
                 .iter()
                 .filter_map(|t| match Target::parse(t) {
                     Ok(target) if allow.is_none_or(|a| allowed(&target, a)) => {
-                        Some(target.clone().with_tls(pushed_tls.clone()).unwrap_or(target))
+                        Some(target.with_tls(pushed_tls.clone()).unwrap_or_else(|plain| plain))
                     }
                     Ok(_) => {
                         warn!(upstream = %spec.name, target = %t, "refusing pushed target not in allowed_targets");

@@ -108,6 +108,18 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// `err` and each error under it, outermost first. An `io::Error` that wraps another error is
+/// followed by that error itself (its own `source` skips the error it wraps, and hyper-rustls
+/// wraps tokio-rustls' `io::Error` in another).
+pub fn causes<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(err), |e| match e.downcast_ref::<std::io::Error>().and_then(std::io::Error::get_ref) {
+        Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+        None => e.source(),
+    })
+}
+
 /// Pending connections a TCP listener may queue before it accepts them (the kernel caps it at
 /// `net.core.somaxconn`). Tokio's default of 1024 made a burst of new clients overflow the queue:
 /// the ones dropped retry their SYN only after a second, and `quictun bench`'s many workload (10k

@@ -69,11 +69,16 @@ impl Target {
         Ok(Self { authority, base_path, http2, tls })
     }
 
-    /// The target with its TLS verified as `tls` says; an `http://` or `h2c://` target is
-    /// returned as it is (`None`: it has no TLS to set).
-    pub fn with_tls(mut self, tls: UpstreamTls) -> Option<Self> {
-        self.tls.as_mut().map(|slot| *slot = tls)?;
-        Some(self)
+    /// The `https://` target with its TLS verified as `tls` says; an `http://` or `h2c://`
+    /// target, which has no TLS to set, comes back as the error, unchanged.
+    pub fn with_tls(mut self, tls: UpstreamTls) -> Result<Self, Self> {
+        match self.tls.as_mut() {
+            Some(slot) => {
+                *slot = tls;
+                Ok(self)
+            }
+            None => Err(self),
+        }
     }
 
     /// How the target's TLS is verified, for an `https://` target.
@@ -126,7 +131,9 @@ pub struct UpstreamHttp {
     http2: Client<HttpConnector, TunnelBody>,
     /// The `https://` clients, one pair per way of verifying (made on first use).
     https: Mutex<HashMap<UpstreamTls, Arc<TlsClients>>>,
+    /// What every client is built from: the TCP connector and the pool's settings.
     connector: HttpConnector,
+    builder: hyper_util::client::legacy::Builder,
     response_timeout: Duration,
 }
 
@@ -154,7 +161,7 @@ impl UpstreamHttp {
             .pool_max_idle_per_host(256);
         let http1 = builder.build(connector.clone());
         let http2 = builder.clone().http2_only(true).build(connector.clone());
-        Self { http1, http2, https: Mutex::default(), connector, response_timeout }
+        Self { http1, http2, https: Mutex::default(), connector, builder, response_timeout }
     }
 
     /// The clients for `https://` targets verified as `tls` says.
@@ -173,18 +180,9 @@ impl UpstreamHttp {
                 .https_only()
                 .with_server_name_resolver(FixedServerNameResolver::new(name.clone()))
         };
-        let builder = || {
-            let mut builder = Client::builder(TokioExecutor::new());
-            builder
-                .timer(TokioTimer::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(Duration::from_secs(60))
-                .pool_max_idle_per_host(256);
-            builder
-        };
         let clients = Arc::new(TlsClients {
-            any: builder().build(base().enable_all_versions().wrap_connector(connector.clone())),
-            http2: builder().http2_only(true).build(base().enable_http2().wrap_connector(connector)),
+            any: self.builder.build(base().enable_all_versions().wrap_connector(connector.clone())),
+            http2: self.builder.clone().http2_only(true).build(base().enable_http2().wrap_connector(connector)),
         });
         https.insert(tls.clone(), clients.clone());
         Ok(clients)
@@ -280,14 +278,8 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
 
 /// True when a connect error was a timeout (answered 504 rather than 502).
 fn is_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(err);
-    while let Some(cause) = source {
-        if cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
-            return true;
-        }
-        source = cause.source();
-    }
-    false
+    crate::causes(err)
+        .any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut))
 }
 
 #[cfg(test)]

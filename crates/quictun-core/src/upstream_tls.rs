@@ -119,22 +119,9 @@ impl ServerCertVerifier for AnyCertificate {
     }
 }
 
-/// True when `err`'s chain holds a certificate the TLS handshake refused. An `io::Error`'s
-/// `source` skips the error it wraps (hyper-rustls wraps tokio-rustls' `io::Error` in another),
-/// so each is opened with `get_ref`.
+/// True when `err`'s chain ([`crate::causes`]) holds a certificate the TLS handshake refused.
 pub fn is_certificate_error(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(err);
-    while let Some(cause) = source {
-        let mut inner = cause;
-        while let Some(wrapped) = inner.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
-            inner = wrapped;
-        }
-        if matches!(inner.downcast_ref::<rustls::Error>(), Some(rustls::Error::InvalidCertificate(_))) {
-            return true;
-        }
-        source = cause.source();
-    }
-    false
+    crate::causes(err).any(|c| matches!(c.downcast_ref::<rustls::Error>(), Some(rustls::Error::InvalidCertificate(_))))
 }
 
 #[cfg(test)]

@@ -38,6 +38,13 @@ fn relay_file(dir: &std::path::Path, quic: u16, grpc: u16) -> std::path::PathBuf
     config
 }
 
+/// `quictun agent` in its default `auto` transport, with the relay's QUIC and gRPC addresses.
+fn agent(dir: &std::path::Path, quic: &str, grpc: &str, pin: &str) -> Proc {
+    let args =
+        ["agent", "--relay", quic, "--grpc-relay", grpc, "--pin", pin, "--client-id", "office-1", "--token", "right"];
+    Proc::spawn(&args, dir)
+}
+
 #[test]
 fn a_relay_stopped_for_two_and_a_half_seconds_ten_times_gets_its_agent_back_on_quic_each_time() {
     let dir = TempDir::new();
@@ -52,22 +59,7 @@ fn a_relay_stopped_for_two_and_a_half_seconds_ten_times_gets_its_agent_back_on_q
     let pin = relay.line_with("  pin ").split_whitespace().last().unwrap().to_owned();
     let (quic_addr, grpc_addr) = (format!("127.0.0.1:{quic}"), format!("127.0.0.1:{grpc}"));
     // The default transport (auto) and timeouts.
-    let agent = Proc::spawn(
-        &[
-            "agent",
-            "--relay",
-            &quic_addr,
-            "--grpc-relay",
-            &grpc_addr,
-            "--pin",
-            &pin,
-            "--client-id",
-            "office-1",
-            "--token",
-            "right",
-        ],
-        &dir,
-    );
+    let agent = agent(&dir, &quic_addr, &grpc_addr, &pin);
     let first = agent.line_with("connected to");
     assert!(first.contains("over QUIC"), "{first}");
 
@@ -96,22 +88,7 @@ fn a_quic_port_that_does_not_answer_is_named_before_the_agent_uses_grpc() {
     let pin = relay.line_with("  pin ").split_whitespace().last().unwrap().to_owned();
     let (_, wrong) = free_ports();
     let (wrong_addr, grpc_addr) = (format!("127.0.0.1:{wrong}"), format!("127.0.0.1:{grpc}"));
-    let agent = Proc::spawn(
-        &[
-            "agent",
-            "--relay",
-            &wrong_addr,
-            "--grpc-relay",
-            &grpc_addr,
-            "--pin",
-            &pin,
-            "--client-id",
-            "office-1",
-            "--token",
-            "right",
-        ],
-        &dir,
-    );
+    let agent = agent(&dir, &wrong_addr, &grpc_addr, &pin);
     let told = agent.line_with("using gRPC");
     assert!(told.contains(&format!("no QUIC answer from {wrong_addr}")), "{told}");
     assert!(told.contains(&format!("{wrong} not its QUIC port")), "{told}");
