@@ -16,7 +16,7 @@ pub mod udp_proxy;
 pub mod upstream;
 
 pub use agent_path::AgentPath;
-pub use client::{HttpClient, Reply, admin_get, metric};
+pub use client::{HttpClient, Reply, admin_get, metric, wait_for_metric};
 pub use harness::{Harness, HarnessConfig};
 pub use tcp_proxy::TcpProxy;
 pub use udp_proxy::UdpProxy;

@@ -130,8 +130,9 @@ impl RequestHandler for Forwarder {
                     }
                 }
                 Target::Http(_) | Target::Upgrade(_) => self.forward(head, body).await,
-                // Egress requests go the other way, to the relay.
-                Target::Egress => Err(StreamCode::KindUnsupported),
+                // Egress requests go the other way, to the relay; UDP flows belong to the session
+                // (`crate::session::SessionHandler`).
+                Target::Egress | Target::Udp(_) => Err(StreamCode::KindUnsupported),
             };
             let (head, body) = match answered {
                 Ok(answered) => answered,

@@ -32,6 +32,7 @@ mod session;
 mod state;
 mod tcp;
 mod tunnels;
+mod udp;
 mod upstreams;
 
 use std::net::SocketAddr;

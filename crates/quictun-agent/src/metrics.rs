@@ -45,6 +45,8 @@ pub struct AgentMetrics {
     connected: Gauge,
     /// Declared tunnels the relay refused.
     pub tunnels_refused: Counter,
+    /// UDP flows, datagrams and drops (`udp_*`; direction `to_relay`/`from_relay`).
+    pub udp: std::sync::Arc<quictun_core::flows::UdpMetrics>,
 }
 
 impl Default for AgentMetrics {
@@ -71,6 +73,8 @@ impl AgentMetrics {
         registry.register("connected", "1 while registered with the relay", connected.clone());
         let tunnels_refused = Counter::default();
         registry.register("tunnels_refused", "Declared tunnels the relay refused", tunnels_refused.clone());
+        let udp = quictun_core::flows::UdpMetrics::new("to_relay", "from_relay");
+        udp.register(&mut registry);
         Self {
             registry,
             requests,
@@ -80,6 +84,7 @@ impl AgentMetrics {
             bytes_from_upstream,
             connected,
             tunnels_refused,
+            udp,
         }
     }
 

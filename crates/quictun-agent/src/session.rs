@@ -5,13 +5,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use quictun_core::body::TunnelBody;
 use quictun_core::control::{ControlError, ControlIo, message_name};
 use quictun_core::heartbeat::Heartbeats;
 use quictun_core::logsafe::Inert;
 use quictun_core::session::{Action, Role};
 use quictun_core::transport::{Connection, DialError};
-use quictun_core::tunnel::{CloseReason, ProtocolViolation, TransportKind, Tunnel};
-use quictun_proto::{AgentConfig, ClaimAnswer, CloseCode, ControlMessage, GoAway, Register};
+use quictun_core::tunnel::{Answer, BoxFuture, CloseReason, ProtocolViolation, RequestHandler, TransportKind, Tunnel};
+use quictun_proto::{
+    AgentConfig, ClaimAnswer, CloseCode, ControlMessage, GoAway, Limits, Register, RequestHead, Target,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -22,6 +25,7 @@ use crate::error::AgentError;
 use crate::forward::Forwarder;
 use crate::state::AgentState;
 use crate::tunnels::Tunnels;
+use crate::udp::UdpFlows;
 use crate::upstreams::UpstreamTable;
 
 /// Longest the relay may take to answer the register message.
@@ -141,7 +145,7 @@ pub async fn register_and_serve<C: ControlIo>(
     let interval = Duration::from_millis(u64::from(accepted.heartbeat_interval_ms.max(50)));
     let heartbeats = Heartbeats::new(interval, accepted.heartbeat_misses.max(1));
     let role = AgentRole::new(options, forwarder, stop, tunnels, accepted.config);
-    Ok(serve(options, &mut control, tunnel.as_ref(), forwarder, heartbeats, role).instrument(span).await)
+    Ok(serve(options, &mut control, &tunnel, forwarder, heartbeats, role).instrument(span).await)
 }
 
 /// The upstreams the agent serves: the relay's `pushed` ones, its own, and its HTTP tunnels.
@@ -266,15 +270,26 @@ impl Role for AgentRole<'_> {
 async fn serve<C: ControlIo>(
     options: &AgentOptions,
     control: &mut C,
-    tunnel: &dyn Tunnel,
+    tunnel: &Arc<dyn Tunnel>,
     forwarder: &Arc<Forwarder>,
     mut heartbeats: Heartbeats,
     mut role: AgentRole<'_>,
 ) -> SessionEnd {
     let streams = TaskTracker::new();
     let cancel_streams = CancellationToken::new();
+    let udp = UdpFlows::new(
+        tunnel.clone(),
+        forwarder.metrics().udp.clone(),
+        options.allowed_targets.clone(),
+        options.connect_timeout,
+    );
+    // The DATAGRAM reader ends with the tunnel, or with this function (never part of the drain).
+    let datagrams = udp.table().clone().read_datagrams();
+    tokio::spawn(quictun_core::until_cancelled(datagrams, cancel_streams.clone()).in_current_span());
+    let handler = Arc::new(SessionHandler { forwarder: forwarder.clone(), udp: udp.clone() });
+    let tunnel = tunnel.as_ref();
     let ended = {
-        let requests = tunnel.serve(forwarder.clone(), streams.clone(), cancel_streams.clone());
+        let requests = tunnel.serve(handler, streams.clone(), cancel_streams.clone());
         let session = quictun_core::session::run(control, tunnel, &mut heartbeats, &mut role);
         tokio::select! {
             reason = requests => Err(reason),
@@ -284,6 +299,7 @@ async fn serve<C: ControlIo>(
     streams.close();
     let end = match ended {
         Ok(own) => {
+            udp.end_all();
             info!(in_flight = streams.len(), drain = ?options.drain_timeout, "draining");
             if tokio::time::timeout(options.drain_timeout, streams.wait()).await.is_err() {
                 warn!(in_flight = streams.len(), "drain timeout: cancelling remaining streams");
@@ -300,4 +316,24 @@ async fn serve<C: ControlIo>(
     };
     cancel_streams.cancel();
     end
+}
+
+/// What serves one session's exchanges: a UDP flow belongs to the session (its DATAGRAM frames
+/// cross this tunnel), everything else goes to the agent's forwarder.
+struct SessionHandler {
+    forwarder: Arc<Forwarder>,
+    udp: Arc<UdpFlows>,
+}
+
+impl RequestHandler for SessionHandler {
+    fn handle(&self, head: RequestHead, body: TunnelBody) -> BoxFuture<'_, Answer> {
+        match head.target {
+            Target::Udp(flow) => Box::pin(async move { self.udp.open(&flow, body).await }),
+            _ => self.forwarder.handle(head, body),
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        self.forwarder.limits()
+    }
 }

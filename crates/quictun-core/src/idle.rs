@@ -27,8 +27,20 @@ pub struct Activity {
     last_ms: Arc<AtomicU64>,
 }
 
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Activity {
-    fn touch(&self) {
+    /// Activity that starts now.
+    pub fn new() -> Self {
+        Self { origin: Instant::now(), last_ms: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// Notes that something moved now.
+    pub fn touch(&self) {
         let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(now, Ordering::Relaxed);
     }
@@ -52,7 +64,7 @@ impl Activity {
 impl<IO> Watched<IO> {
     /// Watches `io`, counting from now.
     pub fn new(io: IO) -> Self {
-        Self { io, activity: Activity { origin: Instant::now(), last_ms: Arc::new(AtomicU64::new(0)) } }
+        Self { io, activity: Activity::new() }
     }
 
     /// A handle on the watch, kept by whoever waits for [`Activity::idle`].

@@ -34,11 +34,13 @@ pub mod config;
 pub mod control;
 pub mod datagram;
 pub mod edge;
+pub mod flows;
 pub mod framing;
 pub mod heartbeat;
 pub mod http;
 pub mod idle;
 pub mod logsafe;
+pub mod proxy_protocol;
 pub mod session;
 pub mod stall;
 pub mod tls;
@@ -133,6 +135,52 @@ pub fn listen_tcp(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::Tcp
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// Bytes of receive and send buffer a tunnel's UDP socket asks for (where the system allows):
+/// the default ~208 KiB loses bursts of datagrams even on loopback.
+pub const UDP_SOCKET_BUFFER: usize = 4 << 20;
+
+/// Binds a UDP socket on `addr` with [`UDP_SOCKET_BUFFER`]-byte buffers (an IPv6 socket takes
+/// IPv4 too), non-blocking, for tokio.
+pub fn bind_udp(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).ok();
+    }
+    // Best effort: the system caps these (net.core.rmem_max) without failing.
+    socket.set_recv_buffer_size(UDP_SOCKET_BUFFER).ok();
+    socket.set_send_buffer_size(UDP_SOCKET_BUFFER).ok();
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    tokio::net::UdpSocket::from_std(socket.into())
+}
+
+/// Sends one datagram on `socket` (to `to`, or to its connected peer) without waiting: straight
+/// to the kernel, which takes it or says why not. (tokio's `try_send` also refuses while its own
+/// readiness state has not yet seen the socket writable, as on a socket just made.)
+pub fn send_datagram_now(
+    socket: &tokio::net::UdpSocket,
+    datagram: &[u8],
+    to: Option<std::net::SocketAddr>,
+) -> std::io::Result<usize> {
+    let socket = socket2::SockRef::from(socket);
+    match to {
+        Some(to) => socket.send_to(datagram, &to.into()),
+        None => socket.send(datagram),
+    }
+}
+
+/// `work`, ended early when `cancel` fires.
+pub async fn until_cancelled<F: std::future::Future<Output = ()>>(
+    work: F,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    tokio::select! {
+        () = work => {}
+        () = cancel.cancelled() => {}
+    }
 }
 
 /// Runs `work` on `tasks` until it finishes or `cancel` fires, whichever comes first.

@@ -255,6 +255,9 @@ pub enum DatagramError {
         /// The most a datagram carries now.
         max: usize,
     },
+    /// The transport's queue of datagrams is full: this one is dropped (not an older one).
+    #[error("the tunnel's datagram queue is full")]
+    Full,
     /// The flow id does not fit its prefix.
     #[error(transparent)]
     FlowId(#[from] quictun_proto::datagram::FlowIdTooLarge),

@@ -57,7 +57,12 @@ pub fn upgrade_headers_from_wire(headers: Vec<Header>) -> Result<HeaderMap, Inva
 
 /// A tunnel body fed by a bounded channel, and the channel's sender.
 pub fn channel_body() -> (FrameSender, TunnelBody) {
-    let (tx, rx) = mpsc::channel(QUEUED_FRAMES);
+    channel_body_of(QUEUED_FRAMES)
+}
+
+/// A tunnel body fed by a channel of `depth` frames, and the channel's sender.
+pub fn channel_body_of(depth: usize) -> (FrameSender, TunnelBody) {
+    let (tx, rx) = mpsc::channel(depth.max(1));
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|frame| (frame, rx)) });
     (tx, StreamBody::new(stream).boxed_unsync())
 }

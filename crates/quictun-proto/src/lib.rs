@@ -32,7 +32,7 @@ pub use frame::FrameError;
 pub use host_port::{HostPort, HostPortError};
 pub use limits::Limits;
 pub use secret::Token;
-pub use stream::{BodyFrameHeader, HeadError, Header, RequestHead, ResponseHead, Target, Trailers};
+pub use stream::{BodyFrameHeader, HeadError, Header, RequestHead, ResponseHead, Target, Trailers, UdpFlow};
 
 /// The ALPN protocol identifier both sides must negotiate.
 pub const ALPN: &[u8] = b"quictun/1";

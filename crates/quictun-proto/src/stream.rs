@@ -37,6 +37,23 @@ pub enum Target {
     /// declared ([`crate::Claim::Tcp`]): the agent connects its own target for that port, then
     /// as [`Target::Tcp`].
     TcpPort(u16),
+    /// 5: a UDP flow (relay → agent): one client address's datagrams to and from `upstream`.
+    /// The stream sets the flow up, ends it with its FIN, and carries the flow's datagrams that
+    /// do not fit a DATAGRAM frame ([`crate::datagram::StreamDecoder`]'s framing); the rest cross
+    /// as DATAGRAM frames tagged with `flow`.
+    Udp(UdpFlow),
+}
+
+/// A UDP flow's setup: where its datagrams go and what identifies them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UdpFlow {
+    /// `host:port` as the agent sees it.
+    pub upstream: HostPort,
+    /// The id its DATAGRAM frames carry ([`crate::datagram`]); unique within the tunnel.
+    pub flow: crate::datagram::FlowId,
+    /// The client's address and the relay's, when each datagram to the upstream starts with a
+    /// PROXY protocol v2 header naming them.
+    pub proxy_v2: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
 }
 
 impl Target {
@@ -44,13 +61,13 @@ impl Target {
     pub fn upstream(&self) -> Option<&str> {
         match self {
             Self::Http(name) | Self::Upgrade(name) => Some(name),
-            Self::Tcp(_) | Self::TcpPort(_) | Self::Egress => None,
+            Self::Tcp(_) | Self::TcpPort(_) | Self::Egress | Self::Udp(_) => None,
         }
     }
 
     /// True for the kinds whose bodies are raw bytes both ways (never framed).
     pub fn is_raw(&self) -> bool {
-        matches!(self, Self::Tcp(_) | Self::TcpPort(_) | Self::Upgrade(_))
+        matches!(self, Self::Tcp(_) | Self::TcpPort(_) | Self::Upgrade(_) | Self::Udp(_))
     }
 }
 
@@ -62,6 +79,7 @@ impl std::fmt::Display for Target {
             Self::Upgrade(name) => write!(f, "upgrade {name}"),
             Self::Egress => f.write_str("egress"),
             Self::TcpPort(port) => write!(f, "tcp tunnel {port}"),
+            Self::Udp(flow) => write!(f, "udp {} flow {}", flow.upstream, flow.flow),
         }
     }
 }

@@ -242,7 +242,11 @@ impl Tunnel for QuicTunnel {
         use quinn::SendDatagramError as E;
         let len = payload.len();
         let datagram = datagram::encode(flow, &payload)?;
-        // quinn drops the oldest queued datagram when its send buffer is full: never waits.
+        // quinn would drop the oldest queued datagram to make room; dropping the new one instead
+        // lets the caller count the drop (and keeps what is queued in order). Never waits.
+        if self.conn.datagram_send_buffer_space() < datagram.len() {
+            return Err(DatagramError::Full);
+        }
         self.conn.send_datagram(datagram).map_err(|err| match err {
             E::UnsupportedByPeer => DatagramError::Disabled,
             E::Disabled => DatagramError::Unsupported,

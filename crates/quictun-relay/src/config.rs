@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 pub use quictun_core::config::ConfigError;
 use quictun_core::config::{SecretSources, parse_toml};
+use quictun_core::proxy_protocol::ProxyProtocol;
 use std::time::Duration;
 
 use quictun_proto::Token;
@@ -35,6 +36,9 @@ pub struct RelayConfig {
     /// TCP tunnels: each accepted connection is carried to an agent of the group on its own stream.
     #[serde(default)]
     pub tcp: Vec<TcpEntry>,
+    /// UDP tunnels: each client address is a flow, carried to an agent of the group.
+    #[serde(default)]
+    pub udp: Vec<UdpEntry>,
     /// Where requests from agents' egress listeners go, by host and path; first match wins.
     #[serde(default)]
     pub egress_routes: Vec<EgressRouteEntry>,
@@ -78,6 +82,82 @@ pub struct TcpEntry {
     /// (0: never).
     #[serde(default = "default_tcp_idle_timeout_secs")]
     pub idle_timeout_secs: u64,
+    /// A PROXY protocol header (`"v1"` or `"v2"`) the upstream receives first, naming the
+    /// client's address; none by default.
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// A `[[udp]]` entry: a UDP port on the relay whose datagrams go to `upstream` as the agents of
+/// `group` reach it. Each client address is a flow, with its own socket at the agent so that
+/// replies go back to it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UdpEntry {
+    /// The relay's UDP listen address.
+    pub listen: SocketAddr,
+    /// The group whose agents serve it.
+    pub group: String,
+    /// `host:port` as the agent sees it.
+    pub upstream: quictun_proto::HostPort,
+    /// A flow through which nothing has moved either way for this long ends.
+    #[serde(default = "default_udp_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+    /// Flows this listener carries at once; a datagram that would start one more is dropped.
+    #[serde(default = "default_udp_max_flows")]
+    pub max_flows: usize,
+    /// Flows of this listener one agent carries at once.
+    #[serde(default = "default_udp_max_flows_per_agent")]
+    pub max_flows_per_agent: usize,
+    /// Datagrams one flow may have waiting for its stream (before its agent has answered, or too
+    /// large for a DATAGRAM frame, or all of them on the gRPC transport); more are dropped.
+    #[serde(default = "default_udp_queue_datagrams")]
+    pub queue_datagrams: usize,
+    /// `"v2"`: every datagram reaches the upstream after a PROXY protocol v2 header naming the
+    /// client's address; none by default.
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// A `[[udp]]` flow's idle timeout by default: a minute.
+pub const UDP_IDLE_TIMEOUT_SECS: u64 = 60;
+/// A `[[udp]]` listener's flows at once, by default.
+pub const UDP_MAX_FLOWS: usize = 1024;
+/// A `[[udp]]` listener's flows on one agent at once, by default.
+pub const UDP_MAX_FLOWS_PER_AGENT: usize = 256;
+/// Datagrams queued per flow, by default.
+pub const UDP_QUEUE_DATAGRAMS: usize = 64;
+
+fn default_udp_idle_timeout_secs() -> u64 {
+    UDP_IDLE_TIMEOUT_SECS
+}
+
+fn default_udp_max_flows() -> usize {
+    UDP_MAX_FLOWS
+}
+
+fn default_udp_max_flows_per_agent() -> usize {
+    UDP_MAX_FLOWS_PER_AGENT
+}
+
+fn default_udp_queue_datagrams() -> usize {
+    UDP_QUEUE_DATAGRAMS
+}
+
+impl UdpEntry {
+    /// An entry with the default limits.
+    pub fn new(listen: SocketAddr, group: impl Into<String>, upstream: quictun_proto::HostPort) -> Self {
+        Self {
+            listen,
+            group: group.into(),
+            upstream,
+            idle_timeout_secs: UDP_IDLE_TIMEOUT_SECS,
+            max_flows: UDP_MAX_FLOWS,
+            max_flows_per_agent: UDP_MAX_FLOWS_PER_AGENT,
+            queue_datagrams: UDP_QUEUE_DATAGRAMS,
+            proxy_protocol: None,
+        }
+    }
 }
 
 /// A `[[tcp]]` listener's connections at once, by default: half of an agent's streams.
@@ -109,6 +189,7 @@ impl TcpEntry {
             max_connections: TCP_MAX_CONNECTIONS,
             max_connections_per_ip: TCP_MAX_CONNECTIONS_PER_IP,
             idle_timeout_secs: TCP_IDLE_TIMEOUT_SECS,
+            proxy_protocol: None,
         }
     }
 
@@ -588,8 +669,14 @@ impl RelayConfig {
     /// needs more (tokens, targets, route references) is checked when the configuration is
     /// compiled, once.
     pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
-        let checks =
-            [self.relay.check(), self.check_clients(), self.check_upstreams(), self.check_routes(), self.check_tcp()];
+        let checks = [
+            self.relay.check(),
+            self.check_clients(),
+            self.check_upstreams(),
+            self.check_routes(),
+            self.check_tcp(),
+            self.check_udp(),
+        ];
         match checks.into_iter().find_map(Result::err) {
             Some((key, message)) => Err(ConfigError::invalid(file, key, message)),
             None => Ok(()),
@@ -641,6 +728,24 @@ impl RelayConfig {
             }
             if entry.max_connections_per_ip == 0 {
                 return Err((format!("tcp[{i}].max_connections_per_ip"), "must be at least 1".into()));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_udp(&self) -> Result<(), Invalid> {
+        for (i, entry) in self.udp.iter().enumerate() {
+            let at_least_one = [
+                ("idle_timeout_secs", entry.idle_timeout_secs as usize),
+                ("max_flows", entry.max_flows),
+                ("max_flows_per_agent", entry.max_flows_per_agent),
+                ("queue_datagrams", entry.queue_datagrams),
+            ];
+            if let Some((key, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
+                return Err((format!("udp[{i}].{key}"), "must be at least 1".into()));
+            }
+            if entry.proxy_protocol == Some(ProxyProtocol::V1) {
+                return Err((format!("udp[{i}].proxy_protocol"), "UDP takes \"v2\" only (v1 names TCP)".into()));
             }
         }
         Ok(())

@@ -14,6 +14,7 @@
 //! - `router`: host and path routing.
 //! - `ingress` and `proxy`: the HTTP server and the per-request forwarding.
 //! - `tcp`: TCP tunnels (`[[tcp]]`), one stream per connection.
+//! - `udp`: UDP tunnels (`[[udp]]`), one flow per client address: DATAGRAM frames and a stream.
 //!
 //! [`Relay::start`] binds everything and returns a [`Relay`] handle; [`Relay::shutdown`] drains.
 
@@ -41,6 +42,7 @@ mod router;
 mod sessions;
 mod state;
 mod tcp;
+mod udp;
 mod upgrade;
 
 use std::net::SocketAddr;
@@ -66,6 +68,7 @@ pub struct Relay {
     ingresses: Vec<tokio::task::JoinHandle<()>>,
     addrs: Addrs,
     tcp_entries: Vec<config::TcpEntry>,
+    udp_entries: Vec<config::UdpEntry>,
     pin: Option<Pin>,
 }
 
@@ -78,6 +81,7 @@ struct Addrs {
     https: Option<SocketAddr>,
     admin: SocketAddr,
     tcp: Vec<SocketAddr>,
+    udp: Vec<SocketAddr>,
 }
 
 /// The HTTPS ingress's TLS configuration: its own certificate when `https_cert` is set, the
@@ -108,6 +112,7 @@ struct Bound {
     https: Option<(tokio::net::TcpListener, Arc<rustls::ServerConfig>)>,
     admin: tokio::net::TcpListener,
     tcp: Vec<(tokio::net::TcpListener, config::TcpEntry)>,
+    udp: Vec<(tokio::net::UdpSocket, SocketAddr, config::UdpEntry)>,
     addrs: Addrs,
 }
 
@@ -132,6 +137,13 @@ impl Bound {
             let (listener, addr) = bind_tcp("TCP tunnel", entry.listen)?;
             tcp.push((listener, entry.clone(), addr));
         }
+        let mut udp = Vec::with_capacity(config.udp.len());
+        for entry in &config.udp {
+            let what = "UDP tunnel";
+            let (socket, addr) =
+                udp::bind(entry).map_err(|source| RelayError::Bind { what, addr: entry.listen, source })?;
+            udp.push((socket, entry.clone(), addr));
+        }
         let addrs = Addrs {
             quic: agents.quic_addr(),
             grpc: agents.grpc_addr(),
@@ -139,10 +151,12 @@ impl Bound {
             https: https.as_ref().map(|(_, _, addr)| *addr),
             admin: admin_addr,
             tcp: tcp.iter().map(|(_, _, addr)| *addr).collect(),
+            udp: udp.iter().map(|(_, _, addr)| *addr).collect(),
         };
         let https = https.map(|(listener, tls, _)| (listener, tls));
         let tcp = tcp.into_iter().map(|(listener, entry, _)| (listener, entry)).collect();
-        Ok(Self { agents, http, https, admin, tcp, addrs })
+        let udp = udp.into_iter().map(|(socket, entry, addr)| (socket, addr, entry)).collect();
+        Ok(Self { agents, http, https, admin, tcp, udp, addrs })
     }
 
     /// Serves every listener on the relay's tasks (with the relay's background work: the
@@ -164,6 +178,10 @@ impl Bound {
             let tunnel = tcp::TcpTunnel::from_entry(&entry);
             relay_tunnels.push((listener.local_addr().unwrap_or(entry.listen), Arc::<str>::from(entry.group.as_str())));
             runtime.tasks.spawn(tcp::serve(listener, tunnel, runtime.clone(), timeout));
+        }
+        for (socket, addr, entry) in self.udp {
+            let timeout = Duration::from_secs(shared.settings.response_timeout_secs);
+            runtime.tasks.spawn(udp::serve(socket, addr, entry, runtime.clone(), timeout));
         }
         let mut ingresses = vec![runtime.tasks.spawn(ingress::serve(self.http, shared.clone(), None))];
         if let Some((listener, tls)) = self.https {
@@ -192,7 +210,15 @@ impl Relay {
         let (agents, ingresses) = bound.run(&shared, admin_token);
         let off = |addr: Option<SocketAddr>| addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
         info!(quic_addr = %off(addrs.quic), grpc_addr = %off(addrs.grpc), http_addr = %addrs.http, https_addr = %off(addrs.https), admin_addr = %addrs.admin, "relay listening");
-        Ok(Self { shared, agents, ingresses, addrs, tcp_entries: config.tcp.clone(), pin: cert.pin() })
+        Ok(Self {
+            shared,
+            agents,
+            ingresses,
+            addrs,
+            tcp_entries: config.tcp.clone(),
+            udp_entries: config.udp.clone(),
+            pin: cert.pin(),
+        })
     }
 
     /// The bound QUIC (UDP) address, when QUIC is served.
@@ -220,6 +246,11 @@ impl Relay {
         self.addrs.admin
     }
 
+    /// The bound addresses of the `[[udp]]` tunnels, in configuration order.
+    pub fn udp_addrs(&self) -> &[SocketAddr] {
+        &self.addrs.udp
+    }
+
     /// The bound addresses of the `[[tcp]]` tunnels, in configuration order.
     pub fn tcp_addrs(&self) -> &[SocketAddr] {
         &self.addrs.tcp
@@ -240,6 +271,9 @@ impl Relay {
         if !changed.is_empty() {
             let keys = changed.iter().map(|k| format!("relay.{k}")).collect::<Vec<_>>().join(", ");
             tracing::warn!(%keys, "changed keys of [relay] take effect only after a restart: {keys}");
+        }
+        if config.udp != self.udp_entries {
+            tracing::warn!("changes to [[udp]] take effect only after a restart");
         }
         if config.tcp != self.tcp_entries {
             tracing::warn!("changes to [[tcp]] take effect only after a restart");

@@ -12,6 +12,10 @@
 //! | `quictun_ingress_connections` | | open ingress TCP connections |
 //! | `quictun_waiting_for_agent` | | requests parked just after startup until an agent registers |
 //! | `quictun_config_syncs_total` | | configurations pushed to agents by a reload that changed their group's |
+//! | `quictun_udp_flows` | | open UDP tunnel flows |
+//! | `quictun_udp_datagrams_total`, `quictun_udp_bytes_total` | direction | UDP datagrams and payload bytes: `to_agent`, `from_agent` |
+//! | `quictun_udp_drops_total` | reason | UDP datagrams dropped (see [`quictun_core::flows::DropReason`]) |
+//! | `quictun_udp_oversize_total` | direction | UDP datagrams that took their flow's stream: too large for a DATAGRAM frame |
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -172,6 +176,8 @@ pub struct RelayMetrics {
     pub bytes_from_agent: Counter,
     /// Configurations pushed to agents (config_sync) by reloads.
     pub config_syncs: Counter,
+    /// UDP tunnels' flows, datagrams and drops (`udp_*`; direction `to_agent`/`from_agent`).
+    pub udp: std::sync::Arc<quictun_core::flows::UdpMetrics>,
 }
 
 impl Default for RelayMetrics {
@@ -230,6 +236,8 @@ impl RelayMetrics {
             "Configurations pushed to agents by a reload that changed their group's",
             config_syncs.clone(),
         );
+        let udp = quictun_core::flows::UdpMetrics::new("to_agent", "from_agent");
+        udp.register(&mut registry);
         let bytes_to_agent = bytes.get_or_create(&DirectionLabel { direction: "to_agent" }).clone();
         let bytes_from_agent = bytes.get_or_create(&DirectionLabel { direction: "from_agent" }).clone();
         for transport in TransportKind::ALL {
@@ -251,6 +259,7 @@ impl RelayMetrics {
             bytes_to_agent,
             bytes_from_agent,
             config_syncs,
+            udp,
         }
     }
 

@@ -119,6 +119,7 @@ pub struct Session {
     draining: AtomicBool,
     commands: mpsc::Sender<SessionCommand>,
     health: Health,
+    flows: std::sync::OnceLock<Arc<quictun_core::flows::FlowTable>>,
 }
 
 /// Which of an agent's stream budgets an exchange draws on.
@@ -251,6 +252,7 @@ impl Session {
             rtt_us: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             commands,
+            flows: std::sync::OnceLock::new(),
             health: Health {
                 origin: tokio::time::Instant::now(),
                 failures: AtomicU64::new(0),
@@ -362,6 +364,30 @@ impl Session {
     /// The agent's address as the relay sees it.
     pub fn remote(&self) -> SocketAddr {
         self.tunnel.remote_addr()
+    }
+
+    /// The session's UDP flows, made on first use (its DATAGRAM frames' reader is spawned on
+    /// `tasks` then, where the tunnel has them; it ends with the tunnel).
+    pub fn flow_table(
+        &self,
+        metrics: &Arc<quictun_core::flows::UdpMetrics>,
+        tasks: &tokio_util::task::TaskTracker,
+    ) -> Arc<quictun_core::flows::FlowTable> {
+        self.flows
+            .get_or_init(|| {
+                let table = quictun_core::flows::FlowTable::new(self.tunnel.clone(), metrics.clone());
+                if matches!(self.tunnel.datagram_support(), quictun_core::tunnel::DatagramSupport::Native { .. }) {
+                    // Ends when the tunnel closes.
+                    tasks.spawn(table.clone().read_datagrams());
+                }
+                table
+            })
+            .clone()
+    }
+
+    /// UDP flows open on this session now.
+    pub fn udp_flows(&self) -> usize {
+        self.flows.get().map_or(0, |table| table.len())
     }
 
     /// A slot for one more in-flight stream of `kind`, or the budget that is full (answer 503

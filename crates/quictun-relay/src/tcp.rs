@@ -18,6 +18,7 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 use quictun_core::body::TunnelBody;
 use quictun_core::idle::Watched;
+use quictun_core::proxy_protocol::ProxyProtocol;
 use quictun_core::upgrade::{FrameSender, SpliceMeters, Spliced, channel_body, splice_counted};
 use quictun_proto::{RequestHead, Target};
 use tokio::net::{TcpListener, TcpStream};
@@ -48,6 +49,8 @@ pub struct TcpTunnel {
     pub max_connections_per_ip: usize,
     /// How long a connection may carry nothing either way (`None`: forever).
     pub idle_timeout: Option<Duration>,
+    /// The PROXY protocol header each connection's upstream receives first, if any.
+    pub proxy_protocol: Option<ProxyProtocol>,
 }
 
 impl TcpTunnel {
@@ -60,6 +63,7 @@ impl TcpTunnel {
             max_connections: entry.max_connections,
             max_connections_per_ip: entry.max_connections_per_ip,
             idle_timeout: entry.idle_timeout(),
+            proxy_protocol: entry.proxy_protocol,
         }
     }
 
@@ -72,6 +76,7 @@ impl TcpTunnel {
             max_connections: crate::config::TCP_MAX_CONNECTIONS,
             max_connections_per_ip: crate::config::TCP_MAX_CONNECTIONS_PER_IP,
             idle_timeout: Some(Duration::from_secs(crate::config::TCP_IDLE_TIMEOUT_SECS)),
+            proxy_protocol: None,
         }
     }
 }
@@ -217,7 +222,9 @@ async fn carry(
 ) {
     let started = std::time::Instant::now();
     let mut agent = None;
-    let (end, spliced) = match connect(peer, request_id, tunnel, &runtime, response_timeout, &mut agent).await {
+    let local = stream.local_addr().unwrap_or(tunnel.listen);
+    let (end, spliced) = match connect((peer, local), request_id, tunnel, &runtime, response_timeout, &mut agent).await
+    {
         Ok((from_agent, to_agent, _slot)) => splice_until_end(stream, from_agent, to_agent, tunnel, &runtime).await,
         Err(why) => (TcpEnd::Refused(why), Spliced::default()),
     };
@@ -241,9 +248,9 @@ async fn carry(
 
 /// Chooses an agent, takes a place in its bulk share and has it connect the target; the
 /// connection's two bodies and the place, or why it cannot be carried. `agent` learns who was
-/// chosen.
+/// chosen. `addrs` are the client's and the relay's ends of its connection.
 async fn connect(
-    peer: SocketAddr,
+    (peer, local): (SocketAddr, SocketAddr),
     request_id: Uuid,
     tunnel: &TcpTunnel,
     runtime: &Runtime,
@@ -270,6 +277,11 @@ async fn connect(
         framed_body: false,
     };
     let (to_agent, body) = channel_body();
+    if let Some(protocol) = tunnel.proxy_protocol {
+        // Goes ahead of the client's bytes, and is not counted as theirs.
+        let header = quictun_core::proxy_protocol::for_tcp(protocol, peer, local);
+        let _ = to_agent.try_send(Ok(http_body::Frame::data(header)));
+    }
     match tokio::time::timeout(response_timeout, session.tunnel.open(head, body, Some(peer.ip()))).await {
         Ok(Ok((head, from_agent))) if head.status == 200 => Ok((from_agent, to_agent, slot)),
         Ok(Ok((head, _))) => Err(format!("the agent answered {}", head.status)),
