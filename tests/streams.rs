@@ -15,7 +15,7 @@ use quictun_core::tls::GeneratedCert;
 use quictun_proto::frame;
 use quictun_proto::*;
 use quictun_quic::Tuning;
-use quictun_tests::quinn_peer::{self, Control, read_frame, write_frame};
+use quictun_tests::quinn_peer::{self, Control, read_frame, scripted_agent, write_frame};
 use quictun_tests::{Harness, HarnessConfig, Transport, Upstream};
 use uuid::Uuid;
 
@@ -167,34 +167,6 @@ async fn agent_resets_malformed_streams_and_keeps_serving_the_others() {
     assert!(conn.close_reason().is_none(), "the connection must survive bad streams");
     assert_eq!(agent.wait_connected(None, WAIT).await, Some(session));
     agent.shutdown().await.unwrap();
-}
-
-/// A scripted agent: registers with real credentials and answers heartbeats.
-async fn scripted_agent(h: &Harness, client_id: &str, token: &str) -> (quinn::Endpoint, quinn::Connection, Uuid) {
-    let endpoint = quinn_peer::client_endpoint("127.0.0.1:0".parse().unwrap(), &Trust::Pin(h.cert.pin));
-    let relay = h.relay().quic_addr().expect("QUIC listener");
-    let conn = endpoint.connect(relay, "localhost").unwrap().await.unwrap();
-    let (send, recv) = conn.open_bi().await.unwrap();
-    let mut control = Control::new(send, recv);
-    control
-        .send(ControlMessage::Register(Register {
-            protocol_version: PROTOCOL_VERSION,
-            client_id: client_id.into(),
-            group: String::new(),
-            token: Token::new(token),
-            agent_version: "scripted".into(),
-            instance_id: uuid::Uuid::new_v4(),
-        }))
-        .await;
-    let ControlMessage::Accepted(accepted) = control.recv().await.unwrap() else { panic!("not accepted") };
-    tokio::spawn(async move {
-        while let Some(msg) = control.recv().await {
-            if let ControlMessage::Heartbeat(hb) = msg {
-                control.send(ControlMessage::HeartbeatAck(hb)).await;
-            }
-        }
-    });
-    (endpoint, conn, accepted.session_id)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

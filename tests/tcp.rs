@@ -1,6 +1,7 @@
 //! TCP tunnels end to end on both transports: a `[[tcp]]` port on the relay, one stream per
 //! accepted connection, bytes both ways, and half-close carried in each direction (one side's FIN
-//! does not cut the other direction); the listener's idle timeout and per-address cap.
+//! does not cut the other direction); the listener's idle timeout and per-address cap; PROXY
+//! protocol v1 and v2 headers that name the client.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::net::SocketAddr;
@@ -165,7 +166,58 @@ async fn an_idle_connection_is_closed_after_the_listeners_idle_timeout(transport
     tokio::time::timeout(WAIT, busy.read_exact(&mut byte)).await.unwrap().unwrap();
 }
 
+/// A server that reads a PROXY protocol header (v1 or v2, parsed by the `ppp` crate), then the
+/// client's bytes until its FIN, and answers `<source address> <version> <bytes after the header>`.
+async fn proxy_protocol_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut all = Vec::new();
+                stream.read_to_end(&mut all).await.unwrap();
+                let answer = match ppp::HeaderResult::parse(&all) {
+                    ppp::HeaderResult::V1(Ok(header)) => {
+                        let ppp::v1::Addresses::Tcp4(a) = header.addresses else { panic!("TCP4") };
+                        let source = SocketAddr::from((a.source_address, a.source_port));
+                        format!("{source} v1 {}", all.len() - header.header.len())
+                    }
+                    ppp::HeaderResult::V2(Ok(header)) => {
+                        assert_eq!(header.protocol, ppp::v2::Protocol::Stream);
+                        let ppp::v2::Addresses::IPv4(a) = header.addresses else { panic!("IPv4") };
+                        let source = SocketAddr::from((a.source_address, a.source_port));
+                        format!("{source} v2 {}", all.len() - header.len())
+                    }
+                    other => format!("no header: {other:?}"),
+                };
+                stream.write_all(answer.as_bytes()).await.unwrap();
+            });
+        }
+    });
+    addr
+}
+
+async fn the_upstream_learns_the_client_from_a_proxy_protocol_header(transport: Transport) {
+    use quictun_core::proxy_protocol::ProxyProtocol;
+    for (protocol, version) in [(ProxyProtocol::V1, "v1"), (ProxyProtocol::V2, "v2")] {
+        let server = proxy_protocol_server().await;
+        let edit = move |config: &mut quictun_relay::config::RelayConfig| config.tcp[0].proxy_protocol = Some(protocol);
+        let config =
+            HarnessConfig { transport, tcp_upstreams: vec![server.to_string()], ..HarnessConfig::with_relay(edit) };
+        let h = Harness::start_with(config).await;
+        let _agent = h.agent("agent-1").await;
+        let mut stream = TcpStream::connect(h.relay().tcp_addrs()[0]).await.unwrap();
+        let me = stream.local_addr().unwrap();
+        stream.write_all(&pattern(100_000)).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(WAIT, stream.read_to_string(&mut answer)).await.unwrap().unwrap();
+        assert_eq!(answer, format!("{me} {version} 100000"));
+    }
+}
+
 quictun_tests::on_both_transports!(
+    the_upstream_learns_the_client_from_a_proxy_protocol_header,
     an_idle_connection_is_closed_after_the_listeners_idle_timeout,
     tcp_echo_and_a_large_transfer_after_the_clients_fin,
     the_servers_fin_does_not_cut_the_client_direction,

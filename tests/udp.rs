@@ -82,6 +82,20 @@ async fn start(
     (h, port, agent)
 }
 
+/// As [`start`], without the agent.
+async fn relay_only(transport: Transport, kind: Server) -> (Harness, SocketAddr) {
+    let server = udp_server(kind).await;
+    let config = HarnessConfig {
+        transport,
+        ..HarnessConfig::with_relay(move |relay| {
+            relay.udp = vec![UdpEntry::new(([127, 0, 0, 1], 0).into(), "web", server.to_string().parse().unwrap())];
+        })
+    };
+    let h = Harness::start_with(config).await;
+    let port = h.relay().udp_addrs()[0];
+    (h, port)
+}
+
 async fn client(port: SocketAddr) -> UdpSocket {
     let socket = bind();
     socket.connect(port).await.unwrap();
@@ -230,6 +244,29 @@ async fn a_flow_moves_to_the_agent_that_is_left(transport: Transport) {
     drop(left);
 }
 
+async fn a_client_is_answered_again_once_its_agent_has_reconnected(transport: Transport) {
+    let (h, port) = relay_only(transport, Server::Source).await;
+    let (_agent, path) = h.agent_through_path("agent-1").await;
+    let socket = client(port).await;
+    exchange(&socket, b"x").await;
+    let session = h.relay().sessions().get("agent-1").unwrap().session_id;
+    // The agent's connection dies (kill -9 on QUIC's path, a reset on gRPC's) and the relay lets
+    // the session go; then the agent can reach it again.
+    path.kill_agent();
+    assert!(h.relay().sessions().wait_until(WAIT, |s| s.get("agent-1").is_none()).await);
+    path.restore();
+    // The client changed nothing and is answered again, through the reconnected session.
+    let started = std::time::Instant::now();
+    loop {
+        socket.send(b"x").await.unwrap();
+        if recv(&socket, Duration::from_millis(200)).await.is_some() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "never answered again");
+    }
+    assert_ne!(h.relay().sessions().get("agent-1").unwrap().session_id, session);
+}
+
 async fn proxy_protocol_v2_names_the_client(transport: Transport) {
     let (_h, port, _agent) = start(transport, Server::ProxyV2, |entry| {
         entry.proxy_protocol = Some(quictun_core::proxy_protocol::ProxyProtocol::V2)
@@ -253,4 +290,152 @@ quictun_tests::on_both_transports!(
     every_limit_drops_and_counts,
     a_flow_moves_to_the_agent_that_is_left,
     proxy_protocol_v2_names_the_client,
+    a_real_dns_client_resolves_through_the_tunnel,
+    a_client_is_answered_again_once_its_agent_has_reconnected,
 );
+
+/// A scripted agent (quinn itself) sends what the real agent never would: DATAGRAM frames for a
+/// flow that does not exist, without a whole flow id, and a flow-stream frame over the 65,507-byte
+/// limit. Each is dropped and counted; the flow with the bad frame ends; the connection stays,
+/// and a good datagram still reaches its client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_datagrams_from_an_agent_are_dropped_and_counted() {
+    use quictun_proto::datagram;
+    use quictun_proto::{RequestHead, ResponseHead, Target};
+    use quictun_tests::quinn_peer::{read_frame, scripted_agent, write_frame};
+
+    let server = udp_server(Server::Echo).await;
+    let config = HarnessConfig::with_relay(move |relay| {
+        relay.udp = vec![UdpEntry::new(([127, 0, 0, 1], 0).into(), "web", server.to_string().parse().unwrap())];
+    });
+    let h = Harness::start_with(config).await;
+    let (_endpoint, conn, _) = scripted_agent(&h, "agent-1", "secret-1").await;
+    assert!(h.relay().sessions().wait_until(WAIT, |s| s.get("agent-1").is_some()).await);
+    let socket = client(h.relay().udp_addrs()[0]).await;
+    socket.send(b"hello").await.unwrap();
+
+    // The relay sets the flow up on a stream, with the first datagram behind the head.
+    let (mut send, mut flow_stream) = tokio::time::timeout(WAIT, conn.accept_bi()).await.unwrap().unwrap();
+    let (head, mut rest): (RequestHead, bytes::Bytes) = read_frame(&mut flow_stream, 65_536).await.unwrap();
+    let Target::Udp(flow) = head.target else { panic!("{:?}", head.target) };
+    while rest.len() < 7 {
+        let chunk = flow_stream.read_chunk(65_536, true).await.unwrap().unwrap();
+        rest = [rest, chunk.bytes].concat().into();
+    }
+    assert_eq!(&rest[..], b"\x00\x05hello");
+    write_frame(&mut send, &ResponseHead { status: 200, headers: vec![], framed_body: false }, 65_536).await;
+
+    let metrics = h.relay().admin_addr();
+    conn.send_datagram(datagram::encode(flow.flow + 1_000, b"nobody").unwrap()).unwrap();
+    conn.send_datagram(bytes::Bytes::from_static(&[0x40])).unwrap();
+    conn.send_datagram(bytes::Bytes::from_static(&[0xc0, 0, 0])).unwrap();
+    conn.send_datagram(datagram::encode(flow.flow, b"reply").unwrap()).unwrap();
+    assert_eq!(recv(&socket, WAIT).await.unwrap(), b"reply", "a good datagram still arrives");
+    wait_for_metric(metrics, "quictun_udp_drops_total{reason=\"unknown_flow\"}", 1.0, WAIT).await;
+    wait_for_metric(metrics, "quictun_udp_drops_total{reason=\"malformed\"}", 2.0, WAIT).await;
+
+    // A length over the limit on the flow's stream ends that flow, and only it: the relay sets
+    // the client's flow up again, under a new id, on the same connection.
+    send.write_all(&[0xff, 0xff, 0]).await.unwrap();
+    wait_for_metric(metrics, "quictun_udp_drops_total{reason=\"malformed\"}", 3.0, WAIT).await;
+    let (_send, mut again) = tokio::time::timeout(WAIT, conn.accept_bi()).await.unwrap().unwrap();
+    let (head, _): (RequestHead, bytes::Bytes) = read_frame(&mut again, 65_536).await.unwrap();
+    assert!(matches!(head.target, Target::Udp(ref next) if next.flow != flow.flow), "{:?}", head.target);
+    conn.send_datagram(datagram::encode(flow.flow, b"late").unwrap()).unwrap();
+    wait_for_metric(metrics, "quictun_udp_drops_total{reason=\"unknown_flow\"}", 2.0, WAIT).await;
+    assert!(conn.close_reason().is_none(), "the connection stays");
+}
+
+/// A small DNS server: `A` queries get 192.0.2.1; `TXT` queries get fifteen 250-byte strings
+/// (an answer of about 4 KB, as EDNS allows); the query's OPT record is answered with one
+/// offering 4,096 bytes.
+async fn dns_server() -> SocketAddr {
+    let socket = bind();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4_096];
+        while let Ok((len, from)) = socket.recv_from(&mut buf).await {
+            if let Some(answer) = dns_answer(&buf[..len]) {
+                let _ = socket.send_to(&answer, from).await;
+            }
+        }
+    });
+    addr
+}
+
+fn dns_answer(query: &[u8]) -> Option<Vec<u8>> {
+    let mut end = 12;
+    while *query.get(end)? != 0 {
+        end += 1 + usize::from(query[end]);
+    }
+    let qtype = u16::from_be_bytes([*query.get(end + 1)?, *query.get(end + 2)?]);
+    let question = &query[12..end + 5];
+    let mut records: Vec<Vec<u8>> = Vec::new();
+    let record = |rtype: u16, data: &[u8]| {
+        let mut rr = vec![0xc0, 0x0c];
+        rr.extend_from_slice(&rtype.to_be_bytes());
+        rr.extend_from_slice(&[0, 1, 0, 0, 0, 60]);
+        rr.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        rr.extend_from_slice(data);
+        rr
+    };
+    match qtype {
+        1 => records.push(record(1, &[192, 0, 2, 1])),
+        16 => {
+            for i in 0..15u8 {
+                let mut text = vec![250u8];
+                text.extend(std::iter::repeat_n(b'a' + i, 250));
+                records.push(record(16, &text));
+            }
+        }
+        _ => {}
+    }
+    let mut answer = query[..2].to_vec();
+    answer.extend_from_slice(&[0x84, 0x00, 0, 1]);
+    answer.extend_from_slice(&(records.len() as u16).to_be_bytes());
+    answer.extend_from_slice(&[0, 0, 0, 1]);
+    answer.extend_from_slice(question);
+    for rr in records {
+        answer.extend_from_slice(&rr);
+    }
+    answer.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0, 0, 0, 0]);
+    Some(answer)
+}
+
+/// `dig` (Debian's dnsutils) at `port`: its output.
+async fn dig(port: SocketAddr, args: &[&str]) -> String {
+    let output = tokio::process::Command::new("dig")
+        .args([format!("@{}", port.ip()), "-p".into(), port.port().to_string()])
+        .args(["+tries=1", "+time=5"])
+        .args(args)
+        .output()
+        .await
+        .expect("dig (Debian's dnsutils) runs");
+    assert!(output.status.success(), "dig failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap()
+}
+
+async fn a_real_dns_client_resolves_through_the_tunnel(transport: Transport) {
+    let dns = dns_server().await;
+    let config = HarnessConfig {
+        transport,
+        ..HarnessConfig::with_relay(move |relay| {
+            relay.udp = vec![UdpEntry::new(([127, 0, 0, 1], 0).into(), "web", dns.to_string().parse().unwrap())];
+        })
+    };
+    let h = Harness::start_with(config).await;
+    let _agent = h.agent("agent-1").await;
+    let port = h.relay().udp_addrs()[0];
+    assert_eq!(dig(port, &["example.test", "A", "+short"]).await.trim(), "192.0.2.1");
+    // An EDNS answer of about 4 KB arrives whole, without truncation.
+    let big = dig(port, &["big.test", "TXT", "+bufsize=4096"]).await;
+    let records = big.lines().filter(|line| line.contains("\tTXT\t")).count();
+    let size: usize = big
+        .lines()
+        .find_map(|line| line.strip_prefix(";; MSG SIZE  rcvd: "))
+        .and_then(|size| size.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{big}"));
+    assert_eq!(records, 15, "{big}");
+    assert!(size > 3_900, "{big}");
+    assert!(!big.contains("flags: qr tc") && !big.contains(" tc "), "not truncated: {big}");
+}

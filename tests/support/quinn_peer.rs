@@ -82,3 +82,37 @@ impl Control {
         self.write.send(msg).await.unwrap();
     }
 }
+
+/// A scripted agent: registers with real credentials and answers heartbeats.
+pub async fn scripted_agent(
+    h: &crate::Harness,
+    client_id: &str,
+    token: &str,
+) -> (quinn::Endpoint, quinn::Connection, uuid::Uuid) {
+    let endpoint = client_endpoint("127.0.0.1:0".parse().unwrap(), &Trust::Pin(h.cert.pin));
+    let relay = h.relay().quic_addr().expect("QUIC listener");
+    let conn = endpoint.connect(relay, "localhost").unwrap().await.unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut control = Control::new(send, recv);
+    control
+        .send(quictun_proto::ControlMessage::Register(quictun_proto::Register {
+            protocol_version: quictun_proto::PROTOCOL_VERSION,
+            client_id: client_id.into(),
+            group: String::new(),
+            token: quictun_proto::Token::new(token),
+            agent_version: "scripted".into(),
+            instance_id: uuid::Uuid::new_v4(),
+        }))
+        .await;
+    let quictun_proto::ControlMessage::Accepted(accepted) = control.recv().await.unwrap() else {
+        panic!("not accepted")
+    };
+    tokio::spawn(async move {
+        while let Some(msg) = control.recv().await {
+            if let quictun_proto::ControlMessage::Heartbeat(hb) = msg {
+                control.send(quictun_proto::ControlMessage::HeartbeatAck(hb)).await;
+            }
+        }
+    });
+    (endpoint, conn, accepted.session_id)
+}
