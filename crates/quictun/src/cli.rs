@@ -202,6 +202,10 @@ pub struct UpstreamArgs {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Also echo UDP datagrams on this address (each back to its sender): an upstream for a
+    /// `[[udp]]` tunnel.
+    #[arg(long, value_name = "ADDR")]
+    pub udp_echo: Option<SocketAddr>,
 }
 
 /// Flags of `quictun relay`; they override the configuration file.

@@ -6,6 +6,8 @@
 //! - `POST /echo` — the request body, streamed back.
 //! - `POST /sink` — reads the body and answers with its length.
 //! - gRPC `/quictun.bench.Echo/Unary` (HTTP/2) — the message back (the bench's `grpc` workload).
+//!
+//! With `--udp-echo ADDR`, also a UDP echo: each datagram back to its sender.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -158,6 +160,25 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     quictun_core::listen_tcp(addr)
 }
 
+/// Sends every datagram back to its sender until `stop` is cancelled.
+pub async fn udp_echo(socket: tokio::net::UdpSocket, stop: CancellationToken) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let received = tokio::select! {
+            _ = stop.cancelled() => return,
+            received = socket.recv_from(&mut buf) => received,
+        };
+        match received {
+            Ok((len, from)) => {
+                if let Err(err) = socket.send_to(&buf[..len], from).await {
+                    tracing::debug!(%err, %from, "UDP echo could not answer");
+                }
+            }
+            Err(err) => tracing::debug!(%err, "UDP echo receive failed"),
+        }
+    }
+}
+
 /// `quictun upstream`: serves until Ctrl-C or SIGTERM (HTTPS with `--tls-cert` and `--tls-key`).
 pub async fn run(args: crate::cli::UpstreamArgs) -> Result<(), crate::Failure> {
     let tls = match (&args.tls_cert, &args.tls_key) {
@@ -174,6 +195,12 @@ pub async fn run(args: crate::cli::UpstreamArgs) -> Result<(), crate::Failure> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("quictun upstream listening on {scheme}://{addr}");
     let stop = CancellationToken::new();
+    if let Some(addr) = args.udp_echo {
+        let socket =
+            quictun_core::bind_udp(addr).map_err(|e| crate::Failure::runtime(anyhow::anyhow!("{addr}: {e}")))?;
+        println!("quictun upstream echoing UDP on udp://{}", socket.local_addr().map_err(crate::Failure::runtime)?);
+        tokio::spawn(udp_echo(socket, stop.clone()));
+    }
     let server = tokio::spawn(serve(listener, tls, stop.clone()));
     crate::signal::shutdown().await;
     stop.cancel();

@@ -139,6 +139,7 @@ pub async fn run(args: RelayArgs) -> Result<(), Failure> {
     let (cert, generated) = load_or_generate_cert(&config)?;
     let first_client = config.clients.first().map(|c| c.id.clone());
     let tunnels: Vec<String> = config.tcp.iter().map(|t| format!("{} (group {})", t.upstream, t.group)).collect();
+    let udp_tunnels: Vec<String> = config.udp.iter().map(|t| format!("{} (group {})", t.upstream, t.group)).collect();
     let allowances = declarable(&config);
     let public_name = config.relay.public_name.clone().unwrap_or_else(|| default_public_name(&config));
     let cert_path = config.relay.cert.clone();
@@ -162,6 +163,9 @@ pub async fn run(args: RelayArgs) -> Result<(), Failure> {
     }
     for (addr, tunnel) in relay.tcp_addrs().iter().zip(&tunnels) {
         println!("  TCP tunnel     tcp://{addr} to {tunnel}");
+    }
+    for (addr, tunnel) in relay.udp_addrs().iter().zip(&udp_tunnels) {
+        println!("  UDP tunnel     udp://{addr} to {tunnel}");
     }
     println!("  admin          http://{}/api/sessions", relay.admin_addr());
     if !allowances.is_empty() {

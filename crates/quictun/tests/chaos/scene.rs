@@ -173,6 +173,8 @@ pub struct Scene {
     pub dir: TempDir,
     _upstream: Proc,
     pub upstream_addr: SocketAddr,
+    /// The upstream's UDP echo (`{udp_upstream}` in `extra`).
+    pub udp_upstream_addr: SocketAddr,
     pub relay: Proc,
     /// Where the relay's stderr (its log) goes.
     pub relay_log: PathBuf,
@@ -181,6 +183,8 @@ pub struct Scene {
     pub grpc: Option<SocketAddr>,
     /// The `[[tcp]]` tunnels' listeners, in the file's order.
     pub tcp: Vec<SocketAddr>,
+    /// The `[[udp]]` tunnels' listeners, in the file's order.
+    pub udp: Vec<SocketAddr>,
     pub http: SocketAddr,
     pub admin: SocketAddr,
     pub pin: String,
@@ -218,18 +222,21 @@ impl Scene {
     /// [`Scene::start`] with the relay's `RUST_LOG` at `log_level`.
     pub async fn start_logging(netns: Option<&str>, quic_ip: &str, extra: &str, log_level: &'static str) -> Self {
         let dir = TempDir::new();
-        let mut upstream =
-            Proc::spawn(netns, &["upstream", "--listen", "127.0.0.1:0"], &dir.0.join("upstream.log"), "upstream");
+        let args = ["upstream", "--listen", "127.0.0.1:0", "--udp-echo", "127.0.0.1:0"];
+        let mut upstream = Proc::spawn(netns, &args, &dir.0.join("upstream.log"), "upstream");
         let upstream_addr = addr_after(&upstream.line_with("listening on").await, "http://");
+        let udp_upstream_addr = addr_after(&upstream.line_with("echoing UDP").await, "udp://");
         let mut scene = Self {
             dir,
             _upstream: upstream,
             upstream_addr,
+            udp_upstream_addr,
             relay_log: PathBuf::new(),
             relay: Proc::placeholder(),
             quic: SocketAddr::from(([0, 0, 0, 0], 0)),
             grpc: None,
             tcp: Vec::new(),
+            udp: Vec::new(),
             http: SocketAddr::from(([0, 0, 0, 0], 0)),
             admin: SocketAddr::from(([0, 0, 0, 0], 0)),
             pin: String::new(),
@@ -246,7 +253,10 @@ impl Scene {
     /// `extra`; the transport QUIC unless `extra` names one) and starts the relay on `listen`.
     async fn spawn_relay(&mut self, listen: &Listen) {
         let Listen { quic, grpc, http, admin } = listen;
-        let extra = self.extra.replace("{upstream}", &self.upstream_addr.to_string());
+        let extra = self
+            .extra
+            .replace("{upstream}", &self.upstream_addr.to_string())
+            .replace("{udp_upstream}", &self.udp_upstream_addr.to_string());
         let transport = if extra.contains("transport =") { "" } else { "transport = \"quic\"\n" };
         let mut config = format!(
             "[relay]\nquic_listen = \"{quic}\"\ngrpc_listen = \"{grpc}\"\nhttp_listen = \"{http}\"\n\
@@ -268,9 +278,10 @@ impl Scene {
         let mut relay = Proc::spawn_logging(None, &args, &self.relay_log, "relay", self.log_level);
         let banner = relay.banner().await;
         let line = |what: &str| banner.iter().find(|l| l.contains(what)).cloned();
-        self.quic = line("udp://").map_or(self.quic, |l| addr_after(&l, "udp://"));
+        self.quic = line("QUIC (agents)").map_or(self.quic, |l| addr_after(&l, "udp://"));
         self.grpc = line("gRPC (agents)").map(|l| addr_after(&l, "tcp://"));
         self.tcp = banner.iter().filter(|l| l.contains("TCP tunnel")).map(|l| addr_after(l, "tcp://")).collect();
+        self.udp = banner.iter().filter(|l| l.contains("UDP tunnel")).map(|l| addr_after(l, "udp://")).collect();
         self.http = addr_after(&line("HTTP ingress").unwrap(), "http://");
         self.admin = addr_after(&line("admin").unwrap(), "http://");
         let pin = line("pin").unwrap().split_whitespace().last().unwrap().to_owned();
