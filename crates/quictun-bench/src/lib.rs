@@ -3,7 +3,8 @@
 //!
 //! - [`procs`]: starting and watching the processes (peak RSS, CPU time).
 //! - [`load`]: the load generator (keep-alive HTTP/1.1 workers, HdrHistogram).
-//! - [`workloads`]: small, large, slow-mix, many, lossy, wan, grpc, egress, slow-clients.
+//! - [`workloads`]: small, large, slow-mix, many, lossy, wan, grpc, egress, slow-clients, udp.
+//! - [`udp_load`]: the `udp` workload's datagrams, paced, stamped and counted.
 //! - [`floor`]: each carrier alone doing the minimal exchange, the floor under its tunnel rows.
 //! - [`http_floor`]: two plain HTTP proxies in place of relay and agent, the floor under both.
 //! - [`netem`]: random packet loss with nftables.
@@ -18,6 +19,7 @@ pub mod netem;
 pub mod procs;
 pub mod report;
 pub mod svg;
+pub mod udp_load;
 pub mod wan;
 pub mod workloads;
 
@@ -48,6 +50,9 @@ pub enum Workload {
     Egress,
     /// Small requests beside clients that never read their downloads.
     SlowClients,
+    /// UDP datagrams through a `[[udp]]` tunnel at a fixed rate, without and with loss on the
+    /// tunnel leg.
+    Udp,
     /// Each carrier alone doing the minimal exchange (quinn, tonic), and two plain HTTP proxies
     /// in place of relay and agent (`direct`): the floors under the tunnel rows.
     Floor,
@@ -66,9 +71,10 @@ impl std::str::FromStr for Workload {
             "grpc" => Ok(Self::Grpc),
             "egress" => Ok(Self::Egress),
             "slow-clients" => Ok(Self::SlowClients),
+            "udp" => Ok(Self::Udp),
             "floor" => Ok(Self::Floor),
             other => Err(format!(
-                "unknown workload {other:?} (small, floor, large, slow-mix, many, lossy, wan, grpc, egress, slow-clients)"
+                "unknown workload {other:?} (small, floor, large, slow-mix, many, lossy, wan, grpc, egress, slow-clients, udp)"
             )),
         }
     }
@@ -107,6 +113,8 @@ pub struct BenchOptions {
     /// `lossy` drops packets on every leg (client ↔ relay, relay ↔ agent, agent ↔ upstream), not
     /// only on the tunnel's.
     pub loss_everywhere: bool,
+    /// Datagrams a second the `udp` workload offers (all flows together).
+    pub udp_rate: u64,
     /// The command line, for the report.
     pub command: String,
 }
@@ -165,6 +173,7 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<report::Report> {
                 Workload::Grpc => workloads::grpc(opts, mode).await,
                 Workload::Egress => workloads::egress(opts, mode).await,
                 Workload::SlowClients => workloads::slow_clients(opts, mode).await,
+                Workload::Udp => workloads::udp(opts, mode).await,
                 Workload::Floor => floor::floor(opts, mode).await,
             };
             match result {

@@ -205,6 +205,9 @@ pub struct Stack {
     pub upstream: Proc,
     /// The upstream's TCP port.
     pub upstream_port: u16,
+    /// Where the `udp` workload's datagrams go: the relay's `[[udp]]` listener, or the upstream's
+    /// UDP echo for `direct`.
+    pub udp_target: SocketAddr,
     /// The relay.
     pub relay: Option<Proc>,
     /// The agent (or the process holding many agents).
@@ -269,10 +272,11 @@ impl Stack {
             ),
         };
         let netns = (topology == Topology::Wan).then_some(crate::wan::NETNS);
+        let udp_echo = SocketAddr::new(up_addr.ip(), free_port(true)?);
         let upstream = Proc::spawn_in(
             netns,
             exe,
-            &["upstream".into(), "--listen".into(), listen],
+            &["upstream".into(), "--listen".into(), listen, "--udp-echo".into(), udp_echo.to_string()],
             &dir.join("upstream.log"),
             "upstream",
         )?;
@@ -288,6 +292,7 @@ impl Stack {
             grpc_port: 0,
             upstream,
             upstream_port: port,
+            udp_target: udp_echo,
             relay: None,
             agent: None,
             topology,
@@ -313,7 +318,8 @@ impl Stack {
         let egress = if with_egress { Some(SocketAddr::from(([127, 0, 0, 1], free_port(false)?))) } else { None };
         let dir = self.dir.clone();
         let pin = generate_cert(exe, &dir)?;
-        let (http, admin) = self.start_relay(exe, tunnel_ip, upstream, agents, with_egress).await?;
+        let udp_echo = self.udp_target;
+        let (http, admin) = self.start_relay(exe, tunnel_ip, (upstream, udp_echo), agents, with_egress).await?;
         let transport = self.mode.name().to_owned();
         let mut agent_args: Vec<String> = vec![
             "bench-agents".into(),
@@ -358,7 +364,7 @@ impl Stack {
         &mut self,
         exe: &Path,
         tunnel_ip: &str,
-        upstream: SocketAddr,
+        (upstream, udp_echo): (SocketAddr, SocketAddr),
         agents: usize,
         with_egress: bool,
     ) -> anyhow::Result<(SocketAddr, SocketAddr)> {
@@ -368,13 +374,15 @@ impl Stack {
             self.grpc_port = free_port(false)?;
             let http: SocketAddr = format!("127.0.0.1:{}", free_port(false)?).parse()?;
             let admin: SocketAddr = format!("127.0.0.1:{}", free_port(false)?).parse()?;
+            let udp: SocketAddr = format!("127.0.0.1:{}", free_port(true)?).parse()?;
             let mut config = format!(
                 "[relay]\nquic_listen = \"{tunnel_ip}:{q}\"\ngrpc_listen = \"{tunnel_ip}:{g}\"\nhttp_listen = \"{http}\"\n\
                  admin_listen = \"{admin}\"\ncert = \"{d}/certs/relay.crt\"\nkey = \"{d}/certs/relay.key\"\n\
                  max_streams_per_agent = 16384\ndrain_timeout_secs = 1\nhandshake_rate_per_ip = 0\n\
                  max_connections_per_ip = 0\nmax_requests_per_ip = 0\nmax_pending_per_network = 0\n{egress_limit}\
                  [[upstreams]]\nname = \"up\"\ngroup = \"bench\"\ntargets = [\"http://{upstream}\"]\n\
-                 [[routes]]\nhost = \"*\"\nupstream = \"up\"\n{egress_route}",
+                 [[routes]]\nhost = \"*\"\nupstream = \"up\"\n{egress_route}\
+                 [[udp]]\nlisten = \"{udp}\"\ngroup = \"bench\"\nupstream = \"{udp_echo}\"\nqueue_datagrams = 1024\n",
                 q = self.quic_port,
                 g = self.grpc_port,
                 d = dir.display(),
@@ -403,6 +411,7 @@ impl Stack {
             })
             .await?;
             if !exited {
+                self.udp_target = udp;
                 return Ok((http, admin));
             }
             let log = std::fs::read_to_string(dir.join("relay.log")).unwrap_or_default();

@@ -59,6 +59,8 @@ pub struct Row {
     pub relay_kib_per_session: Option<f64>,
     /// Relay + agent CPU time per request, in microseconds.
     pub tunnel_cpu_us_per_request: Option<f64>,
+    /// Datagrams never answered, in percent (the `udp` workload).
+    pub lost_percent: Option<f64>,
     /// Anything else worth saying (a ratio, why a run was skipped).
     pub note: String,
 }

@@ -439,6 +439,67 @@ pub async fn lossy(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> 
     Ok(rows)
 }
 
+/// Flows of the `udp` workload, and each datagram's size.
+const UDP_FLOWS: usize = 16;
+const UDP_BYTES: usize = 512;
+
+/// UDP datagrams through a `[[udp]]` tunnel (or straight to the echo, `direct`) at a fixed rate,
+/// with no loss and with each `--loss` on the tunnel leg: replies a second, round-trip p50/p99,
+/// and the share lost.
+pub async fn udp(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {
+    let mut stack = Stack::start(&opts.exe, mode, 1).await?;
+    let mut rows = Vec::new();
+    let lossy = if mode == Mode::Direct { Vec::new() } else { opts.loss.clone() };
+    for percent in std::iter::once(0).chain(lossy) {
+        let _loss = if percent == 0 {
+            None
+        } else if let Err(why) = crate::netem::available() {
+            rows.push(Row {
+                workload: "udp".into(),
+                transport: mode.name().into(),
+                variant: "skipped".into(),
+                note: why,
+                ..Row::default()
+            });
+            continue;
+        } else {
+            let (udp, tcp) = match mode {
+                Mode::Quic => (vec![stack.quic_port], vec![]),
+                _ => (vec![], vec![stack.grpc_port]),
+            };
+            Some(Loss::apply(percent, &udp, &tcp)?)
+        };
+        let spec = crate::udp_load::UdpSpec {
+            target: stack.udp_target,
+            flows: UDP_FLOWS,
+            rate: opts.udp_rate,
+            size: UDP_BYTES,
+            duration: opts.duration,
+        };
+        let bar = spinner(format!("udp {} loss={percent}%", mode.name()));
+        let result = crate::udp_load::run(spec).await?;
+        bar.finish_and_clear();
+        stack.check_alive()?;
+        let lost = result.lost_percent();
+        rows.push(Row {
+            workload: "udp".into(),
+            transport: mode.name().into(),
+            variant: format!("loss={percent}%"),
+            requests_per_sec: Some(result.received as f64 / opts.duration.as_secs_f64()),
+            latency: Some(Latency::from_histogram(&result.latency)),
+            requests: result.received,
+            lost_percent: Some(lost),
+            note: format!(
+                "{UDP_FLOWS} flows, {} datagrams/s of {UDP_BYTES} B offered; {lost:.2}% lost{}",
+                opts.udp_rate,
+                if percent == 0 { "" } else { " (loss on the relay-agent leg, both ways)" }
+            ),
+            ..Row::default()
+        });
+    }
+    Ok(rows)
+}
+
 /// Small requests and bulk transfers over an emulated WAN link between relay and agent: 50 ms
 /// RTT, 1% loss each way, 100 Mbit/s.
 pub async fn wan(opts: &BenchOptions, mode: Mode) -> anyhow::Result<Vec<Row>> {

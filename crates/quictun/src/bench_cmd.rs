@@ -35,6 +35,7 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
         slow_clients: args.slow_clients,
         rate: args.rate,
         loss_everywhere: args.loss_everywhere,
+        udp_rate: args.udp_rate.max(1),
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
     let report = quictun_bench::run(&options).await.map_err(Failure::runtime)?;

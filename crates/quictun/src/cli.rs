@@ -83,12 +83,12 @@ pub struct BenchArgs {
     /// Transports to compare (quic, grpc, direct), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "quic,grpc,direct")]
     pub transports: Vec<quictun_bench::Mode>,
-    /// Workloads (small, floor, large, slow-mix, many, lossy, wan, grpc, egress, slow-clients),
-    /// comma-separated.
+    /// Workloads (small, floor, large, slow-mix, many, lossy, wan, grpc, egress, slow-clients,
+    /// udp), comma-separated.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "small,floor,slow-mix,large,many,lossy,wan,grpc,egress,slow-clients"
+        default_value = "small,floor,slow-mix,large,many,lossy,wan,grpc,egress,slow-clients,udp"
     )]
     pub workloads: Vec<quictun_bench::Workload>,
     /// Length of each timed run, in seconds.
@@ -121,6 +121,10 @@ pub struct BenchArgs {
     /// Apply the lossy workload's loss on every leg, not only between relay and agent.
     #[arg(long)]
     pub loss_everywhere: bool,
+    /// Datagrams per second the udp workload sends (16 flows together), at no loss and at each
+    /// --loss on the tunnel leg.
+    #[arg(long, value_name = "PER_SEC", default_value_t = 10_000)]
+    pub udp_rate: u64,
 }
 
 /// Flags of `quictun bench-agents`.

@@ -236,6 +236,8 @@ fn bench_smoke_runs_every_workload_on_every_transport() {
         "3",
         "--wan-mib",
         "1",
+        "--udp-rate",
+        "2000",
         "--out",
         out.to_str().unwrap(),
     ];
@@ -246,7 +248,7 @@ fn bench_smoke_runs_every_workload_on_every_transport() {
     let has =
         |workload: &str, transport: &str| rows.iter().any(|r| r["workload"] == workload && r["transport"] == transport);
     for transport in ["quic", "grpc", "direct"] {
-        for workload in ["small", "slow-mix", "large", "wan", "grpc", "egress", "slow-clients"] {
+        for workload in ["small", "slow-mix", "large", "wan", "grpc", "egress", "slow-clients", "udp"] {
             assert!(has(workload, transport), "no {workload} row for {transport}");
         }
     }
@@ -281,7 +283,20 @@ fn bench_smoke_runs_every_workload_on_every_transport() {
     }
     assert!(!under_ci() || skipped.is_empty(), "workloads skipped under CI: {skipped:?}");
     let bulk = |r: &&serde_json::Value| r["workload"] == "wan" && r["variant"] != "small c=16";
-    let timed = ["small", "floor", "grpc", "egress", "slow-clients", "lossy", "wan"];
+    let timed = ["small", "floor", "grpc", "egress", "slow-clients", "lossy", "wan", "udp"];
+    // Datagrams through each tunnel and straight to the echo: without loss on the tunnel leg,
+    // next to none are lost (the socket buffers hold a burst).
+    for row in rows.iter().filter(|r| r["workload"] == "udp" && r["variant"] == "loss=0%") {
+        assert!(row["lost_percent"].as_f64().is_some_and(|lost| lost < 5.0), "{row}");
+        assert!(row["latency"]["p99_ms"].as_f64().is_some_and(|p99| p99 > 0.0), "{row}");
+    }
+    for transport in ["quic", "grpc"] {
+        let lossy = |r: &&serde_json::Value| r["workload"] == "udp" && r["transport"] == transport;
+        assert!(
+            rows.iter().filter(lossy).any(|r| r["variant"] == "loss=1%" || r["variant"] == "skipped"),
+            "{transport}"
+        );
+    }
     for row in rows.iter().filter(|r| timed.contains(&r["workload"].as_str().unwrap_or(""))) {
         if row["variant"] == "skipped" {
             continue;
