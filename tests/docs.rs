@@ -60,6 +60,43 @@ fn the_documented_relay_defaults_are_the_defaults() {
     assert!(checked >= 30, "only {checked} relay defaults found in docs/configuration.md");
 }
 
+/// `(key, default)` of every row of the reference whose key cell is `` `[[table]]` `key` `` and
+/// whose default cell is one backticked value.
+fn documented_entry_defaults(text: &str, table: &str) -> Vec<(String, String)> {
+    let prefix = format!("`[[{table}]]` `");
+    text.lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split('|').collect();
+            let key = cells.get(1)?.trim().strip_prefix(&prefix)?.strip_suffix('`')?;
+            let default = cells.get(2)?.trim().strip_prefix('`')?.strip_suffix('`')?;
+            (!key.contains('`') && !default.contains('`')).then(|| (key.to_owned(), default.to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+fn the_documented_tunnel_entry_defaults_are_the_defaults() {
+    let text = std::fs::read_to_string(repo().join("docs/configuration.md")).unwrap();
+    let entries = [
+        ("tcp", "listen = \"127.0.0.1:0\"\ngroup = \"g\"\nupstream = \"db:5432\"\n"),
+        ("udp", "listen = \"127.0.0.1:0\"\ngroup = \"g\"\nupstream = \"dns:53\"\n"),
+    ];
+    for (table, required) in entries {
+        let of = |file: &str| {
+            let config =
+                parse_toml::<RelayConfig>(file, Path::new("doc.toml")).unwrap_or_else(|e| panic!("{e}\n{file}"));
+            if table == "tcp" { format!("{:?}", config.tcp) } else { format!("{:?}", config.udp) }
+        };
+        let baseline = of(&format!("[[{table}]]\n{required}"));
+        let defaults = documented_entry_defaults(&text, table);
+        for (key, default) in &defaults {
+            let file = format!("[[{table}]]\n{required}{key} = {}\n", toml_value(default));
+            assert_eq!(of(&file), baseline, "docs/configuration.md says [[{table}]] {key} defaults to {default}");
+        }
+        assert!(defaults.len() >= 3, "only {} [[{table}]] defaults documented", defaults.len());
+    }
+}
+
 #[test]
 fn the_documented_agent_defaults_are_the_defaults() {
     let parse = |text: &str| parse_toml::<AgentConfigFile>(text, Path::new("doc.toml")).map_err(|e| e.to_string());
@@ -77,8 +114,9 @@ fn the_readmes_relay_configuration_loads() {
         let config =
             parse_toml::<RelayConfig>(block, Path::new("README.md")).unwrap_or_else(|e| panic!("{e}\n{block}"));
         config.validate(Path::new("README.md")).unwrap_or_else(|e| panic!("{e}\n{block}"));
-        // Something is served: the relay's own routes, or what its clients may declare.
+        // Something is served: the relay's own routes or tunnels, or what its clients may declare.
         let declarable = config.clients.iter().any(|c| !c.allow_hosts.is_empty() || !c.allow_tcp_ports.is_empty());
-        assert!(!config.clients.is_empty() && (!config.routes.is_empty() || declarable), "{block}");
+        let own = !config.routes.is_empty() || !config.tcp.is_empty() || !config.udp.is_empty();
+        assert!(!config.clients.is_empty() && (own || declarable), "{block}");
     }
 }

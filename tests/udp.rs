@@ -439,3 +439,24 @@ async fn a_real_dns_client_resolves_through_the_tunnel(transport: Transport) {
     assert!(size > 3_900, "{big}");
     assert!(!big.contains("flags: qr tc") && !big.contains(" tc "), "not truncated: {big}");
 }
+
+/// Connection migration: the agent's QUIC endpoint moves to a new socket in the middle of a flow.
+/// The flow goes on, on the same session and the same upstream socket: nothing is set up again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_survives_the_agent_moving_to_a_new_socket() {
+    let (h, port) = relay_only(Transport::Quic, Server::Source).await;
+    let mut options = h.agent_options("agent-1");
+    options.bind = Some("127.0.0.1:0".parse().unwrap());
+    let agent = h.agent_with(options).await;
+    let session = h.relay().sessions().get("agent-1").unwrap().session_id;
+    let socket = client(port).await;
+    let before = exchange(&socket, b"x").await;
+    let old_local = agent.local_addr().unwrap();
+    let new_local = agent.rebind("127.0.0.1:0".parse().unwrap()).unwrap();
+    assert_ne!(new_local, old_local);
+    for _ in 0..20 {
+        assert_eq!(exchange(&socket, b"x").await, before, "the same flow, the same upstream socket");
+    }
+    let relay_sees = h.relay().sessions().get("agent-1").unwrap();
+    assert_eq!((relay_sees.session_id, relay_sees.remote()), (session, new_local));
+}
