@@ -40,8 +40,9 @@ pub enum Target {
     /// 5: a UDP flow (relay → agent): one client address's datagrams to and from `upstream`.
     /// The stream sets the flow up, ends it with its FIN, and carries the flow's datagrams that
     /// do not fit a DATAGRAM frame ([`crate::datagram::StreamDecoder`]'s framing); the rest cross
-    /// as DATAGRAM frames tagged with `flow`.
-    Udp(UdpFlow),
+    /// as DATAGRAM frames tagged with `flow`. (Boxed: every head is moved through several
+    /// futures, and the flow's addresses would double the size of every `Target`.)
+    Udp(Box<UdpFlow>),
 }
 
 /// A UDP flow's setup: where its datagrams go and what identifies them.

@@ -57,6 +57,14 @@ struct Listener {
     next_key: AtomicU64,
 }
 
+/// A flow's identity: its request id (in every log line and in its exchanges' heads), its
+/// client, and its key in the listener's table.
+struct Flow {
+    id: Uuid,
+    client: SocketAddr,
+    key: u64,
+}
+
 /// A client address's open flow, as the socket reader sees it.
 struct ClientFlow {
     key: u64,
@@ -137,11 +145,12 @@ impl Listener {
         let _ = queue.try_send(datagram);
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         self.flows.insert(client, ClientFlow { key, queue });
-        let span = info_span!("udp", request_id = %Uuid::new_v4(), %client, client_id = tracing::field::Empty);
+        let id = Uuid::new_v4();
+        let span = info_span!("udp", request_id = %id, %client, client_id = tracing::field::Empty);
         let this = self.clone();
         self.runtime.tasks.spawn(
             async move {
-                this.run_flow(client, key, waiting, slot).await;
+                this.run_flow(Flow { id, client, key }, waiting, slot).await;
             }
             .instrument(span),
         );
@@ -149,13 +158,8 @@ impl Listener {
 
     /// Runs one client's flow until it idles out, cannot be carried, or the relay stops; then
     /// writes its access-log line.
-    async fn run_flow(
-        self: Arc<Self>,
-        client: SocketAddr,
-        key: u64,
-        mut waiting: mpsc::Receiver<Bytes>,
-        slot: FlowSlot,
-    ) {
+    async fn run_flow(self: Arc<Self>, flow: Flow, mut waiting: mpsc::Receiver<Bytes>, slot: FlowSlot) {
+        let Flow { id, client, key } = flow;
         let metrics = self.metrics().clone();
         metrics.flows.inc();
         let started = std::time::Instant::now();
@@ -165,7 +169,7 @@ impl Listener {
         let mut setups_without_reply = 0;
         let end = loop {
             let replies_before = moved.from_agent.load(Ordering::Relaxed);
-            let carried = match self.set_up(client, &mut waiting, &activity, &moved).await {
+            let carried = match self.set_up((id, client), &mut waiting, &activity, &moved).await {
                 Ok(carried) => carried,
                 Err(NotSetUp(reason, why)) => break FlowEnd::NotSetUp(reason, why),
             };
@@ -201,6 +205,7 @@ impl Listener {
         }
         tracing::info!(
             target: "quictun::access",
+            request_id = %id,
             client = %client,
             listen = %self.local,
             client_id = %agent.as_deref().unwrap_or("-"),
@@ -217,7 +222,7 @@ impl Listener {
     /// the flow's stream, behind the setup.
     async fn set_up(
         &self,
-        client: SocketAddr,
+        (request_id, client): (Uuid, SocketAddr),
         waiting: &mut mpsc::Receiver<Bytes>,
         activity: &Activity,
         moved: &Arc<Moved>,
@@ -245,12 +250,12 @@ impl Listener {
         let (stream, body) = channel_body_of(self.entry.queue_datagrams);
         let mut link = FlowLink::new(flow, stream, self.metrics().clone());
         let head = RequestHead {
-            target: Target::Udp(UdpFlow {
+            target: Target::Udp(Box::new(UdpFlow {
                 upstream: self.entry.upstream.clone(),
                 flow,
                 proxy_v2: self.entry.proxy_protocol.map(|_| (client, self.local)),
-            }),
-            request_id: Uuid::new_v4(),
+            })),
+            request_id,
             method: "CONNECT".into(),
             uri: "/".into(),
             headers: vec![quictun_proto::Header {
@@ -286,7 +291,7 @@ impl Listener {
             }
         };
         link.use_datagrams(&session.tunnel);
-        Ok(Carried { session, link, from_agent, deliver, _held: (registered, permit, agent_slot, budget) })
+        Ok(Carried { session, link, from_agent, deliver, held: (registered, permit, agent_slot, budget) })
     }
 
     /// Sends a datagram from the tunnel to the client. Never waits.
@@ -309,7 +314,7 @@ impl Listener {
         activity: &Activity,
         moved: &Moved,
     ) -> FlowEnd {
-        let Carried { link, from_agent, deliver, session, _held } = carried;
+        let Carried { link, from_agent, deliver, session, held } = carried;
         let idle = Duration::from_secs(self.entry.idle_timeout_secs);
         let replies = read_stream(from_agent, &deliver, self.metrics());
         tokio::pin!(replies);
@@ -328,7 +333,7 @@ impl Listener {
                 () = self.runtime.stopped.cancelled() => break FlowEnd::Shutdown,
             }
         };
-        drop(_held);
+        drop(held);
         self.per_agent.remove_if(&session.session_id, |_, budget| budget.open() == 0);
         end
     }
@@ -347,8 +352,9 @@ struct Carried {
     link: FlowLink,
     from_agent: TunnelBody,
     deliver: Deliver,
-    /// Its id in the session's flow table, its stream place, its place among the agent's flows.
-    _held: (Registered, StreamPermit, FlowSlot, Arc<FlowBudget>),
+    /// Its id in the session's flow table, its stream place, its place among the agent's flows
+    /// (given back when the flow leaves the agent).
+    held: (Registered, StreamPermit, FlowSlot, Arc<FlowBudget>),
 }
 
 /// Why a flow could not be set up: what its datagrams count as dropped for, and why.
