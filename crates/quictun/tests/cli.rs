@@ -12,13 +12,21 @@ use std::time::Duration;
 use procs::*;
 
 /// One timed or CPU-heavy test at a time: the tests that assert how long something took run
-/// serially, and never beside the benchmark smoke test (which keeps both cores busy), so that what
-/// they measure is the code, not a neighbour.
-static TIMED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// alone, never beside the benchmark smoke test (which keeps both cores busy) nor beside any other
+/// test of this file, so that what they measure is the code, not a neighbour.
+static TIMED: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
-/// Takes the timed tests' turn (held for the whole test; a failed test does not block the rest).
-fn timed_turn() -> std::sync::MutexGuard<'static, ()> {
-    TIMED.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+/// Takes the timed tests' turn, alone (held for the whole test; a failed test does not block the
+/// rest).
+fn timed_turn() -> std::sync::RwLockWriteGuard<'static, ()> {
+    TIMED.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Takes an untimed test's turn: beside other untimed tests, never beside a timed one (these
+/// start processes, open hundreds of connections or run the demo: on two cores, enough to stall
+/// a timed test's request by 100 ms, as CI once saw).
+fn untimed_turn() -> std::sync::RwLockReadGuard<'static, ()> {
+    TIMED.read().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn quictun(args: &[&str]) -> Output {
@@ -38,6 +46,7 @@ fn http_get(addr: &str, path: &str) -> String {
 
 #[test]
 fn every_command_has_help() {
+    let _turn = untimed_turn();
     for args in [
         &["--help"][..],
         &["relay", "--help"],
@@ -54,6 +63,7 @@ fn every_command_has_help() {
 
 #[test]
 fn usage_and_configuration_errors_exit_2_naming_file_and_key() {
+    let _turn = untimed_turn();
     let out = quictun(&["relay", "--no-such-flag"]);
     assert_eq!(out.status.code(), Some(2));
 
@@ -93,6 +103,7 @@ fn usage_and_configuration_errors_exit_2_naming_file_and_key() {
 
 #[test]
 fn cert_gen_writes_a_private_key_and_cert_pin_agrees() {
+    let _turn = untimed_turn();
     let dir = TempDir::new();
     let out = quictun(&["cert", "gen", "--out", dir.to_str().unwrap(), "--san", "relay.example.com"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -116,6 +127,7 @@ fn cert_gen_writes_a_private_key_and_cert_pin_agrees() {
 
 #[test]
 fn relay_generates_a_cert_and_real_agents_are_refused_for_a_wrong_pin_or_token() {
+    let _turn = untimed_turn();
     let dir = TempDir::new();
     let config = loopback_relay_config(&dir, "public_name = \"127.0.0.1\"\n", OFFICE_CLIENT);
     let relay = Proc::spawn(&["relay", "--config", config.to_str().unwrap()], &dir);
@@ -156,6 +168,7 @@ fn relay_generates_a_cert_and_real_agents_are_refused_for_a_wrong_pin_or_token()
 
 #[test]
 fn the_admin_endpoint_answers_while_idle_clients_hold_every_ingress_connection() {
+    let _turn = untimed_turn();
     let dir = TempDir::new();
     let config = dir.join("relay.toml");
     std::fs::write(
@@ -194,6 +207,7 @@ fn the_admin_endpoint_answers_while_idle_clients_hold_every_ingress_connection()
 
 #[test]
 fn demo_prints_a_curl_line_that_works() {
+    let _turn = untimed_turn();
     let dir = TempDir::new();
     let demo = Proc::spawn(&["demo", "--http-listen", "127.0.0.1:0"], &dir);
     let line = demo.line_with("curl -i");
@@ -315,6 +329,7 @@ fn bench_smoke_runs_every_workload_on_every_transport() {
 
 #[test]
 fn the_relay_reloads_on_sighup_and_on_file_change_and_refuses_a_broken_file() {
+    let _turn = untimed_turn();
     let dir = TempDir::new();
     let upstream = Proc::spawn(&["upstream", "--listen", "127.0.0.1:0"], &dir);
     let upstream_url = upstream.line_with("listening on").rsplit(' ').next().unwrap().to_owned();
@@ -733,6 +748,7 @@ fn a_request_on_a_killed_agent_gets_its_502_within_seconds(transport: &'static s
 
 #[test]
 fn relative_paths_in_a_config_file_are_read_against_its_directory() {
+    let _turn = untimed_turn();
     let dir = TempDir::new();
     let etc = dir.join("etc");
     std::fs::create_dir_all(&etc).unwrap();
@@ -768,6 +784,7 @@ fn relative_paths_in_a_config_file_are_read_against_its_directory() {
 
 #[test]
 fn each_request_gets_one_access_line_in_text_without_colour_or_in_json() {
+    let _turn = untimed_turn();
     for format in ["text", "json"] {
         let dir = TempDir::new();
         let mut command = Command::new(BIN);
@@ -813,6 +830,7 @@ fn each_request_gets_one_access_line_in_text_without_colour_or_in_json() {
 
 #[test]
 fn a_mistyped_flag_gets_a_suggestion_and_the_whole_usage_line() {
+    let _turn = untimed_turn();
     let out = quictun(&["relay", "--quic-listn", "0.0.0.0:4433"]);
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
@@ -824,6 +842,7 @@ fn a_mistyped_flag_gets_a_suggestion_and_the_whole_usage_line() {
 
 #[test]
 fn completions_and_a_manual_page_are_generated_from_the_flags() {
+    let _turn = untimed_turn();
     let bash = quictun(&["completions", "bash"]);
     assert!(bash.status.success(), "{}", stderr(&bash));
     let script = String::from_utf8_lossy(&bash.stdout);
@@ -850,6 +869,7 @@ fn completions_and_a_manual_page_are_generated_from_the_flags() {
 
 #[test]
 fn an_agent_pointed_at_the_relays_http_port_is_told_so() {
+    let _turn = untimed_turn();
     let dir = TempDir::new();
     let config = loopback_relay_config(&dir, "", OFFICE_CLIENT);
     let relay = Proc::spawn(&["relay", "--config", config.to_str().unwrap()], &dir);
@@ -866,6 +886,7 @@ fn an_agent_pointed_at_the_relays_http_port_is_told_so() {
 
 #[test]
 fn log_format_json_in_the_config_file_makes_json_log_lines() {
+    let _turn = untimed_turn();
     let dir = TempDir::new();
     let config = loopback_relay_config(&dir, "log_format = \"json\"\n", "");
     let relay = Proc::spawn(&["relay", "--config", config.to_str().unwrap()], &dir);
