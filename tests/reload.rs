@@ -31,8 +31,7 @@ async fn routes_and_upstreams_change_without_dropping_anything(transport: Transp
             host: "fresh.test".into(),
             path_prefix: "/".into(),
             upstream: "app".into(),
-            max_in_flight: None,
-            max_body_bytes: None,
+            ..RouteEntry::default()
         },
     );
     let app = config.upstreams.iter_mut().find(|u| u.name == "app").unwrap();

@@ -154,8 +154,7 @@ pub fn route(host: &str, path_prefix: &str, upstream: &str) -> RouteEntry {
         host: host.to_owned(),
         path_prefix: path_prefix.to_owned(),
         upstream: upstream.to_owned(),
-        max_in_flight: None,
-        max_body_bytes: None,
+        ..RouteEntry::default()
     }
 }
 

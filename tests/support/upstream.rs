@@ -48,6 +48,7 @@ mod tokio_stream_shim {
 struct State {
     hanging: watch::Sender<usize>,
     released: watch::Sender<bool>,
+    requests: std::sync::atomic::AtomicUsize,
 }
 
 /// A running upstream.
@@ -74,6 +75,7 @@ fn streamed(rx: mpsc::Receiver<Result<Frame<Bytes>, Infallible>>) -> Response<Bo
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    state.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = req.uri().path().to_owned();
     match (req.method().as_str(), path.as_str()) {
         ("GET", "/hello") => full(StatusCode::OK, "hello"),
@@ -164,7 +166,11 @@ impl Upstream {
     pub async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let state = Arc::new(State { hanging: watch::Sender::new(0), released: watch::Sender::new(false) });
+        let state = Arc::new(State {
+            hanging: watch::Sender::new(0),
+            released: watch::Sender::new(false),
+            requests: std::sync::atomic::AtomicUsize::new(0),
+        });
         let stop = CancellationToken::new();
         let (state2, stop2) = (state.clone(), stop.clone());
         tokio::spawn(async move {
@@ -216,6 +222,11 @@ impl Upstream {
     /// Makes `/hang` hang again after a [`Self::release`].
     pub fn rearm(&self) {
         self.state.released.send_replace(false);
+    }
+
+    /// Requests received so far.
+    pub fn requests(&self) -> usize {
+        self.state.requests.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many `/hang` requests are waiting now.

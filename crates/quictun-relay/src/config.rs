@@ -598,7 +598,7 @@ pub struct UpstreamEntry {
 }
 
 /// A `[[routes]]` entry.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteEntry {
     /// Exact host, `*.example.com`, or `*` for any host.
@@ -614,6 +614,37 @@ pub struct RouteEntry {
     /// Largest request body in bytes; larger ones are answered 413 (default: no limit).
     #[serde(default)]
     pub max_body_bytes: Option<u64>,
+    /// An htpasswd file of bcrypt entries (`htpasswd -B`): requests must carry one of its users
+    /// (401 otherwise); re-read on reload.
+    #[serde(default)]
+    pub basic_auth_file: Option<PathBuf>,
+    /// The realm of the `WWW-Authenticate` challenge (default `quictun`).
+    #[serde(default)]
+    pub basic_auth_realm: Option<String>,
+    /// Only these addresses and networks may use the route (403 otherwise).
+    #[serde(default)]
+    pub allow_ips: Vec<String>,
+    /// These may not (403), whatever `allow_ips` says.
+    #[serde(default)]
+    pub deny_ips: Vec<String>,
+    /// Requests a second one client address may send on the route (429 beyond).
+    #[serde(default)]
+    pub rate_limit_per_ip: Option<f64>,
+    /// Requests one address may send at once above the rate (default: one second's worth).
+    #[serde(default)]
+    pub rate_limit_burst: Option<u32>,
+    /// Headers set on the request to the upstream, replacing the client's (`{ "x-env" = "prod" }`).
+    #[serde(default)]
+    pub request_headers_set: std::collections::BTreeMap<String, String>,
+    /// Headers removed from the request to the upstream.
+    #[serde(default)]
+    pub request_headers_remove: Vec<String>,
+    /// Headers set on the response to the client, replacing the upstream's.
+    #[serde(default)]
+    pub response_headers_set: std::collections::BTreeMap<String, String>,
+    /// Headers removed from the response to the client.
+    #[serde(default)]
+    pub response_headers_remove: Vec<String>,
 }
 
 fn default_prefix() -> String {
@@ -653,6 +684,9 @@ impl RelayConfig {
             r.agent_networks_file = Some(r.cert.with_file_name("agent-networks"));
         }
         for path in self.clients.iter_mut().filter_map(|c| c.token_file.as_mut()) {
+            resolve_in_place(file, path);
+        }
+        for path in self.routes.iter_mut().filter_map(|r| r.basic_auth_file.as_mut()) {
             resolve_in_place(file, path);
         }
     }

@@ -36,6 +36,7 @@ mod ingress;
 mod known_networks;
 mod liveness;
 mod metrics;
+mod policies;
 mod proxy;
 mod registration;
 mod router;

@@ -83,6 +83,14 @@ pub enum Reject {
     /// A register sent as 0-RTT data whose handshake never completed (a replay, or a client
     /// that vanished): nothing was registered.
     unconfirmed_0rtt,
+    /// A route's `allow_ips` / `deny_ips` refused the client's address (403).
+    policy_address,
+    /// The client's address was over a route's `rate_limit_per_ip` (429).
+    policy_rate,
+    /// No credentials or wrong ones for a route's `basic_auth_file` (401).
+    policy_auth,
+    /// Too many failed authentications from the address (429).
+    policy_auth_failures,
 }
 
 /// Why a request was sent again, to another agent of its group.

@@ -34,6 +34,8 @@ pub struct Route {
     pub balance: Balance,
     /// The header hashed by [`Balance::Hash`].
     pub hash_header: Option<http::HeaderName>,
+    /// What the route checks before dispatch, and the headers it rewrites.
+    pub policies: Arc<crate::policies::Policies>,
 }
 
 impl Route {
@@ -49,6 +51,7 @@ impl Route {
             max_body_bytes: None,
             balance: Balance::RoundRobin,
             hash_header: None,
+            policies: Arc::default(),
         }
     }
 
@@ -95,6 +98,8 @@ impl Router {
                 }
                 (None, _) => None,
             };
+            let policies = crate::policies::Policies::compile(r)
+                .map_err(|(key, why)| config.invalid(format!("routes[{i}].{key}"), why))?;
             routes.push(Arc::new(Route {
                 host: HostMatch::parse(&r.host),
                 path_prefix: r.path_prefix.clone(),
@@ -104,6 +109,7 @@ impl Router {
                 max_body_bytes: r.max_body_bytes,
                 balance: upstream.balance,
                 hash_header,
+                policies: Arc::new(policies),
             }));
         }
         Ok(Self { routes })

@@ -116,6 +116,8 @@ pub struct Outgoing {
     pub upgrade: Option<upgrade::Pending>,
     /// The edge's places, held until the answer's body ends.
     pub slots: EdgeSlots,
+    /// The route (its response-header rewrites apply to the answer).
+    pub route: Arc<Route>,
 }
 
 /// The `upstream_request_filter` phase (see the module documentation).
@@ -133,6 +135,7 @@ pub fn upstream_request_filter(
     if is_upgrade {
         headers.extend(upgrade::upgrade_headers(request.headers()));
     }
+    route.policies.request_headers.apply_to_wire(&mut headers);
     let max = shared.settings.limits.max_header_count;
     if headers.len() > max {
         return Err(ProxyError::TooManyHeaders { count: headers.len(), max });
@@ -164,7 +167,7 @@ pub fn upstream_request_filter(
     let (pool, balance) = (route.pool.clone(), route.balance);
     let kind = if head.has_body { StreamKind::Bulk } else { StreamKind::Request };
     let dispatch = Dispatch { pool, balance, hash_key, head, body, idempotent, client, checks, kind };
-    Ok(Outgoing { dispatch, upgrade, slots })
+    Ok(Outgoing { dispatch, upgrade, slots, route })
 }
 
 /// The request body as it goes to the agent: counted, reset after `stream_idle_timeout` without

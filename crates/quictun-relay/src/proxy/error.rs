@@ -99,6 +99,18 @@ pub enum ProxyError {
     /// The client's address has `max_requests_per_ip` requests in flight.
     #[error("too many requests in flight from your address")]
     AddressBusy,
+    /// The route's `allow_ips` / `deny_ips` refuse the client's address.
+    #[error("{0} may not use this route")]
+    Forbidden(std::net::IpAddr),
+    /// The client's address is over the route's `rate_limit_per_ip`: try again after this.
+    #[error("too many requests from your address; try again in {:.1} s", .0.as_secs_f64())]
+    RateLimited(Duration),
+    /// No credentials, or wrong ones, for the route's `basic_auth_file` (with its challenge).
+    #[error("authentication required")]
+    Unauthorized(HeaderValue),
+    /// Too many failed authentications from the client's address: try again after this.
+    #[error("too many failed authentications from your address; try again in {:.1} s", .0.as_secs_f64())]
+    TooManyAuthFailures(Duration),
 }
 
 /// What made an agent's response head unusable as an HTTP response.
@@ -123,6 +135,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadHost(_) | Self::BadPath(_) | Self::BadBody => StatusCode::BAD_REQUEST,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::RateLimited(_) | Self::TooManyAuthFailures(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::TooManyHeaders { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -151,6 +166,10 @@ impl ProxyError {
             Self::BodyTooLarge(_) => Reject::body_too_large,
             Self::UploadTooSlow(_) => Reject::upload_too_slow,
             Self::AddressBusy => Reject::ip_requests,
+            Self::Forbidden(_) => Reject::policy_address,
+            Self::RateLimited(_) => Reject::policy_rate,
+            Self::Unauthorized(_) => Reject::policy_auth,
+            Self::TooManyAuthFailures(_) => Reject::policy_auth_failures,
             Self::Timeout(_) => Reject::timeout,
             Self::Exchange(_) | Self::BadResponse(_) => return None,
         })
@@ -160,8 +179,19 @@ impl ProxyError {
     /// (RFC 9110, 15.5.6). A 503's `Retry-After` is added with the text.
     pub fn headers(&self) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        if let Self::MethodNotAllowed(_) = self {
-            headers.insert(http::header::ALLOW, HeaderValue::from_static(SERVED_METHODS));
+        match self {
+            Self::MethodNotAllowed(_) => {
+                headers.insert(http::header::ALLOW, HeaderValue::from_static(SERVED_METHODS));
+            }
+            Self::Unauthorized(challenge) => {
+                headers.insert(http::header::WWW_AUTHENTICATE, challenge.clone());
+            }
+            Self::RateLimited(wait) | Self::TooManyAuthFailures(wait) => {
+                // Whole seconds, rounded up (RFC 9110, 10.2.3): never 0, which means "now".
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
+            _ => {}
         }
         headers
     }

@@ -158,8 +158,8 @@ async fn proxy(
     request_id: Uuid,
     log: &mut respond::RequestLog,
 ) -> Result<Response<IngressBody>, ProxyError> {
-    let accepted = edge::request_filter(shared, request, &peer, log)?;
-    policy::check(&accepted)?;
+    let mut accepted = edge::request_filter(shared, request, &peer, log)?;
+    policy::check(shared, &mut accepted, &peer).await?;
     let outgoing = edge::upstream_request_filter(shared, accepted, &peer, request_id)?;
     let answer = dispatch(shared, outgoing.dispatch).await.map_err(|undelivered| {
         log.client_id = undelivered.agent;
@@ -167,5 +167,11 @@ async fn proxy(
     })?;
     log.client_id = Some(answer.session.client_id.clone());
     log.head_latency = Some(answer.head_latency);
-    respond::response_filter(shared, answer, outgoing.upgrade, outgoing.slots)
+    respond::response_filter(
+        shared,
+        answer,
+        outgoing.upgrade,
+        outgoing.slots,
+        &outgoing.route.policies.response_headers,
+    )
 }

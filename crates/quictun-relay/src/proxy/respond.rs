@@ -1,5 +1,5 @@
 //! The last phases of the request path: `response_filter`, the response the client gets from the
-//! agent's answer (its status and headers, where a hook may change headers, and the body streamed
+//! agent's answer (its status and headers, with the route's response-header rewrites, and the body streamed
 //! back, or the client's connection spliced to the agent's stream after a 101), and `logging`,
 //! the request's metrics, its id on the response, and its access-log line.
 
@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use quictun_core::http::headers_from_wire;
 use quictun_core::upgrade::upgrade_headers_from_wire;
@@ -20,6 +20,7 @@ use super::{IngressBody, REQUEST_ID_HEADER};
 use crate::access::AccessEntry;
 use crate::admission::Slots;
 use crate::body::Metered;
+use crate::policies::HeaderEdits;
 use crate::state::RelayState;
 use crate::upgrade;
 
@@ -31,13 +32,14 @@ pub fn response_filter(
     answer: Dispatched,
     upgrade: Option<upgrade::Pending>,
     edge: EdgeSlots,
+    rewrites: &HeaderEdits,
 ) -> Result<Response<IngressBody>, ProxyError> {
     let Dispatched { head, body, agent_slot, .. } = answer;
     let status = StatusCode::from_u16(head.status).map_err(BadResponse::from)?;
     let switching = upgrade.is_some() && status == StatusCode::SWITCHING_PROTOCOLS;
     let mut headers = if switching { upgrade_headers_from_wire(head.headers) } else { headers_from_wire(head.headers) }
         .map_err(BadResponse::from)?;
-    response_headers(&mut headers);
+    rewrites.apply(&mut headers);
     let slots = Slots::new(agent_slot, edge.route, edge.address);
     let metrics = &shared.runtime.metrics;
     let body = match upgrade {
@@ -56,10 +58,6 @@ pub fn response_filter(
     *response.headers_mut() = headers;
     Ok(response)
 }
-
-/// The hook for the headers of every answer from an agent, before it goes to the client (where
-/// a route's response-header rules will apply). Hop-by-hop headers are already out.
-fn response_headers(_headers: &mut HeaderMap) {}
 
 /// What the `logging` phase needs to know of a request, gathered while it is handled.
 pub struct RequestLog {
