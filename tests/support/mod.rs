@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 pub mod agent_path;
+pub mod browser;
 pub mod client;
 pub mod grpc_echo;
 pub mod harness;
@@ -26,13 +27,15 @@ pub use upstream::Upstream;
 pub use quictun_agent::Transport;
 
 /// Runs each `async fn name(transport: Transport)` scenario as two tests, `quic::name` and
-/// `grpc::name`, each on a two-thread runtime.
+/// `grpc::name`, each on a two-thread runtime. Attributes before a name (`#[cfg_attr(…, ignore)]`)
+/// go on both tests.
 #[macro_export]
 macro_rules! on_both_transports {
-    ($($name:ident),* $(,)?) => {
+    ($($(#[$meta:meta])* $name:ident),* $(,)?) => {
         mod quic {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                $(#[$meta])*
                 async fn $name() {
                     super::$name($crate::Transport::Quic).await
                 }
@@ -41,6 +44,7 @@ macro_rules! on_both_transports {
         mod grpc {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                $(#[$meta])*
                 async fn $name() {
                     super::$name($crate::Transport::Grpc).await
                 }

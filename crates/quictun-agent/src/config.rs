@@ -161,10 +161,16 @@ pub struct AgentSection {
     /// A QUIC connection that hears nothing for this many milliseconds is dead (QUIC uses the
     /// smaller of both ends' values, so this is the relay's too). Above `keep_alive_ms`.
     pub idle_timeout_ms: u64,
-    /// TCP address of the agent's admin endpoint (`/healthz`, `/readyz`, `/metrics`); off when unset.
+    /// TCP address of the agent's admin endpoint (`/healthz`, `/readyz`, `/metrics`, the
+    /// traffic inspector at `/`); off when unset.
     pub admin_listen: Option<SocketAddr>,
-    /// Bearer token required by the admin endpoint's `/metrics`.
+    /// Bearer token required by the admin endpoint (all but `/healthz` and `/readyz`).
     pub admin_token: Option<Token>,
+    /// HTTP requests the inspector keeps (while the admin endpoint is served); 0 keeps none.
+    pub inspect_capacity: usize,
+    /// The first bytes of each request and response body the inspector keeps; 0 keeps
+    /// headers only (and replays only requests without a body).
+    pub inspect_body_bytes: usize,
     /// TCP address of the egress listener: HTTP requests sent to it go through the relay, which
     /// forwards them by its `[[egress_routes]]` (QUIC transport); off when unset.
     pub egress_listen: Option<SocketAddr>,
@@ -201,6 +207,8 @@ impl Default for AgentSection {
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
             admin_listen: None,
             admin_token: None,
+            inspect_capacity: 100,
+            inspect_body_bytes: 64 * 1024,
             egress_listen: None,
         }
     }

@@ -15,7 +15,8 @@
 //! - `tunnels`: the tunnels the agent declares ([`Tunnels`]), claimed at the relay.
 //! - `forward`: one exchange → one upstream request; `tcp`: TCP targets, spliced.
 //! - `egress`: the egress listener ([`EgressServer`]).
-//! - `metrics` and `admin`: Prometheus metrics, `/healthz` and `/readyz` on `admin_listen`.
+//! - `metrics` and `admin`: Prometheus metrics, `/healthz` and `/readyz` on `admin_listen`;
+//!   `inspect`: the traffic inspector there (recent requests, their bodies' first bytes, replay).
 //! - `error` and `state`: [`AgentError`] and [`AgentState`].
 
 mod admin;
@@ -26,6 +27,7 @@ mod dial;
 mod egress;
 mod error;
 mod forward;
+mod inspect;
 mod metrics;
 mod options;
 mod session;
@@ -108,7 +110,7 @@ impl Agent {
         let admin_addr = match options.admin_listen {
             Some(addr) => {
                 let (listener, bound) = admin::bind(addr)?;
-                let pages = Arc::new(admin::AgentPages { state: state.clone(), metrics });
+                let pages = Arc::new(admin::AgentPages { state: state.clone(), metrics, forwarder: forwarder.clone() });
                 let token = options.admin_token.clone();
                 admin_tasks.spawn(quictun_core::admin::serve(
                     listener,

@@ -71,6 +71,10 @@ pub struct AgentOptions {
     pub admin_listen: Option<SocketAddr>,
     /// The admin endpoint's bearer token.
     pub admin_token: Option<Token>,
+    /// Requests the inspector keeps (0 without an admin endpoint: nobody could look).
+    pub inspect_capacity: usize,
+    /// The bytes of each body the inspector keeps.
+    pub inspect_body_bytes: usize,
     /// The egress listener's address, when it is served (see [`crate::egress::EgressServer`]).
     pub egress_listen: Option<SocketAddr>,
 }
@@ -114,6 +118,12 @@ impl AgentOptions {
         if a.client_id.trim().is_empty() {
             return Err(invalid("agent.client_id", "missing client id".into()));
         }
+        if a.inspect_capacity > crate::inspect::MAX_CAPACITY {
+            return Err(invalid("agent.inspect_capacity", format!("at most {}", crate::inspect::MAX_CAPACITY)));
+        }
+        if a.inspect_body_bytes > crate::inspect::MAX_BODY_BYTES {
+            return Err(invalid("agent.inspect_body_bytes", format!("at most {}", crate::inspect::MAX_BODY_BYTES)));
+        }
         let trust = trust(a).map_err(|(key, message)| invalid(key, message))?;
         let token = token(a).map_err(|(key, message)| invalid(&key, message))?;
         let local_upstreams = local_upstreams(&config).map_err(|(key, message)| invalid(&key, message))?;
@@ -153,6 +163,8 @@ impl AgentOptions {
             backoff_cap: Duration::from_secs(30),
             admin_listen: a.admin_listen,
             admin_token: a.admin_token,
+            inspect_capacity: if a.admin_listen.is_some() { a.inspect_capacity } else { 0 },
+            inspect_body_bytes: a.inspect_body_bytes,
             egress_listen: a.egress_listen,
         })
     }

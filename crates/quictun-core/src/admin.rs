@@ -5,8 +5,9 @@
 //! - `GET /metrics`: Prometheus metrics in the OpenMetrics text format.
 //! - anything else the process adds through [`AdminPages::page`] (the relay's `/api/sessions`).
 //!
-//! With a token configured, every path but the two probes needs `Authorization: Bearer <token>`
-//! (compared in constant time); without one the endpoint is open, so keep it on loopback.
+//! With a token configured, every path but the two probes needs `Authorization: Bearer <token>`,
+//! or Basic credentials with the token as the password (what a browser sends after asking its
+//! user), compared in constant time; without one the endpoint is open, so keep it on loopback.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -27,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, warn};
 
+use crate::tunnel::BoxFuture;
+
 /// A complete admin response.
 pub type AdminReply = Response<Full<Bytes>>;
 
@@ -44,8 +47,19 @@ pub trait AdminPages: Send + Sync + 'static {
     fn ready(&self) -> bool;
     /// The metrics in the OpenMetrics text format (gauges refreshed first).
     fn metrics(&self) -> String;
-    /// Answers a `GET` for any other path; `None` is a 404.
-    fn page(&self, path: &str) -> Option<AdminReply>;
+    /// Answers a `GET` for any other path, with its query string; `None` is a 404.
+    fn page(&self, path: &str, query: Option<&str>) -> Option<AdminReply>;
+    /// Answers a `POST` for `path` (an action, such as a replay; the request's body is not
+    /// read); `None` is a 404.
+    fn post(&self, _path: &str) -> Option<BoxFuture<'static, AdminReply>> {
+        None
+    }
+    /// Whether `path` shows traffic (requests, their headers and bodies): without a token, only
+    /// a client that named the endpoint by an address or `localhost` gets it, so a web page
+    /// whose name was rebound to 127.0.0.1 (DNS rebinding) cannot read it.
+    fn private(&self, _path: &str) -> bool {
+        false
+    }
 }
 
 /// Builds a response with a content type.
@@ -78,16 +92,28 @@ pub fn encode_metrics(registry: &prometheus_client::registry::Registry) -> Strin
     text
 }
 
-/// True when the request carries `Authorization: Bearer <token>` (or no token is required).
+/// True when the request carries `Authorization: Bearer <token>`, or (for a browser, which asks
+/// its user) `Basic` credentials whose password is the token; or when no token is required.
 fn authorized(token: Option<&Token>, req: &Request<Incoming>) -> bool {
     let Some(token) = token else { return true };
-    let offered = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer_credentials)
-        .unwrap_or("");
-    offered.len() == token.expose().len() && bool::from(offered.as_bytes().ct_eq(token.expose().as_bytes()))
+    let authorization = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let offered = match bearer_credentials(authorization) {
+        Some(bearer) => bearer.as_bytes().to_vec(),
+        None => basic_password(authorization).unwrap_or_default(),
+    };
+    offered.len() == token.expose().len() && bool::from(offered.as_slice().ct_eq(token.expose().as_bytes()))
+}
+
+/// The password of `Basic` credentials (any user name), when they decode.
+fn basic_password(authorization: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let (scheme, credentials) = authorization.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") || credentials.len() > 4096 {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD.decode(credentials.trim()).ok()?;
+    let colon = decoded.iter().position(|&b| b == b':')?;
+    Some(decoded[colon + 1..].to_vec())
 }
 
 /// The credentials of a `Bearer` authorization (the scheme is case-insensitive, RFC 9110 §11.1).
@@ -96,26 +122,83 @@ fn bearer_credentials(authorization: &str) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| credentials.trim_start())
 }
 
-fn answer(pages: &dyn AdminPages, token: Option<&Token>, req: &Request<Incoming>) -> AdminReply {
+/// True when the request's `Host` names an IP address or `localhost` (what a browser sends for
+/// `http://127.0.0.1:9090/`), not a DNS name that could have been rebound.
+fn named_by_address(req: &Request<Incoming>) -> bool {
+    let Some(host) = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()) else { return true };
+    let Ok(authority) = host.parse::<http::uri::Authority>() else { return false };
+    let name = authority.host().trim_start_matches('[').trim_end_matches(']');
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || name.to_ascii_lowercase().ends_with(".localhost")
+}
+
+/// True when a browser says the request comes from another site's page (`Origin` present and not
+/// this endpoint): such a `POST` is refused (cross-site request forgery).
+fn cross_origin(req: &Request<Incoming>) -> bool {
+    let Some(origin) = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()) else { return false };
+    let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let origin_authority = origin.split_once("://").map_or("", |(_, rest)| rest);
+    !origin_authority.eq_ignore_ascii_case(host)
+}
+
+/// An admin answer: ready now, or (an action) once its future resolves.
+enum Answer {
+    Now(AdminReply),
+    Later(BoxFuture<'static, AdminReply>),
+}
+
+fn answer(pages: &dyn AdminPages, token: Option<&Token>, req: &Request<Incoming>) -> Answer {
     let path = req.uri().path();
-    if req.method() != http::Method::GET {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
+    let post = req.method() == http::Method::POST;
+    if req.method() != http::Method::GET && !post {
+        return Answer::Now(reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET and POST\n"));
     }
+    if post && cross_origin(req) {
+        return Answer::Now(reply(StatusCode::FORBIDDEN, "text/plain", "a cross-origin POST is refused\n"));
+    }
+    match (post, pages_answer(pages, token, req, path)) {
+        (true, None) => match pages.post(path) {
+            Some(action) => Answer::Later(action),
+            None => Answer::Now(reply(StatusCode::NOT_FOUND, "text/plain", "not found\n")),
+        },
+        (_, Some(reply)) => Answer::Now(reply),
+        (false, None) => Answer::Now(
+            pages
+                .page(path, req.uri().query())
+                .unwrap_or_else(|| reply(StatusCode::NOT_FOUND, "text/plain", "not found\n")),
+        ),
+    }
+}
+
+/// The answers that do not depend on the page: the probes, the metrics, and the refusals (no
+/// token, a rebound name); `None` when the page must answer.
+fn pages_answer(
+    pages: &dyn AdminPages,
+    token: Option<&Token>,
+    req: &Request<Incoming>,
+    path: &str,
+) -> Option<AdminReply> {
+    let get = req.method() == http::Method::GET;
     match path {
-        "/healthz" => return reply(StatusCode::OK, "text/plain", "ok\n"),
-        "/readyz" if pages.ready() => return reply(StatusCode::OK, "text/plain", "ready\n"),
-        "/readyz" => return reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
+        "/healthz" if get => return Some(reply(StatusCode::OK, "text/plain", "ok\n")),
+        "/readyz" if get && pages.ready() => return Some(reply(StatusCode::OK, "text/plain", "ready\n")),
+        "/readyz" if get => return Some(reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")),
         _ => {}
     }
     if !authorized(token, req) {
         let mut response = reply(StatusCode::UNAUTHORIZED, "text/plain", "missing or wrong bearer token\n");
-        response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return response;
+        let challenges = response.headers_mut();
+        challenges.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        // A browser asks its user for Basic credentials: the token is the password.
+        challenges.append(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"quictun admin\""));
+        return Some(response);
     }
-    match path {
-        "/metrics" => reply(StatusCode::OK, METRICS_CONTENT_TYPE, pages.metrics()),
-        _ => pages.page(path).unwrap_or_else(|| reply(StatusCode::NOT_FOUND, "text/plain", "not found\n")),
+    if token.is_none() && pages.private(path) && !named_by_address(req) {
+        let why = "without an admin token, traffic is shown only to http://<address>/ or http://localhost/\n";
+        return Some(reply(StatusCode::FORBIDDEN, "text/plain", why));
     }
+    (get && path == "/metrics").then(|| reply(StatusCode::OK, METRICS_CONTENT_TYPE, pages.metrics()))
 }
 
 /// Serves the admin endpoint until `stop` fires; connections are tracked by `tasks`.
@@ -138,8 +221,13 @@ pub async fn serve(
         };
         let (pages, token) = (pages.clone(), token.clone());
         let service = service_fn(move |req| {
-            let response = answer(&*pages, token.as_deref(), &req);
-            async move { Ok::<_, Infallible>(response) }
+            let answer = answer(&*pages, token.as_deref(), &req);
+            async move {
+                Ok::<_, Infallible>(match answer {
+                    Answer::Now(reply) => reply,
+                    Answer::Later(action) => action.await,
+                })
+            }
         });
         let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         let stop = stop.clone();
@@ -153,7 +241,7 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
-    use super::bearer_credentials;
+    use super::{basic_password, bearer_credentials};
 
     #[test]
     fn the_bearer_scheme_is_case_insensitive() {
@@ -162,5 +250,15 @@ mod tests {
         }
         assert_eq!(bearer_credentials("Basic abc"), None);
         assert_eq!(bearer_credentials("Bearer"), None);
+    }
+
+    #[test]
+    fn a_browser_gives_the_token_as_a_basic_password() {
+        // "admin:adm-secret" and ":adm-secret"
+        assert_eq!(basic_password("Basic YWRtaW46YWRtLXNlY3JldA==").as_deref(), Some(&b"adm-secret"[..]));
+        assert_eq!(basic_password("basic OmFkbS1zZWNyZXQ=").as_deref(), Some(&b"adm-secret"[..]));
+        assert_eq!(basic_password("Basic !!!"), None);
+        assert_eq!(basic_password("Basic bm9jb2xvbg=="), None, "no colon");
+        assert_eq!(basic_password("Bearer YWRtaW46YWRtLXNlY3JldA=="), None);
     }
 }

@@ -9,6 +9,13 @@
 //! - `GET /api/tunnels`: the relay's `[[tcp]]` tunnels and the tunnels agents declared, as
 //!   JSON: where each comes from (`relay` or `agent`), kind, host or bound address, the group
 //!   serving it, the client ids of the agents that carry it.
+//! - `GET /api/routes`: the routes in the order they are tried, with their policies.
+//! - `GET /api/requests[?limit=N]`: the recent requests, newest first, from the ring of
+//!   `inspect_capacity` (see [`crate::inspect`]); `GET /api/requests/{id}`: one of them with its
+//!   headers (credentials redacted).
+//! - `GET /api/overview[?limit=N]`: what the dashboard shows, in one answer: uptime, requests by
+//!   status class, sessions, routes, tunnels and the most recent requests (50 by default).
+//! - `GET /`: the dashboard, one self-contained page (no CDN) that polls `/api/overview`.
 
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
@@ -16,9 +23,34 @@ use std::time::UNIX_EPOCH;
 use http::StatusCode;
 use quictun_core::admin::{AdminPages, AdminReply, reply};
 use serde::Serialize;
+use uuid::Uuid;
 
 use crate::declared::DeclaredView;
-use crate::state::Runtime;
+use crate::inspect::{RequestSummary, Totals};
+use crate::router::RouteView;
+use crate::state::{RelayState, Runtime};
+
+/// The dashboard page.
+const DASHBOARD: &str = include_str!("dashboard.html");
+/// What the dashboard may load and run: its own inline script and style, and its own origin's
+/// API; nothing from elsewhere, and no frames.
+const DASHBOARD_POLICY: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                                connect-src 'self'; img-src data:; frame-ancestors 'none'; base-uri 'none'";
+/// Requests `/api/overview` lists unless asked.
+const OVERVIEW_REQUESTS: usize = 50;
+
+/// What the dashboard shows, in one answer.
+#[derive(Debug, Serialize)]
+struct Overview {
+    version: &'static str,
+    uptime_secs: u64,
+    inspect_capacity: usize,
+    totals: Totals,
+    sessions: Vec<SessionInfo>,
+    routes: Vec<RouteView>,
+    tunnels: Vec<DeclaredView>,
+    requests: Vec<RequestSummary>,
+}
 
 /// One session as `/api/sessions` shows it.
 #[derive(Debug, Serialize)]
@@ -82,7 +114,7 @@ fn millis(d: std::time::Duration) -> u64 {
 /// The relay's pages on the shared admin server.
 pub struct RelayPages {
     /// What the pages show.
-    pub runtime: Arc<Runtime>,
+    pub shared: Arc<RelayState>,
     /// The `[[tcp]]` tunnels: bound address and group.
     pub tcp: Vec<(std::net::SocketAddr, Arc<str>)>,
 }
@@ -97,29 +129,76 @@ impl RelayPages {
             host: None,
             listen: Some(listen.to_string()),
             group: group.to_string(),
-            holders: self.runtime.sessions.group(group).iter().map(|s| s.client_id.to_string()).collect(),
+            holders: self.shared.runtime.sessions.group(group).iter().map(|s| s.client_id.to_string()).collect(),
         });
-        relay.chain(self.runtime.declared.list()).collect()
+        relay.chain(self.shared.runtime.declared.list()).collect()
     }
+}
+
+impl RelayPages {
+    fn overview(&self, limit: usize) -> Overview {
+        Overview {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_secs: self.shared.runtime.started.elapsed().as_secs(),
+            inspect_capacity: self.shared.settings.inspect_capacity,
+            totals: self.shared.runtime.inspector.totals(),
+            sessions: sessions(&self.shared.runtime),
+            routes: self.shared.live.current().router.views(),
+            tunnels: self.tunnels(),
+            requests: self.shared.runtime.inspector.recent(limit),
+        }
+    }
+}
+
+/// The `limit` of a query string (`limit=N`), when it has a number there.
+fn query_limit(query: Option<&str>) -> Option<usize> {
+    query?.split('&').find_map(|pair| pair.strip_prefix("limit=")?.parse().ok())
 }
 
 impl AdminPages for RelayPages {
     fn ready(&self) -> bool {
-        !self.runtime.shutdown.is_cancelled()
+        !self.shared.runtime.shutdown.is_cancelled()
     }
 
     fn metrics(&self) -> String {
-        let runtime = &self.runtime;
+        let runtime = &self.shared.runtime;
         let pending = i64::try_from(runtime.pending.count()).unwrap_or(i64::MAX);
         runtime.metrics.pending_agents.set(pending);
         runtime.metrics.render(&runtime.sessions)
     }
 
-    fn page(&self, path: &str) -> Option<AdminReply> {
+    fn private(&self, path: &str) -> bool {
+        path == "/" || path == "/api/overview" || path.starts_with("/api/requests")
+    }
+
+    fn page(&self, path: &str, query: Option<&str>) -> Option<AdminReply> {
+        let limit = query_limit(query);
         let json = match path {
-            "/api/sessions" => serde_json::to_vec_pretty(&sessions(&self.runtime)),
+            "/" => {
+                let mut page = reply(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD);
+                let headers = page.headers_mut();
+                headers.insert(http::header::CONTENT_SECURITY_POLICY, http::HeaderValue::from_static(DASHBOARD_POLICY));
+                headers.insert(http::header::X_CONTENT_TYPE_OPTIONS, http::HeaderValue::from_static("nosniff"));
+                headers.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+                return Some(page);
+            }
+            "/api/sessions" => serde_json::to_vec_pretty(&sessions(&self.shared.runtime)),
             "/api/tunnels" => serde_json::to_vec_pretty(&self.tunnels()),
-            _ => return None,
+            "/api/routes" => serde_json::to_vec_pretty(&self.shared.live.current().router.views()),
+            "/api/requests" => {
+                serde_json::to_vec_pretty(&self.shared.runtime.inspector.recent(limit.unwrap_or(usize::MAX)))
+            }
+            "/api/overview" => serde_json::to_vec(&self.overview(limit.unwrap_or(OVERVIEW_REQUESTS))),
+            _ => {
+                let id = path.strip_prefix("/api/requests/")?;
+                let Ok(id) = Uuid::parse_str(id) else {
+                    return Some(reply(StatusCode::BAD_REQUEST, "text/plain", "not a request id\n"));
+                };
+                match self.shared.runtime.inspector.find(id) {
+                    Some(record) => serde_json::to_vec_pretty(&*record),
+                    None => return Some(reply(StatusCode::NOT_FOUND, "text/plain", "no such request in the ring\n")),
+                }
+            }
         };
         Some(match json {
             Ok(json) => reply(StatusCode::OK, "application/json", json),

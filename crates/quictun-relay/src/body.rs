@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -37,6 +37,8 @@ pub struct Metered<B> {
     pace: Option<Pace>,
     /// Set when the body's own source failed or stalled (for a request body: the client).
     source_failed: Option<Tripped>,
+    /// Where this one body's bytes are also added (for the relay's record of the request).
+    tally: Option<Arc<AtomicU64>>,
 }
 
 /// How long each window of a pace check lasts, counted in time spent waiting for the sender.
@@ -101,7 +103,23 @@ impl<B> Metered<B> {
 
     /// Counts the bytes of `inner` into `bytes`; `idle_timeout` ends a body silent that long.
     pub fn new(inner: B, bytes: Counter, idle_timeout: Option<Duration>) -> Self {
-        Self { inner, bytes, limit: None, seen: 0, idle_timeout, idle: None, pace: None, source_failed: None }
+        Self {
+            inner,
+            bytes,
+            limit: None,
+            seen: 0,
+            idle_timeout,
+            idle: None,
+            pace: None,
+            source_failed: None,
+            tally: None,
+        }
+    }
+
+    /// Adds the body's bytes to `tally` too, as they pass (when there is one).
+    pub fn with_tally(mut self, tally: Option<Arc<AtomicU64>>) -> Self {
+        self.tally = tally;
+        self
     }
 
     /// Fails the body once it arrives slower than `min_per_sec` (see [`PACE_WINDOW`]); the
@@ -176,6 +194,9 @@ where
                     let len = data.len() as u64;
                     this.seen += len;
                     this.bytes.inc_by(len);
+                    if let Some(tally) = &this.tally {
+                        tally.fetch_add(len, Ordering::Relaxed);
+                    }
                     if let Some(pace) = &mut this.pace
                         && !pace.arrived(len)
                     {

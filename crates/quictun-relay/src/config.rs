@@ -326,6 +326,9 @@ pub struct RelaySection {
     /// Client addresses (and networks) of proxies in front of the relay whose forwarding headers
     /// are kept (see [`quictun_core::edge::forwarded`]); from anyone else they are replaced.
     pub trusted_proxies: quictun_core::edge::forwarded::TrustedProxies,
+    /// How many recent requests the admin endpoint's dashboard and `/api/requests` keep (with
+    /// their headers, credentials redacted); 0 keeps none.
+    pub inspect_capacity: usize,
 }
 
 impl Default for RelaySection {
@@ -380,6 +383,7 @@ impl Default for RelaySection {
             admin_token: None,
             admin_token_file: None,
             trusted_proxies: Default::default(),
+            inspect_capacity: 1000,
         }
     }
 }
@@ -433,6 +437,11 @@ impl RelaySection {
         }
         if self.header_read_timeout_secs == 0 || self.keep_alive_timeout_secs == 0 {
             return invalid("header_read_timeout_secs", "timeouts must be at least 1 second".into());
+        }
+        if self.inspect_capacity > crate::inspect::MAX_CAPACITY {
+            let why =
+                format!("{} is over the most the relay keeps, {}", self.inspect_capacity, crate::inspect::MAX_CAPACITY);
+            return invalid("inspect_capacity", why);
         }
         if self.admin_token.is_some() && self.admin_token_file.is_some() {
             return invalid("admin_token", "set one of admin_token, admin_token_file".into());

@@ -33,6 +33,15 @@ impl HostMatch {
         Ok(Self::parse(pattern))
     }
 
+    /// The pattern as a route names it: `*`, `*.example.com` or `example.com`.
+    pub fn pattern(&self) -> String {
+        match self {
+            Self::Any => "*".to_owned(),
+            Self::Exact(name) => name.clone(),
+            Self::Wildcard(suffix) => format!("*{suffix}"),
+        }
+    }
+
     /// Whether `host` (lower case, no port) matches.
     pub fn matches(&self, host: &str) -> bool {
         match self {

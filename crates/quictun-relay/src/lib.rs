@@ -13,6 +13,8 @@
 //!   loop with the same admission rules (handshake rate, pending places) for every transport.
 //! - `router`: host and path routing.
 //! - `ingress` and `proxy`: the HTTP server and the per-request forwarding.
+//! - `admin` and `inspect`: the admin endpoint's pages, the dashboard and its ring of recent
+//!   requests.
 //! - `tcp`: TCP tunnels (`[[tcp]]`), one stream per connection.
 //! - `udp`: UDP tunnels (`[[udp]]`), one flow per client address: DATAGRAM frames and a stream.
 //!
@@ -33,6 +35,7 @@ mod error;
 mod fake_tunnel;
 mod hosts;
 mod ingress;
+mod inspect;
 mod known_networks;
 mod liveness;
 mod metrics;
@@ -188,7 +191,7 @@ impl Bound {
         if let Some((listener, tls)) = self.https {
             ingresses.push(runtime.tasks.spawn(ingress::serve(listener, shared.clone(), Some(tls))));
         }
-        let pages = Arc::new(admin::RelayPages { runtime: runtime.clone(), tcp: relay_tunnels });
+        let pages = Arc::new(admin::RelayPages { shared: shared.clone(), tcp: relay_tunnels });
         let (stopped, tasks) = (runtime.stopped.clone(), runtime.tasks.clone());
         runtime.tasks.spawn(quictun_core::admin::serve(self.admin, pages, admin_token, stopped, tasks));
         (self.agents, ingresses)

@@ -84,6 +84,27 @@ impl Policies {
         Ok(Self { addresses, rate, basic_auth, request_headers, response_headers })
     }
 
+    /// The policies the route has, by key family, for the admin endpoint.
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        if self.basic_auth.is_some() {
+            names.push("basic_auth");
+        }
+        if self.addresses.is_some() {
+            names.push("ip_rules");
+        }
+        if self.rate.is_some() {
+            names.push("rate_limit");
+        }
+        if !self.request_headers.is_empty() {
+            names.push("request_headers");
+        }
+        if !self.response_headers.is_empty() {
+            names.push("response_headers");
+        }
+        names
+    }
+
     /// True when the route checks anything before dispatch.
     pub fn checks_anything(&self) -> bool {
         self.addresses.is_some() || self.rate.is_some() || self.basic_auth.is_some()

@@ -28,6 +28,8 @@ pub struct Route {
     pub pool: Pool,
     /// Slots for requests in flight on this route, when it is limited.
     pub in_flight: Option<Arc<Semaphore>>,
+    /// How many slots `in_flight` has.
+    in_flight_limit: u32,
     /// The largest request body this route accepts.
     pub max_body_bytes: Option<u64>,
     /// How the upstream's requests are spread over its group.
@@ -48,6 +50,7 @@ impl Route {
             upstream: Arc::from(host),
             pool: Pool::Holders(holders),
             in_flight: None,
+            in_flight_limit: 0,
             max_body_bytes: None,
             balance: Balance::RoundRobin,
             hash_header: None,
@@ -106,6 +109,7 @@ impl Router {
                 upstream: Arc::from(upstream.name.as_str()),
                 pool: Pool::Group(Arc::from(upstream.group.as_str())),
                 in_flight: r.max_in_flight.map(|n| Arc::new(Semaphore::new(n as usize))),
+                in_flight_limit: r.max_in_flight.unwrap_or(0),
                 max_body_bytes: r.max_body_bytes,
                 balance: upstream.balance,
                 hash_header,
@@ -121,11 +125,43 @@ impl Router {
         self.routes.iter().any(|r| r.host != HostMatch::Any && r.host.matches(host))
     }
 
+    /// The routes in the order they are tried, as the admin endpoint shows them.
+    pub fn views(&self) -> Vec<RouteView> {
+        self.routes
+            .iter()
+            .map(|r| RouteView {
+                host: r.host.pattern(),
+                path_prefix: r.path_prefix.clone(),
+                upstream: r.upstream.to_string(),
+                group: r.pool.name().to_string(),
+                max_in_flight: r.in_flight.as_ref().map(|_| r.in_flight_limit),
+                policies: r.policies.names(),
+            })
+            .collect()
+    }
+
     /// The first route matching `host` (any case, port ignored) and `path`.
     pub fn route(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
         let host = normalize_host(host);
         self.routes.iter().find(|r| r.host.matches(&host) && prefix_matches(&r.path_prefix, path))
     }
+}
+
+/// A route as `/api/routes` shows it.
+#[derive(Debug, serde::Serialize)]
+pub struct RouteView {
+    /// The host pattern: `*`, `*.example.com` or a host name.
+    pub host: String,
+    /// The path prefix.
+    pub path_prefix: String,
+    /// The upstream it names.
+    pub upstream: String,
+    /// The group serving it.
+    pub group: String,
+    /// Its `max_in_flight`, when it has one.
+    pub max_in_flight: Option<u32>,
+    /// The policies it checks and the rewrites it makes (`basic_auth`, `allow_ips`, …).
+    pub policies: Vec<&'static str>,
 }
 
 /// One compiled egress route.

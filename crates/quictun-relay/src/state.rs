@@ -210,6 +210,8 @@ pub struct Runtime {
     pub known_networks: Arc<KnownNetworks>,
     /// The tunnels agents declared, and their holders.
     pub declared: Declared,
+    /// The recent requests, and the count of every request by status class.
+    pub inspector: Arc<crate::inspect::Inspector>,
 }
 
 /// What the relay's tasks share, split by lifetime.
@@ -250,6 +252,7 @@ impl RelayState {
             pending: Pending::new(config.relay.max_pending_connections, config.relay.max_pending_per_network),
             known_networks: KnownNetworks::load(config.relay.agent_networks_file.clone()),
             declared: Declared::default(),
+            inspector: Arc::new(crate::inspect::Inspector::new(config.relay.inspect_capacity)),
         };
         Ok(Self {
             settings: Arc::new(Settings { relay: config.relay.clone(), limits: Limits::default() }),

@@ -898,3 +898,70 @@ fn log_format_json_in_the_config_file_makes_json_log_lines() {
     let line: serde_json::Value = serde_json::from_str(first).unwrap_or_else(|e| panic!("{e}: {first}"));
     assert_eq!(line["level"], "WARN");
 }
+
+/// `n` keep-alive `GET /bytes/64` requests on one connection to `addr`, each with a 2 KiB
+/// header the relay's ring keeps; panics on any answer but 200.
+fn keep_alive_gets(addr: &str, n: usize) {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let request = format!("GET /bytes/64 HTTP/1.1\r\nhost: app\r\nx-padding: {}\r\n\r\n", "p".repeat(2048));
+    for _ in 0..n {
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+        let mut length = 0;
+        loop {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = value.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).unwrap();
+    }
+}
+
+/// The relay's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok()).unwrap()
+}
+
+/// The ring of recent requests (default `inspect_capacity`, 1000, each with its headers) keeps
+/// the relay's memory flat: after it is full, 100,000 more requests of 2 KiB headers (an
+/// unbounded ring would hold over 200 MiB of them) grow the relay by less than 16 MiB.
+#[test]
+fn the_relays_memory_is_flat_over_a_hundred_thousand_inspected_requests() {
+    let _turn = timed_turn();
+    let stack = Stack::start("quic");
+    let _agent = stack.agent("office-1", "one");
+    let load = |per_connection: usize| {
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let http = stack.http.clone();
+                std::thread::spawn(move || keep_alive_gets(&http, per_connection))
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+    };
+    let relay = stack._relay.pid();
+    load(2_500);
+    let full = rss_kib(relay);
+    load(25_000);
+    let after = rss_kib(relay);
+    let requests = metric(&stack.metrics(), "quictun_requests_total{route=\"app\",status=\"200\"}");
+    assert_eq!(requests, Some(110_000.0));
+    let ring = http_get_host(&stack.admin, "127.0.0.1", "/api/requests");
+    let body = ring.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    let kept = serde_json::from_str::<Vec<serde_json::Value>>(body).map_or(0, |list| list.len());
+    assert_eq!(kept, 1000, "the ring holds its capacity");
+    assert!(after < full + 16 * 1024, "the relay grew from {full} KiB to {after} KiB over 100,000 requests");
+    eprintln!("relay RSS: {full} KiB with the ring full, {after} KiB after 100,000 more requests");
+}

@@ -10,6 +10,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use http::Request;
 use http_body::Body;
@@ -126,6 +127,7 @@ pub fn upstream_request_filter(
     accepted: Accepted,
     peer: &Peer,
     request_id: Uuid,
+    tally: Option<Arc<AtomicU64>>,
 ) -> Result<Outgoing, ProxyError> {
     let Accepted { mut request, host, target, route, slots } = accepted;
     let is_upgrade = is_upgrade_request(request.version(), request.headers());
@@ -156,11 +158,11 @@ pub fn upstream_request_filter(
     let (upgrade, body, checks) = if is_upgrade {
         let on_upgrade = hyper::upgrade::on(&mut request);
         let (to_agent, body) = channel_body();
-        let body = Metered::new(body, shared.runtime.metrics.bytes_to_agent.clone(), None);
+        let body = Metered::new(body, shared.runtime.metrics.bytes_to_agent.clone(), None).with_tally(tally);
         (Some(upgrade::Pending { on_upgrade, to_agent }), body.boxed_unsync(), BodyChecks::default())
     } else {
         let grpc = is_grpc(request.headers());
-        let (body, checks) = request_body(shared, request.into_body(), route.max_body_bytes, grpc);
+        let (body, checks) = request_body(shared, request.into_body(), route.max_body_bytes, grpc, tally);
         (None, body, checks)
     };
     let client = Some(peer.addr.ip());
@@ -175,11 +177,18 @@ pub fn upstream_request_filter(
 /// `min_upload_rate`, chunked or not. A gRPC call's body is exempt from the pace (its messages
 /// come when its application sends them; a client stream may idle between them), and held only to
 /// the idle timeout. A body that fails on the client's side (cut, malformed, stalled) is noted as
-/// the client's.
-fn request_body(shared: &RelayState, body: Incoming, max_body: Option<u64>, grpc: bool) -> (TunnelBody, BodyChecks) {
+/// the client's. Its bytes are added to `tally` too, when there is one.
+fn request_body(
+    shared: &RelayState,
+    body: Incoming,
+    max_body: Option<u64>,
+    grpc: bool,
+    tally: Option<Arc<AtomicU64>>,
+) -> (TunnelBody, BodyChecks) {
     let empty = body.size_hint().exact() == Some(0);
     let mut body =
-        Metered::new(body, shared.runtime.metrics.bytes_to_agent.clone(), shared.settings.stream_idle_timeout());
+        Metered::new(body, shared.runtime.metrics.bytes_to_agent.clone(), shared.settings.stream_idle_timeout())
+            .with_tally(tally);
     let mut checks = BodyChecks::default();
     if empty {
         // Nothing can arrive, so nothing can fail or be too large or too slow.

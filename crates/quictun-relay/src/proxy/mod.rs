@@ -47,6 +47,9 @@ use crate::state::RelayState;
 pub use quictun_core::edge::forwarded::REQUEST_ID_HEADER;
 
 /// The body of an ingress response: a short error text, or the agent's stream.
+// Most answers are streamed: boxing that variant would cost an allocation per response, to save
+// space only in the short-lived error answers.
+#[allow(clippy::large_enum_variant)]
 pub enum IngressBody {
     /// A complete body (errors).
     Full(Option<Bytes>),
@@ -63,8 +66,10 @@ pub enum IngressBody {
 
 impl Drop for IngressBody {
     fn drop(&mut self) {
-        if let Self::Tunnel { body, access: Some(entry), .. } = self {
-            entry.log(body.bytes_seen());
+        if let Self::Tunnel { body, access, .. } = self
+            && let Some(entry) = access.take()
+        {
+            (*entry).finish(body.bytes_seen());
         }
     }
 }
@@ -131,7 +136,7 @@ pub async fn handle(shared: Arc<RelayState>, request: Request<Incoming>, peer: P
     let request_id = Uuid::new_v4();
     let path = Inert(request.uri().path());
     let span = info_span!("request", %request_id, method = %request.method(), %path, client_id = field::Empty);
-    let mut log = respond::RequestLog::new(&request, peer.addr, request_id);
+    let mut log = respond::RequestLog::new(&request, peer.addr, request_id, &shared.runtime.inspector);
     let response = match proxy(&shared, request, peer, request_id, &mut log).instrument(span.clone()).await {
         Ok(response) => response,
         Err(err) => {
@@ -160,12 +165,13 @@ async fn proxy(
 ) -> Result<Response<IngressBody>, ProxyError> {
     let mut accepted = edge::request_filter(shared, request, &peer, log)?;
     policy::check(shared, &mut accepted, &peer).await?;
-    let outgoing = edge::upstream_request_filter(shared, accepted, &peer, request_id)?;
+    let outgoing = edge::upstream_request_filter(shared, accepted, &peer, request_id, log.bytes_in())?;
     let answer = dispatch(shared, outgoing.dispatch).await.map_err(|undelivered| {
         log.client_id = undelivered.agent;
         undelivered.error
     })?;
     log.client_id = Some(answer.session.client_id.clone());
+    log.transport = Some(answer.session.tunnel.transport().as_str());
     log.head_latency = Some(answer.head_latency);
     respond::response_filter(
         shared,

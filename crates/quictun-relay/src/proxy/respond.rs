@@ -5,7 +5,8 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -17,9 +18,10 @@ use super::dispatch::Dispatched;
 use super::edge::EdgeSlots;
 use super::error::{BadResponse, ProxyError};
 use super::{IngressBody, REQUEST_ID_HEADER};
-use crate::access::AccessEntry;
+use crate::access::{AccessEntry, Inspected};
 use crate::admission::Slots;
 use crate::body::Metered;
+use crate::inspect::{Inspector, MAX_HOST_BYTES, MAX_TARGET_BYTES, bounded, capture_headers};
 use crate::policies::HeaderEdits;
 use crate::state::RelayState;
 use crate::upgrade;
@@ -65,67 +67,101 @@ pub struct RequestLog {
     client: SocketAddr,
     method: http::Method,
     started: std::time::Instant,
-    /// The path as the client sent it; kept only while the access log is on.
-    path: String,
-    /// The host it was routed on; kept only while the access log is on.
+    time: SystemTime,
+    /// The path and query as the client sent them; kept only while the access log or the ring
+    /// of recent requests is on.
+    target: String,
+    /// The host it was routed on; kept likewise.
     host: Option<String>,
     access_log: bool,
+    /// The ring the request goes to, its captured headers and body bytes; `None` when it is off.
+    inspect: Option<Inspected>,
     /// The upstream the route named.
     pub route: Option<Arc<str>>,
     /// The agent it was last sent to.
     pub client_id: Option<Arc<str>>,
+    /// That agent's transport.
+    pub transport: Option<&'static str>,
     /// From the exchange's opening to the response head, when the agent answered.
     pub head_latency: Option<Duration>,
 }
 
 impl RequestLog {
-    /// The record of `request`, from `client`, under `request_id`.
-    pub fn new(request: &Request<Incoming>, client: SocketAddr, request_id: Uuid) -> Self {
+    /// The record of `request`, from `client`, under `request_id`; kept in `inspector` when it
+    /// keeps requests.
+    pub fn new(request: &Request<Incoming>, client: SocketAddr, request_id: Uuid, inspector: &Arc<Inspector>) -> Self {
         let access_log = tracing::enabled!(target: "quictun::access", tracing::Level::INFO);
+        let inspect = inspector.keeps_requests().then(|| Inspected {
+            inspector: inspector.clone(),
+            request_headers: capture_headers(request.headers()),
+            response_headers: Vec::new(),
+            bytes_in: Arc::default(),
+        });
+        let keep = access_log || inspect.is_some();
+        let target = request.uri().path_and_query().map_or_else(|| request.uri().path(), |pq| pq.as_str());
         Self {
             request_id,
             client,
             method: request.method().clone(),
             started: std::time::Instant::now(),
-            path: if access_log { request.uri().path().to_owned() } else { String::new() },
+            time: SystemTime::now(),
+            target: if keep { bounded(target, MAX_TARGET_BYTES) } else { String::new() },
             host: None,
             access_log,
+            inspect,
             route: None,
             client_id: None,
+            transport: None,
             head_latency: None,
         }
     }
 
-    /// The host the request is routed on (kept for the access log only).
+    /// The host the request is routed on (kept for the access log and the ring only).
     pub fn host(&mut self, host: &str) {
-        if self.access_log {
-            self.host = Some(host.to_owned());
+        if self.access_log || self.inspect.is_some() {
+            self.host = Some(bounded(host, MAX_HOST_BYTES));
         }
+    }
+
+    /// Where the request body's bytes are counted for the ring, when it is on.
+    pub fn bytes_in(&self) -> Option<Arc<AtomicU64>> {
+        self.inspect.as_ref().map(|i| i.bytes_in.clone())
     }
 }
 
-/// The `logging` phase: counts the answer, puts the request id on it, and writes its access-log
-/// line (now, or when a streamed body ends, so that the line has the bytes sent).
+/// The `logging` phase: counts the answer, puts the request id on it, and finishes its record
+/// (its access-log line and its place in the ring of recent requests) now, or when a streamed
+/// body ends, so that the record has the bytes sent.
 pub fn logging(shared: &RelayState, mut response: Response<IngressBody>, log: RequestLog) -> Response<IngressBody> {
     let route = log.route.as_deref().unwrap_or("-");
-    shared.runtime.metrics.request(route, response.status().as_u16(), log.head_latency);
+    let status = response.status().as_u16();
+    shared.runtime.metrics.request(route, status, log.head_latency);
+    shared.runtime.inspector.count(status);
     if let Ok(value) = HeaderValue::from_str(&log.request_id.to_string()) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
-    if log.access_log {
+    if log.access_log || log.inspect.is_some() {
+        let inspect = log.inspect.map(|mut inspected| {
+            inspected.response_headers = capture_headers(response.headers());
+            inspected
+        });
         let entry = AccessEntry {
             request_id: log.request_id,
             client: log.client,
             method: log.method,
             host: log.host,
-            path: log.path,
-            status: response.status().as_u16(),
+            target: log.target,
+            status,
             client_id: log.client_id,
+            transport: log.transport,
             started: log.started,
+            time: log.time,
+            access_log: log.access_log,
+            inspect,
         };
         match response.body_mut() {
             IngressBody::Tunnel { access, .. } => *access = Some(Box::new(entry)),
-            IngressBody::Full(bytes) => entry.log(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            IngressBody::Full(bytes) => entry.finish(bytes.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
     response
