@@ -100,6 +100,10 @@ async fn the_inspector_keeps_requests_with_their_bodies_and_replays_one(transpor
     let list = serde_json::from_slice::<Value>(&admin_get(addr, "/api/requests", None).await.body).unwrap();
     let ids: Vec<&str> = list["requests"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert_eq!(ids, [id.as_str(), get_id.as_str()], "newest first");
+    let detailed =
+        serde_json::from_slice::<Value>(&admin_get(addr, "/api/requests?detail=1", None).await.body).unwrap();
+    assert_eq!(detailed["requests"][0]["request_body"]["text"], "hello replay", "the list with bodies");
+    assert!(list["requests"][0].get("request_body").is_none(), "the plain list is summaries");
 
     let before = h.upstream.requests();
     let replay = admin(addr, Method::POST, &format!("/api/requests/{id}/replay"), &[]).await;

@@ -2,9 +2,9 @@
 //!
 //! - `/healthz`, `/readyz` (200 while registered with the relay) and `/metrics`;
 //! - `GET /`: the traffic inspector, one self-contained page (no CDN);
-//! - `GET /api/requests[?limit=N]`: the HTTP requests this agent forwarded, newest first;
-//!   `GET /api/requests/{id}`: one with its headers and the first `inspect_body_bytes` of each
-//!   body (see [`crate::inspect`]);
+//! - `GET /api/requests[?limit=N][&detail=1]`: the HTTP requests this agent forwarded, newest
+//!   first (with `detail=1`, each with its headers and bodies); `GET /api/requests/{id}`: one with
+//!   its headers and the first `inspect_body_bytes` of each body (see [`crate::inspect`]);
 //! - `POST /api/requests/{id}/replay`: sends it to the upstream again (when its request body was
 //!   captured whole), recorded as a new entry marked as a replay; answers the new id and status.
 
@@ -77,14 +77,19 @@ impl AdminPages for AgentPages {
                 Some(page)
             }
             "/api/requests" => {
-                let limit = query
-                    .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("limit=")?.parse().ok()))
-                    .unwrap_or(usize::MAX);
+                let param = |key: &str| query?.split('&').find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='));
+                let limit = param("limit").and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
                 let (capacity, body_bytes) = inspector.settings();
+                let requests = if param("detail") == Some("1") {
+                    let records = inspector.recent_records(limit);
+                    serde_json::to_value(records.iter().map(|r| &**r).collect::<Vec<_>>())
+                } else {
+                    serde_json::to_value(inspector.recent(limit))
+                };
                 let list = serde_json::json!({
                     "inspect_capacity": capacity,
                     "inspect_body_bytes": body_bytes,
-                    "requests": inspector.recent(limit),
+                    "requests": requests.unwrap_or_default(),
                 });
                 Some(json(StatusCode::OK, &list))
             }

@@ -136,6 +136,12 @@ impl Inspector {
         ring.iter().rev().take(limit).map(|r| r.summary.clone()).collect()
     }
 
+    /// The most recent `limit` requests with their headers and bodies, newest first.
+    pub fn recent_records(&self, limit: usize) -> Vec<Arc<ExchangeRecord>> {
+        let ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        ring.iter().rev().take(limit).cloned().collect()
+    }
+
     /// The request `id`, while it is in the ring (the newest, when a replay shares it).
     pub fn find(&self, id: Uuid) -> Option<Arc<ExchangeRecord>> {
         let ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);

@@ -115,6 +115,8 @@ pub struct BenchOptions {
     pub loss_everywhere: bool,
     /// Datagrams a second the `udp` workload offers (all flows together).
     pub udp_rate: u64,
+    /// What the run's relays and load get besides the defaults (for A/B runs of a setting).
+    pub settings: Settings,
     /// The command line, for the report.
     pub command: String,
 }
@@ -158,8 +160,31 @@ fn utc_now() -> String {
     format!("{year:04}-{month:02}-{day:02} {:02}:{:02} UTC", rem / 3600, rem % 3600 / 60)
 }
 
+/// Extra settings of a run, for A/B comparisons of one relay setting or route policy: lines added
+/// to the relay's `[relay]` section and to its route, and headers on every request of the load.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// TOML lines for `[relay]`.
+    pub relay_toml: String,
+    /// TOML lines for the `[[routes]]` entry.
+    pub route_toml: String,
+    /// Headers each request carries.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+}
+
+/// The settings of the run in progress (one run per process: `quictun bench`).
+static SETTINGS: std::sync::OnceLock<Settings> = std::sync::OnceLock::new();
+
+/// The run's extra settings (none outside a run).
+pub(crate) fn settings() -> &'static Settings {
+    SETTINGS.get_or_init(Settings::default)
+}
+
 /// Runs every workload for every transport and writes the report; returns it.
 pub async fn run(opts: &BenchOptions) -> anyhow::Result<report::Report> {
+    if SETTINGS.set(opts.settings.clone()).is_err() && settings().relay_toml != opts.settings.relay_toml {
+        anyhow::bail!("one benchmark run per process");
+    }
     let mut rows = Vec::new();
     for &workload in &opts.workloads {
         for &mode in &opts.modes {

@@ -101,11 +101,19 @@ async fn connect(target: SocketAddr) -> anyhow::Result<Sender> {
     Ok(sender)
 }
 
+/// `GET path` for host `bench`, with the run's extra headers (see [`crate::Settings`]).
+fn get(path: &str) -> anyhow::Result<Request<Empty<Bytes>>> {
+    let mut req = Request::builder().method(Method::GET).uri(path).header("host", "bench").body(Empty::new())?;
+    for (name, value) in &crate::settings().headers {
+        req.headers_mut().insert(name.clone(), value.clone());
+    }
+    Ok(req)
+}
+
 /// One request on `sender`; true on a 2xx answer read to the end.
 async fn request(sender: &mut Sender, path: &str) -> anyhow::Result<bool> {
     sender.ready().await?;
-    let req = Request::builder().method(Method::GET).uri(path).header("host", "bench").body(Empty::new())?;
-    let response = sender.send_request(req).await?;
+    let response = sender.send_request(get(path)?).await?;
     let ok = response.status().is_success();
     let mut body = response.into_body();
     while let Some(frame) = body.frame().await {
@@ -233,8 +241,7 @@ async fn work(
 pub async fn get_text(target: SocketAddr, path: &str) -> anyhow::Result<String> {
     let mut sender = connect(target).await?;
     sender.ready().await?;
-    let req = Request::builder().uri(path).header("host", "bench").body(Empty::new())?;
-    let body = sender.send_request(req).await?.into_body().collect().await?.to_bytes();
+    let body = sender.send_request(get(path)?).await?.into_body().collect().await?.to_bytes();
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 

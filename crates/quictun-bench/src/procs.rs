@@ -379,12 +379,14 @@ impl Stack {
                 "[relay]\nquic_listen = \"{tunnel_ip}:{q}\"\ngrpc_listen = \"{tunnel_ip}:{g}\"\nhttp_listen = \"{http}\"\n\
                  admin_listen = \"{admin}\"\ncert = \"{d}/certs/relay.crt\"\nkey = \"{d}/certs/relay.key\"\n\
                  max_streams_per_agent = 16384\ndrain_timeout_secs = 1\nhandshake_rate_per_ip = 0\n\
-                 max_connections_per_ip = 0\nmax_requests_per_ip = 0\nmax_pending_per_network = 0\n{egress_limit}\
+                 max_connections_per_ip = 0\nmax_requests_per_ip = 0\nmax_pending_per_network = 0\n{egress_limit}{relay_extra}\n\
                  [[upstreams]]\nname = \"up\"\ngroup = \"bench\"\ntargets = [\"http://{upstream}\"]\n\
-                 [[routes]]\nhost = \"*\"\nupstream = \"up\"\n{egress_route}\
+                 [[routes]]\nhost = \"*\"\nupstream = \"up\"\n{route_extra}\n{egress_route}\
                  [[udp]]\nlisten = \"{udp}\"\ngroup = \"bench\"\nupstream = \"{udp_echo}\"\nqueue_datagrams = 1024\n",
                 q = self.quic_port,
                 g = self.grpc_port,
+                relay_extra = crate::settings().relay_toml,
+                route_extra = crate::settings().route_toml,
                 d = dir.display(),
                 // The upstream is on loopback, where the relay reaches it too.
                 egress_limit = if with_egress { "max_egress_streams_per_agent = 16384\n" } else { "" },

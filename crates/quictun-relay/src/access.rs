@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime};
 use quictun_core::logsafe::Inert;
 use uuid::Uuid;
 
-use crate::inspect::{Inspector, RequestRecord, RequestSummary, unix_ms};
+use crate::inspect::{CapturedHeaders, Inspector, RequestRecord, RequestSummary, unix_ms};
 
 /// What is known of one request once its response head is decided.
 #[derive(Debug)]
@@ -50,10 +50,10 @@ pub struct AccessEntry {
 pub struct Inspected {
     /// The ring.
     pub inspector: Arc<Inspector>,
-    /// The request's headers, captured (see [`crate::inspect::capture_headers`]).
-    pub request_headers: Vec<(String, String)>,
+    /// The request's headers, captured.
+    pub request_headers: CapturedHeaders,
     /// The response's headers, captured.
-    pub response_headers: Vec<(String, String)>,
+    pub response_headers: CapturedHeaders,
     /// Request body bytes forwarded so far.
     pub bytes_in: Arc<AtomicU64>,
 }
@@ -84,7 +84,7 @@ impl AccessEntry {
         let summary = RequestSummary {
             id: self.request_id,
             time_ms: unix_ms(self.time),
-            method: self.method.to_string(),
+            method: self.method,
             host: self.host.unwrap_or_default(),
             path: self.target,
             status: self.status,

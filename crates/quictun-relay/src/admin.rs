@@ -195,7 +195,7 @@ impl AdminPages for RelayPages {
                     return Some(reply(StatusCode::BAD_REQUEST, "text/plain", "not a request id\n"));
                 };
                 match self.shared.runtime.inspector.find(id) {
-                    Some(record) => serde_json::to_vec_pretty(&*record),
+                    Some(record) => serde_json::to_vec_pretty(&record),
                     None => return Some(reply(StatusCode::NOT_FOUND, "text/plain", "no such request in the ring\n")),
                 }
             }

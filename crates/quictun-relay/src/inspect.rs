@@ -42,7 +42,8 @@ pub struct RequestSummary {
     /// When the request head arrived, in Unix milliseconds.
     pub time_ms: u64,
     /// The method.
-    pub method: String,
+    #[serde(serialize_with = "method_name")]
+    pub method: http::Method,
     /// The host it was routed on, empty when it had none usable.
     pub host: String,
     /// The path with its query string, as the client sent it.
@@ -64,6 +65,10 @@ pub struct RequestSummary {
     pub remote_addr: SocketAddr,
 }
 
+fn method_name<S: serde::Serializer>(method: &http::Method, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(method.as_str())
+}
+
 fn optional_str<S: serde::Serializer>(value: &Option<Arc<str>>, serializer: S) -> Result<S::Ok, S::Error> {
     match value {
         Some(text) => serializer.serialize_some(&**text),
@@ -78,9 +83,9 @@ pub struct RequestRecord {
     #[serde(flatten)]
     pub summary: RequestSummary,
     /// The request's headers as the client sent them (credentials redacted).
-    pub request_headers: Vec<(String, String)>,
+    pub request_headers: CapturedHeaders,
     /// The response's headers as the client got them (cookies redacted).
-    pub response_headers: Vec<(String, String)>,
+    pub response_headers: CapturedHeaders,
 }
 
 /// How many requests were answered, in all and by status class, since the relay started.
@@ -104,7 +109,7 @@ pub struct Totals {
 #[derive(Debug)]
 pub struct Inspector {
     capacity: usize,
-    ring: Mutex<VecDeque<Arc<RequestRecord>>>,
+    ring: Mutex<VecDeque<RequestRecord>>,
     by_class: [AtomicU64; 5],
 }
 
@@ -131,7 +136,6 @@ impl Inspector {
         if self.capacity == 0 {
             return;
         }
-        let record = Arc::new(record);
         let old = {
             let mut ring = self.ring.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let old = if ring.len() >= self.capacity { ring.pop_front() } else { None };
@@ -149,7 +153,7 @@ impl Inspector {
     }
 
     /// The request `id`, while it is in the ring.
-    pub fn find(&self, id: Uuid) -> Option<Arc<RequestRecord>> {
+    pub fn find(&self, id: Uuid) -> Option<RequestRecord> {
         let ring = self.ring.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         ring.iter().rev().find(|r| r.summary.id == id).cloned()
     }
@@ -180,26 +184,43 @@ impl Inspector {
     }
 }
 
-/// The headers of `map`, as kept in a record: secrets redacted, values not UTF-8 shown lossily,
-/// at most [`MAX_HEADERS`] and [`MAX_HEADER_BYTES`]; what is left out is said in a last entry.
-pub fn capture_headers(map: &HeaderMap) -> Vec<(String, String)> {
-    let mut kept = Vec::with_capacity(map.len().min(MAX_HEADERS));
-    let mut bytes = 0;
-    for (name, value) in map {
-        let value = if SECRET_HEADERS.contains(name) {
-            std::borrow::Cow::Borrowed(REDACTED)
-        } else {
-            String::from_utf8_lossy(value.as_bytes())
-        };
-        bytes += name.as_str().len() + value.len();
-        if kept.len() == MAX_HEADERS || bytes > MAX_HEADER_BYTES {
-            let left = map.len() - kept.len();
-            kept.push(("…".to_owned(), format!("{left} more headers not kept")));
-            break;
+/// Headers as a record keeps them: one text of `name: value` lines (one allocation however
+/// many headers; a value never holds a line break), shown as `[name, value]` pairs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CapturedHeaders(String);
+
+impl CapturedHeaders {
+    /// The headers of `map`: secrets redacted, values not UTF-8 shown lossily, at most
+    /// [`MAX_HEADERS`] and [`MAX_HEADER_BYTES`]; what is left out is said in a last entry.
+    pub fn of(map: &HeaderMap) -> Self {
+        let mut text = String::with_capacity(map.len() * 32);
+        for (kept, (name, value)) in map.iter().enumerate() {
+            let value = if SECRET_HEADERS.contains(name) {
+                std::borrow::Cow::Borrowed(REDACTED)
+            } else {
+                String::from_utf8_lossy(value.as_bytes())
+            };
+            if kept == MAX_HEADERS || text.len() + name.as_str().len() + value.len() + 3 > MAX_HEADER_BYTES {
+                text.push_str(&format!("…: {} more headers not kept\n", map.len() - kept));
+                break;
+            }
+            for part in [name.as_str(), ": ", &value, "\n"] {
+                text.push_str(part);
+            }
         }
-        kept.push((name.as_str().to_owned(), value.into_owned()));
+        Self(text)
     }
-    kept
+
+    /// The headers, in order.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.lines().filter_map(|line| line.split_once(": "))
+    }
+}
+
+impl Serialize for CapturedHeaders {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.pairs().map(|(name, value)| [name, value]))
+    }
 }
 
 /// `text` cut to at most `max` bytes on a character boundary, marked with `…` when cut.
@@ -223,12 +244,12 @@ pub fn unix_ms(time: SystemTime) -> u64 {
 mod tests {
     use super::*;
 
-    fn record(n: u16, headers: Vec<(String, String)>) -> RequestRecord {
+    fn record(n: u16, headers: CapturedHeaders) -> RequestRecord {
         RequestRecord {
             summary: RequestSummary {
                 id: Uuid::new_v4(),
                 time_ms: u64::from(n),
-                method: "GET".into(),
+                method: http::Method::GET,
                 host: "h".into(),
                 path: format!("/{n}"),
                 status: 200,
@@ -240,7 +261,7 @@ mod tests {
                 remote_addr: SocketAddr::from(([127, 0, 0, 1], 1)),
             },
             request_headers: headers,
-            response_headers: Vec::new(),
+            response_headers: CapturedHeaders::default(),
         }
     }
 
@@ -249,7 +270,7 @@ mod tests {
         let inspector = Inspector::new(3);
         let ids: Vec<Uuid> = (0..5)
             .map(|n| {
-                let r = record(n, Vec::new());
+                let r = record(n, CapturedHeaders::default());
                 let id = r.summary.id;
                 inspector.keep(r);
                 id
@@ -266,7 +287,7 @@ mod tests {
     fn a_ring_of_zero_keeps_nothing_but_counts() {
         let inspector = Inspector::new(0);
         assert!(!inspector.keeps_requests());
-        inspector.keep(record(1, Vec::new()));
+        inspector.keep(record(1, CapturedHeaders::default()));
         for status in [101, 200, 204, 302, 404, 502, 999] {
             inspector.count(status);
         }
@@ -284,11 +305,14 @@ mod tests {
         map.insert("authorization", "Basic YWxpY2U6czNjcmV0".parse().unwrap());
         map.insert("cookie", "session=abc".parse().unwrap());
         map.insert("x-ok", http::HeaderValue::from_bytes(b"caf\xe9").unwrap());
-        let kept = capture_headers(&map);
-        assert!(kept.contains(&("authorization".into(), REDACTED.into())), "{kept:?}");
-        assert!(kept.contains(&("cookie".into(), REDACTED.into())), "{kept:?}");
-        assert!(kept.contains(&("x-ok".into(), "caf\u{fffd}".into())), "{kept:?}");
+        let kept = CapturedHeaders::of(&map);
+        let pairs: Vec<(&str, &str)> = kept.pairs().collect();
+        assert_eq!(pairs, [("authorization", REDACTED), ("cookie", REDACTED), ("x-ok", "caf\u{fffd}")]);
         assert!(!format!("{kept:?}").contains("YWxp"));
+        assert_eq!(
+            serde_json::to_string(&kept).unwrap(),
+            "[[\"authorization\",\"[redacted]\"],[\"cookie\",\"[redacted]\"],[\"x-ok\",\"caf\u{fffd}\"]]"
+        );
 
         let mut many = HeaderMap::new();
         for i in 0..200 {
@@ -297,14 +321,16 @@ mod tests {
                 "v".repeat(500).parse().unwrap(),
             );
         }
-        let kept = capture_headers(&many);
-        let bytes: usize = kept.iter().map(|(n, v)| n.len() + v.len()).sum();
+        let kept = CapturedHeaders::of(&many);
+        let pairs: Vec<(&str, &str)> = kept.pairs().collect();
         assert!(
-            kept.len() <= MAX_HEADERS + 1 && bytes <= MAX_HEADER_BYTES + 64,
-            "{} headers, {bytes} bytes",
-            kept.len()
+            pairs.len() <= MAX_HEADERS + 1 && kept.0.len() <= MAX_HEADER_BYTES + 64,
+            "{} headers, {} bytes",
+            pairs.len(),
+            kept.0.len()
         );
-        assert!(kept.last().unwrap().1.contains("more headers not kept"));
+        let (name, left) = pairs.last().unwrap();
+        assert!(*name == "…" && left.ends_with("more headers not kept"), "{left}");
     }
 
     #[test]
@@ -319,7 +345,10 @@ mod tests {
     #[test]
     fn the_ring_stays_bounded_under_a_flood() {
         let inspector = Inspector::new(1000);
-        let headers = vec![("x-big".to_owned(), "v".repeat(MAX_HEADER_BYTES))];
+        let mut big = HeaderMap::new();
+        big.insert("x-big", "v".repeat(MAX_HEADER_BYTES - 16).parse().unwrap());
+        let headers = CapturedHeaders::of(&big);
+        assert!(headers.0.len() > MAX_HEADER_BYTES - 16);
         for n in 0..100_000u32 {
             inspector.keep(record((n % 1000) as u16, headers.clone()));
         }

@@ -20,6 +20,14 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
         return Err(Failure::usage(anyhow::anyhow!("--duration must be a positive number of seconds")));
     }
     let exe = std::env::current_exe().map_err(Failure::runtime)?;
+    let mut headers = Vec::with_capacity(args.header.len());
+    for header in &args.header {
+        let parsed = header.split_once(':').and_then(|(name, value)| {
+            let name = http::HeaderName::from_bytes(name.trim().as_bytes()).ok()?;
+            Some((name, http::HeaderValue::from_str(value.trim()).ok()?))
+        });
+        headers.push(parsed.ok_or_else(|| Failure::usage(anyhow::anyhow!("--header {header:?}: not NAME: VALUE")))?);
+    }
     let options = quictun_bench::BenchOptions {
         exe,
         out: args.out.clone(),
@@ -36,6 +44,11 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
         rate: args.rate,
         loss_everywhere: args.loss_everywhere,
         udp_rate: args.udp_rate.max(1),
+        settings: quictun_bench::Settings {
+            relay_toml: args.relay_toml.join("\n"),
+            route_toml: args.route_toml.join("\n"),
+            headers,
+        },
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
     let report = quictun_bench::run(&options).await.map_err(Failure::runtime)?;

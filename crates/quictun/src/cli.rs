@@ -125,6 +125,17 @@ pub struct BenchArgs {
     /// --loss on the tunnel leg.
     #[arg(long, value_name = "PER_SEC", default_value_t = 10_000)]
     pub udp_rate: u64,
+    /// A line added to the relay's `[relay]` section (repeatable), for an A/B of a setting:
+    /// `--relay-toml 'inspect_capacity = 0'`.
+    #[arg(long, value_name = "TOML")]
+    pub relay_toml: Vec<String>,
+    /// A line added to the benchmark's route (repeatable), for the cost of a policy:
+    /// `--route-toml 'allow_ips = ["127.0.0.0/8"]'`.
+    #[arg(long, value_name = "TOML")]
+    pub route_toml: Vec<String>,
+    /// A header every request of the load carries (repeatable), `NAME: VALUE`.
+    #[arg(long, value_name = "HEADER")]
+    pub header: Vec<String>,
 }
 
 /// Flags of `quictun bench-agents`.

@@ -610,7 +610,13 @@ impl Stack {
 
     /// Agent `id` with `token` (default settings), once it reports its registration.
     fn agent(&self, id: &str, token: &str) -> Proc {
+        self.agent_with(id, token, &[])
+    }
+
+    /// Agent `id` with `token` and `extra` flags, once it reports its registration.
+    fn agent_with(&self, id: &str, token: &str, extra: &[&str]) -> Proc {
         let mut args = vec!["agent", "--relay", &self.quic, "--pin", &self.pin, "--client-id", id, "--token", token];
+        args.extend_from_slice(extra);
         let transport = transport_args(self.transport, &self.grpc);
         args.extend(transport.iter().map(String::as_str));
         let agent = Proc::spawn(&args, &self.dir);
@@ -934,14 +940,16 @@ fn rss_kib(pid: u32) -> u64 {
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok()).unwrap()
 }
 
-/// The ring of recent requests (default `inspect_capacity`, 1000, each with its headers) keeps
-/// the relay's memory flat: after it is full, 100,000 more requests of 2 KiB headers (an
-/// unbounded ring would hold over 200 MiB of them) grow the relay by less than 16 MiB.
+/// The rings of recent requests keep memory flat: the relay's (default `inspect_capacity`, 1000,
+/// each with its headers) and the agent's inspector (100, with the first 64 KiB of each body).
+/// Once they are full, 100,000 more requests with 2 KiB headers (an unbounded ring would hold over
+/// 200 MiB of them) grow each process by less than 16 MiB.
 #[test]
 fn the_relays_memory_is_flat_over_a_hundred_thousand_inspected_requests() {
     let _turn = timed_turn();
     let stack = Stack::start("quic");
-    let _agent = stack.agent("office-1", "one");
+    let agent = stack.agent_with("office-1", "one", &["--admin-listen", "127.0.0.1:0"]);
+    let agent_pid = agent.pid();
     let load = |per_connection: usize| {
         let threads: Vec<_> = (0..4)
             .map(|_| {
@@ -953,9 +961,9 @@ fn the_relays_memory_is_flat_over_a_hundred_thousand_inspected_requests() {
     };
     let relay = stack._relay.pid();
     load(2_500);
-    let full = rss_kib(relay);
+    let (full, agent_full) = (rss_kib(relay), rss_kib(agent_pid));
     load(25_000);
-    let after = rss_kib(relay);
+    let (after, agent_after) = (rss_kib(relay), rss_kib(agent_pid));
     let requests = metric(&stack.metrics(), "quictun_requests_total{route=\"app\",status=\"200\"}");
     assert_eq!(requests, Some(110_000.0));
     let ring = http_get_host(&stack.admin, "127.0.0.1", "/api/requests");
@@ -963,5 +971,8 @@ fn the_relays_memory_is_flat_over_a_hundred_thousand_inspected_requests() {
     let kept = serde_json::from_str::<Vec<serde_json::Value>>(body).map_or(0, |list| list.len());
     assert_eq!(kept, 1000, "the ring holds its capacity");
     assert!(after < full + 16 * 1024, "the relay grew from {full} KiB to {after} KiB over 100,000 requests");
+    let agent_grew = format!("the agent grew from {agent_full} KiB to {agent_after} KiB over 100,000 requests");
+    assert!(agent_after < agent_full + 16 * 1024, "{agent_grew}");
     eprintln!("relay RSS: {full} KiB with the ring full, {after} KiB after 100,000 more requests");
+    eprintln!("agent RSS: {agent_full} KiB with the inspector full, {agent_after} KiB after them");
 }

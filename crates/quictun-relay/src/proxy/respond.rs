@@ -21,7 +21,7 @@ use super::{IngressBody, REQUEST_ID_HEADER};
 use crate::access::{AccessEntry, Inspected};
 use crate::admission::Slots;
 use crate::body::Metered;
-use crate::inspect::{Inspector, MAX_HOST_BYTES, MAX_TARGET_BYTES, bounded, capture_headers};
+use crate::inspect::{CapturedHeaders, Inspector, MAX_HOST_BYTES, MAX_TARGET_BYTES, bounded};
 use crate::policies::HeaderEdits;
 use crate::state::RelayState;
 use crate::upgrade;
@@ -93,8 +93,8 @@ impl RequestLog {
         let access_log = tracing::enabled!(target: "quictun::access", tracing::Level::INFO);
         let inspect = inspector.keeps_requests().then(|| Inspected {
             inspector: inspector.clone(),
-            request_headers: capture_headers(request.headers()),
-            response_headers: Vec::new(),
+            request_headers: CapturedHeaders::of(request.headers()),
+            response_headers: CapturedHeaders::default(),
             bytes_in: Arc::default(),
         });
         let keep = access_log || inspect.is_some();
@@ -142,7 +142,7 @@ pub fn logging(shared: &RelayState, mut response: Response<IngressBody>, log: Re
     }
     if log.access_log || log.inspect.is_some() {
         let inspect = log.inspect.map(|mut inspected| {
-            inspected.response_headers = capture_headers(response.headers());
+            inspected.response_headers = CapturedHeaders::of(response.headers());
             inspected
         });
         let entry = AccessEntry {
