@@ -1,15 +1,20 @@
 //! Tells the chaos suite (`tests/chaos`) whether it can run here: it needs root and nftables
-//! (network namespaces, packet loss). Without them its tests are reported as ignored, with the
-//! reason, never as passed. Under CI (`CI=true`) they always run, so a CI machine that lacks
-//! either fails instead of skipping.
+//! (network namespaces, packet loss); and the cluster tests (`tests/cluster.rs`) whether `etcd`
+//! is installed. Without them those tests are reported as ignored, with the reason, never as
+//! passed. Under CI (`CI=true`) they always run, so a CI machine that lacks any fails instead of
+//! skipping.
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(chaos_capable)");
+    println!("cargo::rustc-check-cfg=cfg(etcd_capable)");
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-env-changed=CI");
     let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     if ci || (is_root() && has_nft()) {
         println!("cargo::rustc-cfg=chaos_capable");
+    }
+    if ci || runs("etcd") {
+        println!("cargo::rustc-cfg=etcd_capable");
     }
 }
 
@@ -19,5 +24,9 @@ fn is_root() -> bool {
 }
 
 fn has_nft() -> bool {
-    std::process::Command::new("nft").arg("--version").output().is_ok_and(|o| o.status.success())
+    runs("nft")
+}
+
+fn runs(tool: &str) -> bool {
+    std::process::Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success())
 }

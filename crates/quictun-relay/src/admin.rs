@@ -15,6 +15,8 @@
 //!   headers (credentials redacted).
 //! - `GET /api/overview[?limit=N]`: what the dashboard shows, in one answer: uptime, requests by
 //!   status class, sessions, routes, tunnels and the most recent requests (50 by default).
+//! - `GET /api/cluster`: with `[cluster]`, this relay's id, whether etcd answers, and every
+//!   agent session in the cluster's directory with the relay holding it.
 //! - `GET /`: the dashboard, one self-contained page (no CDN) that polls `/api/overview`.
 
 use std::sync::Arc;
@@ -164,6 +166,9 @@ impl AdminPages for RelayPages {
         let runtime = &self.shared.runtime;
         let pending = i64::try_from(runtime.pending.count()).unwrap_or(i64::MAX);
         runtime.metrics.pending_agents.set(pending);
+        if let Some(cluster) = &runtime.cluster {
+            cluster.refresh_metrics();
+        }
         runtime.metrics.render(&runtime.sessions)
     }
 
@@ -189,6 +194,15 @@ impl AdminPages for RelayPages {
                 serde_json::to_vec_pretty(&self.shared.runtime.inspector.recent(limit.unwrap_or(usize::MAX)))
             }
             "/api/overview" => serde_json::to_vec(&self.overview(limit.unwrap_or(OVERVIEW_REQUESTS))),
+            "/api/cluster" => {
+                let cluster = self.shared.runtime.cluster.as_ref()?;
+                let directory = &cluster.directory;
+                serde_json::to_vec_pretty(&serde_json::json!({
+                    "relay_id": directory.relay_id(),
+                    "etcd_up": directory.is_up(),
+                    "sessions": directory.holders(),
+                }))
+            }
             _ => {
                 let id = path.strip_prefix("/api/requests/")?;
                 let Ok(id) = Uuid::parse_str(id) else {

@@ -42,6 +42,64 @@ pub struct RelayConfig {
     /// Where requests from agents' egress listeners go, by host and path; first match wins.
     #[serde(default)]
     pub egress_routes: Vec<EgressRouteEntry>,
+    /// The relay cluster this relay is part of; without it the relay stands alone.
+    #[serde(default)]
+    pub cluster: Option<ClusterSection>,
+}
+
+/// The `[cluster]` section: the relay's place in a cluster of relays sharing a session
+/// directory in etcd.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// This relay's id, unique in the cluster.
+    pub relay_id: String,
+    /// etcd's client endpoints (`host:port` or `http://host:port`).
+    pub etcd: Vec<String>,
+    /// Where the other relays reach this one (QUIC, `host:port`).
+    pub advertise: String,
+    /// The prefix of the cluster's keys in etcd.
+    #[serde(default = "default_cluster_prefix")]
+    pub prefix: String,
+    /// Seconds the directory keeps this relay's sessions after it stops renewing them (it renews
+    /// every third of it).
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_secs: u64,
+}
+
+fn default_cluster_prefix() -> String {
+    "/quictun/".into()
+}
+
+fn default_lease_ttl() -> u64 {
+    10
+}
+
+impl ClusterSection {
+    fn check(&self) -> Result<(), Invalid> {
+        let id_ok = |id: &str| {
+            !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        if !id_ok(&self.relay_id) {
+            return Err(("cluster.relay_id".into(), "1 to 64 letters, digits, '-', '_' or '.'".into()));
+        }
+        if self.etcd.is_empty() {
+            return Err(("cluster.etcd".into(), "needs at least one endpoint".into()));
+        }
+        if let Err(err) = quictun_cluster::Etcd::new(&self.etcd, std::time::Duration::from_secs(1)) {
+            return Err(("cluster.etcd".into(), err.to_string()));
+        }
+        if self.advertise.parse::<quictun_proto::HostPort>().is_err() {
+            return Err(("cluster.advertise".into(), format!("{:?} is not host:port", self.advertise)));
+        }
+        if !self.prefix.starts_with('/') || !self.prefix.ends_with('/') {
+            return Err(("cluster.prefix".into(), "must start and end with '/'".into()));
+        }
+        if !(3..=3600).contains(&self.lease_ttl_secs) {
+            return Err(("cluster.lease_ttl_secs".into(), "from 3 to 3600".into()));
+        }
+        Ok(())
+    }
 }
 
 /// An `[[egress_routes]]` entry: requests an agent sends through the tunnel for `host` (and
@@ -719,6 +777,7 @@ impl RelayConfig {
             self.check_routes(),
             self.check_tcp(),
             self.check_udp(),
+            self.cluster.as_ref().map_or(Ok(()), ClusterSection::check),
         ];
         match checks.into_iter().find_map(Result::err) {
             Some((key, message)) => Err(ConfigError::invalid(file, key, message)),
@@ -938,6 +997,25 @@ mod tests {
         assert!(err.to_string().contains("relay.max_header_count"), "{err}");
         let err = RelayConfig::parse("[relay]\nmax_header_bytes = 1000000\n", Path::new("r.toml")).unwrap_err();
         assert!(err.to_string().contains("relay.max_header_bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_cluster_section_is_checked_key_by_key() {
+        let ok =
+            "[cluster]\nrelay_id = \"relay-1\"\netcd = [\"127.0.0.1:2379\"]\nadvertise = \"relay-1.example:4433\"\n";
+        let config = RelayConfig::parse(ok, Path::new("r.toml")).unwrap();
+        let cluster = config.cluster.unwrap();
+        assert_eq!((cluster.prefix.as_str(), cluster.lease_ttl_secs), ("/quictun/", 10));
+        for (edit, key) in [
+            (ok.replace("relay-1\"\netcd", "relay 1\"\netcd"), "cluster.relay_id"),
+            (ok.replace("[\"127.0.0.1:2379\"]", "[]"), "cluster.etcd"),
+            (ok.replace("relay-1.example:4433", "no-port"), "cluster.advertise"),
+            (format!("{ok}lease_ttl_secs = 1\n"), "cluster.lease_ttl_secs"),
+            (format!("{ok}prefix = \"quictun\"\n"), "cluster.prefix"),
+        ] {
+            let err = RelayConfig::parse(&edit, Path::new("r.toml")).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //!   loop with the same admission rules (handshake rate, pending places) for every transport.
 //! - `router`: host and path routing.
 //! - `ingress` and `proxy`: the HTTP server and the per-request forwarding.
+//! - `cluster`: the relay's sessions in the cluster's session directory (etcd), `[cluster]`.
 //! - `admin` and `inspect`: the admin endpoint's pages, the dashboard and its ring of recent
 //!   requests.
 //! - `tcp`: TCP tunnels (`[[tcp]]`), one stream per connection.
@@ -26,6 +27,7 @@ mod admission;
 mod agents;
 mod balance;
 mod body;
+mod cluster;
 pub mod config;
 mod conn_clock;
 mod declared;
@@ -73,6 +75,7 @@ pub struct Relay {
     addrs: Addrs,
     tcp_entries: Vec<config::TcpEntry>,
     udp_entries: Vec<config::UdpEntry>,
+    cluster_entry: Option<config::ClusterSection>,
     pin: Option<Pin>,
 }
 
@@ -175,6 +178,10 @@ impl Bound {
         runtime.tasks.spawn(runtime.reclaimer.clone().run(runtime.stopped.clone()));
         quictun_core::spawn_cancellable(&runtime.tasks, &runtime.stopped, liveness::watch(runtime.sessions.clone()));
         runtime.tasks.spawn(runtime.known_networks.clone().keep_written(runtime.stopped.clone()));
+        if let Some(cluster) = &runtime.cluster {
+            let (directory, sessions) = (cluster.directory.clone(), runtime.sessions.clone());
+            runtime.tasks.spawn(cluster::Cluster::run(directory, sessions, runtime.shutdown.clone()));
+        }
         self.agents.run(shared);
         let mut relay_tunnels = Vec::with_capacity(self.tcp.len());
         for (listener, entry) in self.tcp {
@@ -221,6 +228,7 @@ impl Relay {
             addrs,
             tcp_entries: config.tcp.clone(),
             udp_entries: config.udp.clone(),
+            cluster_entry: config.cluster.clone(),
             pin: cert.pin(),
         })
     }
@@ -267,7 +275,7 @@ impl Relay {
 
     /// Applies a new configuration without dropping connections or requests in flight: routes,
     /// upstreams and clients change at once (agents get theirs by config_sync, versioned).
-    /// Listeners, limits and timeouts (`[relay]`) and `[[tcp]]` entries are fixed at start; a
+    /// Listeners, limits and timeouts (`[relay]`), `[[tcp]]`, `[[udp]]` and `[cluster]` are fixed at start; a
     /// change to them is reported and needs a restart. Returns the new version; a configuration
     /// that does not compile (a token file gone, a route to no upstream) changes nothing.
     pub fn reload(&self, config: &RelayConfig) -> Result<u64, ConfigError> {
@@ -281,6 +289,9 @@ impl Relay {
         }
         if config.tcp != self.tcp_entries {
             tracing::warn!("changes to [[tcp]] take effect only after a restart");
+        }
+        if config.cluster != self.cluster_entry {
+            tracing::warn!("changes to [cluster] take effect only after a restart");
         }
         let version = self.shared.reload(config)?;
         info!(version, "configuration reloaded");

@@ -271,6 +271,11 @@ impl RelayMetrics {
         }
     }
 
+    /// The registry, for metrics registered by a part the relay may not run (the cluster).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     /// Adds the stalled-reader metrics of `stall`.
     pub fn register_stall(&mut self, stall: quictun_core::stall::StallMetrics) {
         stall.register(&mut self.registry);

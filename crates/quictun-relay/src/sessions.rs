@@ -594,6 +594,11 @@ impl SessionManager {
         self.by_client.iter().flat_map(|e| e.value().clone()).collect()
     }
 
+    /// A receiver that changes whenever a session enters or leaves.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
     /// How many sessions a group has.
     pub fn group_len(&self, group: &str) -> usize {
         self.by_group.get(group).map_or(0, |g| g.members.len())

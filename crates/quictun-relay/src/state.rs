@@ -212,6 +212,8 @@ pub struct Runtime {
     pub declared: Declared,
     /// The recent requests, and the count of every request by status class.
     pub inspector: Arc<crate::inspect::Inspector>,
+    /// The cluster this relay is part of (`[cluster]`).
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 /// What the relay's tasks share, split by lifetime.
@@ -232,6 +234,13 @@ impl RelayState {
         let reclaimer = Reclaimer::new(config.relay.stall_limits());
         let mut metrics = RelayMetrics::new();
         metrics.register_stall(reclaimer.metrics());
+        let cluster = match &config.cluster {
+            Some(section) => Some(
+                crate::cluster::Cluster::new(section, metrics.registry_mut())
+                    .map_err(|err| config.invalid("cluster.etcd", err.to_string()))?,
+            ),
+            None => None,
+        };
         let runtime = Runtime {
             sessions: Arc::new(SessionManager::new()),
             shutdown: CancellationToken::new(),
@@ -253,6 +262,7 @@ impl RelayState {
             known_networks: KnownNetworks::load(config.relay.agent_networks_file.clone()),
             declared: Declared::default(),
             inspector: Arc::new(crate::inspect::Inspector::new(config.relay.inspect_capacity)),
+            cluster,
         };
         Ok(Self {
             settings: Arc::new(Settings { relay: config.relay.clone(), limits: Limits::default() }),

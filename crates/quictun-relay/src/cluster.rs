@@ -1,0 +1,89 @@
+//! The relay's part in a cluster (`[cluster]`): its sessions announced in the session directory
+//! ([`quictun_cluster::Directory`]), kept in step with the session manager, and the directory
+//! kept in sync with etcd, both until the relay shuts down (then its lease is revoked, so the
+//! other relays forget its agents at once).
+//!
+//! Requests are not forwarded between relays yet: the directory says which relay holds which
+//! agent (`/api/cluster`, `quictun_cluster_*` metrics).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::gauge::Gauge;
+use quictun_cluster::{Directory, DirectoryConfig, EtcdError};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ClusterSection;
+use crate::sessions::SessionManager;
+
+/// The deadline of each etcd call.
+const ETCD_CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// This relay's view of the cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The session directory.
+    pub directory: Arc<Directory>,
+    /// 1 while etcd answers (set when the metrics are rendered).
+    pub etcd_up: Gauge,
+    /// Sessions in the directory, every relay's (set when the metrics are rendered).
+    pub sessions: Gauge,
+}
+
+impl Cluster {
+    /// The cluster of `section`; nothing is dialed until [`Cluster::run`].
+    pub fn new(
+        section: &ClusterSection,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Result<Self, EtcdError> {
+        let directory = Directory::new(DirectoryConfig {
+            relay_id: section.relay_id.clone(),
+            advertise: section.advertise.clone(),
+            etcd: section.etcd.clone(),
+            prefix: section.prefix.clone(),
+            lease_ttl: Duration::from_secs(section.lease_ttl_secs),
+            call_timeout: ETCD_CALL_TIMEOUT,
+        })?;
+        let (etcd_up, sessions) = (Gauge::default(), Gauge::default());
+        registry.register("cluster_etcd_up", "1 while etcd answers this relay", etcd_up.clone());
+        registry.register(
+            "cluster_sessions",
+            "Agent sessions in the cluster's directory, every relay's",
+            sessions.clone(),
+        );
+        Ok(Self { directory: Arc::new(directory), etcd_up, sessions })
+    }
+
+    /// Refreshes the gauges.
+    pub fn refresh_metrics(&self) {
+        self.etcd_up.set(i64::from(self.directory.is_up()));
+        self.sessions.set(i64::try_from(self.directory.holders().len()).unwrap_or(i64::MAX));
+    }
+
+    /// Keeps the directory in sync with etcd and with `sessions` until `stop`.
+    pub async fn run(directory: Arc<Directory>, sessions: Arc<SessionManager>, stop: CancellationToken) {
+        tokio::join!(directory.run(stop.clone()), announce(&directory, &sessions, &stop));
+    }
+}
+
+/// Announces every session the manager holds, and withdraws those that left, at each change.
+async fn announce(directory: &Directory, sessions: &SessionManager, stop: &CancellationToken) {
+    let mut changes = sessions.changes();
+    let mut announced: HashSet<(Arc<str>, Arc<str>, String)> = HashSet::new();
+    loop {
+        let now: HashSet<_> =
+            sessions.all().iter().map(|s| (s.group.clone(), s.client_id.clone(), s.instance_id.to_string())).collect();
+        for (group, client_id, instance) in announced.difference(&now) {
+            directory.withdraw(group, client_id, instance);
+        }
+        for (group, client_id, instance) in now.difference(&announced) {
+            directory.announce(group, client_id, instance);
+        }
+        announced = now;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+    }
+}
