@@ -28,19 +28,9 @@ fn request_id(reply: &Reply) -> String {
     reply.headers["x-quictun-request-id"].to_str().unwrap().to_owned()
 }
 
-/// Waits (probing every 20 ms, under 10 s) until the ring holds request `id`: a request is kept
-/// when its answer's body ends, just after the client has it.
-async fn wait_for_record(admin: SocketAddr, id: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let reply = admin_get(admin, &format!("/api/requests/{id}"), None).await;
-        if reply.status == StatusCode::OK {
-            return serde_json::from_slice(&reply.body).unwrap();
-        }
-        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
-        assert!(tokio::time::Instant::now() < deadline, "request {id} never reached the ring");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// The record of request `id`, once it is kept.
+async fn wait_for_record(addr: SocketAddr, id: &str) -> Value {
+    quictun_tests::client::admin_wait_for_json(addr, &format!("/api/requests/{id}")).await
 }
 
 async fn api(admin: SocketAddr, path: &str) -> Value {
@@ -124,6 +114,9 @@ async fn the_api_lists_recent_requests_with_credentials_redacted(transport: Tran
     .await;
     let _agent = h.agent("agent-1").await;
     let first = h.client.get("app.test", "/hello").await;
+    // The ring is in the order requests end: the GET's is kept before the POST is sent.
+    let admin = h.relay().admin_addr();
+    wait_for_record(admin, &request_id(&first)).await;
     let client: Client<_, quictun_tests::client::ClientBody> = Client::builder(TokioExecutor::new()).build_http();
     let request = http::Request::post(format!("http://{}/echo?x=1", h.relay().http_addr()))
         .header("host", "app.test")
@@ -136,9 +129,7 @@ async fn the_api_lists_recent_requests_with_credentials_redacted(transport: Tran
     let response = client.request(request).await.unwrap();
     let id = response.headers()["x-quictun-request-id"].to_str().unwrap().to_owned();
     assert_eq!(response.into_body().collect().await.unwrap().to_bytes().len(), 1000);
-    let admin = h.relay().admin_addr();
     let record = wait_for_record(admin, &id).await;
-    wait_for_record(admin, &request_id(&first)).await;
 
     let list = api(admin, "/api/requests").await;
     let list = list.as_array().unwrap();

@@ -44,19 +44,9 @@ async fn admin(addr: SocketAddr, method: Method, path: &str, headers: &[(&str, &
     Reply { status: parts.status, headers: parts.headers, body: body.collect().await.unwrap().to_bytes() }
 }
 
-/// Waits (probing every 20 ms, under 10 s) until the inspector holds request `id`: it is kept
-/// when the response body ends, just after the client has it.
+/// The record of request `id`, once it is kept.
 async fn wait_for_record(addr: SocketAddr, id: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let reply = admin_get(addr, &format!("/api/requests/{id}"), None).await;
-        if reply.status == StatusCode::OK {
-            return serde_json::from_slice(&reply.body).unwrap();
-        }
-        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
-        assert!(tokio::time::Instant::now() < deadline, "request {id} never reached the inspector");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    quictun_tests::client::admin_wait_for_json(addr, &format!("/api/requests/{id}")).await
 }
 
 async fn post_echo(h: &Harness, payload: Vec<u8>) -> String {
@@ -81,9 +71,10 @@ async fn the_inspector_keeps_requests_with_their_bodies_and_replays_one(transpor
     let (h, _agent, addr) = start(transport, 100, 64 * 1024).await;
     let get = h.client.get("app.test", "/hello").await;
     let get_id = get.headers["x-quictun-request-id"].to_str().unwrap().to_owned();
+    // The ring is in the order requests end: the GET's is kept before the POST is sent.
+    wait_for_record(addr, &get_id).await;
     let id = post_echo(&h, b"hello replay".to_vec()).await;
     let record = wait_for_record(addr, &id).await;
-    wait_for_record(addr, &get_id).await;
 
     assert_eq!((record["method"].as_str(), record["uri"].as_str()), (Some("POST"), Some("/echo?from=test")));
     assert_eq!((record["upstream"].as_str(), record["status"].as_u64()), (Some("app"), Some(200)));

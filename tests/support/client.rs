@@ -179,3 +179,19 @@ impl HttpClient {
         Latencies { p50: at(0.5), p99: at(0.99), max: at(1.0), failures }
     }
 }
+
+/// Waits (probing every 20 ms, under 10 s) until `GET path` on an admin endpoint answers 200
+/// (a 404 means not yet: a request reaches an inspector's ring when its answer's body ends, just
+/// after the client has it); returns the JSON.
+pub async fn admin_wait_for_json(addr: std::net::SocketAddr, path: &str) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = admin_get(addr, path, None).await;
+        if reply.status == http::StatusCode::OK {
+            return serde_json::from_slice(&reply.body).unwrap();
+        }
+        assert_eq!(reply.status, http::StatusCode::NOT_FOUND, "{path}: {}", reply.text());
+        assert!(tokio::time::Instant::now() < deadline, "{path} never answered within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

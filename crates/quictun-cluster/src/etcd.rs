@@ -303,17 +303,23 @@ impl Etcd {
                 .map_err(|status| status.message().to_owned())
         })
         .await;
-        match answer {
-            Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(message)) => {
-                self.failed();
-                Err(EtcdError::Call { call, message })
-            }
-            Err(_) => {
-                self.failed();
-                Err(EtcdError::Timeout(call))
-            }
-        }
+        self.outcome(call, answer).map(tonic::Response::into_inner)
+    }
+
+    /// A call's result under its deadline: the answer, or the error (after which the connection
+    /// is dropped, so that the next call tries the next endpoint).
+    fn outcome<T>(
+        &self,
+        call: &'static str,
+        answer: Result<Result<T, String>, tokio::time::error::Elapsed>,
+    ) -> Result<T, EtcdError> {
+        let error = match answer {
+            Ok(Ok(answer)) => return Ok(answer),
+            Ok(Err(message)) => EtcdError::Call { call, message },
+            Err(_) => EtcdError::Timeout(call),
+        };
+        self.failed();
+        Err(error)
     }
 
     /// Puts `key` = `value`, attached to `lease` (0: none); returns the store's revision.
@@ -378,17 +384,7 @@ impl Etcd {
             grpc.streaming(request, PathAndQuery::from_static(path), codec).await.map_err(|s| s.message().to_owned())
         })
         .await;
-        match opened {
-            Ok(Ok(response)) => Ok((sender, response.into_inner())),
-            Ok(Err(message)) => {
-                self.failed();
-                Err(EtcdError::Call { call, message })
-            }
-            Err(_) => {
-                self.failed();
-                Err(EtcdError::Timeout(call))
-            }
-        }
+        Ok((sender, self.outcome(call, opened)?.into_inner()))
     }
 
     /// A keep-alive stream for lease `id`.

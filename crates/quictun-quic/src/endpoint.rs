@@ -77,6 +77,10 @@ pub struct Tuning {
     /// (the first ones to come; see [`Acceptor::accept`]). A bulk transfer to such a peer costs
     /// about a fifth less CPU; each of them costs the larger send buffer.
     pub loopback_full_packet_connections: usize,
+    /// A server's id for QUIC-LB connection IDs (see [`crate::ServerId`]): every ID it issues
+    /// starts with it, for a load balancer in front of several relays. `None`: quinn's hashed
+    /// IDs.
+    pub lb_server_id: Option<crate::ServerId>,
 }
 
 impl Default for Tuning {
@@ -92,6 +96,7 @@ impl Default for Tuning {
             congestion: Congestion::Cubic,
             loopback_packet: MAX_UDP_PAYLOAD,
             loopback_full_packet_connections: 0,
+            lb_server_id: None,
         }
     }
 }
@@ -267,6 +272,8 @@ pub struct RestartKeys {
     pub reset: ring::hmac::Key,
     /// Keys the connection-ID generator (IDs carry a hash checked on arrival).
     pub cid: u64,
+    /// Keys QUIC-LB connection IDs (their nonce and their tag).
+    pub lb: ring::hmac::Key,
 }
 
 impl RestartKeys {
@@ -275,14 +282,30 @@ impl RestartKeys {
         let reset = derived_from_key(private_key, b"stateless reset key");
         let cid = derived_from_key(private_key, b"connection id key");
         let cid = cid.as_ref().first_chunk::<8>().map_or(0, |bytes| u64::from_le_bytes(*bytes));
-        Self { reset: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref()), cid }
+        let lb = derived_from_key(private_key, b"quic-lb connection id key");
+        Self {
+            reset: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref()),
+            cid,
+            lb: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, lb.as_ref()),
+        }
     }
 
-    /// The endpoint configuration that uses them.
-    pub(crate) fn endpoint_config(self) -> quinn::EndpointConfig {
+    /// The endpoint configuration that uses them: QUIC-LB connection IDs carrying `lb_server_id`
+    /// when there is one, quinn's hashed IDs otherwise.
+    pub(crate) fn endpoint_config(self, lb_server_id: Option<crate::ServerId>) -> quinn::EndpointConfig {
         let mut config = quinn::EndpointConfig::new(Arc::new(self.reset));
-        let cid = self.cid;
-        config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid)));
+        match lb_server_id {
+            Some(server_id) => {
+                let key = self.lb;
+                config.cid_generator(move || {
+                    Box::new(crate::lb_cid::LbConnectionIds::new(server_id.clone(), key.clone()))
+                });
+            }
+            None => {
+                let cid = self.cid;
+                config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid)));
+            }
+        }
         config
     }
 }
@@ -370,7 +393,7 @@ pub(crate) fn server_endpoint(
             (Arc::new(full), Arc::new(Semaphore::new(tuning.loopback_full_packet_connections)))
         });
     let socket = bind_udp(addr, tuning.udp_buffer)?;
-    let endpoint_config = endpoint_config(restart_keys.endpoint_config());
+    let endpoint_config = endpoint_config(restart_keys.endpoint_config(tuning.lb_server_id.clone()));
     let endpoint = quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime::default_runtime_or_err()?)
         .map_err(|source| EndpointError::Socket { addr, source })?;
     Ok((endpoint, Acceptor { loopback: Arc::new(loopback), loopback_full }))
@@ -490,6 +513,71 @@ mod tests {
         send.finish().unwrap();
         assert_eq!(received.await.unwrap(), 32 << 20);
         conn.stats().path
+    }
+
+    /// With a QUIC-LB server id, every packet the client sends after the handshake (short
+    /// header) is addressed to a connection ID that starts with the config rotation and length
+    /// octet and the server id, as a load balancer reads it on the wire.
+    #[tokio::test]
+    async fn every_short_header_packet_carries_the_relays_server_id() {
+        let cert = GeneratedCert::self_signed(&[]).unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let server_id = crate::ServerId::parse("0x0a0b").unwrap();
+        let tuning = Tuning { lb_server_id: Some(server_id.clone()), ..Tuning::default() };
+        let (server, acceptor) = server_endpoint(any, cert.cert_key().unwrap(), &tuning).unwrap();
+        let server_addr = server.local_addr().unwrap();
+        // A forwarder between client and server that notes the destination connection ID of
+        // every short-header packet from the client (1 octet of flags, then the ID: 15 octets).
+        let outer = tokio::net::UdpSocket::bind(any).await.unwrap();
+        let inner = tokio::net::UdpSocket::bind(any).await.unwrap();
+        inner.connect(server_addr).await.unwrap();
+        let proxy = outer.local_addr().unwrap();
+        let (ids_tx, mut ids) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        let forward = tokio::spawn(async move {
+            let (mut up, mut down) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+            let mut client = None;
+            loop {
+                tokio::select! {
+                    Ok((n, from)) = outer.recv_from(&mut up) => {
+                        client = Some(from);
+                        if up[0] & 0x80 == 0 {
+                            let _ = ids_tx.send(up[1..16].to_vec());
+                        }
+                        let _ = inner.send(&up[..n]).await;
+                    }
+                    Ok(n) = inner.recv(&mut down) => {
+                        if let Some(client) = client {
+                            let _ = outer.send_to(&down[..n], client).await;
+                        }
+                    }
+                }
+            }
+        });
+        let served = tokio::spawn(async move {
+            let conn = acceptor.accept(server.accept().await.unwrap()).unwrap().connecting.await.unwrap();
+            let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+            let got = recv.read_to_end(1024).await.unwrap();
+            send.write_all(&got).await.unwrap();
+            send.finish().unwrap();
+            conn.closed().await;
+        });
+        let (client, setup) = client_endpoint(any, &Trust::Pin(cert.pin), &Tuning::default()).unwrap();
+        let conn = client.connect_with(setup.config_for(proxy), proxy, "localhost").unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(b"routed").await.unwrap();
+        send.finish().unwrap();
+        assert_eq!(recv.read_to_end(1024).await.unwrap(), b"routed");
+        conn.close(0u32.into(), b"done");
+        client.wait_idle().await;
+        let _ = served.await;
+        forward.abort();
+        let mut seen = 0;
+        while let Ok(id) = ids.try_recv() {
+            assert_eq!(id[0], 14, "config rotation 0 and the ID's length less one: {id:?}");
+            assert_eq!(crate::server_id_of(&id, 2), Some(server_id.as_bytes()), "{id:?}");
+            seen += 1;
+        }
+        assert!(seen >= 2, "only {seen} short-header packets seen");
     }
 
     /// On this host, packets start as large as loopback carries and stay so through a bulk

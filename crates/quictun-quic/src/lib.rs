@@ -12,6 +12,8 @@
 //! - `accept`: the relay's [`QuicListener`] (admission by address before any cryptography,
 //!   handshake and control stream under deadlines).
 //! - `dial`: the agent's [`QuicEndpoint`] and [`QuicDialer`], failures typed.
+//! - `lb_cid`: QUIC-LB connection IDs ([`ServerId`] first in every ID the relay issues), for an
+//!   L4 load balancer in front of several relays.
 //! - `transport`: [`Quic`].
 //! - [`floor`]: quinn alone doing the minimal exchange, the floor `quictun bench` shows beside
 //!   the tunnel.
@@ -23,6 +25,7 @@ mod dial;
 mod endpoint;
 pub mod floor;
 mod frames;
+mod lb_cid;
 mod transport;
 mod tunnel;
 
@@ -33,6 +36,7 @@ pub use accept::{QuicBindOptions, QuicListener};
 pub use dial::{QuicDialOptions, QuicDialer, QuicEndpoint};
 pub use endpoint::{Congestion, EndpointError, Tuning};
 pub use frames::ControlChannel;
+pub use lb_cid::{MAX_SERVER_ID, ServerId, server_id_of};
 pub use transport::Quic;
 pub use tunnel::QuicTunnel;
 

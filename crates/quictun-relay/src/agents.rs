@@ -125,6 +125,7 @@ fn quic_options(shared: &RelayState, cert: CertKey) -> QuicBindOptions {
         connection_window: settings.connection_window,
         loopback_packet: LOOPBACK_PACKET,
         loopback_full_packet_connections: LOOPBACK_FULL_PACKET_AGENTS,
+        lb_server_id: shared.runtime.cluster.as_ref().and_then(|c| c.server_id.clone()),
         ..Tuning::default()
     };
     QuicBindOptions {

@@ -29,6 +29,8 @@ pub struct Cluster {
     pub etcd_up: Gauge,
     /// Sessions in the directory, every relay's (set when the metrics are rendered).
     pub sessions: Gauge,
+    /// The QUIC-LB server id the relay's connection IDs carry, when it has one.
+    pub server_id: Option<quictun_quic::ServerId>,
 }
 
 impl Cluster {
@@ -52,7 +54,9 @@ impl Cluster {
             "Agent sessions in the cluster's directory, every relay's",
             sessions.clone(),
         );
-        Ok(Self { directory: Arc::new(directory), etcd_up, sessions })
+        // Checked when the file was read.
+        let server_id = section.server_id.as_deref().and_then(|hex| quictun_quic::ServerId::parse(hex).ok());
+        Ok(Self { directory: Arc::new(directory), etcd_up, sessions, server_id })
     }
 
     /// Refreshes the gauges.

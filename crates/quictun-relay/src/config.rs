@@ -65,6 +65,10 @@ pub struct ClusterSection {
     /// every third of it).
     #[serde(default = "default_lease_ttl")]
     pub lease_ttl_secs: u64,
+    /// This relay's QUIC-LB server id, in hex (1 to 7 octets, unique behind one load balancer):
+    /// every QUIC connection ID it issues starts with it. Unset: ordinary connection IDs.
+    #[serde(default)]
+    pub server_id: Option<String>,
 }
 
 fn default_cluster_prefix() -> String {
@@ -97,6 +101,9 @@ impl ClusterSection {
         }
         if !(3..=3600).contains(&self.lease_ttl_secs) {
             return Err(("cluster.lease_ttl_secs".into(), "from 3 to 3600".into()));
+        }
+        if let Some(Err(why)) = self.server_id.as_deref().map(quictun_quic::ServerId::parse) {
+            return Err(("cluster.server_id".into(), why));
         }
         Ok(())
     }
@@ -1012,6 +1019,7 @@ mod tests {
             (ok.replace("relay-1.example:4433", "no-port"), "cluster.advertise"),
             (format!("{ok}lease_ttl_secs = 1\n"), "cluster.lease_ttl_secs"),
             (format!("{ok}prefix = \"quictun\"\n"), "cluster.prefix"),
+            (format!("{ok}server_id = \"0x0102030405060708\"\n"), "cluster.server_id"),
         ] {
             let err = RelayConfig::parse(&edit, Path::new("r.toml")).unwrap_err().to_string();
             assert!(err.contains(key), "{key}: {err}");

@@ -104,7 +104,9 @@ const CLIENTS: &str = "[[clients]]\nid = \"office-1\"\ntoken = \"one\"\ngroup = 
                        [[clients]]\nid = \"office-3\"\ntoken = \"three\"\ngroup = \"web\"\n";
 
 impl Relay {
+    /// Relay `id` (its QUIC-LB server id: the id's last letter in hex) of the cluster at `etcd`.
     fn start(dir: &TempDir, id: &str, etcd: &str, upstream: &str) -> Self {
+        let server_id = format!("{:02x}", id.bytes().last().unwrap_or(0));
         let relay_dir = dir.join(id);
         std::fs::create_dir_all(&relay_dir).unwrap();
         let quic = SocketAddr::from(([127, 0, 0, 1], free_udp()));
@@ -115,6 +117,7 @@ impl Relay {
                 "[relay]\nquic_listen = \"{quic}\"\nhttp_listen = \"127.0.0.1:0\"\ngrpc_listen = \"127.0.0.1:0\"\n\
                  admin_listen = \"127.0.0.1:0\"\n\
                  [cluster]\nrelay_id = \"{id}\"\netcd = [\"{etcd}\"]\nadvertise = \"{quic}\"\nlease_ttl_secs = 3\n\
+                 server_id = \"{server_id}\"\n\
                  {CLIENTS}\
                  [[upstreams]]\nname = \"app\"\ngroup = \"web\"\ntargets = [\"{upstream}\"]\n\
                  [[routes]]\nhost = \"*\"\nupstream = \"app\"\n"
@@ -162,24 +165,47 @@ fn upstream(dir: &TempDir) -> (Proc, String) {
     (upstream, url)
 }
 
+/// Two relays of one cluster, `office-1` on relay-a and `office-2` on relay-b, both in both
+/// relays' view. Dropped in this order: agents, relays, upstream, etcd, the directory.
+struct TwoRelays {
+    _one: Proc,
+    two: Proc,
+    a: Relay,
+    b: Relay,
+    _upstream: Proc,
+    etcd: Etcd,
+    dir: TempDir,
+}
+
+const BOTH: [&str; 2] = ["office-1@relay-a", "office-2@relay-b"];
+
+impl TwoRelays {
+    fn start() -> Self {
+        let dir = TempDir::new();
+        let etcd = Etcd::start(&dir);
+        let (upstream, url) = upstream(&dir);
+        let a = Relay::start(&dir, "relay-a", &etcd.endpoint(), &url);
+        let b = Relay::start(&dir, "relay-b", &etcd.endpoint(), &url);
+        let one = a.agent(&dir, "office-1", "one");
+        let two = b.agent(&dir, "office-2", "two");
+        for relay in [&a, &b] {
+            wait_for("both agents in the directory", Duration::from_secs(10), || {
+                relay.view() == (BOTH.map(String::from).to_vec(), true)
+            });
+        }
+        Self { _one: one, two, a, b, _upstream: upstream, etcd, dir }
+    }
+}
+
 /// Every relay sees every agent with the relay that holds it; an agent that stops is withdrawn
 /// from every relay's view within 3 s.
 #[test]
 #[cfg_attr(not(etcd_capable), ignore = "needs etcd: apt-get install etcd-server")]
 fn every_relay_sees_every_agent_and_forgets_one_that_stops() {
-    let dir = TempDir::new();
-    let etcd = Etcd::start(&dir);
-    let (_upstream, url) = upstream(&dir);
-    let a = Relay::start(&dir, "relay-a", &etcd.endpoint(), &url);
-    let b = Relay::start(&dir, "relay-b", &etcd.endpoint(), &url);
-    let _one = a.agent(&dir, "office-1", "one");
-    let two = b.agent(&dir, "office-2", "two");
-    let both = vec!["office-1@relay-a".to_owned(), "office-2@relay-b".to_owned()];
-    for relay in [&a, &b] {
-        wait_for("both agents in the directory", Duration::from_secs(10), || relay.view() == (both.clone(), true));
-    }
-    two.terminate();
-    let (status, _) = two.wait_exit();
+    let cluster = TwoRelays::start();
+    let (a, b) = (&cluster.a, &cluster.b);
+    cluster.two.terminate();
+    let (status, _) = cluster.two.wait_exit();
     assert_eq!(status, 0);
     let took = wait_for("office-2 withdrawn", Duration::from_secs(3), || {
         a.view().0 == ["office-1@relay-a"] && b.view().0 == ["office-1@relay-a"]
@@ -192,15 +218,8 @@ fn every_relay_sees_every_agent_and_forgets_one_that_stops() {
 #[test]
 #[cfg_attr(not(etcd_capable), ignore = "needs etcd: apt-get install etcd-server")]
 fn a_killed_relays_agents_expire_with_its_lease() {
-    let dir = TempDir::new();
-    let etcd = Etcd::start(&dir);
-    let (_upstream, url) = upstream(&dir);
-    let a = Relay::start(&dir, "relay-a", &etcd.endpoint(), &url);
-    let b = Relay::start(&dir, "relay-b", &etcd.endpoint(), &url);
-    let _one = a.agent(&dir, "office-1", "one");
-    let _two = b.agent(&dir, "office-2", "two");
-    let both = vec!["office-1@relay-a".to_owned(), "office-2@relay-b".to_owned()];
-    wait_for("both agents in the directory", Duration::from_secs(10), || a.view() == (both.clone(), true));
+    let cluster = TwoRelays::start();
+    let (a, b) = (&cluster.a, &cluster.b);
     signal(&b.proc.pid().to_string(), "KILL");
     let took = wait_for("relay-b's agent expired", Duration::from_secs(3 + 3), || a.view().0 == ["office-1@relay-a"]);
     eprintln!("relay-b's agent left relay-a's view {took:?} after kill -9 (lease 3 s)");
@@ -215,26 +234,19 @@ fn a_killed_relays_agents_expire_with_its_lease() {
 #[test]
 #[cfg_attr(not(etcd_capable), ignore = "needs etcd: apt-get install etcd-server")]
 fn relays_serve_through_an_etcd_outage_and_sync_again() {
-    let dir = TempDir::new();
-    let mut etcd = Etcd::start(&dir);
-    let (_upstream, url) = upstream(&dir);
-    let a = Relay::start(&dir, "relay-a", &etcd.endpoint(), &url);
-    let b = Relay::start(&dir, "relay-b", &etcd.endpoint(), &url);
-    let _one = a.agent(&dir, "office-1", "one");
-    let _two = b.agent(&dir, "office-2", "two");
-    let both = vec!["office-1@relay-a".to_owned(), "office-2@relay-b".to_owned()];
-    wait_for("both agents in the directory", Duration::from_secs(10), || a.view() == (both.clone(), true));
-
-    etcd.kill();
+    let mut cluster = TwoRelays::start();
+    let both = BOTH.map(String::from).to_vec();
+    cluster.etcd.kill();
+    let (a, b) = (&cluster.a, &cluster.b);
     let took = wait_for("relay-a to notice etcd is down", Duration::from_secs(10), || !a.view().1);
     eprintln!("relay-a noticed the outage after {took:?}");
     assert_eq!(a.view().0, both, "the cached view is kept");
     assert!(http_get_host(&a.http, "app", "/").starts_with("HTTP/1.1 200"), "relay-a serves its own agent");
     let metrics = http_get(&a.admin, "/metrics");
     assert_eq!(metric(&metrics, "quictun_cluster_etcd_up"), Some(0.0), "{metrics}");
-    let _three = b.agent(&dir, "office-3", "three");
+    let _three = b.agent(&cluster.dir, "office-3", "three");
 
-    etcd.run();
+    cluster.etcd.run();
     let all = vec!["office-1@relay-a".to_owned(), "office-2@relay-b".to_owned(), "office-3@relay-b".to_owned()];
     let took = wait_for("both relays in sync again", Duration::from_secs(20), || {
         a.view() == (all.clone(), true) && b.view() == (all.clone(), true)
