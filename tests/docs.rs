@@ -120,3 +120,17 @@ fn the_readmes_relay_configuration_loads() {
         assert!(!config.clients.is_empty() && (own || declarable), "{block}");
     }
 }
+
+#[test]
+fn the_cluster_guides_configuration_loads() {
+    let guide = std::fs::read_to_string(repo().join("docs/cluster.md")).unwrap();
+    let block = guide.split("```toml\n").nth(1).and_then(|rest| rest.split("\n```").next()).expect("a TOML example");
+    let config =
+        parse_toml::<RelayConfig>(block, Path::new("docs/cluster.md")).unwrap_or_else(|e| panic!("{e}\n{block}"));
+    config.validate(Path::new("docs/cluster.md")).unwrap_or_else(|e| panic!("{e}\n{block}"));
+    let cluster = config.cluster.expect("a [cluster] section");
+    assert_eq!(
+        (cluster.relay_id.as_str(), cluster.etcd.len(), cluster.server_id.as_deref()),
+        ("relay-a", 3, Some("0a"))
+    );
+}
