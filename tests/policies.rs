@@ -97,6 +97,17 @@ async fn basic_auth_guards_the_route_and_the_credentials_stay_at_the_relay(trans
     // Remembered: the second request does not pay bcrypt again (checked in the unit test), and works.
     let again = get(&h, "guarded.test", "/hello", &[("authorization", &basic("alice:s3cret"))]).await;
     assert_eq!(again.status, StatusCode::OK);
+
+    // The file is read again on reload: alice is gone (her remembered credentials with her), bob
+    // comes in.
+    std::fs::write(dir.join("users"), format!("bob:{}\n", bcrypt::hash("b0b", 4).unwrap())).unwrap();
+    let config =
+        quictun_tests::harness::relay_config_on(Harness::listeners_of(h.relay()), &h.upstream.url(), &h.config);
+    assert_eq!(h.relay().reload(&config).unwrap(), 2);
+    let alice = get(&h, "guarded.test", "/hello", &[("authorization", &basic("alice:s3cret"))]).await;
+    assert_eq!(alice.status, StatusCode::UNAUTHORIZED);
+    let bob = get(&h, "guarded.test", "/hello", &[("authorization", &basic("bob:b0b"))]).await;
+    assert_eq!(bob.status, StatusCode::OK);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
