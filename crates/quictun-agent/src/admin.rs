@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{HeaderValue, StatusCode, header};
-use quictun_core::admin::{AdminPages, AdminReply, reply};
+use quictun_core::admin::{AdminPages, AdminReply, query_param, reply};
 use quictun_core::tunnel::BoxFuture;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -77,10 +77,9 @@ impl AdminPages for AgentPages {
                 Some(page)
             }
             "/api/requests" => {
-                let param = |key: &str| query?.split('&').find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='));
-                let limit = param("limit").and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
+                let limit = query_param(query, "limit").and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
                 let (capacity, body_bytes) = inspector.settings();
-                let requests = if param("detail") == Some("1") {
+                let requests = if query_param(query, "detail") == Some("1") {
                     let records = inspector.recent_records(limit);
                     serde_json::to_value(records.iter().map(|r| &**r).collect::<Vec<_>>())
                 } else {

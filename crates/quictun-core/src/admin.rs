@@ -70,6 +70,11 @@ pub fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Byt
     response
 }
 
+/// The value of `key` in a query string (`limit=50&detail=1`), when it is there.
+pub fn query_param<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
+    query?.split('&').find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+}
+
 /// A latency histogram in seconds, 250 µs to about 65 s in doubling buckets.
 pub fn latency_histogram() -> prometheus_client::metrics::histogram::Histogram {
     use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -241,7 +246,14 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
-    use super::{basic_password, bearer_credentials};
+    use super::{basic_password, bearer_credentials, query_param};
+
+    #[test]
+    fn query_params_are_found_by_their_whole_key() {
+        assert_eq!(query_param(Some("limit=5&detail=1"), "detail"), Some("1"));
+        assert_eq!(query_param(Some("limits=5"), "limit"), None);
+        assert_eq!(query_param(None, "limit"), None);
+    }
 
     #[test]
     fn the_bearer_scheme_is_case_insensitive() {

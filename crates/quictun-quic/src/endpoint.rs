@@ -532,7 +532,8 @@ mod tests {
         let inner = tokio::net::UdpSocket::bind(any).await.unwrap();
         inner.connect(server_addr).await.unwrap();
         let proxy = outer.local_addr().unwrap();
-        let (ids_tx, mut ids) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        // Bounded: a handshake and one echo are a few dozen packets; more are not needed.
+        let (ids_tx, mut ids) = tokio::sync::mpsc::channel::<Vec<u8>>(1024);
         let forward = tokio::spawn(async move {
             let (mut up, mut down) = (vec![0u8; 65_536], vec![0u8; 65_536]);
             let mut client = None;
@@ -541,7 +542,7 @@ mod tests {
                     Ok((n, from)) = outer.recv_from(&mut up) => {
                         client = Some(from);
                         if up[0] & 0x80 == 0 {
-                            let _ = ids_tx.send(up[1..16].to_vec());
+                            let _ = ids_tx.try_send(up[1..16].to_vec());
                         }
                         let _ = inner.send(&up[..n]).await;
                     }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use http::StatusCode;
-use quictun_core::admin::{AdminPages, AdminReply, reply};
+use quictun_core::admin::{AdminPages, AdminReply, query_param, reply};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -152,11 +152,6 @@ impl RelayPages {
     }
 }
 
-/// The `limit` of a query string (`limit=N`), when it has a number there.
-fn query_limit(query: Option<&str>) -> Option<usize> {
-    query?.split('&').find_map(|pair| pair.strip_prefix("limit=")?.parse().ok())
-}
-
 impl AdminPages for RelayPages {
     fn ready(&self) -> bool {
         !self.shared.runtime.shutdown.is_cancelled()
@@ -177,7 +172,7 @@ impl AdminPages for RelayPages {
     }
 
     fn page(&self, path: &str, query: Option<&str>) -> Option<AdminReply> {
-        let limit = query_limit(query);
+        let limit = query_param(query, "limit").and_then(|n| n.parse().ok());
         let json = match path {
             "/" => {
                 let mut page = reply(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD);
