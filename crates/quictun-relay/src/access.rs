@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime};
 use quictun_core::logsafe::Inert;
 use uuid::Uuid;
 
-use crate::inspect::{CapturedHeaders, Inspector, RequestRecord, RequestSummary, unix_ms};
+use crate::inspect::{CaptureText, Inspector, RequestRecord, unix_ms};
 
 /// What is known of one request once its response head is decided.
 #[derive(Debug)]
@@ -22,12 +22,10 @@ pub struct AccessEntry {
     pub client: SocketAddr,
     /// The method.
     pub method: http::Method,
-    /// The host the request was routed on (`-` when it had none usable), cut at
-    /// [`crate::inspect::MAX_HOST_BYTES`].
-    pub host: Option<String>,
-    /// The path and query, as the client sent them, cut at [`crate::inspect::MAX_TARGET_BYTES`]
-    /// (the log line has the path only).
-    pub target: String,
+    /// The path and query as the client sent them (the log line has the path only), the host
+    /// the request was routed on (`-` in the log when it had none usable) and, when the request
+    /// is kept in the ring, the headers.
+    pub text: CaptureText,
     /// The status answered.
     pub status: u16,
     /// The agent that served it (`-` when none did).
@@ -45,15 +43,11 @@ pub struct AccessEntry {
     pub inspect: Option<Inspected>,
 }
 
-/// What the ring keeps of a request beyond its log line.
+/// Where a request is kept beyond its log line.
 #[derive(Debug)]
 pub struct Inspected {
     /// The ring.
     pub inspector: Arc<Inspector>,
-    /// The request's headers, captured.
-    pub request_headers: CapturedHeaders,
-    /// The response's headers, captured.
-    pub response_headers: CapturedHeaders,
     /// Request body bytes forwarded so far.
     pub bytes_in: Arc<AtomicU64>,
 }
@@ -63,12 +57,13 @@ impl AccessEntry {
     pub fn finish(self, bytes: u64) {
         let duration_ms = duration_ms(self.started);
         if self.access_log {
-            let path = self.target.split('?').next().unwrap_or_default();
+            let path = self.text.target().split('?').next().unwrap_or_default();
+            let host = self.text.host();
             tracing::info!(
                 target: "quictun::access",
                 request_id = %self.request_id,
                 client = %self.client,
-                host = %Inert(self.host.as_deref().unwrap_or("-")),
+                host = %Inert(if host.is_empty() { "-" } else { host }),
                 method = %self.method,
                 path = %Inert(path),
                 status = self.status,
@@ -81,12 +76,10 @@ impl AccessEntry {
             );
         }
         let Some(inspected) = self.inspect else { return };
-        let summary = RequestSummary {
+        inspected.inspector.keep(RequestRecord {
             id: self.request_id,
             time_ms: unix_ms(self.time),
             method: self.method,
-            host: self.host.unwrap_or_default(),
-            path: self.target,
             status: self.status,
             duration_ms,
             bytes_in: inspected.bytes_in.load(Ordering::Relaxed),
@@ -94,11 +87,7 @@ impl AccessEntry {
             client_id: self.client_id,
             transport: self.transport,
             remote_addr: self.client,
-        };
-        inspected.inspector.keep(RequestRecord {
-            summary,
-            request_headers: inspected.request_headers,
-            response_headers: inspected.response_headers,
+            text: self.text,
         });
     }
 }

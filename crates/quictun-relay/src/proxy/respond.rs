@@ -21,7 +21,7 @@ use super::{IngressBody, REQUEST_ID_HEADER};
 use crate::access::{AccessEntry, Inspected};
 use crate::admission::Slots;
 use crate::body::Metered;
-use crate::inspect::{CapturedHeaders, Inspector, MAX_HOST_BYTES, MAX_TARGET_BYTES, bounded};
+use crate::inspect::{CaptureText, Inspector};
 use crate::policies::HeaderEdits;
 use crate::state::RelayState;
 use crate::upgrade;
@@ -68,13 +68,12 @@ pub struct RequestLog {
     method: http::Method,
     started: std::time::Instant,
     time: SystemTime,
-    /// The path and query as the client sent them; kept only while the access log or the ring
-    /// of recent requests is on.
-    target: String,
-    /// The host it was routed on; kept likewise.
-    host: Option<String>,
+    /// The path and query as the client sent them, the host it was routed on and the headers;
+    /// written only while the access log or the ring of recent requests is on (the headers only
+    /// for the ring).
+    text: CaptureText,
     access_log: bool,
-    /// The ring the request goes to, its captured headers and body bytes; `None` when it is off.
+    /// The ring the request goes to and its body bytes; `None` when it is off.
     inspect: Option<Inspected>,
     /// The upstream the route named.
     pub route: Option<Arc<str>>,
@@ -91,22 +90,22 @@ impl RequestLog {
     /// keeps requests.
     pub fn new(request: &Request<Incoming>, client: SocketAddr, request_id: Uuid, inspector: &Arc<Inspector>) -> Self {
         let access_log = tracing::enabled!(target: "quictun::access", tracing::Level::INFO);
-        let inspect = inspector.keeps_requests().then(|| Inspected {
-            inspector: inspector.clone(),
-            request_headers: CapturedHeaders::of(request.headers()),
-            response_headers: CapturedHeaders::default(),
-            bytes_in: Arc::default(),
-        });
-        let keep = access_log || inspect.is_some();
-        let target = request.uri().path_and_query().map_or_else(|| request.uri().path(), |pq| pq.as_str());
+        let inspect =
+            inspector.keeps_requests().then(|| Inspected { inspector: inspector.clone(), bytes_in: Arc::default() });
+        let mut text = inspector.text();
+        if access_log || inspect.is_some() {
+            text.set_target(request.uri().path_and_query().map_or_else(|| request.uri().path(), |pq| pq.as_str()));
+        }
+        if inspect.is_some() {
+            text.set_request_headers(request.headers());
+        }
         Self {
             request_id,
             client,
             method: request.method().clone(),
             started: std::time::Instant::now(),
             time: SystemTime::now(),
-            target: if keep { bounded(target, MAX_TARGET_BYTES) } else { String::new() },
-            host: None,
+            text,
             access_log,
             inspect,
             route: None,
@@ -119,7 +118,7 @@ impl RequestLog {
     /// The host the request is routed on (kept for the access log and the ring only).
     pub fn host(&mut self, host: &str) {
         if self.access_log || self.inspect.is_some() {
-            self.host = Some(bounded(host, MAX_HOST_BYTES));
+            self.text.set_host(host);
         }
     }
 
@@ -141,23 +140,22 @@ pub fn logging(shared: &RelayState, mut response: Response<IngressBody>, log: Re
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
     if log.access_log || log.inspect.is_some() {
-        let inspect = log.inspect.map(|mut inspected| {
-            inspected.response_headers = CapturedHeaders::of(response.headers());
-            inspected
-        });
+        let mut text = log.text;
+        if log.inspect.is_some() {
+            text.set_response_headers(response.headers());
+        }
         let entry = AccessEntry {
             request_id: log.request_id,
             client: log.client,
             method: log.method,
-            host: log.host,
-            target: log.target,
+            text,
             status,
             client_id: log.client_id,
             transport: log.transport,
             started: log.started,
             time: log.time,
             access_log: log.access_log,
-            inspect,
+            inspect: log.inspect,
         };
         match response.body_mut() {
             IngressBody::Tunnel { access, .. } => *access = Some(Box::new(entry)),
