@@ -192,7 +192,7 @@ impl Forwarder {
             Target::Http(_) | Target::Upgrade(_) => self.forward(head, body).await,
             // Egress requests go the other way, to the relay; UDP flows belong to the session
             // (`crate::session::SessionHandler`).
-            Target::Egress | Target::Udp(_) => Err(StreamCode::KindUnsupported),
+            Target::Egress | Target::Udp(_) | Target::Peer(_) => Err(StreamCode::KindUnsupported),
         };
         let (head, body) = match answered {
             Ok(answered) => answered,

@@ -1,7 +1,7 @@
 //! The session directory: which relay holds which agent.
 //!
 //! Each relay writes one key per agent session it holds,
-//! `{prefix}sessions/{group}/{client_id}/{instance}` → `{"relay_id", "advertise"}`, under one
+//! `{prefix}sessions/{group}/{client_id}/{instance}` → `{"relay_id", "advertise", "pin"}`, under one
 //! lease of `lease_ttl` (10 s) that it renews every third of it; it deletes a key when its agent
 //! leaves, and revokes the lease when it stops. A relay that dies stops renewing: etcd deletes its
 //! keys when the lease ends.
@@ -31,6 +31,8 @@ pub struct DirectoryConfig {
     pub relay_id: String,
     /// Where other relays reach this one (QUIC, `host:port`).
     pub advertise: String,
+    /// The fingerprint of this relay's certificate (`sha256:…`), which the others pin.
+    pub pin: String,
     /// etcd's endpoints.
     pub etcd: Vec<String>,
     /// The key prefix (`/quictun/`).
@@ -54,6 +56,8 @@ pub struct Holder {
     pub relay_id: String,
     /// Where that relay is reached.
     pub advertise: String,
+    /// That relay's certificate fingerprint (empty when it published none: it cannot be dialed).
+    pub pin: String,
 }
 
 /// The value of a directory key.
@@ -61,6 +65,8 @@ pub struct Holder {
 struct Value {
     relay_id: String,
     advertise: String,
+    #[serde(default)]
+    pin: String,
 }
 
 /// What the relay writes, and what it has read.
@@ -105,7 +111,9 @@ impl Directory {
 
     /// Says this relay holds a session of `client_id` (process `instance`) in `group`.
     pub fn announce(&self, group: &str, client_id: &str, instance: &str) {
-        let value = Value { relay_id: self.config.relay_id.clone(), advertise: self.config.advertise.clone() };
+        let config = &self.config;
+        let value =
+            Value { relay_id: config.relay_id.clone(), advertise: config.advertise.clone(), pin: config.pin.clone() };
         let value = serde_json::to_vec(&value).unwrap_or_default();
         self.local.lock().unwrap_or_else(PoisonError::into_inner).insert(self.key(group, client_id, instance), value);
         self.wake.notify_one();
@@ -237,6 +245,7 @@ impl Directory {
             group: group.to_owned(),
             relay_id: value.relay_id,
             advertise: value.advertise,
+            pin: value.pin,
         };
         Some((key.to_owned(), holder))
     }
@@ -250,6 +259,7 @@ mod tests {
         Directory::new(DirectoryConfig {
             relay_id: "r1".into(),
             advertise: "10.0.0.1:4433".into(),
+            pin: "sha256:00".into(),
             etcd: vec!["127.0.0.1:1".into()],
             prefix: "/quictun/".into(),
             lease_ttl: Duration::from_secs(10),

@@ -60,6 +60,8 @@ pub fn message_name(msg: &ControlMessage) -> &'static str {
         ControlMessage::GoAway(_) => "go_away",
         ControlMessage::Claims(_) => "claims",
         ControlMessage::ClaimAnswers(_) => "claim_answers",
+        ControlMessage::PeerHello(_) => "peer_hello",
+        ControlMessage::PeerAccepted(_) => "peer_accepted",
     }
 }
 

@@ -361,6 +361,13 @@ pub trait Tunnel: Send + Sync + std::fmt::Debug + 'static {
     /// Resolves when the tunnel is closed, with the reason.
     fn closed(&self) -> BoxFuture<'_, CloseReason>;
 
+    /// Lets the peer have up to `streams` exchanges open towards this end at once, where the
+    /// transport counts them (QUIC's stream limit; a listener starts every connection with an
+    /// agent's modest allowance, and raises it for a peer relay once it is authenticated).
+    fn allow_incoming_exchanges(&self, streams: u32) {
+        let _ = streams;
+    }
+
     /// The peer's address.
     fn remote_addr(&self) -> SocketAddr;
 

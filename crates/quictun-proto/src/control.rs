@@ -36,6 +36,28 @@ pub enum ControlMessage {
     /// 8: relay → agent, one answer per claim of the last [`ControlMessage::Claims`], in order;
     /// or, after the relay's configuration changed, the claims it no longer grants.
     ClaimAnswers(Vec<ClaimAnswer>),
+    /// 9: relay → relay, first message of a connection between two relays of a cluster.
+    PeerHello(PeerHello),
+    /// 10: relay → relay, the peer was let in; it may open [`crate::Target::Peer`] streams.
+    PeerAccepted(PeerAccepted),
+}
+
+/// A relay of a cluster, dialing another to forward requests to the agents it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerHello {
+    /// Must equal [`crate::PROTOCOL_VERSION`].
+    pub protocol_version: u16,
+    /// The dialing relay's id.
+    pub relay_id: String,
+    /// The cluster's shared secret.
+    pub token: Token,
+}
+
+/// The answer to [`PeerHello`] when its token is the cluster's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerAccepted {
+    /// The answering relay's id.
+    pub relay_id: String,
 }
 
 /// A tunnel an agent declares: what it asks the relay to send it.

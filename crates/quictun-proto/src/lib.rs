@@ -25,14 +25,16 @@ pub mod stream;
 
 pub use codes::{CloseCode, StreamCode};
 pub use control::{
-    Accepted, AgentConfig, Claim, ClaimAnswer, ControlMessage, GoAway, Heartbeat, Register, RejectCode, Rejected,
-    UpstreamSpec,
+    Accepted, AgentConfig, Claim, ClaimAnswer, ControlMessage, GoAway, Heartbeat, PeerAccepted, PeerHello, Register,
+    RejectCode, Rejected, UpstreamSpec,
 };
 pub use frame::FrameError;
 pub use host_port::{HostPort, HostPortError};
 pub use limits::Limits;
 pub use secret::Token;
-pub use stream::{BodyFrameHeader, HeadError, Header, RequestHead, ResponseHead, Target, Trailers, UdpFlow};
+pub use stream::{
+    BodyFrameHeader, HeadError, Header, PeerRequest, RequestHead, ResponseHead, Target, Trailers, UdpFlow,
+};
 
 /// The ALPN protocol identifier both sides must negotiate.
 pub const ALPN: &[u8] = b"quictun/1";

@@ -43,6 +43,25 @@ pub enum Target {
     /// as DATAGRAM frames tagged with `flow`. (Boxed: every head is moved through several
     /// futures, and the flow's addresses would double the size of every `Target`.)
     Udp(Box<UdpFlow>),
+    /// 6: a request one relay of a cluster forwards to another (relay → relay), for an agent
+    /// the other holds: the target that agent gets, and what the other relay chooses it by. The
+    /// receiving relay never forwards it again (one hop), and refuses a `Peer` inside a `Peer`.
+    Peer(Box<PeerRequest>),
+}
+
+/// A request forwarded between relays ([`Target::Peer`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRequest {
+    /// The group whose agent serves it.
+    pub group: String,
+    /// What the agent gets: the target the forwarding relay would have sent it.
+    pub target: Target,
+    /// The ingress client's address (the stalled-reader budget it counts against).
+    pub client: Option<std::net::IpAddr>,
+    /// The value the route hashes to choose an agent, when it balances by hash.
+    pub hash_key: Option<Vec<u8>>,
+    /// Whether the request may run twice (RFC 9110, 9.2.2), should its agent die under it.
+    pub idempotent: bool,
 }
 
 /// A UDP flow's setup: where its datagrams go and what identifies them.
@@ -62,13 +81,17 @@ impl Target {
     pub fn upstream(&self) -> Option<&str> {
         match self {
             Self::Http(name) | Self::Upgrade(name) => Some(name),
+            Self::Peer(peer) => peer.target.upstream(),
             Self::Tcp(_) | Self::TcpPort(_) | Self::Egress | Self::Udp(_) => None,
         }
     }
 
     /// True for the kinds whose bodies are raw bytes both ways (never framed).
     pub fn is_raw(&self) -> bool {
-        matches!(self, Self::Tcp(_) | Self::TcpPort(_) | Self::Upgrade(_) | Self::Udp(_))
+        match self {
+            Self::Peer(peer) => peer.target.is_raw(),
+            other => matches!(other, Self::Tcp(_) | Self::TcpPort(_) | Self::Upgrade(_) | Self::Udp(_)),
+        }
     }
 }
 
@@ -81,6 +104,7 @@ impl std::fmt::Display for Target {
             Self::Egress => f.write_str("egress"),
             Self::TcpPort(port) => write!(f, "tcp tunnel {port}"),
             Self::Udp(flow) => write!(f, "udp {} flow {}", flow.upstream, flow.flow),
+            Self::Peer(peer) => write!(f, "via a peer relay: {}", peer.target),
         }
     }
 }
@@ -217,6 +241,11 @@ impl RequestHead {
         }
         if self.framed_body && self.target.is_raw() {
             return Err(HeadError::InvalidRequestLine("tcp and upgrade streams have raw bodies"));
+        }
+        if let Target::Peer(peer) = &self.target
+            && matches!(peer.target, Target::Peer(_) | Target::Egress)
+        {
+            return Err(HeadError::InvalidRequestLine("a peer request carries one request for an agent"));
         }
         Ok(())
     }

@@ -62,6 +62,10 @@ fn control() -> impl Strategy<Value = ControlMessage> {
         heartbeat().prop_map(ControlMessage::Heartbeat),
         heartbeat().prop_map(ControlMessage::HeartbeatAck),
         (any::<u32>(), text()).prop_map(|(drain_ms, reason)| ControlMessage::GoAway(GoAway { drain_ms, reason })),
+        (any::<u16>(), text(), text()).prop_map(|(v, relay_id, t)| {
+            ControlMessage::PeerHello(PeerHello { protocol_version: v, relay_id, token: Token::new(t) })
+        }),
+        text().prop_map(|relay_id| ControlMessage::PeerAccepted(PeerAccepted { relay_id })),
     ]
 }
 
@@ -80,7 +84,52 @@ fn target() -> impl Strategy<Value = Target> {
         host_port.prop_map(Target::Tcp),
         text().prop_map(Target::Upgrade),
         Just(Target::Egress),
+        (
+            text(),
+            text(),
+            any::<bool>(),
+            prop::option::of(any::<[u8; 4]>()),
+            prop::option::of(prop::collection::vec(any::<u8>(), 0..8))
+        )
+            .prop_map(|(group, upstream, idempotent, client, hash_key)| {
+                Target::Peer(Box::new(PeerRequest {
+                    group,
+                    target: Target::Http(upstream),
+                    client: client.map(std::net::IpAddr::from),
+                    hash_key,
+                    idempotent,
+                }))
+            }),
     ]
+}
+
+/// One hop: a peer request must carry a request for an agent, never another peer request.
+#[test]
+fn a_peer_request_inside_a_peer_request_is_refused() {
+    let peer = |target| {
+        Target::Peer(Box::new(PeerRequest {
+            group: "g".into(),
+            target,
+            client: None,
+            hash_key: None,
+            idempotent: true,
+        }))
+    };
+    let head = |target| RequestHead {
+        target,
+        request_id: Uuid::nil(),
+        method: "GET".into(),
+        uri: "/".into(),
+        headers: Vec::new(),
+        has_body: false,
+        framed_body: false,
+    };
+    let limits = quictun_proto::Limits::default();
+    assert!(head(peer(Target::Http("web".into()))).validate(&limits).is_ok());
+    assert!(head(peer(peer(Target::Http("web".into())))).validate(&limits).is_err());
+    assert!(head(peer(Target::Egress)).validate(&limits).is_err());
+    let raw = RequestHead { framed_body: true, ..head(peer(Target::Upgrade("web".into()))) };
+    assert!(raw.validate(&limits).is_err(), "an upgrade stays raw through the hop");
 }
 
 proptest! {

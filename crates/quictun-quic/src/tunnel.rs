@@ -210,6 +210,10 @@ impl Tunnel for QuicTunnel {
         Some(self.conn.stats().udp_rx.datagrams)
     }
 
+    fn allow_incoming_exchanges(&self, streams: u32) {
+        self.conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(streams));
+    }
+
     fn handshake_complete(&self) -> BoxFuture<'_, bool> {
         let handshake = self.handshake.0.clone();
         Box::pin(async move {

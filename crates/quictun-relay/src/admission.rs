@@ -186,21 +186,18 @@ pub fn connection_budget(configured: usize, soft_limit: Option<u64>) -> usize {
 }
 
 /// The slots one exchange holds until its response body ends (or its upgraded connection
-/// closes): its stream on the agent, its place on the route and under its client's cap.
-pub struct Slots {
-    _agent: crate::sessions::StreamPermit,
+/// closes): `A`, its stream on the agent (or its peer relay's link), its place on the route and
+/// under its client's cap.
+pub struct Slots<A> {
+    _agent: A,
     _route: Option<tokio::sync::OwnedSemaphorePermit>,
     _address: Held<std::net::IpAddr>,
 }
 
-impl Slots {
-    /// Holds the stream slot on the agent's connection, the route's slot (when the route is
-    /// limited) and the client address's place.
-    pub fn new(
-        agent: crate::sessions::StreamPermit,
-        route: Option<tokio::sync::OwnedSemaphorePermit>,
-        address: Held<std::net::IpAddr>,
-    ) -> Self {
+impl<A> Slots<A> {
+    /// Holds the stream slot on the agent's connection (or the peer relay's link), the route's
+    /// slot (when the route is limited) and the client address's place.
+    pub fn new(agent: A, route: Option<tokio::sync::OwnedSemaphorePermit>, address: Held<std::net::IpAddr>) -> Self {
         Self { _agent: agent, _route: route, _address: address }
     }
 }

@@ -3,8 +3,9 @@
 //! kept in sync with etcd, both until the relay shuts down (then its lease is revoked, so the
 //! other relays forget its agents at once).
 //!
-//! Requests are not forwarded between relays yet: the directory says which relay holds which
-//! agent (`/api/cluster`, `quictun_cluster_*` metrics).
+//! A request for a group with no agent here is forwarded to a relay that holds one
+//! ([`crate::peers`]); the directory and the links are shown at `/api/cluster` and in the
+//! `quictun_cluster_*` metrics.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -14,7 +15,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use quictun_cluster::{Directory, DirectoryConfig, EtcdError};
 use tokio_util::sync::CancellationToken;
 
+use quictun_core::stall::Reclaimer;
+use quictun_proto::{Limits, Token};
+use tokio_util::task::TaskTracker;
+
 use crate::config::ClusterSection;
+use crate::peers::Peers;
 use crate::sessions::SessionManager;
 
 /// The deadline of each etcd call.
@@ -31,17 +37,38 @@ pub struct Cluster {
     pub sessions: Gauge,
     /// The QUIC-LB server id the relay's connection IDs carry, when it has one.
     pub server_id: Option<quictun_quic::ServerId>,
+    /// The links to the other relays, and the cluster's secret.
+    pub peers: Peers,
+    /// Requests another relay may have forwarded to this one at once.
+    pub max_streams_per_peer: u32,
+}
+
+/// What a relay brings to its cluster besides its `[cluster]` section.
+pub struct Joining<'a> {
+    /// The cluster's secret.
+    pub token: Token,
+    /// The fingerprint of the relay's certificate, published for the others to pin.
+    pub pin: String,
+    /// Frame limits of the links.
+    pub limits: Limits,
+    /// Watches bodies on the links for stalled readers.
+    pub stall: Reclaimer,
+    /// Where the links' watchers run, until `stop`.
+    pub tasks: TaskTracker,
+    /// When the links end.
+    pub stop: CancellationToken,
+    /// Where the metrics go.
+    pub registry: &'a mut prometheus_client::registry::Registry,
 }
 
 impl Cluster {
     /// The cluster of `section`; nothing is dialed until [`Cluster::run`].
-    pub fn new(
-        section: &ClusterSection,
-        registry: &mut prometheus_client::registry::Registry,
-    ) -> Result<Self, EtcdError> {
+    pub fn new(section: &ClusterSection, joining: Joining<'_>) -> Result<Self, EtcdError> {
+        let Joining { token, pin, limits, stall, tasks, stop, registry } = joining;
         let directory = Directory::new(DirectoryConfig {
             relay_id: section.relay_id.clone(),
             advertise: section.advertise.clone(),
+            pin,
             etcd: section.etcd.clone(),
             prefix: section.prefix.clone(),
             lease_ttl: Duration::from_secs(section.lease_ttl_secs),
@@ -56,7 +83,16 @@ impl Cluster {
         );
         // Checked when the file was read.
         let server_id = section.server_id.as_deref().and_then(|hex| quictun_quic::ServerId::parse(hex).ok());
-        Ok(Self { directory: Arc::new(directory), etcd_up, sessions, server_id })
+        let peers = Peers::new(section.relay_id.clone(), token, limits, stall, tasks, stop);
+        peers.metrics.register(registry);
+        Ok(Self {
+            directory: Arc::new(directory),
+            etcd_up,
+            sessions,
+            server_id,
+            peers,
+            max_streams_per_peer: section.max_streams_per_peer,
+        })
     }
 
     /// Refreshes the gauges.

@@ -69,6 +69,20 @@ pub struct ClusterSection {
     /// every QUIC connection ID it issues starts with it. Unset: ordinary connection IDs.
     #[serde(default)]
     pub server_id: Option<String>,
+    /// The secret every relay of the cluster shares: a relay forwards requests only to, and
+    /// takes them only from, relays that present it. Set this or `token_file`.
+    #[serde(default)]
+    pub token: Option<Token>,
+    /// A file holding the cluster's secret (read at start).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Requests another relay may have forwarded to this one at once (its streams on the link).
+    #[serde(default = "default_streams_per_peer")]
+    pub max_streams_per_peer: u32,
+}
+
+fn default_streams_per_peer() -> u32 {
+    1024
 }
 
 fn default_cluster_prefix() -> String {
@@ -104,6 +118,17 @@ impl ClusterSection {
         }
         if let Some(Err(why)) = self.server_id.as_deref().map(quictun_quic::ServerId::parse) {
             return Err(("cluster.server_id".into(), why));
+        }
+        match (&self.token, &self.token_file) {
+            (None, None) => return Err(("cluster.token".into(), "set token or token_file".into())),
+            (Some(_), Some(_)) => return Err(("cluster.token".into(), "set one of token, token_file".into())),
+            (Some(token), None) if token.expose().len() < 16 => {
+                return Err(("cluster.token".into(), "at least 16 characters".into()));
+            }
+            _ => {}
+        }
+        if !(1..=65_536).contains(&self.max_streams_per_peer) {
+            return Err(("cluster.max_streams_per_peer".into(), "from 1 to 65536".into()));
         }
         Ok(())
     }
@@ -763,6 +788,9 @@ impl RelayConfig {
         for path in self.routes.iter_mut().filter_map(|r| r.basic_auth_file.as_mut()) {
             resolve_in_place(file, path);
         }
+        if let Some(path) = self.cluster.as_mut().and_then(|c| c.token_file.as_mut()) {
+            resolve_in_place(file, path);
+        }
     }
 
     /// Parses and validates configuration text; `file` names it in errors.
@@ -888,6 +916,25 @@ impl RelayConfig {
         sources.resolve().map_err(|e| ConfigError::invalid(&self.source, format!("relay.{}", e.key), e.message))
     }
 
+    /// The cluster's secret, inline or from its file (read now), when the relay is in a cluster.
+    pub fn cluster_token(&self) -> Result<Option<Token>, ConfigError> {
+        let Some(cluster) = &self.cluster else { return Ok(None) };
+        let sources = SecretSources {
+            key: "token",
+            inline: cluster.token.as_ref(),
+            env: None,
+            file: cluster.token_file.as_deref(),
+        };
+        let invalid =
+            |key: &str, message: String| ConfigError::invalid(&self.source, format!("cluster.{key}"), message);
+        match sources.resolve() {
+            Ok(Some(token)) if token.expose().len() >= 16 => Ok(Some(token)),
+            Ok(Some(_)) => Err(invalid("token_file", "the secret needs at least 16 characters".into())),
+            Ok(None) => Err(invalid("token", "set token or token_file".into())),
+            Err(e) => Err(invalid(&e.key, e.message)),
+        }
+    }
+
     /// The token of client `i`: inline, from its environment variable, or from its file (read
     /// now); exactly one must be set.
     pub fn client_token(&self, i: usize) -> Result<Token, ConfigError> {
@@ -1008,11 +1055,13 @@ mod tests {
 
     #[test]
     fn a_cluster_section_is_checked_key_by_key() {
-        let ok =
-            "[cluster]\nrelay_id = \"relay-1\"\netcd = [\"127.0.0.1:2379\"]\nadvertise = \"relay-1.example:4433\"\n";
+        let ok = "[cluster]\nrelay_id = \"relay-1\"\netcd = [\"127.0.0.1:2379\"]\nadvertise = \"relay-1.example:4433\"\n\
+                  token = \"0123456789abcdef\"\n";
         let config = RelayConfig::parse(ok, Path::new("r.toml")).unwrap();
+        assert_eq!(config.cluster_token().unwrap().map(|t| t.expose().to_owned()).as_deref(), Some("0123456789abcdef"));
         let cluster = config.cluster.unwrap();
         assert_eq!((cluster.prefix.as_str(), cluster.lease_ttl_secs), ("/quictun/", 10));
+        assert_eq!(cluster.max_streams_per_peer, 1024);
         for (edit, key) in [
             (ok.replace("relay-1\"\netcd", "relay 1\"\netcd"), "cluster.relay_id"),
             (ok.replace("[\"127.0.0.1:2379\"]", "[]"), "cluster.etcd"),
@@ -1020,6 +1069,10 @@ mod tests {
             (format!("{ok}lease_ttl_secs = 1\n"), "cluster.lease_ttl_secs"),
             (format!("{ok}prefix = \"quictun\"\n"), "cluster.prefix"),
             (format!("{ok}server_id = \"0x0102030405060708\"\n"), "cluster.server_id"),
+            (ok.replace("token = \"0123456789abcdef\"\n", ""), "cluster.token"),
+            (ok.replace("0123456789abcdef", "short"), "cluster.token"),
+            (format!("{ok}token_file = \"secret\"\n"), "cluster.token"),
+            (format!("{ok}max_streams_per_peer = 0\n"), "cluster.max_streams_per_peer"),
         ] {
             let err = RelayConfig::parse(&edit, Path::new("r.toml")).unwrap_err().to_string();
             assert!(err.contains(key), "{key}: {err}");

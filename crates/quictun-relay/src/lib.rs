@@ -35,12 +35,14 @@ mod egress;
 mod error;
 #[cfg(test)]
 mod fake_tunnel;
+mod from_peers;
 mod hosts;
 mod ingress;
 mod inspect;
 mod known_networks;
 mod liveness;
 mod metrics;
+mod peers;
 mod policies;
 mod proxy;
 mod registration;
@@ -214,7 +216,7 @@ pub fn check_config(config: &RelayConfig) -> Result<(), ConfigError> {
 impl Relay {
     /// Binds every listener of `config` (agents, ingress, admin, TCP tunnels), then serves them.
     pub async fn start(config: RelayConfig, cert: CertKey) -> Result<Self, RelayError> {
-        let shared = Arc::new(RelayState::new(&config)?);
+        let shared = Arc::new(RelayState::new(&config, cert.pin().as_ref())?);
         let admin_token = config.admin_token()?;
         let bound = Bound::bind(&shared, &config, &cert).await?;
         let addrs = bound.addrs.clone();
@@ -320,6 +322,9 @@ impl Relay {
             session.tunnel.close(quictun_proto::CloseCode::GoingAway);
         }
         self.shared.runtime.stopped.cancel();
+        if let Some(cluster) = &self.shared.runtime.cluster {
+            cluster.peers.close();
+        }
         if tokio::time::timeout(Duration::from_secs(2), self.shared.runtime.tasks.wait()).await.is_err() {
             tracing::warn!(tasks = self.shared.runtime.tasks.len(), "tasks still running after shutdown");
         }
@@ -331,6 +336,9 @@ impl Relay {
     pub fn abort(&self) {
         self.shared.runtime.shutdown.cancel();
         self.shared.runtime.stopped.cancel();
+        if let Some(cluster) = &self.shared.runtime.cluster {
+            cluster.peers.close();
+        }
         self.agents.close(quictun_proto::CloseCode::GoingAway);
         for session in self.shared.runtime.sessions.all() {
             session.tunnel.close(quictun_proto::CloseCode::GoingAway);

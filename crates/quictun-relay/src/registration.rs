@@ -27,6 +27,7 @@ use crate::state::RelayState;
 /// How long a rejected agent gets to read the rejection before the connection is closed.
 const REJECT_LINGER: Duration = Duration::from_secs(2);
 
+/// Answers `rejected`, lets the peer read it (bounded), and closes the connection.
 async fn reject<C: ControlIo>(control: &mut C, tunnel: &dyn Tunnel, rejected: Rejected) {
     // Best effort: the agent learns why, then we close whatever it does.
     if let Err(err) = control.send(ControlMessage::Rejected(rejected)).await {
@@ -46,9 +47,24 @@ async fn reject<C: ControlIo>(control: &mut C, tunnel: &dyn Tunnel, rejected: Re
 /// trip), but the session enters the session manager, replacing an older one of its instance,
 /// only once the handshake completes; a replay never completes it (that takes the agent's keys),
 /// so it changes nothing. rustls also refuses a replayed ticket's early data (see the endpoint).
+///
+/// A connection whose first message is a peer relay's hello is a link of the cluster instead
+/// ([`crate::from_peers`]).
 pub async fn serve_agent<C: ControlIo>(connection: Connection<C>, shared: Arc<RelayState>, admission: Admission) {
     let Connection { mut control, tunnel, early_data } = connection;
-    let Some(register) = read_register(&mut control, tunnel.as_ref(), &shared).await else { return };
+    let register = match read_first(&mut control, tunnel.as_ref(), &shared).await {
+        Some(First::Register(register)) => register,
+        Some(First::Peer(hello)) => {
+            if let Err(rejected) = crate::from_peers::admit(&hello, &shared) {
+                drop(admission);
+                warn!(peer = %Inert(&hello.relay_id), code = ?rejected.code, reason = %rejected.message, "peer relay refused");
+                return reject(&mut control, tunnel.as_ref(), rejected).await;
+            }
+            let connection = Connection { control, tunnel, early_data };
+            return crate::from_peers::serve_peer(connection, hello, shared, admission).await;
+        }
+        None => return,
+    };
     let mut handshake_complete = tunnel.handshake_complete();
     let arrival = match (&mut handshake_complete).now_or_never() {
         Some(true) => Arrival::Confirmed,
@@ -101,12 +117,21 @@ enum Arrival<'a> {
     Early(BoxFuture<'a, bool>),
 }
 
-/// The first control message, which must be register (under the registration deadline); the
-/// connection is closed otherwise.
-async fn read_register<C: ControlIo>(control: &mut C, tunnel: &dyn Tunnel, shared: &RelayState) -> Option<Register> {
+/// What a connection's first control message says it is.
+enum First {
+    /// An agent.
+    Register(Register),
+    /// A relay of the cluster.
+    Peer(quictun_proto::PeerHello),
+}
+
+/// The first control message, which must be register or a peer relay's hello (under the
+/// registration deadline); the connection is closed otherwise.
+async fn read_first<C: ControlIo>(control: &mut C, tunnel: &dyn Tunnel, shared: &RelayState) -> Option<First> {
     let register_timeout = Duration::from_secs(shared.settings.register_timeout_secs);
     match control.recv_within(register_timeout).await {
-        Ok(ControlMessage::Register(register)) => Some(register),
+        Ok(ControlMessage::Register(register)) => Some(First::Register(register)),
+        Ok(ControlMessage::PeerHello(hello)) => Some(First::Peer(hello)),
         Ok(other) => {
             tunnel.close(CloseCode::Protocol);
             warn!(message = message_name(&other), "first control message was not register");

@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use quictun_core::logsafe::Inert;
 use quictun_core::stall::Reclaimer;
+use quictun_core::tls::Pin;
 use quictun_core::upstream_http::UpstreamHttp;
 use quictun_proto::{AgentConfig, Limits, Register, RejectCode, Rejected, UpstreamSpec};
 use subtle::ConstantTimeEq;
@@ -229,23 +230,36 @@ pub struct RelayState {
 
 impl RelayState {
     /// The state of a relay for `config`, compiled (see [`Live::new`]).
-    pub fn new(config: &RelayConfig) -> Result<Self, ConfigError> {
+    /// `cert_pin` is the fingerprint of the relay's certificate (published to its cluster).
+    pub fn new(config: &RelayConfig, cert_pin: Option<&Pin>) -> Result<Self, ConfigError> {
         let live = Live::new(config, 1)?;
         let reclaimer = Reclaimer::new(config.relay.stall_limits());
         let mut metrics = RelayMetrics::new();
         metrics.register_stall(reclaimer.metrics());
-        let cluster = match &config.cluster {
-            Some(section) => Some(
-                crate::cluster::Cluster::new(section, metrics.registry_mut())
-                    .map_err(|err| config.invalid("cluster.etcd", err.to_string()))?,
-            ),
-            None => None,
+        let (shutdown, stopped, tasks) = (CancellationToken::new(), CancellationToken::new(), TaskTracker::new());
+        let cluster = match (&config.cluster, config.cluster_token()?) {
+            (Some(section), Some(token)) => {
+                let joining = crate::cluster::Joining {
+                    token,
+                    pin: cert_pin.map(ToString::to_string).unwrap_or_default(),
+                    limits: Limits::default(),
+                    stall: reclaimer.clone(),
+                    tasks: tasks.clone(),
+                    stop: stopped.clone(),
+                    registry: metrics.registry_mut(),
+                };
+                Some(
+                    crate::cluster::Cluster::new(section, joining)
+                        .map_err(|err| config.invalid("cluster.etcd", err.to_string()))?,
+                )
+            }
+            _ => None,
         };
         let runtime = Runtime {
             sessions: Arc::new(SessionManager::new()),
-            shutdown: CancellationToken::new(),
-            stopped: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            shutdown,
+            stopped,
+            tasks,
             metrics,
             started: tokio::time::Instant::now(),
             egress_http: UpstreamHttp::new(

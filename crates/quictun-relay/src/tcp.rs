@@ -31,7 +31,9 @@ use crate::admission::PerKey;
 use crate::balance::Choice;
 use crate::config::TcpEntry;
 use crate::metrics::Reject;
-use crate::sessions::{Holders, Pool, StreamKind, StreamPermit};
+use crate::proxy::dispatch::{BodyChecks, Served};
+use crate::proxy::forward::{self, Forward};
+use crate::sessions::{Holders, Pool, StreamKind};
 use crate::state::Runtime;
 
 /// One TCP tunnel: where it listens, which agents carry its connections, and its limits.
@@ -225,7 +227,7 @@ async fn carry(
     let local = stream.local_addr().unwrap_or(tunnel.listen);
     let (end, spliced) = match connect((peer, local), request_id, tunnel, &runtime, response_timeout, &mut agent).await
     {
-        Ok((from_agent, to_agent, _slot)) => splice_until_end(stream, from_agent, to_agent, tunnel, &runtime).await,
+        Ok((from_agent, to_agent, _served)) => splice_until_end(stream, from_agent, to_agent, tunnel, &runtime).await,
         Err(why) => (TcpEnd::Refused(why), Spliced::default()),
     };
     if let TcpEnd::Refused(why) = &end {
@@ -247,8 +249,9 @@ async fn carry(
 }
 
 /// Chooses an agent, takes a place in its bulk share and has it connect the target; the
-/// connection's two bodies and the place, or why it cannot be carried. `agent` learns who was
-/// chosen. `addrs` are the client's and the relay's ends of its connection.
+/// connection's two bodies and who carries it (held while it lasts), or why it cannot be
+/// carried. In a cluster, a group with no agent here goes to a relay that holds one. `agent`
+/// learns who was chosen. `addrs` are the client's and the relay's ends of its connection.
 async fn connect(
     (peer, local): (SocketAddr, SocketAddr),
     request_id: Uuid,
@@ -256,17 +259,7 @@ async fn connect(
     runtime: &Runtime,
     response_timeout: Duration,
     agent: &mut Option<Arc<str>>,
-) -> Result<(TunnelBody, FrameSender, StreamPermit), String> {
-    let Some(session) = runtime.sessions.choose_in(&tunnel.pool, &Choice::default()) else {
-        runtime.metrics.reject(Reject::no_agent);
-        return Err(format!("no agent of {} is connected", tunnel.pool.name()));
-    };
-    tracing::Span::current().record("client_id", &*session.client_id);
-    *agent = Some(session.client_id.clone());
-    let slot = session.try_stream_permit(StreamKind::Bulk).map_err(|full| {
-        runtime.metrics.reject(Reject::agent_bulk_busy);
-        full.to_string()
-    })?;
+) -> Result<(TunnelBody, FrameSender, Served), String> {
     let head = RequestHead {
         target: tunnel.target.clone(),
         request_id,
@@ -282,8 +275,41 @@ async fn connect(
         let header = quictun_core::proxy_protocol::for_tcp(protocol, peer, local);
         let _ = to_agent.try_send(Ok(http_body::Frame::data(header)));
     }
+    let Some(session) = runtime.sessions.choose_in(&tunnel.pool, &Choice::default()) else {
+        if let Pool::Group(group) = &tunnel.pool
+            && let Some(relays) = forward::holders(runtime, group)
+        {
+            let checks = BodyChecks::default();
+            let request =
+                Forward { group, head, body, client: Some(peer.ip()), hash_key: None, idempotent: false, checks };
+            let answered = forward::to_peer(runtime, response_timeout, relays, request).await;
+            return match answered {
+                Ok(answered) => {
+                    *agent = Some(answered.served.client_id());
+                    match answered.head.status {
+                        200 => Ok((answered.body, to_agent, answered.served)),
+                        status => Err(format!("the peer relay answered {status}")),
+                    }
+                }
+                Err(undelivered) => {
+                    *agent = undelivered.agent;
+                    Err(undelivered.error.to_string())
+                }
+            };
+        }
+        runtime.metrics.reject(Reject::no_agent);
+        return Err(format!("no agent of {} is connected", tunnel.pool.name()));
+    };
+    tracing::Span::current().record("client_id", &*session.client_id);
+    *agent = Some(session.client_id.clone());
+    let slot = session.try_stream_permit(StreamKind::Bulk).map_err(|full| {
+        runtime.metrics.reject(Reject::agent_bulk_busy);
+        full.to_string()
+    })?;
     match tokio::time::timeout(response_timeout, session.tunnel.open(head, body, Some(peer.ip()))).await {
-        Ok(Ok((head, from_agent))) if head.status == 200 => Ok((from_agent, to_agent, slot)),
+        Ok(Ok((head, from_agent))) if head.status == 200 => {
+            Ok((from_agent, to_agent, Served::Agent { session, _slot: slot }))
+        }
         Ok(Ok((head, _))) => Err(format!("the agent answered {}", head.status)),
         Ok(Err(err)) => Err(format!("the agent could not connect the target: {err}")),
         Err(_) => Err(format!("the agent did not connect the target within {response_timeout:?}")),

@@ -33,7 +33,7 @@ pub struct Pending {
 
 /// Splices the client's connection to the agent's stream once hyper hands it over; the task holds
 /// the stream slots and stops when both directions end or the relay stops.
-pub fn splice_client(runtime: &Runtime, pending: Pending, from_agent: TunnelBody, slots: Slots) {
+pub fn splice_client<A: Send + 'static>(runtime: &Runtime, pending: Pending, from_agent: TunnelBody, slots: Slots<A>) {
     let stopped = runtime.stopped.clone();
     runtime.tasks.spawn(
         async move {

@@ -43,8 +43,8 @@ pub enum Command {
     },
     /// Relay, agent and a small upstream on loopback in one process; prints a curl line that works.
     Demo(DemoArgs),
-    /// Serve the demo's upstream alone (for benchmarks): GET /, GET /bytes/N, GET /delay/MS,
-    /// POST /echo, POST /sink.
+    /// Serve the demo's upstream alone (for benchmarks): GET /, GET /headers, GET /bytes/N,
+    /// GET /delay/MS, POST /echo, POST /sink.
     Upstream(UpstreamArgs),
     /// Compare the QUIC and gRPC transports (and no tunnel) with real processes; writes JSON,
     /// Markdown and SVG charts.

@@ -90,6 +90,13 @@ async fn handle(req: Request<Incoming>) -> Response<DemoBody> {
             }
             text(StatusCode::OK, format!("{n}\n"))
         }
+        ("GET", "/headers") => {
+            let mut lines = String::new();
+            for (name, value) in req.headers() {
+                lines.push_str(&format!("{name}: {}\n", String::from_utf8_lossy(value.as_bytes())));
+            }
+            text(StatusCode::OK, lines)
+        }
         ("GET", p) if p.starts_with("/delay/") => match p["/delay/".len()..].parse::<u64>() {
             Ok(ms) if ms <= 600_000 => {
                 tokio::time::sleep(std::time::Duration::from_millis(ms)).await;

@@ -1,8 +1,10 @@
-//! The relay cluster's session directory against a real etcd (Debian's `etcd-server`, started
-//! here): relays and agents are real processes. Every relay sees every agent with the relay that
-//! holds it; an agent that stops is withdrawn; a relay killed with `kill -9` loses its agents when
-//! its lease ends; an etcd outage leaves the relays serving from their caches and their own
-//! agents, and they sync again when it is back.
+//! The relay cluster against a real etcd (Debian's `etcd-server`, started here): relays and
+//! agents are real processes. Every relay sees every agent with the relay that holds it, and
+//! forwards requests for a group it holds no agent of to a relay that does (one hop, the request
+//! id and `X-Forwarded-*` kept, a wrong cluster secret refused); an agent that stops is withdrawn
+//! and answered 502 by the other relays; a relay killed with `kill -9` loses its agents when its
+//! lease ends, and requests for them get 502s, never hang; an etcd outage leaves the relays
+//! serving and forwarding from their caches, and they sync again when it is back.
 //!
 //! Without `etcd` on the machine these tests are reported as ignored (see `build.rs`); under
 //! `CI=true` they run, and fail without it.
@@ -97,15 +99,27 @@ struct Relay {
     admin: String,
     quic: String,
     pin: String,
+    /// A TCP tunnel to the upstream, carried by group `api`.
+    tcp: String,
 }
 
+/// `office-1` and `office-3` serve group `web` (host `web.test`, and every host no other route
+/// takes), `office-2` group `api` (host `api.test`); no agent serves group `ghost` (`ghost.test`).
 const CLIENTS: &str = "[[clients]]\nid = \"office-1\"\ntoken = \"one\"\ngroup = \"web\"\n\
-                       [[clients]]\nid = \"office-2\"\ntoken = \"two\"\ngroup = \"web\"\n\
+                       [[clients]]\nid = \"office-2\"\ntoken = \"two\"\ngroup = \"api\"\n\
                        [[clients]]\nid = \"office-3\"\ntoken = \"three\"\ngroup = \"web\"\n";
+
+/// The cluster's secret.
+const SECRET: &str = "the-cluster-secret-0123456789";
 
 impl Relay {
     /// Relay `id` (its QUIC-LB server id: the id's last letter in hex) of the cluster at `etcd`.
     fn start(dir: &TempDir, id: &str, etcd: &str, upstream: &str) -> Self {
+        Self::start_with_secret(dir, id, etcd, upstream, SECRET)
+    }
+
+    /// The same, presenting `secret` to the other relays.
+    fn start_with_secret(dir: &TempDir, id: &str, etcd: &str, upstream: &str, secret: &str) -> Self {
         let server_id = format!("{:02x}", id.bytes().last().unwrap_or(0));
         let relay_dir = dir.join(id);
         std::fs::create_dir_all(&relay_dir).unwrap();
@@ -115,21 +129,31 @@ impl Relay {
             &config,
             format!(
                 "[relay]\nquic_listen = \"{quic}\"\nhttp_listen = \"127.0.0.1:0\"\ngrpc_listen = \"127.0.0.1:0\"\n\
-                 admin_listen = \"127.0.0.1:0\"\n\
+                 admin_listen = \"127.0.0.1:0\"\nstartup_grace_secs = 0\n\
                  [cluster]\nrelay_id = \"{id}\"\netcd = [\"{etcd}\"]\nadvertise = \"{quic}\"\nlease_ttl_secs = 3\n\
-                 server_id = \"{server_id}\"\n\
+                 server_id = \"{server_id}\"\ntoken = \"{secret}\"\n\
                  {CLIENTS}\
                  [[upstreams]]\nname = \"app\"\ngroup = \"web\"\ntargets = [\"{upstream}\"]\n\
-                 [[routes]]\nhost = \"*\"\nupstream = \"app\"\n"
+                 [[upstreams]]\nname = \"api\"\ngroup = \"api\"\ntargets = [\"{upstream}\"]\n\
+                 [[upstreams]]\nname = \"ghost\"\ngroup = \"ghost\"\ntargets = [\"{upstream}\"]\n\
+                 [[routes]]\nhost = \"api.test\"\nupstream = \"api\"\n\
+                 [[routes]]\nhost = \"ghost.test\"\nupstream = \"ghost\"\n\
+                 [[routes]]\nhost = \"*\"\nupstream = \"app\"\n\
+                 [[tcp]]\nlisten = \"127.0.0.1:0\"\ngroup = \"api\"\nupstream = \"{}\"\n",
+                upstream.trim_start_matches("http://")
             ),
         )
         .unwrap();
-        let proc = Proc::spawn(&["relay", "--config", config.to_str().unwrap()], &relay_dir);
+        let mut command = Command::new(BIN);
+        command.args(["relay", "--config", config.to_str().unwrap()]).env("RUST_LOG", "warn,quictun::access=info");
+        let proc = Proc::spawn_command(command, &relay_dir);
         let http = proc.line_with("HTTP ingress").rsplit("http://").next().unwrap().trim().to_owned();
+        let tcp_line = proc.line_with("TCP tunnel");
+        let tcp = tcp_line.split("tcp://").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
         let admin_line = proc.line_with("admin ");
         let admin = admin_line.rsplit("http://").next().unwrap().trim().trim_end_matches("/api/sessions").to_owned();
         let pin = proc.line_with("pin").split_whitespace().last().unwrap().to_owned();
-        Self { proc, http, admin, quic: quic.to_string(), pin }
+        Self { proc, http, admin, quic: quic.to_string(), pin, tcp }
     }
 
     fn agent(&self, dir: &TempDir, id: &str, token: &str) -> Proc {
@@ -242,6 +266,8 @@ fn relays_serve_through_an_etcd_outage_and_sync_again() {
     eprintln!("relay-a noticed the outage after {took:?}");
     assert_eq!(a.view().0, both, "the cached view is kept");
     assert!(http_get_host(&a.http, "app", "/").starts_with("HTTP/1.1 200"), "relay-a serves its own agent");
+    let forwarded = request(&a.http, "GET", "api.test", "/", b"");
+    assert_eq!(forwarded.status, 200, "relay-a forwards from its cache: {}", forwarded.text());
     let metrics = http_get(&a.admin, "/metrics");
     assert_eq!(metric(&metrics, "quictun_cluster_etcd_up"), Some(0.0), "{metrics}");
     let _three = b.agent(&cluster.dir, "office-3", "three");
@@ -258,4 +284,227 @@ fn relays_serve_through_an_etcd_outage_and_sync_again() {
 fn http_get(addr: &str, path: &str) -> String {
     let reply = try_http_get(addr, path).unwrap();
     reply.split_once("\r\n\r\n").map_or(String::new(), |(_, body)| body.to_owned())
+}
+
+/// A response: its status, its head's lines, its body.
+struct Reply {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// `method path` for `host` with `body` on a fresh connection (`Connection: close`).
+fn request(addr: &str, method: &str, host: &str, path: &str, body: &[u8]) -> Reply {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut body = raw[split + 4..].to_vec();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body = dechunk(&body);
+    }
+    Reply { status, head, body }
+}
+
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(end) = raw.windows(2).position(|w| w == b"\r\n") else { return out };
+        let size = usize::from_str_radix(std::str::from_utf8(&raw[..end]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&raw[end + 2..end + 2 + size]);
+        raw = &raw[end + 2 + size + 2..];
+    }
+}
+
+/// Requests for a group with no agent on a relay reach the relay that holds one, both ways:
+/// headers as the upstream got them (`X-Forwarded-*` naming the real client and host), the
+/// request id the same in the client's answer, at the upstream, and in both relays' access logs;
+/// a 100 KB body there and back; per-peer metrics on both relays.
+#[test]
+#[cfg_attr(not(etcd_capable), ignore = "needs etcd: apt-get install etcd-server")]
+fn every_agent_is_reachable_through_every_relay() {
+    let cluster = TwoRelays::start();
+    let (a, b) = (&cluster.a, &cluster.b);
+    // office-1 (web) is on relay-a only, office-2 (api) on relay-b only.
+    let via_b = request(&b.http, "GET", "web.test", "/headers", b"");
+    assert_eq!(via_b.status, 200, "{}", via_b.text());
+    let seen = via_b.text();
+    for expected in ["x-forwarded-for: 127.0.0.1", "x-forwarded-host: web.test", "x-forwarded-proto: http"] {
+        assert!(seen.lines().any(|l| l == expected), "{expected:?} not in what the upstream got:\n{seen}");
+    }
+    let id = via_b.header("x-quictun-request-id").expect("a request id").to_owned();
+    assert!(seen.contains(&format!("x-quictun-request-id: {id}")), "the upstream got another id:\n{seen}");
+    let via_a = request(&a.http, "GET", "api.test", "/", b"");
+    assert_eq!(via_a.status, 200, "{}", via_a.text());
+    // A TCP tunnel of group `api`, on relay-a, carried by relay-b's agent.
+    let over_tcp = request(&a.tcp, "GET", "tcp.test", "/headers", b"");
+    assert_eq!(over_tcp.status, 200, "{}", over_tcp.text());
+    assert!(over_tcp.text().contains("host: tcp.test"), "the upstream got the bytes as sent:\n{}", over_tcp.text());
+
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let echoed = request(&b.http, "POST", "web.test", "/echo", &payload);
+    assert_eq!(echoed.status, 200);
+    assert!(echoed.body == payload, "the echo came back changed ({} bytes)", echoed.body.len());
+
+    let (a_metrics, b_metrics) = (http_get(&a.admin, "/metrics"), http_get(&b.admin, "/metrics"));
+    let count = |text: &str, sample: &str| metric(text, sample).unwrap_or(0.0);
+    assert_eq!(count(&b_metrics, "quictun_cluster_forwarded_total{peer=\"relay-a\"}"), 2.0, "{b_metrics}");
+    assert_eq!(count(&a_metrics, "quictun_cluster_served_total{peer=\"relay-b\"}"), 2.0, "{a_metrics}");
+    assert_eq!(count(&a_metrics, "quictun_cluster_forwarded_total{peer=\"relay-b\"}"), 2.0, "{a_metrics}");
+    assert_eq!(count(&b_metrics, "quictun_cluster_peer_dials_total{peer=\"relay-a\"}"), 1.0, "one link, reused");
+
+    // The one id in both relays' access logs: the ingress line on relay-b, the forwarded one on relay-a.
+    let TwoRelays { _one, two, a, b, .. } = cluster;
+    drop((_one, two));
+    for relay in [&a, &b] {
+        relay.proc.terminate();
+    }
+    let (_, a_log) = a.proc.wait_exit();
+    let (_, b_log) = b.proc.wait_exit();
+    let line_with_id = |log: &str| log.lines().find(|l| l.contains(&id)).map(str::to_owned);
+    let on_a = line_with_id(&a_log).unwrap_or_else(|| panic!("relay-a logged no line with {id}:\n{a_log}"));
+    let on_b = line_with_id(&b_log).unwrap_or_else(|| panic!("relay-b logged no line with {id}:\n{b_log}"));
+    assert!(on_a.contains("forwarded from a peer relay") && on_a.contains("relay-b"), "{on_a}");
+    assert!(on_b.contains("client_id=relay:relay-a"), "{on_b}");
+}
+
+/// An agent that stops: the relay that forwarded to it answers 502 within 3 s, and no request
+/// waits longer than that.
+#[test]
+#[cfg_attr(not(etcd_capable), ignore = "needs etcd: apt-get install etcd-server")]
+fn an_agent_that_stops_is_answered_502_by_the_other_relay_within_3_s() {
+    let cluster = TwoRelays::start();
+    assert_eq!(request(&cluster.b.http, "GET", "api.test", "/", b"").status, 200, "office-2 is local to relay-b");
+    assert_eq!(request(&cluster.a.http, "GET", "api.test", "/", b"").status, 200, "relay-a forwards");
+    signal(&cluster.two.pid().to_string(), "KILL");
+    let killed = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let took = wait_for("a 502 from relay-a", Duration::from_secs(3), || {
+        let sent = Instant::now();
+        let reply = request(&cluster.a.http, "GET", "api.test", "/", b"");
+        slowest = slowest.max(sent.elapsed());
+        assert!(matches!(reply.status, 200 | 502), "{} {}", reply.status, reply.text());
+        reply.status == 502
+    });
+    eprintln!("relay-a answered 502 {took:?} after office-2 was killed (slowest request {slowest:?})");
+    assert!(killed.elapsed() < Duration::from_secs(3) + Duration::from_millis(500));
+    let reply = request(&cluster.a.http, "GET", "api.test", "/", b"");
+    assert_eq!(reply.status, 502, "{}", reply.text());
+}
+
+/// A relay killed with `kill -9`: the requests the others forwarded to it fail (502) within the
+/// lease's TTL (3 s here), each answered, never hung; then they are answered at once.
+#[test]
+#[cfg_attr(not(etcd_capable), ignore = "needs etcd: apt-get install etcd-server")]
+fn requests_for_a_killed_relays_agents_get_502_within_the_lease_ttl() {
+    let cluster = TwoRelays::start();
+    let (a, b) = (&cluster.a, &cluster.b);
+    assert_eq!(request(&a.http, "GET", "api.test", "/", b"").status, 200);
+    // One request in flight when the relay dies.
+    let waiting = {
+        let http = a.http.clone();
+        std::thread::spawn(move || {
+            let sent = Instant::now();
+            (request(&http, "GET", "api.test", "/delay/20000", b"").status, sent.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&b.proc.pid().to_string(), "KILL");
+    let killed = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let took = wait_for("relay-a to answer 502 at once", Duration::from_secs(3 + 3), || {
+        let sent = Instant::now();
+        let status = request(&a.http, "GET", "api.test", "/", b"").status;
+        let elapsed = sent.elapsed();
+        slowest = slowest.max(elapsed);
+        assert_eq!(status, 502, "office-2's relay is dead");
+        elapsed < Duration::from_millis(100)
+    });
+    let (status, waited) = waiting.join().unwrap();
+    eprintln!(
+        "after kill -9: 502 at once {took:?} later (slowest {slowest:?}); the request in flight got {status} after {waited:?}"
+    );
+    assert_eq!(status, 502);
+    assert!(waited < Duration::from_secs(3 + 1), "the request in flight hung {waited:?}");
+    assert!(slowest < Duration::from_secs(3 + 1), "a request waited {slowest:?}");
+    assert!(killed.elapsed() < Duration::from_secs(3 + 3));
+}
+
+/// A relay presenting another secret is refused: its requests for the others' agents get 502,
+/// the refusing relay counts it.
+#[test]
+#[cfg_attr(not(etcd_capable), ignore = "needs etcd: apt-get install etcd-server")]
+fn a_relay_with_the_wrong_cluster_secret_is_refused() {
+    let cluster = TwoRelays::start();
+    let (_upstream, url) = upstream(&cluster.dir);
+    let c =
+        Relay::start_with_secret(&cluster.dir, "relay-c", &cluster.etcd.endpoint(), &url, "not-the-secret-0123456789");
+    wait_for("relay-c to see the cluster", Duration::from_secs(10), || {
+        c.view() == (BOTH.map(String::from).to_vec(), true)
+    });
+    let reply = request(&c.http, "GET", "api.test", "/", b"");
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert!(reply.text().contains("refused"), "{}", reply.text());
+    let b_metrics = http_get(&cluster.b.admin, "/metrics");
+    assert!(metric(&b_metrics, "quictun_cluster_peers_refused_total").unwrap_or(0.0) >= 1.0, "{b_metrics}");
+    assert_eq!(metric(&b_metrics, "quictun_cluster_served_total{peer=\"relay-c\"}"), None);
+}
+
+/// One hop: with the directory saying each relay holds the other's `ghost` agent (entries
+/// written straight into etcd), a request goes to the other relay once and is answered 502 there,
+/// never sent back.
+#[test]
+#[cfg_attr(not(etcd_capable), ignore = "needs etcd: apt-get install etcd-server")]
+fn a_forwarded_request_is_never_forwarded_again() {
+    let cluster = TwoRelays::start();
+    let (a, b) = (&cluster.a, &cluster.b);
+    let etcd = quictun_cluster::Etcd::new(&[cluster.etcd.endpoint()], Duration::from_secs(3)).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    for (client, relay) in [("ghost-1", b), ("ghost-2", a)] {
+        let relay_id = if std::ptr::eq(relay, a) { "relay-a" } else { "relay-b" };
+        let value = serde_json::json!({ "relay_id": relay_id, "advertise": relay.quic, "pin": relay.pin }).to_string();
+        let key = format!("/quictun/sessions/ghost/{client}/x");
+        runtime.block_on(etcd.put(key.as_bytes(), value.as_bytes(), 0)).unwrap();
+    }
+    wait_for("the ghosts in both views", Duration::from_secs(10), || {
+        a.view().0.contains(&"ghost-1@relay-b".to_owned()) && b.view().0.contains(&"ghost-2@relay-a".to_owned())
+    });
+    for (relay, other) in [(a, "relay-b"), (b, "relay-a")] {
+        let reply = request(&relay.http, "GET", "ghost.test", "/", b"");
+        assert_eq!(reply.status, 502, "{}", reply.text());
+        assert!(reply.text().contains("no agent of group \"ghost\""), "{}", reply.text());
+        let _ = other;
+    }
+    let (a_metrics, b_metrics) = (http_get(&a.admin, "/metrics"), http_get(&b.admin, "/metrics"));
+    for (metrics, peer) in [(&a_metrics, "relay-b"), (&b_metrics, "relay-a")] {
+        let sample = |name: &str| metric(metrics, &format!("quictun_cluster_{name}_total{{peer=\"{peer}\"}}"));
+        assert_eq!(sample("forwarded"), Some(1.0), "each relay forwarded its own request once:\n{metrics}");
+        assert_eq!(sample("served"), Some(1.0), "and served the other's once, never sending it back:\n{metrics}");
+    }
 }

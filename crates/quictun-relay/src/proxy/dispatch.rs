@@ -1,8 +1,9 @@
-//! The dispatch half of the request path, for any caller (the HTTP ingress, TCP tunnels, and
-//! whatever hands the relay a request head next): given a transport-neutral head, a body and a
-//! request id, choose an agent of the group, admit the request on it (a stream slot), open the
-//! exchange, race the agent's silence, send the request once more to a sibling when that is safe,
-//! and map what failed to a [`ProxyError`].
+//! The dispatch half of the request path, for any caller (the HTTP ingress, a peer relay's
+//! forwarded request, and whatever hands the relay a request head next): given a
+//! transport-neutral head, a body and a request id, choose an agent of the group, admit the
+//! request on it (a stream slot), open the exchange, race the agent's silence, send the request
+//! once more to a sibling when that is safe, and map what failed to a [`ProxyError`]. In a
+//! cluster, a group with no agent here goes to a relay that holds one ([`super::forward`]).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -15,9 +16,11 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::error::ProxyError;
+use super::forward;
 use crate::balance::{Balance, Choice};
 use crate::body::{BodySlot, Tripped};
 use crate::metrics::Retry as RetryReason;
+use crate::peers::PeerLink;
 use crate::sessions::{Pool, Session, StreamKind, StreamPermit};
 use crate::state::RelayState;
 
@@ -42,6 +45,9 @@ pub struct Dispatch {
     pub checks: BodyChecks,
     /// The agent's stream budget it draws on.
     pub kind: StreamKind,
+    /// Whether it may go to a peer relay when no agent of its group is here: false for a
+    /// request that came from one (one hop).
+    pub may_forward: bool,
 }
 
 /// The answer the agent gave, and what the exchange holds until its body ends.
@@ -50,12 +56,41 @@ pub struct Dispatched {
     pub head: ResponseHead,
     /// The response body, streaming.
     pub body: TunnelBody,
-    /// The agent that answered.
-    pub session: Arc<Session>,
-    /// Its stream slot, held until the body ends.
-    pub agent_slot: StreamPermit,
+    /// Who answered, and the slot held until the body ends.
+    pub served: Served,
     /// From the exchange's opening to the response head.
     pub head_latency: Duration,
+}
+
+/// Who answered a request.
+pub enum Served {
+    /// An agent of this relay, and its stream slot.
+    Agent {
+        /// The agent's session.
+        session: Arc<Session>,
+        /// Its stream slot.
+        _slot: StreamPermit,
+    },
+    /// A peer relay, which chose the agent.
+    Peer(Arc<PeerLink>),
+}
+
+impl Served {
+    /// For logs: the agent's `client_id`, or `relay:<id>` for a peer relay.
+    pub fn client_id(&self) -> Arc<str> {
+        match self {
+            Self::Agent { session, .. } => session.client_id.clone(),
+            Self::Peer(link) => link.label.clone(),
+        }
+    }
+
+    /// The transport it was reached over.
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Self::Agent { session, .. } => session.tunnel.transport().as_str(),
+            Self::Peer(link) => link.tunnel.transport().as_str(),
+        }
+    }
 }
 
 /// A request the dispatch half could not deliver, and the agent it chose, when it chose one (for
@@ -100,11 +135,18 @@ impl BodyChecks {
 
 /// Carries `request` through an agent of its group (see the module documentation).
 pub async fn dispatch(shared: &RelayState, request: Dispatch) -> Result<Dispatched, Undelivered> {
-    let Dispatch { pool, balance, hash_key, head, body, idempotent, client, checks, kind } = request;
+    let Dispatch { pool, balance, hash_key, head, body, idempotent, client, checks, kind, may_forward } = request;
     let choice = |exclude| Choice { balance, key: hash_key.as_deref(), exclude };
     let session = match (shared.runtime.sessions.choose_in(&pool, &choice(None)), &pool) {
         (Some(session), _) => session,
-        (None, Pool::Group(group)) => agent_after_startup(shared, group).await?,
+        (None, Pool::Group(group)) => {
+            if may_forward && let Some(relays) = forward::holders(&shared.runtime, group) {
+                let request = forward::Forward { group, head, body, client, hash_key, idempotent, checks };
+                let deadline = Duration::from_secs(shared.settings.response_timeout_secs);
+                return forward::to_peer(&shared.runtime, deadline, relays, request).await;
+            }
+            agent_after_startup(shared, group).await?
+        }
         (None, Pool::Holders(_)) => return Err(ProxyError::NoAgent(pool.name().clone()).into()),
     };
     let chosen = |session: &Session| {
@@ -151,7 +193,8 @@ pub async fn dispatch(shared: &RelayState, request: Dispatch) -> Result<Dispatch
             if let Some(failed) = checks.failed() {
                 return Err(fail(failed, &agent));
             }
-            Ok(Dispatched { head, body, session, agent_slot, head_latency: started.elapsed() })
+            let served = Served::Agent { session, _slot: agent_slot };
+            Ok(Dispatched { head, body, served, head_latency: started.elapsed() })
         }
         Err(err) => {
             // The request body's own failure is the cause, not the agent.

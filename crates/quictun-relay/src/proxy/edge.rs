@@ -168,7 +168,8 @@ pub fn upstream_request_filter(
     let client = Some(peer.addr.ip());
     let (pool, balance) = (route.pool.clone(), route.balance);
     let kind = if head.has_body { StreamKind::Bulk } else { StreamKind::Request };
-    let dispatch = Dispatch { pool, balance, hash_key, head, body, idempotent, client, checks, kind };
+    let dispatch =
+        Dispatch { pool, balance, hash_key, head, body, idempotent, client, checks, kind, may_forward: true };
     Ok(Outgoing { dispatch, upgrade, slots, route })
 }
 

@@ -72,6 +72,9 @@ pub enum ProxyError {
         /// How long the request waited.
         waited: Duration,
     },
+    /// The relay of the cluster that holds the group's agent cannot be reached.
+    #[error(transparent)]
+    Peer(#[from] crate::peers::PeerError),
     /// The exchange with the agent failed before a response head arrived.
     #[error(transparent)]
     Exchange(#[from] ExchangeError),
@@ -147,7 +150,9 @@ impl ProxyError {
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UploadTooSlow(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Exchange(err) => StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::BAD_GATEWAY),
-            Self::NoAgent(_) | Self::NoAgentAfterWaiting { .. } | Self::BadResponse(_) => StatusCode::BAD_GATEWAY,
+            Self::NoAgent(_) | Self::NoAgentAfterWaiting { .. } | Self::BadResponse(_) | Self::Peer(_) => {
+                StatusCode::BAD_GATEWAY
+            }
         }
     }
 
@@ -171,7 +176,7 @@ impl ProxyError {
             Self::Unauthorized(_) => Reject::policy_auth,
             Self::TooManyAuthFailures(_) => Reject::policy_auth_failures,
             Self::Timeout(_) => Reject::timeout,
-            Self::Exchange(_) | Self::BadResponse(_) => return None,
+            Self::Exchange(_) | Self::BadResponse(_) | Self::Peer(_) => return None,
         })
     }
 

@@ -17,7 +17,8 @@
 
 pub mod dispatch;
 mod edge;
-mod error;
+pub(crate) mod error;
+pub(crate) mod forward;
 mod policy;
 mod respond;
 
@@ -58,7 +59,7 @@ pub enum IngressBody {
         /// The body, from whichever transport, counted and watched for progress.
         body: Metered<TunnelBody>,
         /// The stream slot on the agent's connection and on the route, held until the body ends.
-        _slots: Slots,
+        _slots: Slots<dispatch::Served>,
         /// The access-log line, written when the body ends or is dropped.
         access: Option<Box<AccessEntry>>,
     },
@@ -170,8 +171,8 @@ async fn proxy(
         log.client_id = undelivered.agent;
         undelivered.error
     })?;
-    log.client_id = Some(answer.session.client_id.clone());
-    log.transport = Some(answer.session.tunnel.transport().as_str());
+    log.client_id = Some(answer.served.client_id());
+    log.transport = Some(answer.served.transport());
     log.head_latency = Some(answer.head_latency);
     respond::response_filter(
         shared,

@@ -36,13 +36,13 @@ pub fn response_filter(
     edge: EdgeSlots,
     rewrites: &HeaderEdits,
 ) -> Result<Response<IngressBody>, ProxyError> {
-    let Dispatched { head, body, agent_slot, .. } = answer;
+    let Dispatched { head, body, served, .. } = answer;
     let status = StatusCode::from_u16(head.status).map_err(BadResponse::from)?;
     let switching = upgrade.is_some() && status == StatusCode::SWITCHING_PROTOCOLS;
     let mut headers = if switching { upgrade_headers_from_wire(head.headers) } else { headers_from_wire(head.headers) }
         .map_err(BadResponse::from)?;
     rewrites.apply(&mut headers);
-    let slots = Slots::new(agent_slot, edge.route, edge.address);
+    let slots = Slots::new(served, edge.route, edge.address);
     let metrics = &shared.runtime.metrics;
     let body = match upgrade {
         Some(pending) if switching => {
