@@ -4,6 +4,7 @@
 //! - [`procs`]: starting and watching the processes (peak RSS, CPU time).
 //! - [`load`]: the load generator (keep-alive HTTP/1.1 workers, HdrHistogram).
 //! - [`workloads`]: small, large, slow-mix, many, lossy, wan, grpc, egress, slow-clients, udp.
+//! - [`cluster`]: two relays of a cluster on a real etcd, through the holding and a forwarding one.
 //! - [`udp_load`]: the `udp` workload's datagrams, paced, stamped and counted.
 //! - [`floor`]: each carrier alone doing the minimal exchange, the floor under its tunnel rows.
 //! - [`http_floor`]: two plain HTTP proxies in place of relay and agent, the floor under both.
@@ -11,6 +12,7 @@
 //! - [`wan`]: an emulated WAN link (network namespace, TUN devices, a userspace forwarder).
 //! - [`report`] and [`svg`]: JSON, Markdown and SVG output.
 
+pub mod cluster;
 pub mod floor;
 pub mod grpc_echo;
 pub mod http_floor;
@@ -53,6 +55,9 @@ pub enum Workload {
     /// UDP datagrams through a `[[udp]]` tunnel at a fixed rate, without and with loss on the
     /// tunnel leg.
     Udp,
+    /// 1 KiB GETs through two relays of a cluster (a real etcd, started by the run): to the
+    /// relay holding the agent, and to one that forwards to it.
+    Cluster,
     /// Each carrier alone doing the minimal exchange (quinn, tonic), and two plain HTTP proxies
     /// in place of relay and agent (`direct`): the floors under the tunnel rows.
     Floor,
@@ -73,8 +78,9 @@ impl std::str::FromStr for Workload {
             "slow-clients" => Ok(Self::SlowClients),
             "udp" => Ok(Self::Udp),
             "floor" => Ok(Self::Floor),
+            "cluster" => Ok(Self::Cluster),
             other => Err(format!(
-                "unknown workload {other:?} (small, floor, large, slow-mix, many, lossy, wan, grpc, egress, slow-clients, udp)"
+                "unknown workload {other:?} (small, floor, large, slow-mix, many, lossy, wan, grpc, egress, slow-clients, udp, cluster)"
             )),
         }
     }
@@ -200,6 +206,7 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<report::Report> {
                 Workload::SlowClients => workloads::slow_clients(opts, mode).await,
                 Workload::Udp => workloads::udp(opts, mode).await,
                 Workload::Floor => floor::floor(opts, mode).await,
+                Workload::Cluster => cluster::cluster(opts, mode).await,
             };
             match result {
                 Ok(mut r) => rows.append(&mut r),

@@ -212,13 +212,37 @@ pub struct Stack {
     pub relay: Option<Proc>,
     /// The agent (or the process holding many agents).
     pub agent: Option<Proc>,
+    /// A second relay of the relay's cluster, holding no agent ([`Stack::start_in_cluster`]).
+    pub peer_relay: Option<Proc>,
+    /// The cluster the relay joins, when it joins one.
+    cluster: Option<ClusterJoin>,
     topology: Topology,
     dir: PathBuf,
+}
+
+/// The cluster a stack's relays join: etcd's endpoint and the cluster's secret.
+#[derive(Debug, Clone)]
+pub struct ClusterJoin {
+    /// etcd's client endpoint (`host:port`).
+    pub etcd: String,
+    /// The cluster's secret.
+    pub token: String,
+}
+
+impl ClusterJoin {
+    /// The `[cluster]` section of relay `relay_id`, reached by the other relays at `advertise`.
+    fn section(&self, relay_id: &str, advertise: &str) -> String {
+        format!(
+            "[cluster]\nrelay_id = \"{relay_id}\"\netcd = [\"{}\"]\nadvertise = \"{advertise}\"\ntoken = \"{}\"\n",
+            self.etcd, self.token
+        )
+    }
 }
 
 impl Drop for Stack {
     fn drop(&mut self) {
         self.agent.take();
+        self.peer_relay.take();
         self.relay.take();
         let _left_behind = std::fs::remove_dir_all(&self.dir);
     }
@@ -245,17 +269,30 @@ impl Stack {
 
     /// [`Stack::start`] on a topology.
     pub async fn start_on(exe: &Path, mode: Mode, agents: usize, topology: Topology) -> anyhow::Result<Self> {
-        Self::launch(exe, mode, agents, topology, false).await
+        Self::launch(exe, mode, agents, topology, false, None).await
+    }
+
+    /// A loopback stack with one agent whose relay (`relay-a`) joins `cluster`; start the second
+    /// relay with [`Stack::start_peer_relay`].
+    pub async fn start_in_cluster(exe: &Path, mode: Mode, cluster: ClusterJoin) -> anyhow::Result<Self> {
+        Self::launch(exe, mode, 1, Topology::Loopback, false, Some(cluster)).await
     }
 
     /// A loopback stack with one agent that also serves egress: [`Stack::egress`] is its
     /// listener, and the relay forwards what arrives there to the upstream. Only this stack
     /// lifts the relay's egress stream limit, which costs relay memory per session.
     pub async fn start_with_egress(exe: &Path, mode: Mode) -> anyhow::Result<Self> {
-        Self::launch(exe, mode, 1, Topology::Loopback, true).await
+        Self::launch(exe, mode, 1, Topology::Loopback, true, None).await
     }
 
-    async fn launch(exe: &Path, mode: Mode, agents: usize, topology: Topology, egress: bool) -> anyhow::Result<Self> {
+    async fn launch(
+        exe: &Path,
+        mode: Mode,
+        agents: usize,
+        topology: Topology,
+        egress: bool,
+        cluster: Option<ClusterJoin>,
+    ) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("quictun-bench-{}-{}", std::process::id(), free_port(false)?));
         std::fs::create_dir_all(&dir)?;
         let port = free_port(false)?;
@@ -295,6 +332,8 @@ impl Stack {
             udp_target: udp_echo,
             relay: None,
             agent: None,
+            peer_relay: None,
+            cluster,
             topology,
             dir,
         };
@@ -401,6 +440,9 @@ impl Stack {
                     "[[clients]]\nid = \"bench-{i}\"\ntoken = \"bench-token\"\ngroup = \"bench\"\n"
                 ));
             }
+            if let Some(cluster) = &self.cluster {
+                config.push_str(&cluster.section("relay-a", &format!("{tunnel_ip}:{}", self.quic_port)));
+            }
             std::fs::write(dir.join("relay.toml"), config)?;
             let relay_args =
                 ["relay".to_owned(), "--config".into(), dir.join("relay.toml").to_string_lossy().into_owned()];
@@ -423,6 +465,39 @@ impl Stack {
         bail!("the relay exited before it listened, three times (see {})", dir.join("relay.log").display())
     }
 
+    /// Starts `relay-b`, a second relay of the stack's cluster with the same route and no agent
+    /// of its own, and returns its HTTP ingress once it forwards requests to `relay-a`'s agent.
+    pub async fn start_peer_relay(&mut self, exe: &Path) -> anyhow::Result<SocketAddr> {
+        let cluster = self.cluster.clone().ok_or_else(|| anyhow::anyhow!("the stack is in no cluster"))?;
+        let dir = self.dir.join("relay-b");
+        std::fs::create_dir_all(&dir)?;
+        generate_cert(exe, &dir)?;
+        let quic = free_port(true)?;
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port(false)?).parse()?;
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port(false)?).parse()?;
+        let config = format!(
+            "[relay]\nquic_listen = \"127.0.0.1:{quic}\"\ngrpc_listen = \"127.0.0.1:0\"\nhttp_listen = \"{http}\"\n\
+             admin_listen = \"{admin}\"\ncert = \"{d}/certs/relay.crt\"\nkey = \"{d}/certs/relay.key\"\n\
+             drain_timeout_secs = 1\nmax_connections_per_ip = 0\nmax_requests_per_ip = 0\n{relay_extra}\n\
+             [[upstreams]]\nname = \"up\"\ngroup = \"bench\"\ntargets = [\"http://127.0.0.1:{up}\"]\n\
+             [[routes]]\nhost = \"*\"\nupstream = \"up\"\n{route_extra}\n{section}",
+            d = dir.display(),
+            up = self.upstream_port,
+            relay_extra = crate::settings().relay_toml,
+            route_extra = crate::settings().route_toml,
+            section = cluster.section("relay-b", &format!("127.0.0.1:{quic}")),
+        );
+        std::fs::write(dir.join("relay.toml"), config)?;
+        let args = ["relay".to_owned(), "--config".into(), dir.join("relay.toml").to_string_lossy().into_owned()];
+        self.peer_relay = Some(Proc::spawn(exe, &args, &self.dir.join("relay-b.log"), "relay-b")?);
+        wait_until("relay-b", Duration::from_secs(20), async || tcp_ready(admin).await).await?;
+        wait_until("relay-b to forward to relay-a's agent", Duration::from_secs(30), async || {
+            crate::load::get_text(http, "/").await.is_ok_and(|body| body.starts_with("Hello"))
+        })
+        .await?;
+        Ok(http)
+    }
+
     /// Where a process of this stack called `name` writes its log.
     pub fn log_path(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.log"))
@@ -436,6 +511,9 @@ impl Stack {
         }
         if let Some(agent) = self.agent.as_mut() {
             agent.check_alive()?;
+        }
+        if let Some(relay) = self.peer_relay.as_mut() {
+            relay.check_alive()?;
         }
         Ok(())
     }

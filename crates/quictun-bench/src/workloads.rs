@@ -92,11 +92,12 @@ fn instant(path: &str) -> Vec<RequestClass> {
     vec![RequestClass { name: "instant", path: path.to_owned(), percent: 100 }]
 }
 
-/// CPU time of relay + agent, for a per-request figure.
+/// CPU time of relay + agent (+ the second relay of a cluster), for a per-request figure.
 fn tunnel_cpu(stack: &Stack) -> Option<Duration> {
     let relay = stack.relay.as_ref()?.cpu_time()?;
     let agent = stack.agent.as_ref()?.cpu_time()?;
-    Some(relay + agent)
+    let peer = stack.peer_relay.as_ref().map_or(Some(Duration::ZERO), crate::procs::Proc::cpu_time)?;
+    Some(relay + agent + peer)
 }
 
 async fn measure(

@@ -44,8 +44,9 @@ pub enum Target {
     /// futures, and the flow's addresses would double the size of every `Target`.)
     Udp(Box<UdpFlow>),
     /// 6: a request one relay of a cluster forwards to another (relay → relay), for an agent
-    /// the other holds: the target that agent gets, and what the other relay chooses it by. The
-    /// receiving relay never forwards it again (one hop), and refuses a `Peer` inside a `Peer`.
+    /// the other holds: the target that agent gets (HTTP, upgrade or TCP), and what the other
+    /// relay chooses it by. The receiving relay never forwards it again (one hop), and refuses a
+    /// `Peer` inside a `Peer`.
     Peer(Box<PeerRequest>),
 }
 
@@ -243,9 +244,9 @@ impl RequestHead {
             return Err(HeadError::InvalidRequestLine("tcp and upgrade streams have raw bodies"));
         }
         if let Target::Peer(peer) = &self.target
-            && matches!(peer.target, Target::Peer(_) | Target::Egress)
+            && matches!(peer.target, Target::Peer(_) | Target::Egress | Target::Udp(_))
         {
-            return Err(HeadError::InvalidRequestLine("a peer request carries one request for an agent"));
+            return Err(HeadError::InvalidRequestLine("a peer request carries an HTTP request or a TCP connection"));
         }
         Ok(())
     }

@@ -128,6 +128,9 @@ fn a_peer_request_inside_a_peer_request_is_refused() {
     assert!(head(peer(Target::Http("web".into()))).validate(&limits).is_ok());
     assert!(head(peer(peer(Target::Http("web".into())))).validate(&limits).is_err());
     assert!(head(peer(Target::Egress)).validate(&limits).is_err());
+    assert!(head(peer(Target::Tcp("db:5432".parse().unwrap()))).validate(&limits).is_ok());
+    let flow = UdpFlow { upstream: "dns:53".parse().unwrap(), flow: 1, proxy_v2: None };
+    assert!(head(peer(Target::Udp(Box::new(flow)))).validate(&limits).is_err(), "flows are not forwarded");
     let raw = RequestHead { framed_body: true, ..head(peer(Target::Upgrade("web".into()))) };
     assert!(raw.validate(&limits).is_err(), "an upgrade stays raw through the hop");
 }

@@ -84,7 +84,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "quic,grpc,direct")]
     pub transports: Vec<quictun_bench::Mode>,
     /// Workloads (small, floor, large, slow-mix, many, lossy, wan, grpc, egress, slow-clients,
-    /// udp), comma-separated.
+    /// udp, cluster), comma-separated; `cluster` (not in the default set) needs `etcd`.
     #[arg(
         long,
         value_delimiter = ',',
