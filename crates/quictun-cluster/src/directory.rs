@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -60,6 +60,51 @@ pub struct Holder {
     pub pin: String,
 }
 
+/// A relay holding agents of a group, as a relay forwarding to it needs it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PeerRelay {
+    /// Its id.
+    pub relay_id: String,
+    /// Where it is reached.
+    pub advertise: String,
+    /// Its certificate's fingerprint.
+    pub pin: String,
+}
+
+/// Every relay's sessions, as last read and watched, and by group the other relays holding one.
+#[derive(Debug, Default)]
+struct Cache {
+    /// Key → holder.
+    holders: HashMap<String, Holder>,
+    /// Group → the other relays holding one of its agents, each once, by id; only those that
+    /// published a pin (the others cannot be dialed). Rebuilt at each change, read per request.
+    by_group: HashMap<String, Arc<[PeerRelay]>>,
+}
+
+impl Cache {
+    /// Rebuilds `by_group` from `holders`, leaving out `own` relay.
+    fn reindex(&mut self, own: &str) {
+        let mut groups: HashMap<&str, Vec<PeerRelay>> = HashMap::new();
+        for holder in self.holders.values().filter(|h| h.relay_id != own && !h.pin.is_empty()) {
+            let relays = groups.entry(&holder.group).or_default();
+            if !relays.iter().any(|r| r.relay_id == holder.relay_id) {
+                relays.push(PeerRelay {
+                    relay_id: holder.relay_id.clone(),
+                    advertise: holder.advertise.clone(),
+                    pin: holder.pin.clone(),
+                });
+            }
+        }
+        self.by_group = groups
+            .into_iter()
+            .map(|(group, mut relays)| {
+                relays.sort();
+                (group.to_owned(), Arc::from(relays))
+            })
+            .collect();
+    }
+}
+
 /// The value of a directory key.
 #[derive(Debug, Serialize, Deserialize)]
 struct Value {
@@ -78,8 +123,8 @@ pub struct Directory {
     local: Mutex<BTreeMap<String, Vec<u8>>>,
     /// Set when `local` changed since it was last written.
     wake: Notify,
-    /// Every relay's sessions, as last read and watched: key → holder.
-    cache: Mutex<HashMap<String, Holder>>,
+    /// Every relay's sessions, as last read and watched.
+    cache: Mutex<Cache>,
     up: AtomicBool,
 }
 
@@ -133,15 +178,14 @@ impl Directory {
     /// Every session the directory holds (this relay's too), sorted.
     pub fn holders(&self) -> Vec<Holder> {
         let mut all: Vec<Holder> =
-            self.cache.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
+            self.cache.lock().unwrap_or_else(PoisonError::into_inner).holders.values().cloned().collect();
         all.sort_by(|a, b| (&a.group, &a.client_id, &a.instance).cmp(&(&b.group, &b.client_id, &b.instance)));
         all
     }
 
-    /// The other relays holding an agent of `group`.
-    pub fn relays_for(&self, group: &str) -> Vec<Holder> {
-        let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        cache.values().filter(|h| h.group == group && h.relay_id != self.config.relay_id).cloned().collect()
+    /// The other relays holding an agent of `group` (each once, sorted by id), when there are any.
+    pub fn relays_for(&self, group: &str) -> Option<Arc<[PeerRelay]>> {
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner).by_group.get(group).cloned()
     }
 
     /// Keeps the directory until `stop`: writes this relay's sessions, renews the lease, watches
@@ -186,7 +230,11 @@ impl Directory {
         let (kvs, revision) = self.etcd.range_prefix(prefix.as_bytes()).await?;
         let fresh: HashMap<String, Holder> = kvs.iter().filter_map(|kv| self.holder(kv)).collect();
         let count = fresh.len();
-        *self.cache.lock().unwrap_or_else(PoisonError::into_inner) = fresh;
+        {
+            let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            cache.holders = fresh;
+            cache.reindex(&self.config.relay_id);
+        }
         let mut watch = self.etcd.watch_prefix(prefix.as_bytes(), revision + 1).await?;
         if !self.up.swap(true, Ordering::Relaxed) {
             info!(relay_id = %self.config.relay_id, sessions = count, lease = id, "session directory in sync with etcd");
@@ -225,11 +273,12 @@ impl Directory {
         for event in answer.events {
             let Some(kv) = event.kv else { continue };
             if event.kind == DELETE {
-                cache.remove(String::from_utf8_lossy(&kv.key).as_ref());
+                cache.holders.remove(String::from_utf8_lossy(&kv.key).as_ref());
             } else if let Some((key, holder)) = self.holder(&kv) {
-                cache.insert(key, holder);
+                cache.holders.insert(key, holder);
             }
         }
+        cache.reindex(&self.config.relay_id);
     }
 
     /// A directory key and its holder; `None` for a key or value not in the directory's shape.
@@ -293,5 +342,36 @@ mod tests {
         let local = d.local.lock().unwrap().clone();
         assert_eq!(local.keys().collect::<Vec<_>>(), ["/quictun/sessions/web/office-2/i2"]);
         assert!(!d.is_up());
+    }
+
+    /// The per-group index a request reads: the other relays, each once, sorted; none without
+    /// a pin; this relay never; kept in step with deletes.
+    #[test]
+    fn the_relays_of_a_group_are_indexed_once_each() {
+        let d = directory();
+        let value =
+            |relay: &str, pin: &str| format!(r#"{{"relay_id":"{relay}","advertise":"{relay}:1","pin":"{pin}"}}"#);
+        let events = [
+            ("/quictun/sessions/web/a/1", value("r3", "p3")),
+            ("/quictun/sessions/web/b/1", value("r2", "p2")),
+            ("/quictun/sessions/web/c/1", value("r3", "p3")),
+            ("/quictun/sessions/web/d/1", value("r1", "p1")),
+            ("/quictun/sessions/web/e/1", value("r4", "")),
+            ("/quictun/sessions/api/f/1", value("r2", "p2")),
+        ];
+        let answer = |kind: i32, keys: &[(&str, String)]| crate::etcd::WatchResponse {
+            events: keys.iter().map(|(k, v)| crate::etcd::Event { kind, kv: Some(kv(k, v)) }).collect(),
+            ..Default::default()
+        };
+        d.apply(answer(0, &events));
+        let ids = |group: &str| {
+            d.relays_for(group).map(|relays| relays.iter().map(|r| r.relay_id.clone()).collect::<Vec<_>>())
+        };
+        assert_eq!(ids("web"), Some(vec!["r2".to_owned(), "r3".to_owned()]));
+        assert_eq!(ids("api"), Some(vec!["r2".to_owned()]));
+        assert_eq!(ids("none"), None);
+        d.apply(answer(DELETE, &[("/quictun/sessions/web/b/1", String::new())]));
+        assert_eq!(ids("web"), Some(vec!["r3".to_owned()]));
+        assert_eq!(d.relays_for("web").unwrap()[0].pin, "p3");
     }
 }

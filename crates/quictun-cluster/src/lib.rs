@@ -9,5 +9,5 @@
 pub mod directory;
 pub mod etcd;
 
-pub use directory::{Directory, DirectoryConfig, Holder};
+pub use directory::{Directory, DirectoryConfig, Holder, PeerRelay};
 pub use etcd::{Etcd, EtcdError};

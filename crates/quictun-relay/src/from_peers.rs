@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
+use prometheus_client::metrics::counter::Counter;
 use quictun_core::body::TunnelBody;
 use quictun_core::control::ControlIo;
 use quictun_core::http::headers_to_wire;
@@ -78,7 +79,8 @@ pub async fn serve_peer<C: ControlIo>(
         tunnel.allow_incoming_exchanges(cluster.max_streams_per_peer);
         info!(remote = %tunnel.remote_addr(), "peer relay linked");
         cluster.peers.metrics.links.inc();
-        let handler = Arc::new(PeerRequests { shared: shared.clone(), peer: hello.relay_id.clone() });
+        let served = PeerMetrics::of(&cluster.peers.metrics.served, &hello.relay_id).clone();
+        let handler = Arc::new(PeerRequests { shared: shared.clone(), peer: hello.relay_id.clone(), served });
         let stop = CancellationToken::new();
         let serving = tunnel.serve(handler, shared.runtime.tasks.clone(), stop.clone());
         let control_ended = async {
@@ -105,6 +107,8 @@ pub async fn serve_peer<C: ControlIo>(
 struct PeerRequests {
     shared: Arc<RelayState>,
     peer: String,
+    /// `quictun_cluster_served_total{peer}`.
+    served: Counter,
 }
 
 impl PeerRequests {
@@ -113,9 +117,7 @@ impl PeerRequests {
         let Target::Peer(peer_request) = target else { return Err(StreamCode::KindUnsupported) };
         let PeerRequest { group, target, client, hash_key, idempotent } = *peer_request;
         let head = RequestHead { target, request_id, method, uri, headers, has_body, framed_body };
-        if let Some(cluster) = &self.shared.runtime.cluster {
-            PeerMetrics::of(&cluster.peers.metrics.served, &self.peer).inc();
-        }
+        self.served.inc();
         let kind = if head.has_body { StreamKind::Bulk } else { StreamKind::Request };
         let balance = if hash_key.is_some() { Balance::Hash } else { Balance::default() };
         let request = Dispatch {

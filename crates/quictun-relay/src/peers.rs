@@ -22,7 +22,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use quictun_cluster::Holder;
+use quictun_cluster::PeerRelay;
 use quictun_core::Trust;
 use quictun_core::control::ControlIo;
 use quictun_core::stall::Reclaimer;
@@ -65,6 +65,10 @@ pub struct PeerLink {
     pub relay_id: Arc<str>,
     /// `relay:<id>`, what logs name as the request's `client_id`.
     pub label: Arc<str>,
+    /// Its counters (looked up once, not per request).
+    pub forwarded: Counter,
+    /// Requests on it that failed before an answer.
+    pub failures: Counter,
     /// The tunnel requests go on.
     pub tunnel: Arc<dyn Tunnel>,
     /// Where it was dialed, and the pin it was dialed with (a peer that moved is dialed anew).
@@ -171,33 +175,22 @@ impl Peers {
         bool::from(token.expose().as_bytes().ct_eq(self.token.expose().as_bytes()))
     }
 
-    /// The relays among `holders` in the order to try them: each distinct relay once, starting
-    /// at a different one each call (so the forwarded requests are shared among them).
-    pub fn in_turn(&self, holders: Vec<Holder>) -> Vec<Holder> {
-        let mut relays: Vec<Holder> = Vec::with_capacity(holders.len());
-        for holder in holders {
-            if !holder.pin.is_empty() && !relays.iter().any(|r| r.relay_id == holder.relay_id) {
-                relays.push(holder);
-            }
-        }
-        relays.sort_by(|a, b| a.relay_id.cmp(&b.relay_id));
-        if !relays.is_empty() {
-            let start = self.turn.fetch_add(1, Ordering::Relaxed) % relays.len();
-            relays.rotate_left(start);
-        }
-        relays
+    /// Where a request starts among `count` relays: each call the next (so the forwarded
+    /// requests are shared among them).
+    pub fn first_of(&self, count: usize) -> usize {
+        self.turn.fetch_add(1, Ordering::Relaxed) % count.max(1)
     }
 
     /// The link to `holder`'s relay: the open one, or a new one dialed now (one dial at a time
     /// per relay; after a failure, none for [`DIAL_BACKOFF`]).
-    pub async fn link(&self, holder: &Holder) -> Result<Arc<PeerLink>, PeerError> {
-        let slot = self
-            .links
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(holder.relay_id.clone())
-            .or_default()
-            .clone();
+    pub async fn link(&self, holder: &PeerRelay) -> Result<Arc<PeerLink>, PeerError> {
+        let slot = {
+            let mut links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
+            match links.get(&holder.relay_id) {
+                Some(slot) => slot.clone(),
+                None => links.entry(holder.relay_id.clone()).or_default().clone(),
+            }
+        };
         if let Some(link) = usable(&slot, holder) {
             return Ok(link);
         }
@@ -232,7 +225,7 @@ impl Peers {
     }
 
     /// Dials `holder`'s relay, says hello with the cluster's secret, and watches the link.
-    async fn dial(&self, holder: &Holder) -> Result<Arc<PeerLink>, String> {
+    async fn dial(&self, holder: &PeerRelay) -> Result<Arc<PeerLink>, String> {
         let pin: Pin = holder.pin.parse().map_err(|err| format!("its published pin: {err}"))?;
         let advertised: HostPort = holder.advertise.parse().map_err(|err| format!("its advertised address: {err}"))?;
         let addr = quictun_core::resolve(&advertised).await.map_err(|err| err.to_string())?;
@@ -273,6 +266,8 @@ impl Peers {
         let link = Arc::new(PeerLink {
             relay_id: holder.relay_id.as_str().into(),
             label: format!("relay:{}", holder.relay_id).into(),
+            forwarded: PeerMetrics::of(&self.metrics.forwarded, &holder.relay_id).clone(),
+            failures: PeerMetrics::of(&self.metrics.forward_failures, &holder.relay_id).clone(),
             tunnel,
             advertise: holder.advertise.clone(),
             pin: holder.pin.clone(),
@@ -311,7 +306,7 @@ impl Peers {
 }
 
 /// The slot's link, when it is open and still where `holder` says.
-fn usable(slot: &LinkSlot, holder: &Holder) -> Option<Arc<PeerLink>> {
+fn usable(slot: &LinkSlot, holder: &PeerRelay) -> Option<Arc<PeerLink>> {
     let current = slot.current.lock().unwrap_or_else(PoisonError::into_inner);
     current
         .as_ref()
@@ -351,17 +346,6 @@ fn link_tuning() -> Tuning {
 mod tests {
     use super::*;
 
-    fn holder(relay: &str, client: &str, pin: &str) -> Holder {
-        Holder {
-            client_id: client.into(),
-            instance: "i".into(),
-            group: "g".into(),
-            relay_id: relay.into(),
-            advertise: "127.0.0.1:1".into(),
-            pin: pin.into(),
-        }
-    }
-
     fn peers() -> Peers {
         Peers::new(
             "r1".into(),
@@ -374,15 +358,10 @@ mod tests {
     }
 
     #[test]
-    fn each_relay_is_tried_once_and_they_take_turns() {
+    fn the_relays_take_turns() {
         let peers = peers();
-        let holders =
-            || vec![holder("r3", "a", "p"), holder("r2", "b", "p"), holder("r3", "c", "p"), holder("r4", "d", "")];
-        let first: Vec<String> = peers.in_turn(holders()).into_iter().map(|h| h.relay_id).collect();
-        let second: Vec<String> = peers.in_turn(holders()).into_iter().map(|h| h.relay_id).collect();
-        assert_eq!(first, ["r2", "r3"], "one entry per relay; one without a pin cannot be dialed");
-        assert_eq!(second, ["r3", "r2"]);
-        assert!(peers.in_turn(Vec::new()).is_empty());
+        assert_eq!((0..5).map(|_| peers.first_of(2)).collect::<Vec<_>>(), [0, 1, 0, 1, 0]);
+        assert_eq!(peers.first_of(0), 0, "no relay: no division by zero");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use quictun_cluster::Holder;
+use quictun_cluster::PeerRelay;
 use quictun_core::body::TunnelBody;
 use quictun_core::tunnel::{ExchangeError, Retry};
 use quictun_proto::{PeerRequest, RequestHead, Target};
@@ -45,12 +45,10 @@ pub struct Forward<'a> {
     pub checks: BodyChecks,
 }
 
-/// The other relays holding an agent of `group`, in the order to try them; `None` when this
-/// relay is in no cluster or no other relay holds one.
-pub fn holders(runtime: &Runtime, group: &str) -> Option<Vec<Holder>> {
-    let cluster = runtime.cluster.as_ref()?;
-    let relays = cluster.peers.in_turn(cluster.directory.relays_for(group));
-    (!relays.is_empty()).then_some(relays)
+/// The other relays holding an agent of `group` (from the directory's cache: one lock, no
+/// copy); `None` when this relay is in no cluster or no other relay holds one.
+pub fn holders(runtime: &Runtime, group: &str) -> Option<Arc<[PeerRelay]>> {
+    runtime.cluster.as_ref()?.directory.relays_for(group).filter(|relays| !relays.is_empty())
 }
 
 /// Carries `request` to the first of `relays` that takes it, each under `deadline` for its
@@ -58,7 +56,7 @@ pub fn holders(runtime: &Runtime, group: &str) -> Option<Vec<Holder>> {
 pub async fn to_peer(
     runtime: &Runtime,
     deadline: Duration,
-    relays: Vec<Holder>,
+    relays: Arc<[PeerRelay]>,
     request: Forward<'_>,
 ) -> Result<Dispatched, Undelivered> {
     let Some(cluster) = runtime.cluster.as_ref() else {
@@ -69,9 +67,14 @@ pub async fn to_peer(
     let body = BodySlot::new(body);
     let peer_request =
         PeerRequest { group: group.to_owned(), target: head.target.clone(), client, hash_key, idempotent };
-    let peer_head = RequestHead { target: Target::Peer(Box::new(peer_request)), ..head };
+    let tries = relays.len().min(MAX_RELAYS_TRIED);
+    let first = peers.first_of(relays.len());
+    // Kept for a second relay only where there is one to try.
+    let mut head = Some(RequestHead { target: Target::Peer(Box::new(peer_request)), ..head });
     let mut last: Option<Undelivered> = None;
-    for holder in relays.iter().take(MAX_RELAYS_TRIED) {
+    for attempt in 0..tries {
+        let holder = &relays[(first + attempt) % relays.len()];
+        let Some(peer_head) = (if attempt + 1 < tries { head.clone() } else { head.take() }) else { break };
         let started = Instant::now();
         let failed = |error: ProxyError, via: Option<Arc<str>>| Undelivered { error, agent: via };
         let link = match peers.link(holder).await {
@@ -83,8 +86,8 @@ pub async fn to_peer(
             }
         };
         tracing::Span::current().record("client_id", &*link.label);
-        PeerMetrics::of(&peers.metrics.forwarded, &holder.relay_id).inc();
-        let opened = tokio::time::timeout(deadline, link.tunnel.open(peer_head.clone(), body.body(), client)).await;
+        link.forwarded.inc();
+        let opened = tokio::time::timeout(deadline, link.tunnel.open(peer_head, body.body(), client)).await;
         let error = match opened {
             Ok(Ok((head, body))) => {
                 if let Some(failed_check) = checks.failed() {
@@ -97,7 +100,7 @@ pub async fn to_peer(
             Ok(Err(err)) => err,
             Err(_) => return Err(failed(ProxyError::Timeout(deadline), Some(link.label.clone()))),
         };
-        PeerMetrics::of(&peers.metrics.forward_failures, &holder.relay_id).inc();
+        link.failures.inc();
         if let Some(failed_check) = checks.failed() {
             return Err(failed(failed_check, Some(link.label.clone())));
         }
