@@ -508,3 +508,62 @@ fn a_forwarded_request_is_never_forwarded_again() {
         assert_eq!(sample("served"), Some(1.0), "and served the other's once, never sending it back:\n{metrics}");
     }
 }
+
+/// The HA setup: an agent connected to two relays is held by both, and a third relay forwards to
+/// either; when one of the two is killed (`kill -9`), requests through the third still reach the
+/// agent through the other, none failing (an idempotent request caught on the dead link moves to
+/// the other relay), none waiting past the link's idle timeout.
+#[test]
+#[cfg_attr(not(etcd_capable), ignore = "needs etcd: apt-get install etcd-server")]
+fn an_agent_on_two_relays_is_served_through_either_when_one_dies() {
+    let cluster = TwoRelays::start();
+    let (a, b) = (&cluster.a, &cluster.b);
+    // relay-c shares relay-a's certificate, so that one pin reaches both.
+    let certs = cluster.dir.join("relay-c/certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    for file in ["relay.crt", "relay.key"] {
+        std::fs::copy(cluster.dir.join("relay-a/certs").join(file), certs.join(file)).unwrap();
+    }
+    let (_upstream, url) = upstream(&cluster.dir);
+    let c = Relay::start(&cluster.dir, "relay-c", &cluster.etcd.endpoint(), &url);
+    assert_eq!(c.pin, a.pin);
+    let args = [
+        "agent",
+        "--relay",
+        &a.quic,
+        "--relay",
+        &c.quic,
+        "--pin",
+        &a.pin,
+        "--client-id",
+        "office-3",
+        "--token",
+        "three",
+    ];
+    let _three = Proc::spawn(&args, &cluster.dir);
+    wait_for("office-3 on relay-a and relay-c", Duration::from_secs(10), || {
+        let view = b.view().0;
+        view.contains(&"office-3@relay-a".to_owned()) && view.contains(&"office-3@relay-c".to_owned())
+    });
+    for _ in 0..4 {
+        assert_eq!(request(&b.http, "GET", "web.test", "/", b"").status, 200);
+    }
+    let b_metrics = http_get(&b.admin, "/metrics");
+    for peer in ["relay-a", "relay-c"] {
+        let sample = format!("quictun_cluster_forwarded_total{{peer=\"{peer}\"}}");
+        assert!(metric(&b_metrics, &sample).unwrap_or(0.0) >= 1.0, "relay-b took turns:\n{b_metrics}");
+    }
+
+    signal(&a.proc.pid().to_string(), "KILL");
+    let killed = Instant::now();
+    let (mut answered, mut slowest) = (0, Duration::ZERO);
+    while killed.elapsed() < Duration::from_secs(3 + 3) {
+        let sent = Instant::now();
+        let reply = request(&b.http, "GET", "web.test", "/", b"");
+        slowest = slowest.max(sent.elapsed());
+        assert_eq!(reply.status, 200, "after {:?}: {}", killed.elapsed(), reply.text());
+        answered += 1;
+    }
+    eprintln!("{answered} requests through relay-b in the 6 s after relay-a's kill -9, all 200; slowest {slowest:?}");
+    assert!(slowest < Duration::from_secs(3 + 1), "a request waited {slowest:?}");
+}

@@ -12,12 +12,16 @@ use std::time::Duration;
 pub const BIN: &str = env!("CARGO_BIN_EXE_quictun");
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// A child process whose stdout lines arrive on a channel; killed on drop.
+/// A child process whose stdout lines arrive on a channel; killed on drop. Its stderr is read
+/// as it comes (a process whose log fills the pipe would block on its next line), and returned
+/// by [`Proc::wait_exit`].
 pub struct Proc {
     /// The process (taken when it is waited for).
     pub child: Option<Child>,
     /// Its stdout, line by line.
     pub lines: mpsc::Receiver<String>,
+    /// Its stderr, whole, once the process has closed it.
+    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Proc {
@@ -51,7 +55,13 @@ impl Proc {
                 }
             }
         });
-        Self { child: Some(child), lines }
+        let mut stderr = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = stderr.read_to_end(&mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        });
+        Self { child: Some(child), lines, stderr: Some(stderr) }
     }
 
     /// The first stdout line containing `needle`.
@@ -82,10 +92,10 @@ impl Proc {
     pub fn wait_exit(mut self) -> (i32, String) {
         let mut child = self.child.take().unwrap();
         let pid = child.id();
+        let stderr = self.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let mut err = String::new();
-            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            let err = stderr.join().unwrap_or_default();
             let _ = tx.send((child.wait().map(|s| s.code().unwrap_or(-1)), err));
         });
         match rx.recv_timeout(WAIT) {
