@@ -567,3 +567,26 @@ fn an_agent_on_two_relays_is_served_through_either_when_one_dies() {
     eprintln!("{answered} requests through relay-b in the 6 s after relay-a's kill -9, all 200; slowest {slowest:?}");
     assert!(slowest < Duration::from_secs(3 + 1), "a request waited {slowest:?}");
 }
+
+/// `quictun bench --workloads cluster` starts its own etcd and two relays and measures both
+/// paths: a row through the holding relay and one through the forwarding relay, each with
+/// answers, no errors and a CPU figure.
+#[test]
+#[cfg_attr(not(etcd_capable), ignore = "needs etcd: apt-get install etcd-server")]
+fn the_cluster_benchmark_measures_both_paths() {
+    let dir = TempDir::new();
+    let out = dir.join("results");
+    let args = ["bench", "--transports", "quic", "--workloads", "cluster", "--duration", "0.5", "--concurrency", "4"];
+    let run = Command::new(BIN).args(args).arg("--out").arg(&out).env("RUST_LOG", "warn").output().unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    let rows = json["rows"].as_array().unwrap();
+    for via in ["holding relay c=4", "forwarding relay c=4"] {
+        let row = rows
+            .iter()
+            .find(|r| r["workload"] == "cluster" && r["variant"] == via)
+            .unwrap_or_else(|| panic!("no {via} row"));
+        assert!(row["requests"].as_u64().is_some_and(|n| n > 0) && row["errors"] == 0, "{row}");
+        assert!(row["tunnel_cpu_us_per_request"].as_f64().is_some_and(|us| us > 0.0), "{row}");
+    }
+}
