@@ -213,7 +213,11 @@ impl Peers {
         match dialed {
             Ok(link) => {
                 *dialing = None;
-                *slot.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(link.clone());
+                let replaced = slot.current.lock().unwrap_or_else(PoisonError::into_inner).replace(link.clone());
+                // A link to where the relay was before it moved (or got a new certificate).
+                if let Some(old) = replaced {
+                    old.tunnel.close(CloseCode::Normal);
+                }
                 Ok(link)
             }
             Err(reason) => {
