@@ -36,6 +36,21 @@ pub fn empty_body() -> TunnelBody {
     http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
+/// A complete answer the relay gives itself: `status`, `headers` and the text `message` (a line),
+/// with its type and length.
+pub fn text_answer(
+    status: u16,
+    message: &str,
+    mut headers: Vec<quictun_proto::Header>,
+) -> (quictun_proto::ResponseHead, TunnelBody) {
+    use http_body_util::BodyExt;
+    let text = Bytes::from(format!("{message}\n"));
+    headers.push(quictun_proto::Header { name: "content-type".into(), value: b"text/plain; charset=utf-8".to_vec() });
+    headers.push(quictun_proto::Header { name: "content-length".into(), value: text.len().to_string().into_bytes() });
+    let body = http_body_util::Full::new(text).map_err(|never| match never {}).boxed_unsync();
+    (quictun_proto::ResponseHead { status, headers, framed_body: false }, body)
+}
+
 /// Aborts a task when dropped: a helper task lives exactly as long as its owner.
 #[derive(Debug)]
 pub struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);

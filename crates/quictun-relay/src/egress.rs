@@ -8,12 +8,11 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http_body_util::BodyExt;
 use quictun_core::body::TunnelBody;
 use quictun_core::logsafe::Inert;
 use quictun_core::tunnel::{BoxFuture, RequestHandler};
-use quictun_proto::{Header, Limits, RequestHead, ResponseHead, StreamCode, Target};
+use quictun_proto::{Limits, RequestHead, ResponseHead, StreamCode, Target};
 use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -87,13 +86,7 @@ impl EgressHandler {
 
 /// An answer the relay gives itself, as plain text.
 fn refusal(status: u16, message: &str) -> (ResponseHead, TunnelBody) {
-    let text = Bytes::from(format!("{message}\n"));
-    let headers = vec![
-        Header { name: "content-type".into(), value: b"text/plain; charset=utf-8".to_vec() },
-        Header { name: "content-length".into(), value: text.len().to_string().into_bytes() },
-    ];
-    let body = http_body_util::Full::new(text).map_err(|never| match never {}).boxed_unsync();
-    (ResponseHead { status, headers, framed_body: false }, body)
+    quictun_core::body::text_answer(status, message, Vec::new())
 }
 
 impl RequestHandler for EgressHandler {

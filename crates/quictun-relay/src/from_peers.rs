@@ -11,7 +11,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http_body_util::BodyExt;
 use prometheus_client::metrics::counter::Counter;
 use quictun_core::body::TunnelBody;
@@ -176,10 +175,6 @@ impl RequestHandler for PeerRequests {
 
 /// The answer the ingress gives for `error`, as a response head and body.
 fn refusal(error: &ProxyError) -> (ResponseHead, TunnelBody) {
-    let text = Bytes::from(format!("{error}\n"));
-    let mut headers = headers_to_wire(&error.headers());
-    headers.push(quictun_proto::Header { name: "content-type".into(), value: b"text/plain; charset=utf-8".to_vec() });
-    headers.push(quictun_proto::Header { name: "content-length".into(), value: text.len().to_string().into_bytes() });
-    let body = http_body_util::Full::new(text).map_err(|never| match never {}).boxed_unsync();
-    (ResponseHead { status: error.status().as_u16(), headers, framed_body: false }, body)
+    let headers = headers_to_wire(&error.headers());
+    quictun_core::body::text_answer(error.status().as_u16(), &error.to_string(), headers)
 }

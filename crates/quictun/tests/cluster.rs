@@ -434,7 +434,9 @@ fn requests_for_a_killed_relays_agents_get_502_within_the_lease_ttl() {
             (request(&http, "GET", "api.test", "/delay/20000", b"").status, sent.elapsed())
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for("the request in flight on relay-b", Duration::from_secs(10), || {
+        metric(&http_get(&b.admin, "/metrics"), "quictun_active_streams").unwrap_or(0.0) >= 1.0
+    });
     signal(&b.proc.pid().to_string(), "KILL");
     let killed = Instant::now();
     let mut slowest = Duration::ZERO;

@@ -137,12 +137,12 @@ impl BodyChecks {
 pub async fn dispatch(shared: &RelayState, request: Dispatch) -> Result<Dispatched, Undelivered> {
     let Dispatch { pool, balance, hash_key, head, body, idempotent, client, checks, kind, may_forward } = request;
     let choice = |exclude| Choice { balance, key: hash_key.as_deref(), exclude };
+    let deadline = Duration::from_secs(shared.settings.response_timeout_secs);
     let session = match (shared.runtime.sessions.choose_in(&pool, &choice(None)), &pool) {
         (Some(session), _) => session,
         (None, Pool::Group(group)) => {
             if may_forward && let Some(relays) = forward::holders(&shared.runtime, group) {
                 let request = forward::Forward { group, head, body, client, hash_key, idempotent, checks };
-                let deadline = Duration::from_secs(shared.settings.response_timeout_secs);
                 return forward::to_peer(&shared.runtime, deadline, relays, request).await;
             }
             agent_after_startup(shared, group).await?
@@ -159,7 +159,6 @@ pub async fn dispatch(shared: &RelayState, request: Dispatch) -> Result<Dispatch
         Ok(permit) => permit,
         Err(full) => return Err(fail(ProxyError::AgentFull(full), &agent)),
     };
-    let deadline = Duration::from_secs(shared.settings.response_timeout_secs);
     let started = Instant::now();
     let body = BodySlot::new(body);
     // Kept for a retry only where another agent could take it (not on the common single-agent path).
